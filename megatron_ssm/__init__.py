@@ -1,0 +1,3 @@
+"""megatron-ssm: tensor-parallel inference for selective state-space language models."""
+
+__version__ = "0.1.0"

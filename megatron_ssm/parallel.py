@@ -1,0 +1,109 @@
+"""Process groups: torch.distributed from torchrun's environment plus Megatron's parallel state.
+
+Everything else takes the tensor-parallel group as an argument; this module is the one place that
+creates it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+# A collective that waits longer than this means a rank died or diverged: fail instead of hanging.
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MEGATRON_SSM_DIST_TIMEOUT", "300")))
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """The tensor-parallel group of this process and where it sits in it."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed(
+    tp_size: int | None = None,
+    device: torch.device | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+) -> TPContext:
+    """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP groups.
+
+    Works without torchrun too (a single process becomes a world of one). `tp_size` defaults to the
+    world size: inference here is tensor-parallel only.
+    """
+    device = device or default_device()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()) if "WORLD_SIZE" not in os.environ else "29500")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend, timeout=timeout)
+    world = dist.get_world_size()
+    tp_size = tp_size or world
+    if world % tp_size:
+        raise ValueError(f"world size {world} is not a multiple of the tensor-parallel size {tp_size}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp_size,
+            distributed_timeout_minutes=max(1, int(timeout.total_seconds() // 60)),
+            # gloo side groups are for checkpointing in training; inference needs none.
+            create_gloo_process_groups=False,
+        )
+    return tp_context(device)
+
+
+def tp_context(device: torch.device | None = None) -> TPContext:
+    return TPContext(
+        group=parallel_state.get_tensor_model_parallel_group(),
+        rank=parallel_state.get_tensor_model_parallel_rank(),
+        size=parallel_state.get_tensor_model_parallel_world_size(),
+        device=device or default_device(),
+    )
+
+
+def megatron_config(tp_size: int, dtype: torch.dtype) -> ModelParallelConfig:
+    """The ModelParallelConfig our parallel layers are built with: inference only, weights loaded
+    from checkpoints, so no initialisation, no gradient fusions, no sequence parallelism."""
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_size,
+        params_dtype=dtype,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,85 @@
+"""Persistent pools of gloo ranks for multi-rank tests.
+
+Spawning a process and importing torch + megatron costs seconds, so each world size gets one pool
+for the whole session; a test sends it a module-level function and gets every rank's return value.
+A rank that raises returns its traceback, and every wait has a timeout, so a diverged rank fails the
+test instead of hanging it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 300
+
+
+def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    import torch
+
+    torch.set_num_threads(1)
+    from megatron_ssm.parallel import init_distributed
+
+    import datetime
+    init_distributed(device=torch.device("cpu"), timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    while True:
+        job = inbox.get()
+        if job is None:
+            break
+        module, name, args, kwargs = job
+        try:
+            fn = getattr(importlib.import_module(module), name)
+            outbox.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:  # noqa: BLE001 - the traceback goes back to the test
+            outbox.put((rank, False, traceback.format_exc()))
+
+
+class RankPool:
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        ctx = mp.get_context("spawn")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.outbox = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(world_size)]
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox),
+                                  daemon=True) for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, *args, **kwargs) -> list:
+        """Run fn(*args, **kwargs) on every rank; return the per-rank results in rank order."""
+        job = (fn.__module__, fn.__name__, args, kwargs)
+        for inbox in self.inboxes:
+            inbox.put(job)
+        results: dict[int, object] = {}
+        errors = []
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self.outbox.get(timeout=TIMEOUT_S)
+            except queue.Empty:
+                self.close(force=True)
+                raise TimeoutError(f"{fn.__name__}: a rank did not answer within {TIMEOUT_S}s") from None
+            if ok:
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+        if errors:
+            raise AssertionError(f"{fn.__name__} failed\n" + "\n".join(errors))
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        for p, inbox in zip(self.procs, self.inboxes):
+            if p.is_alive() and not force:
+                inbox.put(None)
+        for p in self.procs:
+            p.join(timeout=0 if force else 10)
+            if p.is_alive():
+                p.kill()
