@@ -9,10 +9,15 @@ import datetime
 import os
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.model_parallel_config import ModelParallelConfig
+
+# megatron-core announces on import that the optional accelerators are absent; we run without them.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E402
 
 # A collective that waits longer than this means a rank died or diverged: fail instead of hanging.
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MEGATRON_SSM_DIST_TIMEOUT", "300")))
@@ -81,13 +86,14 @@ def tp_context(device: torch.device | None = None) -> TPContext:
     )
 
 
-def megatron_config(tp_size: int, dtype: torch.dtype) -> ModelParallelConfig:
+def megatron_config(tp_size: int, dtype: torch.dtype, on_cpu: bool = True) -> ModelParallelConfig:
     """The ModelParallelConfig our parallel layers are built with: inference only, weights loaded
     from checkpoints, so no initialisation, no gradient fusions, no sequence parallelism."""
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size,
         params_dtype=dtype,
-        use_cpu_initialization=True,
+        # On GPU the weights are allocated there directly, never staged on the host.
+        use_cpu_initialization=on_cpu,
         perform_initialization=False,
         gradient_accumulation_fusion=False,
         sequence_parallel=False,

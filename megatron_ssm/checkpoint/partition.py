@@ -1,0 +1,146 @@
+"""How each HF tensor is cut into TP shards, and glued back: the one place that knows the layout.
+
+Tensors are named as HF names them, less the `backbone.` prefix (our modules use the same names).
+Most are split evenly along one dim or replicated. Packed tensors (in_proj, Mamba-2's conv1d) are a
+stack of segments along dim 0, each cut on its own; Mamba-2's B/C segments hold n_groups groups
+that are split when tp divides n_groups and otherwise handed whole to the ranks whose heads use them.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SSMConfig
+
+SPLIT, GROUPS = "split", "groups"
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Segments stacked along dim 0: (kind, rows) with kind SPLIT (even cut) or GROUPS (B/C groups)."""
+
+    segments: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    dim: int | None = None  # split evenly along this dim; None: replicated
+    packed: Packed | None = None
+    pad_rows_to: int | None = None  # vocabulary tensors: pad dim 0 before splitting
+
+
+def rule_for(name: str, cfg: SSMConfig, tp: int) -> Rule:
+    """The sharding rule of tensor `name` (raises KeyError for a name the model does not have)."""
+    n = re.sub(r"^layers\.\d+\.", "", name)
+    vocab = Rule(dim=0, pad_rows_to=cfg.padded_vocab_size(tp))
+    if name in ("embeddings.weight", "lm_head.weight"):
+        return vocab
+    if n in ("norm_f.weight", "norm.weight") or n == "mixer.out_proj.bias":
+        return Rule()
+    if n == "mixer.out_proj.weight":
+        return Rule(dim=1)
+    I = cfg.intermediate_size
+    if cfg.is_mamba2:
+        bc = cfg.n_groups * cfg.state_size
+        conv = ((SPLIT, I), (GROUPS, bc), (GROUPS, bc))
+        if n in ("mixer.in_proj.weight", "mixer.in_proj.bias"):
+            return Rule(packed=Packed(((SPLIT, I),) + conv + ((SPLIT, cfg.num_heads),)))
+        if n in ("mixer.conv1d.weight", "mixer.conv1d.bias"):
+            return Rule(packed=Packed(conv))
+        if n in ("mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.norm.weight"):
+            return Rule(dim=0)
+    else:
+        if n in ("mixer.in_proj.weight", "mixer.in_proj.bias"):
+            return Rule(packed=Packed(((SPLIT, I), (SPLIT, I))))
+        if n == "mixer.x_proj.weight":
+            return Rule(dim=1)
+        if n in ("mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.dt_proj.weight", "mixer.dt_proj.bias",
+                 "mixer.A_log", "mixer.D"):
+            return Rule(dim=0)
+    raise KeyError(f"no sharding rule for tensor {name!r} in a {cfg.family} model")
+
+
+def _group_owner(cfg: SSMConfig, tp: int, rank: int) -> tuple[int, int]:
+    """(first group, number of groups) of B/C that `rank` holds."""
+    if cfg.n_groups % tp == 0:
+        per = cfg.n_groups // tp
+        return rank * per, per
+    return rank // (tp // cfg.n_groups), 1
+
+
+def shard(name: str, full: torch.Tensor, cfg: SSMConfig, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s piece of HF tensor `name`, contiguous."""
+    rule = rule_for(name, cfg, tp)
+    if rule.pad_rows_to is not None and full.shape[0] < rule.pad_rows_to:
+        full = torch.cat([full, full.new_zeros(rule.pad_rows_to - full.shape[0], *full.shape[1:])])
+    if rule.packed is not None:
+        pieces, start = [], 0
+        for kind, rows in rule.packed.segments:
+            seg = full.narrow(0, start, rows)
+            start += rows
+            if kind == SPLIT:
+                pieces.append(seg.chunk(tp, dim=0)[rank])
+            else:
+                first, count = _group_owner(cfg, tp, rank)
+                gsize = rows // cfg.n_groups
+                pieces.append(seg.narrow(0, first * gsize, count * gsize))
+        if start != full.shape[0]:
+            raise ValueError(f"{name}: expected {start} rows, found {full.shape[0]}")
+        return torch.cat(pieces).contiguous()
+    if rule.dim is None:
+        return full.contiguous()
+    if full.shape[rule.dim] % tp:
+        raise ValueError(f"{name}: dim {rule.dim} of size {full.shape[rule.dim]} does not split over {tp} ranks")
+    return full.chunk(tp, dim=rule.dim)[rank].contiguous()
+
+
+def merge(name: str, shards: list[torch.Tensor], cfg: SSMConfig) -> torch.Tensor:
+    """Inverse of `shard`: the HF tensor from every rank's piece (vocabulary padding removed)."""
+    tp = len(shards)
+    rule = rule_for(name, cfg, tp)
+    if rule.packed is not None:
+        local_rows = []
+        for kind, rows in rule.packed.segments:
+            if kind == SPLIT:
+                local_rows.append(rows // tp)
+            else:
+                local_rows.append(_group_owner(cfg, tp, 0)[1] * rows // cfg.n_groups)
+        split = [s.split(local_rows, dim=0) for s in shards]
+        segments = []
+        for i, (kind, rows) in enumerate(rule.packed.segments):
+            if kind == SPLIT:
+                segments.append(torch.cat([parts[i] for parts in split]))
+            else:
+                # each group from the first rank that holds it
+                owners = {}
+                for r in range(tp):
+                    owners.setdefault(_group_owner(cfg, tp, r)[0], r)
+                segments.append(torch.cat([split[owners[g]][i] for g in sorted(owners)]))
+        return torch.cat(segments)
+    if rule.dim is None:
+        return shards[0]
+    full = torch.cat(shards, dim=rule.dim)
+    if rule.pad_rows_to is not None:
+        full = full[: cfg.vocab_size]
+    return full
+
+
+def hf_names(cfg: SSMConfig) -> list[str]:
+    """Every tensor an HF checkpoint of this config holds (without `backbone.`; lm_head when untied)."""
+    per_layer = ["norm.weight", "mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.A_log", "mixer.D",
+                 "mixer.out_proj.weight"]
+    if cfg.use_conv_bias:
+        per_layer.append("mixer.conv1d.bias")
+    if cfg.use_bias:
+        per_layer += ["mixer.in_proj.bias", "mixer.out_proj.bias"]
+    if cfg.is_mamba2:
+        per_layer += ["mixer.dt_bias", "mixer.norm.weight"]
+    else:
+        per_layer += ["mixer.x_proj.weight", "mixer.dt_proj.weight", "mixer.dt_proj.bias"]
+    names = ["embeddings.weight", "norm_f.weight"]
+    names += [f"layers.{i}.{p}" for i in range(cfg.num_layers) for p in per_layer]
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names

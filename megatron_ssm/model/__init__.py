@@ -1,0 +1,3 @@
+from .lm import MambaLM, LayerState
+
+__all__ = ["MambaLM", "LayerState"]

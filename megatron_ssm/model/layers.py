@@ -1,0 +1,92 @@
+"""Megatron-core's parallel layers with an inference forward and one pluggable reduction.
+
+megatron-core lays the weights out (shapes per rank, partition attributes, sharded state dicts); we
+keep its modules but run a plain `F.linear` forward: no autograd functions, no async-grad paths, and
+every row-parallel output reduced through the one `AllReduce` chosen at construction.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+
+from ..ops import causal_conv1d, causal_conv1d_update, rms_norm
+from ..parallel import TPContext
+
+AllReduceFn = Callable[[torch.Tensor, "dist.ProcessGroup"], torch.Tensor]
+
+
+def exact_allreduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights come from checkpoints: nothing to initialise."""
+
+
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """Output features split across ranks; input replicated. Returns this rank's slice."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, bias: bool):
+        super().__init__(input_size, output_size, config=config, init_method=_no_init, bias=bias,
+                         gather_output=False, skip_bias_add=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """Input features split across ranks; partial outputs summed by `allreduce` over the TP group."""
+
+    def __init__(self, input_size: int, output_size: int, *, config, bias: bool, tp: TPContext,
+                 allreduce: AllReduceFn | None = None):
+        super().__init__(input_size, output_size, config=config, init_method=_no_init, bias=bias,
+                         input_is_parallel=True, skip_bias_add=False)
+        self.tp = tp
+        self.allreduce = allreduce or exact_allreduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = F.linear(x, self.weight)
+        if self.tp.size > 1:
+            y = self.allreduce(y, self.tp.group)
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, *, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x.to(self.weight.dtype), self.weight, self.eps)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over this rank's channels; weight stored as HF stores it, [C, 1, K]."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool, *, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(channels, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """x [b, L, C]. `state` [b, C, K-1] holds the inputs before x and is advanced in place;
+        None starts from zeros and keeps nothing."""
+        w = self.weight.squeeze(1)
+        if state is not None and x.shape[1] == 1:
+            return causal_conv1d_update(x[:, 0], state, w, self.bias).unsqueeze(1)
+        y, final = causal_conv1d(x, w, self.bias, initial_state=state)
+        if state is not None:
+            state.copy_(final)
+        return y
+
+
+def local_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)

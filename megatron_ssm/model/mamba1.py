@@ -1,0 +1,63 @@
+"""Mamba-1 / Falcon-Mamba mixer, split by channel across the TP group.
+
+in_proj is column-parallel with its x and z halves split separately, so rank r holds channels
+[r*d/tp, (r+1)*d/tp) of both. conv1d, dt_proj, A and D are split by the same channels and stay
+local. x_proj reads all channels, so it is row-parallel: its all-reduce gives every rank the full
+(dt, B, C). out_proj is row-parallel: the layer's second all-reduce.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..config import FALCON_MAMBA, SSMConfig
+from ..ops import rms_norm, selective_scan, selective_state_update
+from ..parallel import TPContext
+from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, RowParallelLinear, local_param
+
+
+class Mamba1Mixer(nn.Module):
+    def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
+                 allreduce: AllReduceFn | None = None):
+        super().__init__()
+        cfg.validate(tp.size)
+        self.cfg = cfg
+        d = cfg.intermediate_size // tp.size
+        self.channels = d
+        kw = dict(dtype=dtype, device=device)
+        self.in_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, config=mp_config,
+                                            bias=cfg.use_bias)
+        self.conv1d = CausalConv1d(d, cfg.conv_kernel, cfg.use_conv_bias, **kw)
+        self.x_proj = RowParallelLinear(cfg.intermediate_size, cfg.time_step_rank + 2 * cfg.state_size,
+                                        config=mp_config, bias=False, tp=tp, allreduce=allreduce)
+        self.dt_proj = nn.Linear(cfg.time_step_rank, d, bias=True, **kw).requires_grad_(False)
+        self.A_log = local_param(d, cfg.state_size, **kw)
+        self.D = local_param(d, **kw)
+        self.out_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, config=mp_config,
+                                          bias=cfg.use_bias, tp=tp, allreduce=allreduce)
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-sequence (conv state, SSM state) shapes on this rank."""
+        return (self.channels, self.cfg.conv_kernel - 1), (self.channels, self.cfg.state_size)
+
+    def forward(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
+                ssm_state: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
+        in place; L == 1 with states takes the single-step path."""
+        cfg = self.cfg
+        x, z = self.in_proj(hidden).split(self.channels, dim=-1)
+        x = self.conv1d(x, conv_state)
+        dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
+        if cfg.family == FALCON_MAMBA:
+            dt, B, C = (rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt, B, C))
+        dt = dt @ self.dt_proj.weight.t()  # the bias is added in fp32 inside the scan
+        A = -torch.exp(self.A_log.float())
+        if ssm_state is not None and hidden.shape[1] == 1:
+            y = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0],
+                                       dt_bias=self.dt_proj.bias).unsqueeze(1)
+        else:
+            y, final = selective_scan(x, dt, A, B, C, self.D, z, dt_bias=self.dt_proj.bias,
+                                      initial_state=ssm_state)
+            if ssm_state is not None:
+                ssm_state.copy_(final)
+        return self.out_proj(y)

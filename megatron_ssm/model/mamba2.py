@@ -1,0 +1,91 @@
+"""Mamba-2 mixer, split by heads across the TP group.
+
+HF packs in_proj as [z | x | B | C | dt] over all heads; a contiguous split of that would hand rank 0
+all of z. Each rank instead holds its own packed rows [z_r | x_r | B_r | C_r | dt_r] (the checkpoint
+converter lays them out so), and conv1d covers [x_r | B_r | C_r].
+
+B and C belong to groups of heads. When tp divides n_groups each rank holds whole groups and the
+gated norm is local. When n_groups divides tp (n_groups = 1 in most published checkpoints) each rank
+holds the one group its heads belong to, replicated on tp/n_groups ranks; a norm group then spans
+those ranks, so its sum of squares is all-reduced (one tiny collective of [tokens, n_groups]).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import SSMConfig
+from ..ops import gated_rms_norm, ssd_chunk_scan, ssd_state_update
+from ..parallel import TPContext
+from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, RowParallelLinear, local_param
+
+
+def local_groups(cfg: SSMConfig, tp_size: int) -> int:
+    """B/C groups held by each rank: n_groups/tp when split, 1 when replicated."""
+    return cfg.n_groups // tp_size if cfg.n_groups % tp_size == 0 else 1
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
+                 allreduce: AllReduceFn | None = None):
+        super().__init__()
+        cfg.validate(tp.size)
+        self.cfg, self.tp = cfg, tp
+        self.heads = cfg.num_heads // tp.size
+        self.channels = self.heads * cfg.head_dim
+        self.groups = local_groups(cfg, tp.size)
+        self.bc_width = self.groups * cfg.state_size
+        self.conv_channels = self.channels + 2 * self.bc_width
+        # Only when a norm group spans ranks: which global group this rank's heads belong to.
+        self.shared_group = None if cfg.n_groups % tp.size == 0 else tp.rank // (tp.size // cfg.n_groups)
+        kw = dict(dtype=dtype, device=device)
+        local_rows = 2 * self.channels + 2 * self.bc_width + self.heads
+        self.in_proj = ColumnParallelLinear(cfg.hidden_size, tp.size * local_rows, config=mp_config,
+                                            bias=cfg.use_bias)
+        self.conv1d = CausalConv1d(self.conv_channels, cfg.conv_kernel, cfg.use_conv_bias, **kw)
+        self.dt_bias = local_param(self.heads, **kw)
+        self.A_log = local_param(self.heads, **kw)
+        self.D = local_param(self.heads, **kw)
+        self.norm = nn.Module()
+        self.norm.weight = local_param(self.channels, **kw)
+        self.out_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, config=mp_config,
+                                          bias=cfg.use_bias, tp=tp, allreduce=allreduce)
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-sequence (conv state, SSM state) shapes on this rank."""
+        return (self.conv_channels, self.cfg.conv_kernel - 1), (self.heads, self.cfg.head_dim, self.cfg.state_size)
+
+    def _group_sum_of_squares(self, local: torch.Tensor) -> torch.Tensor:
+        """Sum of squares over a norm group spread across ranks: each rank writes its partial sum in
+        its group's column, one all-reduce adds the columns up, each rank reads its own back."""
+        slots = local.new_zeros(*local.shape[:-1], self.cfg.n_groups)
+        slots[..., self.shared_group] = local[..., 0]
+        dist.all_reduce(slots, group=self.tp.group)
+        return slots[..., self.shared_group:self.shared_group + 1]
+
+    def forward(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
+                ssm_state: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
+        in place; L == 1 with states takes the single-step path."""
+        cfg = self.cfg
+        b, L, _ = hidden.shape
+        z, xbc, dt = self.in_proj(hidden).split([self.channels, self.conv_channels, self.heads], dim=-1)
+        xbc = self.conv1d(xbc, conv_state)
+        x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
+        x = x.reshape(b, L, self.heads, cfg.head_dim)
+        B = B.reshape(b, L, self.groups, cfg.state_size)
+        C = C.reshape(b, L, self.groups, cfg.state_size)
+        A = -torch.exp(self.A_log.float())
+        if ssm_state is not None and L == 1:
+            y = ssd_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.dt_bias,
+                                 cfg.time_step_limit).unsqueeze(1)
+        else:
+            y, final = ssd_chunk_scan(x, dt, A, B, C, cfg.chunk_size, self.D, self.dt_bias,
+                                      initial_state=ssm_state, dt_limit=cfg.time_step_limit)
+            if ssm_state is not None:
+                ssm_state.copy_(final)
+        y = gated_rms_norm(y.reshape(b, L, self.channels), z, self.norm.weight, cfg.norm_eps,
+                           group_size=cfg.intermediate_size // cfg.n_groups,
+                           reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
+        return self.out_proj(y)

@@ -1,0 +1,15 @@
+"""Torch reference ops for the selective-SSM mixers.
+
+These define the numbers: they run anywhere (CPU included) and every GPU kernel behind the same
+signature is tested against them. All take sequence-major activations ([batch, seqlen, channels])
+and carry state in float32.
+"""
+from .conv1d import causal_conv1d, causal_conv1d_update
+from .norm import gated_rms_norm, rms_norm
+from .selective_scan import selective_scan, selective_state_update
+from .ssd import ssd_chunk_scan, ssd_state_update
+
+__all__ = [
+    "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "rms_norm",
+    "selective_scan", "selective_state_update", "ssd_chunk_scan", "ssd_state_update",
+]

@@ -1,0 +1,40 @@
+"""RMS norms: the block norm, and Mamba-2's group-wise gated norm whose groups may span TP ranks."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """HF's MambaRMSNorm: normalise in fp32, cast back, then scale (weightless when weight is None)."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else weight * y
+
+
+def gated_rms_norm(
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    group_size: int,
+    reduce_sum_of_squares: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """norm(y * silu(gate)) per group of `group_size` channels, times weight.
+
+    When this rank holds only part of one group (n_groups < tp), `reduce_sum_of_squares` maps the
+    local sum of squares [..., 1] to the whole group's: the mean then covers the full group, so
+    the result equals the unsharded norm.
+    """
+    h = y.float() * F.silu(gate.float())
+    if reduce_sum_of_squares is None:
+        *lead, width = h.shape
+        hg = h.view(*lead, width // group_size, group_size)
+        hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+        h = hg.view(*lead, width)
+    else:
+        ss = reduce_sum_of_squares(h.pow(2).sum(-1, keepdim=True))
+        h = h * torch.rsqrt(ss / group_size + eps)
+    return weight * h.to(y.dtype)

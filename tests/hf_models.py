@@ -1,0 +1,56 @@
+"""Tiny random HF models (built here, never downloaded) and helpers to compare against them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def fresh_seed() -> int:
+    """A new seed every run, so tests see new inputs; printed by pytest on failure via the test id."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def hf_config(family: str, *, n_groups: int = 1, tied: bool = True, use_bias: bool = False, vocab: int = 250,
+              layers: int = 2):
+    from transformers import FalconMambaConfig, Mamba2Config, MambaConfig
+
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, tie_word_embeddings=tied, use_bias=use_bias,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "mamba2":
+        return Mamba2Config(hidden_size=64, expand=2, num_heads=8, head_dim=16, state_size=16, n_groups=n_groups,
+                            chunk_size=16, **common)
+    cls = FalconMambaConfig if family == "falcon_mamba" else MambaConfig
+    return cls(hidden_size=64, expand=2, state_size=8, **common)
+
+
+def build_hf_model(config, seed: int):
+    """An HF model with random weights, every parameter perturbed so that none is a constant
+    (all-ones norm weights would hide a mis-sharded norm)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.3 * torch.randn_like(p))
+    return model
+
+
+def save_hf(model, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def hf_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids, use_cache=False).logits.float()
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
