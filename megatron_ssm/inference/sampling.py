@@ -1,8 +1,9 @@
 """Choosing tokens from vocab-parallel logits.
 
 Greedy needs only each rank's best (value, index): one tiny all-gather, never the full vocabulary.
-Sampling gathers the full logits; every rank then draws with an identically seeded generator, so
-all ranks pick the same token without a broadcast, and the pick is the same at every TP degree.
+Sampling gathers the full logits; every rank then draws with the request's identically seeded
+generator, so all ranks pick the same token without a broadcast. One uniform number is drawn per
+token (inverse CDF), so a seed gives the same tokens at every TP degree.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ class SamplingParams:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -34,18 +35,48 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def vocab_parallel_argmax(local: torch.Tensor, vocab_start: int, tp: TPContext) -> torch.Tensor:
+@dataclass(frozen=True)
+class VocabShard:
+    """Which slice of the vocabulary this rank's logits hold."""
+
+    start: int
+    vocab_size: int  # real (unpadded) vocabulary
+    tp: TPContext
+
+
+def _all_gather(t: torch.Tensor, tp: TPContext) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(tp.size)]
+    dist.all_gather(parts, t.contiguous(), group=tp.group)
+    return torch.stack(parts, dim=1)  # [b, tp, ...]
+
+
+def vocab_parallel_argmax(local: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """local [b, V/tp] -> global argmax [b] (ties go to the lowest token id, as torch.argmax does)."""
     val, idx = local.max(dim=-1)
-    if tp.size == 1:
+    if shard.tp.size == 1:
         return idx
     # value and index travel together as fp32 (indices are exact below 2**24)
-    packed = torch.stack([val.float(), (idx + vocab_start).float()], dim=-1)
-    parts = [torch.empty_like(packed) for _ in range(tp.size)]
-    dist.all_gather(parts, packed, group=tp.group)
-    both = torch.stack(parts, dim=1)  # [b, tp, 2]; the first max is the lowest rank's
-    best = both[..., 0].argmax(dim=1, keepdim=True)
+    both = _all_gather(torch.stack([val.float(), (idx + shard.start).float()], dim=-1), shard.tp)
+    best = both[..., 0].argmax(dim=1, keepdim=True)  # the first max is the lowest rank's
     return both[..., 1].gather(1, best).squeeze(1).long()
+
+
+def vocab_parallel_logprob(local: torch.Tensor, tokens: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """log softmax(logits)[token] per row, from vocab-parallel logits: each rank's (max, sum exp)
+    and the chosen logit from the rank that owns it."""
+    m = local.max(dim=-1).values
+    # a rank may hold only vocabulary padding (all -inf): its sum is then 0, not NaN
+    s = torch.exp(local - torch.where(torch.isfinite(m), m, 0.0).unsqueeze(-1)).sum(-1)
+    owned = (tokens >= shard.start) & (tokens < shard.start + local.shape[-1])
+    chosen = torch.where(owned, local.gather(1, (tokens - shard.start).clamp(0, local.shape[-1] - 1)[:, None])[:, 0],
+                         torch.zeros_like(m))
+    if shard.tp.size > 1:
+        ms = _all_gather(torch.stack([m, s], dim=-1), shard.tp)  # [b, tp, 2]
+        top = ms[..., 0].max(dim=1).values
+        s = (ms[..., 1] * torch.exp(ms[..., 0] - top[:, None])).sum(1)
+        m = top
+        dist.all_reduce(chosen, group=shard.tp.group)
+    return chosen - m - torch.log(s)
 
 
 def gather_logits(local: torch.Tensor, vocab_size: int, tp: TPContext) -> torch.Tensor:
@@ -71,12 +102,34 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """One token from full logits [V] by inverse CDF on one uniform draw."""
+    probs = torch.softmax(filter_logits(logits.float() / params.temperature, params.top_k, params.top_p), dim=-1)
+    u = torch.rand((), generator=generator, device=probs.device)
+    cdf = probs.cumsum(-1)
+    return int(torch.searchsorted(cdf, (u * cdf[-1]).unsqueeze(0)).clamp(max=probs.shape[-1] - 1))
+
+
+def choose_tokens(local: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                  want_logprobs: list[bool], shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """local [b, V/tp] -> (tokens [b], log-probs [b] or None). Row i follows params[i].
+
+    Every rank must call this with the same params: the collectives it issues depend on them."""
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if len(sampled) < len(params):
+        tokens = vocab_parallel_argmax(local, shard)
+    else:
+        tokens = torch.empty(local.shape[0], dtype=torch.long, device=local.device)
+    if sampled:
+        full = gather_logits(local[sampled], shard.vocab_size, shard.tp)
+        picks = [draw(full[j], params[i], generators[i]) for j, i in enumerate(sampled)]
+        tokens[sampled] = torch.tensor(picks, device=tokens.device)
+    logprobs = vocab_parallel_logprob(local, tokens, shard) if any(want_logprobs) else None
+    return tokens, logprobs
+
+
 def sample(local: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
            vocab_start: int, vocab_size: int, tp: TPContext) -> torch.Tensor:
-    """local [b, V/tp] -> token ids [b]."""
-    if params.greedy:
-        return vocab_parallel_argmax(local, vocab_start, tp)
-    logits = filter_logits(gather_logits(local, vocab_size, tp).float() / params.temperature,
-                           params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """local [b, V/tp] -> token ids [b], every row with the same params."""
+    b = local.shape[0]
+    return choose_tokens(local, [params] * b, [generator] * b, [False] * b, VocabShard(vocab_start, vocab_size, tp))[0]

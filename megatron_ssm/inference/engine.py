@@ -1,0 +1,235 @@
+"""The inference engine: requests in, tokens out, one step at a time.
+
+Each step admits waiting requests into free state-cache slots and prefills them (same-length
+prompts together, long prompts in chunks, starting from a cached prefix state when one matches),
+then advances every running sequence by one token. Running sequences always occupy slots
+[0, n_running): a sequence that finishes hands its slot to the last one, so decode works on a view
+of the cache and never copies states.
+
+Every TP rank runs an engine and must see the same calls in the same order (the server broadcasts
+them); all its decisions are functions of those calls, so the ranks stay in step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.lm import LayerState, MambaLM
+from .cache import StateCache
+from .prefix_cache import PrefixStateCache, prefix_keys
+from .sampling import SamplingParams, VocabShard, choose_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int | None = None  # concurrent sequences; None: as many as state_memory_bytes allows
+    state_memory_bytes: int = 1 << 30  # budget for the state cache when max_batch is None
+    prefill_chunk: int = 2048  # tokens per prefill forward (bounds activation memory)
+    max_prefill_tokens: int = 8192  # prompt tokens admitted per step, so decode is not starved
+    max_sequence_length: int = 1 << 16  # prompt + generated tokens
+    prefix_block: int = 256  # prefix states are saved every this many tokens
+    prefix_cache_bytes: int = 0  # 0 disables prefix state reuse
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int = 16
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: tuple[int, ...] = ()
+    logprobs: bool = False
+
+
+@dataclass
+class TokenOutput:
+    request_id: int
+    token: int
+    logprob: float | None
+    finished: bool
+    finish_reason: str | None = None  # "length" | "stop" | "abort"
+
+
+@dataclass
+class _Sequence:
+    id: int
+    req: Request
+    generator: torch.Generator | None
+    slot: int = -1
+    generated: int = 0
+    last_token: int = -1
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, model: MambaLM, config: EngineConfig | None = None):
+        self.model = model
+        self.config = cfg = config or EngineConfig()
+        self.device = model.embeddings.weight.device
+        shapes = model.state_shapes()
+        self.bytes_per_sequence = StateCache.bytes_per_sequence(shapes, model.dtype)
+        slots = cfg.max_batch or max(1, cfg.state_memory_bytes // self.bytes_per_sequence)
+        self.cache = StateCache(shapes, slots, dtype=model.dtype, device=self.device)
+        self.prefix = PrefixStateCache(cfg.prefix_block, cfg.prefix_cache_bytes)
+        self.shard = VocabShard(model.vocab_start, model.cfg.vocab_size, model.tp)
+        self.waiting: deque[_Sequence] = deque()
+        self.running: list[_Sequence] = []  # running[i] occupies slot i
+        self._next_id = 0
+        log.info("state cache: %.2f MiB per sequence on this rank, %d sequence slots",
+                 self.bytes_per_sequence / 2**20, slots)
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def add_request(self, req: Request) -> int:
+        """Queue a request; returns its id. Raises ValueError naming what is wrong with it."""
+        if not req.prompt:
+            raise ValueError("prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in req.prompt):
+            raise ValueError(f"prompt holds token ids outside [0, {vocab})")
+        if req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        if len(req.prompt) + req.max_new_tokens > self.config.max_sequence_length:
+            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds "
+                             f"the context budget of {self.config.max_sequence_length} tokens")
+        req.sampling.validate()
+        gen = None
+        if not req.sampling.greedy:
+            gen = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
+        seq = _Sequence(self._next_id, req, gen)
+        self._next_id += 1
+        self.waiting.append(seq)
+        return seq.id
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a request wherever it is; True if it was found."""
+        for seq in self.waiting:
+            if seq.id == request_id:
+                self.waiting.remove(seq)
+                return True
+        for seq in self.running:
+            if seq.id == request_id:
+                self._release(seq)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[TokenOutput]:
+        outputs: list[TokenOutput] = []
+        admitted = self._admit()
+        if admitted:
+            outputs += self._prefill(admitted)
+        if self.running:
+            outputs += self._decode(len(self.running))
+        return outputs
+
+    def _admit(self) -> list[_Sequence]:
+        budget = self.config.max_prefill_tokens
+        admitted = []
+        while self.waiting and len(self.running) < self.cache.slots:
+            n = len(self.waiting[0].req.prompt)
+            if admitted and n > budget:
+                break
+            seq = self.waiting.popleft()
+            seq.slot = len(self.running)
+            self.running.append(seq)
+            admitted.append(seq)
+            budget -= n
+        return admitted
+
+    def _prefill(self, seqs: list[_Sequence]) -> list[TokenOutput]:
+        """Prefill admitted sequences, grouped so each forward runs equal-length token blocks."""
+        groups: dict[tuple[int, int], list[_Sequence]] = {}
+        for seq in seqs:
+            start, saved = self.prefix.lookup(seq.req.prompt)
+            self.cache.reset(seq.slot, seq.slot + 1)
+            if saved is not None:
+                for c, s, e in zip(self.cache.conv, self.cache.ssm, saved):
+                    c[seq.slot].copy_(e.conv[0])
+                    s[seq.slot].copy_(e.ssm[0])
+            groups.setdefault((len(seq.req.prompt), start), []).append(seq)
+        outputs = []
+        for (length, start), group in groups.items():
+            # group members sit in consecutive slots only if admitted together; gather otherwise
+            slots = torch.tensor([s.slot for s in group], device=self.device)
+            states = self.cache.gather(slots)
+            tokens = torch.tensor([s.req.prompt for s in group], device=self.device)
+            logits = self._prefill_tokens(tokens, start, states, [s.req.prompt for s in group])
+            self.cache.scatter(slots, states)
+            outputs += self._emit(group, logits)
+        return outputs
+
+    def _prefill_tokens(self, tokens: torch.Tensor, start: int, states: list[LayerState],
+                        prompts: list[list[int]]) -> torch.Tensor:
+        """Run tokens[:, start:] through the model in chunks that end on prefix-block boundaries,
+        saving the states reached there. Returns the last position's local logits [b, V/tp]."""
+        L = tokens.shape[1]
+        block, chunk = self.config.prefix_block, self.config.prefill_chunk
+        keys = [dict(prefix_keys(p[:-1], block)) for p in prompts] if self.prefix.enabled else None
+        pos = start
+        while pos < L:
+            end = min(L, pos + chunk)
+            if keys is not None:
+                end = min(end, (pos // block + 1) * block)  # stop on each block boundary to save it
+            logits = self.model(tokens[:, pos:end], states, last_only=True)
+            pos = end
+            if keys is not None and pos in keys[0]:
+                for row, k in enumerate(keys):
+                    self.prefix.save(k[pos], states, row)
+        return logits[:, -1]
+
+    def _decode(self, n: int) -> list[TokenOutput]:
+        tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
+        logits = self.model(tokens, self.cache.rows(0, n))[:, -1]
+        return self._emit(list(self.running), logits)
+
+    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenOutput]:
+        tokens, logprobs = choose_tokens(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs],
+                                         [s.req.logprobs for s in seqs], self.shard)
+        tokens = tokens.tolist()
+        logprobs = logprobs.tolist() if logprobs is not None else [None] * len(seqs)
+        outputs = []
+        for seq, tok, lp in zip(seqs, tokens, logprobs):
+            seq.generated += 1
+            seq.last_token = tok
+            reason = "stop" if tok in seq.req.stop_ids else "length" if seq.generated >= seq.req.max_new_tokens else None
+            outputs.append(TokenOutput(seq.id, tok, lp if seq.req.logprobs else None, reason is not None, reason))
+            if reason is not None:
+                self._release(seq)
+        return outputs
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free seq's slot by moving the last running sequence into it (one sequence's state copy)."""
+        last = self.running.pop()
+        if last is not seq:
+            for c, s in zip(self.cache.conv, self.cache.ssm):
+                c[seq.slot].copy_(c[last.slot])
+                s[seq.slot].copy_(s[last.slot])
+            last.slot = seq.slot
+            self.running[seq.slot] = last
+        seq.slot = -1
+
+    # ---- convenience ---------------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> list[list[int]]:
+        """Run requests to completion; generated token ids per request, in order."""
+        ids = [self.add_request(r) for r in requests]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        while self.has_work():
+            for o in self.step():
+                out[o.request_id].append(o.token)
+        return [out[i] for i in ids]

@@ -1,0 +1,185 @@
+"""The inference engine: batching, continuous admission, chunked prefill, prefix reuse, sampling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_models import build_hf_model, fresh_seed, hf_config, save_hf
+from megatron_ssm.checkpoint.convert import hf_to_megatron
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """{family: {tp: checkpoint dir}} for a Mamba-2 (n_groups 1) and a Mamba-1 model."""
+    out = {}
+    for family, opts in (("mamba2", dict(n_groups=1)), ("mamba", dict())):
+        root = tmp_path_factory.mktemp(family)
+        hf_dir = save_hf(build_hf_model(hf_config(family, **opts), fresh_seed()), root / "hf")
+        out[family] = {}
+        for tp in (1, 2, 4):
+            out[family][tp] = str(root / f"tp{tp}")
+            hf_to_megatron(hf_dir, out[family][tp], tp, progress=False)
+    return out
+
+
+def _prompts(seed: int, lengths) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 250, (n,), generator=g).tolist() for n in lengths]
+
+
+# ---- run on every rank -------------------------------------------------------------------------
+
+def _engine(ckpt, **cfg):
+    from megatron_ssm.inference.engine import Engine, EngineConfig
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    return Engine(load_model(ckpt, tp_context(torch.device("cpu"))), EngineConfig(**cfg))
+
+
+def _rank_alone_vs_batched(ckpt, prompts, new):
+    from megatron_ssm.inference.engine import Request
+
+    alone = [_engine(ckpt, max_batch=1).generate([Request(p, new)])[0] for p in prompts]
+    batched = _engine(ckpt, max_batch=len(prompts)).generate([Request(p, new) for p in prompts])
+    small = _engine(ckpt, max_batch=2).generate([Request(p, new) for p in prompts])  # queueing
+    return alone, batched, small
+
+
+def _rank_arrivals(ckpt, prompts, new):
+    """Requests added while others are mid-generation, with varying lengths so slots get reshuffled."""
+    from megatron_ssm.inference.engine import Request
+
+    eng = _engine(ckpt, max_batch=3)
+    out, ids = {}, []
+    for i, p in enumerate(prompts):
+        ids.append(eng.add_request(Request(p, new + 3 * (i % 3))))
+        out[ids[-1]] = []
+        for _ in range(i % 4):
+            for o in eng.step():
+                out[o.request_id].append(o.token)
+    while eng.has_work():
+        for o in eng.step():
+            out[o.request_id].append(o.token)
+    return [out[i] for i in ids]
+
+
+def _rank_single(ckpt, prompt, new, **cfg):
+    from megatron_ssm.inference.engine import Request
+
+    eng = _engine(ckpt, max_batch=2, **cfg)
+    return eng.generate([Request(prompt, new)])[0]
+
+
+def _rank_prefix(ckpt, shared, tails, new):
+    from megatron_ssm.inference.engine import Request
+
+    eng = _engine(ckpt, max_batch=2, prefix_block=8, prefix_cache_bytes=1 << 24, prefill_chunk=16)
+    outs = [eng.generate([Request(shared + t, new)])[0] for t in tails]
+    return outs, eng.prefix.hits
+
+
+def _rank_sampling(ckpt, prompts, new, seed):
+    from megatron_ssm.inference.engine import Request
+    from megatron_ssm.inference.sampling import SamplingParams
+
+    reqs = [Request(p, new, SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=seed + i), logprobs=True)
+            for i, p in enumerate(prompts)]
+    eng = _engine(ckpt, max_batch=4)
+    ids = [eng.add_request(r) for r in reqs]
+    toks, lps = {i: [] for i in ids}, {i: [] for i in ids}
+    while eng.has_work():
+        for o in eng.step():
+            toks[o.request_id].append(o.token)
+            lps[o.request_id].append(o.logprob)
+    return [toks[i] for i in ids], [lps[i] for i in ids]
+
+
+def _rank_logprob(local_logits_full, tokens):
+    from megatron_ssm.inference.sampling import VocabShard, vocab_parallel_logprob
+    from megatron_ssm.parallel import tp_context
+
+    tp = tp_context(torch.device("cpu"))
+    V = local_logits_full.shape[-1] // tp.size
+    local = local_logits_full[:, tp.rank * V:(tp.rank + 1) * V]
+    return vocab_parallel_logprob(local, tokens, VocabShard(tp.rank * V, V * tp.size, tp))
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("family", ["mamba2", "mamba"])
+def test_mixed_length_batch_equals_each_prompt_alone(ranks, ckpts, family, tp):
+    prompts = _prompts(fresh_seed(), (9, 2, 17, 5, 1))
+    alone, batched, small = ranks(tp).run(_rank_alone_vs_batched, ckpts[family][tp], prompts, 6)[0]
+    assert batched == alone
+    assert small == alone
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_requests_arriving_mid_generation_match_running_alone(ranks, ckpts, tp):
+    prompts = _prompts(fresh_seed(), (4, 11, 3, 8, 6, 2, 13))
+    got = ranks(tp).run(_rank_arrivals, ckpts["mamba2"][tp], prompts, 5)[0]
+    alone = ranks(tp).run(_rank_alone_vs_batched, ckpts["mamba2"][tp], prompts, 11)[0][0]
+    for i, (g, a) in enumerate(zip(got, alone)):
+        assert g == a[: len(g)], f"request {i}"
+
+
+@pytest.mark.parametrize("family", ["mamba2", "mamba"])
+def test_chunked_prefill_equals_one_shot(ranks, ckpts, family):
+    prompt = _prompts(fresh_seed(), (45,))[0]
+    one_shot = ranks(2).run(_rank_single, ckpts[family][2], prompt, 8, prefill_chunk=4096)[0]
+    chunked = ranks(2).run(_rank_single, ckpts[family][2], prompt, 8, prefill_chunk=7)[0]
+    assert chunked == one_shot
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_prefix_hit_equals_miss(ranks, ckpts, tp):
+    shared = _prompts(fresh_seed(), (21,))[0]
+    tails = _prompts(fresh_seed(), (5, 9, 3))
+    (outs, hits) = ranks(tp).run(_rank_prefix, ckpts["mamba2"][tp], shared, tails, 6)[0]
+    assert hits >= 2  # the 2nd and 3rd prompts start from the state after 16 shared tokens
+    misses = [ranks(tp).run(_rank_single, ckpts["mamba2"][tp], shared + t, 6)[0] for t in tails]
+    assert outs == misses
+
+
+def test_seeded_sampling_is_reproducible_and_equal_across_tp(ranks, ckpts):
+    prompts = _prompts(fresh_seed(), (6, 3, 10))
+    seed = fresh_seed()
+    runs = {tp: ranks(tp).run(_rank_sampling, ckpts["mamba"][tp], prompts, 12, seed)[0] for tp in (1, 2, 4)}
+    again = ranks(2).run(_rank_sampling, ckpts["mamba"][2], prompts, 12, seed)[0]
+    assert again[0] == runs[2][0]
+    assert runs[1][0] == runs[2][0] == runs[4][0]
+    for lp in runs[1][1]:
+        assert all(math.isfinite(x) and x <= 0 for x in lp)
+    assert torch.allclose(torch.tensor(runs[1][1]), torch.tensor(runs[4][1]), atol=1e-4)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_vocab_parallel_logprob_equals_log_softmax(ranks, tp):
+    logits = torch.randn(5, 64 * tp) * 3
+    tokens = torch.randint(0, 64 * tp, (5,))
+    got = ranks(tp).run(_rank_logprob, logits, tokens)[0]
+    assert torch.allclose(got, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0], atol=1e-5)
+
+
+def test_top_k_top_p_sample_only_allowed_tokens_with_right_frequencies():
+    from megatron_ssm.inference.sampling import SamplingParams, draw, filter_logits
+
+    logits = torch.log(torch.tensor([0.30, 0.25, 0.20, 0.10, 0.08, 0.04, 0.02, 0.01]))[torch.randperm(8)]
+    order = torch.argsort(logits, descending=True)
+    gen = torch.Generator().manual_seed(fresh_seed())
+    n = 20000
+    for params, allowed in ((SamplingParams(1.0, top_k=3), 3), (SamplingParams(1.0, top_p=0.7), 3),
+                            (SamplingParams(1.0, top_k=5, top_p=0.9), 5), (SamplingParams(1.0), 8)):
+        counts = torch.zeros(8)
+        for _ in range(n):
+            counts[draw(logits, params, gen)] += 1
+        ok = set(order[:allowed].tolist())
+        assert set(torch.nonzero(counts).flatten().tolist()) <= ok
+        p = torch.softmax(filter_logits(logits, params.top_k, params.top_p), -1)
+        # each frequency within 5 standard deviations of its probability
+        sd = torch.sqrt(p * (1 - p) / n)
+        assert torch.all((counts / n - p).abs() <= 5 * sd + 1e-9), (params, counts / n, p)
