@@ -1,8 +1,8 @@
 """The inference engine: requests in, tokens out, one step at a time.
 
-Each step admits waiting requests into free state-cache slots and prefills them (same-length
+A step either admits waiting requests into free state-cache slots and prefills them (same-length
 prompts together, long prompts in chunks, starting from a cached prefix state when one matches),
-then advances every running sequence by one token. Running sequences always occupy slots
+or advances every running sequence by one token (replayed from a CUDA graph on GPU). Running sequences always occupy slots
 [0, n_running): a sequence that finishes hands its slot to the last one, so decode works on a view
 of the cache and never copies states.
 
@@ -35,6 +35,7 @@ class EngineConfig:
     max_sequence_length: int = 1 << 16  # prompt + generated tokens
     prefix_block: int = 256  # prefix states are saved every this many tokens
     prefix_cache_bytes: int = 0  # 0 disables prefix state reuse
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
 
 
 @dataclass
@@ -76,6 +77,11 @@ class Engine:
         slots = cfg.max_batch or max(1, cfg.state_memory_bytes // self.bytes_per_sequence)
         self.cache = StateCache(shapes, slots, dtype=model.dtype, device=self.device)
         self.prefix = PrefixStateCache(cfg.prefix_block, cfg.prefix_cache_bytes)
+        self.graphed = None
+        if cfg.cuda_graphs and self.device.type == "cuda":
+            from .cuda_graphs import GraphedDecode
+
+            self.graphed = GraphedDecode(model, self.cache)
         self.shard = VocabShard(model.vocab_start, model.cfg.vocab_size, model.tp)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # running[i] occupies slot i
@@ -129,13 +135,14 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[TokenOutput]:
-        outputs: list[TokenOutput] = []
+        """Prefill newly admitted requests (giving their first tokens) if any were admitted;
+        otherwise advance every running sequence by one token."""
         admitted = self._admit()
         if admitted:
-            outputs += self._prefill(admitted)
+            return self._prefill(admitted)
         if self.running:
-            outputs += self._decode(len(self.running))
-        return outputs
+            return self._decode(len(self.running))
+        return []
 
     def _admit(self) -> list[_Sequence]:
         budget = self.config.max_prefill_tokens
@@ -194,7 +201,9 @@ class Engine:
 
     def _decode(self, n: int) -> list[TokenOutput]:
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
-        logits = self.model(tokens, self.cache.rows(0, n))[:, -1]
+        logits = self.graphed(tokens, n) if self.graphed is not None else None
+        if logits is None:
+            logits = self.model(tokens, self.cache.rows(0, n))[:, -1]
         return self._emit(list(self.running), logits)
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenOutput]:

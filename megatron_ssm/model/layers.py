@@ -57,6 +57,25 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         return y if self.bias is None else y + self.bias
 
 
+class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
+    """Rows of the (padded) vocabulary split across ranks; each rank embeds the ids it owns and an
+    all-reduce fills in the rest. Masking by `masked_fill` keeps the forward free of host syncs, so
+    it can be captured in a CUDA graph."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, config, tp: TPContext):
+        super().__init__(num_embeddings, embedding_dim, init_method=_no_init, config=config)
+        self.tp = tp
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start_index
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        dist.all_reduce(out, group=self.tp.group)
+        return out
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, *, dtype: torch.dtype, device: torch.device):
         super().__init__()

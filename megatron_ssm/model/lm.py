@@ -11,11 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
-
 from ..config import SSMConfig
 from ..parallel import TPContext, megatron_config
-from .layers import AllReduceFn, ColumnParallelLinear, RMSNorm, _no_init
+from .layers import AllReduceFn, ColumnParallelLinear, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 
@@ -54,8 +52,7 @@ class MambaLM(nn.Module):
         mp = megatron_config(tp.size, dtype, on_cpu=device.type == "cpu")
         kw = dict(dtype=dtype, device=device)
         mixer_cls = Mamba2Mixer if cfg.is_mamba2 else Mamba1Mixer
-        self.embeddings = tensor_parallel.VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size,
-                                                                 init_method=_no_init, config=mp)
+        self.embeddings = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, config=mp, tp=tp)
         self.layers = nn.ModuleList(
             MambaBlock(cfg, mixer_cls(cfg, tp, mp, allreduce=allreduce, **kw), **kw) for _ in range(cfg.num_layers))
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
