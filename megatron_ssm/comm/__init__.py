@@ -1,0 +1,23 @@
+"""Pluggable all-reduce for row-parallel outputs: exact, block-quantised (int8/fp8/fp16) or auto."""
+from .allreduce import (
+    ALLREDUCE_CHOICES,
+    AllReduce,
+    AutoAllReduce,
+    ExactAllReduce,
+    QuantizedAllReduce,
+    calibrate,
+    make_allreduce,
+)
+from .quantize import dequantize_blocks, quantize_blocks
+
+__all__ = [
+    "ALLREDUCE_CHOICES",
+    "AllReduce",
+    "AutoAllReduce",
+    "ExactAllReduce",
+    "QuantizedAllReduce",
+    "calibrate",
+    "dequantize_blocks",
+    "make_allreduce",
+    "quantize_blocks",
+]

@@ -1,0 +1,339 @@
+"""The pluggable all-reduce (megatron_ssm.comm): block quantisation, the two-shot quantised
+all-reduce against the exact sum, edge values, the exact path, `auto` and `make_allreduce`.
+
+Inputs are random with a fresh seed per test (set COMM_TEST_SEED to replay one); every rank builds
+all ranks' inputs from that seed, so each can compute the exact sum and the error bound locally.
+Functions run on ranks are module-level (the rank pool imports them by name).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_ssm.comm import (
+    ALLREDUCE_CHOICES,
+    AutoAllReduce,
+    ExactAllReduce,
+    QuantizedAllReduce,
+    calibrate,
+    dequantize_blocks,
+    make_allreduce,
+    quantize_blocks,
+)
+from megatron_ssm.comm.allreduce import threshold_by_name
+
+FORMATS = ("int8", "fp8", "fp16")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SHAPES = [(1,), (127,), (1000,), (4099,), (3, 333), (2, 5, 7)]
+WORLDS = (2, 4)
+
+
+@pytest.fixture
+def seed():
+    return int(os.environ.get("COMM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+
+
+def _rank():
+    from megatron_ssm.parallel import tp_context
+
+    return tp_context(torch.device("cpu"))
+
+
+def _inputs(seed: int, world: int, shape, dtype=torch.float32) -> list[torch.Tensor]:
+    """One input per rank, different on each: normal values whose magnitude changes every 64
+    elements (10^-3..10^3), so blocks mix scales and some blocks straddle two."""
+    xs = []
+    for r in range(world):
+        g = torch.Generator().manual_seed(seed * 64 + r)
+        n = math.prod(shape)
+        mag = 10.0 ** torch.randint(-3, 4, (n // 64 + 1,), generator=g).repeat_interleave(64)[:n]
+        xs.append((torch.randn(n, generator=g) * mag).to(dtype).view(shape))
+    return xs
+
+
+# --- error bounds ---------------------------------------------------------------------------------
+
+def _step_bound(v: torch.Tensor, fmt: str, block: int) -> torch.Tensor:
+    """Largest quantisation error of each element, given (an upper bound on) |values|, flat fp64.
+    Monotone in |values|, so a bound on them gives a bound on the error."""
+    n = v.numel()
+    vb = torch.nn.functional.pad(v, (0, -n % block)).view(-1, block)
+    if fmt == "int8":  # round to nearest: half a step of absmax / 127
+        err = (vb.amax(dim=1, keepdim=True) / 127 / 2).expand_as(vb)
+    elif fmt == "fp8":  # e4m3: 3 mantissa bits (half-ulp 2^-4 relative), subnormal half-step 2^-10
+        scale = vb.amax(dim=1, keepdim=True) / 448
+        err = torch.maximum(vb / 16, scale / 1024)
+    else:  # fp16: 10 mantissa bits, subnormal half-step 2^-25
+        err = torch.clamp(vb * 2.0**-11, min=2.0**-25)
+    return err.reshape(-1)[:n]
+
+
+def _two_shot_reference(xs: list[torch.Tensor], fmt: str, block: int):
+    """(exact sum, per-element error bound) in fp64 for the two-shot algorithm on inputs xs.
+
+    Stage 1: each rank's values are quantised (block boundaries are those of the flat input: the
+    algorithm pads only at the end). Stage 2: the owner's sum is requantised. Then the result is
+    rounded to the inputs' dtype. The slack covers fp32 arithmetic (divisions, the sum)."""
+    flat = [x.reshape(-1).double() for x in xs]
+    ref = sum(flat)
+    e1 = sum(_step_bound(f.abs(), fmt, block) for f in flat)
+    e2 = _step_bound(ref.abs() + e1, fmt, block)
+    quant = (e1 + e2) * (1 + 1e-4) + 1e-6 * sum(f.abs() for f in flat)
+    out_eps = torch.finfo(xs[0].dtype).eps
+    return ref, quant + out_eps * (ref.abs() + quant)
+
+
+# --- quantise / dequantise (one process) ----------------------------------------------------------
+
+@pytest.mark.parametrize("block", [32, 128])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_roundtrip_error_per_block(fmt, block, seed):
+    x = _inputs(seed, 1, (block * 37,))[0]
+    q, scales = quantize_blocks(x, fmt, block)
+    y = dequantize_blocks(q, scales, fmt, block)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    err = (y.double() - x.double()).abs()
+    xb = x.double().view(-1, block)
+    if fmt == "int8":
+        assert q.dtype == torch.int8 and scales.shape == (37,)
+        assert torch.allclose(scales.double(), xb.abs().amax(1) / 127, rtol=1e-6)
+        bound = (scales.double() / 2).repeat_interleave(block) * (1 + 1e-5)
+    elif fmt == "fp8":
+        assert q.dtype == torch.float8_e4m3fn and scales.shape == (37,)
+        bound = torch.maximum(x.double().abs() / 16, (scales.double() / 1024).repeat_interleave(block))
+        bound = bound * (1 + 1e-5)
+    else:
+        assert q.dtype == torch.float16 and scales is None
+        bound = x.double().abs() * 2.0**-11 + 2.0**-25
+    worst = (err / bound).max().item()
+    assert worst <= 1, f"seed {seed}: error {worst:.3f}x the bound"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_edge_values(fmt):
+    f32max = torch.finfo(torch.float32).max
+    blocks = {
+        "zero": torch.zeros(128),
+        "huge": torch.linspace(-1e30, 1e30, 128),
+        "bf16max": torch.full((128,), torch.finfo(torch.bfloat16).max) * torch.tensor([1.0, -1.0]).repeat(64),
+        "tiny": torch.linspace(-1e-38, 1e-38, 128),
+    }
+    x = torch.cat(list(blocks.values()))
+    q, scales = quantize_blocks(x, fmt, 128)
+    y = dequantize_blocks(q, scales, fmt, 128).view(len(blocks), 128)
+    assert torch.isfinite(y).all()
+    assert (y[0] == 0).all()
+    if fmt != "fp16":  # fp16 saturates at 65504: the scale-less format cannot hold 1e30
+        assert torch.allclose(y[1:3].double(), x.view(-1, 128)[1:3].double(), rtol=0.07, atol=1e28)
+
+    # NaN stays NaN in its own element only; inf saturates (to fp32 max where there is a scale).
+    x = torch.randn(256)
+    x[3], x[130] = float("nan"), float("-inf")
+    q, scales = quantize_blocks(x, fmt, 128)
+    y = dequantize_blocks(q, scales, fmt, 128)
+    assert torch.isnan(y[3]) and torch.isnan(y).sum() == 1
+    assert y[130] < 0 and torch.isfinite(y[131:]).all()
+    if fmt != "fp16":
+        assert y[130] <= -f32max * 0.99
+
+
+def test_quantize_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="format"):
+        quantize_blocks(torch.zeros(128), "int4", 128)
+    with pytest.raises(ValueError, match="multiple"):
+        quantize_blocks(torch.zeros(100), "int8", 128)
+    with pytest.raises(ValueError, match="block"):
+        quantize_blocks(torch.zeros(128), "int8", 0)
+
+
+# --- the two-shot all-reduce ----------------------------------------------------------------------
+
+def _check_two_shot(seed: int, fmt: str, block: int, cases) -> tuple[list[str], list[torch.Tensor]]:
+    """On each rank: reduce every (shape, dtype) case and compare with the bound. Returns the
+    failures and the outputs (the test checks that all ranks got the same bits)."""
+    ctx = _rank()
+    allreduce = QuantizedAllReduce(fmt, block)
+    failures, outs = [], []
+    for i, (shape, dtype) in enumerate(cases):
+        xs = _inputs(seed + i, ctx.size, shape, dtype)
+        out = allreduce(xs[ctx.rank].clone(), ctx.group)
+        ref, tol = _two_shot_reference(xs, fmt, block)
+        worst = ((out.double().reshape(-1) - ref).abs() / tol).max().item()
+        if out.shape != xs[0].shape or out.dtype != dtype or not worst <= 1:
+            failures.append(f"{shape} {dtype}: out {tuple(out.shape)} {out.dtype}, error {worst:.3f}x the bound")
+        outs.append(out)
+    return failures, outs
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_two_shot_matches_exact_sum(ranks, world, fmt, seed):
+    cases = [(shape, dtype) for shape in SHAPES for dtype in DTYPES]
+    results = ranks(world).run(_check_two_shot, seed, fmt, 128, cases)
+    failures = results[0][0]
+    assert not failures, f"seed {seed}, rank 0:\n" + "\n".join(failures)
+    for _, outs in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0][1], outs)), f"seed {seed}: ranks disagree"
+
+
+def test_two_shot_other_block_size(ranks, seed):
+    cases = [((5000,), torch.float32), ((7, 31), torch.bfloat16)]
+    failures, _ = ranks(4).run(_check_two_shot, seed, "int8", 32, cases)[0]
+    assert not failures, f"seed {seed}:\n" + "\n".join(failures)
+
+
+def _check_edge_values(seed: int, fmt: str) -> dict[str, bool]:
+    """Blocks that are zero on every rank, 1e30-scale fp32, and bf16 max with signs that cancel."""
+    ctx = _rank()
+    allreduce = QuantizedAllReduce(fmt, 128)
+    xs = _inputs(seed, ctx.size, (640,))
+    bf16max = torch.finfo(torch.bfloat16).max
+    for r, x in enumerate(xs):
+        x[128:256] = 0
+        x[256:384] *= 1e30
+        x[384:512] = bf16max * (-1) ** r  # sums to 0 at an even world size
+    ok = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        ins = [x.to(dtype) for x in xs]
+        if dtype == torch.bfloat16:
+            for x in ins:
+                x[256:384] /= 1e30  # bf16 holds 1e30 too, but its sum is tested in fp32 already
+        out = allreduce(ins[ctx.rank].clone(), ctx.group).double()
+        ref, tol = _two_shot_reference(ins, fmt, 128)
+        ok[f"{dtype} finite"] = bool(torch.isfinite(out).all())
+        ok[f"{dtype} zero blocks zero"] = bool((out[128:256] == 0).all())
+        in_range = slice(None) if fmt != "fp16" else torch.cat([torch.arange(256), torch.arange(512, 640)])
+        ok[f"{dtype} within bound"] = bool(((out - ref).abs()[in_range] <= tol[in_range]).all())
+    zeros = allreduce(torch.zeros(300), ctx.group)
+    ok["all zero"] = bool((zeros == 0).all())
+    ok["empty"] = allreduce(torch.zeros(0, 5), ctx.group).shape == (0, 5)
+    return ok
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_two_shot_zero_and_huge_blocks(ranks, world, fmt, seed):
+    ok = ranks(world).run(_check_edge_values, seed, fmt)[0]
+    assert all(ok.values()), f"seed {seed}: {ok}"
+
+
+def _check_groups(seed: int) -> dict[str, bool]:
+    """Subgroups of the world: ranks {0,1} and {2,3}, and groups of one (input returned as is)."""
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    singles = [dist.new_group([r]) for r in range(4)]
+    xs = _inputs(seed, 4, (1000,))
+    mine = xs[2 * (rank // 2):2 * (rank // 2) + 2]
+    out = QuantizedAllReduce("int8")(xs[rank].clone(), pairs[rank // 2])
+    ref, tol = _two_shot_reference(mine, "int8", 128)
+    x = xs[rank].clone()
+    return {
+        "pair within bound": bool(((out.double() - ref).abs() <= tol).all()),
+        "single quantised is identity": QuantizedAllReduce("fp8")(x, singles[rank]) is x,
+        "single exact is identity": ExactAllReduce()(x, singles[rank]) is x,
+        "single input untouched": torch.equal(x, xs[rank]),
+    }
+
+
+def test_subgroups_and_world_of_one(ranks, seed):
+    for ok in ranks(4).run(_check_groups, seed):
+        assert all(ok.values()), f"seed {seed}: {ok}"
+
+
+# --- exact, auto, make_allreduce ------------------------------------------------------------------
+
+def _check_exact(seed: int) -> list[str]:
+    ctx = _rank()
+    exact = make_allreduce("exact")
+    bad = []
+    for dtype in DTYPES:
+        x = _inputs(seed, ctx.size, (33, 77), dtype)[ctx.rank]
+        expected = x.clone()
+        dist.all_reduce(expected, group=ctx.group)
+        if not torch.equal(exact(x.clone(), ctx.group), expected):
+            bad.append(f"{dtype}")
+        # A transposed (non-contiguous) view goes through a contiguous copy. (Compare with that copy
+        # reduced: gloo's ring sums each element in an order that depends on its position.)
+        expected = x.t().contiguous()
+        dist.all_reduce(expected, group=ctx.group)
+        out = exact(x.clone().t(), ctx.group)
+        if out.shape != (77, 33) or not torch.equal(out, expected):
+            bad.append(f"{dtype} transposed")
+    return bad
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_exact_is_bitwise_all_reduce(ranks, world, seed):
+    for bad in ranks(world).run(_check_exact, seed):
+        assert not bad, f"seed {seed}: differs from dist.all_reduce for {bad}"
+
+
+def _check_auto(seed: int) -> dict[str, object]:
+    ctx = _rank()
+    auto = AutoAllReduce(threshold=1024, fmt="fp8")
+    x = _inputs(seed, ctx.size, (256,))[ctx.rank]
+    out = auto(x.clone(), ctx.group)
+    return {
+        # float32: 255 values are 1020 bytes, 256 are 1024.
+        "picks": [auto.pick(torch.zeros(n, dtype=d)).name
+                  for n, d in [(255, torch.float32), (256, torch.float32), (511, torch.bfloat16), (512, torch.bfloat16)]],
+        "same as picked": torch.equal(out, auto.quantized(x.clone(), ctx.group)),
+        "cpu default": AutoAllReduce().pick(torch.zeros(1 << 20)).name,
+        "never": AutoAllReduce(threshold=math.inf).pick(torch.zeros(1 << 20)).name,
+        "always": AutoAllReduce(threshold=0).pick(torch.zeros(1)).name,
+        "calibrated": calibrate(ctx.group, [4096, 256], iters=2, warmup=1),
+    }
+
+
+def test_auto_threshold_chooses(ranks, seed):
+    results = ranks(2).run(_check_auto, seed)
+    r = results[0]
+    assert r["picks"] == ["exact", "fp8", "exact", "fp8"]
+    assert r["same as picked"]
+    assert r["cpu default"] == "exact" and r["never"] == "exact" and r["always"] == "int8"
+    assert r["calibrated"] in (256, 4096, math.inf)
+    assert all(x["calibrated"] == r["calibrated"] for x in results), "ranks calibrated differently"
+
+
+def test_threshold_table_lookup():
+    table = {"H100": 8 << 20, "A6000": 1 << 20}
+    assert threshold_by_name("NVIDIA H100 80GB HBM3", table) == 8 << 20
+    assert threshold_by_name("NVIDIA RTX A6000", table) == 1 << 20
+    assert threshold_by_name("NVIDIA GeForce RTX 4090", table) == math.inf
+
+
+def test_make_allreduce_kinds():
+    assert ALLREDUCE_CHOICES == ("exact", "int8", "fp8", "fp16", "auto")
+    for kind in ALLREDUCE_CHOICES:
+        assert make_allreduce(kind).name == kind
+    assert make_allreduce("int8", block=64).block == 64
+    assert make_allreduce("auto", threshold=4096).threshold == 4096
+    for bad in ("int4", "EXACT", "", "nccl"):
+        with pytest.raises(ValueError, match="exact"):
+            make_allreduce(bad)
+    with pytest.raises(ValueError, match="block"):
+        make_allreduce("int8", block=0)
+
+
+# --- the fused kernels (CUDA only) ----------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_triton_quantize_matches_torch(fmt, dtype, block, seed):
+    from megatron_ssm.comm import triton_quantize
+
+    x = _inputs(seed, 1, (block * 1001,), dtype)[0].cuda()
+    x[5], x[300], x[301] = float("nan"), float("inf"), -1e30
+    x[block * 8:block * 9] = 0
+    q, scales = triton_quantize.quantize_blocks(x, fmt, block)
+    q_ref, scales_ref = quantize_blocks(x, fmt, block)
+    assert q.dtype == q_ref.dtype and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), f"seed {seed}"
+    assert torch.equal(scales, scales_ref), f"seed {seed}"
+    y, y_ref = triton_quantize.dequantize_blocks(q, scales, fmt, block), dequantize_blocks(q, scales, fmt, block)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
