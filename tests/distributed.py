@@ -38,6 +38,10 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
             outbox.put((rank, True, fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - the traceback goes back to the test
             outbox.put((rank, False, traceback.format_exc()))
+    # Skip interpreter teardown (gloo and megatron groups take seconds to unwind); the pool is done.
+    outbox.close()
+    outbox.join_thread()
+    os._exit(0)
 
 
 class RankPool:
@@ -80,6 +84,7 @@ class RankPool:
             if p.is_alive() and not force:
                 inbox.put(None)
         for p in self.procs:
-            p.join(timeout=0 if force else 10)
+            p.join(timeout=0 if force else 5)
             if p.is_alive():
                 p.kill()
+                p.join(timeout=5)

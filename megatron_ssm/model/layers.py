@@ -6,23 +6,17 @@ every row-parallel output reduced through the one `AllReduce` chosen at construc
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
+from ..comm import AllReduce, ExactAllReduce
 from ..ops import causal_conv1d, causal_conv1d_update, rms_norm
 from ..parallel import TPContext
 
-AllReduceFn = Callable[[torch.Tensor, "dist.ProcessGroup"], torch.Tensor]
-
-
-def exact_allreduce(tensor: torch.Tensor, group) -> torch.Tensor:
-    dist.all_reduce(tensor, group=group)
-    return tensor
+AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -48,7 +42,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         super().__init__(input_size, output_size, config=config, init_method=_no_init, bias=bias,
                          input_is_parallel=True, skip_bias_add=False)
         self.tp = tp
-        self.allreduce = allreduce or exact_allreduce
+        self.allreduce = allreduce or ExactAllReduce()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y = F.linear(x, self.weight)

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Throughput and latency of tensor-parallel generation, on synthetic weights at real shapes.
+
+    torchrun --nproc_per_node N tools/benchmark.py --config configs/mamba2-2.7b.yaml \
+        --batch 1,16,64 --prompt 512 --new 128 --json-out bench.jsonl
+
+Runs through the same Engine users get (batched prefill, CUDA-graph decode). For each workload:
+TTFT (prefill of the whole batch to its first tokens), inter-token latency (mean decode step),
+generated and total tokens/s, peak GPU memory, and for decode the fraction of the HBM floor
+(weights + states read and written once per step, over the copy bandwidth measured at start).
+Rank 0 prints a line per workload and appends JSON lines to --json-out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def load_config(path: str):
+    from megatron_ssm.config import SSMConfig
+
+    spec = yaml.safe_load(Path(path).read_text())
+    return spec["name"], SSMConfig.from_hf(spec["hf_config"])
+
+
+@torch.no_grad()
+def random_weights_(model, seed: int) -> None:
+    """Synthetic weights of realistic scale (NaN-free, decays in range); the same on every rank's
+    shard is not needed for speed."""
+    g = torch.Generator(device=model.embeddings.weight.device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("A_log"):
+            p.copy_(torch.log(torch.rand(p.shape, generator=g, device=p.device) * 15 + 1))
+        elif name.endswith(".D") or "norm" in name:
+            p.fill_(1.0)
+        elif name.endswith("dt_bias") or name.endswith("dt_proj.bias"):
+            dt = torch.exp(torch.rand(p.shape, generator=g, device=p.device) * (math.log(0.1) - math.log(1e-3))
+                           + math.log(1e-3))
+            p.copy_(dt + torch.log(-torch.expm1(-dt)))
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written)."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.nbytes * 20 / (time.perf_counter() - t)
+
+
+def allreduce_latency(tp, shape, dtype, device) -> float:
+    """Seconds per all-reduce of `shape` on the TP group, replayed from a CUDA graph."""
+    import torch.distributed as dist
+
+    if tp.size == 1:
+        return 0.0
+    x = torch.randn(shape, dtype=dtype, device=device)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            dist.all_reduce(x, group=tp.group)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(50):
+            dist.all_reduce(x, group=tp.group)
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / 250
+
+
+def run_workload(model, batch: int, prompt: int, new: int, args, seed: int) -> dict:
+    from megatron_ssm.inference.engine import Engine, EngineConfig, Request
+
+    chunk = max(256, args.prefill_tokens // batch)
+    engine = Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
+                                        cuda_graphs=not args.no_graphs))
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.cfg.vocab_size
+    reqs = [Request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), new) for _ in range(batch)]
+    for r in reqs:
+        engine.add_request(r)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    first = engine.step()
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - t0
+    assert len(first) == batch, "the whole batch must be prefilled in one step"
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    step = (total - ttft) / max(steps, 1)
+    del engine
+    return dict(batch=batch, prompt=prompt, new=new, ttft_ms=ttft * 1e3, step_ms=step * 1e3,
+                decode_tok_s=batch / step if steps else 0.0, gen_tok_s=batch * new / total,
+                total_tok_s=batch * (prompt + new) / total, total_s=total)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", action="append", required=True, help="model YAML from configs/ (repeatable)")
+    ap.add_argument("--batch", type=ints, default=[1, 8, 32, 64, 128])
+    ap.add_argument("--prompt", type=ints, default=[512, 2048, 8192])
+    ap.add_argument("--new", type=ints, default=[128, 256])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--prefill-tokens", type=int, default=32768, help="tokens per prefill forward (whole batch)")
+    ap.add_argument("--allreduce", default="exact", help="exact|int8|fp8|fp16|auto")
+    ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
+    ap.add_argument("--max-total-tokens", type=int, default=1 << 20,
+                    help="skip workloads whose batch x (prompt + new) exceeds this")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.model.lm import MambaLM
+    from megatron_ssm.parallel import init_distributed, shutdown
+
+    tp = init_distributed()
+    if tp.device.type != "cuda":
+        print("benchmark.py needs CUDA", file=sys.stderr)
+        return 2
+    torch.set_grad_enabled(False)
+    dtype = getattr(torch, args.dtype)
+    bw = copy_bandwidth(tp.device)
+    allreduce = None
+    if args.allreduce != "exact":
+        from megatron_ssm.comm import make_allreduce
+
+        allreduce = make_allreduce(args.allreduce)
+    for path in args.config:
+        name, cfg = load_config(path)
+        model = MambaLM(cfg, tp, dtype=dtype, allreduce=allreduce).eval()
+        random_weights_(model, seed=1234 + tp.rank)
+        weight_bytes = sum(p.nbytes for p in model.parameters())
+        state_bytes = StateCache.bytes_per_sequence(model.state_shapes(), dtype)
+        reduces_per_layer = 1 if cfg.is_mamba2 else 2
+        if tp.is_first:
+            print(f"# {name}: TP={tp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
+                  f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+        warm = False
+        for prompt in args.prompt:
+            for batch in args.batch:
+                for new in args.new:
+                    if batch * (prompt + new) > args.max_total_tokens:
+                        continue
+                    if not warm:  # compile kernels and warm allocators outside the timed runs
+                        run_workload(model, batch, min(prompt, 256), 4, args, seed=0)
+                        warm = True
+                    torch.cuda.reset_peak_memory_stats()
+                    r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch)
+                    floor = (weight_bytes + 2 * state_bytes * batch) / bw
+                    comm = allreduce_latency(tp, (batch, cfg.hidden_size), dtype, tp.device) \
+                        * reduces_per_layer * cfg.num_layers
+                    r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce,
+                             graphs=not args.no_graphs, hbm_floor_ms=floor * 1e3,
+                             floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
+                             peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,
+                             device=torch.cuda.get_device_name(), tag=args.tag)
+                    if tp.is_first:
+                        print(f"{name} tp={tp.size} b={batch:4d} p={prompt:5d} n={new:4d}  ttft {r['ttft_ms']:8.1f} ms  "
+                              f"step {r['step_ms']:6.2f} ms (floor {r['hbm_floor_ms']:5.2f}, comm~{r['comm_est_ms']:5.2f})  "
+                              f"gen {r['gen_tok_s']:9.0f} tok/s  total {r['total_tok_s']:9.0f} tok/s  "
+                              f"peak {r['peak_mem_gb']:5.1f} GB", flush=True)
+                        if args.json_out:
+                            with open(args.json_out, "a") as f:
+                                f.write(json.dumps(r) + "\n")
+        del model
+        torch.cuda.empty_cache()
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    sys.exit(main())
