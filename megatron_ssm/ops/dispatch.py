@@ -1,0 +1,152 @@
+"""The reference ops' signatures, routed to the fastest implementation for the tensors at hand.
+
+CUDA tensors go to our Triton kernels (`megatron_ssm.ops.triton`), except Mamba-2's chunked scan:
+that takes mamba-ssm's Triton `mamba_chunk_scan_combined` when installed, else the torch reference,
+whose chunked matrix form beat our Triton recurrence at n = 128 on an H100 (2.9 ms vs 4.5 ms for
+2048 tokens of Mamba2-2.7B; mamba-ssm 0.76 ms; docs/benchmarks.md). Anything else (CPU tensors, no
+triton) runs the torch reference, which defines the numbers every kernel is tested against.
+`MEGATRON_SSM_KERNELS=torch` forces the reference everywhere, for A/B checks; it is read at each
+call, so a test or a benchmark can flip it.
+
+Nothing here imports triton or mamba-ssm until a CUDA tensor arrives.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Callable
+
+import torch
+
+# From the submodules, not the package, so that the package may itself export this module's ops.
+from . import conv1d as _conv, norm as _norm, ssd as _ssd
+from .selective_scan import selective_scan as _ref_selective_scan
+from .selective_scan import selective_state_update as _ref_selective_state_update
+
+ENV = "MEGATRON_SSM_KERNELS"
+
+_REFERENCE: dict[str, Callable] = {
+    "causal_conv1d": _conv.causal_conv1d,
+    "causal_conv1d_update": _conv.causal_conv1d_update,
+    "rms_norm": _norm.rms_norm,
+    "gated_rms_norm": _norm.gated_rms_norm,
+    "selective_scan": _ref_selective_scan,
+    "selective_state_update": _ref_selective_state_update,
+    "ssd_chunk_scan": _ssd.ssd_chunk_scan,
+    "ssd_state_update": _ssd.ssd_state_update,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ops():
+    """Our kernels, or None where triton is not installed."""
+    try:
+        from . import triton as ops
+    except ImportError:
+        return None
+    return ops
+
+
+@functools.lru_cache(maxsize=None)
+def _mamba_chunk_scan_combined():
+    """mamba-ssm's Triton SSD scan, or None.
+
+    `mamba_ssm/__init__.py` imports the CUDA extension selective_scan_cuda, so importing any
+    submodule fails where mamba-ssm was installed without its extensions (MAMBA_SKIP_CUDA_BUILD) -
+    the only way it installs on a machine without a matching compiler. The SSD kernels themselves
+    are pure Triton. So when the normal import fails, load the package as a bare namespace (its
+    __init__ not run), import the Triton submodule, and take the bare package out of sys.modules
+    again so that anyone else's `import mamba_ssm` behaves as it would have without us.
+    """
+    name = "mamba_ssm.ops.triton.ssd_combined"
+    try:
+        return importlib.import_module(name).mamba_chunk_scan_combined
+    except ImportError:
+        pass
+    try:
+        spec = importlib.util.find_spec("mamba_ssm")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.submodule_search_locations is None:
+        return None
+    bare = importlib.util.module_from_spec(spec)
+    sys.modules["mamba_ssm"] = bare
+    try:
+        return importlib.import_module(name).mamba_chunk_scan_combined
+    except Exception:  # noqa: BLE001 - any failure here just means "not available"
+        return None
+    finally:
+        if sys.modules.get("mamba_ssm") is bare:
+            del sys.modules["mamba_ssm"]
+
+
+def _mamba_ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_state=None,
+                          dt_limit=(0.0, float("inf"))):
+    y, final = _mamba_chunk_scan_combined()(
+        x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_state,
+        dt_softplus=True, dt_limit=dt_limit, return_final_states=True)
+    return y, final
+
+
+def backend(op: str, like: torch.Tensor) -> str:
+    """Which implementation `op` runs for tensors like `like`: 'mamba_ssm', 'triton' or 'torch'."""
+    if not like.is_cuda or os.environ.get(ENV, "").lower() == "torch":
+        return "torch"
+    if op == "ssd_chunk_scan":
+        return "mamba_ssm" if _mamba_chunk_scan_combined() is not None else "torch"
+    return "triton" if _triton_ops() is not None else "torch"
+
+
+def implementation(op: str, like: torch.Tensor) -> Callable:
+    """The function `op` resolves to for tensors like `like` (see `backend`)."""
+    which = backend(op, like)
+    if which == "mamba_ssm":
+        return _mamba_ssd_chunk_scan
+    if which == "triton":
+        return getattr(_triton_ops(), op)
+    return _REFERENCE[op]
+
+
+# ---- the ops, with the references' signatures and docs ----------------------------------------
+
+def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True):
+    return implementation("causal_conv1d", x)(x, weight, bias, initial_state, silu)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
+    return implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, silu)
+
+
+def rms_norm(x, weight, eps):
+    return implementation("rms_norm", x)(x, weight, eps)
+
+
+def gated_rms_norm(y, gate, weight, eps, group_size, reduce_sum_of_squares=None):
+    return implementation("gated_rms_norm", y)(y, gate, weight, eps, group_size, reduce_sum_of_squares)
+
+
+def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None):
+    return implementation("selective_scan", u)(u, dt, A, B, C, D, z, dt_bias, initial_state)
+
+
+def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
+    return implementation("selective_state_update", u)(state, u, dt, A, B, C, D, z, dt_bias)
+
+
+def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_state=None,
+                   dt_limit=(0.0, float("inf"))):
+    return implementation("ssd_chunk_scan", x)(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state,
+                                               dt_limit)
+
+
+def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, float("inf"))):
+    return implementation("ssd_state_update", x)(state, x, dt, A, B, C, D, dt_bias, dt_limit)
+
+
+for _name, _ref in _REFERENCE.items():
+    globals()[_name].__doc__ = _ref.__doc__
+
+__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV"]

@@ -1,0 +1,14 @@
+"""Triton kernels behind the reference ops' signatures (see `megatron_ssm.ops` for the semantics).
+
+Importing this package imports triton; `megatron_ssm.ops.dispatch` imports it lazily, so the rest of
+the project runs where triton is absent. The kernels accept any strides the model produces (views
+from splitting packed projections) and keep states in fp32 as the references do.
+"""
+from .conv1d import causal_conv1d, causal_conv1d_update
+from .norm import gated_rms_norm, rms_norm
+from .scan import selective_scan, selective_state_update, ssd_chunk_scan, ssd_state_update
+
+__all__ = [
+    "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "rms_norm",
+    "selective_scan", "selective_state_update", "ssd_chunk_scan", "ssd_state_update",
+]

@@ -1,0 +1,299 @@
+"""GPU kernels against the torch reference at model sizes, and the dispatch layer's choices.
+
+Shapes: Mamba-1 2.8B (d_inner 5120, n 16, conv 5120 channels) and Mamba2-2.7B (80 heads x 64,
+n 128, one B/C group, conv 5376 channels), plus a grouped Mamba-2 layout (as after a TP split of a
+multi-group model). The inputs are fresh random numbers each run and outputs start out as NaN
+(`check_op` poisons the allocator), so an unwritten element fails.
+
+`python tests/test_kernels_gpu.py --bench [--out FILE]` times every implementation against the
+reference at the same shapes (triton.testing.do_bench, median, L2 flushed between calls); see
+tools/gpu_kernel_check.sh.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from test_ops import (  # noqa: E402
+    TOL, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, rel_err, rms_norm_inputs, scan_inputs,
+    scan_update_inputs, ssd_inputs, ssd_update_inputs,
+)
+
+from megatron_ssm import ops as ref_ops  # noqa: E402
+from megatron_ssm.ops import dispatch  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# mamba-ssm's SSD kernels take fp32 matrix products in tf32.
+TF32_TOL = 5e-3
+DEV = "cuda"
+
+
+@pytest.fixture
+def seed():
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+def kernels():
+    from megatron_ssm.ops import triton as k
+    return k
+
+
+def _tol(dtype, impl=None):
+    tol = TOL[dtype]
+    return max(tol, TF32_TOL) if impl is dispatch._mamba_ssd_chunk_scan and dtype == torch.float32 else tol
+
+
+# ---- conv1d ---------------------------------------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("C", [5120, 5376])
+@pytest.mark.parametrize("L,state", [(1000, True), (1000, False), (2, True)])
+def test_conv1d(seed, dtype, C, L, state):
+    check_op(kernels().causal_conv1d, *conv_inputs(2, L, C, 4, dtype, DEV, state=state), TOL[dtype], seed)
+
+
+@DTYPES
+@pytest.mark.parametrize("b", [1, 16])
+def test_conv1d_update(seed, dtype, b):
+    check_op(kernels().causal_conv1d_update, *conv_update_inputs(b, 5376, 4, dtype, DEV), TOL[dtype], seed)
+
+
+def test_conv1d_strided_input(seed):
+    """The model feeds a column slice of a packed projection: strides, not a contiguous tensor."""
+    packed = torch.randn(2, 300, 3 * 640, device=DEV, dtype=torch.bfloat16)
+    op, kw = conv_inputs(2, 300, 640, 4, torch.bfloat16, DEV)
+    kw["x"] = packed[..., 640:1280]
+    check_op(kernels().causal_conv1d, op, kw, TOL[torch.bfloat16], seed)
+
+
+# ---- Mamba-1 --------------------------------------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("L,state,gate", [(1000, True, True), (333, False, False), (1, True, True)])
+def test_selective_scan(seed, dtype, L, state, gate):
+    check_op(kernels().selective_scan, *scan_inputs(2, L, 5120, 16, dtype, DEV, state=state, gate=gate),
+             TOL[dtype], seed)
+
+
+@DTYPES
+@pytest.mark.parametrize("b", [1, 16])
+def test_selective_state_update(seed, dtype, b):
+    check_op(kernels().selective_state_update, *scan_update_inputs(b, 5120, 16, dtype, DEV), TOL[dtype], seed)
+
+
+# ---- Mamba-2 --------------------------------------------------------------------------------------
+
+def _ssd_impls():
+    impls = [pytest.param(lambda: kernels().ssd_chunk_scan, id="ours")]
+    impls.append(pytest.param(lambda: dispatch._mamba_ssd_chunk_scan, id="mamba_ssm", marks=pytest.mark.skipif(
+        dispatch._mamba_chunk_scan_combined() is None, reason="mamba-ssm not installed")))
+    return impls
+
+
+SSD_SHAPES = pytest.mark.parametrize("b,L,h,p,g,n,state,limit", [
+    (2, 1000, 80, 64, 1, 128, True, (0.0, float("inf"))),   # Mamba2-2.7B, L not a multiple of 256
+    (2, 256, 80, 64, 1, 128, False, (0.0, float("inf"))),
+    (1, 700, 16, 64, 4, 128, True, (0.001, 0.08)),           # grouped B/C, clamped dt
+], ids=["2.7B-state", "2.7B-fresh", "grouped-limit"])
+
+
+@pytest.mark.parametrize("get_impl", _ssd_impls())
+@DTYPES
+@SSD_SHAPES
+def test_ssd_chunk_scan(seed, get_impl, dtype, b, L, h, p, g, n, state, limit):
+    impl = get_impl()
+    check_op(impl, *ssd_inputs(b, L, h, p, g, n, 256, dtype, DEV, state=state, dt_limit=limit),
+             _tol(dtype, impl), seed)
+
+
+@DTYPES
+@pytest.mark.parametrize("b,h,p,g,n", [(1, 80, 64, 1, 128), (16, 80, 64, 1, 128), (4, 16, 64, 4, 128)])
+def test_ssd_state_update(seed, dtype, b, h, p, g, n):
+    check_op(kernels().ssd_state_update, *ssd_update_inputs(b, h, p, g, n, dtype, DEV, dt_limit=(0.0, 0.1)),
+             TOL[dtype], seed)
+
+
+def test_ssd_state_update_strided_state(seed):
+    """A state whose (heads, headdim) dims don't merge into one: updated through a copy, written back."""
+    op, kw = ssd_update_inputs(2, 8, 64, 1, 128, torch.bfloat16, DEV)
+    kw["state"] = torch.randn(2, 64, 8, 128, device=DEV).transpose(1, 2)
+    check_op(kernels().ssd_state_update, op, kw, TOL[torch.bfloat16], seed)
+
+
+# ---- norms ----------------------------------------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("lead,width,group", [((2, 1000), 5120, 5120), ((16, 1), 5120, 640), ((3, 7), 2560, 1280)])
+def test_gated_rms_norm(seed, dtype, lead, width, group):
+    check_op(kernels().gated_rms_norm, *gated_norm_inputs(lead, width, group, dtype, DEV), TOL[dtype], seed)
+
+
+@DTYPES
+def test_gated_rms_norm_group_across_ranks(seed, dtype):
+    """n_groups < tp: this rank holds half of one group; the callback adds the other half's sum."""
+    _, kw = gated_norm_inputs((2, 500), 5120, 5120, dtype, DEV)
+    full = ref_ops.gated_rms_norm(**kw)
+    halves = [dict(kw, y=y, gate=g, weight=w) for y, g, w in
+              zip(kw["y"].chunk(2, -1), kw["gate"].chunk(2, -1), kw["weight"].chunk(2))]
+    total = sum((s["y"].float() * torch.nn.functional.silu(s["gate"].float())).pow(2).sum(-1, keepdim=True)
+                for s in halves)
+    parts = [kernels().gated_rms_norm(**s, reduce_sum_of_squares=lambda local: total) for s in halves]
+    assert rel_err(torch.cat(parts, -1), full) < TOL[dtype], seed
+
+
+@DTYPES
+@pytest.mark.parametrize("lead,width,weight", [((2, 1000), 2560, True), ((4, 1), 160, False), ((5,), 16, False)])
+def test_rms_norm(seed, dtype, lead, width, weight):
+    check_op(kernels().rms_norm, *rms_norm_inputs(lead, width, dtype, DEV, weight=weight), TOL[dtype], seed)
+
+
+# ---- dispatch -------------------------------------------------------------------------------------
+
+def test_dispatch_choices(monkeypatch):
+    x = torch.zeros(1, device=DEV)
+    expect_ssd = "mamba_ssm" if dispatch._mamba_chunk_scan_combined() is not None else "torch"
+    for op in ref_ops.__all__:
+        assert dispatch.backend(op, x) == (expect_ssd if op == "ssd_chunk_scan" else "triton"), op
+    assert dispatch.backend("selective_scan", x.cpu()) == "torch"
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    assert all(dispatch.backend(op, x) == "torch" for op in ref_ops.__all__)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
+def test_dispatch_matches_reference(seed, dtype):
+    for op, kw in [conv_inputs(2, 300, 5376, 4, dtype, DEV), conv_update_inputs(4, 5376, 4, dtype, DEV),
+                   scan_inputs(2, 300, 1024, 16, dtype, DEV), scan_update_inputs(4, 5120, 16, dtype, DEV),
+                   ssd_inputs(2, 300, 80, 64, 1, 128, 256, dtype, DEV), ssd_update_inputs(4, 80, 64, 1, 128, dtype, DEV),
+                   rms_norm_inputs((2, 300), 2560, dtype, DEV), gated_norm_inputs((2, 300), 5120, 5120, dtype, DEV)]:
+        check_op(getattr(dispatch, op), op, kw, TOL[dtype], seed)
+
+
+# ---- timings --------------------------------------------------------------------------------------
+
+def _bench_cases():
+    """(case name, op, kwargs) at the shapes the models run: decode at batch 1 and 16, prefill of
+    one 2048-token prompt and of 8 x 512 tokens. bf16 activations, fp32 states."""
+    bf = torch.bfloat16
+    cases = []
+    for b in (1, 16):
+        cases += [
+            (f"decode b{b} conv1d_update 5376", *conv_update_inputs(b, 5376, 4, bf, DEV)),
+            (f"decode b{b} selective_state_update m1-2.8B", *scan_update_inputs(b, 5120, 16, bf, DEV)),
+            (f"decode b{b} ssd_state_update m2-2.7B", *ssd_update_inputs(b, 80, 64, 1, 128, bf, DEV)),
+            (f"decode b{b} gated_rms_norm 5120", *gated_norm_inputs((b, 1), 5120, 5120, bf, DEV)),
+            (f"decode b{b} rms_norm 2560", *rms_norm_inputs((b, 1), 2560, bf, DEV)),
+        ]
+    for b, L in ((1, 2048), (8, 512)):
+        cases += [
+            (f"prefill {b}x{L} conv1d 5376", *conv_inputs(b, L, 5376, 4, bf, DEV)),
+            (f"prefill {b}x{L} selective_scan m1-2.8B", *scan_inputs(b, L, 5120, 16, bf, DEV)),
+            (f"prefill {b}x{L} ssd_chunk_scan m2-2.7B", *ssd_inputs(b, L, 80, 64, 1, 128, 256, bf, DEV)),
+            (f"prefill {b}x{L} gated_rms_norm 5120", *gated_norm_inputs((b, L), 5120, 5120, bf, DEV)),
+            (f"prefill {b}x{L} rms_norm 2560", *rms_norm_inputs((b, L), 2560, bf, DEV)),
+        ]
+    return cases
+
+
+def _min_bytes(op, kw, ref_out):
+    """Each input read once, each output written once (an in-place state counts twice)."""
+    n = sum(v.nbytes for v in kw.values() if isinstance(v, torch.Tensor))
+    n += sum(t.nbytes for t in (ref_out if isinstance(ref_out, tuple) else (ref_out,)))
+    if op in ("causal_conv1d_update", "selective_state_update", "ssd_state_update"):
+        n += kw["conv_state" if op == "causal_conv1d_update" else "state"].nbytes
+    return n
+
+
+def _time(fn):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
+
+
+def _impls(op):
+    impls = {"torch": getattr(ref_ops, op), "triton": getattr(kernels(), op)}
+    if op == "ssd_chunk_scan" and dispatch._mamba_chunk_scan_combined() is not None:
+        impls["mamba_ssm"] = dispatch._mamba_ssd_chunk_scan
+    return impls
+
+
+def _run(impl, kw):
+    fresh = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    return fresh, (lambda: impl(**fresh))
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def bench(out_path=None, hbm_tbps=None):
+    import json
+
+    from megatron_ssm.ops.triton import scan
+
+    if hbm_tbps is None:  # measure the copy ceiling once: bytes read + written over time
+        a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
+        bb = torch.empty_like(a)
+        hbm_tbps = 2 * a.nbytes / (_time(lambda: bb.copy_(a)) * 1e-6) / 1e12
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {hbm_tbps:.2f} TB/s")
+    rows = []
+
+    def record(case, impl_name, us, floor, err):
+        rows.append(dict(case=case, impl=impl_name, us=round(us, 2), floor_us=round(floor, 2), rel_err=err))
+        print(f"{case:44s} {impl_name:22s} {us:10.1f} us  floor {floor:8.1f} us  err {err:.1e}", flush=True)
+
+    for case, op, kw in _bench_cases():
+        ref_kw, ref_fn = _run(getattr(ref_ops, op), kw)
+        ref_out = ref_fn()
+        floor = _min_bytes(op, kw, ref_out) / (hbm_tbps * 1e12) * 1e6
+        for name, impl in _impls(op).items():
+            fresh, fn = _run(impl, kw)
+            err = rel_err(_first(fn()), _first(ref_out)) if name != "torch" else 0.0
+            record(case, name, _time(fn), floor, err)
+        # tuning sweeps for the prefill scan and the decode block
+        if op in ("selective_scan", "ssd_chunk_scan") and case.startswith("prefill 1x"):
+            n = kw["A"].shape[-1] if op == "selective_scan" else kw["B"].shape[-1]
+            default = scan.SCAN_CONFIG.get(n)
+            for cfg in [(4, 8, 4), (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (16, 4, 2),
+                        (32, 4, 4), (8, 4, 4), (4, 4, 4), (16, 2, 4), (4, 8, 8), (8, 8, 8), (2, 8, 4),
+                        (1, 4, 1), (1, 8, 1), (1, 16, 2), (1, 32, 4), (1, 64, 4)]:
+                if cfg[0] * cfg[1] * n > 8192:
+                    continue
+                scan.SCAN_CONFIG[n] = cfg
+                fresh, fn = _run(getattr(kernels(), op), kw)
+                err = rel_err(_first(fn()), _first(ref_out))
+                record(case, f"triton T,D,w={cfg}", _time(fn), floor, err)
+            scan.SCAN_CONFIG[n] = default
+        if op in ("selective_state_update", "ssd_state_update"):
+            default = scan.UPDATE_BLOCK
+            for blk in (512, 1024, 4096, 8192):
+                scan.UPDATE_BLOCK = blk
+                fresh, fn = _run(getattr(kernels(), op), kw)
+                err = rel_err(_first(fn()), _first(ref_out))
+                record(case, f"triton block={blk}", _time(fn), floor, err)
+            scan.UPDATE_BLOCK = default
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_tbps=hbm_tbps,
+                           rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.bench:
+        torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+        with torch.inference_mode():
+            bench(args.out)

@@ -1,0 +1,405 @@
+"""The reference ops against independent naive versions, and any implementation against the reference.
+
+The naive versions (float64, one time step at a time, written from the equations) check the
+references; `check_op` then holds any implementation with the reference's signature (our Triton
+kernels, mamba-ssm's scan, the dispatch layer) to the reference on the same inputs. The input
+builders and `check_op` are shared with tests/test_kernels_gpu.py, which runs them at model sizes.
+
+Inputs are fresh random numbers on every run (seeded from os.urandom; the seed is in each failure).
+The Triton kernels run here only under Triton's CPU interpreter (TRITON_INTERPRET=1, triton
+installed); elsewhere those tests skip.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_ssm import ops as ref_ops
+from megatron_ssm.ops import dispatch
+
+OPS = list(ref_ops.__all__)
+INPLACE = {"causal_conv1d_update": "conv_state", "selective_state_update": "state", "ssd_state_update": "state"}
+# ‖out - ref‖ / ‖ref‖ allowed per activation dtype: fp32 math on both sides for fp32; one extra
+# rounding of intermediates for the 16-bit types.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture
+def seed():
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+# ---- input builders: (op, kwargs) at given sizes; shared with the GPU tests ------------------------
+
+def _act(*shape, dtype, device, scale=1.0):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def _dt_bias(n, dtype, device):
+    # Mamba's initialisation: softplus(dt_bias) spread log-uniformly over [1e-3, 1e-1].
+    dt = torch.exp(torch.rand(n, device=device) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return (dt + torch.log(-torch.expm1(-dt))).to(dtype)
+
+
+def conv_inputs(b, L, C, K, dtype, device, state=True, bias=True, silu=True):
+    return "causal_conv1d", dict(
+        x=_act(b, L, C, dtype=dtype, device=device), weight=_act(C, K, dtype=dtype, device=device, scale=0.5),
+        bias=_act(C, dtype=dtype, device=device) if bias else None,
+        initial_state=_act(b, C, K - 1, dtype=dtype, device=device) if state else None, silu=silu)
+
+
+def conv_update_inputs(b, C, K, dtype, device, bias=True, silu=True):
+    return "causal_conv1d_update", dict(
+        x=_act(b, C, dtype=dtype, device=device), conv_state=_act(b, C, K - 1, dtype=dtype, device=device),
+        weight=_act(C, K, dtype=dtype, device=device, scale=0.5),
+        bias=_act(C, dtype=dtype, device=device) if bias else None, silu=silu)
+
+
+def _mamba1_params(d, n, dtype, device):
+    A = -torch.arange(1, n + 1, dtype=torch.float32, device=device).repeat(d, 1)  # Mamba-1's S4D-real init
+    A = A * torch.exp(0.1 * torch.randn(d, n, device=device))
+    return dict(A=A, D=_act(d, dtype=dtype, device=device), dt_bias=_dt_bias(d, dtype, device))
+
+
+def scan_inputs(b, L, d, n, dtype, device, state=True, gate=True):
+    return "selective_scan", dict(
+        u=_act(b, L, d, dtype=dtype, device=device), dt=_act(b, L, d, dtype=dtype, device=device, scale=0.5),
+        B=_act(b, L, n, dtype=dtype, device=device), C=_act(b, L, n, dtype=dtype, device=device),
+        z=_act(b, L, d, dtype=dtype, device=device) if gate else None,
+        initial_state=torch.randn(b, d, n, device=device) if state else None, **_mamba1_params(d, n, dtype, device))
+
+
+def scan_update_inputs(b, d, n, dtype, device, gate=True):
+    return "selective_state_update", dict(
+        state=torch.randn(b, d, n, device=device), u=_act(b, d, dtype=dtype, device=device),
+        dt=_act(b, d, dtype=dtype, device=device, scale=0.5), B=_act(b, n, dtype=dtype, device=device),
+        C=_act(b, n, dtype=dtype, device=device), z=_act(b, d, dtype=dtype, device=device) if gate else None,
+        **_mamba1_params(d, n, dtype, device))
+
+
+def _mamba2_params(h, dtype, device):
+    return dict(A=-(1 + 15 * torch.rand(h, device=device)), D=_act(h, dtype=dtype, device=device),
+                dt_bias=_dt_bias(h, dtype, device))
+
+
+def ssd_inputs(b, L, h, p, g, n, chunk_size, dtype, device, state=True, dt_limit=(0.0, float("inf"))):
+    return "ssd_chunk_scan", dict(
+        x=_act(b, L, h, p, dtype=dtype, device=device), dt=_act(b, L, h, dtype=dtype, device=device, scale=0.5),
+        B=_act(b, L, g, n, dtype=dtype, device=device), C=_act(b, L, g, n, dtype=dtype, device=device),
+        chunk_size=chunk_size, initial_state=torch.randn(b, h, p, n, device=device) if state else None,
+        dt_limit=dt_limit, **_mamba2_params(h, dtype, device))
+
+
+def ssd_update_inputs(b, h, p, g, n, dtype, device, dt_limit=(0.0, float("inf"))):
+    return "ssd_state_update", dict(
+        state=torch.randn(b, h, p, n, device=device), x=_act(b, h, p, dtype=dtype, device=device),
+        dt=_act(b, h, dtype=dtype, device=device, scale=0.5), B=_act(b, g, n, dtype=dtype, device=device),
+        C=_act(b, g, n, dtype=dtype, device=device), dt_limit=dt_limit, **_mamba2_params(h, dtype, device))
+
+
+def rms_norm_inputs(lead, width, dtype, device, weight=True):
+    return "rms_norm", dict(x=_act(*lead, width, dtype=dtype, device=device, scale=3.0),
+                            weight=_act(width, dtype=dtype, device=device) if weight else None, eps=1e-5)
+
+
+def gated_norm_inputs(lead, width, group_size, dtype, device):
+    return "gated_rms_norm", dict(
+        y=_act(*lead, width, dtype=dtype, device=device, scale=3.0), gate=_act(*lead, width, dtype=dtype, device=device),
+        weight=_act(width, dtype=dtype, device=device), eps=1e-5, group_size=group_size)
+
+
+# ---- comparing an implementation with the reference -----------------------------------------------
+
+def _clone(kwargs):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def _outputs(op, result, kwargs):
+    outs = list(result) if isinstance(result, tuple) else [result]
+    if op in INPLACE:
+        outs.append(kwargs[INPLACE[op]])
+    return outs
+
+
+def _poison(like: list[torch.Tensor]) -> None:
+    """Leave NaN in the blocks the caching allocator will hand out next for tensors of these sizes,
+    so that an output element the kernel never writes shows up as NaN."""
+    junk = [torch.full_like(t, float("nan")) for t in like if t.is_floating_point()]
+    del junk
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_op(impl, op, kwargs, tol, seed=None):
+    """Run `impl` and the reference on copies of the same inputs; every output (and in-place state)
+    must be finite where the reference is, of the same shape and dtype, and within `tol`."""
+    ref_kwargs, impl_kwargs = _clone(kwargs), _clone(kwargs)
+    ref = _outputs(op, getattr(ref_ops, op)(**ref_kwargs), ref_kwargs)
+    _poison(ref)
+    out = _outputs(op, impl(**impl_kwargs), impl_kwargs)
+    errs = []
+    for i, (o, r) in enumerate(zip(out, ref)):
+        where = f"{op} output {i} (seed {seed})"
+        assert o.shape == r.shape and o.dtype == r.dtype, f"{where}: {o.shape}/{o.dtype} vs {r.shape}/{r.dtype}"
+        assert torch.isfinite(o).eq(torch.isfinite(r)).all(), f"{where}: non-finite values (unwritten?)"
+        err = rel_err(o, r)
+        assert err < tol, f"{where}: relative error {err:.2e} >= {tol:.0e}"
+        errs.append(err)
+    return errs
+
+
+# ---- naive versions, from the equations, float64 ----------------------------------------------------
+
+def naive_conv(x, weight, bias, initial_state, silu):
+    b, L, C = x.shape
+    K = weight.shape[-1]
+    prev = torch.zeros(b, C, K - 1, dtype=torch.float64) if initial_state is None else initial_state.double()
+    seq = torch.cat([prev, x.double().transpose(1, 2)], dim=-1)  # [b, C, K-1+L]
+    y = torch.zeros(b, C, L, dtype=torch.float64)
+    for t in range(L):
+        for k in range(K):
+            y[:, :, t] += weight.double()[:, k] * seq[:, :, t + k]
+    if bias is not None:
+        y += bias.double()[:, None]
+    if silu:
+        y = y * torch.sigmoid(y)
+    return y.transpose(1, 2), seq[:, :, L:]
+
+
+def _softplus64(v):
+    return torch.where(v > 20, v, torch.log1p(torch.exp(v)))
+
+
+def naive_recurrence(x, dt, A, B, C, D, z, state, dt_limit=(0.0, float("inf"))):
+    """One channel at a time would be clearer still but slow; this is per time step with every
+    quantity broadcast to [b, channels, n]. x, dt, z [b, L, c]; A [c, n]; B, C [b, L, c, n]."""
+    b, L, c = x.shape
+    h = state.double().clone()
+    ys = []
+    for t in range(L):
+        d = dt[:, t].double().clamp(*dt_limit)
+        h = torch.exp(d[..., None] * A.double()) * h + (d * x[:, t].double())[..., None] * B[:, t].double()
+        y = (h * C[:, t].double()).sum(-1)
+        if D is not None:
+            y = y + D.double() * x[:, t].double()
+        if z is not None:
+            y = y * F.silu(z[:, t].double())
+        ys.append(y)
+    return torch.stack(ys, 1), h
+
+
+def naive_mamba1(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None):
+    b, L, d = u.shape
+    n = A.shape[-1]
+    dtf = _softplus64(dt.double() + (0 if dt_bias is None else dt_bias.double()))
+    state = torch.zeros(b, d, n) if initial_state is None else initial_state
+    expand = lambda t: t.double()[:, :, None, :].expand(b, L, d, n)  # noqa: E731
+    return naive_recurrence(u, dtf, A, expand(B), expand(C), D, z, state)
+
+
+def naive_mamba2(x, dt, A, B, C, chunk_size=None, D=None, dt_bias=None, initial_state=None,
+                 dt_limit=(0.0, float("inf"))):
+    b, L, h, p = x.shape
+    g, n = B.shape[-2:]
+    dtf = _softplus64(dt.double() + (0 if dt_bias is None else dt_bias.double()))  # [b, L, h]
+    per_chan = lambda t: t.repeat_interleave(p, dim=-1)  # noqa: E731  head -> its p channels
+    heads_bc = lambda t: t.double().repeat_interleave(h // g, dim=2).repeat_interleave(p, dim=2)  # noqa: E731
+    state = torch.zeros(b, h, p, n) if initial_state is None else initial_state
+    y, hT = naive_recurrence(x.reshape(b, L, h * p), per_chan(dtf), per_chan(A.double())[:, None].expand(h * p, n),
+                             heads_bc(B), heads_bc(C), None if D is None else per_chan(D.double()), None,
+                             state.reshape(b, h * p, n), dt_limit)
+    return y.view(b, L, h, p), hT.view(b, h, p, n)
+
+
+def naive_norm(x, gate, weight, eps, group_size):
+    h = x.double() if gate is None else x.double() * F.silu(gate.double())
+    hg = h.unflatten(-1, (-1, group_size))
+    hg = hg / torch.sqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+    out = hg.flatten(-2)
+    return out if weight is None else out * weight.double()
+
+
+def _close(out, ref, tol=1e-5):
+    return rel_err(out, ref) < tol
+
+
+# ---- the references against the naive versions -----------------------------------------------------
+
+@pytest.mark.parametrize("L", [1, 2, 7, 16])
+@pytest.mark.parametrize("state,bias,silu", [(True, True, True), (False, False, False), (True, False, True)])
+def test_conv1d_reference(seed, L, state, bias, silu):
+    _, kw = conv_inputs(2, L, 6, 4, torch.float64, "cpu", state=state, bias=bias, silu=silu)
+    y, fin = ref_ops.causal_conv1d(**kw)
+    ny, nfin = naive_conv(**kw)
+    assert _close(y, ny) and _close(fin, nfin), seed
+
+
+def test_conv1d_split_prefill_and_decode(seed):
+    _, kw = conv_inputs(2, 13, 5, 4, torch.float64, "cpu")
+    y, fin = ref_ops.causal_conv1d(**kw)
+    cut = 5  # in two parts, the first's final state seeding the second
+    y1, s1 = ref_ops.causal_conv1d(kw["x"][:, :cut], kw["weight"], kw["bias"], kw["initial_state"])
+    y2, s2 = ref_ops.causal_conv1d(kw["x"][:, cut:], kw["weight"], kw["bias"], s1)
+    assert _close(torch.cat([y1, y2], 1), y, 1e-12) and _close(s2, fin, 1e-12), seed
+    # and token by token through the decode step
+    state = kw["initial_state"].clone()
+    steps = [ref_ops.causal_conv1d_update(kw["x"][:, t], state, kw["weight"], kw["bias"]) for t in range(13)]
+    assert _close(torch.stack(steps, 1), y, 1e-12) and _close(state, fin, 1e-12), seed
+
+
+@pytest.mark.parametrize("L", [1, 9])
+@pytest.mark.parametrize("state,gate", [(True, True), (False, False)])
+def test_selective_scan_reference(seed, L, state, gate):
+    _, kw = scan_inputs(2, L, 6, 4, torch.float32, "cpu", state=state, gate=gate)
+    y, hT = ref_ops.selective_scan(**kw)
+    ny, nh = naive_mamba1(**kw)
+    assert _close(y, ny) and _close(hT, nh), seed
+
+
+def test_selective_scan_then_update_equals_longer_scan(seed):
+    _, kw = scan_inputs(2, 12, 6, 4, torch.float32, "cpu")
+    y, hT = ref_ops.selective_scan(**kw)
+    cut = 8
+    part = {k: (v[:, :cut] if k in ("u", "dt", "B", "C", "z") else v) for k, v in kw.items()}
+    y1, state = ref_ops.selective_scan(**part)
+    steps = [ref_ops.selective_state_update(state, kw["u"][:, t], kw["dt"][:, t], kw["A"], kw["B"][:, t],
+                                            kw["C"][:, t], kw["D"], kw["z"][:, t], kw["dt_bias"])
+             for t in range(cut, 12)]
+    assert _close(torch.cat([y1, torch.stack(steps, 1)], 1), y) and _close(state, hT), seed
+
+
+@pytest.mark.parametrize("L,chunk", [(1, 4), (5, 4), (16, 4), (23, 8), (23, 16), (40, 16)])
+@pytest.mark.parametrize("state", [True, False])
+def test_ssd_chunk_scan_reference(seed, L, chunk, state):
+    _, kw = ssd_inputs(2, L, 4, 3, 2, 5, chunk, torch.float32, "cpu", state=state)
+    y, hT = ref_ops.ssd_chunk_scan(**kw)
+    ny, nh = naive_mamba2(**kw)
+    assert _close(y, ny) and _close(hT, nh), seed
+
+
+def test_ssd_dt_limit_reference(seed):
+    _, kw = ssd_inputs(1, 11, 2, 3, 1, 4, 4, torch.float32, "cpu", dt_limit=(0.01, 0.05))
+    y, hT = ref_ops.ssd_chunk_scan(**kw)
+    ny, nh = naive_mamba2(**kw)
+    assert _close(y, ny) and _close(hT, nh), seed
+
+
+def test_ssd_chunk_scan_then_update_equals_longer_scan(seed):
+    _, kw = ssd_inputs(2, 10, 4, 3, 2, 5, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1))
+    y, hT = ref_ops.ssd_chunk_scan(**kw)
+    cut = 7
+    part = {k: (v[:, :cut] if k in ("x", "dt", "B", "C") else v) for k, v in kw.items()}
+    y1, state = ref_ops.ssd_chunk_scan(**part)
+    steps = [ref_ops.ssd_state_update(state, kw["x"][:, t], kw["dt"][:, t], kw["A"], kw["B"][:, t], kw["C"][:, t],
+                                      kw["D"], kw["dt_bias"], kw["dt_limit"]) for t in range(cut, 10)]
+    assert _close(torch.cat([y1, torch.stack(steps, 1)], 1), y) and _close(state, hT), seed
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_gated_rms_norm_reference(seed, groups):
+    _, kw = gated_norm_inputs((2, 3), 16, 16 // groups, torch.float64, "cpu")
+    out = ref_ops.gated_rms_norm(**kw)
+    assert _close(out, naive_norm(kw["y"], kw["gate"], kw["weight"], kw["eps"], kw["group_size"]), 1e-6), seed
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_gated_rms_norm_group_split_across_ranks(seed, ranks):
+    """One norm group over `ranks` shards, as when n_groups < tp: each shard's norm with a callback
+    that sums every shard's sum of squares equals the unsharded norm."""
+    _, kw = gated_norm_inputs((3, 2), 24, 24, torch.float64, "cpu")
+    full = ref_ops.gated_rms_norm(**kw)
+    shards = [dict(kw, y=y, gate=g, weight=w) for y, g, w in
+              zip(kw["y"].chunk(ranks, -1), kw["gate"].chunk(ranks, -1), kw["weight"].chunk(ranks))]
+    total = sum((s["y"] * F.silu(s["gate"])).pow(2).sum(-1, keepdim=True) for s in shards)
+    parts = [ref_ops.gated_rms_norm(**s, reduce_sum_of_squares=lambda local: total) for s in shards]
+    assert _close(torch.cat(parts, -1), full, 1e-6), seed
+
+
+@pytest.mark.parametrize("weight", [True, False])
+def test_rms_norm_reference(seed, weight):
+    _, kw = rms_norm_inputs((2, 3), 10, torch.float64, "cpu", weight=weight)
+    assert _close(ref_ops.rms_norm(**kw), naive_norm(kw["x"], None, kw["weight"], kw["eps"], 10), 1e-6), seed
+
+
+# ---- the dispatch layer ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", OPS)
+def test_dispatch_has_reference_signatures(op):
+    def names_and_defaults(f):
+        return [(p.name, p.default) for p in inspect.signature(f).parameters.values()]
+    assert names_and_defaults(getattr(dispatch, op)) == names_and_defaults(getattr(ref_ops, op))
+
+
+def test_dispatch_routes_cpu_and_forced_torch_to_reference(monkeypatch):
+    x = torch.zeros(1)
+    assert all(dispatch.backend(op, x) == "torch" for op in OPS)
+    assert dispatch.implementation("ssd_chunk_scan", x) is ref_ops.ssd_chunk_scan
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    assert dispatch.backend("selective_scan", x) == "torch"
+
+
+def test_dispatch_on_cpu_equals_reference(seed):
+    for op, kw in [conv_inputs(2, 5, 6, 4, torch.float32, "cpu"), conv_update_inputs(2, 6, 4, torch.float32, "cpu"),
+                   scan_inputs(1, 5, 4, 3, torch.float32, "cpu"), scan_update_inputs(2, 4, 3, torch.float32, "cpu"),
+                   ssd_inputs(1, 6, 2, 3, 1, 4, 4, torch.float32, "cpu"), ssd_update_inputs(2, 2, 3, 1, 4, torch.float32, "cpu"),
+                   rms_norm_inputs((2,), 8, torch.float32, "cpu"), gated_norm_inputs((2,), 8, 4, torch.float32, "cpu")]:
+        check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
+
+
+# ---- the Triton kernels under the CPU interpreter ----------------------------------------------------
+
+def _interpreted_kernels():
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton kernels run here only with triton installed and TRITON_INTERPRET=1")
+    import numpy
+    if tuple(int(v) for v in numpy.__version__.split(".")[:2]) >= (2, 4):
+        # Triton 3.6's interpreter int()s 1-element arrays, which numpy 2.4 refuses: loops with
+        # run-time bounds then fail inside the interpreter, not in our kernels.
+        pytest.skip("the Triton interpreter needs numpy < 2.4")
+    from megatron_ssm.ops import triton as kernels
+    return kernels
+
+
+def _tiny_cases(dtype):
+    return [
+        conv_inputs(2, 37, 70, 4, dtype, "cpu"), conv_inputs(1, 2, 5, 4, dtype, "cpu", bias=False),
+        conv_inputs(2, 3, 9, 3, dtype, "cpu", state=False, silu=False),
+        conv_update_inputs(2, 300, 4, dtype, "cpu"), conv_update_inputs(1, 5, 3, dtype, "cpu", bias=False, silu=False),
+        scan_inputs(1, 19, 10, 16, dtype, "cpu"), scan_inputs(1, 3, 5, 3, dtype, "cpu", state=False, gate=False),
+        scan_update_inputs(2, 12, 16, dtype, "cpu"), scan_update_inputs(1, 5, 3, dtype, "cpu", gate=False),
+        ssd_inputs(1, 19, 4, 4, 2, 16, 8, dtype, "cpu"), ssd_inputs(1, 5, 3, 4, 1, 6, 4, dtype, "cpu", state=False,
+                                                                   dt_limit=(0.01, 0.05)),
+        ssd_inputs(1, 3, 2, 4, 1, 128, 4, dtype, "cpu"),  # n = 128: the one-step-at-a-time configuration
+        ssd_update_inputs(2, 4, 8, 2, 16, dtype, "cpu"), ssd_update_inputs(1, 3, 4, 1, 6, dtype, "cpu", dt_limit=(0.0, 0.05)),
+        rms_norm_inputs((2, 3), 40, dtype, "cpu"), rms_norm_inputs((3,), 7, dtype, "cpu", weight=False),
+        gated_norm_inputs((2, 3), 48, 12, dtype, "cpu"), gated_norm_inputs((4,), 10, 10, dtype, "cpu"),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_kernels_interpreted(seed, dtype):
+    kernels = _interpreted_kernels()
+    for op, kw in _tiny_cases(dtype):
+        check_op(getattr(kernels, op), op, kw, TOL[dtype], seed)
+
+
+def test_triton_gated_norm_split_callback_interpreted(seed):
+    kernels = _interpreted_kernels()
+    _, kw = gated_norm_inputs((3, 2), 24, 24, torch.float32, "cpu")
+    full = ref_ops.gated_rms_norm(**kw)
+    halves = [dict(kw, y=y, gate=g, weight=w) for y, g, w in
+              zip(kw["y"].chunk(2, -1), kw["gate"].chunk(2, -1), kw["weight"].chunk(2))]
+    total = sum((s["y"] * F.silu(s["gate"])).pow(2).sum(-1, keepdim=True) for s in halves)
+    parts = [kernels.gated_rms_norm(**s, reduce_sum_of_squares=lambda local: total) for s in halves]
+    assert rel_err(torch.cat(parts, -1), full) < 1e-5, seed
