@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce
-from ..ops import causal_conv1d, causal_conv1d_update, rms_norm
+from ..ops.dispatch import causal_conv1d, causal_conv1d_update, rms_norm
 from ..parallel import TPContext
 
 AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import FALCON_MAMBA, SSMConfig
-from ..ops import rms_norm, selective_scan, selective_state_update
+from ..ops.dispatch import rms_norm, selective_scan, selective_state_update
 from ..parallel import TPContext
 from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, RowParallelLinear, local_param
 

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import SSMConfig
-from ..ops import gated_rms_norm, ssd_chunk_scan, ssd_state_update
+from ..ops.dispatch import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
 from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, RowParallelLinear, local_param
 

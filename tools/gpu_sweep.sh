@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# TP scaling sweep on a lent multi-GPU machine, one call, logs and JSON lines under $OUT:
+#   run(command="bash tools/gpu_sweep.sh", kind="nvidia-h100-x4", carry=[".whl"], timeout_s=600)
+# Each step has its own timeout, so a slow or failing step still leaves the others' numbers.
+# SWEEP=targets (default): the issue's TP-scaling workloads; SWEEP=small: 512-token prompts against
+# the single-GPU bar in shared/background.md; SWEEP=full: the issue's whole grid (hours).
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export MEGATRON_SSM_DIST_TIMEOUT=120
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+ngpu=$(nvidia-smi -L | wc -l)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1 | tee "$OUT/env.txt"
+J=$OUT/bench.jsonl
+bench() {  # bench TIMEOUT TP ARGS...
+    local t=$1 tp=$2; shift 2
+    [ "$tp" -le "$ngpu" ] || return 0
+    timeout "$t" torchrun --standalone --nproc_per_node "$tp" tools/benchmark.py --json-out "$J" "$@" 2>&1 \
+        | grep -v -E "Warning|warnings.warn|Evict LRU|^W1|\*\*\*\*|OMP_NUM_THREADS" | tee -a "$OUT/log.txt"
+}
+if [ "${SWEEP:-targets}" = full ]; then
+    for tp in 1 2 4; do
+        bench 3000 $tp --config configs/mamba2-2.7b.yaml --config configs/mamba-2.8b.yaml \
+            --config configs/falcon-mamba-7b.yaml --config configs/mamba-codestral-7b.yaml \
+            --batch 1,8,32,64,128 --prompt 512,2048,8192 --new 128,256 --max-total-tokens 600000
+    done
+    exit 0
+fi
+if [ "${SWEEP:-targets}" = targets ]; then  # the issue's scaling targets, and mamba-ssm on the same work
+    for tp in 4 2 1; do
+        bench 150 $tp --config configs/mamba-codestral-7b.yaml --config configs/falcon-mamba-7b.yaml \
+            --batch 32 --prompt 8192 --new 256
+    done
+    timeout 120 python3 tools/baselines.py --impl mamba-ssm --config configs/mamba-codestral-7b.yaml --batch 32 \
+        --prompt 8192 --new 256 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
+    exit 0
+fi
+for tp in 4 2 1; do  # SWEEP=small: the background's single-GPU bar, at every TP degree
+    bench 90 $tp --config configs/mamba2-2.7b.yaml --config configs/mamba-2.8b.yaml --batch 1,16,64 --prompt 512 --new 128
+done
+timeout 90 python3 tools/baselines.py --impl mamba-ssm --config configs/mamba2-2.7b.yaml --batch 1,16,64 \
+    --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
+timeout 60 python3 tools/baselines.py --impl hf --config configs/mamba2-2.7b.yaml --batch 1 --prompt 512 \
+    --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
