@@ -171,8 +171,8 @@ def main() -> int:
                 for new in args.new:
                     if batch * (prompt + new) > args.max_total_tokens:
                         continue
-                    if not warm:  # compile kernels and warm allocators outside the timed runs
-                        run_workload(model, batch, min(prompt, 256), 4, args, seed=0)
+                    if not warm:  # compile and autotune kernels at the timed chunk shape, outside the timing
+                        run_workload(model, batch, min(prompt, max(256, args.prefill_tokens // batch)), 4, args, seed=0)
                         warm = True
                     torch.cuda.reset_peak_memory_stats()
                     r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch)
