@@ -1,0 +1,292 @@
+"""The engine loop: one per rank, all in step.
+
+Rank 0's HTTP threads hand validated, tokenized requests to `EngineLoop.submit` and read their
+tokens from a queue. Rank 0's loop thread, once per iteration, takes what arrived (new requests,
+cancellations, a shutdown), broadcasts it to every rank in one small control message over a gloo
+group, and then every rank applies the message to its own engine in the same order and runs the
+same `engine.step()`. The engines, fed identical calls, stay identical: request ids are assigned
+alike, and every rank joins the same collectives.
+
+When idle, rank 0 waits for work but still broadcasts an empty message every `heartbeat` seconds,
+so a rank whose rank 0 died learns it from the control group's timeout instead of waiting forever.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..inference.cache import StateCache
+from ..inference.engine import Engine, Request
+from ..inference.sampling import vocab_parallel_logprob
+from .metrics import Metrics
+from .protocol import ApiError, Job
+
+log = logging.getLogger(__name__)
+
+
+class Handle:
+    """One prompt in flight. Events go to `sink` as (index, kind, payload):
+    ("prompt_logprobs", [float]), ("token", TokenOutput), ("done", None), ("error", ApiError)."""
+
+    def __init__(self, job: Job, sink: queue.Queue, index: int = 0):
+        self.job, self.sink, self.index = job, sink, index
+        self.engine_id: int | None = None
+        self.cancelled = False
+        self.finished = False
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+
+    def request(self) -> Request:
+        j = self.job
+        return Request(list(j.prompt), j.max_new_tokens, j.sampling, tuple(j.stop_ids), j.logprobs)
+
+
+@dataclass
+class Message:
+    """What rank 0 tells every rank before a step."""
+
+    add: list[tuple[Request, bool]]  # (request, score its prompt first); max_new_tokens 0: score only
+    abort: list[int]  # engine request ids
+    shutdown: bool = False
+
+
+class ControlChannel:
+    """Broadcasts rank 0's messages over a gloo group (CPU objects only: no CUDA tensors, and gloo
+    honours the group's timeout, so a dead peer surfaces as an error)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, world: int):
+        self.group, self.world = group, world
+
+    def exchange(self, msg: Message | None) -> Message:
+        if self.world == 1:
+            return msg
+        box = [msg]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+class StopTimeout(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def prompt_logprobs(engine: Engine, prompt: list[int]) -> list[float]:
+    """log p(prompt[i] | prompt[:i]) for i >= 1, from a fresh state, in prefill-sized chunks.
+    Runs collectives: every rank must call it alike."""
+    L = len(prompt)
+    if L < 2:
+        return []
+    model = engine.model
+    cache = StateCache(model.state_shapes(), 1, dtype=model.dtype, device=engine.device)
+    states = cache.rows(0, 1)
+    tokens = torch.tensor([prompt], device=engine.device)
+    chunk = max(1, engine.config.prefill_chunk)
+    out = []
+    for pos in range(0, L - 1, chunk):
+        end = min(pos + chunk, L - 1)
+        logits = model(tokens[:, pos:end], states)[0]  # rows pos..end-1 predict tokens pos+1..end
+        out.append(vocab_parallel_logprob(logits, tokens[0, pos + 1:end + 1], engine.shard))
+    return torch.cat(out).tolist()
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, channel: ControlChannel, rank: int, metrics: Metrics | None = None, *,
+                 heartbeat: float = 0.5, drain_timeout: float = 20.0, worker_grace: float = 15.0,
+                 max_queue: int = 4096):
+        self.engine, self.channel, self.rank = engine, channel, rank
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self.heartbeat, self.drain_timeout, self.worker_grace = heartbeat, drain_timeout, worker_grace
+        self._cv = threading.Condition()
+        self._pending: list[Handle] = []
+        self._cancels: list[Handle] = []
+        self._active: dict[int, Handle] = {}  # engine id -> handle (rank 0)
+        self._stop_at: float | None = None  # when a stop was requested (signal handler)
+        self._force = False
+        self.failure: str | None = None
+        self.stopped = threading.Event()
+
+    # ---- rank 0: called from HTTP threads --------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        return self._stop_at is None and self.failure is None
+
+    def submit(self, handles: list[Handle]) -> None:
+        with self._cv:
+            if not self.accepting:
+                raise ApiError("the server is shutting down" if self.failure is None else
+                               f"the inference engine stopped: {self.failure}", 503)
+            if self.queue_depth() + len(handles) > self.max_queue:
+                raise ApiError(f"the server is overloaded: {self.queue_depth()} requests are waiting "
+                               f"(--max-queued-requests {self.max_queue}); retry later", 503)
+            self._pending.extend(handles)
+            self._cv.notify()
+
+    def cancel(self, handle: Handle) -> None:
+        """Stop generating for handle (client gone, stop sequence seen); later tokens are dropped."""
+        with self._cv:
+            if handle.finished or handle.cancelled:
+                return
+            handle.cancelled = True
+            self._cancels.append(handle)
+            self._cv.notify()
+
+    def queue_depth(self) -> int:
+        return len(self._pending) + len(self.engine.waiting)
+
+    def running(self) -> int:
+        return self.engine.num_running
+
+    # ---- signals (main thread; only flags, no locks) ---------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: finish in-flight requests (up to drain_timeout), refuse new ones, then stop
+        every rank. A second call on rank 0 aborts what is still running at once."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+        elif self.rank == 0:
+            self._force = True
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until shutdown; raises if a collective fails (a rank died) or the engine fails."""
+        try:
+            if self.rank == 0:
+                self._run_first()
+            else:
+                self._run_other()
+        except BaseException as e:
+            self.failure = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            if self.rank == 0:
+                self._fail_everything()
+            self.stopped.set()
+
+    def _run_first(self) -> None:
+        while True:
+            handles, aborts, shutdown = self._collect()
+            msg = Message([(h.request(), h.job.prompt_logprobs) for h in handles], aborts, shutdown)
+            self.channel.exchange(msg)
+            self._apply(msg, handles)
+            if shutdown:
+                return
+            if self.engine.has_work():
+                outputs = self.engine.step()
+                self.metrics.observe_step()
+                self._dispatch(outputs)
+
+    def _run_other(self) -> None:
+        while True:
+            msg = self.channel.exchange(None)
+            self._apply(msg, None)
+            if msg.shutdown:
+                return
+            if self.engine.has_work():
+                self.engine.step()
+            if self._stop_at is not None and time.monotonic() > self._stop_at + self.drain_timeout + self.worker_grace:
+                raise StopTimeout(f"a stop was requested {time.monotonic() - self._stop_at:.0f} s ago and rank 0 "
+                                  "has not shut the server down")
+
+    def _collect(self) -> tuple[list[Handle], list[int], bool]:
+        with self._cv:
+            if not (self._pending or self._cancels or self.engine.has_work() or self._stop_at is not None):
+                self._cv.wait(self.heartbeat)
+            adds = [h for h in self._pending if not h.cancelled]
+            for h in self._pending:
+                if h.cancelled:
+                    h.finished = True
+            self._pending.clear()
+            aborts = []
+            for h in self._cancels:
+                # a handle without an engine id is either still pending (dropped above) or being
+                # applied right now (_apply sees `cancelled` and queues it here again)
+                if h.engine_id is not None and self._active.pop(h.engine_id, None) is h:
+                    aborts.append(h.engine_id)
+                    h.finished = True
+            self._cancels.clear()
+        if self._stop_at is None:
+            return adds, aborts, False
+        if not adds and not self._active and not self.engine.has_work():
+            return [], aborts, True
+        if self._force or time.monotonic() > self._stop_at + self.drain_timeout:
+            gone = ApiError("the server shut down before this request finished", 503)
+            for eid, h in self._active.items():
+                aborts.append(eid)
+                self._fail(h, gone)
+            self._active.clear()
+            for h in adds:
+                self._fail(h, gone)
+            return [], aborts, True
+        return adds, aborts, False
+
+    def _apply(self, msg: Message, handles: list[Handle] | None) -> None:
+        for eid in msg.abort:
+            self.engine.abort(eid)
+        for i, (req, score) in enumerate(msg.add):
+            h = handles[i] if handles is not None else None
+            if score:
+                lps = prompt_logprobs(self.engine, req.prompt)
+                if h is not None:
+                    h.sink.put((h.index, "prompt_logprobs", lps))
+            if req.max_new_tokens <= 0:
+                if h is not None:
+                    h.finished = True
+                    h.sink.put((h.index, "done", None))
+                continue
+            try:
+                eid = self.engine.add_request(req)
+            except ValueError as e:  # deterministic: every rank refuses it alike, ids stay in step
+                if h is not None:
+                    self._fail(h, ApiError(str(e)))
+                continue
+            if h is not None:
+                h.engine_id = eid
+                self._active[eid] = h
+                with self._cv:
+                    if h.cancelled:  # cancelled while being applied: abort it next iteration
+                        self._cancels.append(h)
+
+    def _dispatch(self, outputs) -> None:
+        now = time.monotonic()
+        for o in outputs:
+            h = self._active.get(o.request_id)
+            if h is None:
+                continue
+            ttft = itl = None
+            if h.first_token_at is None:
+                h.first_token_at = now
+                ttft = now - h.submitted
+            else:
+                itl = now - h.last_token_at
+            h.last_token_at = now
+            self.metrics.observe_token(ttft, itl)
+            if o.finished:
+                del self._active[o.request_id]
+                h.finished = True
+            h.sink.put((h.index, "token", o))
+
+    def _fail(self, h: Handle, err: ApiError) -> None:
+        h.finished = True
+        h.sink.put((h.index, "error", err))
+
+    def _fail_everything(self) -> None:
+        with self._cv:
+            if self._stop_at is None:
+                self._stop_at = time.monotonic()
+            err = ApiError("the server shut down before this request finished" if self.failure is None else
+                           f"the inference engine stopped: {self.failure}", 503)
+            for h in list(self._pending) + list(self._active.values()):
+                if not h.finished:
+                    self._fail(h, err)
+            self._pending.clear()
+            self._active.clear()
