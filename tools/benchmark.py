@@ -161,7 +161,8 @@ def main() -> int:
         random_weights_(model, seed=1234 + tp.rank)
         weight_bytes = sum(p.nbytes for p in model.parameters())
         state_bytes = StateCache.bytes_per_sequence(model.state_shapes(), dtype)
-        reduces_per_layer = 1 if cfg.is_mamba2 else 2
+        # out_proj's all-reduce, plus x_proj's (Mamba-1) or the gated norm's when a group spans ranks
+        reduces_per_layer = 1 if cfg.is_mamba2 and cfg.n_groups % tp.size == 0 else 2
         if tp.is_first:
             print(f"# {name}: TP={tp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
