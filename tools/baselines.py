@@ -6,7 +6,8 @@
 
 mamba-ssm: `MambaLMHeadModel.generate(cg=True)` (its Triton kernels; works without its CUDA extension,
 which only its Mamba-1 scan needs, so Mamba-1 configs are refused). hf: transformers' `generate`.
-TTFT is a generate call for one new token; the decode step is the rest of a full call over its tokens.
+TTFT is the prompt's forward (prefill to the first token's logits); the decode step is the rest of a
+full `generate` call over its remaining tokens, after a warm-up call of the same length.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def build(impl, hf, dtype):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         cfg = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items() if k != "model_type"})
-        return AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype).cuda().eval()
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).cuda().eval()
     if hf["model_type"] != "mamba2":
         raise SystemExit("mamba-ssm without its CUDA extension runs Mamba-2 only")
     MambaConfig, MambaLMHeadModel = import_mamba_ssm()
@@ -60,6 +61,16 @@ def generate(impl, model, ids, new):
         model.generation_config.eos_token_id = None
         return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     return model.generate(ids, max_length=ids.shape[1] + new, cg=True, temperature=1.0, top_k=1)
+
+
+def prefill(impl, model, ids, new):
+    """The prompt's forward with a fresh state cache and the last position's logits (= TTFT)."""
+    if impl == "hf":
+        return model(ids, use_cache=True, logits_to_keep=1)
+    from mamba_ssm.utils.generation import InferenceParams
+
+    params = InferenceParams(max_seqlen=ids.shape[1] + new, max_batch_size=ids.shape[0])
+    return model(ids, inference_params=params, num_last_tokens=1)
 
 
 def timed(fn):
@@ -89,8 +100,10 @@ def main():
         for batch in args.batch:
             for new in args.new:
                 ids = torch.randint(0, spec["hf_config"]["vocab_size"], (batch, prompt), device="cuda")
-                generate(args.impl, model, ids, 2)  # warm-up (kernels, graphs)
-                ttft = timed(lambda: generate(args.impl, model, ids, 1))
+                # warm-up at the timed length: kernels compile and mamba-ssm captures its decode graph
+                # (it recaptures whenever max_length changes, so TTFT is a plain prefill forward)
+                generate(args.impl, model, ids, new)
+                ttft = timed(lambda: prefill(args.impl, model, ids, new))
                 total = timed(lambda: generate(args.impl, model, ids, new))
                 step = (total - ttft) / max(new - 1, 1)
                 r = dict(model=spec["name"], impl=args.impl, tp=1, batch=batch, prompt=prompt, new=new,

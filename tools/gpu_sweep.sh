@@ -2,7 +2,7 @@
 # TP scaling sweep on a lent multi-GPU machine, one call, logs and JSON lines under $OUT:
 #   run(command="bash tools/gpu_sweep.sh", kind="nvidia-h100-x4", carry=[".whl"], timeout_s=600)
 # Each step has its own timeout, so a slow or failing step still leaves the others' numbers.
-# SWEEP=targets (default): the issue's TP-scaling workloads; SWEEP=small: 512-token prompts against
+# SWEEP=targets (default): the issue's TP-scaling workloads; SWEEP=single: GPU tests and TP=1 vs baselines; SWEEP=small: 512-token prompts against
 # the single-GPU bar in shared/background.md; SWEEP=full: the issue's whole grid (hours).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -27,6 +27,16 @@ if [ "${SWEEP:-targets}" = full ]; then
             --config configs/falcon-mamba-7b.yaml --config configs/mamba-codestral-7b.yaml \
             --batch 1,8,32,64,128 --prompt 512,2048,8192 --new 128,256 --max-total-tokens 600000
     done
+    exit 0
+fi
+if [ "${SWEEP:-targets}" = single ]; then  # one GPU: GPU tests, then our TP=1 beside the baselines
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model_gpu.py tests/test_kernels_gpu.py 2>&1 \
+        | tail -15 | tee -a "$OUT/log.txt"
+    bench 100 1 --config configs/mamba2-2.7b.yaml --batch 1,16,64 --prompt 512 --new 128
+    timeout 100 python3 tools/baselines.py --impl mamba-ssm --config configs/mamba2-2.7b.yaml --batch 1,16,64 \
+        --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
+    timeout 80 python3 tools/baselines.py --impl hf --config configs/mamba2-2.7b.yaml --batch 1 --prompt 512 \
+        --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
     exit 0
 fi
 if [ "${SWEEP:-targets}" = targets ]; then  # the issue's scaling targets, and mamba-ssm on the same work
