@@ -1,38 +1,72 @@
 #!/usr/bin/env python3
-"""Convert a HuggingFace Mamba / Falcon-Mamba / Mamba-2 checkpoint into megatron-ssm's TP shards.
+"""Convert Mamba / Falcon-Mamba / Mamba-2 checkpoints between formats and tensor-parallel degrees.
 
-    python tools/convert_hf.py --load-dir HF_DIR --save-dir OUT_DIR --tp N [--dtype bfloat16]
+    python tools/convert_hf.py --load-dir IN --save-dir OUT --tp N [--dtype bfloat16] [--force]
+    python tools/convert_hf.py --load-dir IN --save-dir OUT --to-hf [--dtype ...] [--force]
 
-OUT_DIR gets Megatron's layout (latest_checkpointed_iteration.txt = "release",
-release/mp_rank_XX/model_optim_rng.pt per TP rank) plus the tokenizer files from HF_DIR.
+The format of --load-dir is detected from its files:
+  HF transformers   config.json (MambaForCausalLM, FalconMambaForCausalLM or Mamba2ForCausalLM) and
+                    model.safetensors, sharded model-*.safetensors + index, or pytorch_model.bin
+  mamba-ssm native  config.json with d_model / n_layer / ssm_cfg and pytorch_model.bin, as state-spaces
+                    publishes mamba-130m ... mamba2-2.7b (the vocabulary keeps mamba-ssm's padding)
+  megatron-ssm      a checkpoint this tool wrote, at any TP degree (--tp M reshards it)
+
+--tp N writes megatron-ssm's layout: OUT/latest_checkpointed_iteration.txt ("release"),
+OUT/release/mp_rank_XX/model_optim_rng.pt per TP rank, a manifest with every file's size, and the
+tokenizer files of IN. --to-hf writes config.json + safetensors that transformers' from_pretrained
+loads. Tensors keep their dtype unless --dtype is given, so IN -> TP4 -> TP2 -> HF is bit-exact.
+
+Tensors are streamed one at a time (memory stays near the largest tensor, not the model). OUT is
+written into a hidden .OUT.partial-* directory beside it and renamed into place only when complete,
+so an interrupted run leaves nothing that loads; the next run removes the leftover.
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-from megatron_ssm.checkpoint.convert import DTYPES, hf_to_megatron
+from megatron_ssm.checkpoint.convert import DTYPES, convert
 from megatron_ssm.checkpoint.hf import CheckpointError
+from megatron_ssm.checkpoint.hf_export import DEFAULT_MAX_SHARD_BYTES
 from megatron_ssm.config import ConfigError
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def byte_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--load-dir", required=True, help="HF model directory (config.json + safetensors)")
-    ap.add_argument("--save-dir", required=True, help="where to write the sharded checkpoint")
-    ap.add_argument("--tp", type=int, required=True, help="tensor-parallel degree to shard for")
+    ap.add_argument("--load-dir", required=True,
+                    help="checkpoint to read: HF transformers, mamba-ssm native or megatron-ssm (detected)")
+    ap.add_argument("--save-dir", required=True,
+                    help="directory to create (must not exist unless --force; never the same as --load-dir)")
+    out = ap.add_mutually_exclusive_group(required=True)
+    out.add_argument("--tp", type=int, help="write a megatron-ssm checkpoint sharded for this tensor-parallel degree")
+    out.add_argument("--to-hf", action="store_true",
+                     help="write an HF transformers checkpoint (config.json + safetensors) instead")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                    help="cast weights to this dtype (default: keep the checkpoint's own)")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing checkpoint at --save-dir")
-    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+                    help="cast every tensor to this dtype (default: keep each tensor's own dtype)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace an existing checkpoint (or empty directory) at --save-dir; the old one is "
+                         "kept until the new one is complete. Other non-empty directories are never replaced")
+    ap.add_argument("--max-shard-size", type=byte_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
+                    help="with --to-hf: start a new safetensors file past this size (default 5GB)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar (tensors and bytes done)")
     args = ap.parse_args(argv)
     try:
-        hf_to_megatron(args.load_dir, args.save_dir, args.tp, args.dtype, force=args.force,
-                       progress=not args.no_progress)
+        convert(args.load_dir, args.save_dir, args.tp, to_hf=args.to_hf, dtype=args.dtype, force=args.force,
+                progress=not args.no_progress, max_shard_bytes=args.max_shard_size)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"convert_hf.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote TP={args.tp} checkpoint to {args.save_dir}")
+    print(f"wrote {'HF' if args.to_hf else f'TP={args.tp}'} checkpoint to {args.save_dir}")
     return 0
 
 

@@ -1,22 +1,28 @@
-"""Reading HF-format Mamba checkpoints tensor by tensor (safetensors, single file or sharded)."""
+"""Reading HF-layout weight directories tensor by tensor: safetensors or pytorch_model.bin, single
+file or sharded with an index. HF transformers checkpoints and mamba-ssm's native ones share this
+layout and these tensor names; they differ only in config.json (see mamba_ssm.py)."""
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from ..config import SSMConfig
+from .errors import CheckpointError
+from .safetensors_io import SafetensorsFile
+from .spec import TensorSpec
+from .torch_stream import TorchStateFile
+
+__all__ = ["CheckpointError", "HFCheckpoint", "TensorDir", "our_name", "hf_name", "copy_tokenizer", "WEIGHT_FILES"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, or does not match the model."""
+# looked for in this order; the first present wins
+WEIGHT_FILES = (INDEX_FILE, SINGLE_FILE, "pytorch_model.bin.index.json", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def our_name(hf_name: str) -> str:
@@ -25,50 +31,103 @@ def our_name(hf_name: str) -> str:
     return "embeddings.weight" if name == "embedding.weight" else name
 
 
-class HFCheckpoint:
-    """An HF model directory: its config and a lazy view of its tensors (nothing loaded up front)."""
+def hf_name(name: str) -> str:
+    """Ours -> the name transformers writes today."""
+    return name if name == "lm_head.weight" else f"backbone.{name}"
 
-    def __init__(self, path: str | Path):
+
+def copy_tokenizer(source_dir: str | Path, dest_dir: Path) -> None:
+    """Checkpoints carry their tokenizer along, whatever the format."""
+    for name in TOKENIZER_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, dest_dir / name)
+
+
+def open_tensor_file(path: Path):
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else TorchStateFile(path)
+
+
+class TensorDir:
+    """The weights of an HF-layout directory: headers read up front, tensor bytes on demand."""
+
+    def __init__(self, path: str | Path, config: SSMConfig):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise CheckpointError(f"HF checkpoint directory {self.path} does not exist")
-        self.config = SSMConfig.from_hf_dir(self.path)
-        self._files = self._tensor_files()  # our name -> (file, hf name)
-
-    def _tensor_files(self) -> dict[str, tuple[Path, str]]:
-        index = self.path / INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {our_name(k): (self.path / v, k) for k, v in weight_map.items()}
-            for f in {f for f, _ in files.values()}:
-                if not f.is_file():
-                    raise CheckpointError(f"{index.name} names {f.name}, which is missing from {self.path}")
-            return files
-        single = self.path / SINGLE_FILE
-        if not single.is_file():
-            raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.path}")
+        self.config = config
+        self._files: dict[Path, object] = {}
         try:
-            with safe_open(single, framework="pt") as f:
-                return {our_name(k): (single, k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise CheckpointError(f"cannot read {single}: {e}") from None
+            self._where = self._locate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, file: Path):
+        if file not in self._files:
+            if not file.is_file():
+                raise CheckpointError(f"{file.name}, named by the index in {self.path}, is missing")
+            self._files[file] = open_tensor_file(file)
+        return self._files[file]
+
+    def _locate(self) -> dict[str, tuple[Path, str]]:
+        """our name -> (file, name inside the file)."""
+        chosen = next((self.path / n for n in WEIGHT_FILES if (self.path / n).is_file()), None)
+        if chosen is None:
+            raise CheckpointError(f"no {', '.join(WEIGHT_FILES[:-1])} or {WEIGHT_FILES[-1]} in {self.path}")
+        if chosen.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(chosen.read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{chosen} is not a valid weight index ({e!r})") from None
+            pairs = [(key, self.path / file) for key, file in weight_map.items()]
+        else:
+            pairs = [(key, chosen) for key in self._open(chosen).specs]
+        where: dict[str, tuple[Path, str]] = {}
+        for key, file in pairs:
+            name = our_name(key)
+            if name in where:
+                raise CheckpointError(f"{self.path} holds tensor {name} twice ({where[name][1]} and {key})")
+            if key not in self._open(file).specs:
+                raise CheckpointError(f"{file.name} lacks tensor {key}, which its index names")
+            where[name] = (file, key)
+        return where
 
     def names(self) -> list[str]:
-        return list(self._files)
+        return list(self._where)
+
+    def spec(self, name: str) -> TensorSpec:
+        file, key = self._where[name]
+        s = self._files[file].specs[key]
+        return TensorSpec(name, s.shape, s.dtype)
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path} lacks tensor {name}")
+        file, key = self._where[name]
+        return self._files[file].read(key)
 
     def tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (our name, tensor) one at a time, opening each shard file once."""
-        names = list(self._files) if names is None else names
-        missing = [n for n in names if n not in self._files]
-        if missing:
-            raise CheckpointError(f"{self.path} lacks tensor(s): {', '.join(missing[:5])}")
-        with ExitStack() as stack:
-            handles = {}
-            for name in names:
-                file, key = self._files[name]
-                if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(file, framework="pt"))
-                try:
-                    yield name, handles[file].get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"cannot read tensor {key} from {file}: {e}") from None
+        """Yield (our name, tensor) one at a time."""
+        for name in self.names() if names is None else names:
+            yield name, self.read(name)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class HFCheckpoint(TensorDir):
+    """An HF transformers model directory: config.json plus its weights."""
+
+    format = "HF transformers"
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"HF checkpoint directory {path} does not exist")
+        super().__init__(path, SSMConfig.from_hf_dir(path))

@@ -1,82 +1,144 @@
 """Our checkpoints in Megatron's layout:
 
-    DIR/latest_checkpointed_iteration.txt   "release"
+    DIR/latest_checkpointed_iteration.txt            "release" (written last: it makes DIR a checkpoint)
+    DIR/megatron_ssm_checkpoint.json                 TP degree and the byte size of every rank file
     DIR/release/mp_rank_{r:02d}/model_optim_rng.pt   {"model": state dict, "config": ..., ...}
 
-plus the tokenizer files copied beside them. A checkpoint is written into a temporary directory next
-to its target and renamed into place at the end, so an interrupted write leaves nothing loadable.
+plus the tokenizer files copied beside them. Rank files are plain torch.save files, written tensor by
+tensor (torch_stream.py) into a temporary directory that is renamed into place at the end
+(atomic.py). Every rank checks the whole manifest before loading its own file, so a missing or
+truncated shard stops all ranks with the same message instead of one rank failing while the others
+wait for it in a collective.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..config import SSMConfig
-from .hf import CheckpointError
+from .atomic import AtomicDir, interrupted_hint
+from .errors import CheckpointError, check_names
+from .hf import TOKENIZER_FILES, copy_tokenizer  # noqa: F401 - TOKENIZER_FILES: public name
+from .partition import hf_shapes, merge, merge_shape, shard_shape
+from .spec import TensorSpec
+from .torch_stream import TorchFileWriter, TorchStateFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
+MANIFEST = "megatron_ssm_checkpoint.json"
 CHECKPOINT_VERSION = 3.0
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def rank_file(root: Path, rank: int) -> Path:
-    return root / RELEASE / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
+    return Path(root) / RELEASE / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
 
 
 class CheckpointWriter:
-    """with CheckpointWriter(dir, force) as w: w.save_rank(...) ...  -> renamed into `dir` on success."""
+    """with CheckpointWriter(dir, force) as w: w.open_ranks(...); w.write(rank, name, t) ...
+    (or w.save_rank(...) with a whole shard) -> renamed into `dir` only if everything was written."""
 
     def __init__(self, target: str | Path, force: bool = False):
         self.target = Path(target)
-        if self.target.exists() and not force:
-            raise CheckpointError(f"{self.target} already exists; pass --force to overwrite it")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self._atomic = AtomicDir(self.target, force)
+        self.tp: int | None = None
+        self._writers: dict[int, TorchFileWriter] = {}
+        self._closed: set[int] = set()
 
     def __enter__(self) -> "CheckpointWriter":
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.tmp = self._atomic.__enter__()
         return self
 
-    def save_rank(self, rank: int, tp: int, cfg: SSMConfig, state: dict[str, torch.Tensor]) -> None:
+    def _set_tp(self, tp: int) -> None:
+        if self.tp not in (None, tp):
+            raise CheckpointError(f"{self.target}: ranks written for TP={self.tp} and TP={tp}")
+        self.tp = tp
+
+    def _writer(self, rank: int, tp: int, cfg: SSMConfig, specs: list[TensorSpec]) -> TorchFileWriter:
+        self._set_tp(tp)
         path = rank_file(self.tmp, rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": state, "config": cfg.to_dict(), "checkpoint_version": CHECKPOINT_VERSION,
-                    "iteration": RELEASE, "tensor_model_parallel_size": tp, "tensor_model_parallel_rank": rank},
-                   path)
+        header = {"config": cfg.to_dict(), "checkpoint_version": CHECKPOINT_VERSION, "iteration": RELEASE,
+                  "tensor_model_parallel_size": tp, "tensor_model_parallel_rank": rank}
+        return TorchFileWriter(path, specs, lambda state: {"model": state, **header})
+
+    def open_ranks(self, tp: int, cfg: SSMConfig, specs: list[list[TensorSpec]]) -> None:
+        """Start every rank's file; `specs[r]` lists rank r's tensors in the order `write` will get them."""
+        for rank in range(tp):
+            self._writers[rank] = self._writer(rank, tp, cfg, specs[rank])
+
+    def write(self, rank: int, name: str, tensor: torch.Tensor) -> None:
+        self._writers[rank].write(name, tensor)
+
+    def save_rank(self, rank: int, tp: int, cfg: SSMConfig, state: dict[str, torch.Tensor]) -> None:
+        """Write one rank's whole shard at once (for callers that already hold it)."""
+        writer = self._writer(rank, tp, cfg, [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()])
+        for name, tensor in state.items():
+            writer.write(name, tensor)
+        writer.close()
+        self._closed.add(rank)
 
     def copy_tokenizer(self, source_dir: str | Path) -> None:
-        for name in TOKENIZER_FILES:
-            if (Path(source_dir) / name).is_file():
-                shutil.copy2(Path(source_dir) / name, self.tmp / name)
+        copy_tokenizer(source_dir, self.tmp)
+
+    def _finish(self) -> None:
+        for rank, writer in self._writers.items():
+            writer.close()
+            self._closed.add(rank)
+        if self.tp is None or self._closed != set(range(self.tp)):
+            raise CheckpointError(f"{self.target}: only ranks {sorted(self._closed)} of TP={self.tp} were written")
+        files = {str(rank_file(Path(), r)): rank_file(self.tmp, r).stat().st_size for r in range(self.tp)}
+        (self.tmp / MANIFEST).write_text(json.dumps(
+            {"format": "megatron-ssm", "tensor_model_parallel_size": self.tp, "files": files}, indent=1))
+        (self.tmp / TRACKER).write_text(RELEASE)
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        # The tracker file is what makes a directory a checkpoint: write it last.
-        (self.tmp / TRACKER).write_text(RELEASE)
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._atomic.__exit__(type(e), e, e.__traceback__)
+                raise
+        self._writers.clear()
+        self._atomic.__exit__(exc_type, exc, tb)
 
 
 def checkpoint_tp_size(root: str | Path) -> int:
-    """TP degree of the checkpoint at `root`, checking it is complete."""
+    """TP degree of the checkpoint at `root`, after checking that every rank file is there, whole."""
     root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory {root} does not exist{interrupted_hint(root)}")
     if not (root / TRACKER).is_file():
-        raise CheckpointError(f"{root} is not a megatron-ssm checkpoint (no {TRACKER}); "
-                              f"convert an HF model with tools/convert_hf.py first")
-    ranks = sorted((root / RELEASE).glob("mp_rank_*"))
-    if not ranks:
-        raise CheckpointError(f"{root}/{RELEASE} holds no mp_rank_* shards")
-    tp = len(ranks)
+        hint = interrupted_hint(root) or "; convert a model into it with tools/convert_hf.py first"
+        raise CheckpointError(f"{root} is not a megatron-ssm checkpoint (no {TRACKER}){hint}")
+    if (root / TRACKER).read_text().strip() != RELEASE:
+        raise CheckpointError(f"{root}/{TRACKER} does not say {RELEASE!r}: only release checkpoints are supported")
+    present = sorted((root / RELEASE).glob("mp_rank_*"))
+    manifest = root / MANIFEST
+    if not manifest.is_file():  # written before manifests existed: trust the directory names
+        tp = 1 + max((int(p.name.removeprefix("mp_rank_")) for p in present), default=-1)
+        if tp == 0:
+            raise CheckpointError(f"{root}/{RELEASE} holds no mp_rank_* shards")
+        sizes = {str(rank_file(Path(), r)): None for r in range(tp)}
+    else:
+        try:
+            info = json.loads(manifest.read_text())
+            tp, sizes = int(info["tensor_model_parallel_size"]), info["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{manifest} is unreadable ({e!r})") from None
     for r in range(tp):
-        if not rank_file(root, r).is_file():
-            raise CheckpointError(f"{root} is missing the shard of TP rank {r} ({rank_file(root, r)})")
+        path = rank_file(root, r)
+        if not path.is_file():
+            raise CheckpointError(f"{root} (TP={tp}) is missing the shard of TP rank {r}: {path} does not exist")
+        expected, actual = sizes.get(str(rank_file(Path(), r))), path.stat().st_size
+        if expected is not None and actual != expected:
+            raise CheckpointError(f"{path} has {actual} bytes, {MANIFEST} says {expected}: the shard of TP "
+                                  f"rank {r} is truncated or was changed after writing")
+    extra = [p.name for p in present if p.name not in {f"mp_rank_{r:02d}" for r in range(tp)}]
+    if extra:
+        raise CheckpointError(f"{root} is a TP={tp} checkpoint but also holds {', '.join(extra)}")
     return tp
 
 
@@ -88,8 +150,69 @@ def load_rank(root: str | Path, rank: int, tp: int) -> tuple[SSMConfig, dict[str
         raise CheckpointError(
             f"{root} was written for tensor-parallel degree {saved_tp} but this run has {tp} ranks; "
             f"run with --nproc_per_node {saved_tp} or reshard with tools/convert_hf.py --tp {tp}")
+    # Check every rank's tensor names and shapes (their headers only), so that a bad shard stops all
+    # ranks here rather than one rank raising while the rest wait for it in the first all-reduce.
+    MegatronCheckpoint(root).close()
     try:
-        blob = torch.load(rank_file(root, rank), map_location="cpu", weights_only=True)
+        blob = torch.load(rank_file(root, rank), map_location="cpu", weights_only=True, mmap=True)
+        return SSMConfig.from_dict(blob["config"]), blob["model"]
     except Exception as e:
         raise CheckpointError(f"cannot read {rank_file(root, rank)}: {e}") from None
-    return SSMConfig.from_dict(blob["config"]), blob["model"]
+
+
+class MegatronCheckpoint:
+    """One of our checkpoints, read as the full (HF-shaped) tensors: each one merged from its TP shards
+    when asked for, so resharding N -> M never holds more than one tensor."""
+
+    format = "megatron-ssm"
+
+    def __init__(self, root: str | Path):
+        self.path = Path(root)
+        self.tp = checkpoint_tp_size(self.path)
+        self._files: list[TorchStateFile] = []
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
+        for r in range(self.tp):
+            self._files.append(TorchStateFile(rank_file(self.path, r), key="model"))
+        self.config = SSMConfig.from_dict(self._files[0].obj["config"])
+        full = hf_shapes(self.config)
+        for r, f in enumerate(self._files):
+            saved = f.obj.get("tensor_model_parallel_size", self.tp)
+            if saved != self.tp:
+                raise CheckpointError(f"{f.path} says it is a shard of TP={saved}, the directory holds TP={self.tp}")
+            check_names(list(f.specs), list(full), f"{f.path}")
+            for name, spec in f.specs.items():
+                want = shard_shape(name, full[name], self.config, self.tp, r)
+                if spec.shape != want:
+                    raise CheckpointError(f"{f.path}: tensor {name} has shape {spec.shape}, TP rank {r} of "
+                                          f"TP={self.tp} should hold {want}")
+        self._names = list(self._files[0].specs)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def spec(self, name: str) -> TensorSpec:
+        shapes = [f.specs[name].shape for f in self._files]
+        return TensorSpec(name, merge_shape(name, shapes, self.config), self._files[0].specs[name].dtype)
+
+    def read(self, name: str) -> torch.Tensor:
+        return merge(name, [f.read(name) for f in self._files], self.config)
+
+    def tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names() if names is None else names:
+            yield name, self.read(name)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -144,3 +144,34 @@ def hf_names(cfg: SSMConfig) -> list[str]:
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
     return names
+
+
+def hf_shapes(cfg: SSMConfig) -> dict[str, tuple[int, ...]]:
+    """The shape `config.json` implies for every tensor of `hf_names(cfg)`, in that order."""
+    H, I, N, K, V = cfg.hidden_size, cfg.intermediate_size, cfg.state_size, cfg.conv_kernel, cfg.vocab_size
+    if cfg.is_mamba2:
+        heads, bc = cfg.num_heads, 2 * cfg.n_groups * N
+        in_rows, conv = 2 * I + bc + heads, I + bc
+        mixer = {"A_log": (heads,), "D": (heads,), "dt_bias": (heads,), "norm.weight": (I,)}
+    else:
+        R = cfg.time_step_rank
+        in_rows, conv = 2 * I, I
+        mixer = {"A_log": (I, N), "D": (I,), "x_proj.weight": (R + 2 * N, I), "dt_proj.weight": (I, R),
+                 "dt_proj.bias": (I,)}
+    mixer |= {"in_proj.weight": (in_rows, H), "in_proj.bias": (in_rows,), "conv1d.weight": (conv, 1, K),
+              "conv1d.bias": (conv,), "out_proj.weight": (H, I), "out_proj.bias": (H,)}
+    top = {"embeddings.weight": (V, H), "lm_head.weight": (V, H), "norm_f.weight": (H,)}
+    shapes = {}
+    for name in hf_names(cfg):
+        local = re.sub(r"^layers\.\d+\.", "", name)
+        shapes[name] = top.get(name) or ((H,) if local == "norm.weight" else mixer[local.removeprefix("mixer.")])
+    return shapes
+
+
+def shard_shape(name: str, shape: tuple[int, ...], cfg: SSMConfig, tp: int, rank: int) -> tuple[int, ...]:
+    """Shape of `shard` without data: the same code run on a meta tensor, so the two cannot disagree."""
+    return tuple(shard(name, torch.empty(shape, device="meta"), cfg, tp, rank).shape)
+
+
+def merge_shape(name: str, shapes: list[tuple[int, ...]], cfg: SSMConfig) -> tuple[int, ...]:
+    return tuple(merge(name, [torch.empty(s, device="meta") for s in shapes], cfg).shape)

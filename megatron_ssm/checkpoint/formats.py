@@ -1,0 +1,31 @@
+"""Which checkpoint format a directory holds, told from its files (never from the user)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .atomic import interrupted_hint
+from .errors import CheckpointError
+from .hf import HFCheckpoint
+from .mamba_ssm import MambaSSMCheckpoint, is_mamba_ssm_config
+from .megatron import TRACKER, MegatronCheckpoint
+
+FORMATS = ("HF transformers (Mamba, FalconMamba, Mamba2)", "mamba-ssm native", "megatron-ssm at any TP degree")
+
+
+def open_checkpoint(path: str | Path) -> HFCheckpoint | MambaSSMCheckpoint | MegatronCheckpoint:
+    """A source of full (unsharded, HF-shaped) tensors with .config, .names(), .spec(), .read()."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist{interrupted_hint(path)}")
+    if (path / TRACKER).is_file():
+        return MegatronCheckpoint(path)
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            raw = json.loads(config.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{config} is not valid JSON: {e}") from None
+        return MambaSSMCheckpoint(path) if is_mamba_ssm_config(raw) else HFCheckpoint(path)
+    raise CheckpointError(f"cannot tell the format of {path}: it has neither config.json (HF or mamba-ssm) "
+                          f"nor {TRACKER} (megatron-ssm){interrupted_hint(path)}")

@@ -1,0 +1,116 @@
+"""Writing an HF transformers checkpoint: config.json and safetensors (sharded past a size), streamed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import FALCON_MAMBA, MAMBA2, ConfigError, SSMConfig
+from .atomic import AtomicDir
+from .errors import CheckpointError
+from .hf import INDEX_FILE, SINGLE_FILE, copy_tokenizer, hf_name
+from .safetensors_io import SafetensorsWriter
+from .spec import TensorSpec
+
+ARCHITECTURES = {"mamba": ("MambaForCausalLM", "mamba"), "falcon_mamba": ("FalconMambaForCausalLM", "falcon_mamba"),
+                 "mamba2": ("Mamba2ForCausalLM", "mamba2")}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what save_pretrained used for years
+
+
+def hf_config_dict(cfg: SSMConfig) -> dict:
+    """The config.json transformers needs to rebuild this model (the inverse of SSMConfig.from_hf)."""
+    arch, model_type = ARCHITECTURES[cfg.family]
+    d = dict(architectures=[arch], model_type=model_type, hidden_size=cfg.hidden_size,
+             num_hidden_layers=cfg.num_layers, vocab_size=cfg.vocab_size, state_size=cfg.state_size,
+             conv_kernel=cfg.conv_kernel, use_bias=cfg.use_bias, use_conv_bias=cfg.use_conv_bias,
+             layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=cfg.residual_in_fp32,
+             tie_word_embeddings=cfg.tie_word_embeddings, hidden_act="silu", bos_token_id=cfg.bos_token_id,
+             eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+             # transformers 5 reads `dtype`, 4.x `torch_dtype`
+             dtype=cfg.torch_dtype, torch_dtype=cfg.torch_dtype)
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    if cfg.family == MAMBA2:
+        if I % H:  # transformers' Mamba2 derives its width as expand * hidden_size
+            raise ConfigError(f"intermediate_size {I} is not a multiple of hidden_size {H}: "
+                              f"transformers' Mamba2ForCausalLM cannot express this model")
+        d.update(expand=I // H, num_heads=cfg.num_heads, head_dim=cfg.head_dim, n_groups=cfg.n_groups,
+                 chunk_size=cfg.chunk_size, time_step_limit=list(cfg.time_step_limit))
+    else:
+        # transformers derives intermediate_size from expand, then lets an explicit value win
+        d.update(expand=max(1, I // H), intermediate_size=I, time_step_rank=cfg.time_step_rank)
+        if cfg.family == FALCON_MAMBA:
+            d["mixer_rms_eps"] = cfg.mixer_rms_eps
+    return d
+
+
+def plan_files(specs: list[TensorSpec], max_bytes: int) -> list[tuple[str, list[TensorSpec]]]:
+    """Consecutive runs of tensors, each run one file of at most max_bytes (a bigger tensor gets its own)."""
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if groups[-1] and size + s.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(s)
+        size += s.nbytes
+    if len(groups) == 1:
+        return [(SINGLE_FILE, groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+class HFWriter:
+    """with HFWriter(dir, cfg, specs) as w: w.write(name, tensor) in `specs` order (our names)."""
+
+    def __init__(self, target: str | Path, cfg: SSMConfig, specs: list[TensorSpec], force: bool = False,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.target, self.cfg = Path(target), cfg
+        self.config = hf_config_dict(cfg)  # before touching the disk: a model HF cannot express fails here
+        self._atomic = AtomicDir(self.target, force)
+        self.files = plan_files([TensorSpec(hf_name(s.name), s.shape, s.dtype) for s in specs], max_shard_bytes)
+        self._file_of = {spec.name: i for i, (_, group) in enumerate(self.files) for spec in group}
+        self._current: tuple[int, SafetensorsWriter] | None = None
+
+    def __enter__(self) -> "HFWriter":
+        self.tmp = self._atomic.__enter__()
+        (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        key = hf_name(name)
+        i = self._file_of[key]
+        if self._current is None or self._current[0] != i:
+            self._close_current()
+            fname, group = self.files[i]
+            self._current = (i, SafetensorsWriter(self.tmp / fname, group, {"format": "pt"}))
+        self._current[1].write(key, tensor)
+
+    def copy_tokenizer(self, source_dir: str | Path) -> None:
+        copy_tokenizer(source_dir, self.tmp)
+
+    def _close_current(self) -> None:
+        if self._current is not None:
+            self._current[1].close()
+            self._current = None
+
+    def _finish(self) -> None:
+        self._close_current()
+        for fname, _ in self.files:
+            if not (self.tmp / fname).is_file():
+                raise CheckpointError(f"{self.target}: {fname} was never written")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for _, g in self.files for s in g)},
+                     "weight_map": {s.name: fname for fname, g in self.files for s in g}}
+            (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._atomic.__exit__(type(e), e, e.__traceback__)
+                raise
+        elif self._current is not None:
+            self._current[1].abort()
+        self._atomic.__exit__(exc_type, exc, tb)
