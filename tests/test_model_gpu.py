@@ -36,13 +36,14 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
         torch_ops = model(ids.cuda())[..., :250].float().cpu()
         monkeypatch.delenv("MEGATRON_SSM_KERNELS")
     scale = ref.abs().max().item()
-    assert (torch_ops - ref).abs().max().item() < 1e-3 * scale
-    assert (ours - ref).abs().max().item() < 5e-3 * scale  # tf32 in mamba-ssm's SSD scan
+    err_torch, err_ours = ((x - ref).abs().max().item() / scale for x in (torch_ops, ours))
+    assert err_torch < 1e-3, f"torch reference ops vs HF: relative error {err_torch}"
+    assert err_ours < 5e-3, f"dispatch kernels vs HF: relative error {err_ours} (torch ops: {err_torch})"  # tf32 in SSD
 
     prompts = [ids[0, :9].tolist(), ids[1, :3].tolist(), ids[0, 20:41].tolist()]
     graphed = Engine(model, EngineConfig(max_batch=4, cuda_graphs=True)).generate([Request(p, 12) for p in prompts])
     eager = Engine(model, EngineConfig(max_batch=4, cuda_graphs=False)).generate([Request(p, 12) for p in prompts])
-    assert graphed == eager
+    assert graphed == eager, f"CUDA-graph decode {graphed} != eager {eager}"
     bf16 = load_model(tmp_path / "ckpt", tp, dtype=torch.bfloat16)
     with torch.no_grad():
         low = bf16(ids.cuda())[..., :250].float().cpu()

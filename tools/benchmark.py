@@ -166,15 +166,18 @@ def main() -> int:
         if tp.is_first:
             print(f"# {name}: TP={tp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-        warm = False
+        warmed = set()
         for prompt in args.prompt:
             for batch in args.batch:
                 for new in args.new:
                     if batch * (prompt + new) > args.max_total_tokens:
                         continue
-                    if not warm:  # compile and autotune kernels at the timed chunk shape, outside the timing
-                        run_workload(model, batch, min(prompt, max(256, args.prefill_tokens // batch)), 4, args, seed=0)
-                        warm = True
+                    # compile and autotune kernels at every timed prefill shape, outside the timing
+                    # (Triton autotuners key on batch and length: one warm-up shape is not enough)
+                    shape = (batch, min(prompt, max(256, args.prefill_tokens // batch)))
+                    if shape not in warmed:
+                        run_workload(model, shape[0], shape[1], 4, args, seed=0)
+                        warmed.add(shape)
                     torch.cuda.reset_peak_memory_stats()
                     r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch)
                     floor = (weight_bytes + 2 * state_bytes * batch) / bw

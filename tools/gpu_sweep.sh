@@ -30,8 +30,8 @@ if [ "${SWEEP:-targets}" = full ]; then
     exit 0
 fi
 if [ "${SWEEP:-targets}" = single ]; then  # one GPU: GPU tests, then our TP=1 beside the baselines
-    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model_gpu.py tests/test_kernels_gpu.py 2>&1 \
-        | tail -15 | tee -a "$OUT/log.txt"
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model_gpu.py tests/test_kernels_gpu.py \
+        > "$OUT/pytest_gpu.txt" 2>&1; grep -E "^(FAILED|E  )|passed|failed" "$OUT/pytest_gpu.txt" | tail -30
     bench 100 1 --config configs/mamba2-2.7b.yaml --batch 1,16,64 --prompt 512 --new 128
     timeout 100 python3 tools/baselines.py --impl mamba-ssm --config configs/mamba2-2.7b.yaml --batch 1,16,64 \
         --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
