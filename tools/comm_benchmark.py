@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Latency and bus bandwidth of every all-reduce variant against message size, on GPUs.
+
+    torchrun --nproc_per_node N tools/comm_benchmark.py [--sizes-kib 8,64,512,2048,8192,32768,131072]
+
+Each variant is timed two ways: launched eagerly (CUDA events around one call; median of --iters,
+slowest rank), and replayed from a CUDA graph (as decode runs it: mean of --iters replays). Bus
+bandwidth = 2 (N-1)/N x bytes / time, NCCL's convention. Rank 0 prints a markdown table and the
+message size above which `auto` would pick int8 (calibrated here).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def eager_us(op, x, group, iters):
+    times = []
+    for _ in range(iters + 5):
+        y = x.clone()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        op(y, group)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times[5:])[iters // 2]
+
+
+def graph_us(op, x, group, iters):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            op(x.clone(), group)
+    torch.cuda.current_stream().wait_stream(side)
+    buf = x.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        op(buf, group)
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / iters
+
+
+def slowest(t: float, device) -> float:
+    v = torch.tensor(t, device=device)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    return v.item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes-kib", default="8,64,512,2048,8192,32768,131072")
+    ap.add_argument("--variants", default="exact,int8,fp8,fp16")
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    from megatron_ssm.comm import QuantizedAllReduce, calibrate, make_allreduce
+    from megatron_ssm.parallel import init_distributed, shutdown
+
+    tp = init_distributed()
+    world, dev = tp.size, tp.device
+    variants = args.variants.split(",")
+    ops = {v: make_allreduce(v) for v in variants}
+    if tp.is_first:
+        print(f"{torch.cuda.get_device_name()} x{world}, bf16 messages; us per call (bus GB/s)")
+        print("| KiB | " + " | ".join(f"{v} eager | {v} graph" for v in variants) + " |")
+        print("|---|" + "---|---|" * len(variants))
+    sizes = [int(k) for k in args.sizes_kib.split(",")]
+    for kib in sizes:
+        x = torch.randn(kib * 512, device=dev, dtype=torch.bfloat16) * (tp.rank + 1)
+        cells = []
+        for v in variants:
+            e = slowest(eager_us(ops[v], x, tp.group, args.iters), dev)
+            g = slowest(graph_us(ops[v], x, tp.group, args.iters), dev)
+            bw = lambda t: 2 * (world - 1) / world * x.nbytes / (t * 1e-6) / 1e9  # noqa: E731
+            cells.append(f"{e:.1f} ({bw(e):.0f}) | {g:.1f} ({bw(g):.0f})")
+        if tp.is_first:
+            print(f"| {kib} | " + " | ".join(cells) + " |", flush=True)
+    threshold = calibrate(tp.group, [k * 1024 for k in sizes], quantized=QuantizedAllReduce("int8"))
+    if tp.is_first:
+        print(f"auto: int8 above {threshold} bytes on this machine")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
