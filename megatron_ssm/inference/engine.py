@@ -131,6 +131,10 @@ class Engine:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
     # ---- the step ------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -140,7 +140,7 @@ class EngineLoop:
             self._cv.notify()
 
     def queue_depth(self) -> int:
-        return len(self._pending) + len(self.engine.waiting)
+        return len(self._pending) + self.engine.num_waiting
 
     def running(self) -> int:
         return self.engine.num_running
