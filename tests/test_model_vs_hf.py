@@ -61,7 +61,7 @@ CASES = [
     pytest.param("falcon_mamba", dict(), id="falcon"),
     pytest.param("mamba2", dict(n_groups=1), id="mamba2-g1"),
     pytest.param("mamba2", dict(n_groups=2, tied=True), id="mamba2-g2-tied"),
-    pytest.param("mamba2", dict(n_groups=4), id="mamba2-g4"),
+    pytest.param("mamba2", dict(n_groups=4, tied=False), id="mamba2-g4-untied"),
 ]
 
 
