@@ -40,7 +40,8 @@ def main() -> int:
     ap.add_argument("--stop-ids", type=parse_ids, default=None, help="comma-separated ids that end a sequence")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="run in this dtype (default: the checkpoint's)")
-    ap.add_argument("--allreduce", default="exact", help="row-parallel all-reduce: exact|int8|fp8|fp16|auto")
+    ap.add_argument("--allreduce", default="exact", choices=["exact", "int8", "fp8", "fp16", "auto"],
+                    help="reduction of every row-parallel output (default: the backend's exact all-reduce)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     if not args.prompt_ids and not args.prompt:
@@ -49,6 +50,7 @@ def main() -> int:
         ap.error("--max-new-tokens must be >= 1")
 
     from megatron_ssm.checkpoint.convert import DTYPES
+    from megatron_ssm.comm import make_allreduce
     from megatron_ssm.checkpoint.hf import CheckpointError
     from megatron_ssm.inference.generate import generate
     from megatron_ssm.inference.sampling import SamplingParams
@@ -58,12 +60,8 @@ def main() -> int:
 
     tp = init_distributed()
     try:
-        allreduce = None
-        if args.allreduce != "exact":
-            from megatron_ssm.comm import make_allreduce
-
-            allreduce = make_allreduce(args.allreduce)
-        model = load_model(args.load, tp, dtype=DTYPES[args.dtype] if args.dtype else None, allreduce=allreduce)
+        model = load_model(args.load, tp, dtype=DTYPES[args.dtype] if args.dtype else None,
+                           allreduce=make_allreduce(args.allreduce))
         tokenizer = None
         prompts = list(args.prompt_ids)
         if args.prompt:
