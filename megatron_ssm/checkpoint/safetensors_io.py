@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .spec import TensorSpec, read_into, write_from
+from .spec import OrderedWriter, TensorSpec, read_into, write_from
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -79,11 +79,11 @@ class SafetensorsFile:
         self._f.close()
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(OrderedWriter):
     """Writes the header for `specs` at once, then takes their tensors in that order."""
 
     def __init__(self, path: str | Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
-        self.path, self.specs, self._next = Path(path), list(specs), 0
+        super().__init__(path, specs)
         header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
         offset = 0
         for s in self.specs:
@@ -95,22 +95,13 @@ class SafetensorsWriter:
         self._f = open(self.path, "wb")
         self._f.write(struct.pack("<Q", len(raw)) + raw)
 
-    @property
-    def done(self) -> bool:
-        return self._next == len(self.specs)
-
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self.done or self.specs[self._next].name != name:
-            expected = "nothing more" if self.done else self.specs[self._next].name
-            raise CheckpointError(f"{self.path}: got tensor {name}, expected {expected}")
-        self.specs[self._next].check(tensor, str(self.path))
+        self._take(name, tensor)
         write_from(self._f, tensor)
-        self._next += 1
 
     def abort(self) -> None:
         self._f.close()
 
     def close(self) -> None:
         self._f.close()
-        if not self.done:
-            raise CheckpointError(f"{self.path}: closed after {self._next} of {len(self.specs)} tensors")
+        self._check_complete()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,31 @@ class TensorSpec:
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
             raise CheckpointError(f"{where}: tensor {self.name} is {tensor.dtype} {tuple(tensor.shape)}, "
                                   f"expected {self.dtype} {self.shape}")
+
+
+class OrderedWriter:
+    """A file whose header already lists `specs`: it takes their tensors in exactly that order."""
+
+    def __init__(self, path: str | Path, specs: list[TensorSpec]):
+        self.path, self.specs, self._next = Path(path), list(specs), 0
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.specs)
+
+    def _take(self, name: str, tensor: torch.Tensor) -> tuple[int, TensorSpec]:
+        """(index, spec) of `tensor` if it is the next one expected; raises naming it otherwise."""
+        if self.done or self.specs[self._next].name != name:
+            expected = "nothing more" if self.done else self.specs[self._next].name
+            raise CheckpointError(f"{self.path}: got tensor {name}, expected {expected}")
+        index, spec = self._next, self.specs[self._next]
+        spec.check(tensor, str(self.path))
+        self._next += 1
+        return index, spec
+
+    def _check_complete(self) -> None:
+        if not self.done:
+            raise CheckpointError(f"{self.path}: closed after {self._next} of {len(self.specs)} tensors")
 
 
 CHUNK = 1 << 28  # one read()/write() call moves at most 2 GiB on Linux: go in smaller steps

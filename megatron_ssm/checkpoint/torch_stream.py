@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import CheckpointError
-from .spec import TensorSpec, read_into
+from .spec import OrderedWriter, TensorSpec, read_into
 
 PICKLE_PROTOCOL = 2  # torch.save's default
 STORAGE_ALIGNMENT = 64  # PyTorchFileWriter's default, recorded as torch.save records it
@@ -107,12 +107,12 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-class TorchFileWriter:
+class TorchFileWriter(OrderedWriter):
     """torch.save(build(state), path), where state maps each spec's name to its tensor, written as
     the tensors arrive (in `specs` order) instead of all at once."""
 
     def __init__(self, path: str | Path, specs: list[TensorSpec], build: Callable[[dict], Any] = lambda s: s):
-        self.path, self.specs, self._next = Path(path), list(specs), 0
+        super().__init__(path, specs)
         state = collections.OrderedDict((s.name, _Tensor(_Storage(str(i), s))) for i, s in enumerate(self.specs))
         buf = io.BytesIO()
         _Pickler(buf, protocol=PICKLE_PROTOCOL).dump(build(state))
@@ -121,24 +121,14 @@ class TorchFileWriter:
                            (".storage_alignment", str(STORAGE_ALIGNMENT).encode()), ("byteorder", b"little")):
             self._zip.write_record(name, data, len(data))
 
-    @property
-    def done(self) -> bool:
-        return self._next == len(self.specs)
-
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self.done or self.specs[self._next].name != name:
-            expected = "nothing more" if self.done else self.specs[self._next].name
-            raise CheckpointError(f"{self.path}: got tensor {name}, expected {expected}")
-        spec = self.specs[self._next]
-        spec.check(tensor, str(self.path))
+        index, spec = self._take(name, tensor)
         tensor = tensor.contiguous()
         if tensor.storage_offset() or tensor.untyped_storage().nbytes() != spec.nbytes:
             tensor = tensor.clone()  # a record is a whole storage; a slice of a bigger one needs its own
-        self._zip.write_record(f"data/{self._next}", tensor.untyped_storage(), spec.nbytes)
-        self._next += 1
+        self._zip.write_record(f"data/{index}", tensor.untyped_storage(), spec.nbytes)
 
     def close(self) -> None:
-        if not self.done:
-            raise CheckpointError(f"{self.path}: closed after {self._next} of {len(self.specs)} tensors")
+        self._check_complete()
         self._zip.write_end_of_file()
         del self._zip
