@@ -79,6 +79,26 @@ def _rank_load_error(ckpt: str):
     return None
 
 
+def _rank_load_error_when_one_rank_fails(ckpt: str, bad_rank: int):
+    """As _rank_load_error, but `bad_rank` fails inside its own load (a fault only it can see)."""
+    from megatron_ssm.model import load as load_mod
+    from megatron_ssm.parallel import tp_context
+
+    tp = tp_context(torch.device("cpu"))
+    real = load_mod._load
+
+    def flaky(*args):
+        if tp.rank == bad_rank:
+            raise CheckpointError(f"rank {bad_rank}: simulated unreadable shard")
+        return real(*args)
+
+    load_mod._load = flaky
+    try:
+        return _rank_load_error(ckpt)
+    finally:
+        load_mod._load = real
+
+
 # ---- exact round trips -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family,dtype,opts", [
@@ -308,6 +328,10 @@ def test_broken_megatron_checkpoints_fail_on_every_rank_with_a_clear_message(tmp
     with pytest.raises(CheckpointError, match="missing the shard of TP rank 1"):
         checkpoint_tp_size(tmp_path / "missing")
     assert ranks(2).run(_rank_load_error, str(good)) == [None, None]
+    # a fault only one rank sees during its own load still stops every rank (none left waiting)
+    errors = ranks(2).run(_rank_load_error_when_one_rank_fails, str(good), 1)
+    assert "could not load their shard" in errors[0] and "TP rank(s) 1" in errors[0]
+    assert errors[1] == "rank 1: simulated unreadable shard"
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

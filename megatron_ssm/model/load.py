@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..checkpoint.convert import DTYPES, check_names
 from ..checkpoint.hf import CheckpointError
@@ -15,6 +16,24 @@ from .lm import MambaLM
 
 def load_model(ckpt_dir: str | Path, tp: TPContext, dtype: torch.dtype | None = None,
                allreduce: AllReduceFn | None = None) -> MambaLM:
+    """This rank's model. Every rank of the TP group must call it: if any rank fails to load its
+    shard, all of them raise (the failing one with its reason) instead of the others going on to
+    wait for it in the first collective."""
+    model, error = None, None
+    try:
+        model = _load(ckpt_dir, tp, dtype, allreduce)
+    except CheckpointError as e:
+        error = e
+    failed = _ranks_that_failed(error is not None, tp)
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError(f"{ckpt_dir}: TP rank(s) {', '.join(map(str, failed))} could not load their shard "
+                              f"(their own messages say why)")
+    return model
+
+
+def _load(ckpt_dir, tp: TPContext, dtype, allreduce) -> MambaLM:
     cfg, state = load_rank(ckpt_dir, tp.rank, tp.size)
     dtype = dtype or DTYPES.get(cfg.torch_dtype, torch.float32)
     model = MambaLM(cfg, tp, dtype=dtype, allreduce=allreduce)
@@ -26,3 +45,12 @@ def load_model(ckpt_dir: str | Path, tp: TPContext, dtype: torch.dtype | None = 
                                   f"the model expects {tuple(own[name].shape)}")
     model.load_state_dict(state, strict=False)
     return model.eval()
+
+
+def _ranks_that_failed(failed: bool, tp: TPContext) -> list[int]:
+    if tp.size == 1 or not dist.is_initialized():
+        return [tp.rank] if failed else []
+    flags = torch.zeros(tp.size, device=tp.device)
+    flags[tp.rank] = float(failed)
+    dist.all_reduce(flags, group=tp.group)
+    return [r for r in range(tp.size) if flags[r] > 0]
