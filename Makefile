@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TP ?= 2
-DEMO_PROMPT ?= def fibonacci(n):
+DEMO_PROMPT ?= def read_lines(path):
 DEMO_CKPT := out/tiny-mamba2-tp$(TP)
 
 .PHONY: demo test test-gpu venv clean
