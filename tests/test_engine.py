@@ -97,6 +97,34 @@ def _rank_sampling(ckpt, prompts, new, seed):
     return [toks[i] for i in ids], [lps[i] for i in ids]
 
 
+def _rank_prompt_logprobs(ckpt, prompts, **cfg):
+    """Engine prompt log-probs (twice: the second round may find prefix states of the first) for a
+    mix of scoring, plain and score-only requests, and the references: each prompt run alone from
+    scratch, full logits gathered, log_softmax at the next token; tokens of plain requests."""
+    from megatron_ssm.inference.engine import Request
+    from megatron_ssm.inference.sampling import gather_logits
+
+    eng = _engine(ckpt, max_batch=len(prompts), **cfg)
+    kinds = [("score", "plain", "score_only")[i % 3] for i in range(len(prompts))]
+    rounds = []
+    for _ in range(2):
+        ids = [eng.add_request(Request(p, 0 if k == "score_only" else 3, prompt_logprobs=k != "plain"))
+               for p, k in zip(prompts, kinds)]
+        firsts, toks = {}, {i: [] for i in ids}
+        while eng.has_work():
+            for o in eng.step():
+                firsts.setdefault(o.request_id, o)
+                toks[o.request_id].append(o.token)
+        rounds.append(([firsts[i].prompt_logprobs for i in ids], [toks[i] for i in ids]))
+    m = eng.model
+    refs = []
+    for p in prompts:
+        full = gather_logits(m(torch.tensor([p]))[0], m.cfg.vocab_size, m.tp)
+        refs.append(torch.log_softmax(full[:-1], -1).gather(1, torch.tensor(p[1:])[:, None])[:, 0].tolist())
+    plain = _engine(ckpt, max_batch=len(prompts)).generate([Request(p, 3) for p in prompts])
+    return kinds, rounds, refs, plain
+
+
 def _rank_logprob(local_logits_full, tokens):
     from megatron_ssm.inference.sampling import VocabShard, vocab_parallel_logprob
     from megatron_ssm.parallel import tp_context
@@ -155,6 +183,56 @@ def test_seeded_sampling_is_reproducible_and_equal_across_tp(ranks, ckpts):
     for lp in runs[1][1]:
         assert all(math.isfinite(x) and x <= 0 for x in lp)
     assert torch.allclose(torch.tensor(runs[1][1]), torch.tensor(runs[4][1]), atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [dict(prefill_chunk=4096), dict(prefill_chunk=4),
+                                 dict(prefill_chunk=5, prefix_block=4, prefix_cache_bytes=1 << 24)],
+                         ids=["one-shot", "chunked", "chunked+prefix-cache"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_prompt_logprobs_equal_full_recompute(ranks, ckpts, tp, cfg):
+    # three same-length prompts (scoring, plain and score-only in one prefill group), others alone
+    prompts = _prompts(fresh_seed(), (13, 13, 13, 1, 6, 9))
+    kinds, rounds, refs, plain = ranks(tp).run(_rank_prompt_logprobs, ckpts["mamba2"][tp], prompts, **cfg)[0]
+    for lps, toks in rounds:
+        for i, (kind, lp, tk, ref) in enumerate(zip(kinds, lps, toks, refs)):
+            if kind == "plain":
+                assert lp is None, i
+            else:
+                assert lp is not None and len(lp) == len(prompts[i]) - 1, i
+                assert torch.allclose(torch.tensor(lp), torch.tensor(ref), atol=1e-4), (i, lp, ref)
+            # scoring does not change what is generated; score-only gives one finished output, no token
+            assert tk == ([-1] if kind == "score_only" else plain[i]), i
+
+
+def _rank_check_request(ckpt):
+    """(check_request's error, add_request's error) per bad request, and whether anything was queued."""
+    from megatron_ssm.inference.engine import Request
+    from megatron_ssm.inference.sampling import SamplingParams
+
+    eng = _engine(ckpt, max_batch=1, max_sequence_length=16)
+    bad = [Request([]), Request([10**6]), Request([5], 0), Request([5], -1, prompt_logprobs=True),
+           Request([5] * 10, 7), Request([5], 2, SamplingParams(temperature=1, top_p=0))]
+    out = []
+    for req in bad:
+        errs = []
+        for call in (eng.check_request, eng.add_request):
+            try:
+                call(req)
+                errs.append(None)
+            except ValueError as e:
+                errs.append(str(e))
+        out.append(errs)
+    eng.check_request(Request([5] * 16, 0, prompt_logprobs=True))  # scoring a prompt that fills the budget
+    return out, eng.has_work()
+
+
+def test_check_request_refuses_what_add_request_refuses(ranks, ckpts):
+    errs, queued = ranks(1).run(_rank_check_request, ckpts["mamba2"][1])[0]
+    expected = ["prompt is empty", "outside", "max_new_tokens must be >= 1", "max_new_tokens must be >= 0",
+                "context budget", "top_p"]
+    for (checked, added), want in zip(errs, expected):
+        assert checked is not None and want in checked and added == checked
+    assert not queued
 
 
 @pytest.mark.parametrize("tp", [2, 4])

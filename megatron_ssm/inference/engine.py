@@ -2,9 +2,10 @@
 
 A step either admits waiting requests into free state-cache slots and prefills them (same-length
 prompts together, long prompts in chunks, starting from a cached prefix state when one matches),
-or advances every running sequence by one token (replayed from a CUDA graph on GPU). Running sequences always occupy slots
-[0, n_running): a sequence that finishes hands its slot to the last one, so decode works on a view
-of the cache and never copies states.
+or advances every running sequence by one token (replayed from a CUDA graph on GPU). Prefill can
+also score prompts (`Request.prompt_logprobs`), vocab-parallel, in the same forwards. Running
+sequences always occupy slots [0, n_running): a sequence that finishes hands its slot to the last
+one, so decode works on a view of the cache and never copies states.
 
 Every TP rank runs an engine and must see the same calls in the same order (the server broadcasts
 them); all its decisions are functions of those calls, so the ranks stay in step.
@@ -21,7 +22,7 @@ import torch
 from ..model.lm import LayerState, MambaLM
 from .cache import StateCache
 from .prefix_cache import PrefixStateCache, prefix_keys
-from .sampling import SamplingParams, VocabShard, choose_tokens
+from .sampling import SamplingParams, VocabShard, choose_tokens, vocab_parallel_logprob
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,19 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: tuple[int, ...] = ()
     logprobs: bool = False
+    # log p(prompt[i] | prompt[:i]) for i >= 1, on the request's first TokenOutput. With it,
+    # max_new_tokens may be 0: score the prompt only (one finished output, token -1).
+    prompt_logprobs: bool = False
 
 
 @dataclass
 class TokenOutput:
     request_id: int
-    token: int
+    token: int  # -1 on the single output of a score-only request (max_new_tokens 0)
     logprob: float | None
     finished: bool
     finish_reason: str | None = None  # "length" | "stop" | "abort"
+    prompt_logprobs: list[float] | None = None  # first output only, when the request asked for them
 
 
 @dataclass
@@ -91,19 +96,25 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def add_request(self, req: Request) -> int:
-        """Queue a request; returns its id. Raises ValueError naming what is wrong with it."""
+    def check_request(self, req: Request) -> None:
+        """Raise ValueError naming what is wrong with req, if anything (what add_request refuses).
+        Reads only the configuration, so any thread may call it."""
         if not req.prompt:
             raise ValueError("prompt is empty")
         vocab = self.model.cfg.vocab_size
         if any(not 0 <= t < vocab for t in req.prompt):
             raise ValueError(f"prompt holds token ids outside [0, {vocab})")
-        if req.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        least = 0 if req.prompt_logprobs else 1  # 0: score the prompt only
+        if req.max_new_tokens < least:
+            raise ValueError(f"max_new_tokens must be >= {least}, got {req.max_new_tokens}")
         if len(req.prompt) + req.max_new_tokens > self.config.max_sequence_length:
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds "
                              f"the context budget of {self.config.max_sequence_length} tokens")
         req.sampling.validate()
+
+    def add_request(self, req: Request) -> int:
+        """Queue a request; returns its id. Raises ValueError naming what is wrong with it."""
+        self.check_request(req)
         gen = None
         if not req.sampling.greedy:
             gen = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
@@ -166,7 +177,9 @@ class Engine:
         """Prefill admitted sequences, grouped so each forward runs equal-length token blocks."""
         groups: dict[tuple[int, int], list[_Sequence]] = {}
         for seq in seqs:
-            start, saved = self.prefix.lookup(seq.req.prompt)
+            # Prompt log-probs need the logits of every prompt position, which a cached prefix state
+            # skips: such requests never start from one (they still save the states they pass).
+            start, saved = (0, None) if seq.req.prompt_logprobs else self.prefix.lookup(seq.req.prompt)
             self.cache.reset(seq.slot, seq.slot + 1)
             if saved is not None:
                 for c, s, e in zip(self.cache.conv, self.cache.ssm, saved):
@@ -179,29 +192,44 @@ class Engine:
             slots = torch.tensor([s.slot for s in group], device=self.device)
             states = self.cache.gather(slots)
             tokens = torch.tensor([s.req.prompt for s in group], device=self.device)
-            logits = self._prefill_tokens(tokens, start, states, [s.req.prompt for s in group])
+            score = [row for row, s in enumerate(group) if s.req.prompt_logprobs]
+            logits, scored = self._prefill_tokens(tokens, start, states, [s.req.prompt for s in group], score)
             self.cache.scatter(slots, states)
-            outputs += self._emit(group, logits)
+            outputs += self._emit(group, logits, dict(zip(score, scored)))
         return outputs
 
     def _prefill_tokens(self, tokens: torch.Tensor, start: int, states: list[LayerState],
-                        prompts: list[list[int]]) -> torch.Tensor:
+                        prompts: list[list[int]], score: list[int]) -> tuple[torch.Tensor, list[list[float]]]:
         """Run tokens[:, start:] through the model in chunks that end on prefix-block boundaries,
-        saving the states reached there. Returns the last position's local logits [b, V/tp]."""
+        saving the states reached there. Returns the last position's local logits [b, V/tp] and,
+        for each row in `score`, the prompt's log-probs (tokens 1..L-1).
+
+        Rows to score need every position's logits, so a group holding one computes them all
+        (start is then 0: such rows skip the prefix cache). A chunk's position p predicts token
+        p+1, so its last position predicts the next chunk's first token: each chunk scores the
+        tokens after its own positions, up to the prompt's last."""
         L = tokens.shape[1]
         block, chunk = self.config.prefix_block, self.config.prefill_chunk
         keys = [dict(prefix_keys(p[:-1], block)) for p in prompts] if self.prefix.enabled else None
+        assert not score or start == 0
+        parts = []
         pos = start
         while pos < L:
             end = min(L, pos + chunk)
             if keys is not None:
                 end = min(end, (pos // block + 1) * block)  # stop on each block boundary to save it
-            logits = self.model(tokens[:, pos:end], states, last_only=True)
+            logits = self.model(tokens[:, pos:end], states, last_only=not score)
+            n = min(end, L - 1) - pos  # positions pos..pos+n-1 predict prompt tokens pos+1..pos+n
+            if score and n > 0:
+                local = logits[score, :n].reshape(len(score) * n, -1)
+                parts.append(vocab_parallel_logprob(local, tokens[score, pos + 1:pos + 1 + n].reshape(-1),
+                                                    self.shard).view(len(score), n))
             pos = end
             if keys is not None and pos in keys[0]:
                 for row, k in enumerate(keys):
                     self.prefix.save(k[pos], states, row)
-        return logits[:, -1]
+        scored = torch.cat(parts, 1).tolist() if parts else [[] for _ in score]
+        return logits[:, -1], scored
 
     def _decode(self, n: int) -> list[TokenOutput]:
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
@@ -210,17 +238,26 @@ class Engine:
             logits = self.model(tokens, self.cache.rows(0, n))[:, -1]
         return self._emit(list(self.running), logits)
 
-    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenOutput]:
+    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor,
+              prompt_lps: dict[int, list[float]] | None = None) -> list[TokenOutput]:
+        """One token per sequence from its logits (row i for seqs[i]); prompt_lps: row -> the
+        prompt log-probs to deliver with that row's first output."""
         tokens, logprobs = choose_tokens(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs],
                                          [s.req.logprobs for s in seqs], self.shard)
         tokens = tokens.tolist()
         logprobs = logprobs.tolist() if logprobs is not None else [None] * len(seqs)
+        prompt_lps = prompt_lps or {}
         outputs = []
-        for seq, tok, lp in zip(seqs, tokens, logprobs):
-            seq.generated += 1
+        for row, (seq, tok, lp) in enumerate(zip(seqs, tokens, logprobs)):
+            if seq.req.max_new_tokens == 0:  # score only: the token chosen here is not part of it
+                tok, lp, reason = -1, None, "length"
+            else:
+                seq.generated += 1
+                reason = ("stop" if tok in seq.req.stop_ids else
+                          "length" if seq.generated >= seq.req.max_new_tokens else None)
             seq.last_token = tok
-            reason = "stop" if tok in seq.req.stop_ids else "length" if seq.generated >= seq.req.max_new_tokens else None
-            outputs.append(TokenOutput(seq.id, tok, lp if seq.req.logprobs else None, reason is not None, reason))
+            outputs.append(TokenOutput(seq.id, tok, lp if seq.req.logprobs else None, reason is not None, reason,
+                                       prompt_lps.get(row)))
             if reason is not None:
                 self._release(seq)
         return outputs
@@ -244,5 +281,6 @@ class Engine:
         out: dict[int, list[int]] = {i: [] for i in ids}
         while self.has_work():
             for o in self.step():
-                out[o.request_id].append(o.token)
+                if o.token >= 0:
+                    out[o.request_id].append(o.token)
         return [out[i] for i in ids]

@@ -149,6 +149,7 @@ class Batch:
         self.ctx = ctx
         self.q: queue.Queue = queue.Queue()
         self.handles = [Handle(j, self.q, i) for i, j in enumerate(jobs)]
+        ctx.loop.check(self.handles)  # the engine's rules, before Choice decodes the prompts
         self.deadline = time.monotonic() + ctx.config.request_timeout
         self.start = time.monotonic()
 

@@ -1,10 +1,11 @@
 """The engine loop: one per rank, all in step.
 
-Rank 0's HTTP threads hand validated, tokenized requests to `EngineLoop.submit` and read their
-tokens from a queue. Rank 0's loop thread, once per iteration, takes what arrived (new requests,
-cancellations, a shutdown), broadcasts it to every rank in one small control message over a gloo
-group, and then every rank applies the message to its own engine in the same order and runs the
-same `engine.step()`. The engines, fed identical calls, stay identical: request ids are assigned
+Rank 0's HTTP threads have the engine check parsed, tokenized requests (`EngineLoop.check`, i.e.
+`Engine.check_request`), hand them to `EngineLoop.submit` and read their tokens from a queue.
+Rank 0's loop thread, once per iteration, takes what arrived (new requests, cancellations, a
+shutdown), broadcasts it to every rank in one small control message over a gloo group, and then
+every rank applies the message to its own engine in the same order and runs the same
+`engine.step()`. The engines, fed identical calls, stay identical: request ids are assigned
 alike, and every rank joins the same collectives.
 
 When idle, rank 0 waits for work but still broadcasts an empty message every `heartbeat` seconds,
@@ -18,12 +19,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
-from ..inference.cache import StateCache
 from ..inference.engine import Engine, Request
-from ..inference.sampling import vocab_parallel_logprob
 from .metrics import Metrics
 from .protocol import ApiError, Job
 
@@ -43,16 +41,23 @@ class Handle:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
 
+    @property
+    def score_only(self) -> bool:
+        return self.job.max_new_tokens == 0
+
     def request(self) -> Request:
+        """The engine's request. A score-only job (max_new_tokens 0) runs as a prompt_logprobs
+        request with no new tokens, even when its log-probs are not wanted (OpenAI echo alone)."""
         j = self.job
-        return Request(list(j.prompt), j.max_new_tokens, j.sampling, tuple(j.stop_ids), j.logprobs)
+        return Request(list(j.prompt), j.max_new_tokens, j.sampling, tuple(j.stop_ids), j.logprobs,
+                       prompt_logprobs=j.prompt_logprobs or self.score_only)
 
 
 @dataclass
 class Message:
     """What rank 0 tells every rank before a step."""
 
-    add: list[tuple[Request, bool]]  # (request, score its prompt first); max_new_tokens 0: score only
+    add: list[Request]
     abort: list[int]  # engine request ids
     shutdown: bool = False
 
@@ -74,26 +79,6 @@ class ControlChannel:
 
 class StopTimeout(RuntimeError):
     pass
-
-
-@torch.no_grad()
-def prompt_logprobs(engine: Engine, prompt: list[int]) -> list[float]:
-    """log p(prompt[i] | prompt[:i]) for i >= 1, from a fresh state, in prefill-sized chunks.
-    Runs collectives: every rank must call it alike."""
-    L = len(prompt)
-    if L < 2:
-        return []
-    model = engine.model
-    cache = StateCache(model.state_shapes(), 1, dtype=model.dtype, device=engine.device)
-    states = cache.rows(0, 1)
-    tokens = torch.tensor([prompt], device=engine.device)
-    chunk = max(1, engine.config.prefill_chunk)
-    out = []
-    for pos in range(0, L - 1, chunk):
-        end = min(pos + chunk, L - 1)
-        logits = model(tokens[:, pos:end], states)[0]  # rows pos..end-1 predict tokens pos+1..end
-        out.append(vocab_parallel_logprob(logits, tokens[0, pos + 1:end + 1], engine.shard))
-    return torch.cat(out).tolist()
 
 
 class EngineLoop:
@@ -119,7 +104,17 @@ class EngineLoop:
     def accepting(self) -> bool:
         return self._stop_at is None and self.failure is None
 
+    def check(self, handles: list[Handle]) -> None:
+        """ApiError (400) naming the first handle the engine would refuse (Engine.check_request).
+        Call before anything else uses the prompts (decoding them assumes valid token ids)."""
+        for h in handles:
+            try:
+                self.engine.check_request(h.request())
+            except ValueError as e:
+                raise ApiError(f"prompt {h.index}: {e}" if len(handles) > 1 else str(e), param="prompt") from None
+
     def submit(self, handles: list[Handle]) -> None:
+        """Queue handles (already passed `check`) for the next broadcast."""
         with self._cv:
             if not self.accepting:
                 raise ApiError("the server is shutting down" if self.failure is None else
@@ -175,7 +170,7 @@ class EngineLoop:
     def _run_first(self) -> None:
         while True:
             handles, aborts, shutdown = self._collect()
-            msg = Message([(h.request(), h.job.prompt_logprobs) for h in handles], aborts, shutdown)
+            msg = Message([h.request() for h in handles], aborts, shutdown)
             self.channel.exchange(msg)
             self._apply(msg, handles)
             if shutdown:
@@ -232,20 +227,11 @@ class EngineLoop:
     def _apply(self, msg: Message, handles: list[Handle] | None) -> None:
         for eid in msg.abort:
             self.engine.abort(eid)
-        for i, (req, score) in enumerate(msg.add):
+        for i, req in enumerate(msg.add):
             h = handles[i] if handles is not None else None
-            if score:
-                lps = prompt_logprobs(self.engine, req.prompt)
-                if h is not None:
-                    h.sink.put((h.index, "prompt_logprobs", lps))
-            if req.max_new_tokens <= 0:
-                if h is not None:
-                    h.finished = True
-                    h.sink.put((h.index, "done", None))
-                continue
             try:
                 eid = self.engine.add_request(req)
-            except ValueError as e:  # deterministic: every rank refuses it alike, ids stay in step
+            except ValueError as e:  # submit checked it; should it still fail, every rank refuses it alike
                 if h is not None:
                     self._fail(h, ApiError(str(e)))
                 continue
@@ -261,6 +247,13 @@ class EngineLoop:
         for o in outputs:
             h = self._active.get(o.request_id)
             if h is None:
+                continue
+            if o.prompt_logprobs is not None and h.job.prompt_logprobs:
+                h.sink.put((h.index, "prompt_logprobs", o.prompt_logprobs))
+            if h.score_only:  # its one output carries no token
+                del self._active[o.request_id]
+                h.finished = True
+                h.sink.put((h.index, "done", None))
                 continue
             ttft = itl = None
             if h.first_token_at is None:

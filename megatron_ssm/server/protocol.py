@@ -1,9 +1,11 @@
 """Request parsing and validation for the two HTTP APIs, before anything reaches the engine.
 
 Megatron's `PUT /api` and OpenAI's `POST /v1/completions` bodies become `Job`s: one per prompt,
-already tokenized, with sampling parameters the engine accepts. Everything a request can get wrong
-is found here, on rank 0, and answered with an `ApiError` (4xx, a message naming the field) before
-the request is broadcast to the other ranks.
+already tokenized, with sampling parameters the engine accepts. What a request can get wrong about
+the API is found here, on rank 0, and answered with an `ApiError` (4xx, a message naming the
+field); the engine's own rules for a prompt (not empty, token ids in the vocabulary, within the
+context budget) are checked by `Engine.check_request` when the jobs are submitted, also on rank 0
+and before anything is broadcast to the other ranks.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class Job:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: tuple[int, ...] = ()
     logprobs: bool = False  # log-probs of generated tokens
-    prompt_logprobs: bool = False  # log-probs of prompt tokens 1.. (an extra scoring forward)
+    prompt_logprobs: bool = False  # log-probs of prompt tokens 1.. (computed in the engine's prefill)
 
 
 # ---- typed field access ------------------------------------------------------------------------
@@ -126,14 +128,6 @@ def _check_fields(body: dict, known: set[str], api: str) -> None:
     if unknown:
         raise ApiError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for {api}; "
                        f"supported: {', '.join(sorted(known))}", param=unknown[0])
-
-
-def _check_budget(ids: list[int], new: int, info: ModelInfo, what: str) -> None:
-    if not ids:
-        raise ApiError(f"{what} is empty (0 tokens)", param="prompt")
-    if len(ids) + new > info.max_sequence_length:
-        raise ApiError(f"{what} has {len(ids)} tokens; with {new} tokens to generate that exceeds the context budget "
-                       f"of {info.max_sequence_length} tokens", param="prompt")
 
 
 def _sampling(temperature: float, top_k: int, top_p: float, seed: int | None, index: int) -> SamplingParams:
@@ -227,7 +221,6 @@ def parse_megatron(body: dict, info: ModelInfo) -> MegatronRequest:
     jobs = []
     for i, text in enumerate(prompts):
         ids = ([bos] if add_bos else []) + codec.encode(text)
-        _check_budget(ids, new, info, f"prompt {i}" if len(prompts) > 1 else "the prompt")
         jobs.append(Job(ids, new, _sampling(temperature, top_k, top_p or 1.0, seed, i),
                         stop_ids=(stop_token,) if 0 <= stop_token < info.vocab_size else (),
                         logprobs=logprobs, prompt_logprobs=logprobs))
@@ -277,11 +270,6 @@ def _prompts(v, info: ModelInfo) -> tuple[list[str | None], list[list[int]]]:
     if texts[0] is not None:
         codec = _need_codec(info, "prompt")
         token_lists = [codec.encode(t) for t in texts]
-    else:
-        for i, p in enumerate(token_lists):
-            bad = [t for t in p if not 0 <= t < info.vocab_size]
-            if bad:
-                raise ApiError(f"prompt {i} holds token ids outside [0, {info.vocab_size}): {bad[:5]}", param="prompt")
     return texts, token_lists
 
 
@@ -352,7 +340,6 @@ def parse_openai(body: dict, info: ModelInfo) -> CompletionRequest:
     texts, token_lists = _prompts(body["prompt"], info)
     jobs = []
     for i, ids in enumerate(token_lists):
-        _check_budget(ids, max_tokens, info, f"prompt {i}" if len(token_lists) > 1 else "the prompt")
         jobs.append(Job(ids, max_tokens, _sampling(temperature, top_k, top_p, seed, i), stop_ids,
                         logprobs=logprobs is not None, prompt_logprobs=echo and logprobs is not None))
     return CompletionRequest(texts, jobs, stream, include_usage, echo, logprobs, stop, model)
