@@ -140,7 +140,8 @@ def _rank_logprob(local_logits_full, tokens):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("family", ["mamba2", "mamba"])
 def test_mixed_length_batch_equals_each_prompt_alone(ranks, ckpts, family, tp):
-    prompts = _prompts(fresh_seed(), (9, 2, 17, 5, 1))
+    # repeated lengths in non-adjacent slots exercise the gathered (non-contiguous) prefill path
+    prompts = _prompts(fresh_seed(), (9, 2, 17, 9, 5, 2, 1))
     alone, batched, small = ranks(tp).run(_rank_alone_vs_batched, ckpts[family][tp], prompts, 6)[0]
     assert batched == alone
     assert small == alone

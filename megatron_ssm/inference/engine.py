@@ -188,13 +188,17 @@ class Engine:
             groups.setdefault((len(seq.req.prompt), start), []).append(seq)
         outputs = []
         for (length, start), group in groups.items():
-            # group members sit in consecutive slots only if admitted together; gather otherwise
-            slots = torch.tensor([s.slot for s in group], device=self.device)
-            states = self.cache.gather(slots)
+            # Requests admitted together sit in consecutive slots: prefill those in place (a view of
+            # the cache); only a group scattered over the cache is gathered and written back.
+            first = group[0].slot
+            contiguous = [s.slot for s in group] == list(range(first, first + len(group)))
+            slots = None if contiguous else torch.tensor([s.slot for s in group], device=self.device)
+            states = self.cache.rows(first, first + len(group)) if contiguous else self.cache.gather(slots)
             tokens = torch.tensor([s.req.prompt for s in group], device=self.device)
             score = [row for row, s in enumerate(group) if s.req.prompt_logprobs]
             logits, scored = self._prefill_tokens(tokens, start, states, [s.req.prompt for s in group], score)
-            self.cache.scatter(slots, states)
+            if not contiguous:
+                self.cache.scatter(slots, states)
             outputs += self._emit(group, logits, dict(zip(score, scored)))
         return outputs
 
