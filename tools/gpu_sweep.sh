@@ -2,7 +2,8 @@
 # TP scaling sweep on a lent multi-GPU machine, one call, logs and JSON lines under $OUT:
 #   run(command="bash tools/gpu_sweep.sh", kind="nvidia-h100-x4", carry=[".whl"], timeout_s=600)
 # Each step has its own timeout, so a slow or failing step still leaves the others' numbers.
-# SWEEP=targets (default): the issue's TP-scaling workloads; SWEEP=single: GPU tests and TP=1 vs baselines; SWEEP=small: 512-token prompts against
+# SWEEP=targets (default): the issue's TP-scaling workloads; SWEEP=single: GPU tests and TP=1 vs baselines;
+# SWEEP=comm: all-reduce variants (latency vs size at TP 2/4, end to end at TP=4); SWEEP=small: 512-token prompts against
 # the single-GPU bar in shared/background.md; SWEEP=full: the issue's whole grid (hours).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -37,6 +38,16 @@ if [ "${SWEEP:-targets}" = single ]; then  # one GPU: GPU tests, then our TP=1 b
         --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
     timeout 80 python3 tools/baselines.py --impl hf --config configs/mamba2-2.7b.yaml --batch 1 --prompt 512 \
         --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
+    exit 0
+fi
+if [ "${SWEEP:-targets}" = comm ]; then  # all-reduce variants: latency vs size, then end to end at TP=4
+    for tp in 2 4; do
+        [ "$tp" -le "$ngpu" ] && timeout 150 torchrun --standalone --nproc_per_node $tp tools/comm_benchmark.py 2>&1 \
+            | grep -E "^\||auto:|x[0-9], bf16" | tee -a "$OUT/log.txt"
+    done
+    for ar in exact int8 auto; do
+        bench 150 4 --config configs/mamba-codestral-7b.yaml --batch 32 --prompt 8192 --new 256 --allreduce $ar --tag "allreduce=$ar"
+    done
     exit 0
 fi
 if [ "${SWEEP:-targets}" = targets ]; then  # the issue's scaling targets, and mamba-ssm on the same work
