@@ -8,9 +8,14 @@ DEMO_CKPT := out/tiny-mamba2-tp$(TP)
 
 .PHONY: demo test test-gpu venv clean
 
+# Without a GPU, take torch's CPU build first (where the machine has one): a bare `torch` requirement
+# would pull a multi-GB CUDA build that a CPU-only machine never uses.
+TORCH_CPU ?= torch==2.13.0
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q '$(TORCH_CPU)' || true
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
