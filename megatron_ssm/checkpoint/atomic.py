@@ -108,3 +108,35 @@ class AtomicDir:
         _fsync(self.target.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class AtomicWriter:
+    """Base of the checkpoint writers: `with Writer(target, ...) as w:` writes into `w.tmp`; on a
+    clean exit `_finish()` completes the directory and it is published whole, and any failure,
+    in `_finish` or before, discards it (`_discard` first releases what the writer holds open)."""
+
+    def __init__(self, target: str | Path, force: bool = False):
+        self.target = Path(target)
+        self._atomic = AtomicDir(self.target, force)
+
+    def __enter__(self):
+        self.tmp = self._atomic.__enter__()
+        return self
+
+    def _finish(self) -> None:
+        pass
+
+    def _discard(self) -> None:
+        pass
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._discard()
+                self._atomic.__exit__(type(e), e, e.__traceback__)
+                raise
+        else:
+            self._discard()
+        self._atomic.__exit__(exc_type, exc, tb)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import FALCON_MAMBA, MAMBA2, ConfigError, SSMConfig
-from .atomic import AtomicDir
+from .atomic import AtomicWriter
 from .errors import CheckpointError
 from .hf import INDEX_FILE, SINGLE_FILE, copy_tokenizer, hf_name
 from .safetensors_io import SafetensorsWriter
@@ -60,20 +60,20 @@ def plan_files(specs: list[TensorSpec], max_bytes: int) -> list[tuple[str, list[
     return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
-class HFWriter:
+class HFWriter(AtomicWriter):
     """with HFWriter(dir, cfg, specs) as w: w.write(name, tensor) in `specs` order (our names)."""
 
     def __init__(self, target: str | Path, cfg: SSMConfig, specs: list[TensorSpec], force: bool = False,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-        self.target, self.cfg = Path(target), cfg
+        self.cfg = cfg
         self.config = hf_config_dict(cfg)  # before touching the disk: a model HF cannot express fails here
-        self._atomic = AtomicDir(self.target, force)
+        super().__init__(target, force)
         self.files = plan_files([TensorSpec(hf_name(s.name), s.shape, s.dtype) for s in specs], max_shard_bytes)
         self._file_of = {spec.name: i for i, (_, group) in enumerate(self.files) for spec in group}
         self._current: tuple[int, SafetensorsWriter] | None = None
 
     def __enter__(self) -> "HFWriter":
-        self.tmp = self._atomic.__enter__()
+        super().__enter__()
         (self.tmp / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
         return self
 
@@ -104,13 +104,7 @@ class HFWriter:
                      "weight_map": {s.name: fname for fname, g in self.files for s in g}}
             (self.tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self._finish()
-            except BaseException as e:
-                self._atomic.__exit__(type(e), e, e.__traceback__)
-                raise
-        elif self._current is not None:
+    def _discard(self) -> None:
+        if self._current is not None:
             self._current[1].abort()
-        self._atomic.__exit__(exc_type, exc, tb)
+            self._current = None

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from ..config import SSMConfig
-from .atomic import AtomicDir, interrupted_hint
+from .atomic import AtomicWriter, interrupted_hint
 from .errors import CheckpointError, check_names
 from .hf import TOKENIZER_FILES, copy_tokenizer  # noqa: F401 - TOKENIZER_FILES: public name
 from .partition import hf_shapes, merge, merge_shape, shard_shape
@@ -36,20 +36,15 @@ def rank_file(root: Path, rank: int) -> Path:
     return Path(root) / RELEASE / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
 
 
-class CheckpointWriter:
+class CheckpointWriter(AtomicWriter):
     """with CheckpointWriter(dir, force) as w: w.open_ranks(...); w.write(rank, name, t) ...
     (or w.save_rank(...) with a whole shard) -> renamed into `dir` only if everything was written."""
 
     def __init__(self, target: str | Path, force: bool = False):
-        self.target = Path(target)
-        self._atomic = AtomicDir(self.target, force)
+        super().__init__(target, force)
         self.tp: int | None = None
         self._writers: dict[int, TorchFileWriter] = {}
         self._closed: set[int] = set()
-
-    def __enter__(self) -> "CheckpointWriter":
-        self.tmp = self._atomic.__enter__()
-        return self
 
     def _set_tp(self, tp: int) -> None:
         if self.tp not in (None, tp):
@@ -93,16 +88,10 @@ class CheckpointWriter:
         (self.tmp / MANIFEST).write_text(json.dumps(
             {"format": "megatron-ssm", "tensor_model_parallel_size": self.tp, "files": files}, indent=1))
         (self.tmp / TRACKER).write_text(RELEASE)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                self._finish()
-            except BaseException as e:
-                self._atomic.__exit__(type(e), e, e.__traceback__)
-                raise
         self._writers.clear()
-        self._atomic.__exit__(exc_type, exc, tb)
+
+    def _discard(self) -> None:
+        self._writers.clear()
 
 
 def checkpoint_tp_size(root: str | Path) -> int:
