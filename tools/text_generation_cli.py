@@ -35,16 +35,14 @@ def _error_text(e: urllib.error.HTTPError) -> str:
         return e.reason
 
 
+def _given(args, **fields) -> dict:
+    """{request field: value} for each option the user set (attribute name -> request field name)."""
+    return {field: getattr(args, attr) for attr, field in fields.items() if getattr(args, attr) is not None}
+
+
 def generate(server: str, prompt: str, tokens: int, args) -> dict:
-    body = {"prompts": [prompt], "tokens_to_generate": tokens}
-    if args.temperature is not None:
-        body["temperature"] = args.temperature
-    if args.top_k is not None:
-        body["top_k"] = args.top_k
-    if args.top_p is not None:
-        body["top_p"] = args.top_p
-    if args.seed is not None:
-        body["random_seed"] = args.seed
+    body = {"prompts": [prompt], "tokens_to_generate": tokens,
+            **_given(args, temperature="temperature", top_k="top_k", top_p="top_p", seed="random_seed")}
     if args.logprobs:
         body["logprobs"] = True
     with _call("PUT", _url(server, "/api"), body, args.timeout) as r:
@@ -53,13 +51,8 @@ def generate(server: str, prompt: str, tokens: int, args) -> dict:
 
 def stream(server: str, prompt: str, tokens: int, args, out=sys.stdout) -> str:
     body = {"prompt": prompt, "max_tokens": tokens, "stream": True,
-            "temperature": 1.0 if args.temperature is None else args.temperature}
-    if args.top_k is not None:
-        body["top_k"] = args.top_k
-    if args.top_p is not None:
-        body["top_p"] = args.top_p
-    if args.seed is not None:
-        body["seed"] = args.seed
+            "temperature": 1.0 if args.temperature is None else args.temperature,
+            **_given(args, top_k="top_k", top_p="top_p", seed="seed")}
     text = []
     out.write(prompt)
     with _call("POST", _url(server, "/v1/completions"), body, args.timeout) as r:

@@ -52,9 +52,6 @@ class PrefixStateCache:
         self.misses += 1
         return 0, None
 
-    def contains(self, key: bytes) -> bool:
-        return key in self._entries
-
     def save(self, key: bytes, states: list[LayerState], row: int) -> None:
         """Keep a copy of row `row` of `states` under `key`, evicting the least recently used."""
         if not self.enabled or key in self._entries:

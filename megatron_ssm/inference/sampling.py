@@ -127,9 +127,3 @@ def choose_tokens(local: torch.Tensor, params: list[SamplingParams], generators:
     logprobs = vocab_parallel_logprob(local, tokens, shard) if any(want_logprobs) else None
     return tokens, logprobs
 
-
-def sample(local: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           vocab_start: int, vocab_size: int, tp: TPContext) -> torch.Tensor:
-    """local [b, V/tp] -> token ids [b], every row with the same params."""
-    b = local.shape[0]
-    return choose_tokens(local, [params] * b, [generator] * b, [False] * b, VocabShard(vocab_start, vocab_size, tp))[0]
