@@ -6,6 +6,10 @@
 - "auto": exact for small messages (latency-bound: the extra kernels and collectives of the quantised
   path cost more than the bytes they save), quantised from a size threshold up.
 
+`allreduce.start(tensor, group)` begins the same sum without waiting for it and returns a
+`PendingAllReduce`; its `wait()` returns the result, ordered before whatever the caller runs next
+on its stream. Prefill uses it to overlap one micro-chunk's reduction with the next one's compute.
+
 Every rank of a group must make the same choice for the same call, or the collectives mismatch and
 hang: the choice depends only on the message size and a threshold that is the same on every rank
 (a per-device-kind table, or `calibrate`, which agrees on its timings across the group).
@@ -33,6 +37,25 @@ ALLREDUCE_CHOICES = ("exact", "int8", "fp8", "fp16", "auto")
 THRESHOLDS: Mapping[str, float] = MappingProxyType({"H100 80GB HBM3": math.inf})
 
 
+class PendingAllReduce:
+    """An all-reduce in flight. `wait()` returns the sum; on CUDA it only makes the current stream
+    wait for it (no host sync), so later kernels on that stream see the result."""
+
+    def __init__(self, result: torch.Tensor, work=None, stream: torch.cuda.Stream | None = None):
+        self._result, self._work, self._stream = result, work, stream
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self._result.device)
+            current.wait_stream(self._stream)
+            # Allocated on the side stream: without this the allocator could hand its memory to the
+            # side stream again while the current stream still reads it.
+            self._result.record_stream(current)
+        return self._result
+
+
 class AllReduce:
     """Sum `tensor` over `group`; returns the result (same shape and dtype), maybe `tensor` itself."""
 
@@ -40,6 +63,19 @@ class AllReduce:
 
     def __call__(self, tensor: torch.Tensor, group) -> torch.Tensor:
         raise NotImplementedError
+
+    def start(self, tensor: torch.Tensor, group) -> PendingAllReduce:
+        """Begin the sum and return at once. On CUDA the whole reduction (kernels and collectives)
+        runs on a side stream, overlapping the caller's next kernels; elsewhere it runs inline.
+        Every rank must start the same reductions in the same order, as for `__call__`."""
+        if not tensor.is_cuda or dist.get_world_size(group) == 1:
+            return PendingAllReduce(self(tensor, group))
+        side = _side_stream(tensor.device)
+        side.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(side):
+            out = self(tensor, group)
+        tensor.record_stream(side)
+        return PendingAllReduce(out, stream=side)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name})"
@@ -55,6 +91,13 @@ class ExactAllReduce(AllReduce):
         out = tensor if tensor.is_contiguous() else tensor.contiguous()
         dist.all_reduce(out, group=group)
         return out
+
+    def start(self, tensor: torch.Tensor, group) -> PendingAllReduce:
+        if dist.get_world_size(group) == 1:
+            return PendingAllReduce(tensor)
+        out = tensor if tensor.is_contiguous() else tensor.contiguous()
+        # NCCL runs it on its own stream (gloo on its own thread); wait() orders the caller after it.
+        return PendingAllReduce(out, work=dist.all_reduce(out, group=group, async_op=True))
 
 
 class QuantizedAllReduce(AllReduce):
@@ -173,6 +216,20 @@ class AutoAllReduce(AllReduce):
 
     def __call__(self, tensor: torch.Tensor, group) -> torch.Tensor:
         return self.pick(tensor)(tensor, group)
+
+    def start(self, tensor: torch.Tensor, group) -> PendingAllReduce:
+        return self.pick(tensor).start(tensor, group)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One stream per device for reductions started with `start`, so they queue behind each other
+    (as every rank issues them) and beside the compute stream."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def table_threshold(device: torch.device, table: Mapping[str, float] | None = None) -> float:
