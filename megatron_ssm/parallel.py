@@ -31,6 +31,9 @@ class TPContext:
     rank: int
     size: int
     device: torch.device
+    # The same ranks on a second communicator, for reductions left in flight while the next
+    # micro-chunk computes (see MambaLM.forward); None: use `group`.
+    overlap_group: dist.ProcessGroup | None = None
 
     @property
     def is_first(self) -> bool:
@@ -74,7 +77,19 @@ def init_distributed(
             # gloo side groups are for checkpointing in training; inference needs none.
             create_gloo_process_groups=False,
         )
+    if tp_size > 1 and world not in _OVERLAP_GROUPS:
+        # Collective over the whole world: every rank creates every TP group's twin, in order.
+        # Megatron's TP groups (TP only, no pipeline) are runs of tp_size consecutive ranks.
+        mine, _ = dist.new_subgroups_by_enumeration(
+            [list(range(g, g + tp_size)) for g in range(0, world, tp_size)], timeout=timeout)
+        assert dist.get_process_group_ranks(mine) == \
+            dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+        _OVERLAP_GROUPS[world] = mine
     return tp_context(device)
+
+
+# The overlap communicator made by init_distributed (keyed by world size; one per process).
+_OVERLAP_GROUPS: dict[int, dist.ProcessGroup] = {}
 
 
 def tp_context(device: torch.device | None = None) -> TPContext:
@@ -83,6 +98,7 @@ def tp_context(device: torch.device | None = None) -> TPContext:
         rank=parallel_state.get_tensor_model_parallel_rank(),
         size=parallel_state.get_tensor_model_parallel_world_size(),
         device=device or default_device(),
+        overlap_group=_OVERLAP_GROUPS.get(dist.get_world_size()) if dist.is_initialized() else None,
     )
 
 
@@ -101,6 +117,7 @@ def megatron_config(tp_size: int, dtype: torch.dtype, on_cpu: bool = True) -> Mo
 
 
 def shutdown() -> None:
+    _OVERLAP_GROUPS.clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

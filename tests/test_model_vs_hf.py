@@ -24,8 +24,10 @@ def _rank_logits(ckpt: str, input_ids: torch.Tensor):
     return full if tp.is_first else None
 
 
-def _rank_prefill_then_decode(ckpt: str, input_ids: torch.Tensor, split: int):
-    """Logits of positions split.. computed by prefilling [:split] then decoding one token at a time."""
+def _rank_prefill_then_decode(ckpt: str, input_ids: torch.Tensor, split: int, overlap: bool = False):
+    """Logits of positions split.. computed by prefilling [:split] then decoding one token at a time.
+    overlap: the prefill runs as two micro-chunks with overlapped all-reduces, and all its positions'
+    logits are returned too (positions 0..)."""
     from megatron_ssm.inference.cache import StateCache
     from megatron_ssm.inference.sampling import gather_logits
     from megatron_ssm.model.load import load_model
@@ -33,11 +35,13 @@ def _rank_prefill_then_decode(ckpt: str, input_ids: torch.Tensor, split: int):
 
     tp = tp_context(torch.device("cpu"))
     model = load_model(ckpt, tp)
+    model.overlap_min_tokens = 1 if overlap else 0
     b, L = input_ids.shape
     cache = StateCache(model.state_shapes(), b, dtype=model.dtype, device=torch.device("cpu"))
     states = cache.rows(0, b)
     with torch.no_grad():
-        outs = [model(input_ids[:, :split], states)[:, -1:]]
+        prefill = model(input_ids[:, :split], states)
+        outs = [prefill if overlap else prefill[:, -1:]]
         for t in range(split, L - 1):
             outs.append(model(input_ids[:, t:t + 1], states))
         full = gather_logits(torch.cat(outs, dim=1), model.cfg.vocab_size, tp)
@@ -118,3 +122,18 @@ def test_greedy_generation_matches_hf_generate(ranks, converted, family, opts, t
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (5, 1, 12)]
     expected = [hf_greedy(model, p, 8) for p in prompts]
     assert ranks(tp).run(_rank_generate, ckpts[tp], prompts, 8) == [expected] * tp
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("family,opts", [CASES[0], CASES[2], CASES[3], CASES[5]])
+def test_overlapped_prefill_matches_hf(ranks, converted, family, opts, tp):
+    """Prefill cut in two micro-chunks whose all-reduces are left in flight (async gloo here) gives
+    HF's logits at every position, and leaves states that decode goes on from."""
+    model, ckpts = converted(family, opts)
+    ids = torch.randint(0, 250, (2, 41))
+    split = int(torch.randint(2, 36, ()).item())
+    ref = hf_logits(model, ids)[:, :-1]
+    ours = ranks(tp).run(_rank_prefill_then_decode, ckpts[tp], ids, split, True)[0]
+    assert ours.shape == ref.shape
+    err = (ours - ref).abs().max().item()
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"split={split}: max |overlapped - HF| = {err}"

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
-from ..comm import AllReduce, ExactAllReduce
+from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
 from ..ops.dispatch import causal_conv1d, causal_conv1d_update, rms_norm
 from ..parallel import TPContext
 
@@ -48,6 +48,26 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         y = F.linear(x, self.weight)
         if self.tp.size > 1:
             y = self.allreduce(y, self.tp.group)
+        return y if self.bias is None else y + self.bias
+
+    def start(self, x: torch.Tensor) -> PendingOutput:
+        """forward, returning before the reduction completes (see PendingOutput). The reduction runs
+        on the TP group's second communicator, so the synchronous collectives that the next
+        micro-chunk issues on the first one do not queue behind it."""
+        y = F.linear(x, self.weight)
+        group = self.tp.overlap_group or self.tp.group
+        pending = self.allreduce.start(y, group) if self.tp.size > 1 else PendingAllReduce(y)
+        return PendingOutput(pending, self.bias)
+
+
+class PendingOutput:
+    """A row-parallel output whose all-reduce is in flight; `wait()` returns the finished output."""
+
+    def __init__(self, pending: PendingAllReduce, bias: torch.Tensor | None):
+        self.pending, self.bias = pending, bias
+
+    def wait(self) -> torch.Tensor:
+        y = self.pending.wait()
         return y if self.bias is None else y + self.bias
 
 

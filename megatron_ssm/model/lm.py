@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..config import SSMConfig
 from ..parallel import TPContext, megatron_config
-from .layers import AllReduceFn, ColumnParallelLinear, RMSNorm, VocabParallelEmbedding
+from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 
@@ -34,15 +34,34 @@ class MambaBlock(nn.Module):
         self.mixer = mixer
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None) -> torch.Tensor:
+        return self.start(hidden, state).wait()
+
+    def start(self, hidden: torch.Tensor, state: LayerState | None) -> PendingBlock:
         residual = hidden.float() if self.residual_in_fp32 else hidden
-        out = self.mixer(self.norm(hidden), *((state.conv, state.ssm) if state is not None else ()))
-        return residual + out
+        states = (state.conv, state.ssm) if state is not None else ()
+        return PendingBlock(residual, self.mixer.start(self.norm(hidden), *states))
+
+
+@dataclass
+class PendingBlock:
+    """A block's output while its mixer's all-reduce is in flight."""
+
+    residual: torch.Tensor
+    mixer_out: PendingOutput
+
+    def wait(self) -> torch.Tensor:
+        return self.residual + self.mixer_out.wait()
 
 
 class MambaLM(nn.Module):
     def __init__(self, cfg: SSMConfig, tp: TPContext, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None, allreduce: AllReduceFn | None = None):
+                 device: torch.device | None = None, allreduce: AllReduceFn | None = None,
+                 overlap_min_tokens: int = 8192):
+        """overlap_min_tokens: from how many tokens per forward (batch x length) a forward with states
+        at TP > 1 is cut in two micro-chunks whose all-reduces overlap the other's compute (0: never).
+        Below it the reductions are latency-bound and the extra launches cost more than they hide."""
         super().__init__()
+        self.overlap_min_tokens = overlap_min_tokens
         cfg.validate(tp.size)
         device = device or tp.device
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
@@ -74,11 +93,40 @@ class MambaLM(nn.Module):
         advanced in place; None runs the sequences from scratch and keeps nothing. `last_only`
         computes logits for the last position only (prefill needs no others)."""
         hidden = self.embeddings(input_ids)
-        for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, None if states is None else states[i])
+        parts = self._micro_chunks(input_ids.shape[1]) if states is not None and self._overlaps(input_ids) else []
+        if parts:
+            hidden = self._overlapped_layers(hidden, states, parts)
+        else:
+            for i, layer in enumerate(self.layers):
+                hidden = layer(hidden, None if states is None else states[i])
         if last_only:
             hidden = hidden[:, -1:]
         hidden = self.norm_f(hidden)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden.to(head.dtype), head).float()
         return logits.masked_fill_(self.vocab_padding, float("-inf"))
+
+    def _overlaps(self, input_ids: torch.Tensor) -> bool:
+        return (self.tp.size > 1 and 0 < self.overlap_min_tokens <= input_ids.numel()
+                and input_ids.shape[1] > 1)
+
+    def _micro_chunks(self, length: int) -> list[int]:
+        """Two time spans, the first a whole number of SSD chunks where the length allows, so the
+        scan of each half runs on full chunks."""
+        unit = self.cfg.chunk_size if self.cfg.is_mamba2 and length >= 2 * self.cfg.chunk_size else 1
+        first = -(-length // (2 * unit)) * unit
+        return [first, length - first] if 0 < first < length else []
+
+    def _overlapped_layers(self, hidden: torch.Tensor, states: list[LayerState], parts: list[int]) -> torch.Tensor:
+        """The layers over consecutive time spans of the batch, interleaved so that each span's
+        all-reduce runs while the next span computes: span 1 of layer i continues from the state
+        span 0 of layer i left, and span 0 of layer i+1 waits only for its own reduction. The states
+        advance as in one pass over the whole length."""
+        spans = list(hidden.split(parts, dim=1))
+        pending: list[PendingBlock | None] = [None] * len(spans)
+        for i, layer in enumerate(self.layers):
+            for p in range(len(spans)):
+                if pending[p] is not None:
+                    spans[p] = pending[p].wait()
+                pending[p] = layer.start(spans[p], states[i])
+        return torch.cat([p.wait() for p in pending], dim=1)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..config import FALCON_MAMBA, SSMConfig
 from ..ops.dispatch import rms_norm, selective_scan, selective_state_update
 from ..parallel import TPContext
-from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, RowParallelLinear, local_param
+from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOutput, RowParallelLinear, local_param
 
 
 class Mamba1Mixer(nn.Module):
@@ -44,6 +44,11 @@ class Mamba1Mixer(nn.Module):
                 ssm_state: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
         in place; L == 1 with states takes the single-step path."""
+        return self.start(hidden, conv_state, ssm_state).wait()
+
+    def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
+              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+        """forward, returning while out_proj's all-reduce is still in flight."""
         cfg = self.cfg
         x, z = self.in_proj(hidden).split(self.channels, dim=-1)
         x = self.conv1d(x, conv_state)
@@ -60,4 +65,4 @@ class Mamba1Mixer(nn.Module):
                                       initial_state=ssm_state)
             if ssm_state is not None:
                 ssm_state.copy_(final)
-        return self.out_proj(y)
+        return self.out_proj.start(y)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..config import SSMConfig
 from ..ops.dispatch import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
-from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, RowParallelLinear, local_param
+from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOutput, RowParallelLinear, local_param
 
 
 def local_groups(cfg: SSMConfig, tp_size: int) -> int:
@@ -68,6 +68,11 @@ class Mamba2Mixer(nn.Module):
                 ssm_state: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
         in place; L == 1 with states takes the single-step path."""
+        return self.start(hidden, conv_state, ssm_state).wait()
+
+    def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
+              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+        """forward, returning while out_proj's all-reduce is still in flight."""
         cfg = self.cfg
         b, L, _ = hidden.shape
         z, xbc, dt = self.in_proj(hidden).split([self.channels, self.conv_channels, self.heads], dim=-1)
@@ -88,4 +93,4 @@ class Mamba2Mixer(nn.Module):
         y = gated_rms_norm(y.reshape(b, L, self.channels), z, self.norm.weight, cfg.norm_eps,
                            group_size=cfg.intermediate_size // cfg.n_groups,
                            reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
-        return self.out_proj(y)
+        return self.out_proj.start(y)
