@@ -133,6 +133,9 @@ def main() -> int:
     ap.add_argument("--prefill-tokens", type=int, default=32768, help="tokens per prefill forward (whole batch)")
     ap.add_argument("--allreduce", default="exact", help="exact|int8|fp8|fp16|auto")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
+    ap.add_argument("--overlap-min-tokens", type=ints, default=[8192],
+                    help="prefill forwards from this many tokens overlap their all-reduces with compute "
+                         "(0: never); a list times each setting on the same loaded model")
     ap.add_argument("--max-total-tokens", type=int, default=1 << 20,
                     help="skip workloads whose batch x (prompt + new) exceeds this")
     ap.add_argument("--json-out", default=None)
@@ -178,28 +181,35 @@ def main() -> int:
                     if shape not in warmed:
                         run_workload(model, shape[0], shape[1], 4, args, seed=0)
                         warmed.add(shape)
-                    torch.cuda.reset_peak_memory_stats()
-                    r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch)
-                    floor = (weight_bytes + 2 * state_bytes * batch) / bw
-                    comm = allreduce_latency(tp, (batch, cfg.hidden_size), dtype, tp.device) \
-                        * reduces_per_layer * cfg.num_layers
-                    r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce,
-                             graphs=not args.no_graphs, hbm_floor_ms=floor * 1e3,
-                             floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
-                             peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,
-                             device=torch.cuda.get_device_name(), tag=args.tag)
-                    if tp.is_first:
-                        print(f"{name} tp={tp.size} b={batch:4d} p={prompt:5d} n={new:4d}  ttft {r['ttft_ms']:8.1f} ms  "
-                              f"step {r['step_ms']:6.2f} ms (floor {r['hbm_floor_ms']:5.2f}, comm~{r['comm_est_ms']:5.2f})  "
-                              f"gen {r['gen_tok_s']:9.0f} tok/s  total {r['total_tok_s']:9.0f} tok/s  "
-                              f"peak {r['peak_mem_gb']:5.1f} GB", flush=True)
-                        if args.json_out:
-                            with open(args.json_out, "a") as f:
-                                f.write(json.dumps(r) + "\n")
+                    for overlap in args.overlap_min_tokens:
+                        model.overlap_min_tokens = overlap
+                        torch.cuda.reset_peak_memory_stats()
+                        r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch)
+                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer)
         del model
         torch.cuda.empty_cache()
     shutdown()
     return 0
+
+
+def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer):
+    """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
+    batch = r["batch"]
+    floor = (weight_bytes + 2 * state_bytes * batch) / bw
+    comm = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device) * reduces_per_layer * cfg.num_layers
+    r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
+             overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
+             floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
+             peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,
+             device=torch.cuda.get_device_name(), tag=args.tag)
+    if tp.is_first:
+        print(f"{name} tp={tp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
+              f"ttft {r['ttft_ms']:8.1f} ms  step {r['step_ms']:6.2f} ms (floor {r['hbm_floor_ms']:5.2f}, "
+              f"comm~{r['comm_est_ms']:5.2f})  gen {r['gen_tok_s']:9.0f} tok/s  total {r['total_tok_s']:9.0f} tok/s  "
+              f"peak {r['peak_mem_gb']:5.1f} GB", flush=True)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":
