@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, rel_err, rms_norm_inputs, scan_inputs,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, rel_err, rms_norm_inputs, scan_inputs,
     scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
@@ -130,6 +130,13 @@ def test_ssd_state_update_strided_state(seed):
 
 
 # ---- norms ----------------------------------------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("lead,width,first", [((1, 1), 2560, False), ((64, 1), 4096, False), ((2, 1000), 4096, True)])
+def test_add_rms_norm(seed, dtype, lead, width, first):
+    check_op(kernels().add_rms_norm, *add_norm_inputs(lead, width, dtype, DEV, delta=not first), TOL[dtype], seed)
+    check_op(kernels().add_rms_norm, *add_norm_inputs(lead, width, dtype, DEV, residual_dtype=dtype), TOL[dtype], seed)
+
 
 @DTYPES
 @pytest.mark.parametrize("lead,width,group", [((2, 1000), 5120, 5120), ((16, 1), 5120, 640), ((3, 7), 2560, 1280)])

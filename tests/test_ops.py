@@ -110,6 +110,13 @@ def rms_norm_inputs(lead, width, dtype, device, weight=True):
                             weight=_act(width, dtype=dtype, device=device) if weight else None, eps=1e-5)
 
 
+def add_norm_inputs(lead, width, dtype, device, residual_dtype=torch.float32, delta=True):
+    return "add_rms_norm", dict(
+        residual=_act(*lead, width, dtype=residual_dtype, device=device, scale=3.0),
+        delta=_act(*lead, width, dtype=dtype, device=device) if delta else None,
+        weight=_act(width, dtype=dtype, device=device), eps=1e-5, residual_dtype=residual_dtype)
+
+
 def gated_norm_inputs(lead, width, group_size, dtype, device):
     return "gated_rms_norm", dict(
         y=_act(*lead, width, dtype=dtype, device=device, scale=3.0), gate=_act(*lead, width, dtype=dtype, device=device),
@@ -326,6 +333,20 @@ def test_gated_rms_norm_group_split_across_ranks(seed, ranks):
     assert _close(torch.cat(parts, -1), full, 1e-6), seed
 
 
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16], ids=["fp32-stream", "bf16-stream"])
+def test_add_rms_norm_reference(seed, residual_dtype):
+    """The fused entry equals the block it replaces: (residual + delta) kept in the stream's dtype,
+    normalised from a copy in the weight's dtype."""
+    _, kw = add_norm_inputs((2, 3), 16, torch.bfloat16, "cpu", residual_dtype=residual_dtype)
+    normed, h = ref_ops.add_rms_norm(**kw)
+    want_h = (kw["residual"] + kw["delta"]).to(residual_dtype)
+    assert torch.equal(h, want_h), seed
+    assert torch.equal(normed, ref_ops.rms_norm(want_h.to(torch.bfloat16), kw["weight"], kw["eps"])), seed
+    first, h0 = ref_ops.add_rms_norm(**{**kw, "delta": None})
+    assert torch.equal(h0, kw["residual"]) and torch.equal(first, ref_ops.rms_norm(
+        kw["residual"].to(torch.bfloat16), kw["weight"], kw["eps"])), seed
+
+
 @pytest.mark.parametrize("weight", [True, False])
 def test_rms_norm_reference(seed, weight):
     _, kw = rms_norm_inputs((2, 3), 10, torch.float64, "cpu", weight=weight)
@@ -353,7 +374,8 @@ def test_dispatch_on_cpu_equals_reference(seed):
     for op, kw in [conv_inputs(2, 5, 6, 4, torch.float32, "cpu"), conv_update_inputs(2, 6, 4, torch.float32, "cpu"),
                    scan_inputs(1, 5, 4, 3, torch.float32, "cpu"), scan_update_inputs(2, 4, 3, torch.float32, "cpu"),
                    ssd_inputs(1, 6, 2, 3, 1, 4, 4, torch.float32, "cpu"), ssd_update_inputs(2, 2, 3, 1, 4, torch.float32, "cpu"),
-                   rms_norm_inputs((2,), 8, torch.float32, "cpu"), gated_norm_inputs((2,), 8, 4, torch.float32, "cpu")]:
+                   rms_norm_inputs((2,), 8, torch.float32, "cpu"), gated_norm_inputs((2,), 8, 4, torch.float32, "cpu"),
+                   add_norm_inputs((2,), 8, torch.float32, "cpu")]:
         check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
 
 
@@ -384,6 +406,8 @@ def _tiny_cases(dtype):
         ssd_update_inputs(2, 4, 8, 2, 16, dtype, "cpu"), ssd_update_inputs(1, 3, 4, 1, 6, dtype, "cpu", dt_limit=(0.0, 0.05)),
         rms_norm_inputs((2, 3), 40, dtype, "cpu"), rms_norm_inputs((3,), 7, dtype, "cpu", weight=False),
         gated_norm_inputs((2, 3), 48, 12, dtype, "cpu"), gated_norm_inputs((4,), 10, 10, dtype, "cpu"),
+        add_norm_inputs((2, 3), 40, dtype, "cpu"), add_norm_inputs((3,), 7, dtype, "cpu", residual_dtype=dtype),
+        add_norm_inputs((2,), 24, dtype, "cpu", delta=False),
     ]
 
 

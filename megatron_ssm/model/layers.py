@@ -123,3 +123,13 @@ class CausalConv1d(nn.Module):
 
 def local_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def decay_rates(mixer: nn.Module) -> torch.Tensor:
+    """A = -exp(A_log) in fp32, kept until A_log changes (its in-place version counter moves, as a
+    checkpoint load's copy_ does): recomputing it costs three kernel launches a layer a decode step."""
+    version = mixer.A_log._version
+    if getattr(mixer, "_decay_version", None) != version or mixer._decay.device != mixer.A_log.device:
+        mixer._decay = -torch.exp(mixer.A_log.float())
+        mixer._decay_version = version
+    return mixer._decay

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..config import SSMConfig
 from ..parallel import TPContext, megatron_config
+from ..ops.dispatch import add_rms_norm
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
@@ -27,30 +28,23 @@ class LayerState:
 
 
 class MambaBlock(nn.Module):
+    """Pre-norm residual block. The residual stream is carried as (stream, delta): the previous
+    block's output is added to the stream inside this block's norm kernel, so the stream is read and
+    written once per layer instead of by separate add, cast and norm kernels."""
+
     def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
         super().__init__()
-        self.residual_in_fp32 = cfg.residual_in_fp32
+        self.residual_dtype = torch.float32 if cfg.residual_in_fp32 else dtype
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
         self.mixer = mixer
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None) -> torch.Tensor:
-        return self.start(hidden, state).wait()
-
-    def start(self, hidden: torch.Tensor, state: LayerState | None) -> PendingBlock:
-        residual = hidden.float() if self.residual_in_fp32 else hidden
+    def start(self, stream: torch.Tensor, delta: torch.Tensor | None,
+              state: LayerState | None) -> tuple[torch.Tensor, PendingOutput]:
+        """stream + delta is this block's input (delta None: the stream alone). Returns the updated
+        stream and the mixer's output, whose all-reduce may still be in flight."""
+        normed, stream = add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
         states = (state.conv, state.ssm) if state is not None else ()
-        return PendingBlock(residual, self.mixer.start(self.norm(hidden), *states))
-
-
-@dataclass
-class PendingBlock:
-    """A block's output while its mixer's all-reduce is in flight."""
-
-    residual: torch.Tensor
-    mixer_out: PendingOutput
-
-    def wait(self) -> torch.Tensor:
-        return self.residual + self.mixer_out.wait()
+        return stream, self.mixer.start(normed, *states)
 
 
 class MambaLM(nn.Module):
@@ -92,16 +86,18 @@ class MambaLM(nn.Module):
         `states` (one per layer, for these b sequences) hold the context before input_ids and are
         advanced in place; None runs the sequences from scratch and keeps nothing. `last_only`
         computes logits for the last position only (prefill needs no others)."""
-        hidden = self.embeddings(input_ids)
+        stream, delta = self.embeddings(input_ids), None
         parts = self._micro_chunks(input_ids.shape[1]) if states is not None and self._overlaps(input_ids) else []
         if parts:
-            hidden = self._overlapped_layers(hidden, states, parts)
+            stream, delta = self._overlapped_layers(stream, states, parts)
         else:
             for i, layer in enumerate(self.layers):
-                hidden = layer(hidden, None if states is None else states[i])
+                stream, pending = layer.start(stream, delta, None if states is None else states[i])
+                delta = pending.wait()
         if last_only:
-            hidden = hidden[:, -1:]
-        hidden = self.norm_f(hidden)
+            stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
+        residual_dtype = torch.float32 if self.cfg.residual_in_fp32 else self.dtype
+        hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden.to(head.dtype), head).float()
         return logits.masked_fill_(self.vocab_padding, float("-inf"))
@@ -117,16 +113,17 @@ class MambaLM(nn.Module):
         first = -(-length // (2 * unit)) * unit
         return [first, length - first] if 0 < first < length else []
 
-    def _overlapped_layers(self, hidden: torch.Tensor, states: list[LayerState], parts: list[int]) -> torch.Tensor:
+    def _overlapped_layers(self, stream: torch.Tensor, states: list[LayerState],
+                           parts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layers over consecutive time spans of the batch, interleaved so that each span's
         all-reduce runs while the next span computes: span 1 of layer i continues from the state
         span 0 of layer i left, and span 0 of layer i+1 waits only for its own reduction. The states
-        advance as in one pass over the whole length."""
-        spans = list(hidden.split(parts, dim=1))
-        pending: list[PendingBlock | None] = [None] * len(spans)
+        advance as in one pass over the whole length. Returns (stream, delta) as the plain loop does."""
+        streams = list(stream.split(parts, dim=1))
+        pending: list[PendingOutput | None] = [None] * len(streams)
         for i, layer in enumerate(self.layers):
-            for p in range(len(spans)):
-                if pending[p] is not None:
-                    spans[p] = pending[p].wait()
-                pending[p] = layer.start(spans[p], states[i])
-        return torch.cat([p.wait() for p in pending], dim=1)
+            for p in range(len(streams)):
+                delta = pending[p].wait() if pending[p] is not None else None
+                streams[p], pending[p] = layer.start(streams[p], delta, states[i])
+        deltas = [p.wait() for p in pending] if self.layers else None
+        return torch.cat(streams, dim=1), None if deltas is None else torch.cat(deltas, dim=1)

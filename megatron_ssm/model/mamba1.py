@@ -13,7 +13,8 @@ import torch.nn as nn
 from ..config import FALCON_MAMBA, SSMConfig
 from ..ops.dispatch import rms_norm, selective_scan, selective_state_update
 from ..parallel import TPContext
-from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOutput, RowParallelLinear, local_param
+from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOutput, RowParallelLinear, decay_rates,
+                     local_param)
 
 
 class Mamba1Mixer(nn.Module):
@@ -56,7 +57,7 @@ class Mamba1Mixer(nn.Module):
         if cfg.family == FALCON_MAMBA:
             dt, B, C = (rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt, B, C))
         dt = dt @ self.dt_proj.weight.t()  # the bias is added in fp32 inside the scan
-        A = -torch.exp(self.A_log.float())
+        A = decay_rates(self)
         if ssm_state is not None and hidden.shape[1] == 1:
             y = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0],
                                        dt_bias=self.dt_proj.bias).unsqueeze(1)

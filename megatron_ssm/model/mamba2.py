@@ -18,7 +18,8 @@ import torch.nn as nn
 from ..config import SSMConfig
 from ..ops.dispatch import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
-from .layers import AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOutput, RowParallelLinear, local_param
+from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOutput, RowParallelLinear, decay_rates,
+                     local_param)
 
 
 def local_groups(cfg: SSMConfig, tp_size: int) -> int:
@@ -81,7 +82,7 @@ class Mamba2Mixer(nn.Module):
         x = x.reshape(b, L, self.heads, cfg.head_dim)
         B = B.reshape(b, L, self.groups, cfg.state_size)
         C = C.reshape(b, L, self.groups, cfg.state_size)
-        A = -torch.exp(self.A_log.float())
+        A = decay_rates(self)
         if ssm_state is not None and L == 1:
             y = ssd_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.dt_bias,
                                  cfg.time_step_limit).unsqueeze(1)

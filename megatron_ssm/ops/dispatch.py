@@ -32,6 +32,7 @@ _REFERENCE: dict[str, Callable] = {
     "causal_conv1d": _conv.causal_conv1d,
     "causal_conv1d_update": _conv.causal_conv1d_update,
     "rms_norm": _norm.rms_norm,
+    "add_rms_norm": _norm.add_rms_norm,
     "gated_rms_norm": _norm.gated_rms_norm,
     "selective_scan": _ref_selective_scan,
     "selective_state_update": _ref_selective_state_update,
@@ -122,6 +123,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
 
 def rms_norm(x, weight, eps):
     return implementation("rms_norm", x)(x, weight, eps)
+
+
+def add_rms_norm(residual, delta, weight, eps, residual_dtype):
+    return implementation("add_rms_norm", residual)(residual, delta, weight, eps, residual_dtype)
 
 
 def gated_rms_norm(y, gate, weight, eps, group_size, reduce_sum_of_squares=None):

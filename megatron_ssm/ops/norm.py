@@ -14,6 +14,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y if weight is None else weight * y
 
 
+def add_rms_norm(
+    residual: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    residual_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm block's entry: the residual stream h = residual + delta (the previous block's
+    output; None for the first block) in `residual_dtype`, and HF's norm of h cast to the weight's
+    dtype. Returns (normed, h). One op so that a kernel reads the stream once and writes it once."""
+    h = residual.to(residual_dtype)
+    if delta is not None:
+        h = h + delta
+        h = h.to(residual_dtype)
+    return rms_norm(h.to(weight.dtype), weight, eps), h
+
+
 def gated_rms_norm(
     y: torch.Tensor,
     gate: torch.Tensor,

@@ -44,6 +44,38 @@ def _rms_norm_kernel(
         tl.store(y_ptr + row * sy_row + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _add_rms_norm_kernel(r_ptr, d_ptr, w_ptr, h_ptr, y_ptr, width, eps, sr_row, sd_row,
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < width
+    h = tl.load(r_ptr + row * sr_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        h += tl.load(d_ptr + row * sd_row + offs, mask=mask, other=0.0).to(tl.float32)
+    h = h.to(h_ptr.dtype.element_ty)  # the stream's own rounding, as torch's add does it
+    tl.store(h_ptr + row * width + offs, h, mask=mask)
+    x = h.to(y_ptr.dtype.element_ty).to(tl.float32)  # the norm reads the stream in the weight's dtype
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
+    out = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32) * tl.load(w_ptr + offs, mask=mask).to(tl.float32)
+    tl.store(y_ptr + row * width + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(residual, delta, weight, eps, residual_dtype):
+    r2 = _rows(residual)
+    d2 = _rows(delta) if delta is not None else r2
+    rows, width = r2.shape
+    block = triton.next_power_of_2(width)
+    assert block <= _MAX_BLOCK, f"norm width {width} is wider than one program holds"
+    h = torch.empty(rows, width, device=residual.device, dtype=residual_dtype)
+    y = torch.empty(rows, width, device=residual.device, dtype=weight.dtype)
+    _add_rms_norm_kernel[(rows,)](r2, d2, weight, h, y, width, float(eps), r2.stride(0), d2.stride(0),
+                                  HAS_DELTA=delta is not None, BLOCK=block,
+                                  num_warps=min(16, max(1, block // 512)))
+    shape = residual.shape
+    return y.view(shape), h.view(shape)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
