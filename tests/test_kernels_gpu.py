@@ -24,6 +24,8 @@ from test_ops import (  # noqa: E402
     scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
+from test_comm import _edge_inputs, _three_steps, check_steps_match, same_bits  # noqa: E402
+
 from megatron_ssm import ops as ref_ops  # noqa: E402
 from megatron_ssm.ops import dispatch  # noqa: E402
 
@@ -175,6 +177,45 @@ def test_dispatch_matches_reference(seed, dtype):
                    ssd_inputs(2, 300, 80, 64, 1, 128, 256, dtype, DEV), ssd_update_inputs(4, 80, 64, 1, 128, dtype, DEV),
                    rms_norm_inputs((2, 300), 2560, dtype, DEV), gated_norm_inputs((2, 300), 5120, 5120, dtype, DEV)]:
         check_op(getattr(dispatch, op), op, kw, TOL[dtype], seed)
+
+
+# ---- the quantised all-reduce's fused steps (megatron_ssm/comm/triton_quantize.py) ---------------
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("world,shape,block", [(2, (1,), 128), (4, (4099,), 128), (3, (5, 1031), 128),
+                                               (4, (3000,), 32), (8, (64, 4099), 128), (4, (2048, 4096), 128)])
+def test_quantized_allreduce_steps(seed, fmt, dtype, world, shape, block):
+    """The three kernels give torch's bytes (send and gathered buffers) and bits (result), against
+    torch on CUDA and on CPU (which defines the numbers), NaN/inf/zero/-0/subnormal blocks included."""
+    from megatron_ssm.comm import quantize, triton_quantize
+
+    xs = [x.to(DEV) for x in _edge_inputs(seed, world, shape, dtype)]
+    check_steps_match(triton_quantize, quantize, xs, fmt, block, seed)
+    check_steps_match(triton_quantize, quantize, xs, fmt, block, seed, ref_device="cpu")
+
+
+def test_quantized_allreduce_steps_in_cuda_graph(seed):
+    """The kernels capture into a CUDA graph (no host syncs) and replay on new input."""
+    from megatron_ssm.comm import QuantizedAllReduce, quantize, triton_quantize
+
+    assert QuantizedAllReduce()._module(torch.zeros(1, device=DEV)) is triton_quantize
+    xs = [x.to(DEV) for x in _edge_inputs(seed, 4, (8, 1000), torch.bfloat16)]
+    static = [x.clone() for x in xs]
+    steps = lambda: _three_steps(triton_quantize, static, "int8", 128)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        steps()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, _, out = steps()
+    fresh = [x.to(DEV) for x in _edge_inputs(seed + 1, 4, (8, 1000), torch.bfloat16)]
+    for s, x in zip(static, fresh):
+        s.copy_(x)
+    graph.replay()
+    assert same_bits(out.cpu(), _three_steps(quantize, [x.cpu() for x in fresh], "int8", 128)[2]), seed
 
 
 # ---- timings --------------------------------------------------------------------------------------
