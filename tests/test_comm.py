@@ -282,6 +282,8 @@ def interpreted_triton_quantize(monkeypatch):
         bits = torch.from_numpy(np.ascontiguousarray(data).view(ints[src.primitive_bitwidth][0]))
         return bits.view(torch_of[src]).to(torch_of[dst]).view(ints[dst.primitive_bitwidth][1]).numpy()
 
+    if not hasattr(interpreter, "_convert_float"):
+        pytest.skip("this Triton's interpreter has no _convert_float to replace")
     monkeypatch.setattr(interpreter, "_convert_float", convert)
     from megatron_ssm.comm import triton_quantize
 

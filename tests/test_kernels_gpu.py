@@ -274,6 +274,24 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _bench_allreduce_steps(record, hbm_tbps):
+    """The quantised all-reduce's three local steps for one rank of 4, on a 128 MiB bf16 message
+    (int8), fused against the torch steps; floor: each input read and each output written once."""
+    from megatron_ssm.comm import quantize, triton_quantize
+
+    x = torch.randn(64 << 20, dtype=torch.bfloat16, device=DEV)
+    sent = triton_quantize.quantize_pack(x, "int8", 128, 4)
+    out = torch.empty_like(sent[0])
+    steps = {"quantize_pack": (lambda ops: ops.quantize_pack(x, "int8", 128, 4), x.nbytes + sent.nbytes),
+             "reduce_requantise": (lambda ops: ops.reduce_requantise(sent, "int8", 128, out), sent.nbytes + out.nbytes),
+             "unpack_dequantise": (lambda ops: ops.unpack_dequantise(sent, "int8", 128, x.shape, x.dtype),
+                                   sent.nbytes + x.nbytes)}
+    for name, (step, nbytes) in steps.items():
+        for impl, ops in (("torch", quantize), ("triton", triton_quantize)):
+            floor = nbytes / (hbm_tbps * 1e12) * 1e6
+            record(f"allreduce int8 128MiB/4 {name}", impl, _time(lambda: step(ops)), floor, 0.0)
+
+
 def bench(out_path=None, hbm_tbps=None):
     import json
 
@@ -320,6 +338,7 @@ def bench(out_path=None, hbm_tbps=None):
                 err = rel_err(_first(fn()), _first(ref_out))
                 record(case, f"triton block={blk}", _time(fn), floor, err)
             scan.UPDATE_BLOCK = default
+    _bench_allreduce_steps(record, hbm_tbps)
     if out_path:
         with open(out_path, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_tbps=hbm_tbps,

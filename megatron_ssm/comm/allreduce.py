@@ -109,6 +109,10 @@ class QuantizedAllReduce(AllReduce):
     rank dequantises the same gathered bytes, so all ranks get bit-identical results. The codes and
     their scales travel in one uint8 buffer: two collectives per call rather than four, since small
     messages are latency-bound.
+
+    The local work is three steps, quantize_pack / reduce_requantise / unpack_dequantise: plain torch
+    in quantize.py (which defines the bits), one fused Triton kernel each on CUDA, so that the input,
+    the packed buffers and the output are each touched about once and no fp32 copy reaches memory.
     """
 
     def __init__(self, fmt: str = "int8", block: int = 128, fused: bool = True):

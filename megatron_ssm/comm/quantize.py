@@ -1,8 +1,9 @@
 """Block quantisation for the quantised all-reduce, in plain torch.
 
 A flat tensor is cut into blocks of `block` values; int8 and fp8 store one fp32 scale per block
-(symmetric, scale = absmax / largest code), fp16 is a plain cast with no scales. These two functions
-define the numbers; triton_quantize.py has fused kernels with the same arguments and outputs.
+(symmetric, scale = absmax / largest code), fp16 is a plain cast with no scales. quantize_blocks
+and dequantize_blocks define the numbers; triton_quantize.py has fused kernels with the same
+arguments and outputs.
 
 The quantised all-reduce moves codes and scales packed in one uint8 buffer of `parts` rows, one per
 rank: row j holds chunk j's codes, then its fp32 scales. quantize_pack / reduce_requantise /

@@ -112,9 +112,10 @@ def _reduce_requantise_kernel(got_codes_ptr, got_scales_ptr, out_codes_ptr, out_
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # block index within the chunk
     live = rows < chunk // BLOCK
     code_offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    stride = part_bytes.to(tl.int64)
     total = tl.zeros((ROWS, BLOCK), dtype=tl.float32)  # 0 + row 0 + row 1 ...: torch.sum's order
     for j in tl.static_range(PARTS):
-        base = j * part_bytes
+        base = j * stride
         codes = tl.load(got_codes_ptr + base + code_offs, mask=live[:, None], other=0)
         scale = tl.load(got_scales_ptr + (base + chunk) // 4 + rows, mask=live, other=1.0)
         total += _dequantise_rows(codes, scale, IS_INT8)
