@@ -7,6 +7,7 @@ Functions run on ranks are module-level (the rank pool imports them by name).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
@@ -25,6 +26,7 @@ from megatron_ssm.comm import (
     quantize_blocks,
 )
 from megatron_ssm.comm.allreduce import threshold_by_name
+from megatron_ssm.comm.quantize import code_dtype
 
 FORMATS = ("int8", "fp8", "fp16")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -148,6 +150,159 @@ def test_quantize_rejects_bad_arguments():
         quantize_blocks(torch.zeros(100), "int8", 128)
     with pytest.raises(ValueError, match="block"):
         quantize_blocks(torch.zeros(128), "int8", 0)
+
+
+# --- the all-reduce's three steps (one process simulating the ranks) ------------------------------
+
+STEP_SHAPES = [(1,), (127,), (1000,), (4099,), (3, 333), (5, 1031)]
+
+
+def _edge_inputs(seed: int, world: int, shape, dtype) -> list[torch.Tensor]:
+    """_inputs plus, where they fit: NaN on one rank, +inf on one, +inf and -inf that meet (NaN sum),
+    an all-zero block, a block of -0.0 (fp8 codes of -0), subnormals, and values whose sum
+    overflows fp32 (a saturated scale)."""
+    xs = [x.reshape(-1) for x in _inputs(seed, world, shape, dtype)]
+    n, big = xs[0].numel(), torch.finfo(dtype).max / 2
+    for r, x in enumerate(xs):
+        x[n // 2] = float("nan") if r == 0 else x[n // 2]
+        if n > 10:
+            x[3] = float("inf") if r == world - 1 else x[3]
+            x[7] = float("inf") if r == 0 else float("-inf") if r == 1 else x[7]
+        if n >= 1000:
+            x[128:256], x[256:384] = 0.0, -0.0
+            x[384:512] = torch.linspace(-1e-39, 1e-39, 128).to(dtype)
+            x[512:640] = big * (torch.arange(128) % 3 - 1)
+    return [x.view(shape) for x in xs]
+
+
+def _old_two_shot(xs: list[torch.Tensor], fmt: str, block: int) -> torch.Tensor:
+    """The quantised all-reduce's result as first written (pad, quantize_blocks, cat, contiguous
+    slices, dequantize_blocks, torch.sum, requantise, ...), simulated for len(xs) ranks."""
+    world, n = len(xs), xs[0].numel()
+    chunk = math.ceil(n / (world * block)) * block
+    dtype = code_dtype(fmt)
+
+    def pack(q, scales, parts):
+        payload = q.view(torch.uint8).view(parts, -1)
+        return payload if scales is None else torch.cat([payload, scales.view(torch.uint8).view(parts, -1)], 1)
+
+    def dequantize(packed):
+        q = packed[:, :chunk * dtype.itemsize].contiguous().view(dtype)
+        scales = packed[:, chunk * dtype.itemsize:].contiguous().view(torch.float32) if fmt != "fp16" else None
+        return dequantize_blocks(q, scales, fmt, block)
+
+    sent = [pack(*quantize_blocks(torch.nn.functional.pad(x.reshape(-1), (0, world * chunk - n)), fmt, block), world)
+            for x in xs]
+    mine = [pack(*quantize_blocks(dequantize(torch.stack([s[r] for s in sent])).view(world, chunk).sum(0), fmt, block), 1)
+            for r in range(world)]
+    return dequantize(torch.cat(mine))[:n].to(xs[0].dtype).view(xs[0].shape)
+
+
+def _three_steps(ops, xs: list[torch.Tensor], fmt: str, block: int):
+    """QuantizedAllReduce's steps with `ops` (quantize or triton_quantize), all ranks in one process:
+    (each rank's send buffer, the gathered buffer, the result)."""
+    world = len(xs)
+    sent = [ops.quantize_pack(x, fmt, block, world) for x in xs]
+    gathered = torch.full_like(sent[0], 0xAB)  # poisoned: every byte must be written
+    for r in range(world):
+        ops.reduce_requantise(torch.stack([s[r] for s in sent]), fmt, block, gathered[r])
+    return sent, gathered, ops.unpack_dequantise(gathered, fmt, block, xs[0].shape, xs[0].dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, except that any NaN equals any NaN (torch and PTX write different NaN bits)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    ints = {2: torch.int16, 4: torch.int32, 1: torch.int8}[a.element_size()]
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0).view(ints), b.nan_to_num(0.0).view(ints))
+
+
+def check_steps_match(ops, ref_ops, xs, fmt, block, seed, ref_device=None):
+    """ops' three steps give ref_ops' bytes and bits (ref_ops run on ref_device if given)."""
+    sent, gathered, out = _three_steps(ops, xs, fmt, block)
+    ref_sent, ref_gathered, ref_out = _three_steps(ref_ops, [x.to(ref_device or x.device) for x in xs], fmt, block)
+    for r, (a, b) in enumerate(zip(sent, ref_sent)):
+        assert torch.equal(a.cpu(), b.cpu()), f"seed {seed}: rank {r}'s send buffer differs"
+    assert torch.equal(gathered.cpu(), ref_gathered.cpu()), f"seed {seed}: gathered buffer differs"
+    assert same_bits(out.cpu(), ref_out.cpu()), f"seed {seed}: results differ"
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_three_steps_match_first_version(fmt, dtype, world, seed):
+    """quantize_pack / reduce_requantise / unpack_dequantise give the bits of the unfused original."""
+    from megatron_ssm.comm import quantize
+
+    for i, shape in enumerate(STEP_SHAPES):
+        xs = _edge_inputs(seed + i, world, shape, dtype)
+        sent, gathered, out = _three_steps(quantize, xs, fmt, 128)
+        chunk = quantize.chunk_values(xs[0].numel(), world, 128)
+        assert sent[0].shape == (world, quantize.part_bytes(chunk, fmt, 128)) and chunk % 512 == 0
+        assert out.shape == xs[0].shape and out.dtype == dtype
+        assert same_bits(out, _old_two_shot(xs, fmt, 128)), f"seed {seed}, shape {shape}"
+        # inf saturates before the sum (so +inf and -inf cancel): NaN only where an input is NaN.
+        assert torch.equal(out.isnan(), sum(x.isnan().int() for x in xs) > 0), f"seed {seed}: NaN misplaced"
+    xs = _edge_inputs(seed, world, (3000,), dtype)
+    assert same_bits(_three_steps(quantize, xs, fmt, 32)[2], _old_two_shot(xs, fmt, 32)), f"seed {seed}, block 32"
+
+
+def test_three_steps_reject_mismatched_buffers():
+    from megatron_ssm.comm import quantize
+
+    with pytest.raises(ValueError, match="packed"):
+        quantize.unpack_dequantise(torch.zeros(2, 100, dtype=torch.uint8), "int8", 128, (10,), torch.float32)
+    with pytest.raises(ValueError, match="packed"):
+        quantize.reduce_requantise(torch.zeros(2, 132, dtype=torch.float32), "int8", 128, torch.zeros(132))
+
+
+@pytest.fixture
+def interpreted_triton_quantize(monkeypatch):
+    """triton_quantize running on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1).
+
+    Triton 3.6's interpreter rounds fp32 -> bf16 toward zero and fp32 -> fp8 half up, and decodes the
+    fp8 NaN code as a number, where the GPU rounds half to even: its float converter is replaced by
+    torch's, so the kernels' own logic is compared bit for bit (the GPU tests check the real casts)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton kernels run here only with triton installed and TRITON_INTERPRET=1")
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    torch_of = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16,
+                tl.float8e4nv: torch.float8_e4m3fn}
+    ints = {8: (np.int8, torch.int8), 16: (np.int16, torch.int16), 32: (np.int32, torch.int32)}
+    original = interpreter._convert_float
+
+    def convert(data, src, dst, rounding_mode):
+        if src not in torch_of or dst not in torch_of:
+            return original(data, src, dst, rounding_mode)
+        bits = torch.from_numpy(np.ascontiguousarray(data).view(ints[src.primitive_bitwidth][0]))
+        return bits.view(torch_of[src]).to(torch_of[dst]).view(ints[dst.primitive_bitwidth][1]).numpy()
+
+    if not hasattr(interpreter, "_convert_float"):
+        pytest.skip("this Triton's interpreter has no _convert_float to replace")
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
+    from megatron_ssm.comm import triton_quantize
+
+    assert triton_quantize._INTERPRETED
+    return triton_quantize
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_triton_three_steps_interpreted(interpreted_triton_quantize, fmt, dtype, seed):
+    from megatron_ssm.comm import quantize
+
+    for world, block, shape in [(2, 128, (1,)), (4, 128, (4099,)), (3, 128, (5, 1031)), (4, 32, (3000,))]:
+        xs = _edge_inputs(seed, world, shape, dtype)
+        check_steps_match(interpreted_triton_quantize, quantize, xs, fmt, block, seed)
+    # The fp16 format and non-power-of-two blocks go to the torch functions.
+    xs = _edge_inputs(seed, 2, (1000,), dtype)
+    check_steps_match(interpreted_triton_quantize, quantize, xs, "fp16", 128, seed)
+    check_steps_match(interpreted_triton_quantize, quantize, xs, fmt, 100, seed)
 
 
 # --- the two-shot all-reduce ----------------------------------------------------------------------

@@ -2,7 +2,11 @@
 """Latency and bus bandwidth of every all-reduce variant against message size, on GPUs.
 
     torchrun --nproc_per_node N tools/comm_benchmark.py [--sizes-kib 8,64,512,2048,8192,32768,131072]
+        [--variants exact,int8,fp8,fp16,auto,int8:torch]
 
+A variant is an `--allreduce` kind; FORMAT:torch is that quantised all-reduce on its plain torch
+steps instead of the fused Triton kernels (the numbers both must give). Before timing, every
+quantised format's fused result is checked bit for bit against the torch steps' at each size.
 Each variant is timed two ways: launched eagerly (CUDA events around one call; median of --iters,
 slowest rank), and replayed from a CUDA graph (as decode runs it: mean of --iters replays). Bus
 bandwidth = 2 (N-1)/N x bytes / time, NCCL's convention. Rank 0 prints a markdown table and the
@@ -54,6 +58,27 @@ def graph_us(op, x, group, iters):
     return a.elapsed_time(b) * 1e3 / iters
 
 
+def fused_matches_torch(fmt, x, group) -> bool:
+    """On every rank, the fused kernels give the torch steps' bits (NaN payloads aside)."""
+    from megatron_ssm.comm import QuantizedAllReduce
+
+    a = QuantizedAllReduce(fmt)(x.clone(), group)
+    b = QuantizedAllReduce(fmt, fused=False)(x.clone(), group)
+    ints = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    same = torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0).view(ints), b.nan_to_num(0.0).view(ints))
+    flag = torch.tensor(float(same), device=x.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def make_variant(name: str):
+    from megatron_ssm.comm import QuantizedAllReduce, make_allreduce
+
+    if name.endswith(":torch"):
+        return QuantizedAllReduce(name.removesuffix(":torch"), fused=False)
+    return make_allreduce(name)
+
+
 def slowest(t: float, device) -> float:
     v = torch.tensor(t, device=device)
     dist.all_reduce(v, op=dist.ReduceOp.MAX)
@@ -67,13 +92,13 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    from megatron_ssm.comm import QuantizedAllReduce, calibrate, make_allreduce
+    from megatron_ssm.comm import QuantizedAllReduce, calibrate
     from megatron_ssm.parallel import init_distributed, shutdown
 
     tp = init_distributed()
     world, dev = tp.size, tp.device
     variants = args.variants.split(",")
-    ops = {v: make_allreduce(v) for v in variants}
+    ops = {v: make_variant(v) for v in variants}
     if tp.is_first:
         print(f"{torch.cuda.get_device_name()} x{world}, bf16 messages; us per call (bus GB/s)")
         print("| KiB | " + " | ".join(f"{v} eager | {v} graph" for v in variants) + " |")
@@ -81,6 +106,9 @@ def main():
     sizes = [int(k) for k in args.sizes_kib.split(",")]
     for kib in sizes:
         x = torch.randn(kib * 512, device=dev, dtype=torch.bfloat16) * (tp.rank + 1)
+        for fmt in ("int8", "fp8", "fp16"):
+            if not fused_matches_torch(fmt, x, tp.group) and tp.is_first:
+                print(f"WARNING: {fmt} at {kib} KiB: the fused kernels and the torch steps differ", flush=True)
         cells = []
         for v in variants:
             e = slowest(eager_us(ops[v], x, tp.group, args.iters), dev)

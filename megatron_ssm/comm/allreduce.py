@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import quantize
-from .quantize import FORMATS, code_dtype, has_scales
+from .quantize import FORMATS
 
 ALLREDUCE_CHOICES = ("exact", "int8", "fp8", "fp16", "auto")
 
@@ -109,10 +109,14 @@ class QuantizedAllReduce(AllReduce):
     rank dequantises the same gathered bytes, so all ranks get bit-identical results. The codes and
     their scales travel in one uint8 buffer: two collectives per call rather than four, since small
     messages are latency-bound.
+
+    The local work is three steps, quantize_pack / reduce_requantise / unpack_dequantise: plain torch
+    in quantize.py (which defines the bits), one fused Triton kernel each on CUDA, so that the input,
+    the packed buffers and the output are each touched about once and no fp32 copy reaches memory.
     """
 
     def __init__(self, fmt: str = "int8", block: int = 128, fused: bool = True):
-        """fused: on CUDA, quantise with the Triton kernels when Triton imports (else plain torch)."""
+        """fused: on CUDA, run the three steps as Triton kernels when Triton imports (else plain torch)."""
         if fmt not in FORMATS:
             raise ValueError(f"unknown quantised all-reduce format {fmt!r}; expected one of {FORMATS}")
         if not isinstance(block, int) or block <= 0:
@@ -126,33 +130,27 @@ class QuantizedAllReduce(AllReduce):
 
     def __call__(self, tensor: torch.Tensor, group) -> torch.Tensor:
         world = dist.get_world_size(group)
-        n = tensor.numel()
-        if world == 1 or n == 0:
+        if world == 1 or tensor.numel() == 0:
             return tensor
-        # Pad so that every rank owns the same whole number of blocks.
-        chunk = math.ceil(n / (world * self.block)) * self.block
-        x = torch.nn.functional.pad(tensor.reshape(-1), (0, world * chunk - n))
-
-        # Reduce-scatter: row j of `sent` is this rank's chunk j, row j of `got` is rank j's copy of
-        # the chunk this rank owns.
-        sent = self._pack(*self._quantize(x), parts=world)
+        ops = self._module(tensor)
+        # Reduce-scatter: row j of `sent` is this rank's chunk j (quantised, codes then scales), row j
+        # of `got` is rank j's copy of the chunk this rank owns. The input is read in place; the
+        # zero padding up to whole chunks exists only in the kernels.
+        sent = ops.quantize_pack(tensor, self.fmt, self.block, world)
         got = torch.empty_like(sent)
         dist.all_to_all_single(got, sent, group=group)
-        partial = self._dequantize(got, chunk).view(world, chunk).sum(dim=0)
 
-        # All-gather the requantised sums.
-        mine = self._pack(*self._quantize(partial), parts=1).view(-1)
-        gathered = torch.empty(world, mine.numel(), dtype=torch.uint8, device=mine.device)
+        # The owner's sum, requantised straight into its row of the all-gather buffer, which is then
+        # gathered in place (NCCL and gloo both accept an input that is the output's own slot).
+        gathered = torch.empty_like(sent)
+        mine = gathered[dist.get_rank(group)]
+        ops.reduce_requantise(got, self.fmt, self.block, mine)
         dist.all_gather_into_tensor(gathered.view(-1), mine, group=group)
-        out = self._dequantize(gathered, chunk)[:n]
-        return out.to(tensor.dtype).view(tensor.shape)
-
-    def _quantize(self, x_flat: torch.Tensor):
-        return self._module(x_flat).quantize_blocks(x_flat, self.fmt, self.block)
+        return ops.unpack_dequantise(gathered, self.fmt, self.block, tensor.shape, tensor.dtype)
 
     def _module(self, x: torch.Tensor):
-        """Where quantize_blocks/dequantize_blocks come from for x: triton_quantize for CUDA
-        tensors if Triton imports (never imported for CPU ones), else quantize."""
+        """Where the quantise functions come from for x: triton_quantize for CUDA tensors if Triton
+        imports (never imported for CPU ones), else quantize. Both give the same bits."""
         if not (x.is_cuda and self.fused):
             return quantize
         if self._kernels is None:
@@ -162,23 +160,6 @@ class QuantizedAllReduce(AllReduce):
                 kernels = quantize
             self._kernels = kernels
         return self._kernels
-
-    @staticmethod
-    def _pack(q: torch.Tensor, scales: torch.Tensor | None, parts: int) -> torch.Tensor:
-        """(parts, bytes) uint8: part j holds chunk j's codes, then its scales. uint8 because
-        neither gloo nor older NCCL move float8 (and codes are never summed by the backend)."""
-        payload = q.view(torch.uint8).view(parts, -1)
-        if scales is None:
-            return payload
-        return torch.cat([payload, scales.view(torch.uint8).view(parts, -1)], dim=1)
-
-    def _dequantize(self, packed: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Unpack (parts, bytes) and dequantise: fp32, parts * chunk values."""
-        dtype = code_dtype(self.fmt)
-        code_bytes = chunk * dtype.itemsize
-        q = packed[:, :code_bytes].contiguous().view(dtype)
-        scales = packed[:, code_bytes:].contiguous().view(torch.float32) if has_scales(self.fmt) else None
-        return self._module(q).dequantize_blocks(q, scales, self.fmt, self.block)
 
 
 class AutoAllReduce(AllReduce):

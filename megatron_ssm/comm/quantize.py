@@ -1,8 +1,14 @@
 """Block quantisation for the quantised all-reduce, in plain torch.
 
 A flat tensor is cut into blocks of `block` values; int8 and fp8 store one fp32 scale per block
-(symmetric, scale = absmax / largest code), fp16 is a plain cast with no scales. These two functions
-are the seam a fused kernel replaces: same arguments, same outputs (see triton_quantize.py).
+(symmetric, scale = absmax / largest code), fp16 is a plain cast with no scales. quantize_blocks
+and dequantize_blocks define the numbers; triton_quantize.py has fused kernels with the same
+arguments and outputs.
+
+The quantised all-reduce moves codes and scales packed in one uint8 buffer of `parts` rows, one per
+rank: row j holds chunk j's codes, then its fp32 scales. quantize_pack / reduce_requantise /
+unpack_dequantise are its three steps on that layout, written here as the plain composition of
+quantize_blocks / dequantize_blocks; triton_quantize.py fuses each into one pass over memory.
 
 Edge cases, chosen so that a quantised all-reduce never yields NaN or inf where the exact one
 would not:
@@ -16,6 +22,8 @@ would not:
   in an exact all-reduce.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -82,6 +90,74 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor | None, fmt: str, bl
     if fmt == "int8":
         x = torch.where(q.reshape(-1, block) == _INT8_NAN, float("nan"), x)
     return x.view(-1)
+
+
+def chunk_values(n: int, parts: int, block: int) -> int:
+    """Values per part when n values are cut into `parts` equal chunks of whole blocks, padded with
+    zeros at the end. A whole number of 4-block groups: with 1-byte codes, every part's codes and
+    scales then start 16-byte aligned, so kernels move them in 16-byte vectors. (Padding adds zero
+    blocks only: a block's codes never depend on where chunks end.)"""
+    group = 4 * block
+    return -(-n // (parts * group)) * group
+
+
+def part_bytes(chunk: int, fmt: str, block: int) -> int:
+    """Bytes of one packed part: a chunk's codes, then its scales."""
+    scale_bytes = chunk // block * 4 if has_scales(fmt) else 0
+    return chunk * code_dtype(fmt).itemsize + scale_bytes
+
+
+def packed_chunk(packed: torch.Tensor, fmt: str, block: int) -> int:
+    """The chunk (values per part) of a packed (parts, bytes) uint8 buffer."""
+    per_block = block * code_dtype(fmt).itemsize + (4 if has_scales(fmt) else 0)
+    if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[1] % per_block:
+        raise ValueError(f"not a packed {fmt} buffer of block {block}: {packed.dtype} {tuple(packed.shape)}")
+    return packed.shape[1] // per_block * block
+
+
+def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int) -> torch.Tensor:
+    """Quantise x (any shape, read flat, padded with zeros to parts * chunk_values) and pack it:
+    (parts, part_bytes) uint8, part j = chunk j's codes then its scales."""
+    n = x.numel()
+    chunk = chunk_values(n, parts, block)
+    flat = torch.nn.functional.pad(x.reshape(-1), (0, parts * chunk - n))
+    return _pack(*quantize_blocks(flat, fmt, block), parts)
+
+
+def reduce_requantise(got: torch.Tensor, fmt: str, block: int, out: torch.Tensor) -> torch.Tensor:
+    """The owner's step: dequantise the parts of `got` (parts, bytes), sum them in fp32 in row
+    order (0 + row 0 + row 1 + ..., as torch.sum does), requantise the sum and write it packed into
+    `out` (part_bytes uint8, e.g. this rank's row of the all-gather buffer). Returns out."""
+    parts, chunk = got.shape[0], packed_chunk(got, fmt, block)
+    pieces = dequantize_blocks(*_unpack(got, fmt, chunk), fmt, block).view(parts, chunk)
+    total = torch.zeros(chunk, dtype=torch.float32, device=got.device)
+    for piece in pieces:
+        total = total + piece
+    out.view(-1).copy_(_pack(*quantize_blocks(total, fmt, block), 1).view(-1))
+    return out
+
+
+def unpack_dequantise(packed: torch.Tensor, fmt: str, block: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantise a packed (parts, bytes) buffer: its first prod(shape) values, in `dtype` and `shape`."""
+    chunk = packed_chunk(packed, fmt, block)
+    n = math.prod(shape)
+    return dequantize_blocks(*_unpack(packed, fmt, chunk), fmt, block)[:n].to(dtype).view(shape)
+
+
+def _pack(q: torch.Tensor, scales: torch.Tensor | None, parts: int) -> torch.Tensor:
+    # uint8 because neither gloo nor older NCCL move float8 (and codes are never summed by the backend).
+    payload = q.view(torch.uint8).view(parts, -1)
+    if scales is None:
+        return payload
+    return torch.cat([payload, scales.view(torch.uint8).view(parts, -1)], dim=1)
+
+
+def _unpack(packed: torch.Tensor, fmt: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    dtype = code_dtype(fmt)
+    code_bytes = chunk * dtype.itemsize
+    q = packed[:, :code_bytes].contiguous().view(dtype)
+    scales = packed[:, code_bytes:].contiguous().view(torch.float32) if has_scales(fmt) else None
+    return q, scales
 
 
 def _check(fmt: str, block: int) -> None:

@@ -1,24 +1,66 @@
-"""Fused Triton versions of quantize.quantize_blocks / dequantize_blocks (CUDA tensors only).
+"""Fused Triton versions of the functions in quantize.py (CUDA tensors only).
 
-One kernel each instead of torch's chain of elementwise ops and a reduction; same arguments, same
-results bit for bit (scale = absmax times the reciprocal, IEEE division, round-half-even, as
-torch does them). Imported only for CUDA
-tensors, where Triton is installed. Anything the kernels don't cover (fp16, which is a single cast
-already; a block that is not a power of two; a CPU tensor) goes to the torch versions.
+One kernel each instead of torch's chain of copies, elementwise ops and reductions; same arguments,
+same results bit for bit (scale = absmax times the reciprocal, IEEE division, round-half-even, the
+owner's sum in rank order, as the torch versions do them). Imported only for CUDA tensors, where
+Triton is installed. Anything the kernels don't cover (fp16, which is a single cast already; a block
+that is not a power of two; a CPU tensor) goes to the torch versions. Under TRITON_INTERPRET=1 CPU
+tensors run the kernels too, so tests can check them without a GPU.
+
+The all-reduce's three steps read and write the packed (parts, part_bytes) uint8 buffers directly:
+- quantize_pack: input (any float dtype, read flat; values past its end count as 0) -> send buffer;
+- reduce_requantise: received buffer -> dequantise, sum, requantise -> one row of the gather buffer;
+- unpack_dequantise: gathered buffer -> the first n values, in the output dtype.
+Each touches its input and output once; fp32 values exist only in registers.
 """
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from . import quantize as _torch
 
 _FP32_MAX: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).max)
 _INT8_NAN: tl.constexpr = tl.constexpr(-128)
+_ROUNDER: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2^23: fp32 values past it are integers
 # Values per program: enough work per program to hide memory latency at any block size.
 _VALUES_PER_PROGRAM = 2048
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _quantise_rows(x, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
+    """fp32 [rows, BLOCK] -> (codes as uint8 bits, one fp32 scale per row), as quantize_blocks."""
+    a = tl.abs(x)
+    a = tl.where(a != a, 0.0, tl.minimum(a, _FP32_MAX))  # as torch: NaN counts 0, inf fp32 max
+    scale = tl.max(a, axis=1) * (1.0 / QMAX)
+    scale = tl.where(scale > 0, scale, 1.0)
+    y = tl.math.div_rn(x, scale[:, None])
+    clamped = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    if IS_INT8:
+        # Round half to even by adding and subtracting 1.5 * 2^23: exact for |clamped| <= 127, and
+        # unlike libdevice.rint it also runs in Triton's CPU interpreter.
+        rounded = (clamped + _ROUNDER) - _ROUNDER
+        q = tl.where(y != y, _INT8_NAN, rounded).to(tl.int8)
+    else:
+        q = tl.where(y != y, y, clamped).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    return q.to(tl.uint8, bitcast=True), scale
+
+
+@triton.jit
+def _dequantise_rows(codes, scale, IS_INT8: tl.constexpr):
+    """uint8 code bits [rows, BLOCK] and fp32 scales [rows] -> fp32, as dequantize_blocks."""
+    if IS_INT8:
+        q = codes.to(tl.int8, bitcast=True)
+        x = q.to(tl.float32) * scale[:, None]
+        x = tl.where(q == _INT8_NAN, float("nan"), x)
+    else:
+        x = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
+    return x
 
 
 @triton.jit
@@ -28,16 +70,7 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, nblocks, QMAX: tl.constexpr, IS_INT8: 
     live = rows < nblocks
     offs = rows[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
     x = tl.load(x_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-    a = tl.abs(x)
-    a = tl.where(a != a, 0.0, tl.minimum(a, _FP32_MAX))  # as torch: NaN counts 0, inf fp32 max
-    scale = tl.max(a, axis=1) * (1.0 / QMAX)
-    scale = tl.where(scale > 0, scale, 1.0)
-    y = tl.math.div_rn(x, scale[:, None])
-    clamped = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-    if IS_INT8:
-        q = tl.where(y != y, _INT8_NAN, libdevice.rint(clamped)).to(tl.int8)
-    else:
-        q = tl.where(y != y, y, clamped).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    q, scale = _quantise_rows(x, QMAX, IS_INT8)
     tl.store(q_ptr + offs, q, mask=live[:, None])
     tl.store(s_ptr + rows, scale, mask=live)
 
@@ -50,18 +83,72 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, nblocks, IS_INT8: tl.constexpr, BL
     offs = rows[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
     q = tl.load(q_ptr + offs, mask=live[:, None])  # masked lanes are never stored
     s = tl.load(s_ptr + rows, mask=live, other=1.0)
-    x = q.to(tl.float32) * s[:, None]
-    if IS_INT8:
-        x = tl.where(q == _INT8_NAN, float("nan"), x)
-    tl.store(out_ptr + offs, x, mask=live[:, None])
+    tl.store(out_ptr + offs, _dequantise_rows(q, s, IS_INT8), mask=live[:, None])
+
+
+# Packed buffers are passed twice: as uint8 (codes) and as a float32 view of the same memory
+# (scales). Part j's codes start at byte j * part_bytes, its scales at word (j * part_bytes + chunk) / 4
+# (codes are one byte each; chunk_values keeps both multiples of 16 bytes).
+
+@triton.jit
+def _quantize_pack_kernel(x_ptr, codes_ptr, scales_ptr, n, nblocks, chunk, part_bytes,
+                          QMAX: tl.constexpr, IS_INT8: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # global block index
+    live = rows < nblocks
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)  # past n: the zero padding
+    q, scale = _quantise_rows(x, QMAX, IS_INT8)
+    part, inner = rows // (chunk // BLOCK), rows % (chunk // BLOCK)
+    base = part * part_bytes
+    tl.store(codes_ptr + base[:, None] + inner[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], q,
+             mask=live[:, None])
+    tl.store(scales_ptr + (base + chunk) // 4 + inner, scale, mask=live)
+
+
+@triton.jit
+def _reduce_requantise_kernel(got_codes_ptr, got_scales_ptr, out_codes_ptr, out_scales_ptr, chunk, part_bytes,
+                              PARTS: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
+                              BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # block index within the chunk
+    live = rows < chunk // BLOCK
+    code_offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    stride = part_bytes.to(tl.int64)
+    total = tl.zeros((ROWS, BLOCK), dtype=tl.float32)  # 0 + row 0 + row 1 ...: torch.sum's order
+    for j in tl.static_range(PARTS):
+        base = j * stride
+        codes = tl.load(got_codes_ptr + base + code_offs, mask=live[:, None], other=0)
+        scale = tl.load(got_scales_ptr + (base + chunk) // 4 + rows, mask=live, other=1.0)
+        total += _dequantise_rows(codes, scale, IS_INT8)
+    q, scale = _quantise_rows(total, QMAX, IS_INT8)
+    tl.store(out_codes_ptr + code_offs, q, mask=live[:, None])
+    tl.store(out_scales_ptr + chunk // 4 + rows, scale, mask=live)
+
+
+@triton.jit
+def _unpack_dequantise_kernel(codes_ptr, scales_ptr, out_ptr, n, chunk, part_bytes, IS_INT8: tl.constexpr,
+                              BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # global block index
+    offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    live = offs < n
+    part, inner = rows // (chunk // BLOCK), rows % (chunk // BLOCK)
+    base = part * part_bytes
+    codes = tl.load(codes_ptr + base[:, None] + inner[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :],
+                    mask=live, other=0)
+    scale = tl.load(scales_ptr + (base + chunk) // 4 + inner, mask=rows * BLOCK < n, other=1.0)
+    x = _dequantise_rows(codes, scale, IS_INT8)
+    tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def _fused(x: torch.Tensor, fmt: str, block: int) -> bool:
-    return x.is_cuda and fmt != "fp16" and block & (block - 1) == 0
+    return (x.is_cuda or _INTERPRETED) and fmt != "fp16" and block & (block - 1) == 0
 
 
 def _rows(block: int) -> int:
     return max(1, _VALUES_PER_PROGRAM // block)
+
+
+def _meta(fmt: str, block: int) -> dict:
+    return dict(IS_INT8=fmt == "int8", BLOCK=block, ROWS=_rows(block))
 
 
 def quantize_blocks(x_flat: torch.Tensor, fmt: str, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,10 +158,9 @@ def quantize_blocks(x_flat: torch.Tensor, fmt: str, block: int) -> tuple[torch.T
     nblocks = x.numel() // block
     q = torch.empty(x.numel(), dtype=_torch.code_dtype(fmt), device=x.device)
     scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    rows = _rows(block)
     if nblocks:
-        _quantize_kernel[(triton.cdiv(nblocks, rows),)](
-            x, q, scales, nblocks, QMAX=_torch.qmax(fmt), IS_INT8=fmt == "int8", BLOCK=block, ROWS=rows)
+        _quantize_kernel[(triton.cdiv(nblocks, _rows(block)),)](
+            x, q.view(torch.uint8), scales, nblocks, QMAX=_torch.qmax(fmt), **_meta(fmt, block))
     return q, scales
 
 
@@ -85,8 +171,50 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor | None, fmt: str, bl
     scales = scales.reshape(-1).contiguous()
     nblocks = q.numel() // block
     out = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
-    rows = _rows(block)
     if nblocks:
-        _dequantize_kernel[(triton.cdiv(nblocks, rows),)](
-            q, scales, out, nblocks, IS_INT8=fmt == "int8", BLOCK=block, ROWS=rows)
+        _dequantize_kernel[(triton.cdiv(nblocks, _rows(block)),)](
+            q.view(torch.uint8), scales, out, nblocks, **_meta(fmt, block))
+    return out
+
+
+def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int) -> torch.Tensor:
+    if not _fused(x, fmt, block):
+        return _torch.quantize_pack(x, fmt, block, parts)
+    x = x.contiguous()  # read flat in place: no padded copy
+    chunk = _torch.chunk_values(x.numel(), parts, block)
+    nbytes = _torch.part_bytes(chunk, fmt, block)
+    out = torch.empty(parts, nbytes, dtype=torch.uint8, device=x.device)
+    nblocks = parts * chunk // block
+    if nblocks:
+        _quantize_pack_kernel[(triton.cdiv(nblocks, _rows(block)),)](
+            x, out, out.view(torch.float32), x.numel(), nblocks, chunk, nbytes, QMAX=_torch.qmax(fmt),
+            **_meta(fmt, block))
+    return out
+
+
+def reduce_requantise(got: torch.Tensor, fmt: str, block: int, out: torch.Tensor) -> torch.Tensor:
+    if not _fused(got, fmt, block):
+        return _torch.reduce_requantise(got, fmt, block, out)
+    chunk = _torch.packed_chunk(got, fmt, block)
+    got = got.contiguous()
+    if chunk:
+        # No fused multiply-add: dequantise (a product) and sum are rounded separately, as in torch.
+        _reduce_requantise_kernel[(triton.cdiv(chunk // block, _rows(block)),)](
+            got, got.view(torch.float32), out, out.view(torch.float32), chunk, got.shape[1], PARTS=got.shape[0],
+            QMAX=_torch.qmax(fmt), **_meta(fmt, block), enable_fp_fusion=False)
+    return out
+
+
+def unpack_dequantise(packed: torch.Tensor, fmt: str, block: int, shape, dtype: torch.dtype) -> torch.Tensor:
+    if not _fused(packed, fmt, block):
+        return _torch.unpack_dequantise(packed, fmt, block, shape, dtype)
+    chunk = _torch.packed_chunk(packed, fmt, block)
+    packed = packed.contiguous()
+    n = math.prod(shape)
+    if n > packed.shape[0] * chunk:
+        raise ValueError(f"{tuple(shape)} wants {n} values; the packed buffer holds {packed.shape[0] * chunk}")
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if n:
+        _unpack_dequantise_kernel[(triton.cdiv(triton.cdiv(n, block), _rows(block)),)](
+            packed, packed.view(torch.float32), out, n, chunk, packed.shape[1], **_meta(fmt, block))
     return out
