@@ -403,21 +403,21 @@ def test_subgroups_and_world_of_one(ranks, seed):
 
 def _check_exact(seed: int) -> list[str]:
     ctx = _rank()
-    exact = make_allreduce("exact")
     bad = []
-    for dtype in DTYPES:
+    for dtype, kind in [(d, k) for d in DTYPES for k in ("exact", "oneshot")]:  # oneshot: gloo on CPU
+        exact = make_allreduce(kind)
         x = _inputs(seed, ctx.size, (33, 77), dtype)[ctx.rank]
         expected = x.clone()
         dist.all_reduce(expected, group=ctx.group)
         if not torch.equal(exact(x.clone(), ctx.group), expected):
-            bad.append(f"{dtype}")
+            bad.append(f"{kind} {dtype}")
         # A transposed (non-contiguous) view goes through a contiguous copy. (Compare with that copy
         # reduced: gloo's ring sums each element in an order that depends on its position.)
         expected = x.t().contiguous()
         dist.all_reduce(expected, group=ctx.group)
         out = exact(x.clone().t(), ctx.group)
         if out.shape != (77, 33) or not torch.equal(out, expected):
-            bad.append(f"{dtype} transposed")
+            bad.append(f"{kind} {dtype} transposed")
     return bad
 
 
@@ -447,9 +447,10 @@ def _check_auto(seed: int) -> dict[str, object]:
 def test_auto_threshold_chooses(ranks, seed):
     results = ranks(2).run(_check_auto, seed)
     r = results[0]
-    assert r["picks"] == ["exact", "fp8", "exact", "fp8"]
+    # below the threshold: the exact sum, one-shot where it can (CUDA), else NCCL/gloo
+    assert r["picks"] == ["oneshot", "fp8", "oneshot", "fp8"]
     assert r["same as picked"]
-    assert r["cpu default"] == "exact" and r["never"] == "exact" and r["always"] == "int8"
+    assert r["cpu default"] == "oneshot" and r["never"] == "oneshot" and r["always"] == "int8"
     assert r["calibrated"] in (256, 4096, math.inf)
     assert all(x["calibrated"] == r["calibrated"] for x in results), "ranks calibrated differently"
 
@@ -462,7 +463,7 @@ def test_threshold_table_lookup():
 
 
 def test_make_allreduce_kinds():
-    assert ALLREDUCE_CHOICES == ("exact", "int8", "fp8", "fp16", "auto")
+    assert ALLREDUCE_CHOICES == ("exact", "oneshot", "int8", "fp8", "fp16", "auto")
     for kind in ALLREDUCE_CHOICES:
         assert make_allreduce(kind).name == kind
     assert make_allreduce("int8", block=64).block == 64

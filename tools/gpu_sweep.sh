@@ -31,7 +31,7 @@ if [ "${SWEEP:-targets}" = full ]; then
     exit 0
 fi
 if [ "${SWEEP:-targets}" = single ]; then  # one GPU: GPU tests, then our TP=1 beside the baselines
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model_gpu.py tests/test_kernels_gpu.py \
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model_gpu.py tests/test_kernels_gpu.py tests/test_comm.py \
         > "$OUT/pytest_gpu.txt" 2>&1; grep -E "^(FAILED|E  )|passed|failed" "$OUT/pytest_gpu.txt" | tail -30
     # where a batch-1 decode step and a prefill chunk spend their time (eager, kernel by kernel)
     timeout 60 python3 tools/profile_step.py --config configs/mamba2-2.7b.yaml --batch 1 --top 40 \
@@ -41,8 +41,8 @@ if [ "${SWEEP:-targets}" = single ]; then  # one GPU: GPU tests, then our TP=1 b
     bench 100 1 --config configs/mamba2-2.7b.yaml --batch 1,16,64 --prompt 512 --new 128
     timeout 100 python3 tools/baselines.py --impl mamba-ssm --config configs/mamba2-2.7b.yaml --batch 1,16,64 \
         --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
-    timeout 50 python3 tools/baselines.py --impl hf --config configs/mamba2-2.7b.yaml --batch 1 --prompt 512 \
-        --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
+    [ -n "${WITH_HF:-}" ] && timeout 50 python3 tools/baselines.py --impl hf --config configs/mamba2-2.7b.yaml \
+        --batch 1 --prompt 512 --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
     exit 0
 fi
 if [ "${SWEEP:-targets}" = comm ]; then  # all-reduce variants: latency vs size, then end to end at TP=4

@@ -9,6 +9,7 @@ from .allreduce import (
     calibrate,
     make_allreduce,
 )
+from .oneshot import OneShotAllReduce
 from .quantize import dequantize_blocks, quantize_blocks
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "AllReduce",
     "AutoAllReduce",
     "ExactAllReduce",
+    "OneShotAllReduce",
     "PendingAllReduce",
     "QuantizedAllReduce",
     "calibrate",

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from . import quantize
 from .quantize import FORMATS
 
-ALLREDUCE_CHOICES = ("exact", "int8", "fp8", "fp16", "auto")
+ALLREDUCE_CHOICES = ("exact", "oneshot", "int8", "fp8", "fp16", "auto")
 
 # Message size (bytes) from which the quantised path is faster, by a substring of the CUDA device's
 # name. A device not listed (and every CPU) stays exact: run `calibrate` on a new machine.
@@ -163,7 +163,8 @@ class QuantizedAllReduce(AllReduce):
 
 
 class AutoAllReduce(AllReduce):
-    """Exact below `threshold` bytes, quantised (`fmt`, `block`) from it up.
+    """Exact below `threshold` bytes, quantised (`fmt`, `block`) from it up. The exact sums of
+    small CUDA messages take the one-shot symmetric-memory kernel (oneshot.py), the rest NCCL.
 
     threshold None: looked up in THRESHOLDS by the tensor's device name; CPU tensors and unlisted
     devices stay exact. math.inf: always exact; 0: always quantised.
@@ -177,7 +178,9 @@ class AutoAllReduce(AllReduce):
             raise ValueError(f"threshold must be >= 0 bytes, got {threshold}")
         self.threshold = threshold
         self.table = THRESHOLDS if table is None else table
-        self.exact = ExactAllReduce()
+        from .oneshot import OneShotAllReduce  # imports this module
+
+        self.exact = OneShotAllReduce()
         self.quantized = QuantizedAllReduce(fmt, block)
         self._looked_up: dict[torch.device, float] = {}  # a device name query on every call adds up
 
@@ -229,6 +232,10 @@ def make_allreduce(kind: str, **kw) -> AllReduce:
     """kind in ALLREDUCE_CHOICES; kw go to the class (fmt/block for quantised, threshold for auto)."""
     if kind == "exact":
         return ExactAllReduce(**kw)
+    if kind == "oneshot":
+        from .oneshot import OneShotAllReduce
+
+        return OneShotAllReduce(**kw)
     if kind in FORMATS:
         return QuantizedAllReduce(fmt=kind, **kw)
     if kind == "auto":
