@@ -131,7 +131,7 @@ def main() -> int:
     ap.add_argument("--new", type=ints, default=[128, 256])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--prefill-tokens", type=int, default=32768, help="tokens per prefill forward (whole batch)")
-    ap.add_argument("--allreduce", default="exact", help="exact|oneshot|int8|fp8|fp16|auto")
+    ap.add_argument("--allreduce", default="exact", help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     ap.add_argument("--overlap-min-tokens", type=ints, default=[8192],
                     help="prefill forwards from this many tokens overlap their all-reduces with compute "
@@ -157,7 +157,9 @@ def main() -> int:
     if args.allreduce != "exact":
         from megatron_ssm.comm import make_allreduce
 
-        allreduce = make_allreduce(args.allreduce)
+        # "auto:BYTES": auto with its quantisation threshold set here instead of the device table
+        kind, _, threshold = args.allreduce.partition(":")
+        allreduce = make_allreduce(kind, **({"threshold": float(threshold)} if threshold else {}))
     for path in args.config:
         name, cfg = load_config(path)
         model = MambaLM(cfg, tp, dtype=dtype, allreduce=allreduce).eval()

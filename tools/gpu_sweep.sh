@@ -55,13 +55,24 @@ if [ "${SWEEP:-targets}" = comm ]; then  # all-reduce variants: latency vs size,
     done
     exit 0
 fi
-if [ "${SWEEP:-targets}" = targets ]; then  # the scaling targets, and mamba-ssm on the same work
-    for tp in 4 2 1; do
-        bench 150 $tp --config configs/mamba-codestral-7b.yaml --config configs/falcon-mamba-7b.yaml \
-            --batch 32 --prompt 8192 --new 256
-    done
-    timeout 120 python3 tools/baselines.py --impl mamba-ssm --config configs/mamba-codestral-7b.yaml --batch 32 \
-        --prompt 8192 --new 256 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
+if [ "${SWEEP:-targets}" = targets ]; then  # the scaling targets (~9.5 min on 4 GPUs)
+    # all-reduce variants first: if the one-shot kernel fails here, the runs below use plain NCCL
+    AR=exact
+    timeout 80 torchrun --standalone --nproc_per_node 4 tools/comm_benchmark.py --iters 30 \
+        --sizes-kib 8,64,256,2048,32768,131072 --variants exact,oneshot,int8,fp8 2>&1 \
+        | grep -E "^\||auto:|x[0-9], bf16|WARN|Error" | tee "$OUT/comm4.txt"
+    grep -q "^| 131072" "$OUT/comm4.txt" && ! grep -q "WARN.*oneshot" "$OUT/comm4.txt" && AR=auto
+    echo "decode all-reduce: $AR" | tee -a "$OUT/log.txt"
+    w="--batch 32 --prompt 8192 --new 256"
+    bench 150 4 --config configs/mamba-codestral-7b.yaml --config configs/falcon-mamba-7b.yaml $w --allreduce $AR \
+        --overlap-min-tokens 0,8192 --tag targets
+    bench 110 2 --config configs/mamba-codestral-7b.yaml --config configs/falcon-mamba-7b.yaml $w --allreduce $AR --tag targets
+    bench 130 1 --config configs/mamba-codestral-7b.yaml --config configs/falcon-mamba-7b.yaml $w --tag targets
+    # int8 for prefill-sized messages only (from 1 MiB), the exact sum below
+    bench 60 4 --config configs/mamba-codestral-7b.yaml $w --allreduce auto:1048576 --tag "allreduce=int8-from-1MiB"
+    timeout 55 torchrun --standalone --nproc_per_node 2 tools/comm_benchmark.py --iters 30 \
+        --sizes-kib 8,64,256,2048,32768,131072 --variants exact,oneshot,int8 2>&1 \
+        | grep -E "^\||auto:|x[0-9], bf16|WARN|Error" | tee "$OUT/comm2.txt"
     exit 0
 fi
 for tp in 4 2 1; do  # SWEEP=small: the background's single-GPU bar, at every TP degree
