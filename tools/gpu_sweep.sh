@@ -60,7 +60,7 @@ if [ "${SWEEP:-targets}" = targets ]; then  # the issue's scaling targets (~9.5 
     AR=exact
     timeout 80 torchrun --standalone --nproc_per_node 4 tools/comm_benchmark.py --iters 30 \
         --sizes-kib 8,64,256,2048,32768,131072 --variants exact,oneshot,int8,fp8 2>&1 \
-        | grep -E "^\||auto:|x[0-9], bf16|WARN|Error" | tee "$OUT/comm4.txt"
+        | grep -E "^\||auto:|x[0-9], bf16|WARN|Error|unavailable" | tee "$OUT/comm4.txt"
     grep -q "^| 131072" "$OUT/comm4.txt" && ! grep -qE "WARN.*oneshot|unavailable" "$OUT/comm4.txt" && AR=auto
     echo "decode all-reduce: $AR" | tee -a "$OUT/log.txt"
     w="--batch 32 --prompt 8192 --new 256"
@@ -72,7 +72,7 @@ if [ "${SWEEP:-targets}" = targets ]; then  # the issue's scaling targets (~9.5 
     bench 60 4 --config configs/mamba-codestral-7b.yaml $w --allreduce auto:1048576 --tag "allreduce=int8-from-1MiB"
     timeout 55 torchrun --standalone --nproc_per_node 2 tools/comm_benchmark.py --iters 30 \
         --sizes-kib 8,64,256,2048,32768,131072 --variants exact,oneshot,int8 2>&1 \
-        | grep -E "^\||auto:|x[0-9], bf16|WARN|Error" | tee "$OUT/comm2.txt"
+        | grep -E "^\||auto:|x[0-9], bf16|WARN|Error|unavailable" | tee "$OUT/comm2.txt"
     exit 0
 fi
 for tp in 4 2 1; do  # SWEEP=small: the background's single-GPU bar, at every TP degree
