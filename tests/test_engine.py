@@ -73,6 +73,20 @@ def _rank_single(ckpt, prompt, new, **cfg):
     return eng.generate([Request(prompt, new)])[0]
 
 
+def _rank_index_limited(ckpt, prompts, new):
+    """Generation with the activation limit set so low that prefill must take a few tokens at a time."""
+    from megatron_ssm.inference.engine import Request
+
+    eng = _engine(ckpt, max_batch=4, prefill_chunk=4096)
+    widest = eng.model.layers[0].mixer.in_proj.weight.shape[0]
+    eng.model.max_activation_elements = 3 * len(prompts) * widest  # 3 tokens per sequence per forward
+    calls = []
+    forward = eng.model.forward
+    eng.model.forward = lambda ids, *a, **k: calls.append(ids.shape) or forward(ids, *a, **k)
+    outs = eng.generate([Request(p, new) for p in prompts])
+    return outs, max(b * L for b, L in calls)
+
+
 def _rank_prefix(ckpt, shared, tails, new):
     from megatron_ssm.inference.engine import Request
 
@@ -162,6 +176,15 @@ def test_chunked_prefill_equals_one_shot(ranks, ckpts, family):
     one_shot = ranks(2).run(_rank_single, ckpts[family][2], prompt, 8, prefill_chunk=4096)[0]
     chunked = ranks(2).run(_rank_single, ckpts[family][2], prompt, 8, prefill_chunk=7)[0]
     assert chunked == one_shot
+
+
+def test_prefill_stays_under_the_activation_index_limit(ranks, ckpts):
+    """Prefill chunks shrink so that batch x tokens x widest row fits 32-bit kernel offsets, with the
+    same tokens as one long chunk."""
+    prompts = _prompts(fresh_seed(), (20, 20))
+    limited, most_tokens = ranks(2).run(_rank_index_limited, ckpts["mamba2"][2], prompts, 6)[0]
+    assert most_tokens <= 6
+    assert limited == [ranks(2).run(_rank_single, ckpts["mamba2"][2], p, 6)[0] for p in prompts]
 
 
 @pytest.mark.parametrize("tp", [1, 2])

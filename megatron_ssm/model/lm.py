@@ -76,6 +76,17 @@ class MambaLM(nn.Module):
         ids = torch.arange(self.vocab_start, self.vocab_start + self.vocab_per_rank, device=device)
         self.register_buffer("vocab_padding", ids >= cfg.vocab_size, persistent=False)
 
+    # Kernels here and in mamba-ssm index activations with 32-bit offsets: keep every activation
+    # of one forward (batch x tokens x widest row) under this many elements.
+    max_activation_elements = 2**31 - 1
+
+    def max_tokens_per_forward(self, all_logits: bool = False) -> int:
+        """Most tokens (batch x length) one forward may take: the widest per-token row is in_proj's
+        output on this rank, or this rank's logits when every position's are kept."""
+        widest = max(self.layers[0].mixer.in_proj.weight.shape[0] if self.layers else 1, self.cfg.hidden_size,
+                     self.vocab_per_rank if all_logits else 1)
+        return max(1, self.max_activation_elements // widest)
+
     def state_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         return [layer.mixer.state_shapes() for layer in self.layers]
 
