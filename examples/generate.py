@@ -40,8 +40,9 @@ def main() -> int:
     ap.add_argument("--stop-ids", type=parse_ids, default=None, help="comma-separated ids that end a sequence")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="run in this dtype (default: the checkpoint's)")
-    ap.add_argument("--allreduce", default="exact", choices=["exact", "oneshot", "int8", "fp8", "fp16", "auto"],
-                    help="reduction of every row-parallel output (default: the backend's exact all-reduce)")
+    ap.add_argument("--allreduce", default="oneshot", choices=["exact", "oneshot", "int8", "fp8", "fp16", "auto"],
+                    help="reduction of every row-parallel output (default oneshot: exact, one kernel for small "
+                         "GPU messages, NCCL/gloo otherwise; exact: always the backend's all-reduce)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     if not args.prompt_ids and not args.prompt:

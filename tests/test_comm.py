@@ -460,6 +460,9 @@ def test_threshold_table_lookup():
     assert threshold_by_name("NVIDIA H100 80GB HBM3", table) == 8 << 20
     assert threshold_by_name("NVIDIA RTX A6000", table) == 1 << 20
     assert threshold_by_name("NVIDIA GeForce RTX 4090", table) == math.inf
+    by_world = {"H100": {4: 1 << 27}}
+    assert threshold_by_name("NVIDIA H100 80GB HBM3", by_world, 4) == 1 << 27
+    assert threshold_by_name("NVIDIA H100 80GB HBM3", by_world, 2) == math.inf
 
 
 def test_make_allreduce_kinds():

@@ -131,9 +131,9 @@ def main() -> int:
     ap.add_argument("--new", type=ints, default=[128, 256])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--prefill-tokens", type=int, default=32768, help="tokens per prefill forward (whole batch)")
-    ap.add_argument("--allreduce", default="exact", help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
+    ap.add_argument("--allreduce", default="oneshot", help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
-    ap.add_argument("--overlap-min-tokens", type=ints, default=[8192],
+    ap.add_argument("--overlap-min-tokens", type=ints, default=[0],
                     help="prefill forwards from this many tokens overlap their all-reduces with compute "
                          "(0: never); a list times each setting on the same loaded model")
     ap.add_argument("--max-total-tokens", type=int, default=1 << 20,

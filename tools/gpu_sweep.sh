@@ -75,6 +75,22 @@ if [ "${SWEEP:-targets}" = targets ]; then  # the issue's scaling targets (~9.5 
         | grep -E "^\||auto:|x[0-9], bf16|WARN|Error|unavailable" | tee "$OUT/comm2.txt"
     exit 0
 fi
+if [ "${SWEEP:-targets}" = decode ]; then  # one-shot all-reduce: correctness on the shipped model, then small-batch decode
+    for tp in 4 2; do python3 tools/convert_hf.py --load-dir megatron_ssm/assets/tiny-mamba2 --save-dir /tmp/tiny-tp$tp \
+        --tp $tp --dtype float32 --no-progress > /dev/null 2>&1; done
+    timeout 60 torchrun --standalone --nproc_per_node 4 tools/allreduce_accuracy.py --load /tmp/tiny-tp4 \
+        --text megatron_ssm/assets/tiny-mamba2/heldout.txt --variants exact,oneshot,int8 2>&1 | grep -E "^\||Error" \
+        | tee "$OUT/accuracy_tp4_gpu.txt"
+    for ar in exact oneshot; do  # greedy text through the engine (CUDA-graph decode) with each reduction
+        timeout 45 torchrun --standalone --nproc_per_node 4 examples/generate.py --load /tmp/tiny-tp4 --allreduce $ar \
+            --prompt "def main(" --prompt "import os" --max-new-tokens 48 --output-json "$OUT/gen_$ar.json" > /dev/null 2>&1
+    done
+    cmp "$OUT/gen_exact.json" "$OUT/gen_oneshot.json" && echo "generate.py TP=4: oneshot text == exact text" | tee -a "$OUT/log.txt"
+    for tp in 4 2 1; do
+        bench 75 $tp --config configs/mamba2-2.7b.yaml --batch 1,16,64 --prompt 512 --new 128 --tag decode
+    done
+    exit 0
+fi
 for tp in 4 2 1; do  # SWEEP=small: the background's single-GPU bar, at every TP degree
     bench 90 $tp --config configs/mamba2-2.7b.yaml --config configs/mamba-2.8b.yaml --batch 1,16,64 --prompt 512 --new 128
 done

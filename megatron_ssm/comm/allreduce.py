@@ -30,11 +30,12 @@ from .quantize import FORMATS
 ALLREDUCE_CHOICES = ("exact", "oneshot", "int8", "fp8", "fp16", "auto")
 
 # Message size (bytes) from which the quantised path is faster, by a substring of the CUDA device's
-# name. A device not listed (and every CPU) stays exact: run `calibrate` on a new machine.
-# H100 SXM (2 GPUs over NVLink NV18, NCCL 2.28, torch 2.11, bf16, 2026-11-26): never. Eager, the
-# quantised path costs ~0.6 ms of kernel launches against ~60 us; in a CUDA graph it is 35-45 us
-# against 10 us for small messages and ~3x slower at 8-128 MiB (fp32 intermediates on HBM).
-THRESHOLDS: Mapping[str, float] = MappingProxyType({"H100 80GB HBM3": math.inf})
+# name, then by group size (a plain number: every size). A device or size not listed (and every
+# CPU) stays exact: run `calibrate` on a new machine. H100 SXM over NVLink (NCCL 2.28, torch 2.11,
+# bf16, fused int8 kernels, docs/benchmarks.md, 2026-11-26): on 2 GPUs never; on 4 GPUs int8 beat
+# NCCL at 128 MiB (589 vs 622 us in a CUDA graph) and lost at 32 MiB and below.
+THRESHOLDS: Mapping[str, float | Mapping[int, float]] = MappingProxyType(
+    {"H100 80GB HBM3": MappingProxyType({4: 128 * 2**20})})
 
 
 class PendingAllReduce:
@@ -182,27 +183,28 @@ class AutoAllReduce(AllReduce):
 
         self.exact = OneShotAllReduce()
         self.quantized = QuantizedAllReduce(fmt, block)
-        self._looked_up: dict[torch.device, float] = {}  # a device name query on every call adds up
+        # a device name query on every call adds up
+        self._looked_up: dict[tuple[torch.device, int | None], float] = {}
 
     def __repr__(self) -> str:
         return f"AutoAllReduce(threshold={self.threshold}, quantized={self.quantized!r})"
 
-    def threshold_for(self, device: torch.device) -> float:
+    def threshold_for(self, device: torch.device, world: int | None = None) -> float:
         if self.threshold is not None:
             return self.threshold
-        if device not in self._looked_up:
-            self._looked_up[device] = table_threshold(device, self.table)
-        return self._looked_up[device]
+        if (device, world) not in self._looked_up:
+            self._looked_up[device, world] = table_threshold(device, self.table, world)
+        return self._looked_up[device, world]
 
-    def pick(self, tensor: torch.Tensor) -> AllReduce:
+    def pick(self, tensor: torch.Tensor, world: int | None = None) -> AllReduce:
         nbytes = tensor.numel() * tensor.element_size()
-        return self.quantized if nbytes >= self.threshold_for(tensor.device) else self.exact
+        return self.quantized if nbytes >= self.threshold_for(tensor.device, world) else self.exact
 
     def __call__(self, tensor: torch.Tensor, group) -> torch.Tensor:
-        return self.pick(tensor)(tensor, group)
+        return self.pick(tensor, dist.get_world_size(group))(tensor, group)
 
     def start(self, tensor: torch.Tensor, group) -> PendingAllReduce:
-        return self.pick(tensor).start(tensor, group)
+        return self.pick(tensor, dist.get_world_size(group)).start(tensor, group)
 
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -216,16 +218,18 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[device]
 
 
-def table_threshold(device: torch.device, table: Mapping[str, float] | None = None) -> float:
-    """The table's threshold for `device` (math.inf: never quantise)."""
+def table_threshold(device: torch.device, table: Mapping | None = None, world: int | None = None) -> float:
+    """The table's threshold for `device` in a group of `world` ranks (math.inf: never quantise)."""
     if device.type != "cuda":
         return math.inf
-    return threshold_by_name(torch.cuda.get_device_name(device), THRESHOLDS if table is None else table)
+    return threshold_by_name(torch.cuda.get_device_name(device), THRESHOLDS if table is None else table, world)
 
 
-def threshold_by_name(device_name: str, table: Mapping[str, float]) -> float:
-    """The first entry whose key is part of the device's name (math.inf if none)."""
-    return next((t for key, t in table.items() if key in device_name), math.inf)
+def threshold_by_name(device_name: str, table: Mapping, world: int | None = None) -> float:
+    """The first entry whose key is part of the device's name (math.inf if none); an entry that maps
+    group sizes to thresholds is looked up by `world` (math.inf if not there)."""
+    entry = next((t for key, t in table.items() if key in device_name), math.inf)
+    return entry.get(world, math.inf) if isinstance(entry, Mapping) else entry
 
 
 def make_allreduce(kind: str, **kw) -> AllReduce:

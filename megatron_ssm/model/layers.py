@@ -7,7 +7,6 @@ every row-parallel output reduced through the one `AllReduce` chosen at construc
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -76,9 +75,11 @@ class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
     all-reduce fills in the rest. Masking by `masked_fill` keeps the forward free of host syncs, so
     it can be captured in a CUDA graph."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, config, tp: TPContext):
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, config, tp: TPContext,
+                 allreduce: AllReduceFn | None = None):
         super().__init__(num_embeddings, embedding_dim, init_method=_no_init, config=config)
         self.tp = tp
+        self.allreduce = allreduce or ExactAllReduce()  # must be exact: rows are summed with zeros
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.tp.size == 1:
@@ -86,8 +87,7 @@ class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
         local = ids - self.vocab_start_index
         outside = (local < 0) | (local >= self.weight.shape[0])
         out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        dist.all_reduce(out, group=self.tp.group)
-        return out
+        return self.allreduce(out, self.tp.group)
 
 
 class RMSNorm(nn.Module):

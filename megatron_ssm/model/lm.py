@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ..comm import OneShotAllReduce
 from ..config import SSMConfig
 from ..parallel import TPContext, megatron_config
 from ..ops.dispatch import add_rms_norm
@@ -50,10 +51,12 @@ class MambaBlock(nn.Module):
 class MambaLM(nn.Module):
     def __init__(self, cfg: SSMConfig, tp: TPContext, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | None = None, allreduce: AllReduceFn | None = None,
-                 overlap_min_tokens: int = 8192):
+                 overlap_min_tokens: int = 0):
         """overlap_min_tokens: from how many tokens per forward (batch x length) a forward with states
         at TP > 1 is cut in two micro-chunks whose all-reduces overlap the other's compute (0: never).
-        Below it the reductions are latency-bound and the extra launches cost more than they hide."""
+        Off by default: on 4 H100s the split doubles the kernel launches of a prefill whose CPU side
+        already nearly matches its GPU time, and measured 3% slower at 32 x 1024-token chunks (8% faster
+        at 32 x 4096; docs/benchmarks.md). Below ~8192 tokens the reductions are latency-bound."""
         super().__init__()
         self.overlap_min_tokens = overlap_min_tokens
         cfg.validate(tp.size)
@@ -65,9 +68,13 @@ class MambaLM(nn.Module):
         mp = megatron_config(tp.size, dtype, on_cpu=device.type == "cpu")
         kw = dict(dtype=dtype, device=device)
         mixer_cls = Mamba2Mixer if cfg.is_mamba2 else Mamba1Mixer
-        self.embeddings = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, config=mp, tp=tp)
+        # The exact reductions outside the row-parallel outputs (embedding rows, Mamba-2's norm across
+        # ranks): one-shot over symmetric memory where it can (small CUDA messages), else NCCL/gloo.
+        small = OneShotAllReduce()
+        self.embeddings = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, config=mp, tp=tp, allreduce=small)
         self.layers = nn.ModuleList(
-            MambaBlock(cfg, mixer_cls(cfg, tp, mp, allreduce=allreduce, **kw), **kw) for _ in range(cfg.num_layers))
+            MambaBlock(cfg, mixer_cls(cfg, tp, mp, allreduce=allreduce, small_allreduce=small, **kw), **kw)
+            for _ in range(cfg.num_layers))
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.lm_head = None if cfg.tie_word_embeddings else \
             ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, config=mp, bias=False)

@@ -19,7 +19,8 @@ from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOut
 
 class Mamba1Mixer(nn.Module):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
-                 allreduce: AllReduceFn | None = None):
+                 allreduce: AllReduceFn | None = None, small_allreduce: AllReduceFn | None = None):
+        """small_allreduce: unused (Mamba-1 has no norm across ranks); the mixers share a signature."""
         super().__init__()
         cfg.validate(tp.size)
         self.cfg = cfg

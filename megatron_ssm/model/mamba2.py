@@ -12,9 +12,9 @@ those ranks, so its sum of squares is all-reduced (one tiny collective of [token
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from ..comm import ExactAllReduce
 from ..config import SSMConfig
 from ..ops.dispatch import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
@@ -29,7 +29,9 @@ def local_groups(cfg: SSMConfig, tp_size: int) -> int:
 
 class Mamba2Mixer(nn.Module):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
-                 allreduce: AllReduceFn | None = None):
+                 allreduce: AllReduceFn | None = None, small_allreduce: AllReduceFn | None = None):
+        """allreduce: out_proj's (maybe lossy); small_allreduce: the exact one for the gated norm's
+        sum of squares when a group spans ranks (default NCCL/gloo)."""
         super().__init__()
         cfg.validate(tp.size)
         self.cfg, self.tp = cfg, tp
@@ -52,6 +54,7 @@ class Mamba2Mixer(nn.Module):
         self.norm.weight = local_param(self.channels, **kw)
         self.out_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, config=mp_config,
                                           bias=cfg.use_bias, tp=tp, allreduce=allreduce)
+        self.small_allreduce = small_allreduce or ExactAllReduce()
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-sequence (conv state, SSM state) shapes on this rank."""
@@ -60,9 +63,10 @@ class Mamba2Mixer(nn.Module):
     def _group_sum_of_squares(self, local: torch.Tensor) -> torch.Tensor:
         """Sum of squares over a norm group spread across ranks: each rank writes its partial sum in
         its group's column, one all-reduce adds the columns up, each rank reads its own back."""
-        slots = local.new_zeros(*local.shape[:-1], self.cfg.n_groups)
+        # Columns padded to a multiple of 4 fp32 (16 bytes), which the one-shot kernel needs.
+        slots = local.new_zeros(*local.shape[:-1], -(-self.cfg.n_groups // 4) * 4)
         slots[..., self.shared_group] = local[..., 0]
-        dist.all_reduce(slots, group=self.tp.group)
+        slots = self.small_allreduce(slots, self.tp.group)
         return slots[..., self.shared_group:self.shared_group + 1]
 
     def forward(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-prefill-tokens", type=_positive(int), default=8192,
                     help="prompt tokens admitted per engine step, so running sequences keep decoding")
     ap.add_argument("--prefix-cache-bytes", type=int, default=0, help="reuse states of shared prompt prefixes (0: off)")
-    ap.add_argument("--allreduce", default="exact", help="row-parallel all-reduce: exact|oneshot|int8|fp8|fp16|auto")
+    ap.add_argument("--allreduce", default="oneshot",
+                    help="row-parallel all-reduce: exact (NCCL) | oneshot (exact; one kernel for small GPU "
+                         "messages, else NCCL) | int8|fp8|fp16 (lossy) | auto (oneshot, int8 where measured faster)")
     ap.add_argument("--max-prompts", type=_positive(int), default=128, help="prompts per request")
     ap.add_argument("--max-queued-requests", type=_positive(int), default=4096,
                     help="prompts that may wait for a sequence slot; beyond that requests get 503")
