@@ -67,10 +67,12 @@ def copy_bandwidth(device) -> float:
     return 2 * src.nbytes * 20 / (time.perf_counter() - t)
 
 
-def allreduce_latency(tp, shape, dtype, device) -> float:
-    """Seconds per all-reduce of `shape` on the TP group, replayed from a CUDA graph."""
+def allreduce_latency(tp, shape, dtype, device, op=None) -> float:
+    """Seconds per all-reduce of `shape` on the TP group by `op` (the model's row-parallel
+    reduction; None: NCCL), replayed from a CUDA graph."""
     import torch.distributed as dist
 
+    op = op or (lambda t, group: dist.all_reduce(t, group=group))
     if tp.size == 1:
         return 0.0
     x = torch.randn(shape, dtype=dtype, device=device)
@@ -78,12 +80,12 @@ def allreduce_latency(tp, shape, dtype, device) -> float:
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
-            dist.all_reduce(x, group=tp.group)
+            op(x, tp.group)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(50):
-            dist.all_reduce(x, group=tp.group)
+            op(x, tp.group)
     g.replay()
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -198,7 +200,8 @@ def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
-    comm = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device) * reduces_per_layer * cfg.num_layers
+    op = model.layers[0].mixer.out_proj.allreduce
+    comm = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, op) * reduces_per_layer * cfg.num_layers
     r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
              overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
              floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
