@@ -32,10 +32,11 @@ ALLREDUCE_CHOICES = ("exact", "oneshot", "int8", "fp8", "fp16", "auto")
 # Message size (bytes) from which the quantised path is faster, by a substring of the CUDA device's
 # name, then by group size (a plain number: every size). A device or size not listed (and every
 # CPU) stays exact: run `calibrate` on a new machine. H100 SXM over NVLink (NCCL 2.28, torch 2.11,
-# bf16, fused int8 kernels, docs/benchmarks.md, 2026-11-26): on 2 GPUs never; on 4 GPUs int8 beat
-# NCCL at 128 MiB (589 vs 622 us in a CUDA graph) and lost at 32 MiB and below.
+# bf16, fused int8 kernels; docs/benchmarks.md, 2026-11-26): on 2 GPUs int8 is slower at every size;
+# on 4 GPUs it beat NCCL by 5% at 128 MiB in isolation, but prefill with int8 from 1 MiB up was 2%
+# slower end to end (kernels competing with the GEMMs), so H100s stay exact.
 THRESHOLDS: Mapping[str, float | Mapping[int, float]] = MappingProxyType(
-    {"H100 80GB HBM3": MappingProxyType({4: 128 * 2**20})})
+    {"H100 80GB HBM3": MappingProxyType({2: math.inf, 4: math.inf})})
 
 
 class PendingAllReduce:
