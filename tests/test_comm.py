@@ -496,3 +496,34 @@ def test_triton_quantize_matches_torch(fmt, dtype, block, seed):
     assert torch.equal(scales, scales_ref), f"seed {seed}"
     y, y_ref = triton_quantize.dequantize_blocks(q, scales, fmt, block), dequantize_blocks(q, scales, fmt, block)
     assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
+
+
+# --- one-shot and started (async) reductions on CPU ---------------------------------------------------
+
+def _check_oneshot_and_start(seed: int) -> dict[str, object]:
+    from megatron_ssm.comm.oneshot import symmetric_buffer
+
+    ctx = _rank()
+    x = _inputs(seed, ctx.size, (4099,))[ctx.rank]
+    q = QuantizedAllReduce("int8")
+    return {
+        # no symmetric memory for CPU tensors: every rank agrees on None (and nobody hangs)
+        "buffer": symmetric_buffer(64, torch.float32, torch.device("cpu"), ctx.group),
+        "started int8 == called": torch.equal(q.start(x.clone(), ctx.group).wait(), q(x.clone(), ctx.group)),
+        "started exact == called": torch.equal(ExactAllReduce().start(x.clone(), ctx.group).wait(),
+                                               ExactAllReduce()(x.clone(), ctx.group)),
+    }
+
+
+def test_oneshot_setup_agrees_and_started_reductions_equal_called_ones(ranks, seed):
+    for r in ranks(2).run(_check_oneshot_and_start, seed):
+        assert r == {"buffer": None, "started int8 == called": True, "started exact == called": True}, seed
+
+
+def test_oneshot_size_limits():
+    from megatron_ssm.comm import OneShotAllReduce
+
+    auto = OneShotAllReduce()
+    assert (auto.limit(2), auto.limit(4), auto.limit(8)) == (64 << 10, 512 << 10, 256 << 10)
+    assert OneShotAllReduce(max_bytes=1024).limit(4) == 1024
+    assert not auto.takes(torch.zeros(8), 2)  # a CPU tensor always goes to the backend
