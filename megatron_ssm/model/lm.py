@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ..comm import OneShotAllReduce
 from ..config import SSMConfig
-from ..parallel import TPContext, megatron_config
 from ..ops.dispatch import add_rms_norm
+from ..parallel import TPContext, megatron_config
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
@@ -59,6 +59,7 @@ class MambaLM(nn.Module):
         at 32 x 4096; docs/benchmarks.md). Below ~8192 tokens the reductions are latency-bound."""
         super().__init__()
         self.overlap_min_tokens = overlap_min_tokens
+        self.residual_dtype = torch.float32 if cfg.residual_in_fp32 else dtype
         cfg.validate(tp.size)
         device = device or tp.device
         self.cfg, self.tp, self.dtype = cfg, tp, dtype
@@ -114,8 +115,7 @@ class MambaLM(nn.Module):
                 delta = pending.wait()
         if last_only:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
-        residual_dtype = torch.float32 if self.cfg.residual_in_fp32 else self.dtype
-        hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, residual_dtype)
+        hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden.to(head.dtype), head).float()
         return logits.masked_fill_(self.vocab_padding, float("-inf"))
