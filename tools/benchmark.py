@@ -133,7 +133,8 @@ def main() -> int:
     ap.add_argument("--new", type=ints, default=[128, 256])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--prefill-tokens", type=int, default=32768, help="tokens per prefill forward (whole batch)")
-    ap.add_argument("--allreduce", default="oneshot", help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
+    ap.add_argument("--allreduce", default="oneshot",
+                    help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
     ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
     ap.add_argument("--overlap-min-tokens", type=ints, default=[0],
                     help="prefill forwards from this many tokens overlap their all-reduces with compute "
@@ -200,8 +201,9 @@ def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
-    op = model.layers[0].mixer.out_proj.allreduce
-    comm = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, op) * reduces_per_layer * cfg.num_layers
+    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device,
+                                 model.layers[0].mixer.out_proj.allreduce)
+    comm = per_call * reduces_per_layer * cfg.num_layers
     r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
              overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
              floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,

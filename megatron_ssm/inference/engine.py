@@ -216,7 +216,8 @@ class Engine:
         block = self.config.prefix_block
         # A long chunk of a large batch can pass the kernels' 32-bit indexing (an illegal memory
         # access in mamba-ssm's SSD scan at 32 x 4096 tokens of a 7B model): shorten it then.
-        chunk = min(self.config.prefill_chunk, max(1, self.model.max_tokens_per_forward(bool(score)) // tokens.shape[0]))
+        fits = max(1, self.model.max_tokens_per_forward(bool(score)) // tokens.shape[0])
+        chunk = min(self.config.prefill_chunk, fits)
         keys = [dict(prefix_keys(p[:-1], block)) for p in prompts] if self.prefix.enabled else None
         assert not score or start == 0
         parts = []
