@@ -219,13 +219,22 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0).view(ints), b.nan_to_num(0.0).view(ints))
 
 
+def same_packed(a: torch.Tensor, b: torch.Tensor, fmt: str) -> bool:
+    """Packed buffers equal byte for byte; for fp16 (float16 codes, no scales) as same_bits on the codes,
+    since torch on the CPU and PTX write different fp16 NaN bits."""
+    a, b = a.cpu(), b.cpu()
+    if fmt == "fp16":
+        return same_bits(a.view(torch.float16), b.view(torch.float16))
+    return torch.equal(a, b)
+
+
 def check_steps_match(ops, ref_ops, xs, fmt, block, seed, ref_device=None):
     """ops' three steps give ref_ops' bytes and bits (ref_ops run on ref_device if given)."""
     sent, gathered, out = _three_steps(ops, xs, fmt, block)
     ref_sent, ref_gathered, ref_out = _three_steps(ref_ops, [x.to(ref_device or x.device) for x in xs], fmt, block)
     for r, (a, b) in enumerate(zip(sent, ref_sent)):
-        assert torch.equal(a.cpu(), b.cpu()), f"seed {seed}: rank {r}'s send buffer differs"
-    assert torch.equal(gathered.cpu(), ref_gathered.cpu()), f"seed {seed}: gathered buffer differs"
+        assert same_packed(a, b, fmt), f"seed {seed}: rank {r}'s send buffer differs"
+    assert same_packed(gathered, ref_gathered, fmt), f"seed {seed}: gathered buffer differs"
     assert same_bits(out.cpu(), ref_out.cpu()), f"seed {seed}: results differ"
 
 
@@ -292,16 +301,15 @@ def interpreted_triton_quantize(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_triton_three_steps_interpreted(interpreted_triton_quantize, fmt, dtype, seed):
     from megatron_ssm.comm import quantize
 
     for world, block, shape in [(2, 128, (1,)), (4, 128, (4099,)), (3, 128, (5, 1031)), (4, 32, (3000,))]:
         xs = _edge_inputs(seed, world, shape, dtype)
         check_steps_match(interpreted_triton_quantize, quantize, xs, fmt, block, seed)
-    # The fp16 format and non-power-of-two blocks go to the torch functions.
+    # Non-power-of-two blocks go to the torch functions.
     xs = _edge_inputs(seed, 2, (1000,), dtype)
-    check_steps_match(interpreted_triton_quantize, quantize, xs, "fp16", 128, seed)
     check_steps_match(interpreted_triton_quantize, quantize, xs, fmt, 100, seed)
 
 

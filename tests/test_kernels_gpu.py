@@ -188,7 +188,7 @@ def test_dispatch_matches_reference(seed, dtype):
 
 # ---- the quantised all-reduce's fused steps (megatron_ssm/comm/triton_quantize.py) ---------------
 
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "fp16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("world,shape,block", [(2, (1,), 128), (4, (4099,), 128), (3, (5, 1031), 128),
                                                (4, (3000,), 32), (8, (64, 4099), 128), (4, (2048, 4096), 128)])
@@ -202,14 +202,15 @@ def test_quantized_allreduce_steps(seed, fmt, dtype, world, shape, block):
     check_steps_match(triton_quantize, quantize, xs, fmt, block, seed, ref_device="cpu")
 
 
-def test_quantized_allreduce_steps_in_cuda_graph(seed):
+@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+def test_quantized_allreduce_steps_in_cuda_graph(seed, fmt):
     """The kernels capture into a CUDA graph (no host syncs) and replay on new input."""
     from megatron_ssm.comm import QuantizedAllReduce, quantize, triton_quantize
 
-    assert QuantizedAllReduce()._module(torch.zeros(1, device=DEV)) is triton_quantize
+    assert QuantizedAllReduce(fmt)._module(torch.zeros(1, device=DEV)) is triton_quantize
     xs = [x.to(DEV) for x in _edge_inputs(seed, 4, (8, 1000), torch.bfloat16)]
     static = [x.clone() for x in xs]
-    steps = lambda: _three_steps(triton_quantize, static, "int8", 128)  # noqa: E731
+    steps = lambda: _three_steps(triton_quantize, static, fmt, 128)  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -222,7 +223,7 @@ def test_quantized_allreduce_steps_in_cuda_graph(seed):
     for s, x in zip(static, fresh):
         s.copy_(x)
     graph.replay()
-    assert same_bits(out.cpu(), _three_steps(quantize, [x.cpu() for x in fresh], "int8", 128)[2]), seed
+    assert same_bits(out.cpu(), _three_steps(quantize, [x.cpu() for x in fresh], fmt, 128)[2]), seed
 
 
 # ---- timings --------------------------------------------------------------------------------------
@@ -283,20 +284,21 @@ def _first(out):
 
 def _bench_allreduce_steps(record, hbm_tbps):
     """The quantised all-reduce's three local steps for one rank of 4, on a 128 MiB bf16 message
-    (int8), fused against the torch steps; floor: each input read and each output written once."""
+    (int8 and fp16), fused against the torch steps; floor: each input read and each output written once."""
     from megatron_ssm.comm import quantize, triton_quantize
 
     x = torch.randn(64 << 20, dtype=torch.bfloat16, device=DEV)
-    sent = triton_quantize.quantize_pack(x, "int8", 128, 4)
-    out = torch.empty_like(sent[0])
-    steps = {"quantize_pack": (lambda ops: ops.quantize_pack(x, "int8", 128, 4), x.nbytes + sent.nbytes),
-             "reduce_requantise": (lambda ops: ops.reduce_requantise(sent, "int8", 128, out), sent.nbytes + out.nbytes),
-             "unpack_dequantise": (lambda ops: ops.unpack_dequantise(sent, "int8", 128, x.shape, x.dtype),
-                                   sent.nbytes + x.nbytes)}
-    for name, (step, nbytes) in steps.items():
-        for impl, ops in (("torch", quantize), ("triton", triton_quantize)):
-            floor = nbytes / (hbm_tbps * 1e12) * 1e6
-            record(f"allreduce int8 128MiB/4 {name}", impl, _time(lambda: step(ops)), floor, 0.0)
+    for fmt in ("int8", "fp16"):
+        sent = triton_quantize.quantize_pack(x, fmt, 128, 4)
+        out = torch.empty_like(sent[0])
+        steps = {"quantize_pack": (lambda ops: ops.quantize_pack(x, fmt, 128, 4), x.nbytes + sent.nbytes),
+                 "reduce_requantise": (lambda ops: ops.reduce_requantise(sent, fmt, 128, out), sent.nbytes + out.nbytes),
+                 "unpack_dequantise": (lambda ops: ops.unpack_dequantise(sent, fmt, 128, x.shape, x.dtype),
+                                       sent.nbytes + x.nbytes)}
+        for name, (step, nbytes) in steps.items():
+            for impl, ops in (("torch", quantize), ("triton", triton_quantize)):
+                floor = nbytes / (hbm_tbps * 1e12) * 1e6
+                record(f"allreduce {fmt} 128MiB/4 {name}", impl, _time(lambda: step(ops)), floor, 0.0)
 
 
 def bench(out_path=None, hbm_tbps=None):

@@ -3,15 +3,18 @@
 One kernel each instead of torch's chain of copies, elementwise ops and reductions; same arguments,
 same results bit for bit (scale = absmax times the reciprocal, IEEE division, round-half-even, the
 owner's sum in rank order, as the torch versions do them). Imported only for CUDA tensors, where
-Triton is installed. Anything the kernels don't cover (fp16, which is a single cast already; a block
-that is not a power of two; a CPU tensor) goes to the torch versions. Under TRITON_INTERPRET=1 CPU
-tensors run the kernels too, so tests can check them without a GPU.
+Triton is installed. Anything the kernels don't cover (a block that is not a power of two; a CPU
+tensor; quantize_blocks / dequantize_blocks for fp16, which are a single cast already) goes to the
+torch versions. Under TRITON_INTERPRET=1 CPU tensors run the kernels too, so tests can check them
+without a GPU.
 
 The all-reduce's three steps read and write the packed (parts, part_bytes) uint8 buffers directly:
 - quantize_pack: input (any float dtype, read flat; values past its end count as 0) -> send buffer;
 - reduce_requantise: received buffer -> dequantise, sum, requantise -> one row of the gather buffer;
 - unpack_dequantise: gathered buffer -> the first n values, in the output dtype.
-Each touches its input and output once; fp32 values exist only in registers.
+Each touches its input and output once; fp32 values exist only in registers. fp16 runs the same
+three kernels with HAS_SCALES off: its codes are float16 (2 bytes each, read and written through a
+float16 view of the buffer), quantising is a clamped cast and there are no scales to load or store.
 """
 from __future__ import annotations
 
@@ -52,6 +55,14 @@ def _quantise_rows(x, QMAX: tl.constexpr, IS_INT8: tl.constexpr):
 
 
 @triton.jit
+def _clamp_to_fp16(x, QMAX: tl.constexpr):
+    """fp32 -> fp16 codes, as quantize_blocks for fp16: +-inf and beyond +-QMAX saturate, NaN stays NaN
+    (minimum / maximum may drop a NaN on the GPU, hence the where)."""
+    clamped = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+    return tl.where(x != x, x, clamped).to(tl.float16, fp_downcast_rounding="rtne")
+
+
+@triton.jit
 def _dequantise_rows(codes, scale, IS_INT8: tl.constexpr):
     """uint8 code bits [rows, BLOCK] and fp32 scales [rows] -> fp32, as dequantize_blocks."""
     if IS_INT8:
@@ -86,29 +97,35 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, nblocks, IS_INT8: tl.constexpr, BL
     tl.store(out_ptr + offs, _dequantise_rows(q, s, IS_INT8), mask=live[:, None])
 
 
-# Packed buffers are passed twice: as uint8 (codes) and as a float32 view of the same memory
-# (scales). Part j's codes start at byte j * part_bytes, its scales at word (j * part_bytes + chunk) / 4
-# (codes are one byte each; chunk_values keeps both multiples of 16 bytes).
+# Packed buffers are passed twice: as codes (uint8 bits for int8 / fp8, float16 for fp16) and as a
+# float32 view of the same memory (scales). Part j's codes start at code j * part_bytes / CODE_BYTES,
+# its scales (int8 / fp8 only) at word (j * part_bytes + chunk) / 4 (one-byte codes there;
+# chunk_values keeps both multiples of 16 bytes).
 
 @triton.jit
 def _quantize_pack_kernel(x_ptr, codes_ptr, scales_ptr, n, nblocks, chunk, part_bytes,
-                          QMAX: tl.constexpr, IS_INT8: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                          QMAX: tl.constexpr, IS_INT8: tl.constexpr, HAS_SCALES: tl.constexpr,
+                          CODE_BYTES: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # global block index
     live = rows < nblocks
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)  # past n: the zero padding
-    q, scale = _quantise_rows(x, QMAX, IS_INT8)
     part, inner = rows // (chunk // BLOCK), rows % (chunk // BLOCK)
-    base = part * part_bytes
+    if HAS_SCALES:
+        q, scale = _quantise_rows(x, QMAX, IS_INT8)
+        tl.store(scales_ptr + (part * part_bytes + chunk) // 4 + inner, scale, mask=live)
+    else:
+        q = _clamp_to_fp16(x, QMAX)
+    base = part * (part_bytes // CODE_BYTES)
     tl.store(codes_ptr + base[:, None] + inner[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :], q,
              mask=live[:, None])
-    tl.store(scales_ptr + (base + chunk) // 4 + inner, scale, mask=live)
 
 
 @triton.jit
 def _reduce_requantise_kernel(got_codes_ptr, got_scales_ptr, out_codes_ptr, out_scales_ptr, chunk, part_bytes,
                               PARTS: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
-                              BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                              HAS_SCALES: tl.constexpr, CODE_BYTES: tl.constexpr, BLOCK: tl.constexpr,
+                              ROWS: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # block index within the chunk
     live = rows < chunk // BLOCK
     code_offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
@@ -116,31 +133,41 @@ def _reduce_requantise_kernel(got_codes_ptr, got_scales_ptr, out_codes_ptr, out_
     total = tl.zeros((ROWS, BLOCK), dtype=tl.float32)  # 0 + row 0 + row 1 ...: torch.sum's order
     for j in tl.static_range(PARTS):
         base = j * stride
-        codes = tl.load(got_codes_ptr + base + code_offs, mask=live[:, None], other=0)
-        scale = tl.load(got_scales_ptr + (base + chunk) // 4 + rows, mask=live, other=1.0)
-        total += _dequantise_rows(codes, scale, IS_INT8)
-    q, scale = _quantise_rows(total, QMAX, IS_INT8)
+        codes = tl.load(got_codes_ptr + base // CODE_BYTES + code_offs, mask=live[:, None], other=0)
+        if HAS_SCALES:
+            scale = tl.load(got_scales_ptr + (base + chunk) // 4 + rows, mask=live, other=1.0)
+            total += _dequantise_rows(codes, scale, IS_INT8)
+        else:
+            total += codes.to(tl.float32)
+    if HAS_SCALES:
+        q, scale = _quantise_rows(total, QMAX, IS_INT8)
+        tl.store(out_scales_ptr + chunk // 4 + rows, scale, mask=live)
+    else:
+        q = _clamp_to_fp16(total, QMAX)
     tl.store(out_codes_ptr + code_offs, q, mask=live[:, None])
-    tl.store(out_scales_ptr + chunk // 4 + rows, scale, mask=live)
 
 
 @triton.jit
 def _unpack_dequantise_kernel(codes_ptr, scales_ptr, out_ptr, n, chunk, part_bytes, IS_INT8: tl.constexpr,
-                              BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                              HAS_SCALES: tl.constexpr, CODE_BYTES: tl.constexpr, BLOCK: tl.constexpr,
+                              ROWS: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # global block index
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     live = offs < n
     part, inner = rows // (chunk // BLOCK), rows % (chunk // BLOCK)
-    base = part * part_bytes
+    base = part * (part_bytes // CODE_BYTES)
     codes = tl.load(codes_ptr + base[:, None] + inner[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :],
                     mask=live, other=0)
-    scale = tl.load(scales_ptr + (base + chunk) // 4 + inner, mask=rows * BLOCK < n, other=1.0)
-    x = _dequantise_rows(codes, scale, IS_INT8)
+    if HAS_SCALES:
+        scale = tl.load(scales_ptr + (part * part_bytes + chunk) // 4 + inner, mask=rows * BLOCK < n, other=1.0)
+        x = _dequantise_rows(codes, scale, IS_INT8)
+    else:
+        x = codes.to(tl.float32)
     tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=live)
 
 
-def _fused(x: torch.Tensor, fmt: str, block: int) -> bool:
-    return (x.is_cuda or _INTERPRETED) and fmt != "fp16" and block & (block - 1) == 0
+def _fused(x: torch.Tensor, block: int) -> bool:
+    return (x.is_cuda or _INTERPRETED) and block & (block - 1) == 0
 
 
 def _rows(block: int) -> int:
@@ -151,8 +178,21 @@ def _meta(fmt: str, block: int) -> dict:
     return dict(IS_INT8=fmt == "int8", BLOCK=block, ROWS=_rows(block))
 
 
+def _packed_meta(fmt: str, block: int) -> dict:
+    return dict(_meta(fmt, block), HAS_SCALES=_torch.has_scales(fmt), CODE_BYTES=_torch.code_dtype(fmt).itemsize)
+
+
+def _views(buf: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed uint8 buffer (or row) as the kernels' (codes, scales) arguments: its uint8 code bits and a
+    float32 view for int8 / fp8; for fp16 a float16 view, passed twice (the kernels read no scales)."""
+    if _torch.has_scales(fmt):
+        return buf, buf.view(torch.float32)
+    codes = buf.view(_torch.code_dtype(fmt))
+    return codes, codes
+
+
 def quantize_blocks(x_flat: torch.Tensor, fmt: str, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not _fused(x_flat, fmt, block) or x_flat.dim() != 1 or x_flat.numel() % block:
+    if not _fused(x_flat, block) or fmt == "fp16" or x_flat.dim() != 1 or x_flat.numel() % block:
         return _torch.quantize_blocks(x_flat, fmt, block)  # also raises for bad arguments
     x = x_flat.contiguous()
     nblocks = x.numel() // block
@@ -165,7 +205,7 @@ def quantize_blocks(x_flat: torch.Tensor, fmt: str, block: int) -> tuple[torch.T
 
 
 def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor | None, fmt: str, block: int) -> torch.Tensor:
-    if not _fused(q, fmt, block) or q.numel() % block:
+    if not _fused(q, block) or fmt == "fp16" or q.numel() % block:
         return _torch.dequantize_blocks(q, scales, fmt, block)
     q = q.reshape(-1).contiguous()
     scales = scales.reshape(-1).contiguous()
@@ -178,7 +218,7 @@ def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor | None, fmt: str, bl
 
 
 def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int) -> torch.Tensor:
-    if not _fused(x, fmt, block):
+    if not _fused(x, block):
         return _torch.quantize_pack(x, fmt, block, parts)
     x = x.contiguous()  # read flat in place: no padded copy
     chunk = _torch.chunk_values(x.numel(), parts, block)
@@ -187,26 +227,26 @@ def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int) -> torch.Te
     nblocks = parts * chunk // block
     if nblocks:
         _quantize_pack_kernel[(triton.cdiv(nblocks, _rows(block)),)](
-            x, out, out.view(torch.float32), x.numel(), nblocks, chunk, nbytes, QMAX=_torch.qmax(fmt),
-            **_meta(fmt, block))
+            x, *_views(out, fmt), x.numel(), nblocks, chunk, nbytes, QMAX=_torch.qmax(fmt),
+            **_packed_meta(fmt, block))
     return out
 
 
 def reduce_requantise(got: torch.Tensor, fmt: str, block: int, out: torch.Tensor) -> torch.Tensor:
-    if not _fused(got, fmt, block):
+    if not _fused(got, block):
         return _torch.reduce_requantise(got, fmt, block, out)
     chunk = _torch.packed_chunk(got, fmt, block)
     got = got.contiguous()
     if chunk:
         # No fused multiply-add: dequantise (a product) and sum are rounded separately, as in torch.
         _reduce_requantise_kernel[(triton.cdiv(chunk // block, _rows(block)),)](
-            got, got.view(torch.float32), out, out.view(torch.float32), chunk, got.shape[1], PARTS=got.shape[0],
-            QMAX=_torch.qmax(fmt), **_meta(fmt, block), enable_fp_fusion=False)
+            *_views(got, fmt), *_views(out, fmt), chunk, got.shape[1], PARTS=got.shape[0],
+            QMAX=_torch.qmax(fmt), **_packed_meta(fmt, block), enable_fp_fusion=False)
     return out
 
 
 def unpack_dequantise(packed: torch.Tensor, fmt: str, block: int, shape, dtype: torch.dtype) -> torch.Tensor:
-    if not _fused(packed, fmt, block):
+    if not _fused(packed, block):
         return _torch.unpack_dequantise(packed, fmt, block, shape, dtype)
     chunk = _torch.packed_chunk(packed, fmt, block)
     packed = packed.contiguous()
@@ -216,5 +256,5 @@ def unpack_dequantise(packed: torch.Tensor, fmt: str, block: int, shape, dtype: 
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     if n:
         _unpack_dequantise_kernel[(triton.cdiv(triton.cdiv(n, block), _rows(block)),)](
-            packed, packed.view(torch.float32), out, n, chunk, packed.shape[1], **_meta(fmt, block))
+            *_views(packed, fmt), out, n, chunk, packed.shape[1], **_packed_meta(fmt, block))
     return out
