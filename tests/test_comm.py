@@ -486,26 +486,6 @@ def test_make_allreduce_kinds():
         make_allreduce("int8", block=0)
 
 
-# --- the fused kernels (CUDA only) ----------------------------------------------------------------
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("block", [32, 128])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
-def test_triton_quantize_matches_torch(fmt, dtype, block, seed):
-    from megatron_ssm.comm import triton_quantize
-
-    x = _inputs(seed, 1, (block * 1001,), dtype)[0].cuda()
-    x[5], x[300], x[301] = float("nan"), float("inf"), -1e30
-    x[block * 8:block * 9] = 0
-    q, scales = triton_quantize.quantize_blocks(x, fmt, block)
-    q_ref, scales_ref = quantize_blocks(x, fmt, block)
-    assert q.dtype == q_ref.dtype and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), f"seed {seed}"
-    assert torch.equal(scales, scales_ref), f"seed {seed}"
-    y, y_ref = triton_quantize.dequantize_blocks(q, scales, fmt, block), dequantize_blocks(q, scales, fmt, block)
-    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.equal(y.nan_to_num(), y_ref.nan_to_num())
-
-
 # --- one-shot and started (async) reductions on CPU ---------------------------------------------------
 
 def _check_oneshot_and_start(seed: int) -> dict[str, object]:

@@ -1,11 +1,10 @@
-"""Fused Triton versions of the functions in quantize.py (CUDA tensors only).
+"""Fused Triton versions of the all-reduce's three steps in quantize.py (CUDA tensors only).
 
 One kernel each instead of torch's chain of copies, elementwise ops and reductions; same arguments,
 same results bit for bit (scale = absmax times the reciprocal, IEEE division, round-half-even, the
 owner's sum in rank order, as the torch versions do them). Imported only for CUDA tensors, where
 Triton is installed. Anything the kernels don't cover (a block that is not a power of two; a CPU
-tensor; quantize_blocks / dequantize_blocks for fp16, which are a single cast already) goes to the
-torch versions. Under TRITON_INTERPRET=1 CPU tensors run the kernels too, so tests can check them
+tensor) goes to the torch versions. Under TRITON_INTERPRET=1 CPU tensors run the kernels too, so tests can check them
 without a GPU.
 
 The all-reduce's three steps read and write the packed (parts, part_bytes) uint8 buffers directly:
@@ -72,29 +71,6 @@ def _dequantise_rows(codes, scale, IS_INT8: tl.constexpr):
     else:
         x = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, None]
     return x
-
-
-@triton.jit
-def _quantize_kernel(x_ptr, q_ptr, s_ptr, nblocks, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
-                     BLOCK: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    live = rows < nblocks
-    offs = rows[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
-    x = tl.load(x_ptr + offs, mask=live[:, None], other=0.0).to(tl.float32)
-    q, scale = _quantise_rows(x, QMAX, IS_INT8)
-    tl.store(q_ptr + offs, q, mask=live[:, None])
-    tl.store(s_ptr + rows, scale, mask=live)
-
-
-@triton.jit
-def _dequantize_kernel(q_ptr, s_ptr, out_ptr, nblocks, IS_INT8: tl.constexpr, BLOCK: tl.constexpr,
-                       ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    live = rows < nblocks
-    offs = rows[:, None].to(tl.int64) * BLOCK + tl.arange(0, BLOCK)[None, :]
-    q = tl.load(q_ptr + offs, mask=live[:, None])  # masked lanes are never stored
-    s = tl.load(s_ptr + rows, mask=live, other=1.0)
-    tl.store(out_ptr + offs, _dequantise_rows(q, s, IS_INT8), mask=live[:, None])
 
 
 # Packed buffers are passed twice: as codes (uint8 bits for int8 / fp8, float16 for fp16) and as a
@@ -174,12 +150,9 @@ def _rows(block: int) -> int:
     return max(1, _VALUES_PER_PROGRAM // block)
 
 
-def _meta(fmt: str, block: int) -> dict:
-    return dict(IS_INT8=fmt == "int8", BLOCK=block, ROWS=_rows(block))
-
-
 def _packed_meta(fmt: str, block: int) -> dict:
-    return dict(_meta(fmt, block), HAS_SCALES=_torch.has_scales(fmt), CODE_BYTES=_torch.code_dtype(fmt).itemsize)
+    return dict(IS_INT8=fmt == "int8", BLOCK=block, ROWS=_rows(block), HAS_SCALES=_torch.has_scales(fmt),
+                CODE_BYTES=_torch.code_dtype(fmt).itemsize)
 
 
 def _views(buf: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,32 +162,6 @@ def _views(buf: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
         return buf, buf.view(torch.float32)
     codes = buf.view(_torch.code_dtype(fmt))
     return codes, codes
-
-
-def quantize_blocks(x_flat: torch.Tensor, fmt: str, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not _fused(x_flat, block) or fmt == "fp16" or x_flat.dim() != 1 or x_flat.numel() % block:
-        return _torch.quantize_blocks(x_flat, fmt, block)  # also raises for bad arguments
-    x = x_flat.contiguous()
-    nblocks = x.numel() // block
-    q = torch.empty(x.numel(), dtype=_torch.code_dtype(fmt), device=x.device)
-    scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    if nblocks:
-        _quantize_kernel[(triton.cdiv(nblocks, _rows(block)),)](
-            x, q.view(torch.uint8), scales, nblocks, QMAX=_torch.qmax(fmt), **_meta(fmt, block))
-    return q, scales
-
-
-def dequantize_blocks(q: torch.Tensor, scales: torch.Tensor | None, fmt: str, block: int) -> torch.Tensor:
-    if not _fused(q, block) or fmt == "fp16" or q.numel() % block:
-        return _torch.dequantize_blocks(q, scales, fmt, block)
-    q = q.reshape(-1).contiguous()
-    scales = scales.reshape(-1).contiguous()
-    nblocks = q.numel() // block
-    out = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
-    if nblocks:
-        _dequantize_kernel[(triton.cdiv(nblocks, _rows(block)),)](
-            q.view(torch.uint8), scales, out, nblocks, **_meta(fmt, block))
-    return out
 
 
 def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int) -> torch.Tensor:
