@@ -125,6 +125,21 @@ def local_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Par
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+class Mixer(nn.Module):
+    """A mixer whose output ends in a row-parallel all-reduce. Subclasses define `start`, which
+    returns while that all-reduce is in flight (so prefill can overlap it); `forward` waits for it."""
+
+    def forward(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
+                ssm_state: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
+        in place; L == 1 with states takes the single-step path."""
+        return self.start(hidden, conv_state, ssm_state).wait()
+
+    def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
+              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+        raise NotImplementedError
+
+
 def decay_rates(mixer: nn.Module) -> torch.Tensor:
     """A = -exp(A_log) in fp32, kept until A_log changes (its in-place version counter moves, as a
     checkpoint load's copy_ does): recomputing it costs three kernel launches a layer a decode step."""

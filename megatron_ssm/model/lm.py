@@ -68,14 +68,17 @@ class MambaLM(nn.Module):
         self.vocab_start = tp.rank * self.vocab_per_rank
         mp = megatron_config(tp.size, dtype, on_cpu=device.type == "cpu")
         kw = dict(dtype=dtype, device=device)
-        mixer_cls = Mamba2Mixer if cfg.is_mamba2 else Mamba1Mixer
         # The exact reductions outside the row-parallel outputs (embedding rows, Mamba-2's norm across
         # ranks): one-shot over symmetric memory where it can (small CUDA messages), else NCCL/gloo.
         small = OneShotAllReduce()
         self.embeddings = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, config=mp, tp=tp, allreduce=small)
-        self.layers = nn.ModuleList(
-            MambaBlock(cfg, mixer_cls(cfg, tp, mp, allreduce=allreduce, small_allreduce=small, **kw), **kw)
-            for _ in range(cfg.num_layers))
+
+        def mixer():
+            if cfg.is_mamba2:
+                return Mamba2Mixer(cfg, tp, mp, allreduce=allreduce, small_allreduce=small, **kw)
+            return Mamba1Mixer(cfg, tp, mp, allreduce=allreduce, **kw)
+
+        self.layers = nn.ModuleList(MambaBlock(cfg, mixer(), **kw) for _ in range(cfg.num_layers))
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.lm_head = None if cfg.tie_word_embeddings else \
             ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, config=mp, bias=False)

@@ -13,14 +13,13 @@ import torch.nn as nn
 from ..config import FALCON_MAMBA, SSMConfig
 from ..ops.dispatch import rms_norm, selective_scan, selective_state_update
 from ..parallel import TPContext
-from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOutput, RowParallelLinear, decay_rates,
-                     local_param)
+from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
+                     decay_rates, local_param)
 
 
-class Mamba1Mixer(nn.Module):
+class Mamba1Mixer(Mixer):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
-                 allreduce: AllReduceFn | None = None, small_allreduce: AllReduceFn | None = None):
-        """small_allreduce: unused (Mamba-1 has no norm across ranks); the mixers share a signature."""
+                 allreduce: AllReduceFn | None = None):
         super().__init__()
         cfg.validate(tp.size)
         self.cfg = cfg
@@ -42,15 +41,8 @@ class Mamba1Mixer(nn.Module):
         """Per-sequence (conv state, SSM state) shapes on this rank."""
         return (self.channels, self.cfg.conv_kernel - 1), (self.channels, self.cfg.state_size)
 
-    def forward(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-                ssm_state: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
-        in place; L == 1 with states takes the single-step path."""
-        return self.start(hidden, conv_state, ssm_state).wait()
-
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
               ssm_state: torch.Tensor | None = None) -> PendingOutput:
-        """forward, returning while out_proj's all-reduce is still in flight."""
         cfg = self.cfg
         x, z = self.in_proj(hidden).split(self.channels, dim=-1)
         x = self.conv1d(x, conv_state)

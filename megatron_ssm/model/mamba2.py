@@ -18,8 +18,8 @@ from ..comm import ExactAllReduce
 from ..config import SSMConfig
 from ..ops.dispatch import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
-from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, PendingOutput, RowParallelLinear, decay_rates,
-                     local_param)
+from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
+                     decay_rates, local_param)
 
 
 def local_groups(cfg: SSMConfig, tp_size: int) -> int:
@@ -27,7 +27,7 @@ def local_groups(cfg: SSMConfig, tp_size: int) -> int:
     return cfg.n_groups // tp_size if cfg.n_groups % tp_size == 0 else 1
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(Mixer):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
                  allreduce: AllReduceFn | None = None, small_allreduce: AllReduceFn | None = None):
         """allreduce: out_proj's (maybe lossy); small_allreduce: the exact one for the gated norm's
@@ -69,15 +69,8 @@ class Mamba2Mixer(nn.Module):
         slots = self.small_allreduce(slots, self.tp.group)
         return slots[..., self.shared_group:self.shared_group + 1]
 
-    def forward(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-                ssm_state: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
-        in place; L == 1 with states takes the single-step path."""
-        return self.start(hidden, conv_state, ssm_state).wait()
-
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
               ssm_state: torch.Tensor | None = None) -> PendingOutput:
-        """forward, returning while out_proj's all-reduce is still in flight."""
         cfg = self.cfg
         b, L, _ = hidden.shape
         z, xbc, dt = self.in_proj(hidden).split([self.channels, self.conv_channels, self.heads], dim=-1)
