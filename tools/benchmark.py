@@ -67,12 +67,9 @@ def copy_bandwidth(device) -> float:
     return 2 * src.nbytes * 20 / (time.perf_counter() - t)
 
 
-def allreduce_latency(tp, shape, dtype, device, op=None) -> float:
+def allreduce_latency(tp, shape, dtype, device, op) -> float:
     """Seconds per all-reduce of `shape` on the TP group by `op` (the model's row-parallel
-    reduction; None: NCCL), replayed from a CUDA graph."""
-    import torch.distributed as dist
-
-    op = op or (lambda t, group: dist.all_reduce(t, group=group))
+    reduction), replayed from a CUDA graph."""
     if tp.size == 1:
         return 0.0
     x = torch.randn(shape, dtype=dtype, device=device)
