@@ -5,11 +5,17 @@ import torch
 import torch.nn.functional as F
 
 
-def _discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None) -> torch.Tensor:
+def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None,
+                  dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
+    """softplus(dt + dt_bias) in fp32, clamped to dt_limit (Mamba-2's time_step_limit) when it is set."""
     dt = dt.float()
     if dt_bias is not None:
         dt = dt + dt_bias.float()
-    return F.softplus(dt)
+    dt = F.softplus(dt)
+    lo, hi = dt_limit
+    if lo > 0.0 or hi != float("inf"):
+        dt = dt.clamp(min=lo, max=hi)
+    return dt
 
 
 def selective_scan(
@@ -29,7 +35,7 @@ def selective_scan(
     dt is softplus(dt + dt_bias). Returns (y [b, L, d] in u's dtype, final state [b, d, n] fp32).
     """
     b, L, d = u.shape
-    dt = _discretize_dt(dt, dt_bias)
+    dt = discretize_dt(dt, dt_bias)
     A = A.float()
     uf = u.float()
     dA = torch.exp(dt.unsqueeze(-1) * A)  # [b, L, d, n]
@@ -60,7 +66,7 @@ def selective_state_update(
     dt_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step. state [b, d, n] (advanced in place); u, dt, z [b, d]; B, C [b, n]. Returns y [b, d]."""
-    dt = _discretize_dt(dt, dt_bias)
+    dt = discretize_dt(dt, dt_bias)
     uf = u.float()
     h = torch.exp(dt.unsqueeze(-1) * A.float()) * state.float() + (dt * uf).unsqueeze(-1) * B.float().unsqueeze(1)
     state.copy_(h)

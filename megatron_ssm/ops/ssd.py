@@ -8,16 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _dt(dt, dt_bias, dt_limit):
-    dt = dt.float()
-    if dt_bias is not None:
-        dt = dt + dt_bias.float()
-    dt = F.softplus(dt)
-    lo, hi = dt_limit
-    if lo > 0.0 or hi != float("inf"):
-        dt = dt.clamp(min=lo, max=hi)
-    return dt
+from .selective_scan import discretize_dt
 
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +39,7 @@ def ssd_chunk_scan(
     """
     b, L, h, p = x.shape
     g, n = B.shape[-2:]
-    dt = _dt(dt, dt_bias, dt_limit)
+    dt = discretize_dt(dt, dt_bias, dt_limit)
     xf = x.float()
     Bh = B.float().repeat_interleave(h // g, dim=2)
     Ch = C.float().repeat_interleave(h // g, dim=2)
@@ -106,7 +97,7 @@ def ssd_state_update(
     Returns y [b, h, p]."""
     h = x.shape[1]
     g = B.shape[1]
-    dt = _dt(dt, dt_bias, dt_limit)
+    dt = discretize_dt(dt, dt_bias, dt_limit)
     Bh = B.float().repeat_interleave(h // g, dim=1)
     Ch = C.float().repeat_interleave(h // g, dim=1)
     xf = x.float()
