@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_models import build_hf_model, fresh_seed, hf_config, hf_logits, save_hf
-from megatron_ssm.checkpoint.convert import hf_to_megatron
+from megatron_ssm.checkpoint.convert import convert
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +32,7 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
     from megatron_ssm.model.load import load_model
 
     hf = build_hf_model(hf_config(family, **opts), fresh_seed())
-    hf_to_megatron(save_hf(hf, tmp_path / "hf"), tmp_path / "ckpt", 1, progress=False)
+    convert(save_hf(hf, tmp_path / "hf"), tmp_path / "ckpt", 1, progress=False)
     ids = torch.randint(3, 250, (2, 70))
     ref = hf_logits(hf, ids)
     if not _hf_norm_is_groupwise(hf):
