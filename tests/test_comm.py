@@ -1,7 +1,7 @@
 """The pluggable all-reduce (megatron_ssm.comm): block quantisation, the two-shot quantised
 all-reduce against the exact sum, edge values, the exact path, `auto` and `make_allreduce`.
 
-Inputs are random with a fresh seed per test (set COMM_TEST_SEED to replay one); every rank builds
+Inputs are random with a fresh seed per test (conftest's `seed`; MEGATRON_SSM_TEST_SEED replays one); every rank builds
 all ranks' inputs from that seed, so each can compute the exact sum and the error bound locally.
 Functions run on ranks are module-level (the rank pool imports them by name).
 """
@@ -32,11 +32,6 @@ FORMATS = ("int8", "fp8", "fp16")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1,), (127,), (1000,), (4099,), (3, 333), (2, 5, 7)]
 WORLDS = (2, 4)
-
-
-@pytest.fixture
-def seed():
-    return int(os.environ.get("COMM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 
 
 def _rank():

@@ -5,7 +5,7 @@ references; `check_op` then holds any implementation with the reference's signat
 kernels, mamba-ssm's scan, the dispatch layer) to the reference on the same inputs. The input
 builders and `check_op` are shared with tests/test_kernels_gpu.py, which runs them at model sizes.
 
-Inputs are fresh random numbers on every run (seeded from os.urandom; the seed is in each failure).
+Inputs are fresh random numbers on every run (the `seed` fixture of conftest.py; the seed is in each failure).
 The Triton kernels run here only under Triton's CPU interpreter (TRITON_INTERPRET=1, triton
 installed); elsewhere those tests skip.
 """
@@ -28,13 +28,6 @@ INPLACE = {"causal_conv1d_update": "conv_state", "selective_state_update": "stat
 # ‖out - ref‖ / ‖ref‖ allowed per activation dtype: fp32 math on both sides for fp32; one extra
 # rounding of intermediates for the 16-bit types.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
-
-
-@pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
 
 
 # ---- input builders: (op, kwargs) at given sizes; shared with the GPU tests ------------------------

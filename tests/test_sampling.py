@@ -13,13 +13,7 @@ import math
 import pytest
 import torch
 
-from hf_models import fresh_seed
 from megatron_ssm.inference.sampling import SamplingParams, choose_tokens, draw, filter_logits
-
-
-@pytest.fixture
-def seed():
-    return fresh_seed()
 
 
 # ---- references -----------------------------------------------------------------------------------
