@@ -6,6 +6,19 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without CUDA the Triton kernels run in Triton's CPU interpreter (tests/interpreter.py). Triton reads
+# the variable when it is first imported, so it is set here, before any test module imports it. The
+# package imports triton only for CUDA tensors, so nothing else changes.
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from distributed import RankPool  # noqa: E402
 from hf_models import SEED_ENV, fresh_seed, seeds_drawn_for  # noqa: E402
 

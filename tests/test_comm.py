@@ -7,9 +7,7 @@ Functions run on ranks are module-level (the rank pool imports them by name).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -269,8 +267,10 @@ def interpreted_triton_quantize(monkeypatch):
     Triton 3.6's interpreter rounds fp32 -> bf16 toward zero and fp32 -> fp8 half up, and decodes the
     fp8 NaN code as a number, where the GPU rounds half to even: its float converter is replaced by
     torch's, so the kernels' own logic is compared bit for bit (the GPU tests check the real casts)."""
-    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton kernels run here only with triton installed and TRITON_INTERPRET=1")
+    from interpreter import interpreter_problem
+
+    if problem := interpreter_problem():
+        pytest.skip(problem)
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter

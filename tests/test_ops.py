@@ -6,15 +6,14 @@ kernels, mamba-ssm's scan, the dispatch layer) to the reference on the same inpu
 builders and `check_op` are shared with tests/test_kernels_gpu.py, which runs them at model sizes.
 
 Inputs are fresh random numbers on every run (the `seed` fixture of conftest.py; the seed is in each failure).
-The Triton kernels run here only under Triton's CPU interpreter (TRITON_INTERPRET=1, triton
-installed); elsewhere those tests skip.
+Without CUDA the Triton kernels run here in Triton's CPU interpreter (TRITON_INTERPRET=1, set by
+conftest.py; triton is in the `test` extra), on tiny shapes; where the interpreter cannot run
+(tests/interpreter.py says why) those tests skip.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import os
 
 import pytest
 import torch
@@ -426,13 +425,10 @@ def test_mamba_ssm_scan_gets_our_arguments_under_its_names(fake_kernels):
 # ---- the Triton kernels under the CPU interpreter ----------------------------------------------------
 
 def _interpreted_kernels():
-    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton kernels run here only with triton installed and TRITON_INTERPRET=1")
-    import numpy
-    if tuple(int(v) for v in numpy.__version__.split(".")[:2]) >= (2, 4):
-        # Triton 3.6's interpreter int()s 1-element arrays, which numpy 2.4 refuses: loops with
-        # run-time bounds then fail inside the interpreter, not in our kernels.
-        pytest.skip("the Triton interpreter needs numpy < 2.4")
+    from interpreter import interpreter_problem
+
+    if problem := interpreter_problem():
+        pytest.skip(problem)
     from megatron_ssm.ops import triton as kernels
     return kernels
 
