@@ -45,7 +45,7 @@ def seed():
     """A fresh seed (torch's global generator seeded with it too), listed in the report on failure."""
     import torch
 
-    s = fresh_seed()
+    s = fresh_seed(per_test=True)
     torch.manual_seed(s)
     return s
 

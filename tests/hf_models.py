@@ -10,16 +10,17 @@ import torch
 SEED_ENV = "MEGATRON_SSM_TEST_SEED"
 # Every seed drawn, with the test and phase that drew it (pytest's PYTEST_CURRENT_TEST, e.g.
 # "tests/test_ops.py::test_x[a] (call)"); conftest.py prints a failing test's seeds under its report.
-DRAWN: list[tuple[str, int]] = []
+DRAWN: list[tuple[str, int, bool]] = []
 
 
-def fresh_seed() -> int:
+def fresh_seed(per_test: bool = False) -> int:
     """A new seed every run, so tests see new inputs. A failing test's report lists the seeds it drew
     (and those its module's fixtures drew); MEGATRON_SSM_TEST_SEED=N makes every draw N, which replays
-    a test that draws one seed."""
+    a test that draws one seed. per_test: drawn for one test only (the `seed` fixture), so never
+    listed under another test's report."""
     fixed = os.environ.get(SEED_ENV)
     seed = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
-    DRAWN.append((os.environ.get("PYTEST_CURRENT_TEST", ""), seed))
+    DRAWN.append((os.environ.get("PYTEST_CURRENT_TEST", ""), seed, per_test))
     return seed
 
 
@@ -27,9 +28,9 @@ def seeds_drawn_for(nodeid: str) -> list[str]:
     """The seeds drawn by this test (setup and call), then those drawn while setting up earlier
     tests of its module (module-scoped fixtures: models, checkpoints)."""
     module = nodeid.split("::")[0]
-    mine = [f"{who.rsplit(' ', 1)[-1]} {s}" for who, s in DRAWN if who.startswith(nodeid + " ")]
-    fixtures = [f"{who} {s}" for who, s in DRAWN
-                if who.split("::")[0] == module and who.endswith("(setup)") and not who.startswith(nodeid + " ")]
+    mine = [f"{who.rsplit(' ', 1)[-1]} {s}" for who, s, _ in DRAWN if who.startswith(nodeid + " ")]
+    fixtures = [f"{who} {s}" for who, s, per_test in DRAWN if who.split("::")[0] == module and not per_test
+                and who.endswith("(setup)") and not who.startswith(nodeid + " ")]
     return mine + [f"fixture, drawn in {f}" for f in fixtures]
 
 
