@@ -10,7 +10,7 @@ from .hf import HFCheckpoint
 from .mamba_ssm import MambaSSMCheckpoint, is_mamba_ssm_config
 from .megatron import TRACKER, MegatronCheckpoint
 
-FORMATS = ("HF transformers (Mamba, FalconMamba, Mamba2)", "mamba-ssm native", "megatron-ssm at any TP degree")
+FORMATS = ("HF transformers (Mamba, FalconMamba, Mamba2, NemotronH, FalconH1)", "mamba-ssm native", "megatron-ssm at any TP degree")
 
 
 def open_checkpoint(path: str | Path) -> HFCheckpoint | MambaSSMCheckpoint | MegatronCheckpoint:
