@@ -65,7 +65,7 @@ def test_gpu_hybrid_matches_hf_and_graphed_decode_covers_attention(tp, tmp_path,
     from megatron_ssm.model.load import load_model
 
     hf = build_hf_model(hybrid_config(family), fresh_seed())
-    hf_to_megatron(save_hf(hf, tmp_path / "hf"), tmp_path / "ckpt", 1, progress=False)
+    convert(save_hf(hf, tmp_path / "hf"), tmp_path / "ckpt", 1, progress=False)
     ids = torch.randint(3, 250, (2, 70))
     ref = hf_logits(hf, ids)
     model = load_model(tmp_path / "ckpt", tp)
