@@ -226,8 +226,9 @@ class Engine:
             end = min(L, pos + chunk)
             if keys is not None:
                 end = min(end, (pos // block + 1) * block)  # stop on each block boundary to save it
-            # keys/values beyond `end` are neither read nor written by this chunk
-            logits = self.model(tokens[:, pos:end], [s.upto(end) for s in states], last_only=not score)
+            # keys/values beyond `end` are neither read nor written by this chunk; every row of the
+            # group holds `pos` positions before it
+            logits = self.model(tokens[:, pos:end], [s.upto(end, pos) for s in states], last_only=not score)
             n = min(end, L - 1) - pos  # positions pos..pos+n-1 predict prompt tokens pos+1..pos+n
             if score and n > 0:
                 local = logits[score, :n].reshape(len(score) * n, -1)

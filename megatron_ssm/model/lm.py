@@ -9,6 +9,8 @@ the full vocabulary only when it must.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -145,9 +147,13 @@ class MambaLM(nn.Module):
         advance as in one pass over the whole length. Returns (stream, delta) as the plain loop does."""
         streams = list(stream.split(parts, dim=1))
         pending: list[PendingOutput | None] = [None] * len(streams)
+        offsets = [sum(parts[:p]) for p in range(len(parts))]
         for i, layer in enumerate(self.layers):
             for p in range(len(streams)):
                 delta = pending[p].wait() if pending[p] is not None else None
-                streams[p], pending[p] = layer.start(streams[p], delta, states[i])
+                state = states[i]
+                if state.filled is not None:  # span p starts that many positions later
+                    state = replace(state, filled=state.filled + offsets[p])
+                streams[p], pending[p] = layer.start(streams[p], delta, state)
         deltas = [p.wait() for p in pending] if self.layers else None
         return torch.cat(streams, dim=1), None if deltas is None else torch.cat(deltas, dim=1)
