@@ -9,17 +9,19 @@ from .errors import CheckpointError
 from .hf import HFCheckpoint
 from .mamba_ssm import MambaSSMCheckpoint, is_mamba_ssm_config
 from .megatron import TRACKER, MegatronCheckpoint
+from .megatron_lm import MegatronLMCheckpoint, is_megatron_lm
 
-FORMATS = ("HF transformers (Mamba, FalconMamba, Mamba2)", "mamba-ssm native", "megatron-ssm at any TP degree")
+FORMATS = ("HF transformers (Mamba, FalconMamba, Mamba2)", "mamba-ssm native", "megatron-ssm at any TP degree",
+           "Megatron-LM torch / torch_dist at any TP and PP degree")
 
 
-def open_checkpoint(path: str | Path) -> HFCheckpoint | MambaSSMCheckpoint | MegatronCheckpoint:
+def open_checkpoint(path: str | Path) -> HFCheckpoint | MambaSSMCheckpoint | MegatronCheckpoint | MegatronLMCheckpoint:
     """A source of full (unsharded, HF-shaped) tensors with .config, .names(), .spec(), .read()."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist{interrupted_hint(path)}")
     if (path / TRACKER).is_file():
-        return MegatronCheckpoint(path)
+        return MegatronLMCheckpoint(path) if is_megatron_lm(path) else MegatronCheckpoint(path)
     config = path / "config.json"
     if config.is_file():
         try:

@@ -1,6 +1,7 @@
 """Our checkpoints in Megatron's layout:
 
-    DIR/latest_checkpointed_iteration.txt            "release" (written last: it makes DIR a checkpoint)
+    DIR/latest_checkpointed_iteration.txt            NATIVE_TRACKER (written last: it makes DIR a checkpoint;
+                                                     Megatron-LM exits on it, see megatron_lm.py)
     DIR/megatron_ssm_checkpoint.json                 TP degree and the byte size of every rank file
     DIR/release/mp_rank_{r:02d}/model_optim_rng.pt   {"model": state dict, "config": ..., ...}
 
@@ -22,6 +23,7 @@ from ..config import SSMConfig
 from .atomic import AtomicWriter, interrupted_hint
 from .errors import CheckpointError, check_names
 from .hf import TOKENIZER_FILES, copy_tokenizer  # noqa: F401 - TOKENIZER_FILES: public name
+from .megatron_lm import NATIVE_TRACKER
 from .partition import hf_shapes, merge, merge_shape, shard_shape
 from .spec import TensorSpec
 from .torch_stream import TorchFileWriter, TorchStateFile
@@ -87,7 +89,7 @@ class CheckpointWriter(AtomicWriter):
         files = {str(rank_file(Path(), r)): rank_file(self.tmp, r).stat().st_size for r in range(self.tp)}
         (self.tmp / MANIFEST).write_text(json.dumps(
             {"format": "megatron-ssm", "tensor_model_parallel_size": self.tp, "files": files}, indent=1))
-        (self.tmp / TRACKER).write_text(RELEASE)
+        (self.tmp / TRACKER).write_text(NATIVE_TRACKER)
         self._writers.clear()
 
     def _discard(self) -> None:
@@ -102,7 +104,7 @@ def checkpoint_tp_size(root: str | Path) -> int:
     if not (root / TRACKER).is_file():
         hint = interrupted_hint(root) or "; convert a model into it with tools/convert_hf.py first"
         raise CheckpointError(f"{root} is not a megatron-ssm checkpoint (no {TRACKER}){hint}")
-    if (root / TRACKER).read_text().strip() != RELEASE:
+    if (root / TRACKER).read_text().strip() not in (RELEASE, NATIVE_TRACKER):  # RELEASE: written before
         raise CheckpointError(f"{root}/{TRACKER} does not say {RELEASE!r}: only release checkpoints are supported")
     present = sorted((root / RELEASE).glob("mp_rank_*"))
     manifest = root / MANIFEST
