@@ -244,8 +244,8 @@ def main(argv=None) -> int:
     save_legacy(model, margs, args.out / "legacy")
     save_torch_dist(model, margs, args.out / "torch_dist")
     ref = {"prompt": PROMPT, "logits": megatron_logits(model, PROMPT).cpu(),
-           "greedy": megatron_greedy(model, PROMPT, NEW_TOKENS), "megatron_core": megatron.core.__version__,
-           "torch": torch.__version__, "seed": args.seed, "shape": SHAPE,
+           "greedy": megatron_greedy(model, PROMPT, NEW_TOKENS), "megatron_core": str(megatron.core.__version__),
+           "torch": str(torch.__version__), "seed": args.seed, "shape": SHAPE,
            "state_dict_keys": sorted(k for k in model.state_dict() if "_extra_state" not in k)}
     torch.save(ref, args.out / "reference.pt")
     summary = {k: v for k, v in ref.items() if k != "logits"}

@@ -135,24 +135,77 @@ def _stub(qualname: str):
 
 
 _NUMPY_OK = {"ndarray", "dtype", "_reconstruct", "scalar"}
+# what torch's weights-only unpickler allows by itself (tensors, storages, containers)
+_TORCH_SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.", "_codecs.encode")
 
 
-def _allowed_globals(path: Path) -> list:
+class _TorchSafe:
+    def __contains__(self, name: str) -> bool:
+        return name.startswith(_TORCH_SAFE_PREFIXES)
+
+
+_TORCH_SAFE = _TorchSafe()
+
+
+def _pickled_globals(path, where: str) -> set[str]:
+    """Every global a torch.save file's pickle names (GLOBAL, and STACK_GLOBAL's two strings),
+    read with the standard library's pickletools: nothing is unpickled."""
+    import pickletools
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            record = next(n for n in z.namelist() if n.endswith("data.pkl"))
+            data = z.read(record)
+    except (zipfile.BadZipFile, StopIteration, OSError) as e:
+        raise CheckpointError(f"{where} is not a torch.save zip file ({e})") from None
+    names, strings, memo, memoized = set(), [], {}, 0
+    last = None  # the value the previous op pushed, when it was a string
+    for op, arg, _ in pickletools.genops(data):
+        pushed = None
+        if op.name == "GLOBAL":
+            names.add(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            names.add(".".join(strings[-2:]))
+        elif isinstance(arg, str) and ("UNICODE" in op.name or op.name.endswith("STRING")):
+            pushed = arg
+        elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
+            pushed = memo[arg]
+        elif op.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+            index = memoized if op.name == "MEMOIZE" else arg
+            memoized += op.name == "MEMOIZE"
+            if last is not None:
+                memo[index] = last
+            pushed = last
+        if pushed is not None:
+            strings.append(pushed)
+        last = pushed
+    return names
+
+
+def _allowed_globals(path, where: str | None = None) -> list:
     """The explicit allowlist for one legacy pickle: argparse.Namespace, numpy's RNG-state types,
     and stand-ins for Megatron's own (enum) types. Anything else stops the load, named."""
     import importlib
 
     allowed = []
-    for name in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)):
+    where = where or str(path)
+    for name in sorted(_pickled_globals(path, where)):
+        if name in _TORCH_SAFE:
+            continue
         module, _, attr = name.rpartition(".")
         if name == "argparse.Namespace":
             allowed.append(argparse.Namespace)
         elif module.split(".")[0] == "numpy" and (attr in _NUMPY_OK or attr.endswith("DType")):
             allowed.append(getattr(importlib.import_module(module), attr))
+            if attr == "dtype":  # the dtype's class is built without being named as a global
+                import numpy as np
+
+                allowed += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64, np.uint8)]
         elif module.split(".")[0] in ("megatron", "transformer_engine"):
             allowed.append((_stub(name), name))
         else:
-            raise CheckpointError(f"{path} pickles {name}, which is not on the allowlist for Megatron checkpoints "
+            raise CheckpointError(f"{where} pickles {name}, which is not on the allowlist for Megatron checkpoints "
                                   f"(argparse.Namespace, numpy RNG state, megatron enums); refusing to unpickle it")
     return allowed
 
@@ -281,30 +334,61 @@ def read_tracker(root: Path) -> str:
 
 
 def is_megatron_lm(root: str | Path) -> bool:
-    """True for a directory Megatron-LM wrote (tracker + iteration dir with model_optim_rng.pt files
-    holding `args`, or a torch_dist iteration dir); False for ours."""
+    """True for a directory Megatron-LM wrote, False for ours: ours say NATIVE_TRACKER (or, written
+    before it, `release` with our manifest or rank files holding `config`); an iteration number or a
+    torch_dist directory is Megatron's. Unreadable rank files count as Megatron's, so that its
+    reader is the one that says what is wrong with them."""
     root = Path(root)
     try:
-        it = root / read_tracker(root)
-    except (CheckpointError, OSError):
+        text = (root / TRACKER).read_text().strip()
+    except OSError:
         return False
-    if (it / DIST_METADATA).is_file():
-        return True
-    return it.is_dir() and any(_RANK_DIR.match(p.name) for p in it.iterdir()) and \
-        not (root / "megatron_ssm_checkpoint.json").is_file() and _legacy_has_args(it)
-
-
-def _legacy_has_args(it: Path) -> bool:
-    """Megatron's rank files hold `args`; ours hold `config` (unpickled with meta tensors: no data read)."""
-    first = sorted(p for p in it.iterdir() if _RANK_DIR.match(p.name))[0] / RANK_FILE
-    if not first.is_file():
+    if text == NATIVE_TRACKER:
         return False
     try:
-        f = load_pickle(first)
+        it = root / read_tracker(root)
     except CheckpointError:
         return False
+    if text != "release" or (it / DIST_METADATA).is_file():
+        return True
+    if (root / "megatron_ssm_checkpoint.json").is_file() or not it.is_dir():
+        return False
+    ranks = sorted(p for p in it.iterdir() if _RANK_DIR.match(p.name))
+    if not ranks or not (ranks[0] / RANK_FILE).is_file():
+        return False
+    try:
+        f = load_pickle(ranks[0] / RANK_FILE)
+    except CheckpointError:
+        return True
     f.close()
-    return isinstance(f.obj, dict) and "args" in f.obj and "config" not in f.obj
+    return not (isinstance(f.obj, dict) and "config" in f.obj)
+
+
+def _read_common_state(it: Path) -> dict:
+    """megatron-core 0.19's `common_state` ShardedObject: torch.save([common dict]) bytes in the dcp."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    key = "common_state/shard_0_1"
+    raw: dict[str, bytes] = {}
+
+    class RawBytes(dcp.DefaultLoadPlanner):
+        """dcp's own planner would torch.load these bytes with weights_only=False: keep them raw."""
+
+        def load_bytes(self, read_item, value) -> None:
+            raw[read_item.dest_index.fqn] = value.read()
+
+    try:
+        dcp.load({key: io.BytesIO()}, storage_reader=FileSystemReader(str(it)), planner=RawBytes(), no_dist=True)
+        raw = raw[key]
+    except Exception as e:
+        raise CheckpointError(f"{it}: neither {COMMON} nor a readable {key} (where Megatron keeps args): {e}") from None
+    allowed = _allowed_globals(io.BytesIO(raw), where=f"{it}/{key}")
+    with torch.serialization.safe_globals(allowed):
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if not (isinstance(obj, list) and obj and isinstance(obj[0], dict)):
+        raise CheckpointError(f"{it}/{key} does not hold megatron-core's common state")
+    return obj[0]
 
 
 class MegatronLMCheckpoint:
@@ -400,11 +484,12 @@ class MegatronLMCheckpoint:
 
         it = self.iteration_dir
         common = it / COMMON
-        if not common.is_file():
-            raise CheckpointError(f"{it} has {DIST_METADATA} but no {COMMON} (where Megatron keeps args)")
-        f = load_pickle(common)
-        self._files.append(f)
-        self.args = f.obj.get("args")
+        if common.is_file():  # megatron-core up to 0.18 (and what we write: every version reads it)
+            f = load_pickle(common)
+            self._files.append(f)
+            self.args = f.obj.get("args")
+        else:  # 0.19 keeps the common state as one sharded object inside the checkpoint
+            self.args = _read_common_state(it).get("args")
         self.config = config_from_args(self.args, str(common))
         self.tp, self.pp = 1, 1  # torch_dist tensors are global
         try:
@@ -577,7 +662,15 @@ class MegatronLMWriter(AtomicWriter):
         else:
             self._stage = self.tmp / ".staging"
             self._stage.mkdir()
-            self._staged: dict[str, torch.Tensor] = {}
+            self._staged: dict[str, torch.Tensor | io.BytesIO] = {}
+            # megatron-core saves every parallel linear's (empty, for local ones) extra state as a
+            # sharded object, and a strict load asks for it: write what an unused one holds.
+            for m in [f"decoder.layers.{i}.mixer.{p}" for i in range(self.cfg.num_layers) for p in ("in_proj", "out_proj")] \
+                    + ([] if self.cfg.tie_word_embeddings else ["output_layer"]):
+                buf = io.BytesIO()
+                torch.save([None], buf)
+                buf.seek(0)
+                self._staged[f"{m}._extra_state/shard_0_1"] = buf
             torch.save(header, self.dir / COMMON)
             (self.dir / DIST_CONFIG).write_text(json.dumps(
                 {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
