@@ -20,13 +20,16 @@ every megatron-core version at any TP) or torch (legacy; its conv1d names follow
 Only Mamba-2 with n_groups % N == 0 can be written so; anything else is refused before writing.
 
 --tp N writes megatron-ssm's layout: OUT/latest_checkpointed_iteration.txt ("release"),
-OUT/release/mp_rank_XX/model_optim_rng.pt per TP rank, a manifest with every file's size, and the
-tokenizer files of IN. --to-hf writes config.json + safetensors that transformers' from_pretrained
+OUT/release/mp_rank_XX/model_optim_rng.pt per TP rank, the tokenizer of IN (always with HF's
+tokenizer.json + tokenizer_config.json, made from tokenizer.model when IN has only that) and a
+manifest, megatron_ssm_checkpoint.json, with every file's size and xxh3-128 checksum (an --to-hf
+output gets one too). A megatron-ssm input is verified against it before anything is written. --to-hf writes config.json + safetensors that transformers' from_pretrained
 loads. Tensors keep their dtype unless --dtype is given, so IN -> TP4 -> TP2 -> HF is bit-exact.
 
 Tensors are streamed one at a time (memory stays near the largest tensor, not the model). OUT is
 written into a hidden .OUT.partial-* directory beside it and renamed into place only when complete,
-so an interrupted run leaves nothing that loads; the next run removes the leftover.
+so an interrupted run leaves nothing that loads; the next run removes the leftover. --force
+replaces only an empty directory or a checkpoint this tool wrote (its manifest lists every file).
 """
 from __future__ import annotations
 
@@ -69,17 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="cast every tensor to this dtype (default: keep each tensor's own dtype)")
     ap.add_argument("--force", action="store_true",
-                    help="replace an existing checkpoint (or empty directory) at --save-dir; the old one is "
-                         "kept until the new one is complete. Other non-empty directories are never replaced")
+                    help="replace a checkpoint this tool wrote (or an empty directory) at --save-dir; the old "
+                         "one is kept until the new one is complete. Any other directory is never replaced")
     ap.add_argument("--max-shard-size", type=byte_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                     help="with --to-hf: start a new safetensors file past this size (default 5GB)")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="do not check a megatron-ssm input against the checksums in its manifest")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar (tensors and bytes done)")
     args = ap.parse_args(argv)
     try:
         if args.to_megatron and args.tp is None:
             ap.error("--to-megatron needs --tp N")
         convert(args.load_dir, args.save_dir, args.tp, to_hf=args.to_hf, dtype=args.dtype, force=args.force,
-                progress=not args.no_progress, max_shard_bytes=args.max_shard_size, to_megatron=args.to_megatron,
+                progress=not args.no_progress, max_shard_bytes=args.max_shard_size,
+                verify=not args.no_verify, to_megatron=args.to_megatron,
                 ckpt_format=args.ckpt_format, megatron_core=args.megatron_core)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"convert_hf.py: error: {e}", file=sys.stderr)

@@ -4,25 +4,25 @@ layout and these tensor names; they differ only in config.json (see mamba_ssm.py
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..config import SSMConfig
+from ..tokenizer import COPIED_FILES
 from .errors import CheckpointError
+from .reader import CheckpointReader
 from .safetensors_io import SafetensorsFile
 from .spec import TensorSpec
 from .torch_stream import TorchStateFile
 
-__all__ = ["CheckpointError", "HFCheckpoint", "TensorDir", "our_name", "hf_name", "copy_tokenizer", "WEIGHT_FILES"]
+__all__ = ["CheckpointError", "HFCheckpoint", "TensorDir", "our_name", "hf_name", "WEIGHT_FILES"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # looked for in this order; the first present wins
 WEIGHT_FILES = (INDEX_FILE, SINGLE_FILE, "pytorch_model.bin.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = COPIED_FILES  # carried along by every conversion (AtomicWriter.copy_tokenizer)
 
 
 def our_name(hf_name: str) -> str:
@@ -36,29 +36,17 @@ def hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else f"backbone.{name}"
 
 
-def copy_tokenizer(source_dir: str | Path, dest_dir: Path) -> None:
-    """Checkpoints carry their tokenizer along, whatever the format."""
-    for name in TOKENIZER_FILES:
-        if (Path(source_dir) / name).is_file():
-            shutil.copy2(Path(source_dir) / name, dest_dir / name)
-
-
 def open_tensor_file(path: Path):
     return SafetensorsFile(path) if path.suffix == ".safetensors" else TorchStateFile(path)
 
 
-class TensorDir:
+class TensorDir(CheckpointReader):
     """The weights of an HF-layout directory: headers read up front, tensor bytes on demand."""
 
-    def __init__(self, path: str | Path, config: SSMConfig):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, config: SSMConfig, verify: bool = True):
+        super().__init__(path)
         self.config = config
-        self._files: dict[Path, object] = {}
-        try:
-            self._where = self._locate()
-        except BaseException:
-            self.close()
-            raise
+        self._opening(self._locate, verify)
 
     def _open(self, file: Path):
         if file not in self._files:
@@ -67,8 +55,8 @@ class TensorDir:
             self._files[file] = open_tensor_file(file)
         return self._files[file]
 
-    def _locate(self) -> dict[str, tuple[Path, str]]:
-        """our name -> (file, name inside the file)."""
+    def _locate(self) -> None:
+        """self._where: our name -> (file, name inside the file)."""
         chosen = next((self.path / n for n in WEIGHT_FILES if (self.path / n).is_file()), None)
         if chosen is None:
             raise CheckpointError(f"no {', '.join(WEIGHT_FILES[:-1])} or {WEIGHT_FILES[-1]} in {self.path}")
@@ -88,7 +76,7 @@ class TensorDir:
             if key not in self._open(file).specs:
                 raise CheckpointError(f"{file.name} lacks tensor {key}, which its index names")
             where[name] = (file, key)
-        return where
+        self._where = where
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -104,30 +92,14 @@ class TensorDir:
         file, key = self._where[name]
         return self._files[file].read(key)
 
-    def tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (our name, tensor) one at a time."""
-        for name in self.names() if names is None else names:
-            yield name, self.read(name)
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 class HFCheckpoint(TensorDir):
     """An HF transformers model directory: config.json plus its weights."""
 
     format = "HF transformers"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"HF checkpoint directory {path} does not exist")
-        super().__init__(path, SSMConfig.from_hf_dir(path))
+        super().__init__(path, SSMConfig.from_hf_dir(path), verify)

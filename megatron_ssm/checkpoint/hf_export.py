@@ -9,7 +9,7 @@ import torch
 from ..config import FALCON_MAMBA, MAMBA2, ConfigError, SSMConfig
 from .atomic import AtomicWriter
 from .errors import CheckpointError
-from .hf import INDEX_FILE, SINGLE_FILE, copy_tokenizer, hf_name
+from .hf import INDEX_FILE, SINGLE_FILE, hf_name
 from .safetensors_io import SafetensorsWriter
 from .spec import TensorSpec
 
@@ -63,6 +63,8 @@ def plan_files(specs: list[TensorSpec], max_bytes: int) -> list[tuple[str, list[
 class HFWriter(AtomicWriter):
     """with HFWriter(dir, cfg, specs) as w: w.write(name, tensor) in `specs` order (our names)."""
 
+    format = "hf"
+
     def __init__(self, target: str | Path, cfg: SSMConfig, specs: list[TensorSpec], force: bool = False,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.cfg = cfg
@@ -85,9 +87,6 @@ class HFWriter(AtomicWriter):
             fname, group = self.files[i]
             self._current = (i, SafetensorsWriter(self.tmp / fname, group, {"format": "pt"}))
         self._current[1].write(key, tensor)
-
-    def copy_tokenizer(self, source_dir: str | Path) -> None:
-        copy_tokenizer(source_dir, self.tmp)
 
     def _close_current(self) -> None:
         if self._current is not None:

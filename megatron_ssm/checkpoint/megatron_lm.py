@@ -52,6 +52,7 @@ import torch
 from ..config import MAMBA2, ConfigError, SSMConfig
 from .atomic import AtomicWriter
 from .errors import CheckpointError, check_names
+from .integrity import read_manifest, verify_files
 from .partition import hf_names, hf_shapes, merge, shard, shard_shape
 from .spec import TensorSpec
 from .torch_stream import TorchFileWriter, TorchStateFile
@@ -351,7 +352,10 @@ def is_megatron_lm(root: str | Path) -> bool:
         return False
     if text != "release" or (it / DIST_METADATA).is_file():
         return True
-    if (root / "megatron_ssm_checkpoint.json").is_file() or not it.is_dir():
+    manifest = read_manifest(root)
+    if manifest is not None:
+        return manifest.get("format") == MegatronLMWriter.format
+    if not it.is_dir():
         return False
     ranks = sorted(p for p in it.iterdir() if _RANK_DIR.match(p.name))
     if not ranks or not (ranks[0] / RANK_FILE).is_file():
@@ -395,8 +399,11 @@ class MegatronLMCheckpoint:
     """A Megatron-LM checkpoint read as full HF-shaped tensors under our names (.config, .names(),
     .spec(name), .read(name)), one tensor in memory at a time."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, verify: bool = True):
         self.path = Path(root)
+        manifest = read_manifest(self.path)  # one of our exports: check its checksums first
+        if verify and manifest is not None:
+            verify_files(self.path, sorted(manifest["files"]), manifest)
         self.iteration_dir = self.path / read_tracker(self.path)
         if not self.iteration_dir.is_dir():
             raise CheckpointError(f"{self.path}/{TRACKER} points at {self.iteration_dir.name}, which does not exist")
@@ -621,6 +628,8 @@ def padded_vocab(cfg: SSMConfig, tp: int) -> int:
 
 
 class MegatronLMWriter(AtomicWriter):
+    format = "megatron-lm"  # in our manifest (checksums) beside Megatron's files; Megatron ignores it
+
     """Writes a release checkpoint Megatron-LM loads: `torch` (one file per TP rank, TE-spec names)
     or `torch_dist` (global tensors, megatron-core's z/x/B/C/dt split). Tensors arrive one at a time
     (`write(our_name, full)`); torch_dist stages each in a file-backed tensor so memory stays small."""
@@ -722,10 +731,6 @@ class MegatronLMWriter(AtomicWriter):
         if self.fmt != "torch":
             self._staged = {}
 
-    def copy_tokenizer(self, source_dir) -> None:
-        from .hf import copy_tokenizer
-
-        copy_tokenizer(source_dir, self.tmp)
 
 
 def export(src, save_dir: str | Path, tp: int, specs: list[TensorSpec], *, ckpt_format: str = "torch_dist",
