@@ -620,6 +620,19 @@ class MegatronLMCheckpoint:
         self.close()
 
 
+def load_rank(root: str | Path, rank: int, tp: int, verify: bool = True) -> tuple[SSMConfig, dict[str, torch.Tensor]]:
+    """TP rank `rank`'s shard of a Megatron-LM checkpoint for a run of `tp` ranks, whatever TP/PP it
+    was saved at (direct load: `--load MEGATRON_DIR`). Each full tensor is read once and cut with
+    our partition rules, so memory stays near one tensor plus this rank's shard."""
+    with MegatronLMCheckpoint(root, verify) as src:
+        cfg = src.config
+        try:
+            cfg.validate(tp)
+        except ConfigError as e:
+            raise CheckpointError(f"{root}: cannot run at TP={tp}: {e}") from None
+        return cfg, {n: shard(n, src.read(n), cfg, tp, rank) for n in src.names()}
+
+
 # -------------------------------------------------------------------------------------------- writing
 
 def padded_vocab(cfg: SSMConfig, tp: int) -> int:
