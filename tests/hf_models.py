@@ -47,6 +47,31 @@ def hf_config(family: str, *, n_groups: int = 1, tied: bool = True, use_bias: bo
     return cls(hidden_size=64, expand=2, state_size=8, **common)
 
 
+def hybrid_config(family: str, *, pattern: str = "M*-M", heads: int = 4, kv_heads: int = 2, n_groups: int = 2,
+                  tied: bool = False, vocab: int = 250, layers: int = 2, mamba_norm: bool = True,
+                  multipliers: bool = True):
+    """A tiny Nemotron-H (layers from `pattern`) or Falcon-H1 (`layers` parallel layers) config."""
+    from transformers import FalconH1Config, NemotronHConfig
+
+    common = dict(vocab_size=vocab, hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  head_dim=16, tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "nemotron_h":
+        kinds = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+        return NemotronHConfig(layers_block_type=[kinds[k] for k in pattern], intermediate_size=96,
+                               mamba_num_heads=8, mamba_head_dim=16, n_groups=n_groups, ssm_state_size=16,
+                               chunk_size=16, **common)
+    extra = {}
+    if multipliers:  # muP multipliers away from 1, so a missing or misplaced one shows
+        extra = dict(embedding_multiplier=1.3, lm_head_multiplier=0.7, attention_in_multiplier=0.9,
+                     attention_out_multiplier=1.2, key_multiplier=0.8, ssm_in_multiplier=1.1,
+                     ssm_out_multiplier=0.6, mlp_multipliers=[1.4, 0.75],
+                     ssm_multipliers=[0.9, 1.2, 0.7, 1.3, 0.8])
+    return FalconH1Config(intermediate_size=96, num_hidden_layers=layers, mamba_d_ssm=128, mamba_n_heads=8,
+                          mamba_d_head=16, mamba_n_groups=n_groups, mamba_d_state=16, mamba_chunk_size=16,
+                          mamba_rms_norm=mamba_norm, mamba_norm_before_gate=False,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, **common, **extra)
+
+
 def build_hf_model(config, seed: int):
     """An HF model with random weights, every parameter perturbed so that none is a constant
     (all-ones norm weights would hide a mis-sharded norm)."""

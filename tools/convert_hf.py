@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Convert Mamba / Falcon-Mamba / Mamba-2 checkpoints between formats and tensor-parallel degrees.
+"""Convert Mamba / Falcon-Mamba / Mamba-2 / Nemotron-H / Falcon-H1 checkpoints between formats and
+tensor-parallel degrees.
 
     python tools/convert_hf.py --load-dir IN --save-dir OUT --tp N [--dtype bfloat16] [--force]
     python tools/convert_hf.py --load-dir IN --save-dir OUT --to-hf [--dtype ...] [--force]
 
 The format of --load-dir is detected from its files:
-  HF transformers   config.json (MambaForCausalLM, FalconMambaForCausalLM or Mamba2ForCausalLM) and
+  HF transformers   config.json (MambaForCausalLM, FalconMambaForCausalLM, Mamba2ForCausalLM,
+                    NemotronHForCausalLM without MoE layers, or FalconH1ForCausalLM) and
                     model.safetensors, sharded model-*.safetensors + index, or pytorch_model.bin
   mamba-ssm native  config.json with d_model / n_layer / ssm_cfg and pytorch_model.bin, as state-spaces
                     publishes mamba-130m ... mamba2-2.7b (the vocabulary keeps mamba-ssm's padding)
