@@ -161,15 +161,18 @@ def hf_forward_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
 
 
 def build_varied_hf_model(config, seed: int):
-    """As build_hf_model, with every matrix redrawn at std 1/sqrt(fan_in) and unit-scale embeddings, so
-    that a tiny model's greedy tokens vary instead of repeating one token (which would let a wrong
-    decode path pass a token comparison)."""
+    """As build_hf_model, with every matrix redrawn at std 1/sqrt(fan_in), embeddings at std 0.1 and
+    zero biases made nonzero, so that a tiny model's greedy tokens vary instead of repeating one token
+    (which would let a wrong decode path pass a token comparison)."""
     model = build_hf_model(config, seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif p.dim() == 2 and "proj" in name or name.endswith("linear.weight") or "adapter" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() >= 2 and ("proj" in name or "conv1d" in name) or name.endswith("linear.weight") \
+                    or "adapter" in name:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            elif not p.any():  # zero-initialised biases: a multiplicative perturbation leaves them zero
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model

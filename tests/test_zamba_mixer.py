@@ -37,7 +37,7 @@ def _rank_mixer(heads: int, weights: dict, hidden: torch.Tensor, split: int):
 
     tp = tp_context(torch.device("cpu"))
     cfg = SimpleNamespace(hidden_size=64, intermediate_size=128, state_size=8, conv_kernel=4, use_bias=False,
-                          use_conv_bias=True, time_step_rank=4, mamba_heads=heads)
+                          use_conv_bias=True, time_step_rank=4, num_heads=heads)
     mixer = ZambaMambaMixer(cfg, tp, megatron_config(tp.size, torch.float32), dtype=torch.float32,
                             device=torch.device("cpu"))
     rules = {"in_proj.weight": Rule(interleaved=2), "conv1d.weight": Rule(dim=0), "conv1d.bias": Rule(dim=0),
@@ -47,13 +47,13 @@ def _rank_mixer(heads: int, weights: dict, hidden: torch.Tensor, split: int):
     with torch.no_grad():
         for name, p in mixer.named_parameters():
             p.copy_(shard_by_rule(rules[name], name, weights[name], cfg, tp.size, tp.rank))
-        full = mixer(hidden)
+        full = mixer.start(hidden).wait()
         b = hidden.shape[0]
         (cs, ss) = mixer.state_shapes()
         conv, ssm = torch.zeros(b, *cs), torch.zeros(b, *ss)
-        outs = [mixer(hidden[:, :split], conv, ssm)]
+        outs = [mixer.start(hidden[:, :split], conv, ssm).wait()]
         for t in range(split, hidden.shape[1]):
-            outs.append(mixer(hidden[:, t:t + 1], conv, ssm))
+            outs.append(mixer.start(hidden[:, t:t + 1], conv, ssm).wait())
     return full, torch.cat(outs, dim=1)
 
 

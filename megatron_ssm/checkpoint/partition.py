@@ -44,6 +44,10 @@ class Rule:
 
 def rule_for(name: str, cfg: SSMConfig, tp: int) -> Rule:
     """The sharding rule of tensor `name` (raises KeyError for a name the model does not have)."""
+    if cfg.has_shared_blocks:
+        from .zamba_names import zamba_rule
+
+        return zamba_rule(name, cfg, tp, _attention_rule, _mlp_rule, _mamba_rule)
     if name in ("embeddings.weight", "lm_head.weight"):
         return Rule(dim=0, pad_rows_to=cfg.padded_vocab_size(tp))
     if name == "norm_f.weight":
@@ -207,6 +211,10 @@ def merge_by_rule(rule: Rule, name: str, shards: list[torch.Tensor], cfg) -> tor
 
 def hf_names(cfg: SSMConfig) -> list[str]:
     """Every tensor of this config, in our names and checkpoint order (lm_head when untied)."""
+    if cfg.has_shared_blocks:
+        from .zamba_names import zamba_tensors
+
+        return zamba_tensors(cfg)
     names = ["embeddings.weight", "norm_f.weight"]
     for i, kind in enumerate(cfg.pattern):
         names += [f"layers.{i}.{n}" for n in block_tensors(kind, cfg)]
@@ -258,6 +266,10 @@ def _attention_tensors(cfg: SSMConfig) -> list[str]:
 
 def hf_shapes(cfg: SSMConfig) -> dict[str, tuple[int, ...]]:
     """The shape `config.json` implies for every tensor of `hf_names(cfg)`, in that order."""
+    if cfg.has_shared_blocks:
+        from .zamba_names import zamba_shapes
+
+        return zamba_shapes(cfg)
     H, I, N, K, V = cfg.hidden_size, cfg.intermediate_size, cfg.state_size, cfg.conv_kernel, cfg.vocab_size
     if cfg.is_mamba2:
         heads, bc = cfg.num_heads, 2 * cfg.n_groups * N

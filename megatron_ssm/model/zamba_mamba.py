@@ -41,17 +41,17 @@ class ZambaMambaMixer(Mixer):
     def __init__(self, cfg, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
                  allreduce: AllReduceFn | None = None):
         """cfg: hidden_size, intermediate_size, state_size, conv_kernel, use_bias, use_conv_bias,
-        time_step_rank and mamba_heads (HF's n_mamba_heads)."""
+        time_step_rank and num_heads (HF's n_mamba_heads)."""
         super().__init__()
         self.cfg, self.tp = cfg, tp
         I, R, N = cfg.intermediate_size, cfg.time_step_rank, cfg.state_size
-        if I % tp.size or I % cfg.mamba_heads:
-            raise ValueError(f"intermediate_size {I} must split over TP {tp.size} and {cfg.mamba_heads} mamba heads")
+        if I % tp.size or I % cfg.num_heads:
+            raise ValueError(f"intermediate_size {I} must split over TP {tp.size} and {cfg.num_heads} mamba heads")
         self.channels = d = I // tp.size
-        self.pieces = head_pieces(cfg.mamba_heads, tp.size)
+        self.pieces = head_pieces(cfg.num_heads, tp.size)
         self.piece_width = d // self.pieces
         # The head whose part this rank holds, when heads span ranks (else None: heads are local).
-        self.spanned_head = None if cfg.mamba_heads % tp.size == 0 else tp.rank // (tp.size // cfg.mamba_heads)
+        self.spanned_head = None if cfg.num_heads % tp.size == 0 else tp.rank // (tp.size // cfg.num_heads)
         kw = dict(dtype=dtype, device=device)
         self.in_proj = ColumnParallelLinear(cfg.hidden_size, 2 * I, config=mp_config, bias=cfg.use_bias)
         self.conv1d = CausalConv1d(d, cfg.conv_kernel, cfg.use_conv_bias, **kw)
@@ -75,7 +75,7 @@ class ZambaMambaMixer(Mixer):
         partial = torch.einsum("blpw,pkw->blpk", x.view(b, L, self.pieces, self.piece_width), self.x_proj_weight)
         if self.spanned_head is None:
             return partial
-        slots = partial.new_zeros(b, L, self.cfg.mamba_heads, partial.shape[-1])
+        slots = partial.new_zeros(b, L, self.cfg.num_heads, partial.shape[-1])
         slots[:, :, self.spanned_head] = partial[:, :, 0]
         slots = self.allreduce(slots, self.tp.group)
         return slots[:, :, self.spanned_head:self.spanned_head + 1]
