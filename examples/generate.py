@@ -31,7 +31,17 @@ def parse_ids(text: str) -> list[int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--load", required=True, help="checkpoint written by tools/convert_hf.py")
+    ap.add_argument("--load", required=True,
+                    help="checkpoint written by tools/convert_hf.py, or a Megatron-LM checkpoint directory (legacy "
+                         "torch or torch_dist, any TP/PP degree: resharded for this run's ranks as it loads)")
+    ap.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                    help="must equal the number of ranks if given (Megatron's flag; inference is TP only)")
+    ap.add_argument("--tokenizer-model", default=None,
+                    help="sentencepiece .model, HF tokenizer.json, or a directory holding one (default: the "
+                         "checkpoint's own; Megatron-LM checkpoints carry none)")
+    ap.add_argument("--tokenizer-type", default=None,
+                    choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer"],
+                    help="which tokenizer file to use when a directory holds both (Megatron's names)")
     ap.add_argument("--prompt-ids", type=parse_ids, action="append", default=[], help="comma-separated token ids")
     ap.add_argument("--prompt", action="append", default=[], help="prompt text (uses the checkpoint's tokenizer)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -63,12 +73,17 @@ def main() -> int:
 
     tp = init_distributed()
     try:
+        if args.tensor_model_parallel_size not in (None, tp.size):
+            raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} but {tp.size} ranks "
+                             f"were started: launch with torchrun --nproc_per_node {args.tensor_model_parallel_size}")
         model = load_model(args.load, tp, dtype=DTYPES[args.dtype] if args.dtype else None,
                            allreduce=make_allreduce(args.allreduce))
         tokenizer = None
         prompts = list(args.prompt_ids)
         if args.prompt:
-            tokenizer = Tokenizer(args.load)
+            from megatron_ssm.server.main import TOKENIZER_TYPES
+
+            tokenizer = Tokenizer(args.tokenizer_model or args.load, TOKENIZER_TYPES.get(args.tokenizer_type))
             prompts += [tokenizer.encode(p, add_bos=True) for p in args.prompt]
         stop = tuple(args.stop_ids) if args.stop_ids is not None else \
             ((model.cfg.eos_token_id,) if args.prompt and model.cfg.eos_token_id is not None else ())

@@ -10,17 +10,21 @@ from __future__ import annotations
 import importlib
 import os
 import queue
-import socket
 import traceback
 
 import torch.multiprocessing as mp
+
+from megatron_ssm.parallel import free_port
 
 TIMEOUT_S = 300
 
 
 def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1",
+                      # pools outlive single tests and are torn down rank by rank: no watchdog
+                      # (tests/test_watchdog.py checks it on its own ranks)
+                      MEGATRON_SSM_WATCHDOG_TIMEOUT="0")
     import torch
 
     torch.set_num_threads(1)
@@ -48,9 +52,7 @@ class RankPool:
     def __init__(self, world_size: int):
         self.world_size = world_size
         ctx = mp.get_context("spawn")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
         self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox),

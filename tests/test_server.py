@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ssm.parallel import free_port
+
 requests = pytest.importorskip("requests")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -873,7 +875,7 @@ def test_losing_a_rank_ends_the_others(ckpt, tmp_path, victim):
     """Two ranks started by hand (no torchrun to clean up after them). SIGKILL rank 1 mid-request:
     rank 0 must answer the request with an error and exit with a message. SIGKILL rank 0: rank 1
     must notice and exit with a message. Both within the control group's timeout."""
-    port = _free_port()
+    port = free_port()
     env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
            "MEGATRON_SSM_DIST_TIMEOUT": "10"}
     args = [sys.executable, "examples/run_text_generation_server.py", "--load", str(ckpt), "--port", "0"]
@@ -921,8 +923,3 @@ def test_killing_the_launcher_stops_its_ranks(ckpt, tmp_path):
     finally:
         srv.kill()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
