@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_models import build_hf_model, fresh_seed, hf_config, save_hf
-from megatron_ssm.checkpoint.convert import hf_to_megatron
+from megatron_ssm.checkpoint.convert import convert
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def ckpts(tmp_path_factory):
         out[family] = {}
         for tp in (1, 2, 4):
             out[family][tp] = str(root / f"tp{tp}")
-            hf_to_megatron(hf_dir, out[family][tp], tp, progress=False)
+            convert(hf_dir, out[family][tp], tp, progress=False)
     return out
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, hf_logits, per_group_gated_norm, save_hf
-from megatron_ssm.checkpoint.convert import hf_to_megatron
+from megatron_ssm.checkpoint.convert import convert
 
 TOL = 1e-4
 
@@ -83,7 +83,7 @@ def converted(tmp_path_factory):
             ckpts = {}
             for tp in (1, 2, 4):
                 ckpts[tp] = str(root / f"tp{tp}")
-                hf_to_megatron(hf_dir, ckpts[tp], tp, progress=False)
+                convert(hf_dir, ckpts[tp], tp, progress=False)
             built[key] = (model, ckpts)
         return built[key]
 

@@ -1,51 +1,33 @@
-"""The language model: vocab-parallel embedding, Mamba blocks, final norm, vocab-parallel head.
+"""The language model: vocab-parallel embedding, a stack of blocks, final norm, vocab-parallel head.
 
-Parameter names follow HF's (`backbone.` dropped), so a checkpoint shard is HF's tensor cut by the
-rules in `checkpoint/partition.py`. The forward returns this rank's slice of the logits: sampling
-works on slices (see inference/sampling.py) and gathers the full vocabulary only when it must.
+The stack is built from the config's pattern (`M` Mamba, `*` attention, `-` MLP, `P` Mamba-2 and
+attention in parallel; see blocks.py): a pure Mamba model is `MMMM...`. Parameter names follow HF's
+Mamba names (`backbone.` dropped; other families map theirs onto ours in checkpoint/names.py), so a
+checkpoint shard is a full tensor cut by the rules in `checkpoint/partition.py`. The forward returns
+this rank's slice of the logits: sampling works on slices (see inference/sampling.py) and gathers
+the full vocabulary only when it must.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..comm import OneShotAllReduce
-from ..config import SSMConfig
+from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK, ZAMBA, SSMConfig
 from ..ops.dispatch import add_rms_norm
 from ..parallel import TPContext, megatron_config
+from .attention import Attention
+from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
+from .mlp import MLP
+from .zamba import SharedApplication, SharedHybridBlock, SharedTransformer
+from .zamba_mamba import ZambaMambaMixer
 
-
-@dataclass
-class LayerState:
-    """One layer's recurrent context for a batch of sequences: conv inputs and SSM state."""
-
-    conv: torch.Tensor  # [b, conv channels, K-1]
-    ssm: torch.Tensor  # [b, channels, n] (Mamba-1) or [b, heads, head_dim, n] (Mamba-2), fp32
-
-
-class MambaBlock(nn.Module):
-    """Pre-norm residual block. The residual stream is carried as (stream, delta): the previous
-    block's output is added to the stream inside this block's norm kernel, so the stream is read and
-    written once per layer instead of by separate add, cast and norm kernels."""
-
-    def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
-        super().__init__()
-        self.residual_dtype = torch.float32 if cfg.residual_in_fp32 else dtype
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
-        self.mixer = mixer
-
-    def start(self, stream: torch.Tensor, delta: torch.Tensor | None,
-              state: LayerState | None) -> tuple[torch.Tensor, PendingOutput]:
-        """stream + delta is this block's input (delta None: the stream alone). Returns the updated
-        stream and the mixer's output, whose all-reduce may still be in flight."""
-        normed, stream = add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
-        states = (state.conv, state.ssm) if state is not None else ()
-        return stream, self.mixer.start(normed, *states)
+__all__ = ["LayerState", "MambaBlock", "MambaLM"]
 
 
 class MambaLM(nn.Module):
@@ -74,11 +56,36 @@ class MambaLM(nn.Module):
         self.embeddings = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, config=mp, tp=tp, allreduce=small)
 
         def mixer():
+            if cfg.family == ZAMBA:
+                return ZambaMambaMixer(cfg, tp, mp, allreduce=allreduce, **kw)
             if cfg.is_mamba2:
                 return Mamba2Mixer(cfg, tp, mp, allreduce=allreduce, small_allreduce=small, **kw)
             return Mamba1Mixer(cfg, tp, mp, allreduce=allreduce, **kw)
 
-        self.layers = nn.ModuleList(MambaBlock(cfg, mixer(), **kw) for _ in range(cfg.num_layers))
+        def attention():
+            return Attention(cfg, tp, mp, allreduce=allreduce, **kw)
+
+        def block(kind: str) -> nn.Module:
+            if kind == MAMBA_BLOCK:
+                return MambaBlock(cfg, mixer(), **kw)
+            if kind == ATTENTION_BLOCK:
+                return AttentionBlock(cfg, attention(), **kw)
+            if kind == MLP_BLOCK:
+                return MLPBlock(cfg, MLP(cfg, tp, mp, allreduce=allreduce, **kw), **kw)
+            if kind == PARALLEL_BLOCK:
+                return ParallelBlock(cfg, mixer(), attention(), **kw)
+            if kind == SHARED_BLOCK:
+                shared = self.shared_blocks[next(uses) % len(self.shared_blocks)]
+                return SharedHybridBlock(cfg, mixer(), SharedApplication(cfg, tp, mp, **kw), shared, **kw)
+            raise ValueError(f"unknown block kind {kind!r}")
+
+        # Zamba's shared attention + MLP blocks: held here once, applied by every S block (ABAB...)
+        self.shared_blocks = nn.ModuleList(SharedTransformer(cfg, tp, mp, allreduce=allreduce, **kw)
+                                           for _ in range(cfg.shared_blocks if cfg.has_shared_blocks else 0))
+        uses = iter(range(cfg.num_layers))
+        self.layers = nn.ModuleList(block(kind) for kind in cfg.pattern)
+        self.embedding_scale = cfg.multiplier("embedding")
+        self.logit_scale = cfg.multiplier("lm_head")
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.lm_head = None if cfg.tie_word_embeddings else \
             ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, config=mp, bias=False)
@@ -92,14 +99,20 @@ class MambaLM(nn.Module):
     max_activation_elements = 2**31 - 1
 
     def max_tokens_per_forward(self, all_logits: bool = False) -> int:
-        """Most tokens (batch x length) one forward may take: the widest per-token row is in_proj's
-        output on this rank, or this rank's logits when every position's are kept."""
-        widest = max(self.layers[0].mixer.in_proj.weight.shape[0] if self.layers else 1, self.cfg.hidden_size,
-                     self.vocab_per_rank if all_logits else 1)
+        """Most tokens (batch x length) one forward may take: the widest per-token row is a
+        column-parallel output on this rank (in_proj, qkv, MLP up), or this rank's logits when every
+        position's are kept."""
+        columns = [m.weight.shape[0] for part in (self.layers, self.shared_blocks) for m in part.modules()
+                   if isinstance(m, ColumnParallelLinear)]
+        widest = max(max(columns, default=1), self.cfg.hidden_size, self.vocab_per_rank if all_logits else 1)
         return max(1, self.max_activation_elements // widest)
 
-    def state_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        return [layer.mixer.state_shapes() for layer in self.layers]
+    def state_shapes(self, max_length: int = 0) -> list[StateShapes]:
+        """Per block, its per-sequence state on this rank: name -> (shape, dtype; None: the model's
+        dtype). Attention blocks hold keys/values for `max_length` positions."""
+        if self.cfg.has_attention and max_length < 1:
+            raise ValueError("a model with attention layers needs max_length >= 1 for its KV cache")
+        return [layer.state_shapes(max_length) for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -109,18 +122,24 @@ class MambaLM(nn.Module):
         advanced in place; None runs the sequences from scratch and keeps nothing. `last_only`
         computes logits for the last position only (prefill needs no others)."""
         stream, delta = self.embeddings(input_ids), None
+        if self.embedding_scale != 1.0:
+            stream = stream * self.embedding_scale
+        # Zamba's shared blocks read the token embeddings beside the hidden state at every use
+        embeddings = stream if self.shared_blocks else None
         parts = self._micro_chunks(input_ids.shape[1]) if states is not None and self._overlaps(input_ids) else []
         if parts:
-            stream, delta = self._overlapped_layers(stream, states, parts)
+            stream, delta = self._overlapped_layers(stream, states, parts, embeddings)
         else:
             for i, layer in enumerate(self.layers):
-                stream, pending = layer.start(stream, delta, None if states is None else states[i])
+                stream, pending = _start(layer, stream, delta, None if states is None else states[i], embeddings)
                 delta = pending.wait()
         if last_only:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden.to(head.dtype), head).float()
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
         return logits.masked_fill_(self.vocab_padding, float("-inf"))
 
     def _overlaps(self, input_ids: torch.Tensor) -> bool:
@@ -134,17 +153,29 @@ class MambaLM(nn.Module):
         first = -(-length // (2 * unit)) * unit
         return [first, length - first] if 0 < first < length else []
 
-    def _overlapped_layers(self, stream: torch.Tensor, states: list[LayerState],
-                           parts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _overlapped_layers(self, stream: torch.Tensor, states: list[LayerState], parts: list[int],
+                           embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layers over consecutive time spans of the batch, interleaved so that each span's
         all-reduce runs while the next span computes: span 1 of layer i continues from the state
         span 0 of layer i left, and span 0 of layer i+1 waits only for its own reduction. The states
         advance as in one pass over the whole length. Returns (stream, delta) as the plain loop does."""
         streams = list(stream.split(parts, dim=1))
+        spans = list(embeddings.split(parts, dim=1)) if embeddings is not None else [None] * len(streams)
         pending: list[PendingOutput | None] = [None] * len(streams)
+        offsets = [sum(parts[:p]) for p in range(len(parts))]
         for i, layer in enumerate(self.layers):
             for p in range(len(streams)):
                 delta = pending[p].wait() if pending[p] is not None else None
-                streams[p], pending[p] = layer.start(streams[p], delta, states[i])
+                state = states[i]
+                if state.filled is not None:  # span p starts that many positions later
+                    state = replace(state, filled=state.filled + offsets[p])
+                streams[p], pending[p] = _start(layer, streams[p], delta, state, spans[p])
         deltas = [p.wait() for p in pending] if self.layers else None
         return torch.cat(streams, dim=1), None if deltas is None else torch.cat(deltas, dim=1)
+
+
+def _start(layer, stream, delta, state, embeddings):
+    """layer.start, handing the token embeddings to the blocks that read them (Zamba's S)."""
+    if getattr(layer, "uses_embeddings", False):
+        return layer.start(stream, delta, state, embeddings=embeddings)
+    return layer.start(stream, delta, state)
