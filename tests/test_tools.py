@@ -200,3 +200,13 @@ def test_allreduce_accuracy_at_tp2(tiny_ckpts):
     want = _hf_perplexity(48, 3)
     assert abs(float(exact[2]) - want) < 1e-3 * want, (exact, want)  # the exact model is HF's model
     assert abs(float(int8[2]) / want - 1) < 0.02 and float(int8[4].rstrip("%")) > 90, int8
+
+
+def test_prefix_reuse_ttft_on_cpu(tiny_ckpts):
+    """The tool asserts that a prefix hit gives a miss's tokens and that the hit happened; its summary
+    line names the sizes it was given."""
+    out = _run(sys.executable, "tools/prefix_reuse_ttft.py", "--load", str(tiny_ckpts[1]), "--text",
+               str(ASSET / "heldout.txt"), "--shared", "40", "--tail", "6", "--block", "16", "--trials", "1")
+    line = re.search(r"TP=1 prompt 40\+6 tokens, block 16: TTFT miss ([\d.]+) ms, hit ([\d.]+) ms .*1 trials, same tokens",
+                     out)
+    assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, out
