@@ -53,7 +53,10 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: i
 
 class Attention(Mixer):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
-                 allreduce: AllReduceFn | None = None):
+                 allreduce: AllReduceFn | None = None, input_size: int | None = None,
+                 softmax_scale: float | None = None):
+        """input_size: width of the input rows (default hidden_size; Zamba's shared block reads
+        [hidden, embedding]); softmax_scale: default head_dim ** -0.5."""
         super().__init__()
         cfg.validate(tp.size)
         self.cfg = cfg
@@ -64,7 +67,8 @@ class Attention(Mixer):
         self.input_scale = cfg.multiplier("attention_in")
         self.key_scale = cfg.multiplier("key")
         local_rows = (self.heads + 2 * self.kv_heads) * d
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, tp.size * local_rows, config=mp_config,
+        self.softmax_scale = softmax_scale
+        self.qkv_proj = ColumnParallelLinear(input_size or cfg.hidden_size, tp.size * local_rows, config=mp_config,
                                              bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, config=mp_config,
                                         bias=cfg.attention_bias, tp=tp, allreduce=allreduce)
@@ -100,7 +104,7 @@ class Attention(Mixer):
                 state.v[:, :L].copy_(v)
                 state.length += L
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, enable_gqa=gqa)
+                                                 is_causal=True, enable_gqa=gqa, scale=self.softmax_scale)
         elif state.filled is not None:  # every row continues from the same position: lower-right causal
             end = state.filled + L
             state.k[:, state.filled:end].copy_(k)
@@ -108,7 +112,7 @@ class Attention(Mixer):
             state.length += L
             out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k[:, :end].transpose(1, 2),
                                                  state.v[:, :end].transpose(1, 2), attn_mask=causal_lower_right(L, end),
-                                                 enable_gqa=gqa)
+                                                 enable_gqa=gqa, scale=self.softmax_scale)
         else:
             where = positions[:, :, None, None].expand(b, L, self.kv_heads, d)
             state.k.scatter_(1, where, k.to(state.k.dtype))
@@ -117,5 +121,6 @@ class Attention(Mixer):
             # query at position p sees keys 0..p; positions past a sequence's length are stale
             visible = torch.arange(state.k.shape[1], device=hidden.device) <= positions[:, :, None]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
-                                                 attn_mask=visible[:, None], enable_gqa=gqa)
+                                                 attn_mask=visible[:, None], enable_gqa=gqa,
+                                                 scale=self.softmax_scale)
         return self.o_proj.start(out.transpose(1, 2).reshape(b, L, self.heads * d), out_scale)

@@ -16,7 +16,8 @@ from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, Row
 
 class MLP(Mixer):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
-                 allreduce: AllReduceFn | None = None):
+                 allreduce: AllReduceFn | None = None, input_size: int | None = None):
+        """input_size: width of the input rows (default hidden_size)."""
         super().__init__()
         if cfg.mlp_kind not in (RELU2, SWIGLU):
             raise ConfigError(f"MLP kind {cfg.mlp_kind!r} is not supported ({RELU2} or {SWIGLU})")
@@ -25,9 +26,10 @@ class MLP(Mixer):
         self.width = cfg.mlp_intermediate_size // tp.size
         I = cfg.mlp_intermediate_size
         if self.kind == SWIGLU:
-            self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * I, config=mp_config, bias=cfg.mlp_bias)
+            self.gate_up_proj = ColumnParallelLinear(input_size or cfg.hidden_size, 2 * I, config=mp_config,
+                                                     bias=cfg.mlp_bias)
         else:
-            self.up_proj = ColumnParallelLinear(cfg.hidden_size, I, config=mp_config, bias=cfg.mlp_bias)
+            self.up_proj = ColumnParallelLinear(input_size or cfg.hidden_size, I, config=mp_config, bias=cfg.mlp_bias)
         self.down_proj = RowParallelLinear(I, cfg.hidden_size, config=mp_config, bias=cfg.mlp_bias, tp=tp,
                                            allreduce=allreduce)
         self.gate_scale = cfg.multiplier("mlp_gate")
