@@ -53,10 +53,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: i
 
 class Attention(Mixer):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
-                 allreduce: AllReduceFn | None = None, input_size: int | None = None,
-                 softmax_scale: float | None = None):
-        """input_size: width of the input rows (default hidden_size; Zamba's shared block reads
-        [hidden, embedding]); softmax_scale: default head_dim ** -0.5."""
+                 allreduce: AllReduceFn | None = None):
         super().__init__()
         cfg.validate(tp.size)
         self.cfg = cfg
@@ -67,8 +64,9 @@ class Attention(Mixer):
         self.input_scale = cfg.multiplier("attention_in")
         self.key_scale = cfg.multiplier("key")
         local_rows = (self.heads + 2 * self.kv_heads) * d
-        self.softmax_scale = softmax_scale
-        self.qkv_proj = ColumnParallelLinear(input_size or cfg.hidden_size, tp.size * local_rows, config=mp_config,
+        self.softmax_scale = cfg.attention_softmax_scale
+        self.qkv_proj = ColumnParallelLinear(cfg.attention_input_size or cfg.hidden_size, tp.size * local_rows,
+                                             config=mp_config,
                                              bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, config=mp_config,
                                         bias=cfg.attention_bias, tp=tp, allreduce=allreduce)
@@ -78,7 +76,8 @@ class Attention(Mixer):
         kv = (max_length, self.kv_heads, self.head_dim)
         return {"k": (kv, None), "v": (kv, None), "length": ((), torch.int64)}
 
-    def start(self, hidden: torch.Tensor, state=None, out_scale: float = 1.0) -> PendingOutput:
+    def start(self, hidden: torch.Tensor, state=None, out_scale: float = 1.0,
+              qkv_delta: torch.Tensor | None = None) -> PendingOutput:
         """hidden [b, L, hidden]. `state` (a LayerState with k, v, length) holds the sequences'
         earlier positions: the new keys/values are written after them and `length` advances; None
         attends within `hidden` alone and keeps nothing."""
@@ -86,7 +85,10 @@ class Attention(Mixer):
         d = self.head_dim
         if self.input_scale != 1.0:
             hidden = hidden * self.input_scale
-        q, k, v = self.qkv_proj(hidden).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        qkv = self.qkv_proj(hidden)
+        if qkv_delta is not None:  # a per-use adapter's addition to this rank's [q_r | k_r | v_r] (Zamba2)
+            qkv = qkv + qkv_delta
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q = q.view(b, L, self.heads, d)
         k = k.view(b, L, self.kv_heads, d)
         v = v.view(b, L, self.kv_heads, d)
@@ -121,6 +123,5 @@ class Attention(Mixer):
             # query at position p sees keys 0..p; positions past a sequence's length are stale
             visible = torch.arange(state.k.shape[1], device=hidden.device) <= positions[:, :, None]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
-                                                 attn_mask=visible[:, None], enable_gqa=gqa,
-                                                 scale=self.softmax_scale)
+                                                 attn_mask=visible[:, None], enable_gqa=gqa, scale=self.softmax_scale)
         return self.o_proj.start(out.transpose(1, 2).reshape(b, L, self.heads * d), out_scale)
