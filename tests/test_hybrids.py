@@ -17,7 +17,8 @@ from test_model_vs_hf import TOL, _rank_generate, _rank_logits
 # (family, options): kv heads 2 are split at TP 2 and replicated at TP 4; n_groups 2 likewise
 CASES = [
     pytest.param("nemotron_h", dict(pattern="M*-M"), id="nemotron-kv2-g2"),
-    pytest.param("nemotron_h", dict(pattern="*M-*", heads=8, kv_heads=4, n_groups=1, tied=True), id="nemotron-kv4-g1-tieflag"),
+    pytest.param("nemotron_h", dict(pattern="*M-*", heads=8, kv_heads=4, n_groups=1, tied=True),
+                 id="nemotron-kv4-g1-tieflag"),
     pytest.param("falcon_h1", dict(), id="falcon-h1-kv2-g2"),
     pytest.param("falcon_h1", dict(kv_heads=4, n_groups=1, mamba_norm=False, layers=1), id="falcon-h1-kv4-nonorm"),
 ]
