@@ -72,3 +72,61 @@ def test_megatron_model_from_our_spec_matches_hf(tmp_path, ranks, family, opts, 
     ckpt = save_hf(model, tmp_path / "hf")
     got = ranks(tp).run(_rank_spec_logits, family, str(ckpt), ids)[0]
     torch.testing.assert_close(got, hf_logits(model, ids), atol=TOL, rtol=TOL, msg=lambda m: f"seed {seed}: {m}")
+
+
+def our_name(megatron_name: str) -> str:
+    """megatron-core local-spec name -> ours (the inverse of checkpoint.megatron_lm.megatron_name)."""
+    top = {"embedding.word_embeddings.weight": "embeddings.weight", "decoder.final_norm.weight": "norm_f.weight",
+           "output_layer.weight": "lm_head.weight"}
+    return top.get(megatron_name) or megatron_name.removeprefix("decoder.")
+
+
+def _rank_grads(family: str, ckpt: str, ids: torch.Tensor):
+    """Loss of megatron-core's model (our spec) on ids and every parameter's gradient on this rank."""
+    from megatron_ssm.checkpoint.formats import open_checkpoint
+    from megatron_ssm.megatron.weights import load_into
+    from megatron_ssm.parallel import tp_context
+
+    tp = tp_context(torch.device("cpu"))
+    with open_checkpoint(ckpt) as src:
+        cfg = src.config
+    model = megatron_model(family, cfg).train()
+    load_into(model, ckpt, tp.size, tp.rank)
+    loss = model(ids[:, :-1], position_ids=None, attention_mask=None, labels=ids[:, 1:]).mean()
+    loss.backward()
+    attrs = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", None))
+             for n, p in model.named_parameters()}
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}, attrs
+
+
+@pytest.mark.parametrize("family,opts", CASES)
+def test_gradients_through_our_tp_mixers_equal_hfs_at_tp2(tmp_path, ranks, family, opts):
+    import torch.nn.functional as F
+
+    from megatron_ssm.checkpoint.formats import open_checkpoint
+    from megatron_ssm.checkpoint.partition import merge
+
+    seed = fresh_seed()
+    hf = build_hf_model(hf_config(family, vocab=256, **opts), seed)  # 256: no vocabulary padding at TP 2
+    ids = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(seed))
+    ckpt = save_hf(hf, tmp_path / "hf")
+    results = ranks(2).run(_rank_grads, family, str(ckpt), ids)
+    hf.train()
+    logits = hf(ids[:, :-1], use_cache=False).logits
+    ref_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    ref_loss.backward()
+    ref = {k.removeprefix("backbone."): p.grad for k, p in hf.named_parameters()}
+    assert abs(results[0][0] - float(ref_loss)) < 1e-4, seed
+    with open_checkpoint(ckpt) as src:
+        cfg = src.config
+    grads = {our_name(n): merge(our_name(n), [r[1][n] for r in results], cfg) for n in results[0][1]}
+    if cfg.tie_word_embeddings:
+        ref.pop("lm_head.weight", None)
+    assert grads.keys() == ref.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref[name], atol=1e-5, rtol=1e-3, msg=lambda m: f"{name} (seed {seed}): {m}")
+    # every parameter a rank holds only a part of carries megatron-core's TP attributes
+    attrs = results[0][2]
+    for name, (is_tp, dim) in attrs.items():
+        if ".mixer." in name:
+            assert is_tp and dim is not None, name
