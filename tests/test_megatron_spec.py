@@ -130,3 +130,57 @@ def test_gradients_through_our_tp_mixers_equal_hfs_at_tp2(tmp_path, ranks, famil
     for name, (is_tp, dim) in attrs.items():
         if ".mixer." in name:
             assert is_tp and dim is not None, name
+
+
+def _rank_dist_load(ckpt_it: str, shape_from: str, input_ids: torch.Tensor):
+    """megatron-core's own dist_checkpointing.load of a torch_dist directory into the model built
+    from our spec, through the adapter's sharded_state_dict."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_ssm.checkpoint.formats import open_checkpoint
+    from megatron_ssm.parallel import tp_context
+
+    tp = tp_context(torch.device("cpu"))
+    with open_checkpoint(shape_from) as src:
+        cfg = src.config
+    model = megatron_model("mamba2", cfg).eval()
+    import argparse
+
+    from megatron.core.transformer.enums import AttnBackend
+
+    # what Megatron-LM's training allowlists before loading (its args Namespace and enums)
+    with torch.serialization.safe_globals([argparse.Namespace, AttnBackend]):
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), ckpt_it)
+    missing = model.load_state_dict(loaded, strict=False)
+    assert not [k for k in missing.missing_keys if "_extra_state" not in k], missing
+    with torch.no_grad():
+        logits = _full_logits(model, input_ids, cfg.vocab_size)
+    return logits if tp.is_first else None
+
+
+def test_megatron_cores_torch_dist_fixture_loads_into_our_spec_model(tmp_path, ranks):
+    """megatron-core 0.19 wrote it; loaded by the installed megatron-core's loader into our spec."""
+    import shutil
+
+    from megatron_ssm.checkpoint.megatron_lm import _read_common_state
+    from test_megatron_checkpoint import FIXTURE_TOL, FIXTURES, REF
+
+    it = tmp_path / "iter_0000010"
+    shutil.copytree(FIXTURES / "torch_dist" / "iter_0000010", it)
+    if not hasattr(__import__("megatron.core.dist_checkpointing.serialization", fromlist=["x"]),
+                   "load_common_state_dict") or "0.16" in __import__("megatron.core").core.__version__:
+        # megatron-core before 0.19 reads the common state only from common.pt, which 0.19 no longer
+        # writes (it keeps a `common_state` object in the checkpoint): give it one, as our exporter does
+        torch.save(_read_common_state(it), it / "common.pt")
+    got = ranks(1).run(_rank_dist_load, str(it), str(FIXTURES / "torch_dist"), torch.tensor([REF["prompt"]]))[0]
+    torch.testing.assert_close(got[0], REF["logits"], atol=FIXTURE_TOL, rtol=FIXTURE_TOL)
+
+
+def test_our_torch_dist_export_loads_through_megatron_cores_loader_at_tp2(tmp_path, ranks):
+    seed = fresh_seed()
+    model = build_hf_model(hf_config("mamba2", n_groups=2, tied=False), seed)
+    ids = torch.randint(0, 250, (2, 11), generator=torch.Generator().manual_seed(seed))
+    convert(save_hf(model, tmp_path / "hf"), tmp_path / "meg", 1, to_megatron=True, ckpt_format="torch_dist",
+            megatron_spec="local", progress=False)
+    got = ranks(2).run(_rank_dist_load, str(tmp_path / "meg" / "release"), str(tmp_path / "meg"), ids)[0]
+    torch.testing.assert_close(got, hf_logits(model, ids), atol=TOL, rtol=TOL, msg=lambda m: f"seed {seed}: {m}")

@@ -640,6 +640,23 @@ def padded_vocab(cfg: SSMConfig, tp: int) -> int:
     return cfg.padded_vocab_size(tp)
 
 
+def _packed_objects_planner():
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    class Planner(DefaultSavePlanner):
+        """Writes BytesIO values as they are, as megatron-core's planner does (its sharded objects
+        are already torch.save'd lists); the default planner would torch.save the BytesIO again."""
+
+        def transform_object(self, write_item, object):
+            return object if isinstance(object, io.BytesIO) else super().transform_object(write_item, object)
+
+    return Planner
+
+
+def _PackedObjectsPlanner():
+    return _packed_objects_planner()()
+
+
 class MegatronLMWriter(AtomicWriter):
     format = "megatron-lm"  # in our manifest (checksums) beside Megatron's files; Megatron ignores it
 
@@ -735,7 +752,7 @@ class MegatronLMWriter(AtomicWriter):
             from torch.distributed.checkpoint import FileSystemWriter
 
             dcp.save(self._staged, storage_writer=FileSystemWriter(str(self.dir), single_file_per_rank=True),
-                     no_dist=True)
+                     planner=_PackedObjectsPlanner(), no_dist=True)
             self._staged.clear()
             shutil.rmtree(self._stage)
         (self.tmp / TRACKER).write_text("release")
