@@ -24,9 +24,9 @@ def model_state_for_rank(src, cfg: SSMConfig, tp: int, rank: int, padded_vocab: 
         full = src.read(name)
         if name in ("embeddings.weight", "lm_head.weight") and full.shape[0] < padded_vocab:
             full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], full.shape[1])])
-            state[megatron_name(name, te=False, conv="0.16")] = full.chunk(tp)[rank].contiguous()
+            state[megatron_name(name, te=False, conv="0.16", pattern=cfg.pattern)] = full.chunk(tp)[rank].contiguous()
             continue
-        state[megatron_name(name, te=False, conv="0.16")] = shard(name, full, cfg, tp, rank)
+        state[megatron_name(name, te=False, conv="0.16", pattern=cfg.pattern)] = shard(name, full, cfg, tp, rank)
     return state
 
 
