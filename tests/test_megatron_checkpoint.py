@@ -19,6 +19,7 @@ from megatron_ssm.config import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "megatron"
 REF = torch.load(FIXTURES / "reference.pt", weights_only=True)
+HYBRID_REF = torch.load(FIXTURES / "reference_hybrid.pt", weights_only=True)  # Nemotron-H layout M*-M
 # megatron-core ran on an H200 (its Triton SSD scan, fp32): logits agree to this, tokens exactly
 FIXTURE_TOL = 2e-3
 
@@ -49,15 +50,17 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist", "hybrid_legacy", "hybrid_torch_dist"])
 def test_megatron_core_checkpoints_give_megatron_cores_tokens_at_every_tp(tmp_path, ranks, fmt, tp):
-    """The fixtures: megatron-core 0.19.2's own HybridModel (n_groups=1, which megatron-core itself
-    cannot run at TP>1), its logits and greedy tokens (tools/make_megatron_fixtures.py)."""
+    """The fixtures: megatron-core 0.19.2's own HybridModel (Mamba-2 with n_groups=1, which
+    megatron-core itself cannot run at TP>1; and a Mamba/attention/MLP hybrid), its logits and greedy
+    tokens (tools/make_megatron_fixtures.py; on the H200 ours agreed to 2e-7)."""
+    ref = HYBRID_REF if fmt.startswith("hybrid") else REF
     convert(FIXTURES / fmt, tmp_path / "ours", tp, progress=False)
-    logits, tokens = ranks(tp).run(_rank_greedy_and_logits, str(tmp_path / "ours"), REF["prompt"],
-                                   len(REF["greedy"]))[0]
-    torch.testing.assert_close(logits, REF["logits"], atol=FIXTURE_TOL, rtol=FIXTURE_TOL)
-    assert tokens[0] == REF["greedy"], (fmt, tp)
+    logits, tokens = ranks(tp).run(_rank_greedy_and_logits, str(tmp_path / "ours"), ref["prompt"],
+                                   len(ref["greedy"]))[0]
+    torch.testing.assert_close(logits, ref["logits"], atol=FIXTURE_TOL, rtol=FIXTURE_TOL)
+    assert tokens[0] == ref["greedy"], (fmt, tp)
 
 
 def test_fixture_formats_hold_the_same_tensors_and_shape_comes_from_args():
@@ -155,11 +158,11 @@ def test_unmapped_and_missing_keys_are_named(tmp_path):
     shutil.copytree(FIXTURES / "legacy", tmp_path / "extra")
     f = tmp_path / "extra" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
     blob = torch.load(f, map_location="cpu", weights_only=False)
-    blob["model"]["decoder.layers.0.self_attention.linear_qkv.weight"] = torch.zeros(3)
+    blob["model"]["decoder.layers.0.mixer.lora_a.weight"] = torch.zeros(3)
     torch.save(blob, f)
-    with pytest.raises(CheckpointError, match="self_attention.linear_qkv.weight"):
+    with pytest.raises(CheckpointError, match="mixer.lora_a.weight"):
         open_checkpoint(tmp_path / "extra")
-    del blob["model"]["decoder.layers.0.self_attention.linear_qkv.weight"]
+    del blob["model"]["decoder.layers.0.mixer.lora_a.weight"]
     del blob["model"]["decoder.layers.1.mixer.dt_bias"]
     torch.save(blob, f)
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\) layers.1.mixer.dt_bias"):

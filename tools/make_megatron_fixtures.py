@@ -204,8 +204,11 @@ def save_torch_dist(model, args, root: Path) -> None:
 
 def load_torch_dist(model, it: Path) -> None:
     from megatron.core import dist_checkpointing
+    from megatron.core.transformer.enums import AttnBackend
 
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(it))
+    # megatron-core reads the common state with weights_only: Megatron-LM allowlists its args first
+    with torch.serialization.safe_globals([argparse.Namespace, AttnBackend]):
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(it))
     model.load_state_dict(loaded["model"], strict=True)
 
 
