@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from megatron_ssm.choices import ALLREDUCE_CHOICES, DTYPE_CHOICES
+
 
 def parse_ids(text: str) -> list[int]:
     try:
@@ -48,9 +50,9 @@ def main() -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-ids", type=parse_ids, default=None, help="comma-separated ids that end a sequence")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                     help="run in this dtype (default: the checkpoint's)")
-    ap.add_argument("--allreduce", default="oneshot", choices=["exact", "oneshot", "int8", "fp8", "fp16", "auto"],
+    ap.add_argument("--allreduce", default="oneshot", choices=ALLREDUCE_CHOICES,
                     help="reduction of every row-parallel output (default oneshot: exact, one kernel for small "
                          "GPU messages, NCCL/gloo otherwise; exact: always the backend's all-reduce)")
     ap.add_argument("--output-json", default=None)
