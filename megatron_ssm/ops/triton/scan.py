@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..varlen import check_packed, seq_index
+
 
 @triton.jit
 def _softplus(x):
@@ -45,7 +47,7 @@ def _linear_recurrence(a1, b1, a2, b2):
 
 @triton.jit
 def _scan_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, y_ptr, hT_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, y_ptr, hT_ptr, seq_ptr, cu_ptr,
     L, nchan, nstate, heads_per_group, dt_min, dt_max,
     sx_b, sx_l, sx_c,
     sdt_b, sdt_l, sdt_h,
@@ -57,7 +59,7 @@ def _scan_kernel(
     sh0_b, sh0_c, sh0_n,
     shT_b, shT_c, shT_n,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr, PACKED: tl.constexpr,
     T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
@@ -104,12 +106,21 @@ def _scan_kernel(
         Ct = tl.load(C_base + ts[:, None] * sC_l, mask=tn_mask, other=0.0).to(tl.float32)
         dA = tl.exp(dt[:, :, None] * A)  # [T, D, N] (or [T, D, 1] when A is per head)
         dA = tl.broadcast_to(dA, [T, BLOCK_D, BLOCK_N])
+        if PACKED:  # a sequence's first token drops the state before it: it starts from zeros
+            sq = tl.load(seq_ptr + ts, mask=tmask, other=0)
+            start = tl.load(cu_ptr + sq, mask=tmask, other=0)
+            end = tl.load(cu_ptr + sq + 1, mask=tmask, other=0)
+            dA = tl.where((ts == start)[:, None, None], 0.0, dA)
         dBx = (dt * x)[:, :, None] * Bt[:, None, :]
         if T == 1:  # a plain step-by-step scan: no parallel work within the chunk
             cum_a, cum_b = dA, dBx
         else:
             cum_a, cum_b = tl.associative_scan((dA, dBx), 0, _linear_recurrence)
         hs = cum_a * h[None, :, :] + cum_b
+        if PACKED:  # a sequence's last token leaves its final state
+            last = tmask & (ts == end - 1)
+            tl.store(hT_ptr + sq[:, None, None] * shT_b + offs_c[None, :, None] * shT_c + offs_n[None, None, :] * shT_n,
+                     hs, mask=last[:, None, None] & cn_mask[None, :, :])
         y = tl.sum(hs * Ct[:, None, :], axis=2)  # [T, D]
         h = tl.sum(tl.where((offs_t == T - 1)[:, None, None], hs, 0.0), axis=0)
         if HAS_D:
@@ -118,7 +129,8 @@ def _scan_kernel(
             z = tl.load(z_base + ts[:, None] * sz_l, mask=tc_mask, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(y_base + ts[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=tc_mask)
-    tl.store(hT_ptr + pid_b * shT_b + offs_c[:, None] * shT_c + offs_n[None, :] * shT_n, h, mask=cn_mask)
+    if not PACKED:
+        tl.store(hT_ptr + pid_b * shT_b + offs_c[:, None] * shT_c + offs_n[None, :] * shT_n, h, mask=cn_mask)
 
 
 @triton.jit
@@ -204,8 +216,9 @@ def _scan_config(n: int):
     return max(2, 2048 // (bn * bd)), bd, 4
 
 
-def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit):
-    """x3, z3 [b, L, nchan]; dt3 [b, L, nheads]; B4, C4 [b, L, g, n]; h0 [b, nchan, n] or None."""
+def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit, cu_seqlens=None):
+    """x3, z3 [b, L, nchan]; dt3 [b, L, nheads]; B4, C4 [b, L, g, n]; h0 [b, nchan, n] or None.
+    cu_seqlens: x3's one row packs sequences (h0 None); the final states are then [nseq, nchan, n]."""
     b, L, nchan = x3.shape
     g, n = B4.shape[-2:]
     nheads = nchan // headdim
@@ -213,18 +226,26 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
     bn = triton.next_power_of_2(n)
     bd = _block_d(nchan, nchan // g, g, want_d)
     y = torch.empty(b, L, nchan, device=x3.device, dtype=x3.dtype)
-    hT = torch.empty(b, nchan, n, device=x3.device, dtype=torch.float32)
+    seq = cu = A2  # placeholders, read only when packed
+    if cu_seqlens is not None:
+        check_packed(x3, cu_seqlens, h0)
+        seq, cu = seq_index(cu_seqlens, L), cu_seqlens
+        # zeros: an empty sequence has no last token to write its (zero) state
+        hT = torch.zeros(cu_seqlens.shape[0] - 1, nchan, n, device=x3.device, dtype=torch.float32)
+    else:
+        hT = torch.empty(b, nchan, n, device=x3.device, dtype=torch.float32)
     D, dt_bias = _vec(D), _vec(dt_bias)
     zs = z3.stride() if z3 is not None else (0, 0, 0)
     h0s = h0.stride() if h0 is not None else (0, 0, 0)
     _scan_kernel[(triton.cdiv(nchan, bd), b)](
         x3, dt3, A2, B4, C4, D if D is not None else x3, z3 if z3 is not None else x3,
-        dt_bias if dt_bias is not None else x3, h0 if h0 is not None else hT, y, hT,
+        dt_bias if dt_bias is not None else x3, h0 if h0 is not None else hT, y, hT, seq, cu,
         L, nchan, n, nheads // g, float(dt_limit[0]), float(dt_limit[1]),
         *x3.stride(), *dt3.stride(), *A2.stride(), *B4.stride(), *C4.stride(), *zs, *y.stride(), *h0s,
         *hT.stride(),
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
-        HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, T=T, BLOCK_D=bd, BLOCK_N=bn,
+        HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
+        T=T, BLOCK_D=bd, BLOCK_N=bn,
         num_warps=num_warps,
     )
     return y, hT
@@ -262,9 +283,9 @@ _NO_LIMIT = (0.0, float("inf"))
 
 # ---- Mamba-1 --------------------------------------------------------------------------------------
 
-def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None):
+def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, cu_seqlens=None):
     return _scan(u, dt, A, B.unsqueeze(2), C.unsqueeze(2), D, z, dt_bias, initial_state,
-                 headdim=1, a_per_head=False, dt_limit=_NO_LIMIT)
+                 headdim=1, a_per_head=False, dt_limit=_NO_LIMIT, cu_seqlens=cu_seqlens)
 
 
 def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
@@ -275,14 +296,14 @@ def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
 # ---- Mamba-2 --------------------------------------------------------------------------------------
 
 def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_state=None,
-                   dt_limit=_NO_LIMIT):
+                   dt_limit=_NO_LIMIT, cu_seqlens=None):
     """The SSD recurrence by the same chunked scan as Mamba-1 (`chunk_size` only shapes the
     reference's algorithm; the result is the same function)."""
     b, L, h, p = x.shape
     h0 = _flat_channels(initial_state, 1) if initial_state is not None else None
     y, hT = _scan(_flat_channels(x, 2), dt, A.reshape(h, 1), B, C, D, None, dt_bias, h0,
-                  headdim=p, a_per_head=True, dt_limit=dt_limit)
-    return y.view(b, L, h, p), hT.view(b, h, p, -1)
+                  headdim=p, a_per_head=True, dt_limit=dt_limit, cu_seqlens=cu_seqlens)
+    return y.view(b, L, h, p), hT.view(hT.shape[0], h, p, -1)
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=_NO_LIMIT):
