@@ -15,8 +15,11 @@ class StateCache:
     def __init__(self, shapes: list[tuple[tuple[int, ...], tuple[int, ...]]], slots: int, *,
                  dtype: torch.dtype, device: torch.device):
         self.slots = slots
-        self.conv = [torch.zeros(slots, *c, dtype=dtype, device=device) for c, _ in shapes]
-        self.ssm = [torch.zeros(slots, *s, dtype=torch.float32, device=device) for _, s in shapes]
+        # One row past the slots: `scratch`, where a graphed prefill writes the states of its padding
+        # sequences (a graph writes a fixed number of rows; no sequence ever reads this one).
+        self.scratch = slots
+        self.conv = [torch.zeros(slots + 1, *c, dtype=dtype, device=device) for c, _ in shapes]
+        self.ssm = [torch.zeros(slots + 1, *s, dtype=torch.float32, device=device) for _, s in shapes]
 
     @staticmethod
     def bytes_per_sequence(shapes, dtype: torch.dtype) -> int:

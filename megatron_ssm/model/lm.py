@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..comm import OneShotAllReduce
 from ..config import SSMConfig
 from ..ops.dispatch import add_rms_norm
+from ..ops.varlen import last_positions
 from ..parallel import TPContext, megatron_config
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
@@ -40,12 +41,12 @@ class MambaBlock(nn.Module):
         self.mixer = mixer
 
     def start(self, stream: torch.Tensor, delta: torch.Tensor | None,
-              state: LayerState | None) -> tuple[torch.Tensor, PendingOutput]:
+              state: LayerState | None, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, PendingOutput]:
         """stream + delta is this block's input (delta None: the stream alone). Returns the updated
         stream and the mixer's output, whose all-reduce may still be in flight."""
         normed, stream = add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
-        states = (state.conv, state.ssm) if state is not None else ()
-        return stream, self.mixer.start(normed, *states)
+        conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
+        return stream, self.mixer.start(normed, conv, ssm, cu_seqlens)
 
 
 class MambaLM(nn.Module):
@@ -101,22 +102,38 @@ class MambaLM(nn.Module):
     def state_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         return [layer.mixer.state_shapes() for layer in self.layers]
 
+    # Every layer kind here restarts at packed sequence boundaries (cu_seqlens); a stack with layers
+    # that cannot (attention without a varlen kernel) says False, and the engine then never packs.
+    packs_sequences = True
+
     def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [b, L] -> this rank's logits [b, L, padded_vocab / tp] in fp32.
 
         `states` (one per layer, for these b sequences) hold the context before input_ids and are
         advanced in place; None runs the sequences from scratch and keeps nothing. `last_only`
-        computes logits for the last position only (prefill needs no others)."""
+        computes logits for the last position only (prefill needs no others).
+
+        Packed prompts: with cu_seqlens [nseq + 1] (ops/varlen.py), input_ids [1, T] holds nseq
+        sequences end to end, each starting from zero states; `states` [nseq rows] receive their
+        final states. The logits are then [1, T, V/tp], or [nseq, 1, V/tp] (each sequence's last
+        position) with last_only."""
+        if cu_seqlens is not None and not self.packs_sequences:
+            raise ValueError("this model's layers cannot take packed sequences (cu_seqlens)")
         stream, delta = self.embeddings(input_ids), None
-        parts = self._micro_chunks(input_ids.shape[1]) if states is not None and self._overlaps(input_ids) else []
+        parts = self._micro_chunks(input_ids.shape[1]) \
+            if states is not None and cu_seqlens is None and self._overlaps(input_ids) else []
         if parts:
             stream, delta = self._overlapped_layers(stream, states, parts)
         else:
             for i, layer in enumerate(self.layers):
-                stream, pending = layer.start(stream, delta, None if states is None else states[i])
+                stream, pending = layer.start(stream, delta, None if states is None else states[i], cu_seqlens)
                 delta = pending.wait()
-        if last_only:
+        if last_only and cu_seqlens is not None:
+            last = last_positions(cu_seqlens)
+            stream = stream[0].index_select(0, last).unsqueeze(1)
+            delta = None if delta is None else delta[0].index_select(0, last).unsqueeze(1)
+        elif last_only:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight

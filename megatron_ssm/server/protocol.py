@@ -41,7 +41,7 @@ class ModelInfo:
 
     name: str
     vocab_size: int
-    max_sequence_length: int  # prompt + generated tokens
+    max_sequence_length: int | None  # prompt + generated tokens; None: unbounded
     eos_id: int | None
     bos_id: int | None
     codec: TextCodec | None
