@@ -55,7 +55,11 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
     prompts = [ids[0, :9].tolist(), ids[1, :3].tolist(), ids[0, 20:41].tolist()]
     graphed = Engine(model, EngineConfig(max_batch=4, cuda_graphs=True)).generate([Request(p, 12) for p in prompts])
     eager = Engine(model, EngineConfig(max_batch=4, cuda_graphs=False)).generate([Request(p, 12) for p in prompts])
-    assert graphed == eager, f"CUDA-graph decode {graphed} != eager {eager}"
+    # the same prompts unpacked: one forward per length, chunked
+    unpacked = Engine(model, EngineConfig(max_batch=4, cuda_graphs=False, pack_tokens=0, prefill_chunk=8)).generate(
+        [Request(p, 12) for p in prompts])
+    assert graphed == eager, f"CUDA-graph prefill and decode {graphed} != eager {eager}"
+    assert eager == unpacked, f"packed prefill {eager} != unpacked {unpacked}"
     bf16 = load_model(tmp_path / "ckpt", tp, dtype=torch.bfloat16)
     with torch.no_grad():
         low = bf16(ids.cuda())[..., :250].float().cpu()

@@ -64,7 +64,7 @@ class GraphedDecode:
 # scratch row. Finer token buckets waste less compute on padding, each costs one capture when first
 # used.
 PREFILL_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
-PREFILL_SEQ_BUCKETS = (1, 2, 4, 8)
+PREFILL_SEQ_BUCKETS = (1, 2, 4, 8, 16)
 
 
 class GraphedPrefill:

@@ -91,9 +91,9 @@ class Engine:
             from .cuda_graphs import PREFILL_TOKEN_BUCKETS, GraphedDecode, GraphedPrefill
 
             self.graphed = GraphedDecode(model, self.cache)
-            if self.packs:
-                self.graphed_prefill = GraphedPrefill(
-                    model, self.cache, [t for t in PREFILL_TOKEN_BUCKETS if t <= cfg.pack_tokens] or [cfg.pack_tokens])
+            buckets = [t for t in PREFILL_TOKEN_BUCKETS if t <= self._pack_limit()]
+            if self.packs and buckets:
+                self.graphed_prefill = GraphedPrefill(model, self.cache, buckets)
         self.shard = VocabShard(model.vocab_start, model.cfg.vocab_size, model.tp)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # running[i] occupies slot i
@@ -236,8 +236,10 @@ class Engine:
         """Fresh prompts end to end in as few forwards as the pack limits allow, each replayed from a
         CUDA graph where one fits (else eager). Their states are written whole: no reset needed."""
         graphed = self.graphed_prefill
-        max_tokens = min(graphed.max_tokens, self._pack_limit()) if graphed else self._pack_limit()
-        max_seqs = graphed.max_seqs if graphed else len(seqs)
+        # A graphed pack that does not fill its token bucket exactly pads with one more sequence:
+        # leave a sequence slot and a token for it.
+        max_tokens = graphed.max_tokens - 1 if graphed else self._pack_limit()
+        max_seqs = graphed.max_seqs - 1 if graphed else len(seqs)
         packs: list[list[_Sequence]] = [[]]
         for seq in seqs:
             tokens = sum(len(s.req.prompt) for s in packs[-1])
