@@ -131,7 +131,8 @@ class GraphedPrefill:
     def _capture(self, T: int, S: int):
         model, cache, device = self.model, self.cache, self.device
         io = dict(tokens=torch.zeros(1, T, dtype=torch.long, device=device),
-                  cu_seqlens=torch.tensor([0] * S + [T], dtype=torch.int32, device=device),
+                  # a valid pack for the warm-up and capture: S sequences, none empty (T >= S)
+                  cu_seqlens=torch.tensor(list(range(S)) + [T], dtype=torch.int32, device=device),
                   slots=torch.full((S,), cache.scratch, dtype=torch.long, device=device))
         shapes = model.state_shapes()
 
