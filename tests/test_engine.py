@@ -219,6 +219,25 @@ def test_packed_forward_equals_each_prompt_alone(ranks, ckpts, family, tp):
         assert last < 1e-4 and every < 1e-4 and states < 1e-4, (last, every, states)
 
 
+def test_prefill_graph_buckets_pad_only_with_whole_sequences():
+    """A graphed pack's shape: every real token in place, padding only as extra sequences of at least
+    one token each (never tokens appended to a real prompt), the smallest such bucket."""
+    from megatron_ssm.inference.cuda_graphs import GraphedPrefill
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    graphs = GraphedPrefill.__new__(GraphedPrefill)
+    graphs.token_buckets, graphs.seq_buckets = (16, 64, 256, 384, 512), (1, 2, 4, 8)
+    for _ in range(200):
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        lengths = torch.randint(1, 80, (n,), generator=g).tolist()
+        shape = graphs.shape_for(lengths)
+        total, fits = sum(lengths), []
+        for S in graphs.seq_buckets:
+            fits += [(T, S) for T in graphs.token_buckets
+                     if S >= n and T - total >= S - n and (T > total) == (S > n)]
+        assert shape == (min(fits, key=lambda f: (graphs.seq_buckets.index(f[1]), f[0])) if fits else None), lengths
+
+
 def test_prefill_stays_under_the_activation_index_limit(ranks, ckpts):
     """Prefill chunks shrink so that batch x tokens x widest row fits 32-bit kernel offsets, with the
     same tokens as one long chunk."""
