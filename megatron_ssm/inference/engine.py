@@ -37,7 +37,10 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # prompt tokens admitted per step, so decode is not starved
     # prompt + generated tokens; None: unbounded (an SSM's state does not grow with the context)
     max_sequence_length: int | None = None
-    pack_tokens: int = 8192  # most prompt tokens one packed prefill forward takes
+    pack_tokens: int = 8192  # most prompt tokens one packed prefill forward takes (0: never pack)
+    # Most sequences in one graphed packed prefill (0: packs run eagerly). A graph holds the states of
+    # that many sequences in its memory pool (mamba2-2.7b: 170 MB each).
+    graph_prefill_seqs: int = 16
     prefix_block: int = 256  # prefix states are saved every this many tokens
     prefix_cache_bytes: int = 0  # 0 disables prefix state reuse
     cuda_graphs: bool = True  # replay decode steps and packed prefills from CUDA graphs (GPU only)
@@ -88,12 +91,13 @@ class Engine:
         self.prefix = PrefixStateCache(cfg.prefix_block, cfg.prefix_cache_bytes)
         self.graphed = self.graphed_prefill = None
         if cfg.cuda_graphs and self.device.type == "cuda":
-            from .cuda_graphs import PREFILL_TOKEN_BUCKETS, GraphedDecode, GraphedPrefill
+            from .cuda_graphs import PREFILL_SEQ_BUCKETS, PREFILL_TOKEN_BUCKETS, GraphedDecode, GraphedPrefill
 
             self.graphed = GraphedDecode(model, self.cache)
-            buckets = [t for t in PREFILL_TOKEN_BUCKETS if t <= self._pack_limit()]
-            if self.packs and buckets:
-                self.graphed_prefill = GraphedPrefill(model, self.cache, buckets)
+            tokens = [t for t in PREFILL_TOKEN_BUCKETS if t <= self._pack_limit()]
+            seqs = [s for s in PREFILL_SEQ_BUCKETS if s < cfg.graph_prefill_seqs] + [cfg.graph_prefill_seqs]
+            if self.packs and tokens and cfg.graph_prefill_seqs > 0:
+                self.graphed_prefill = GraphedPrefill(model, self.cache, tokens, seqs)
         self.shard = VocabShard(model.vocab_start, model.cfg.vocab_size, model.tp)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # running[i] occupies slot i
@@ -239,7 +243,7 @@ class Engine:
         # A graphed pack that does not fill its token bucket exactly pads with one more sequence:
         # leave a sequence slot and a token for it.
         max_tokens = graphed.max_tokens - 1 if graphed else self._pack_limit()
-        max_seqs = graphed.max_seqs - 1 if graphed else len(seqs)
+        max_seqs = max(1, graphed.max_seqs - 1) if graphed else len(seqs)
         packs: list[list[_Sequence]] = [[]]
         for seq in seqs:
             tokens = sum(len(s.req.prompt) for s in packs[-1])
