@@ -21,6 +21,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E40
 
 # A collective that waits longer than this means a rank died or diverged: fail instead of hanging.
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MEGATRON_SSM_DIST_TIMEOUT", "300")))
+# A rank whose peer stopped answering for this many seconds ends itself (watchdog.py); 0 disables.
+WATCHDOG_TIMEOUT = float(os.environ.get("MEGATRON_SSM_WATCHDOG_TIMEOUT", "15"))
 
 
 @dataclass(frozen=True)
@@ -50,11 +52,13 @@ def init_distributed(
     tp_size: int | None = None,
     device: torch.device | None = None,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    watchdog_timeout: float = WATCHDOG_TIMEOUT,
 ) -> TPContext:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP groups.
 
     Works without torchrun too (a single process becomes a world of one). `tp_size` defaults to the
-    world size: inference here is tensor-parallel only.
+    world size: inference here is tensor-parallel only. With more than one rank, a watchdog ends
+    this process within `watchdog_timeout` seconds of a peer dying (0: no watchdog).
     """
     device = device or default_device()
     if not dist.is_initialized():
@@ -66,6 +70,10 @@ def init_distributed(
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=timeout)
+        if watchdog_timeout > 0 and dist.get_world_size() > 1:
+            from .watchdog import start_watchdog
+
+            _WATCHDOG.append(start_watchdog(timeout=watchdog_timeout))
     world = dist.get_world_size()
     tp_size = tp_size or world
     if world % tp_size:
@@ -90,6 +98,8 @@ def init_distributed(
 
 # The overlap communicator made by init_distributed (keyed by world size; one per process).
 _OVERLAP_GROUPS: dict[int, dist.ProcessGroup] = {}
+# The watchdog init_distributed started, stopped (announced as a clean exit) by shutdown.
+_WATCHDOG: list = []
 
 
 def tp_context(device: torch.device | None = None) -> TPContext:
@@ -117,6 +127,8 @@ def megatron_config(tp_size: int, dtype: torch.dtype, on_cpu: bool = True) -> Mo
 
 
 def shutdown() -> None:
+    while _WATCHDOG:
+        _WATCHDOG.pop().stop()
     _OVERLAP_GROUPS.clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -77,6 +77,7 @@ class GraphedPrefill:
 
     def __init__(self, model: MambaLM, cache: StateCache, token_buckets=PREFILL_TOKEN_BUCKETS,
                  seq_buckets=PREFILL_SEQ_BUCKETS):
+        assert cache.scratch is not None, "graphed prefill writes padding sequences' states to a scratch row"
         self.model, self.cache = model, cache
         self.token_buckets, self.seq_buckets = tuple(sorted(token_buckets)), tuple(sorted(seq_buckets))
         self.device = model.embeddings.weight.device
@@ -134,17 +135,15 @@ class GraphedPrefill:
                   # a valid pack for the warm-up and capture: S sequences, none empty (T >= S)
                   cu_seqlens=torch.tensor(list(range(S)) + [T], dtype=torch.int32, device=device),
                   slots=torch.full((S,), cache.scratch, dtype=torch.long, device=device))
-        shapes = model.state_shapes()
-
         def forward():
             # The packed forward reads no initial state: its states start out as scratch and are
             # then copied to the slots (padding sequences' to the scratch row).
-            states = [LayerState(torch.empty(S, *c, dtype=cache.conv[0].dtype, device=device),
-                                 torch.empty(S, *s, dtype=torch.float32, device=device)) for c, s in shapes]
+            states = [LayerState(**{n: torch.empty(S, *t.shape[1:], dtype=t.dtype, device=device)
+                                    for n, t in layer.items()}) for layer in cache.layers]
             logits = model(io["tokens"], states, last_only=True, cu_seqlens=io["cu_seqlens"])[:, -1]
-            for conv, ssm, st in zip(cache.conv, cache.ssm, states):
-                conv.index_copy_(0, io["slots"], st.conv)
-                ssm.index_copy_(0, io["slots"], st.ssm)
+            for layer, st in zip(cache.layers, states):
+                for n, t in st.tensors().items():
+                    layer[n].index_copy_(0, io["slots"], t)
             return logits
 
         side = torch.cuda.Stream(device)

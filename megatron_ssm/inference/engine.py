@@ -29,13 +29,17 @@ from .sampling import SamplingParams, VocabShard, choose_tokens, vocab_parallel_
 log = logging.getLogger(__name__)
 
 
+HYBRID_DEFAULT_LENGTH = 1 << 16  # a hybrid's KV cache positions when max_sequence_length is None
+
+
 @dataclass
 class EngineConfig:
     max_batch: int | None = None  # concurrent sequences; None: as many as state_memory_bytes allows
     state_memory_bytes: int = 1 << 30  # budget for the state cache when max_batch is None
     prefill_chunk: int = 2048  # tokens per prefill forward (bounds activation memory)
     max_prefill_tokens: int = 8192  # prompt tokens admitted per step, so decode is not starved
-    # prompt + generated tokens; None: unbounded (an SSM's state does not grow with the context)
+    # prompt + generated tokens. None: unbounded for a pure SSM (its state does not grow with the
+    # context); a hybrid's attention layers then get a KV cache of HYBRID_DEFAULT_LENGTH positions.
     max_sequence_length: int | None = None
     pack_tokens: int = 8192  # most prompt tokens one packed prefill forward takes (0: never pack)
     # Most sequences in one graphed packed prefill (0: packs run eagerly). A graph holds the states of
@@ -84,13 +88,19 @@ class Engine:
         self.model = model
         self.config = cfg = config or EngineConfig()
         self.device = model.embeddings.weight.device
-        shapes = model.state_shapes()
+        self.has_kv = getattr(model.cfg, "has_attention", False)
+        # the context bound: the configured one; a hybrid's KV cache needs one even when none is set
+        self.max_length = cfg.max_sequence_length
+        if self.max_length is None and self.has_kv:
+            self.max_length = HYBRID_DEFAULT_LENGTH
+        shapes = model.state_shapes(self.max_length) if self.has_kv else model.state_shapes()
         self.bytes_per_sequence = StateCache.bytes_per_sequence(shapes, model.dtype)
         slots = cfg.max_batch or max(1, cfg.state_memory_bytes // self.bytes_per_sequence)
-        self.cache = StateCache(shapes, slots, dtype=model.dtype, device=self.device)
+        graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        self.cache = StateCache(shapes, slots, dtype=model.dtype, device=self.device, scratch=graphs and self.packs)
         self.prefix = PrefixStateCache(cfg.prefix_block, cfg.prefix_cache_bytes)
         self.graphed = self.graphed_prefill = None
-        if cfg.cuda_graphs and self.device.type == "cuda":
+        if graphs:
             from .cuda_graphs import PREFILL_SEQ_BUCKETS, PREFILL_TOKEN_BUCKETS, GraphedDecode, GraphedPrefill
 
             self.graphed = GraphedDecode(model, self.cache)
@@ -118,10 +128,11 @@ class Engine:
         least = 0 if req.prompt_logprobs else 1  # 0: score the prompt only
         if req.max_new_tokens < least:
             raise ValueError(f"max_new_tokens must be >= {least}, got {req.max_new_tokens}")
-        limit = self.config.max_sequence_length
+        limit = self.max_length
         if limit is not None and len(req.prompt) + req.max_new_tokens > limit:
+            kv = " (the length of the attention layers' KV cache)" if self.has_kv else ""
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds "
-                             f"the context budget of {self.config.max_sequence_length} tokens")
+                             f"the context budget of {limit} tokens{kv}")
         req.sampling.validate()
 
     def add_request(self, req: Request) -> int:
@@ -217,9 +228,7 @@ class Engine:
             start, saved = (0, None) if seq.req.prompt_logprobs else self.prefix.lookup(seq.req.prompt)
             self.cache.reset(seq.slot, seq.slot + 1)
             if saved is not None:
-                for c, s, e in zip(self.cache.conv, self.cache.ssm, saved):
-                    c[seq.slot].copy_(e.conv[0])
-                    s[seq.slot].copy_(e.ssm[0])
+                self.cache.load(seq.slot, saved)
             groups.setdefault((len(seq.req.prompt), start), []).append(seq)
         for (length, start), group in groups.items():
             # Requests admitted together sit in consecutive slots: prefill those in place (a view of
@@ -297,7 +306,8 @@ class Engine:
             end = min(L, pos + chunk)
             if keys is not None:
                 end = min(end, (pos // block + 1) * block)  # stop on each block boundary to save it
-            logits = self.model(tokens[:, pos:end], states, last_only=not score)
+            # keys/values beyond `end` are neither read nor written by this chunk
+            logits = self.model(tokens[:, pos:end], [s.upto(end) for s in states], last_only=not score)
             n = min(end, L - 1) - pos  # positions pos..pos+n-1 predict prompt tokens pos+1..pos+n
             if score and n > 0:
                 local = logits[score, :n].reshape(len(score) * n, -1)
@@ -306,7 +316,7 @@ class Engine:
             pos = end
             if keys is not None and pos in keys[0]:
                 for row, k in enumerate(keys):
-                    self.prefix.save(k[pos], states, row)
+                    self.prefix.save(k[pos], states, row, pos)
         scored = torch.cat(parts, 1).tolist() if parts else [[] for _ in score]
         return logits[:, -1], scored
 
@@ -314,7 +324,7 @@ class Engine:
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
         logits = self.graphed(tokens, n) if self.graphed is not None else None
         if logits is None:
-            logits = self.model(tokens, self.cache.rows(0, n))[:, -1]
+            logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running)))[:, -1]
         return self._emit(list(self.running), logits)
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor,
@@ -345,12 +355,17 @@ class Engine:
         """Free seq's slot by moving the last running sequence into it (one sequence's state copy)."""
         last = self.running.pop()
         if last is not seq:
-            for c, s in zip(self.cache.conv, self.cache.ssm):
-                c[seq.slot].copy_(c[last.slot])
-                s[seq.slot].copy_(s[last.slot])
+            self.cache.copy_slot(last.slot, seq.slot, self._kv_bound([last]))
             last.slot = seq.slot
             self.running[seq.slot] = last
         seq.slot = -1
+
+    def _kv_bound(self, seqs: list[_Sequence]) -> int | None:
+        """Positions the next decode step of `seqs` touches: its cached tokens plus the one it feeds
+        (known on the host, so no sync). None for models without attention."""
+        if not self.has_kv:
+            return None
+        return max(len(s.req.prompt) + max(s.generated, 1) for s in seqs)
 
     # ---- convenience ---------------------------------------------------------------------------
 

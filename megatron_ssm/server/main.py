@@ -91,9 +91,10 @@ def _load_codec(args, vocab_size: int):
     from ..tokenizer import Tokenizer
     from .text import TextCodec
 
+    kind = TOKENIZER_TYPES.get(args.tokenizer_type)
     if args.tokenizer_model is None:
         try:
-            tok = Tokenizer(args.load)
+            tok = Tokenizer(args.load, kind)
         except FileNotFoundError:
             if args.tokenizer_type:
                 raise ValueError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model: {args.load} holds no "
@@ -102,10 +103,7 @@ def _load_codec(args, vocab_size: int):
                         "accepted", args.load)
             return None
     else:
-        path = Path(args.tokenizer_model)
-        if path.is_dir() and args.tokenizer_type == "HuggingFaceTokenizer" and (path / "tokenizer.json").is_file():
-            path = path / "tokenizer.json"
-        tok = Tokenizer(path)
+        tok = Tokenizer(args.tokenizer_model, kind)
     codec = TextCodec(tok)
     if args.tokenizer_type and TOKENIZER_TYPES[args.tokenizer_type] != codec.kind:
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} expects a {TOKENIZER_TYPES[args.tokenizer_type]} "
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             eos = model.cfg.eos_token_id if model.cfg.eos_token_id is not None else (tok.eos_id if tok else None)
             bos = model.cfg.bos_token_id if model.cfg.bos_token_id is not None else (tok.bos_id if tok else None)
             info = ModelInfo(name=args.served_model_name or Path(args.load).resolve().name,
-                             vocab_size=model.cfg.vocab_size, max_sequence_length=args.max_seq, eos_id=eos, bos_id=bos,
+                             vocab_size=model.cfg.vocab_size, max_sequence_length=engine.max_length, eos_id=eos, bos_id=bos,
                              codec=codec, tp=tp.size, max_prompts=args.max_prompts)
             metrics = Metrics()
             ctx = ServerContext(None, info, metrics, ServerConfig(args.max_request_bytes, args.request_timeout,
