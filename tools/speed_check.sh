@@ -2,8 +2,10 @@
 # One-GPU speed check, one device call (logs and JSON lines under $OUT, tarred into one file):
 #   run(command="bash tools/speed_check.sh", carry=[".whl"], timeout_s=240)
 # STAGE picks what runs: tests (the GPU tests of the packed/graphed paths), bench (mamba2-2.7b and
-# falcon-mamba-7b TTFT and decode), base (mamba-ssm's generate on the same workloads), prof
-# (where an eager prefill spends its time); default: tests,bench. Each step has its own timeout.
+# falcon-mamba-7b TTFT and decode), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
+# generate on the same workloads), serve (tools/serving_benchmark.py: ours, ours unpacked, mamba-ssm),
+# prof (where an eager prefill and a decode step spend their time); default: tests,bench. Each step
+# has its own timeout.
 set -uo pipefail
 OUT=${OUT:-out}
 WHL=${WHL:-.whl}
@@ -36,6 +38,13 @@ fi
 if has base; then
     timeout ${T_BASE:-70} python3 tools/baselines.py --impl mamba-ssm --config configs/mamba2-2.7b.yaml --batch 1,16,64 \
         --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$L/bench.txt"
+fi
+if has serve; then  # the serving benchmark: ours, ours without packed/graphed prefill, mamba-ssm (~4 min)
+    S="--config configs/mamba2-2.7b.yaml --rates ${RATES:-2,8,32} --requests ${REQUESTS:-64} --json-out $L/serve.jsonl"
+    timeout 120 python3 tools/serving_benchmark.py $S --plot "$L/serving-mamba2-2.7b.png" 2>&1 | quiet | tee -a "$L/serve.txt"
+    timeout 120 python3 tools/serving_benchmark.py $S --no-pack 2>&1 | quiet | tee -a "$L/serve.txt"
+    timeout 120 python3 tools/serving_benchmark.py $S --impl mamba-ssm --plot "$L/serving-mamba2-2.7b.png" 2>&1 \
+        | quiet | tee -a "$L/serve.txt"
 fi
 if has prof; then
     timeout 50 python3 tools/profile_step.py --config configs/mamba2-2.7b.yaml --phase prefill --batch 1 --prompt 512 \
