@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_models import build_hf_model, fresh_seed, hf_greedy, hf_logits, hybrid_config, save_hf
-from megatron_ssm.checkpoint.convert import convert, hf_to_megatron
+from megatron_ssm.checkpoint.convert import convert
 from megatron_ssm.config import ConfigError, SSMConfig
 from test_model_vs_hf import TOL, _rank_generate, _rank_logits
 
@@ -37,7 +37,7 @@ def converted(tmp_path_factory):
             ckpts = {}
             for tp in (1, 2, 4):
                 ckpts[tp] = str(root / f"tp{tp}")
-                hf_to_megatron(hf_dir, ckpts[tp], tp, progress=False)
+                convert(hf_dir, ckpts[tp], tp, progress=False)
             built[key] = (model, hf_dir, ckpts)
         return built[key]
 
