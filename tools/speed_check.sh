@@ -27,9 +27,10 @@ if has tests; then
 fi
 if has bench; then
     timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16,64} \
-        --prompt 512 --new 128 --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
-    timeout ${T_FM:-60} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml --batch ${FM_BATCH:-1,32} \
-        --prompt 512 --new 64 --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
+        --prompt 512 --new ${NEW:-128} --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
+    FM_BATCH=${FM_BATCH-1,32}
+    [ -n "$FM_BATCH" ] && timeout ${T_FM:-60} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml \
+        --batch $FM_BATCH --prompt 512 --new 64 --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
 fi
 if has nopack; then
     timeout 50 python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch 1,16 --prompt 512 --new 32 \
