@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..varlen import check_packed, seq_index
+from ..varlen import check_packed
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _linear_recurrence(a1, b1, a2, b2):
 
 @triton.jit
 def _scan_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, y_ptr, hT_ptr, seq_ptr, cu_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, y_ptr, hT_ptr, cu_ptr,
     L, nchan, nstate, heads_per_group, dt_min, dt_max,
     sx_b, sx_l, sx_c,
     sdt_b, sdt_l, sdt_h,
@@ -63,10 +63,18 @@ def _scan_kernel(
     T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)  # the batch row; packed: the sequence (all in row 0)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, T)
+    if PACKED:  # a program per sequence, over its own time span: it starts from zeros and ends in hT[seq]
+        row = 0
+        first = tl.load(cu_ptr + pid_b)
+        end = tl.load(cu_ptr + pid_b + 1)
+    else:
+        row = pid_b
+        first = 0
+        end = L
     cmask = offs_c < nchan
     nmask = offs_n < nstate
     heads = offs_c // HEADDIM
@@ -86,41 +94,32 @@ def _scan_kernel(
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
 
-    x_base = x_ptr + pid_b * sx_b + offs_c[None, :] * sx_c
-    dt_base = dt_ptr + pid_b * sdt_b + heads[None, :] * sdt_h
-    B_base = B_ptr + pid_b * sB_b + group * sB_g + offs_n[None, :] * sB_n
-    C_base = C_ptr + pid_b * sC_b + group * sC_g + offs_n[None, :] * sC_n
-    z_base = z_ptr + pid_b * sz_b + offs_c[None, :] * sz_c
-    y_base = y_ptr + pid_b * sy_b + offs_c[None, :] * sy_c
-    for t0 in range(0, L, T):
+    x_base = x_ptr + row * sx_b + offs_c[None, :] * sx_c
+    dt_base = dt_ptr + row * sdt_b + heads[None, :] * sdt_h
+    B_base = B_ptr + row * sB_b + group * sB_g + offs_n[None, :] * sB_n
+    C_base = C_ptr + row * sC_b + group * sC_g + offs_n[None, :] * sC_n
+    z_base = z_ptr + row * sz_b + offs_c[None, :] * sz_c
+    y_base = y_ptr + row * sy_b + offs_c[None, :] * sy_c
+    for t0 in range(first, end, T):
         ts = t0 + offs_t
-        tmask = ts < L
+        tmask = ts < end
         tc_mask = tmask[:, None] & cmask[None, :]
         tn_mask = tmask[:, None] & nmask[None, :]
         x = tl.load(x_base + ts[:, None] * sx_l, mask=tc_mask, other=0.0).to(tl.float32)  # [T, D]
         dt = tl.load(dt_base + ts[:, None] * sdt_l, mask=tc_mask, other=0.0)
-        # Steps past L must leave h alone: dt = 0 makes them the identity.
+        # Steps past the end must leave h alone: dt = 0 makes them the identity.
         dt = tl.where(tc_mask, _dt(dt, dt_bias_ptr, heads[None, :], cmask[None, :], dt_min, dt_max,
                                    HAS_DT_BIAS), 0.0)
         Bt = tl.load(B_base + ts[:, None] * sB_l, mask=tn_mask, other=0.0).to(tl.float32)  # [T, N]
         Ct = tl.load(C_base + ts[:, None] * sC_l, mask=tn_mask, other=0.0).to(tl.float32)
         dA = tl.exp(dt[:, :, None] * A)  # [T, D, N] (or [T, D, 1] when A is per head)
         dA = tl.broadcast_to(dA, [T, BLOCK_D, BLOCK_N])
-        if PACKED:  # a sequence's first token drops the state before it: it starts from zeros
-            sq = tl.load(seq_ptr + ts, mask=tmask, other=0)
-            start = tl.load(cu_ptr + sq, mask=tmask, other=0)
-            end = tl.load(cu_ptr + sq + 1, mask=tmask, other=0)
-            dA = tl.where((ts == start)[:, None, None], 0.0, dA)
         dBx = (dt * x)[:, :, None] * Bt[:, None, :]
         if T == 1:  # a plain step-by-step scan: no parallel work within the chunk
             cum_a, cum_b = dA, dBx
         else:
             cum_a, cum_b = tl.associative_scan((dA, dBx), 0, _linear_recurrence)
         hs = cum_a * h[None, :, :] + cum_b
-        if PACKED:  # a sequence's last token leaves its final state
-            last = tmask & (ts == end - 1)
-            tl.store(hT_ptr + sq[:, None, None] * shT_b + offs_c[None, :, None] * shT_c + offs_n[None, None, :] * shT_n,
-                     hs, mask=last[:, None, None] & cn_mask[None, :, :])
         y = tl.sum(hs * Ct[:, None, :], axis=2)  # [T, D]
         h = tl.sum(tl.where((offs_t == T - 1)[:, None, None], hs, 0.0), axis=0)
         if HAS_D:
@@ -129,8 +128,7 @@ def _scan_kernel(
             z = tl.load(z_base + ts[:, None] * sz_l, mask=tc_mask, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(y_base + ts[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=tc_mask)
-    if not PACKED:
-        tl.store(hT_ptr + pid_b * shT_b + offs_c[:, None] * shT_c + offs_n[None, :] * shT_n, h, mask=cn_mask)
+    tl.store(hT_ptr + pid_b * shT_b + offs_c[:, None] * shT_c + offs_n[None, :] * shT_n, h, mask=cn_mask)
 
 
 @triton.jit
@@ -226,20 +224,18 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
     bn = triton.next_power_of_2(n)
     bd = _block_d(nchan, nchan // g, g, want_d)
     y = torch.empty(b, L, nchan, device=x3.device, dtype=x3.dtype)
-    seq = cu = A2  # placeholders, read only when packed
+    cu = A2  # placeholder, read only when packed
+    rows = b
     if cu_seqlens is not None:
         check_packed(x3, cu_seqlens, h0)
-        seq, cu = seq_index(cu_seqlens, L), cu_seqlens
-        # zeros: an empty sequence has no last token to write its (zero) state
-        hT = torch.zeros(cu_seqlens.shape[0] - 1, nchan, n, device=x3.device, dtype=torch.float32)
-    else:
-        hT = torch.empty(b, nchan, n, device=x3.device, dtype=torch.float32)
+        cu, rows = cu_seqlens, cu_seqlens.shape[0] - 1
+    hT = torch.empty(rows, nchan, n, device=x3.device, dtype=torch.float32)
     D, dt_bias = _vec(D), _vec(dt_bias)
     zs = z3.stride() if z3 is not None else (0, 0, 0)
     h0s = h0.stride() if h0 is not None else (0, 0, 0)
-    _scan_kernel[(triton.cdiv(nchan, bd), b)](
+    _scan_kernel[(triton.cdiv(nchan, bd), rows)](
         x3, dt3, A2, B4, C4, D if D is not None else x3, z3 if z3 is not None else x3,
-        dt_bias if dt_bias is not None else x3, h0 if h0 is not None else hT, y, hT, seq, cu,
+        dt_bias if dt_bias is not None else x3, h0 if h0 is not None else hT, y, hT, cu,
         L, nchan, n, nheads // g, float(dt_limit[0]), float(dt_limit[1]),
         *x3.stride(), *dt3.stride(), *A2.stride(), *B4.stride(), *C4.stride(), *zs, *y.stride(), *h0s,
         *hT.stride(),
