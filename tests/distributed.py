@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib
 import os
 import queue
-import socket
 import traceback
 
 import torch.multiprocessing as mp
+
+from megatron_ssm.parallel import free_port
 
 TIMEOUT_S = 300
 
@@ -51,9 +52,7 @@ class RankPool:
     def __init__(self, world_size: int):
         self.world_size = world_size
         ctx = mp.get_context("spawn")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
         self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox),

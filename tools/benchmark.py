@@ -96,8 +96,10 @@ def make_engine(model, batch: int, prompt: int, args):
     from megatron_ssm.inference.engine import Engine, EngineConfig
 
     chunk = max(256, args.prefill_tokens // batch)
+    # max_sequence_length sizes a hybrid's KV cache: exactly what the workloads need
     return Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
-                                      cuda_graphs=not args.no_graphs, pack_tokens=0 if args.no_pack else 8192))
+                                      max_sequence_length=prompt + max(args.new), cuda_graphs=not args.no_graphs,
+                                      pack_tokens=0 if args.no_pack else 8192))
 
 
 def run_workload(engine, batch: int, prompt: int, new: int, seed: int) -> dict:
@@ -172,9 +174,9 @@ def main() -> int:
         model = MambaLM(cfg, tp, dtype=dtype, allreduce=allreduce).eval()
         random_weights_(model, seed=1234 + tp.rank)
         weight_bytes = sum(p.nbytes for p in model.parameters())
-        state_bytes = StateCache.bytes_per_sequence(model.state_shapes(), dtype)
-        # out_proj's all-reduce, plus x_proj's (Mamba-1) or the gated norm's when a group spans ranks
-        reduces_per_layer = 1 if cfg.is_mamba2 and cfg.n_groups % tp.size == 0 else 2
+        # a hybrid's KV cache at the longest workload's length (the floor then counts all of it)
+        state_bytes = StateCache.bytes_per_sequence(model.state_shapes(max(args.prompt) + max(args.new)), dtype)
+        reductions = reductions_per_step(cfg, tp.size)
         if tp.is_first:
             print(f"# {name}: TP={tp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -193,7 +195,7 @@ def main() -> int:
                         model.overlap_min_tokens = overlap
                         torch.cuda.reset_peak_memory_stats()
                         r = run_workload(engine, batch, prompt, new, seed=prompt * 7 + batch)
-                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer)
+                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions)
                 del engine
         del model
         torch.cuda.empty_cache()
@@ -201,7 +203,7 @@ def main() -> int:
     return 0
 
 
-def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer):
+def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions):
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw

@@ -9,11 +9,13 @@ the full vocabulary only when it must.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..comm import OneShotAllReduce
-from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SSMConfig
+from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK, ZAMBA, SSMConfig
 from ..ops.dispatch import add_rms_norm
 from ..ops.varlen import last_positions
 from ..parallel import TPContext, megatron_config
@@ -23,6 +25,8 @@ from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, V
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
+from .zamba import SharedApplication, SharedHybridBlock, SharedTransformer
+from .zamba_mamba import ZambaMambaMixer
 
 __all__ = ["LayerState", "MambaBlock", "MambaLM"]
 
@@ -53,6 +57,8 @@ class MambaLM(nn.Module):
         self.embeddings = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, config=mp, tp=tp, allreduce=small)
 
         def mixer():
+            if cfg.family == ZAMBA:
+                return ZambaMambaMixer(cfg, tp, mp, allreduce=allreduce, **kw)
             if cfg.is_mamba2:
                 return Mamba2Mixer(cfg, tp, mp, allreduce=allreduce, small_allreduce=small, **kw)
             return Mamba1Mixer(cfg, tp, mp, allreduce=allreduce, **kw)
@@ -69,8 +75,15 @@ class MambaLM(nn.Module):
                 return MLPBlock(cfg, MLP(cfg, tp, mp, allreduce=allreduce, **kw), **kw)
             if kind == PARALLEL_BLOCK:
                 return ParallelBlock(cfg, mixer(), attention(), **kw)
+            if kind == SHARED_BLOCK:
+                shared = self.shared_blocks[next(uses) % len(self.shared_blocks)]
+                return SharedHybridBlock(cfg, mixer(), SharedApplication(cfg, tp, mp, **kw), shared, **kw)
             raise ValueError(f"unknown block kind {kind!r}")
 
+        # Zamba's shared attention + MLP blocks: held here once, applied by every S block (ABAB...)
+        self.shared_blocks = nn.ModuleList(SharedTransformer(cfg, tp, mp, allreduce=allreduce, **kw)
+                                           for _ in range(cfg.shared_blocks if cfg.has_shared_blocks else 0))
+        uses = iter(range(cfg.num_layers))
         self.layers = nn.ModuleList(block(kind) for kind in cfg.pattern)
         self.embedding_scale = cfg.multiplier("embedding")
         self.logit_scale = cfg.multiplier("lm_head")
@@ -90,7 +103,8 @@ class MambaLM(nn.Module):
         """Most tokens (batch x length) one forward may take: the widest per-token row is a
         column-parallel output on this rank (in_proj, qkv, MLP up), or this rank's logits when every
         position's are kept."""
-        columns = [m.weight.shape[0] for m in self.layers.modules() if isinstance(m, ColumnParallelLinear)]
+        columns = [m.weight.shape[0] for part in (self.layers, self.shared_blocks) for m in part.modules()
+                   if isinstance(m, ColumnParallelLinear)]
         widest = max(max(columns, default=1), self.cfg.hidden_size, self.vocab_per_rank if all_logits else 1)
         return max(1, self.max_activation_elements // widest)
 
@@ -106,7 +120,7 @@ class MambaLM(nn.Module):
         """Whether forward takes packed sequences (cu_seqlens): every block kind in the stack restarts
         at packed sequence boundaries (Mamba and MLP blocks; attention has no varlen path yet, so a
         hybrid's engine prefills unpacked)."""
-        return all(layer.packs for layer in self.layers)
+        return all(getattr(layer, "packs", False) for layer in self.layers)
 
     def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None,
                 last_only: bool = False, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,13 +139,16 @@ class MambaLM(nn.Module):
         stream, delta = self.embeddings(input_ids), None
         if self.embedding_scale != 1.0:
             stream = stream * self.embedding_scale
+        # Zamba's shared blocks read the token embeddings beside the hidden state at every use
+        embeddings = stream if self.shared_blocks else None
         parts = self._micro_chunks(input_ids.shape[1]) \
             if states is not None and cu_seqlens is None and self._overlaps(input_ids) else []
         if parts:
-            stream, delta = self._overlapped_layers(stream, states, parts)
+            stream, delta = self._overlapped_layers(stream, states, parts, embeddings)
         else:
             for i, layer in enumerate(self.layers):
-                stream, pending = layer.start(stream, delta, None if states is None else states[i], cu_seqlens)
+                stream, pending = _start(layer, stream, delta, None if states is None else states[i], embeddings,
+                                         cu_seqlens)
                 delta = pending.wait()
         if last_only and cu_seqlens is not None:
             last = last_positions(cu_seqlens)
@@ -157,17 +174,32 @@ class MambaLM(nn.Module):
         first = -(-length // (2 * unit)) * unit
         return [first, length - first] if 0 < first < length else []
 
-    def _overlapped_layers(self, stream: torch.Tensor, states: list[LayerState],
-                           parts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _overlapped_layers(self, stream: torch.Tensor, states: list[LayerState], parts: list[int],
+                           embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layers over consecutive time spans of the batch, interleaved so that each span's
         all-reduce runs while the next span computes: span 1 of layer i continues from the state
         span 0 of layer i left, and span 0 of layer i+1 waits only for its own reduction. The states
         advance as in one pass over the whole length. Returns (stream, delta) as the plain loop does."""
         streams = list(stream.split(parts, dim=1))
+        spans = list(embeddings.split(parts, dim=1)) if embeddings is not None else [None] * len(streams)
         pending: list[PendingOutput | None] = [None] * len(streams)
+        offsets = [sum(parts[:p]) for p in range(len(parts))]
         for i, layer in enumerate(self.layers):
             for p in range(len(streams)):
                 delta = pending[p].wait() if pending[p] is not None else None
-                streams[p], pending[p] = layer.start(streams[p], delta, states[i])
+                state = states[i]
+                if state.filled is not None:  # span p starts that many positions later
+                    state = replace(state, filled=state.filled + offsets[p])
+                streams[p], pending[p] = _start(layer, streams[p], delta, state, spans[p])
         deltas = [p.wait() for p in pending] if self.layers else None
         return torch.cat(streams, dim=1), None if deltas is None else torch.cat(deltas, dim=1)
+
+
+def _start(layer, stream, delta, state, embeddings, cu_seqlens=None):
+    """layer.start, handing the token embeddings to the blocks that read them (Zamba's S), and
+    packed sequences' boundaries to the blocks that take them (forward refuses a stack with others)."""
+    if getattr(layer, "uses_embeddings", False):
+        return layer.start(stream, delta, state, embeddings=embeddings)
+    if cu_seqlens is not None:
+        return layer.start(stream, delta, state, cu_seqlens)
+    return layer.start(stream, delta, state)
