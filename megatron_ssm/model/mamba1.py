@@ -30,7 +30,8 @@ class Mamba1Mixer(Mixer):
                                             bias=cfg.use_bias)
         self.conv1d = CausalConv1d(d, cfg.conv_kernel, cfg.use_conv_bias, **kw)
         self.x_proj = RowParallelLinear(cfg.intermediate_size, cfg.time_step_rank + 2 * cfg.state_size,
-                                        config=mp_config, bias=False, tp=tp, allreduce=allreduce)
+                                        config=mp_config, bias=False, tp=tp, allreduce=allreduce,
+                                        replicated_output=False)  # each rank uses (dt, B, C) on its channels
         self.dt_proj = nn.Linear(cfg.time_step_rank, d, bias=True, **kw).requires_grad_(False)
         self.A_log = local_param(d, cfg.state_size, **kw)
         self.D = local_param(d, **kw)

@@ -23,6 +23,7 @@ from ..config import SSMConfig
 from ..ops.dispatch import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
+                     all_reduce_with_grad, differentiable,
                      decay_rates, local_param)
 
 
@@ -80,7 +81,10 @@ class Mamba2Mixer(Mixer):
         # Columns padded to a multiple of 4 fp32 (16 bytes), which the one-shot kernel needs.
         slots = local.new_zeros(*local.shape[:-1], -(-self.cfg.n_groups // 4) * 4)
         slots[..., self.shared_group] = local[..., 0]
-        slots = self.small_allreduce(slots, self.tp.group)
+        if differentiable(self.A_log):  # training: every rank's part of the gradient counts
+            slots = all_reduce_with_grad(slots, self.tp.group)
+        else:
+            slots = self.small_allreduce(slots, self.tp.group)
         return slots[..., self.shared_group:self.shared_group + 1]
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
