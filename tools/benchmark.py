@@ -203,13 +203,25 @@ def main() -> int:
     return 0
 
 
+def reductions_per_step(cfg, tp_size: int) -> int:
+    """All-reduces in one forward at TP > 1: every block's row-parallel output, plus a Mamba block's
+    second (Mamba-1's x_proj, or Mamba-2's gated norm when a norm group spans ranks)."""
+    from megatron_ssm.config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK
+
+    mamba = 1 if cfg.is_mamba2 and cfg.n_groups % tp_size == 0 else 2
+    per_block = {MAMBA_BLOCK: mamba, ATTENTION_BLOCK: 1, MLP_BLOCK: 1, PARALLEL_BLOCK: mamba + 1}
+    return sum(per_block.get(kind, 1) for kind in cfg.pattern)
+
+
 def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions):
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
-    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device,
-                                 model.layers[0].mixer.out_proj.allreduce)
-    comm = per_call * reduces_per_layer * cfg.num_layers
+    from megatron_ssm.model.layers import RowParallelLinear
+
+    row_parallel = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
+    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, row_parallel.allreduce)
+    comm = per_call * reductions
     r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
              packed=not args.no_pack,
              overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
