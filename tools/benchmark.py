@@ -225,8 +225,8 @@ def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reducti
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
     from megatron_ssm.model.layers import RowParallelLinear
 
-    row = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
-    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, row.allreduce)
+    row_parallel = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
+    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, row_parallel.allreduce)
     comm = per_call * reductions
     r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
              packed=not args.no_pack,
