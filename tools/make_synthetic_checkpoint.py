@@ -102,11 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         native = [TensorSpec("backbone.embedding.weight" if s.name == "embeddings.weight" else hf_name(s.name),
                              s.shape, s.dtype) for s in specs]
+        embedding_state = None
         with AtomicDir(args.out, force=args.force) as tmp:
             (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
             writer = TorchFileWriter(tmp / "pytorch_model.bin", native)
             for s, n in zip(specs, native):
-                writer.write(n.name, random_tensor(s, gen))
+                if s.name == "embeddings.weight":
+                    embedding_state = gen.get_state()
+                if s.name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    # tied: the embedding's values again (drawn anew from its generator state, so that
+                    # memory still holds one tensor at a time)
+                    tensor = random_tensor(s, torch.Generator().set_state(embedding_state))
+                else:
+                    tensor = random_tensor(s, gen)
+                writer.write(n.name, tensor)
                 bar.update(s.nbytes)
             writer.close()
     bar.close()
