@@ -165,7 +165,28 @@ def test_convert_cli_then_torchrun_generate_at_tp2_matches_hf(converted, tmp_pat
     res = convert_cli(hf_dir, tmp_path / "tp2", 2)
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out.json"
-    res = torchrun(2, "--load", str(tmp_path / "tp2"), *sum((["--prompt-ids", ",".join(map(str, p))] for p in prompts), []),
-                   "--max-new-tokens", "6", "--temperature", "0", "--output-json", str(out))
+    ids = sum((["--prompt-ids", ",".join(map(str, p))] for p in prompts), [])
+    res = torchrun(2, "--load", str(tmp_path / "tp2"), *ids, "--max-new-tokens", "6", "--temperature", "0",
+                   "--output-json", str(out))
     assert res.returncode == 0, res.stderr
     assert json.loads(out.read_text())["tokens"] == [hf_forward_greedy(model, p, 6) for p in prompts], f"seed {seed}"
+
+
+def test_configs_that_cannot_be_built_or_split_are_refused():
+    from megatron_ssm.config import ConfigError
+
+    zamba = zamba_config("zamba").to_dict()
+    cfg = SSMConfig.from_hf(zamba)
+    assert cfg.pattern == "MSMSS" and cfg.shared_blocks == 1 and cfg.attention_input_size == 128
+    with pytest.raises(ConfigError, match="TP degree 8 does not divide the 4 attention heads"):
+        cfg.validate(8)
+    with pytest.raises(ConfigError, match="TP degree 4 and 3 mamba heads"):
+        SSMConfig.from_hf(dict(zamba, n_mamba_heads=3, mamba_expand=3)).validate(4)
+    zamba2 = zamba_config("zamba2").to_dict()
+    assert SSMConfig.from_hf(zamba2).pattern == "MSMSSS"
+    with pytest.raises(ConfigError, match="need num_key_value_heads == num_attention_heads"):
+        SSMConfig.from_hf(dict(zamba2, num_key_value_heads=2))
+    with pytest.raises(ConfigError, match="rms_norm_eps"):
+        SSMConfig.from_hf(dict(zamba2, rms_norm_eps=1e-6))
+    with pytest.raises(ConfigError, match="no hybrid layer"):
+        SSMConfig.from_hf(dict(zamba2, layers_block_type=["mamba"] * 6))
