@@ -165,13 +165,16 @@ class CausalConv1d(nn.Module):
         self.bias = nn.Parameter(torch.empty(channels, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x [b, L, C]. `state` [b, C, K-1] holds the inputs before x and is advanced in place;
-        None starts from zeros and keeps nothing."""
+        None starts from zeros and keeps nothing. With cu_seqlens, x [1, T, C] packs sequences that
+        each start from zeros, and `state` [nseq, C, K-1] receives each one's final state."""
         w = self.weight.squeeze(1)
-        if state is not None and x.shape[1] == 1:
+        if state is not None and x.shape[1] == 1 and cu_seqlens is None:
             return causal_conv1d_update(x[:, 0], state, w, self.bias).unsqueeze(1)
-        y, final = causal_conv1d(x, w, self.bias, initial_state=state)
+        packed = cu_seqlens is not None
+        y, final = causal_conv1d(x, w, self.bias, initial_state=None if packed else state, cu_seqlens=cu_seqlens)
         if state is not None:
             state.copy_(final)
         return y
@@ -185,10 +188,12 @@ class Mixer(nn.Module):
     """A mixer whose output ends in a row-parallel all-reduce. Subclasses define `start`, which
     returns while that all-reduce is in flight (so prefill can overlap it). hidden [b, L, hidden];
     states (if given) hold the context before `hidden` and are advanced in place; L == 1 with
-    states takes the single-step path."""
+    states takes the single-step path. With cu_seqlens (ops/varlen.py), hidden [1, T, hidden] packs
+    sequences that each start from zero states; the states [nseq, ...] then receive each sequence's
+    final state (what they held before is not read)."""
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> PendingOutput:
         raise NotImplementedError
 
 

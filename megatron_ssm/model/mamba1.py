@@ -43,21 +43,22 @@ class Mamba1Mixer(Mixer):
         return (self.channels, self.cfg.conv_kernel - 1), (self.channels, self.cfg.state_size)
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> PendingOutput:
         cfg = self.cfg
         x, z = self.in_proj(hidden).split(self.channels, dim=-1)
-        x = self.conv1d(x, conv_state)
+        x = self.conv1d(x, conv_state, cu_seqlens)
         dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         if cfg.family == FALCON_MAMBA:
             dt, B, C = (rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt, B, C))
         dt = dt @ self.dt_proj.weight.t()  # the bias is added in fp32 inside the scan
         A = decay_rates(self)
-        if ssm_state is not None and hidden.shape[1] == 1:
+        if ssm_state is not None and hidden.shape[1] == 1 and cu_seqlens is None:
             y = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0],
                                        dt_bias=self.dt_proj.bias).unsqueeze(1)
         else:
             y, final = selective_scan(x, dt, A, B, C, self.D, z, dt_bias=self.dt_proj.bias,
-                                      initial_state=ssm_state)
+                                      initial_state=None if cu_seqlens is not None else ssm_state,
+                                      cu_seqlens=cu_seqlens)
             if ssm_state is not None:
                 ssm_state.copy_(final)
         return self.out_proj.start(y)

@@ -88,7 +88,7 @@ class Mamba2Mixer(Mixer):
         return slots[..., self.shared_group:self.shared_group + 1]
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> PendingOutput:
         cfg = self.cfg
         b, L, _ = hidden.shape
         if self.input_scale != 1.0:
@@ -97,18 +97,19 @@ class Mamba2Mixer(Mixer):
         if self.in_proj_scale is not None:
             zxbcdt = zxbcdt * self.in_proj_scale
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
-        xbc = self.conv1d(xbc, conv_state)
+        xbc = self.conv1d(xbc, conv_state, cu_seqlens)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
         x = x.reshape(b, L, self.heads, cfg.head_dim)
         B = B.reshape(b, L, self.groups, cfg.state_size)
         C = C.reshape(b, L, self.groups, cfg.state_size)
         A = decay_rates(self)
-        if ssm_state is not None and L == 1:
+        if ssm_state is not None and L == 1 and cu_seqlens is None:
             y = ssd_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.dt_bias,
                                  cfg.time_step_limit).unsqueeze(1)
         else:
             y, final = ssd_chunk_scan(x, dt, A, B, C, cfg.chunk_size, self.D, self.dt_bias,
-                                      initial_state=ssm_state, dt_limit=cfg.time_step_limit)
+                                      initial_state=None if cu_seqlens is not None else ssm_state,
+                                      dt_limit=cfg.time_step_limit, cu_seqlens=cu_seqlens)
             if ssm_state is not None:
                 ssm_state.copy_(final)
         y = y.reshape(b, L, self.channels)
