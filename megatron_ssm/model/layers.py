@@ -130,13 +130,14 @@ class Mixer(nn.Module):
     returns while that all-reduce is in flight (so prefill can overlap it); `forward` waits for it."""
 
     def forward(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-                ssm_state: torch.Tensor | None = None) -> torch.Tensor:
+                ssm_state: torch.Tensor | None = None, cp=None) -> torch.Tensor:
         """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
-        in place; L == 1 with states takes the single-step path."""
-        return self.start(hidden, conv_state, ssm_state).wait()
+        in place; L == 1 with states takes the single-step path. cp (a ContextParallelSpans): hidden
+        is this rank's span of a range split over the context-parallel group."""
+        return self.start(hidden, conv_state, ssm_state, cp).wait()
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cp=None) -> PendingOutput:
         raise NotImplementedError
 
 

@@ -15,6 +15,7 @@ from ..comm import OneShotAllReduce
 from ..config import SSMConfig
 from ..ops.dispatch import add_rms_norm
 from ..parallel import TPContext, megatron_config
+from .context_parallel import ContextParallelSpans
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
@@ -39,13 +40,13 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
         self.mixer = mixer
 
-    def start(self, stream: torch.Tensor, delta: torch.Tensor | None,
-              state: LayerState | None) -> tuple[torch.Tensor, PendingOutput]:
+    def start(self, stream: torch.Tensor, delta: torch.Tensor | None, state: LayerState | None,
+              cp: ContextParallelSpans | None = None) -> tuple[torch.Tensor, PendingOutput]:
         """stream + delta is this block's input (delta None: the stream alone). Returns the updated
         stream and the mixer's output, whose all-reduce may still be in flight."""
         normed, stream = add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
-        states = (state.conv, state.ssm) if state is not None else ()
-        return stream, self.mixer.start(normed, *states)
+        conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
+        return stream, self.mixer.start(normed, conv, ssm, cp=cp)
 
 
 class MambaLM(nn.Module):
@@ -102,26 +103,33 @@ class MambaLM(nn.Module):
         return [layer.mixer.state_shapes() for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, cp: ContextParallelSpans | None = None) -> torch.Tensor:
         """input_ids [b, L] -> this rank's logits [b, L, padded_vocab / tp] in fp32.
 
         `states` (one per layer, for these b sequences) hold the context before input_ids and are
         advanced in place; None runs the sequences from scratch and keeps nothing. `last_only`
-        computes logits for the last position only (prefill needs no others)."""
+        computes logits for the last position only (prefill needs no others). `cp`: input_ids are
+        split along time over the context-parallel group, each rank running its own span (every CP
+        rank passes the same input_ids and gets the same logits and states back)."""
+        if cp is not None:
+            input_ids = cp.local(input_ids)
         stream, delta = self.embeddings(input_ids), None
-        parts = self._micro_chunks(input_ids.shape[1]) if states is not None and self._overlaps(input_ids) else []
+        overlap = states is not None and cp is None and self._overlaps(input_ids)
+        parts = self._micro_chunks(input_ids.shape[1]) if overlap else []
         if parts:
             stream, delta = self._overlapped_layers(stream, states, parts)
         else:
             for i, layer in enumerate(self.layers):
-                stream, pending = layer.start(stream, delta, None if states is None else states[i])
+                stream, pending = layer.start(stream, delta, None if states is None else states[i], cp)
                 delta = pending.wait()
         if last_only:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden.to(head.dtype), head).float()
-        return logits.masked_fill_(self.vocab_padding, float("-inf"))
+        logits = F.linear(hidden.to(head.dtype), head).float().masked_fill_(self.vocab_padding, float("-inf"))
+        if cp is not None:
+            logits = cp.last_logits(logits) if last_only else cp.gather_positions(logits)
+        return logits
 
     def _overlaps(self, input_ids: torch.Tensor) -> bool:
         return (self.tp.size > 1 and 0 < self.overlap_min_tokens <= input_ids.numel()

@@ -18,6 +18,7 @@ from ..comm import ExactAllReduce
 from ..config import SSMConfig
 from ..ops.dispatch import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
+from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
                      decay_rates, local_param)
 
@@ -70,23 +71,29 @@ class Mamba2Mixer(Mixer):
         return slots[..., self.shared_group:self.shared_group + 1]
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cp: ContextParallelSpans | None = None) -> PendingOutput:
+        """cp: this forward's tokens are one span of a range split over the CP group (see
+        model/context_parallel.py); the states then hold the context before the whole range."""
         cfg = self.cfg
         b, L, _ = hidden.shape
         z, xbc, dt = self.in_proj(hidden).split([self.channels, self.conv_channels, self.heads], dim=-1)
-        xbc = self.conv1d(xbc, conv_state)
+        xbc = self.conv1d(xbc, conv_state) if cp is None else cp.conv(self.conv1d, xbc, conv_state)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
         x = x.reshape(b, L, self.heads, cfg.head_dim)
         B = B.reshape(b, L, self.groups, cfg.state_size)
         C = C.reshape(b, L, self.groups, cfg.state_size)
         A = decay_rates(self)
-        if ssm_state is not None and L == 1:
+        if ssm_state is not None and L == 1 and cp is None:
             y = ssd_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.dt_bias,
                                  cfg.time_step_limit).unsqueeze(1)
         else:
+            # Under CP only the first span starts from the real state; the others from zero, joined below.
             y, final = ssd_chunk_scan(x, dt, A, B, C, cfg.chunk_size, self.D, self.dt_bias,
-                                      initial_state=ssm_state, dt_limit=cfg.time_step_limit)
-            if ssm_state is not None:
+                                      initial_state=ssm_state if cp is None or cp.is_first else None,
+                                      dt_limit=cfg.time_step_limit)
+            if cp is not None:
+                y = cp.join_ssd(y, final, dt, A, C, self.dt_bias, cfg.time_step_limit, ssm_state)
+            elif ssm_state is not None:
                 ssm_state.copy_(final)
         y = gated_rms_norm(y.reshape(b, L, self.channels), z, self.norm.weight, cfg.norm_eps,
                            group_size=cfg.intermediate_size // cfg.n_groups,

@@ -1,0 +1,127 @@
+"""Context-parallel prefill (a prompt split along time over CP ranks, with TP inside each) against HF
+transformers' own Mamba / FalconMamba / Mamba2, at (tp, cp) = (1, 2), (1, 4) and (2, 2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, hf_logits, save_hf
+from megatron_ssm.checkpoint.convert import hf_to_megatron
+
+TOL = 1e-4
+LAYOUTS = [pytest.param(1, 2, id="tp1-cp2"), pytest.param(1, 4, id="tp1-cp4"), pytest.param(2, 2, id="tp2-cp2")]
+CASES = [
+    pytest.param("mamba", dict(), id="mamba1"),
+    pytest.param("falcon_mamba", dict(), id="falcon"),
+    pytest.param("mamba2", dict(n_groups=1), id="mamba2-g1"),
+    pytest.param("mamba2", dict(n_groups=2, tied=False), id="mamba2-g2"),
+]
+
+
+# ---- run on every rank -------------------------------------------------------------------------
+
+def _load(ckpt):
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import cp_context, tp_context
+
+    tp = tp_context(torch.device("cpu"))
+    return load_model(ckpt, tp), tp, cp_context()
+
+
+def _rank_cp_prefill_then_decode(ckpt: str, ids: torch.Tensor, cuts: list[int]):
+    """Prefill ids[:, :cuts[-1]] as consecutive context-parallel forwards ending at each cut (each
+    continuing from the states the previous one left), then decode the remaining tokens one at a
+    time. Returns every position's logits but the last (full vocabulary) and the final SSM states'
+    checksums per layer (equal on every CP rank)."""
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.inference.sampling import gather_logits
+    from megatron_ssm.model.context_parallel import ContextParallelSpans
+
+    model, tp, cp = _load(ckpt)
+    b, L = ids.shape
+    states = StateCache(model.state_shapes(), b, dtype=model.dtype, device=torch.device("cpu")).rows(0, b)
+    unit = model.cfg.chunk_size if model.cfg.is_mamba2 else 1
+    outs, start = [], 0
+    with torch.no_grad():
+        for end in cuts:
+            spans = ContextParallelSpans.split(cp, end - start, unit)
+            outs.append(model(ids[:, start:end], states, cp=spans))
+            start = end
+        for t in range(start, L - 1):
+            outs.append(model(ids[:, t:t + 1], states))
+        full = gather_logits(torch.cat(outs, dim=1), model.cfg.vocab_size, tp)
+    sums = [(s.conv.double().sum().item(), s.ssm.double().sum().item()) for s in states]
+    return (full if tp.is_first else None), sums
+
+
+def _rank_bytes_per_layer(ckpt: str, lengths: list[int]):
+    """Bytes this rank sends through the CP exchange per layer for one prefill of each length."""
+    import megatron_ssm.model.context_parallel as cpmod
+
+    model, tp, cp = _load(ckpt)
+    counted = []
+    real = cpmod.exchange
+
+    def counting(tensor, group):
+        counted[-1] += tensor.numel() * tensor.element_size()
+        return real(tensor, group)
+
+    cpmod.exchange = counting
+    try:
+        for n in lengths:
+            counted.append(0)
+            ids = torch.randint(3, 250, (1, n), generator=torch.Generator().manual_seed(n))
+            with torch.no_grad():
+                model(ids, cp=cpmod.ContextParallelSpans.split(cp, n), last_only=True)
+            counted[-1] //= model.cfg.num_layers
+    finally:
+        cpmod.exchange = real
+    return counted
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(family, options) -> (hf model, {tp: checkpoint dir}, (seed, prompts [2, 318], HF's logits)),
+    built once per case (HF's slow Mamba-1 path is not rerun for every layout)."""
+    built = {}
+
+    def get(family, opts):
+        key = (family, tuple(sorted(opts.items())))
+        if key not in built:
+            root = tmp_path_factory.mktemp(f"cp-{family}")
+            seed = fresh_seed()
+            model = build_hf_model(hf_config(family, **opts), seed)
+            hf_dir = save_hf(model, root / "hf")
+            ckpts = {tp: str(root / f"tp{tp}") for tp in (1, 2)}
+            for tp, path in ckpts.items():
+                hf_to_megatron(hf_dir, path, tp, progress=False)
+            ids = torch.randint(3, 250, (2, 318), generator=torch.Generator().manual_seed(seed))
+            built[key] = (model, ckpts, (seed, ids, hf_logits(model, ids)[:, :-1]))
+        return built[key]
+
+    return get
+
+
+@pytest.mark.parametrize("tp,cp", LAYOUTS)
+@pytest.mark.parametrize("family,opts", CASES)
+def test_cp_prefill_logits_and_decode_match_hf(ranks, converted, family, opts, tp, cp):
+    """Two context-parallel prefill forwards (of 203 and 110 tokens: neither divides by cp or the
+    chunk of 16; the second starts from the first's states) then decode: HF's logits everywhere, and
+    every CP rank holds the same final states."""
+    _, ckpts, (seed, ids, ref) = converted(family, opts)
+    results = ranks(tp * cp, tp=tp).run(_rank_cp_prefill_then_decode, ckpts[tp], ids, [203, 313])
+    ours = results[0][0]
+    assert ours.shape == ref.shape
+    err = (ours - ref).abs().max().item()
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"seed={seed}: max |CP - HF| = {err}"
+    for r in range(tp, tp * cp):  # CP rank r // tp holds what TP rank r % tp of CP rank 0 holds
+        assert results[r][1] == results[r % tp][1], f"seed={seed}: rank {r}'s final states differ"
+
+
+@pytest.mark.parametrize("family,opts", [CASES[0], CASES[2]])
+def test_cp_bytes_per_layer_do_not_grow_with_length(ranks, converted, family, opts):
+    _, ckpts, _ = converted(family, opts)
+    short, long = ranks(2, tp=1).run(_rank_bytes_per_layer, ckpts[1], [96, 480])[0]
+    assert short > 0 and short == long, f"bytes per layer: {short} at 96 tokens, {long} at 480"
