@@ -79,6 +79,38 @@ def _rank_bytes_per_layer(ckpt: str, lengths: list[int]):
     return counted
 
 
+def _rank_engine_serving(ckpt: str, short: list[int], long: list[int], shared: list[int]):
+    """Through the engine with CP on from 100 tokens: a short request decoding while a long one is
+    prefilled context-parallel, a second short one arriving meanwhile, then a long prompt sharing
+    most of the first's tokens. Returns (tokens per request, request ids with output per step,
+    prefix hits of the shared prompt)."""
+    from megatron_ssm.inference.engine import Engine, EngineConfig, Request
+
+    model, tp, cp = _load(ckpt)
+    eng = Engine(model, EngineConfig(max_batch=3, prefill_chunk=64, context_parallel_min_tokens=100,
+                                     prefix_block=64, prefix_cache_bytes=1 << 26), cp=cp)
+    out: dict[int, list[int]] = {}
+    log: list[list[int]] = []
+
+    def step():
+        outs = eng.step()
+        log.append([o.request_id for o in outs])
+        for o in outs:
+            out.setdefault(o.request_id, []).append(o.token)
+
+    a = eng.add_request(Request(short, 16))
+    step()
+    b_ = eng.add_request(Request(long, 8))
+    c = eng.add_request(Request(short[:5], 8))
+    while eng.has_work():
+        step()
+    hits = eng.prefix.hits
+    d = eng.add_request(Request(shared, 8))
+    while eng.has_work():
+        step()
+    return [out[i] for i in (a, b_, c, d)], log, eng.prefix.hits - hits
+
+
 # ---- tests -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -99,6 +131,24 @@ def converted(tmp_path_factory):
                 hf_to_megatron(hf_dir, path, tp, progress=False)
             ids = torch.randint(3, 250, (2, 318), generator=torch.Generator().manual_seed(seed))
             built[key] = (model, ckpts, (seed, ids, hf_logits(model, ids)[:, :-1]))
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def served(converted):
+    """(family, options) -> (seed, the engine test's prompts, HF's greedy tokens for each)."""
+    built = {}
+
+    def get(family, opts):
+        key = (family, tuple(sorted(opts.items())))
+        if key not in built:
+            model, _, (seed, ids, _) = converted(family, opts)
+            short, long = ids[1, :9].tolist(), ids[0].tolist()
+            shared = long[:280] + ids[1, -40:].tolist()
+            prompts = [short, long, short[:5], shared]
+            built[key] = (seed, prompts, [hf_greedy(model, p, n) for p, n in zip(prompts, (16, 8, 8, 8))])
         return built[key]
 
     return get
@@ -125,3 +175,20 @@ def test_cp_bytes_per_layer_do_not_grow_with_length(ranks, converted, family, op
     _, ckpts, _ = converted(family, opts)
     short, long = ranks(2, tp=1).run(_rank_bytes_per_layer, ckpts[1], [96, 480])[0]
     assert short > 0 and short == long, f"bytes per layer: {short} at 96 tokens, {long} at 480"
+
+
+@pytest.mark.parametrize("tp,cp", LAYOUTS)
+@pytest.mark.parametrize("family,opts", CASES)
+def test_engine_cp_prefill_serves_others_and_reuses_prefixes(ranks, converted, served, family, opts, tp, cp):
+    """HF's greedy tokens for every request; the short request gets tokens while the long prompt's
+    context-parallel prefill is under way; the shared prompt starts from a saved prefix state; every
+    rank's engine gives the same tokens."""
+    seed, prompts, expected = served(family, opts)
+    ckpt = converted(family, opts)[1][tp]
+    results = ranks(tp * cp, tp=tp).run(_rank_engine_serving, ckpt, prompts[0], prompts[1], prompts[3])
+    tokens, log, hits = results[0]
+    assert tokens == expected, f"seed={seed}"
+    assert all(r[0] == tokens for r in results), f"seed={seed}: ranks disagree"
+    first_long = next(i for i, ids in enumerate(log) if 1 in ids)
+    assert any(0 in ids for ids in log[1:first_long]), f"seed={seed}: no decode during the long prefill: {log}"
+    assert hits == 1, f"seed={seed}: the shared prompt found no prefix state"

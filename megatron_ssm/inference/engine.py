@@ -9,6 +9,11 @@ one, so decode works on a view of the cache and never copies states.
 
 Every TP rank runs an engine and must see the same calls in the same order (the server broadcasts
 them); all its decisions are functions of those calls, so the ranks stay in step.
+
+With a context-parallel group (cp.size > 1), a prompt of at least `context_parallel_min_tokens`
+tokens is prefilled split along the sequence over the CP ranks (`long_prefill.py`), one step of
+cp x prefill_chunk tokens at a time, alternating with the engine's other steps so that running
+requests keep decoding; every CP rank runs the same engine, and decode runs replicated on all.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.lm import LayerState, MambaLM
+from ..parallel import NO_CP, CPContext
 from .cache import StateCache
+from .long_prefill import LongPrefill
 from .prefix_cache import PrefixStateCache, prefix_keys
 from .sampling import SamplingParams, VocabShard, choose_tokens, vocab_parallel_logprob
 
@@ -37,6 +44,10 @@ class EngineConfig:
     prefix_block: int = 256  # prefix states are saved every this many tokens
     prefix_cache_bytes: int = 0  # 0 disables prefix state reuse
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
+    # With a context-parallel group: prompts from this many tokens are prefilled split over it. A
+    # default, not a measurement: where the split starts to pay must be measured on multi-GPU
+    # machines (issue #16; tools/gpu_sweep.sh SWEEP=cp).
+    context_parallel_min_tokens: int = 8192
 
 
 @dataclass
@@ -73,8 +84,12 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model: MambaLM, config: EngineConfig | None = None):
+    def __init__(self, model: MambaLM, config: EngineConfig | None = None, cp: CPContext | None = None):
+        """cp: the context-parallel group long prompts are prefilled over (None: no CP)."""
         self.model = model
+        self.cp = cp or NO_CP
+        self.long: LongPrefill | None = None  # the context-parallel prefill under way, if any
+        self._long_turn = False  # whether the next step is the long prefill's
         self.config = cfg = config or EngineConfig()
         self.device = model.embeddings.weight.device
         shapes = model.state_shapes()
@@ -133,14 +148,17 @@ class Engine:
             if seq.id == request_id:
                 self._release(seq)
                 return True
+        if self.long is not None and self.long.seq.id == request_id:
+            self.long = None
+            return True
         return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.long)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + (self.long is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -151,7 +169,12 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenOutput]:
         """Prefill newly admitted requests (giving their first tokens) if any were admitted;
-        otherwise advance every running sequence by one token."""
+        otherwise advance every running sequence by one token. A context-parallel prefill under
+        way takes every other step (every step when nothing else runs)."""
+        if self.long is not None and (self._long_turn or not self.running):
+            self._long_turn = False
+            return self._advance_long()
+        self._long_turn = True
         admitted = self._admit()
         if admitted:
             return self._prefill(admitted)
@@ -162,16 +185,48 @@ class Engine:
     def _admit(self) -> list[_Sequence]:
         budget = self.config.max_prefill_tokens
         admitted = []
-        while self.waiting and len(self.running) < self.cache.slots:
-            n = len(self.waiting[0].req.prompt)
+        i = 0  # waiting[:i]: long prompts waiting for the context-parallel prefill under way
+        while i < len(self.waiting) and self.num_running < self.cache.slots:
+            seq = self.waiting[i]
+            if self._context_parallel(seq):
+                if self.long is None:  # its slot is reserved (num_running) until it joins `running`
+                    del self.waiting[i]
+                    self.long = LongPrefill.start(seq, self.model, self.prefix)
+                else:  # one at a time; shorter prompts behind it go ahead
+                    i += 1
+                continue
+            n = len(seq.req.prompt)
             if admitted and n > budget:
                 break
-            seq = self.waiting.popleft()
+            del self.waiting[i]
             seq.slot = len(self.running)
             self.running.append(seq)
             admitted.append(seq)
             budget -= n
         return admitted
+
+    def _context_parallel(self, seq: _Sequence) -> bool:
+        """Whether seq's prompt is prefilled split over the CP group. Prompt scoring needs every
+        position's logits, which the split path does not gather: such requests take the plain one."""
+        return (self.cp.size > 1 and not seq.req.prompt_logprobs
+                and len(seq.req.prompt) >= max(self.config.context_parallel_min_tokens, 1))
+
+    def _advance_long(self) -> list[TokenOutput]:
+        """One step of the context-parallel prefill; when the prompt is done, its sequence joins
+        the running batch (in the slot reserved for it) and gets its first token."""
+        job = self.long
+        chunk = max(1, min(self.config.prefill_chunk, self.model.max_tokens_per_forward()))
+        logits = job.advance(self.model, self.cp, chunk, self.prefix)
+        if not job.done:
+            return []
+        self.long = None
+        seq = job.seq
+        seq.slot = len(self.running)
+        self.running.append(seq)
+        for c, s, (jc, js) in zip(self.cache.conv, self.cache.ssm, zip(job.states.conv, job.states.ssm)):
+            c[seq.slot].copy_(jc[0])
+            s[seq.slot].copy_(js[0])
+        return self._emit([seq], logits)
 
     def _prefill(self, seqs: list[_Sequence]) -> list[TokenOutput]:
         """Prefill admitted sequences, grouped so each forward runs equal-length token blocks."""
