@@ -9,6 +9,10 @@ TTFT (prefill of the whole batch to its first tokens), inter-token latency (mean
 generated and total tokens/s, peak GPU memory, and for decode the fraction of the HBM floor
 (weights + states read and written once per step, over the copy bandwidth measured at start).
 Rank 0 prints a line per workload and appends JSON lines to --json-out.
+
+    # context-parallel prefill: TTFT of one 128k-token prompt on TP2 x CP2 (4 GPUs)
+    torchrun --nproc_per_node 4 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch 1 \
+        --prompt 131072 --new 16 --context-parallel-size 2 --max-total-tokens 200000
 """
 from __future__ import annotations
 
@@ -92,12 +96,13 @@ def allreduce_latency(tp, shape, dtype, device, op) -> float:
     return (time.perf_counter() - t) / 250
 
 
-def run_workload(model, batch: int, prompt: int, new: int, args, seed: int) -> dict:
+def run_workload(model, batch: int, prompt: int, new: int, args, seed: int, cp=None) -> dict:
     from megatron_ssm.inference.engine import Engine, EngineConfig, Request
 
     chunk = max(256, args.prefill_tokens // batch)
     engine = Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
-                                        cuda_graphs=not args.no_graphs))
+                                        cuda_graphs=not args.no_graphs,
+                                        context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
     g = torch.Generator().manual_seed(seed)
     vocab = model.cfg.vocab_size
     reqs = [Request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), new) for _ in range(batch)]
@@ -105,10 +110,13 @@ def run_workload(model, batch: int, prompt: int, new: int, args, seed: int) -> d
         engine.add_request(r)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    first = engine.step()
+    # The plain path prefills the whole batch in one step; a context-parallel prefill takes a step
+    # per cp x chunk tokens (and one prompt at a time): TTFT is when the last first token is out.
+    firsts = set()
+    while len(firsts) < batch:
+        firsts.update(o.request_id for o in engine.step())
     torch.cuda.synchronize()
     ttft = time.perf_counter() - t0
-    assert len(first) == batch, "the whole batch must be prefilled in one step"
     steps = 0
     while engine.has_work():
         engine.step()
@@ -138,15 +146,21 @@ def main() -> int:
                          "(0: never); a list times each setting on the same loaded model")
     ap.add_argument("--max-total-tokens", type=int, default=1 << 20,
                     help="skip workloads whose batch x (prompt + new) exceeds this")
+    ap.add_argument("--context-parallel-size", type=int, default=1,
+                    help="split long prompts' prefill over this many ranks along the sequence (world = TP x CP)")
+    ap.add_argument("--context-parallel-min-tokens", type=int, default=1,
+                    help="prompts from this many tokens take the context-parallel prefill (default 1: every "
+                         "prompt, when CP > 1)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
     from megatron_ssm.inference.cache import StateCache
     from megatron_ssm.model.lm import MambaLM
-    from megatron_ssm.parallel import init_distributed, shutdown
+    from megatron_ssm.parallel import cp_context, init_distributed, shutdown
 
-    tp = init_distributed()
+    tp = init_distributed(cp_size=args.context_parallel_size)
+    cp = cp_context()
     if tp.device.type != "cuda":
         print("benchmark.py needs CUDA", file=sys.stderr)
         return 2
@@ -168,8 +182,8 @@ def main() -> int:
         state_bytes = StateCache.bytes_per_sequence(model.state_shapes(), dtype)
         # out_proj's all-reduce, plus x_proj's (Mamba-1) or the gated norm's when a group spans ranks
         reduces_per_layer = 1 if cfg.is_mamba2 and cfg.n_groups % tp.size == 0 else 2
-        if tp.is_first:
-            print(f"# {name}: TP={tp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
+        if tp.is_first and cp.is_first:
+            print(f"# {name}: TP={tp.size} CP={cp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
         warmed = set()
         for prompt in args.prompt:
@@ -179,35 +193,36 @@ def main() -> int:
                         continue
                     # compile and autotune kernels at every timed prefill shape, outside the timing
                     # (Triton autotuners key on batch and length: one warm-up shape is not enough)
-                    shape = (batch, min(prompt, max(256, args.prefill_tokens // batch)))
+                    # (a context-parallel step covers cp x chunk tokens: warm that span length up)
+                    shape = (batch, min(prompt, cp.size * max(256, args.prefill_tokens // batch)))
                     if shape not in warmed:
-                        run_workload(model, shape[0], shape[1], 4, args, seed=0)
+                        run_workload(model, shape[0], shape[1], 4, args, seed=0, cp=cp)
                         warmed.add(shape)
                     for overlap in args.overlap_min_tokens:
                         model.overlap_min_tokens = overlap
                         torch.cuda.reset_peak_memory_stats()
-                        r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch)
-                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer)
+                        r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch, cp=cp)
+                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer, cp)
         del model
         torch.cuda.empty_cache()
     shutdown()
     return 0
 
 
-def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer):
+def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer, cp):
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
     per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device,
                                  model.layers[0].mixer.out_proj.allreduce)
     comm = per_call * reduces_per_layer * cfg.num_layers
-    r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
+    r.update(model=name, tp=tp.size, cp=cp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
              overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
              floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
              peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,
              device=torch.cuda.get_device_name(), tag=args.tag)
-    if tp.is_first:
-        print(f"{name} tp={tp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
+    if tp.is_first and cp.is_first:
+        print(f"{name} tp={tp.size} cp={cp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
               f"ttft {r['ttft_ms']:8.1f} ms  step {r['step_ms']:6.2f} ms (floor {r['hbm_floor_ms']:5.2f}, "
               f"comm~{r['comm_est_ms']:5.2f})  gen {r['gen_tok_s']:9.0f} tok/s  total {r['total_tok_s']:9.0f} tok/s  "
               f"peak {r['peak_mem_gb']:5.1f} GB", flush=True)
