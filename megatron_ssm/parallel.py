@@ -26,6 +26,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E40
 
 # A collective that waits longer than this means a rank died or diverged: fail instead of hanging.
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MEGATRON_SSM_DIST_TIMEOUT", "300")))
+# A rank whose peer stopped answering for this many seconds ends itself (watchdog.py); 0 disables.
+WATCHDOG_TIMEOUT = float(os.environ.get("MEGATRON_SSM_WATCHDOG_TIMEOUT", "15"))
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,15 @@ def init_distributed(
     tp_size: int | None = None,
     device: torch.device | None = None,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    watchdog_timeout: float = WATCHDOG_TIMEOUT,
     cp_size: int = 1,
 ) -> TPContext:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP and CP groups.
 
     Works without torchrun too (a single process becomes a world of one). `tp_size` defaults to the
-    world size over `cp_size` (world = tp x cp); `cp_context()` then gives the CP group.
+    world size over `cp_size` (world = tp x cp); `cp_context()` then gives the CP group. With more
+    than one rank, a watchdog ends this process within `watchdog_timeout` seconds of a peer dying
+    (0: no watchdog).
     """
     device = device or default_device()
     if not dist.is_initialized():
@@ -93,6 +98,10 @@ def init_distributed(
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=timeout)
+        if watchdog_timeout > 0 and dist.get_world_size() > 1:
+            from .watchdog import start_watchdog
+
+            _WATCHDOG.append(start_watchdog(timeout=watchdog_timeout))
     world = dist.get_world_size()
     if cp_size < 1 or world % cp_size:
         raise ValueError(f"world size {world} is not a multiple of the context-parallel size {cp_size}")
@@ -121,6 +130,8 @@ def init_distributed(
 
 # The overlap communicator made by init_distributed (keyed by world size; one per process).
 _OVERLAP_GROUPS: dict[int, dist.ProcessGroup] = {}
+# The watchdog init_distributed started, stopped (announced as a clean exit) by shutdown.
+_WATCHDOG: list = []
 
 
 def tp_context(device: torch.device | None = None) -> TPContext:
@@ -159,6 +170,8 @@ def megatron_config(tp_size: int, dtype: torch.dtype, on_cpu: bool = True) -> Mo
 
 
 def shutdown() -> None:
+    while _WATCHDOG:
+        _WATCHDOG.pop().stop()
     _OVERLAP_GROUPS.clear()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -20,7 +20,10 @@ TIMEOUT_S = 300
 
 def _worker(rank: int, world_size: int, tp: int, port: int, inbox, outbox) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1",
+                      # pools outlive single tests and are torn down rank by rank: no watchdog
+                      # (tests/test_watchdog.py checks it on its own ranks)
+                      MEGATRON_SSM_WATCHDOG_TIMEOUT="0")
     import torch
 
     torch.set_num_threads(1)
