@@ -111,6 +111,30 @@ def _rank_engine_serving(ckpt: str, short: list[int], long: list[int], shared: l
     return [out[i] for i in (a, b_, c, d)], log, eng.prefix.hits - hits
 
 
+def _rank_load_when_one_world_rank_fails(ckpt: str, bad: int):
+    """Load, with world rank `bad` failing inside its own load: what each rank raises (None: loaded)."""
+    import torch.distributed as dist
+
+    from megatron_ssm.checkpoint.hf import CheckpointError
+    from megatron_ssm.model import load as load_mod
+
+    real = load_mod._load
+
+    def flaky(*args):
+        if dist.get_rank() == bad:
+            raise CheckpointError("simulated unreadable shard")
+        return real(*args)
+
+    load_mod._load = flaky
+    try:
+        _load(ckpt)
+        return None
+    except CheckpointError as e:
+        return str(e)
+    finally:
+        load_mod._load = real
+
+
 # ---- tests -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -216,3 +240,12 @@ def test_torchrun_generate_with_context_parallel_matches_hf(converted, tmp_path)
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert json.loads(out.read_text())["tokens"] == [hf_greedy(model, p, 5) for p in prompts], f"seed={seed}"
+
+
+def test_a_load_failure_in_one_cp_group_stops_every_rank(ranks, converted):
+    """TP=2 x CP=2: world rank 3 (TP rank 1 of CP rank 1) fails to load; the other CP group must not
+    go on to wait for it in the first CP exchange."""
+    _, ckpts, _ = converted("mamba2", dict(n_groups=1))
+    errors = ranks(4, tp=2).run(_rank_load_when_one_world_rank_fails, ckpts[2], 3)
+    assert errors[3] == "simulated unreadable shard"
+    assert all(e is not None and "TP rank(s) 1 could not load their shard" in e for e in errors[:3]), errors

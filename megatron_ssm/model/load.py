@@ -16,7 +16,7 @@ from .lm import MambaLM
 
 def load_model(ckpt_dir: str | Path, tp: TPContext, dtype: torch.dtype | None = None,
                allreduce: AllReduceFn | None = None) -> MambaLM:
-    """This rank's model. Every rank of the TP group must call it: if any rank fails to load its
+    """This rank's model. Every rank of the world must call it: if any rank fails to load its
     shard, all of them raise (the failing one with its reason) instead of the others going on to
     wait for it in the first collective."""
     model, error = None, None
@@ -48,9 +48,14 @@ def _load(ckpt_dir, tp: TPContext, dtype, allreduce) -> MambaLM:
 
 
 def _ranks_that_failed(failed: bool, tp: TPContext) -> list[int]:
-    if tp.size == 1 or not dist.is_initialized():
+    """The TP ranks whose shard failed to load anywhere in the world. Over the whole world, not the
+    TP group: with context parallelism every CP rank loads its TP rank's shard, and a CP group that
+    went on while another failed would wait for it in the first CP exchange."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return [tp.rank] if failed else []
-    flags = torch.zeros(tp.size, device=tp.device)
-    flags[tp.rank] = float(failed)
-    dist.all_reduce(flags, group=tp.group)
-    return [r for r in range(tp.size) if flags[r] > 0]
+    world, me = dist.get_world_size(), dist.get_rank()
+    flags = torch.zeros(world, device=tp.device)
+    flags[me] = float(failed)
+    dist.all_reduce(flags)
+    # world rank = cp_rank * tp + tp_rank (megatron-core's tp-first order; see parallel.py)
+    return sorted({r % tp.size for r in range(world) if flags[r] > 0})
