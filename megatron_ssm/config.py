@@ -1,7 +1,13 @@
-"""One description of a Mamba model, read from a HuggingFace `config.json`.
+"""One description of a model, read from a HuggingFace `config.json`.
 
-Three families share it: Mamba-1 (`MambaForCausalLM`), Falcon-Mamba (Mamba-1 plus weightless RMS norms
-on dt, B and C) and Mamba-2 (`Mamba2ForCausalLM`: heads, groups, chunked scan, gated RMSNorm).
+Pure SSMs: Mamba-1 (`MambaForCausalLM`), Falcon-Mamba (Mamba-1 plus weightless RMS norms on dt, B and
+C) and Mamba-2 (`Mamba2ForCausalLM`: heads, groups, chunked scan, gated RMSNorm). Hybrids add attention
+and MLP layers: Nemotron-H (`NemotronHForCausalLM`) and Falcon-H1 (`FalconH1ForCausalLM`).
+
+Every model is a stack of pre-norm residual blocks described by `pattern`, one letter per block, in
+megatron-core's letters: `M` Mamba mixer, `*` attention, `-` MLP (`E`, MoE, is refused), plus `P`: a
+Mamba-2 mixer and attention side by side on one norm's output, their outputs summed (Falcon-H1's
+"parallel hybrid"). A pure Mamba model is `MMMM...`. How a family maps onto the stack: docs/hybrids.md.
 """
 from __future__ import annotations
 
@@ -11,14 +17,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 MAMBA1, FALCON_MAMBA, MAMBA2 = "mamba", "falcon_mamba", "mamba2"
-FAMILIES = (MAMBA1, FALCON_MAMBA, MAMBA2)
-
-_ARCHITECTURES = {
-    "MambaForCausalLM": MAMBA1,
-    "FalconMambaForCausalLM": FALCON_MAMBA,
-    "Mamba2ForCausalLM": MAMBA2,
+NEMOTRON_H, FALCON_H1 = "nemotron_h", "falcon_h1"
+# family -> (HF architecture, HF model_type): the one table readers and writers use
+FAMILIES = {
+    MAMBA1: ("MambaForCausalLM", "mamba"),
+    FALCON_MAMBA: ("FalconMambaForCausalLM", "falcon_mamba"),
+    MAMBA2: ("Mamba2ForCausalLM", "mamba2"),
+    NEMOTRON_H: ("NemotronHForCausalLM", "nemotron_h"),
+    FALCON_H1: ("FalconH1ForCausalLM", "falcon_h1"),
 }
-_MODEL_TYPES = {"mamba": MAMBA1, "falcon_mamba": FALCON_MAMBA, "mamba2": MAMBA2}
+MAMBA2_MIXER_FAMILIES = (MAMBA2, NEMOTRON_H, FALCON_H1)
+
+# Block kinds of a pattern (megatron-core's letters, plus P for Falcon-H1's parallel block)
+MAMBA_BLOCK, ATTENTION_BLOCK, MLP_BLOCK, MOE_BLOCK, PARALLEL_BLOCK = "M", "*", "-", "E", "P"
+BLOCK_KINDS = (MAMBA_BLOCK, ATTENTION_BLOCK, MLP_BLOCK, PARALLEL_BLOCK)
+# blocks holding a Mamba mixer / an attention
+MIXER_BLOCKS, ATTENTION_BLOCKS = (MAMBA_BLOCK, PARALLEL_BLOCK), (ATTENTION_BLOCK, PARALLEL_BLOCK)
+RELU2, SWIGLU = "relu2", "swiglu"
 
 
 class ConfigError(ValueError):
@@ -54,17 +69,66 @@ class SSMConfig:
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
     extra: dict = field(default_factory=dict)
+    # ---- the stack: one letter per block (see the module docstring); "" means all Mamba
+    pattern: str = ""
+    # Mamba-2 variants: out_proj's bias (None: use_bias); "gated" RMSNorm after the gate or "none"
+    # (y * silu(z), Falcon-H1 without mamba_rms_norm)
+    mamba_out_bias: bool | None = None
+    mamba_norm: str = "gated"
+    # ---- attention (blocks * and P)
+    num_attention_heads: int = 0
+    num_kv_heads: int = 0
+    attention_head_dim: int = 0
+    attention_bias: bool = False  # q, k, v and o projections
+    rope_theta: float | None = None  # None: no rotary embedding (Nemotron-H)
+    rotary_dim: int = 0  # leading channels of each head that rotate; 0: all of them
+    # ---- MLP (blocks -)
+    mlp_kind: str = ""  # RELU2 (up, squared ReLU, down) or SWIGLU (up * silu(gate), down)
+    mlp_intermediate_size: int = 0
+    mlp_bias: bool = False
+    # ---- scalar multipliers (Falcon-H1's muP; 1.0 when absent): embedding, lm_head, attention_in,
+    # attention_out, key, ssm_in, ssm_out, mlp_gate, mlp_down
+    multipliers: dict = field(default_factory=dict)
+    # per-segment multipliers of Mamba-2's in_proj output [z, x, B, C, dt] (Falcon-H1's mup vector)
+    ssm_multipliers: tuple = ()
+
+    def __post_init__(self):
+        if not self.pattern:
+            self.pattern = MAMBA_BLOCK * self.num_layers
+        if len(self.pattern) != self.num_layers:
+            raise ConfigError(f"pattern {self.pattern!r} has {len(self.pattern)} blocks, num_layers is {self.num_layers}")
+        if MOE_BLOCK in self.pattern:
+            raise ConfigError(f"pattern {self.pattern!r} has MoE ('E') layers, which are not supported yet")
+        unknown = set(self.pattern) - set(BLOCK_KINDS)
+        if unknown:
+            raise ConfigError(f"pattern {self.pattern!r} has unknown block kinds {sorted(unknown)} "
+                              f"(M Mamba, * attention, - MLP, P parallel Mamba + attention)")
+        self.ssm_multipliers = tuple(self.ssm_multipliers)
 
     @property
     def is_mamba2(self) -> bool:
-        return self.family == MAMBA2
+        """Whether the Mamba mixers are Mamba-2's (heads, groups, SSD)."""
+        return self.family in MAMBA2_MIXER_FAMILIES
 
     @property
-    def conv_dim(self) -> int:
-        """Channels the causal conv1d runs over: x for Mamba-1, [x | B | C] for Mamba-2."""
-        if self.is_mamba2:
-            return self.intermediate_size + 2 * self.n_groups * self.state_size
-        return self.intermediate_size
+    def is_hybrid(self) -> bool:
+        return set(self.pattern) != {MAMBA_BLOCK}
+
+    @property
+    def has_attention(self) -> bool:
+        return any(k in ATTENTION_BLOCKS for k in self.pattern)
+
+    def multiplier(self, name: str) -> float:
+        return float(self.multipliers.get(name, 1.0))
+
+    @property
+    def out_proj_bias(self) -> bool:
+        return self.use_bias if self.mamba_out_bias is None else self.mamba_out_bias
+
+    @property
+    def hf_num_layers(self) -> int:
+        """HF's num_hidden_layers: Falcon-H1's decoder layer is two of our blocks (P and -)."""
+        return self.num_layers // 2 if self.family == FALCON_H1 else self.num_layers
 
     def padded_vocab_size(self, tp: int, multiple: int = 128) -> int:
         """Vocabulary rows padded so every rank holds an equal, 128-aligned slice (as Megatron does)."""
@@ -75,6 +139,13 @@ class SSMConfig:
         """Raise ConfigError naming the problem if this model cannot be split over `tp` ranks."""
         if tp < 1:
             raise ConfigError(f"tensor-parallel degree must be >= 1, got {tp}")
+        if self.has_attention:
+            self._validate_attention(tp)
+        if MLP_BLOCK in self.pattern and self.mlp_intermediate_size % tp:
+            raise ConfigError(f"TP degree {tp} does not divide the MLP's {self.mlp_intermediate_size} channels "
+                              f"(intermediate_size)")
+        if not any(k in MIXER_BLOCKS for k in self.pattern):
+            return
         if self.is_mamba2:
             if self.num_heads * self.head_dim != self.intermediate_size:
                 raise ConfigError(
@@ -96,28 +167,57 @@ class SSMConfig:
                     f"TP degree {tp} does not divide the {self.intermediate_size} Mamba channels "
                     f"(intermediate_size)")
 
+    def _validate_attention(self, tp: int) -> None:
+        heads, kv = self.num_attention_heads, self.num_kv_heads
+        if heads < 1 or kv < 1 or self.attention_head_dim < 1:
+            raise ConfigError(f"attention needs heads, kv heads and head_dim >= 1, got {heads}, {kv}, "
+                              f"{self.attention_head_dim}")
+        if heads % kv:
+            raise ConfigError(f"{heads} attention heads are not a multiple of {kv} kv heads")
+        if heads % tp:
+            raise ConfigError(f"TP degree {tp} does not divide the {heads} attention heads; "
+                              f"use a TP degree that divides {heads}")
+        if kv % tp and tp % kv:
+            raise ConfigError(f"TP degree {tp} and {kv} kv heads: one must divide the other (kv heads are split "
+                              f"when tp divides them, replicated when they divide tp)")
+        if self.rotary_dim % 2 or self.rotary_dim > self.attention_head_dim:
+            raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and at most head_dim "
+                              f"{self.attention_head_dim}")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["time_step_limit"] = list(self.time_step_limit)
+        d["ssm_multipliers"] = list(self.ssm_multipliers)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SSMConfig":
+        """Also reads the configs of checkpoints written before the hybrid fields existed."""
         d = dict(d)
         d["time_step_limit"] = tuple(d.get("time_step_limit", (0.0, float("inf"))))
+        d["ssm_multipliers"] = tuple(d.get("ssm_multipliers", ()))
         return cls(**d)
 
     @classmethod
     def from_hf(cls, hf: dict) -> "SSMConfig":
         """Read a HF transformers config.json dict (Mamba, FalconMamba or Mamba2)."""
+        by_arch = {arch: f for f, (arch, _) in FAMILIES.items()}
+        by_type = {t: f for f, (_, t) in FAMILIES.items()}
         family = None
         for arch in hf.get("architectures") or []:
-            family = family or _ARCHITECTURES.get(arch)
-        family = family or _MODEL_TYPES.get(hf.get("model_type", ""))
+            family = family or by_arch.get(arch)
+        family = family or by_type.get(hf.get("model_type", ""))
         if family is None:
             raise ConfigError(
-                f"not a Mamba config: architectures={hf.get('architectures')} model_type={hf.get('model_type')}; "
-                f"expected one of {sorted(_ARCHITECTURES)}")
+                f"not a supported model config: architectures={hf.get('architectures')} "
+                f"model_type={hf.get('model_type')}; expected one of {sorted(by_arch)}")
+        if family in (NEMOTRON_H, FALCON_H1):
+            from .hybrid_configs import from_hf_hybrid
+
+            try:
+                return from_hf_hybrid(cls, family, hf)
+            except KeyError as e:
+                raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
         try:
             hidden = int(hf["hidden_size"])
             expand = hf.get("expand", 2)

@@ -6,7 +6,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without CUDA the Triton kernels run in Triton's CPU interpreter (tests/interpreter.py). Triton reads
+# the variable when it is first imported, so it is set here, before any test module imports it. The
+# package imports triton only for CUDA tensors, so nothing else changes.
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from distributed import RankPool  # noqa: E402
+from hf_models import SEED_ENV, fresh_seed, seeds_drawn_for  # noqa: E402
 
 _pools: dict[tuple[int, int], RankPool] = {}
 
@@ -26,6 +40,25 @@ def ranks():
     for pool in _pools.values():
         pool.close()
     _pools.clear()
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed (torch's global generator seeded with it too), listed in the report on failure."""
+    import torch
+
+    s = fresh_seed(per_test=True)
+    torch.manual_seed(s)
+    return s
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        seeds = seeds_drawn_for(item.nodeid)
+        if seeds:
+            report.sections.append(("fresh seeds (replay one with " + SEED_ENV + "=N)", "\n".join(seeds)))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,9 +7,31 @@ from pathlib import Path
 import torch
 
 
-def fresh_seed() -> int:
-    """A new seed every run, so tests see new inputs; printed by pytest on failure via the test id."""
-    return int.from_bytes(os.urandom(4), "little")
+SEED_ENV = "MEGATRON_SSM_TEST_SEED"
+# Every seed drawn, with the test and phase that drew it (pytest's PYTEST_CURRENT_TEST, e.g.
+# "tests/test_ops.py::test_x[a] (call)"); conftest.py prints a failing test's seeds under its report.
+DRAWN: list[tuple[str, int, bool]] = []
+
+
+def fresh_seed(per_test: bool = False) -> int:
+    """A new seed every run, so tests see new inputs. A failing test's report lists the seeds it drew
+    (and those its module's fixtures drew); MEGATRON_SSM_TEST_SEED=N makes every draw N, which replays
+    a test that draws one seed. per_test: drawn for one test only (the `seed` fixture), so never
+    listed under another test's report."""
+    fixed = os.environ.get(SEED_ENV)
+    seed = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
+    DRAWN.append((os.environ.get("PYTEST_CURRENT_TEST", ""), seed, per_test))
+    return seed
+
+
+def seeds_drawn_for(nodeid: str) -> list[str]:
+    """The seeds drawn by this test (setup and call), then those drawn while setting up earlier
+    tests of its module (module-scoped fixtures: models, checkpoints)."""
+    module = nodeid.split("::")[0]
+    mine = [f"{who.rsplit(' ', 1)[-1]} {s}" for who, s, _ in DRAWN if who.startswith(nodeid + " ")]
+    fixtures = [f"{who} {s}" for who, s, per_test in DRAWN if who.split("::")[0] == module and not per_test
+                and who.endswith("(setup)") and not who.startswith(nodeid + " ")]
+    return mine + [f"fixture, drawn in {f}" for f in fixtures]
 
 
 def hf_config(family: str, *, n_groups: int = 1, tied: bool = True, use_bias: bool = False, vocab: int = 250,
@@ -25,6 +47,31 @@ def hf_config(family: str, *, n_groups: int = 1, tied: bool = True, use_bias: bo
     return cls(hidden_size=64, expand=2, state_size=8, **common)
 
 
+def hybrid_config(family: str, *, pattern: str = "M*-M", heads: int = 4, kv_heads: int = 2, n_groups: int = 2,
+                  tied: bool = False, vocab: int = 250, layers: int = 2, mamba_norm: bool = True,
+                  multipliers: bool = True):
+    """A tiny Nemotron-H (layers from `pattern`) or Falcon-H1 (`layers` parallel layers) config."""
+    from transformers import FalconH1Config, NemotronHConfig
+
+    common = dict(vocab_size=vocab, hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  head_dim=16, tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "nemotron_h":
+        kinds = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+        return NemotronHConfig(layers_block_type=[kinds[k] for k in pattern], intermediate_size=96,
+                               mamba_num_heads=8, mamba_head_dim=16, n_groups=n_groups, ssm_state_size=16,
+                               chunk_size=16, **common)
+    extra = {}
+    if multipliers:  # muP multipliers away from 1, so a missing or misplaced one shows
+        extra = dict(embedding_multiplier=1.3, lm_head_multiplier=0.7, attention_in_multiplier=0.9,
+                     attention_out_multiplier=1.2, key_multiplier=0.8, ssm_in_multiplier=1.1,
+                     ssm_out_multiplier=0.6, mlp_multipliers=[1.4, 0.75],
+                     ssm_multipliers=[0.9, 1.2, 0.7, 1.3, 0.8])
+    return FalconH1Config(intermediate_size=96, num_hidden_layers=layers, mamba_d_ssm=128, mamba_n_heads=8,
+                          mamba_d_head=16, mamba_n_groups=n_groups, mamba_d_state=16, mamba_chunk_size=16,
+                          mamba_rms_norm=mamba_norm, mamba_norm_before_gate=False,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1000.0}, **common, **extra)
+
+
 def build_hf_model(config, seed: int):
     """An HF model with random weights, every parameter perturbed so that none is a constant
     (all-ones norm weights would hide a mis-sharded norm)."""
@@ -36,6 +83,31 @@ def build_hf_model(config, seed: int):
         for p in model.parameters():
             p.mul_(1 + 0.3 * torch.randn_like(p))
     return model
+
+
+def per_group_gated_norm(model, groups: int | None = None) -> None:
+    """Replace the gated RMSNorm of every Mamba-2 mixer of an HF model by one written here from
+    mamba-ssm's definition: y * silu(gate), normalised over each group of d_inner / n_groups channels.
+    transformers before 5.2x normalised over all groups at once; with this patch the HF model is a
+    reference at every transformers version (on newer ones it changes nothing, which
+    test_model_vs_hf checks). `groups` overrides the mixers' n_groups (1: the old whole-width norm)."""
+    import types
+
+    import torch.nn.functional as F
+
+    def forward(norm, hidden_states, gate=None, *, n_groups):
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        if gate is not None:
+            h = h * F.silu(gate.float())
+        g = h.unflatten(-1, (n_groups, -1))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * g.flatten(-2).to(dtype)
+
+    for layer in model.backbone.layers:
+        mixer = layer.mixer
+        mixer.norm.forward = types.MethodType(lambda self, h, gate=None, _n=groups or mixer.n_groups: forward(
+            self, h, gate, n_groups=_n), mixer.norm)
 
 
 def save_hf(model, path: Path) -> Path:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_models import build_hf_model, fresh_seed, hf_config, save_hf
-from megatron_ssm.checkpoint.convert import hf_to_megatron
+from megatron_ssm.checkpoint.convert import convert
 
 
 def _rank_logits_and_tokens(ckpt: str, ids: torch.Tensor, kind: str):
@@ -28,7 +28,7 @@ def _rank_logits_and_tokens(ckpt: str, ids: torch.Tensor, kind: str):
 def test_quantised_allreduce_close_to_exact(ranks, tmp_path, family, tp):
     hf_dir = save_hf(build_hf_model(hf_config(family, n_groups=1) if family == "mamba2" else hf_config(family),
                                     fresh_seed()), tmp_path / "hf")
-    hf_to_megatron(hf_dir, tmp_path / "ckpt", tp, progress=False)
+    convert(hf_dir, tmp_path / "ckpt", tp, progress=False)
     ids = torch.randint(3, 250, (8, 24))
     exact_logits, exact_tokens = ranks(tp).run(_rank_logits_and_tokens, str(tmp_path / "ckpt"), ids, "exact")[0]
     scale = exact_logits.abs().max().item()

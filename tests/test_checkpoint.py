@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
+import re
 import signal
+import shutil
 import subprocess
 import sys
-import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,15 @@ from safetensors.torch import load_file, save_file
 
 from hf_models import build_hf_model, fresh_seed, hf_config, hf_logits, save_hf
 from megatron_ssm.checkpoint.atomic import leftovers
-from megatron_ssm.checkpoint.convert import PAUSE_ENV, convert
+from megatron_ssm.checkpoint.convert import convert
 from megatron_ssm.checkpoint.errors import CheckpointError
 from megatron_ssm.checkpoint.hf import our_name
-from megatron_ssm.checkpoint.megatron import MANIFEST, checkpoint_tp_size, load_rank, rank_file
-from megatron_ssm.checkpoint.partition import shard
+from megatron_ssm.checkpoint.integrity import MANIFEST, ChecksumError, write_manifest
+from megatron_ssm.checkpoint.megatron import checkpoint_tp_size, load_rank, rank_file
 from test_model_vs_hf import TOL, _rank_logits
 
 ROOT = Path(__file__).resolve().parents[1]
+ASSET = ROOT / "megatron_ssm" / "assets" / "tiny-mamba2"
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -48,6 +50,41 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def reference_shard(name: str, full: torch.Tensor, hf_cfg, tp: int, r: int) -> torch.Tensor:
+    """Rank r's piece of HF tensor `name`, written for this test from what each row means (not from
+    partition.py): Mamba-2 in_proj rows are [z | x | B | C | dt], a rank takes its heads' channels of
+    z and x, the B/C groups its heads read (head h reads group h // (heads / groups)) and its heads'
+    dt; Mamba-1 in_proj is [x | z]; vocabulary rows are zero-padded to a multiple of 128 * tp."""
+    def mine(n: int) -> list[int]:
+        return list(range(r * n // tp, (r + 1) * n // tp))
+
+    local = re.sub(r"^layers\.\d+\.", "", name)
+    if name in ("embeddings.weight", "lm_head.weight"):
+        rows = -(-full.shape[0] // (128 * tp)) * 128 * tp
+        padded = torch.zeros(rows, *full.shape[1:], dtype=full.dtype)
+        padded[: full.shape[0]] = full
+        return padded[mine(rows)]
+    if name == "norm_f.weight" or local in ("norm.weight", "mixer.out_proj.bias"):
+        return full
+    if local == "mixer.out_proj.weight" or local == "mixer.x_proj.weight":
+        return full[:, mine(full.shape[1])]
+    if hf_cfg.model_type == "mamba2":
+        I, H, G, N = hf_cfg.expand * hf_cfg.hidden_size, hf_cfg.num_heads, hf_cfg.n_groups, hf_cfg.state_size
+        heads = mine(H)
+        channels = [h * (I // H) + p for h in heads for p in range(I // H)]
+        bc = [g * N + n for g in sorted({h // (H // G) for h in heads}) for n in range(N)]
+        if local.startswith("mixer.in_proj."):
+            return full[channels + [I + c for c in channels] + [2 * I + i for i in bc]
+                        + [2 * I + G * N + i for i in bc] + [2 * I + 2 * G * N + h for h in heads]]
+        if local.startswith("mixer.conv1d."):
+            return full[channels + [I + i for i in bc] + [I + G * N + i for i in bc]]
+        return full[heads] if local in ("mixer.dt_bias", "mixer.A_log", "mixer.D") else full[channels]
+    I = hf_cfg.intermediate_size
+    if local.startswith("mixer.in_proj."):
+        return full[mine(I) + [I + c for c in mine(I)]]
+    return full[mine(I)]  # conv1d, dt_proj, A_log, D: one row per channel
 
 
 def rank_state(ckpt: Path, rank: int) -> dict[str, torch.Tensor]:
@@ -115,11 +152,10 @@ def test_hf_tp4_tp2_tp1_hf_is_bit_exact(tmp_path, family, dtype, opts):
     convert(tmp_path / "tp1", tmp_path / "back", to_hf=True, progress=False)
     original = hf_state(hf)
     assert_same(hf_state(tmp_path / "back"), original)
-    # rank files are plain torch.load files holding exactly partition.shard's pieces
+    # rank files are plain torch.load files holding exactly each rank's piece of every tensor
     for r in range(4):
         state = rank_state(tmp_path / "tp4", r)
-        cfg = load_rank(tmp_path / "tp4", r, 4)[0]
-        assert_same(state, {k: shard(k, original[k], cfg, 4, r) for k in state})
+        assert_same(state, {k: reference_shard(k, original[k], model.config, 4, r) for k in original})
     # and transformers loads the export as the same model
     back = load_hf(tmp_path / "back")
     assert_same({k: v for k, v in back.state_dict().items()}, dict(model.state_dict()))
@@ -205,35 +241,139 @@ def test_mamba_ssm_format_to_tp2_and_hf_gives_the_same_logits(tmp_path, ranks, l
 
 # ---- safety ------------------------------------------------------------------------------------
 
-def test_existing_target_needs_force_and_force_spares_other_directories(tmp_path):
-    _, hf = make_hf(tmp_path, "mamba")
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under `path` with its bytes."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_force_replaces_only_our_checkpoints_and_empty_directories(tmp_path):
+    model, hf = make_hf(tmp_path, "mamba")
     convert(hf, tmp_path / "out", 1, progress=False)
     with pytest.raises(CheckpointError, match="already exists; pass --force"):
         convert(hf, tmp_path / "out", 2, progress=False)
-    convert(hf, tmp_path / "out", 2, force=True, progress=False)
+    convert(hf, tmp_path / "out", 2, force=True, progress=False)  # ours: replaced
     assert checkpoint_tp_size(tmp_path / "out") == 2
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
-        convert(hf, tmp_path / "notes", 1, force=True, progress=False)
-    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    convert(tmp_path / "out", tmp_path / "hf-out", to_hf=True, progress=False)
+    convert(tmp_path / "out", tmp_path / "hf-out", to_hf=True, force=True, progress=False)  # our HF export too
+    (tmp_path / "empty").mkdir()
+    convert(hf, tmp_path / "empty", 1, force=True, progress=False)
+    assert checkpoint_tp_size(tmp_path / "empty") == 1
+
+    # anything else is refused with --force, and nothing in it is touched
+    others = {"notes": {"thesis.txt": "chapter 1", "config.json": "{}"},
+              "megatron-training": {"latest_checkpointed_iteration.txt": "100",
+                                    "iter_0000100/mp_rank_00/model_optim_rng.pt": "weights"}}
+    for name, files in others.items():
+        for rel, text in files.items():
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / rel).write_text(text)
+    model.save_pretrained(tmp_path / "hf-model")  # an HF model directory this tool did not write
+    (tmp_path / "out" / "notes.txt").write_text("mine")  # a user's file inside our checkpoint
+    for name, why in (("notes", "not written by megatron-ssm"), ("megatron-training", "not written by megatron-ssm"),
+                      ("hf-model", "not written by megatron-ssm"), ("out", "also holds notes.txt")):
+        before = tree(tmp_path / name)
+        with pytest.raises(CheckpointError, match=why) as e:
+            convert(hf, tmp_path / name, 1, force=True, progress=False)
+        assert "Nothing was deleted" in str(e.value)
+        assert tree(tmp_path / name) == before, name
+        assert not leftovers(tmp_path / name)
+    res = cli("--load-dir", str(hf), "--save-dir", str(tmp_path / "notes"), "--tp", "1", "--force", "--no-progress")
+    assert res.returncode == 2 and "not written by megatron-ssm" in res.stderr, res.stderr
+    assert (tmp_path / "notes" / "thesis.txt").read_text() == "chapter 1"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        convert(hf, tmp_path / "a-file", 1, force=True, progress=False)
     with pytest.raises(CheckpointError, match="both"):
         convert(tmp_path / "out", tmp_path / "out", 1, force=True, progress=False)
 
 
-def _killed_mid_conversion(src: Path, target: Path, *extra: str) -> None:
-    """Run the CLI with the test pause hook, wait until it has written 3 tensors, SIGKILL it."""
-    proc = subprocess.Popen([sys.executable, "tools/convert_hf.py", "--load-dir", str(src), "--save-dir", str(target),
-                             "--no-progress", *extra], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, PAUSE_ENV: "3", "OMP_NUM_THREADS": "1"})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _rank_load(ckpt: str, verify):
+    """Every rank loads; returns (error type, message), or None if it loaded."""
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
     try:
-        while "paused after 3 tensors" not in lines.get(timeout=60):
-            pass
+        load_model(ckpt, tp_context(torch.device("cpu")), verify=verify)
+    except CheckpointError as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def _rank_load_without_verifying(ckpt: str):
+    os.environ["MEGATRON_SSM_NO_VERIFY"] = "1"
+    try:
+        return _rank_load(ckpt, None)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        del os.environ["MEGATRON_SSM_NO_VERIFY"]
+
+
+def test_a_flipped_byte_is_named_on_every_rank_and_by_the_converter(tmp_path, ranks):
+    _, hf = make_hf(tmp_path, "mamba2", n_groups=2)
+    ckpt = tmp_path / "tp2"
+    convert(hf, ckpt, 2, progress=False)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    assert manifest["hash"] == "xxh3_128" and set(manifest["files"]) == {
+        "latest_checkpointed_iteration.txt", "release/mp_rank_00/model_optim_rng.pt",
+        "release/mp_rank_01/model_optim_rng.pt"}
+    shard = rank_file(ckpt, 1)
+    size = shard.stat().st_size
+    _flip_byte(shard, size // 2)  # inside the tensor data: the file still loads, with other values
+    assert shard.stat().st_size == size
+    results = ranks(2).run(_rank_load, str(ckpt), None)
+    assert [r[0] for r in results] == ["ChecksumError"] * 2, results
+    for kind, message in results:
+        assert str(shard) in message and "does not match its xxh3_128 checksum" in message
+    with pytest.raises(ChecksumError, match=re.escape(str(shard))):
+        convert(ckpt, tmp_path / "resharded", 1, progress=False)
+    assert not (tmp_path / "resharded").exists()
+    # skipping the check loads it (the damage is then the user's choice)
+    assert ranks(2).run(_rank_load, str(ckpt), False) == [None, None]
+    convert(ckpt, tmp_path / "resharded", 1, progress=False, verify=False)
+    res = cli("--load-dir", str(ckpt), "--save-dir", str(tmp_path / "cli"), "--tp", "1", "--no-progress")
+    assert res.returncode == 2 and "checksum" in res.stderr and str(shard) in res.stderr
+    res = cli("--load-dir", str(ckpt), "--save-dir", str(tmp_path / "cli"), "--tp", "1", "--no-progress", "--no-verify")
+    assert res.returncode == 0, res.stderr
+    # the server's switch: MEGATRON_SSM_NO_VERIFY=1 (load_model's default)
+    assert ranks(2).run(_rank_load_without_verifying, str(ckpt)) == [None, None]
+    # a damaged HF export of ours is caught by the converter as well
+    convert(tmp_path / "resharded", tmp_path / "hf-out", to_hf=True, progress=False)
+    _flip_byte(tmp_path / "hf-out" / "model.safetensors", (tmp_path / "hf-out" / "model.safetensors").stat().st_size - 3)
+    with pytest.raises(ChecksumError, match="model.safetensors does not match"):
+        convert(tmp_path / "hf-out", tmp_path / "again", 1, progress=False)
+
+
+def test_checkpoints_without_checksums_still_load_with_a_warning(tmp_path):
+    _, hf = make_hf(tmp_path, "mamba")
+    ckpt = tmp_path / "tp2"
+    convert(hf, ckpt, 2, progress=False)
+    expected = [rank_state(ckpt, r) for r in range(2)]
+    # the manifest of earlier versions: sizes only
+    files = {f"release/mp_rank_{r:02d}/model_optim_rng.pt": rank_file(ckpt, r).stat().st_size for r in range(2)}
+    (ckpt / MANIFEST).write_text(json.dumps({"format": "megatron-ssm", "tensor_model_parallel_size": 2, "files": files}))
+    for manifest in ("sizes only", "none"):
+        for r in range(2):
+            with pytest.warns(UserWarning, match="no checksum recorded"):
+                assert_same(load_rank(ckpt, r, 2)[1], expected[r])
+        with pytest.warns(UserWarning, match="no checksum recorded"):
+            convert(ckpt, tmp_path / f"from-{manifest}", 1, force=True, progress=False)
+        (ckpt / MANIFEST).unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fresh conversion has checksums: no warning
+        load_rank(tmp_path / "from-none", 0, 1)
+
+
+def _killed_mid_conversion(src: Path, target: Path, *extra: str) -> None:
+    """Run the CLI in a child that SIGKILLs itself after writing 3 tensors (tests/kill_during_convert.py)."""
+    res = subprocess.run([sys.executable, "tests/kill_during_convert.py", "3", "--load-dir", str(src),
+                          "--save-dir", str(target), "--no-progress", *extra], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr
 
 
 def test_interrupted_conversion_leaves_nothing_that_loads(tmp_path):
@@ -318,9 +458,7 @@ def test_broken_megatron_checkpoints_fail_on_every_rank_with_a_clear_message(tmp
     blob = torch.load(f, weights_only=True)
     blob["model"]["layers.0.mixer.D"] = torch.ones(3)
     torch.save(blob, f)
-    manifest = json.loads((tmp_path / "misshaped" / MANIFEST).read_text())
-    manifest["files"]["release/mp_rank_01/model_optim_rng.pt"] = f.stat().st_size
-    (tmp_path / "misshaped" / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(tmp_path / "misshaped", {"format": "megatron-ssm", "tensor_model_parallel_size": 2})
     errors = ranks(2).run(_rank_load_error, str(tmp_path / "misshaped"))
     assert errors[0] == errors[1] and "tensor layers.0.mixer.D has shape (3,), TP rank 1" in errors[0]
     # a checkpoint from before manifests: still every missing rank is named
@@ -340,15 +478,17 @@ def test_cli_help_documents_every_option_and_progress_shows_tensors_and_bytes(tm
     res = cli("--help")
     assert res.returncode == 0
     for option in ("--load-dir", "--save-dir", "--tp", "--to-hf", "--dtype", "--force", "--max-shard-size",
-                   "--no-progress", "mamba-ssm", "megatron-ssm", "HF transformers"):
+                   "--no-progress", "--no-verify", "mamba-ssm", "megatron-ssm", "HF transformers"):
         assert option in res.stdout, option
     _, hf = make_hf(tmp_path, "mamba2", n_groups=2)
-    (hf / "tokenizer.model").write_bytes(os.urandom(64))
+    shutil.copy(ASSET / "tokenizer.model", hf / "tokenizer.model")
     res = cli("--load-dir", str(hf), "--save-dir", str(tmp_path / "tp2"), "--tp", "2")
     assert res.returncode == 0, res.stderr
     assert "tensors" in res.stderr and "B/s" in res.stderr
     res = cli("--load-dir", str(tmp_path / "tp2"), "--save-dir", str(tmp_path / "back"), "--to-hf", "--no-progress")
     assert res.returncode == 0 and res.stderr == "", res.stderr
     assert (tmp_path / "back" / "tokenizer.model").read_bytes() == (hf / "tokenizer.model").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # made from tokenizer.model at the first step
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "tp2" / name).read_bytes()
     res = cli("--load-dir", str(hf), "--save-dir", str(tmp_path / "x"), "--tp", "2", "--to-hf")
     assert res.returncode == 2 and "not allowed with argument" in res.stderr

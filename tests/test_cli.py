@@ -78,3 +78,20 @@ def test_missing_or_broken_hf_files_are_named(mamba2_hf, tmp_path):
     res = convert(broken, tmp_path / "out", 1)
     assert res.returncode == 2 and "model.safetensors" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_hybrid_convert_then_torchrun_generate_matches_hf(tmp_path):
+    """A Nemotron-H (Mamba-2 with n_groups 1 < tp, attention, MLP) through both CLIs at TP=2."""
+    from hf_models import hybrid_config
+
+    model = build_hf_model(hybrid_config("nemotron_h", pattern="M*-M", n_groups=1), fresh_seed())
+    hf_dir = save_hf(model, tmp_path / "hf")
+    g = torch.Generator().manual_seed(fresh_seed())
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (6, 2)]
+    res = convert(hf_dir, tmp_path / "tp2", 2)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out.json"
+    res = torchrun(2, "--load", str(tmp_path / "tp2"), *sum((["--prompt-ids", ",".join(map(str, p))] for p in prompts), []),
+                   "--max-new-tokens", "6", "--temperature", "0", "--output-json", str(out))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text())["tokens"] == [hf_greedy(model, p, 6) for p in prompts]

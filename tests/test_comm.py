@@ -1,15 +1,13 @@
 """The pluggable all-reduce (megatron_ssm.comm): block quantisation, the two-shot quantised
 all-reduce against the exact sum, edge values, the exact path, `auto` and `make_allreduce`.
 
-Inputs are random with a fresh seed per test (set COMM_TEST_SEED to replay one); every rank builds
+Inputs are random with a fresh seed per test (conftest's `seed`; MEGATRON_SSM_TEST_SEED replays one); every rank builds
 all ranks' inputs from that seed, so each can compute the exact sum and the error bound locally.
 Functions run on ranks are module-level (the rank pool imports them by name).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -32,11 +30,6 @@ FORMATS = ("int8", "fp8", "fp16")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1,), (127,), (1000,), (4099,), (3, 333), (2, 5, 7)]
 WORLDS = (2, 4)
-
-
-@pytest.fixture
-def seed():
-    return int(os.environ.get("COMM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 
 
 def _rank():
@@ -274,8 +267,10 @@ def interpreted_triton_quantize(monkeypatch):
     Triton 3.6's interpreter rounds fp32 -> bf16 toward zero and fp32 -> fp8 half up, and decodes the
     fp8 NaN code as a number, where the GPU rounds half to even: its float converter is replaced by
     torch's, so the kernels' own logic is compared bit for bit (the GPU tests check the real casts)."""
-    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton kernels run here only with triton installed and TRITON_INTERPRET=1")
+    from interpreter import interpreter_problem
+
+    if problem := interpreter_problem():
+        pytest.skip(problem)
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -409,16 +404,28 @@ def test_subgroups_and_world_of_one(ranks, seed):
 
 # --- exact, auto, make_allreduce ------------------------------------------------------------------
 
+def _sum_bound(xs: list[torch.Tensor]):
+    """(exact sum in fp64, rounding bound) of len(xs) inputs summed in their own dtype in any order."""
+    flat = [x.double() for x in xs]
+    eps = torch.finfo(xs[0].dtype).eps
+    return sum(flat), len(xs) * eps * sum(f.abs() for f in flat)
+
+
 def _check_exact(seed: int) -> list[str]:
     ctx = _rank()
     bad = []
     for dtype, kind in [(d, k) for d in DTYPES for k in ("exact", "oneshot")]:  # oneshot: gloo on CPU
         exact = make_allreduce(kind)
-        x = _inputs(seed, ctx.size, (33, 77), dtype)[ctx.rank]
+        xs = _inputs(seed, ctx.size, (33, 77), dtype)
+        x = xs[ctx.rank]
+        ref, bound = _sum_bound(xs)  # independent of the backend: the sum of every rank's input
         expected = x.clone()
         dist.all_reduce(expected, group=ctx.group)
-        if not torch.equal(exact(x.clone(), ctx.group), expected):
+        out = exact(x.clone(), ctx.group)
+        if not torch.equal(out, expected):
             bad.append(f"{kind} {dtype}")
+        if not ((out.double() - ref).abs() <= bound).all():
+            bad.append(f"{kind} {dtype}: not the sum of the ranks' inputs")
         # A transposed (non-contiguous) view goes through a contiguous copy. (Compare with that copy
         # reduced: gloo's ring sums each element in an order that depends on its position.)
         expected = x.t().contiguous()
@@ -426,6 +433,8 @@ def _check_exact(seed: int) -> list[str]:
         out = exact(x.clone().t(), ctx.group)
         if out.shape != (77, 33) or not torch.equal(out, expected):
             bad.append(f"{kind} {dtype} transposed")
+        elif not ((out.t().double() - ref).abs() <= bound).all():
+            bad.append(f"{kind} {dtype} transposed: not the sum of the ranks' inputs")
     return bad
 
 
@@ -448,8 +457,51 @@ def _check_auto(seed: int) -> dict[str, object]:
         "cpu default": AutoAllReduce().pick(torch.zeros(1 << 20)).name,
         "never": AutoAllReduce(threshold=math.inf).pick(torch.zeros(1 << 20)).name,
         "always": AutoAllReduce(threshold=0).pick(torch.zeros(1)).name,
-        "calibrated": calibrate(ctx.group, [4096, 256], iters=2, warmup=1),
+        "calibrated": calibrate(ctx.group, [4096, 256], iters=2, warmup=1),  # real timings: any answer
     }
+
+
+# Made-up timings (seconds) per message size: (exact, quantised) on rank 0; rank 1's quantised
+# reduction is slower where noted, and calibrate must take the slowest rank's time.
+CALIBRATION_CASES = {
+    "quantised wins from 4096": ({256: (1, 2), 1024: (1, 2), 4096: (2, 1), 16384: (4, 1)}, {}, 4096),
+    "wins everywhere": ({256: (2, 1), 1024: (2, 1)}, {}, 256),
+    "never wins": ({256: (1, 2), 1024: (1, 2)}, {}, math.inf),
+    "wins at small sizes only": ({256: (2, 1), 1024: (2, 1), 4096: (1, 2)}, {}, math.inf),
+    "a loss between wins": ({256: (2, 1), 1024: (1, 2), 4096: (2, 1), 16384: (2, 1)}, {}, 4096),
+    "a tie is no win": ({256: (1, 1), 1024: (2, 1)}, {}, 1024),
+    "rank 1 slower at 1024": ({256: (1, 2), 1024: (2, 1), 4096: (2, 1)}, {1024: 3}, 4096),
+}
+
+
+def _check_calibrate(case: str) -> float:
+    from megatron_ssm.comm import allreduce
+
+    timings, slower_on_rank1, _ = CALIBRATION_CASES[case]
+    ctx = _rank()
+    original, seen = allreduce._time, []
+
+    def fake_time(op, x, group, iters, warmup):
+        size = x.numel() * x.element_size()
+        seen.append((size, op.name))
+        exact, quantised = timings[size]
+        if op.name == "exact":
+            return float(exact)
+        return float(slower_on_rank1.get(size, quantised) if ctx.rank == 1 else quantised)
+
+    allreduce._time = fake_time
+    try:
+        out = calibrate(ctx.group, list(reversed(timings)), iters=1, warmup=0)
+    finally:
+        allreduce._time = original
+    assert sorted(seen) == sorted((s, n) for s in timings for n in ("exact", "int8")), seen
+    return out
+
+
+@pytest.mark.parametrize("case", list(CALIBRATION_CASES))
+def test_calibrate_picks_the_smallest_size_from_which_quantised_always_wins(ranks, case):
+    want = CALIBRATION_CASES[case][2]
+    assert ranks(2).run(_check_calibrate, case) == [want, want], case
 
 
 def test_auto_threshold_chooses(ranks, seed):
@@ -489,23 +541,32 @@ def test_make_allreduce_kinds():
 # --- one-shot and started (async) reductions on CPU ---------------------------------------------------
 
 def _check_oneshot_and_start(seed: int) -> dict[str, object]:
+    """Started reductions (start().wait()) against the sum of every rank's inputs: within the
+    two-shot bound for int8, within rounding for exact; and equal, bit for bit, to the called ones."""
     from megatron_ssm.comm.oneshot import symmetric_buffer
 
     ctx = _rank()
-    x = _inputs(seed, ctx.size, (4099,))[ctx.rank]
+    xs = _inputs(seed, ctx.size, (4099,))
+    x = xs[ctx.rank]
     q = QuantizedAllReduce("int8")
+    started_q = q.start(x.clone(), ctx.group).wait()
+    started_exact = ExactAllReduce().start(x.clone(), ctx.group).wait()
+    ref_q, tol_q = _two_shot_reference(xs, "int8", 128)
+    ref, bound = _sum_bound(xs)
     return {
         # no symmetric memory for CPU tensors: every rank agrees on None (and nobody hangs)
         "buffer": symmetric_buffer(64, torch.float32, torch.device("cpu"), ctx.group),
-        "started int8 == called": torch.equal(q.start(x.clone(), ctx.group).wait(), q(x.clone(), ctx.group)),
-        "started exact == called": torch.equal(ExactAllReduce().start(x.clone(), ctx.group).wait(),
-                                               ExactAllReduce()(x.clone(), ctx.group)),
+        "started int8 within bound": bool(((started_q.double() - ref_q).abs() <= tol_q).all()),
+        "started exact is the sum": bool(((started_exact.double() - ref).abs() <= bound).all()),
+        "started int8 == called": torch.equal(started_q, q(x.clone(), ctx.group)),
+        "started exact == called": torch.equal(started_exact, ExactAllReduce()(x.clone(), ctx.group)),
     }
 
 
 def test_oneshot_setup_agrees_and_started_reductions_equal_called_ones(ranks, seed):
     for r in ranks(2).run(_check_oneshot_and_start, seed):
-        assert r == {"buffer": None, "started int8 == called": True, "started exact == called": True}, seed
+        assert r == {"buffer": None, "started int8 within bound": True, "started exact is the sum": True,
+                     "started int8 == called": True, "started exact == called": True}, seed
 
 
 def test_oneshot_size_limits():

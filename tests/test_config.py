@@ -52,8 +52,8 @@ def test_vocab_padding():
     assert cfg.padded_vocab_size(1) == 256 and cfg.padded_vocab_size(4) == 512
 
 
-def test_not_a_mamba_config():
-    with pytest.raises(ConfigError, match="not a Mamba config"):
+def test_not_a_supported_config():
+    with pytest.raises(ConfigError, match="not a supported model config"):
         SSMConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 8})
     with pytest.raises(ConfigError, match="num_hidden_layers"):
         SSMConfig.from_hf({"model_type": "mamba", "hidden_size": 8, "vocab_size": 10})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, hf_logits, save_hf
-from megatron_ssm.checkpoint.convert import hf_to_megatron
+from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, hf_logits, hybrid_config, save_hf
+from megatron_ssm.checkpoint.convert import convert
 
 TOL = 1e-4
 LAYOUTS = [pytest.param(1, 2, id="tp1-cp2"), pytest.param(1, 4, id="tp1-cp4"), pytest.param(2, 2, id="tp2-cp2")]
@@ -15,7 +15,11 @@ CASES = [
     pytest.param("falcon_mamba", dict(), id="falcon"),
     pytest.param("mamba2", dict(n_groups=1), id="mamba2-g1"),
     pytest.param("mamba2", dict(n_groups=2, tied=False), id="mamba2-g2"),
+    # hybrids: attention layers gather the earlier spans' keys/values
+    pytest.param("nemotron_h", dict(pattern="M*-M"), id="nemotron-h"),
+    pytest.param("falcon_h1", dict(), id="falcon-h1"),
 ]
+HYBRIDS = ("nemotron_h", "falcon_h1")
 
 
 # ---- run on every rank -------------------------------------------------------------------------
@@ -39,7 +43,7 @@ def _rank_cp_prefill_then_decode(ckpt: str, ids: torch.Tensor, cuts: list[int]):
 
     model, tp, cp = _load(ckpt)
     b, L = ids.shape
-    states = StateCache(model.state_shapes(), b, dtype=model.dtype, device=torch.device("cpu")).rows(0, b)
+    states = StateCache(model.state_shapes(L), b, dtype=model.dtype, device=torch.device("cpu")).rows(0, b)
     unit = model.cfg.chunk_size if model.cfg.is_mamba2 else 1
     outs, start = [], 0
     with torch.no_grad():
@@ -50,7 +54,7 @@ def _rank_cp_prefill_then_decode(ckpt: str, ids: torch.Tensor, cuts: list[int]):
         for t in range(start, L - 1):
             outs.append(model(ids[:, t:t + 1], states))
         full = gather_logits(torch.cat(outs, dim=1), model.cfg.vocab_size, tp)
-    sums = [(s.conv.double().sum().item(), s.ssm.double().sum().item()) for s in states]
+    sums = [[t.double().sum().item() for t in s.tensors().values()] for s in states]
     return (full if tp.is_first else None), sums
 
 
@@ -88,7 +92,7 @@ def _rank_engine_serving(ckpt: str, short: list[int], long: list[int], shared: l
 
     model, tp, cp = _load(ckpt)
     eng = Engine(model, EngineConfig(max_batch=3, prefill_chunk=64, context_parallel_min_tokens=100,
-                                     prefix_block=64, prefix_cache_bytes=1 << 26), cp=cp)
+                                     prefix_block=64, prefix_cache_bytes=1 << 26, max_sequence_length=400), cp=cp)
     out: dict[int, list[int]] = {}
     log: list[list[int]] = []
 
@@ -148,11 +152,12 @@ def converted(tmp_path_factory):
         if key not in built:
             root = tmp_path_factory.mktemp(f"cp-{family}")
             seed = fresh_seed()
-            model = build_hf_model(hf_config(family, **opts), seed)
+            config = hybrid_config(family, **opts) if family in HYBRIDS else hf_config(family, **opts)
+            model = build_hf_model(config, seed)
             hf_dir = save_hf(model, root / "hf")
             ckpts = {tp: str(root / f"tp{tp}") for tp in (1, 2)}
             for tp, path in ckpts.items():
-                hf_to_megatron(hf_dir, path, tp, progress=False)
+                convert(hf_dir, path, tp, progress=False)
             ids = torch.randint(3, 250, (2, 318), generator=torch.Generator().manual_seed(seed))
             built[key] = (model, ckpts, (seed, ids, hf_logits(model, ids)[:, :-1]))
         return built[key]

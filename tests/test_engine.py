@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_models import build_hf_model, fresh_seed, hf_config, save_hf
-from megatron_ssm.checkpoint.convert import hf_to_megatron
+from megatron_ssm.checkpoint.convert import convert
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def ckpts(tmp_path_factory):
         out[family] = {}
         for tp in (1, 2, 4):
             out[family][tp] = str(root / f"tp{tp}")
-            hf_to_megatron(hf_dir, out[family][tp], tp, progress=False)
+            convert(hf_dir, out[family][tp], tp, progress=False)
     return out
 
 
@@ -265,23 +265,3 @@ def test_vocab_parallel_logprob_equals_log_softmax(ranks, tp):
     tokens = torch.randint(0, 64 * tp, (5,))
     got = ranks(tp).run(_rank_logprob, logits, tokens)[0]
     assert torch.allclose(got, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0], atol=1e-5)
-
-
-def test_top_k_top_p_sample_only_allowed_tokens_with_right_frequencies():
-    from megatron_ssm.inference.sampling import SamplingParams, draw, filter_logits
-
-    logits = torch.log(torch.tensor([0.30, 0.25, 0.20, 0.10, 0.08, 0.04, 0.02, 0.01]))[torch.randperm(8)]
-    order = torch.argsort(logits, descending=True)
-    gen = torch.Generator().manual_seed(fresh_seed())
-    n = 20000
-    for params, allowed in ((SamplingParams(1.0, top_k=3), 3), (SamplingParams(1.0, top_p=0.7), 3),
-                            (SamplingParams(1.0, top_k=5, top_p=0.9), 5), (SamplingParams(1.0), 8)):
-        counts = torch.zeros(8)
-        for _ in range(n):
-            counts[draw(logits, params, gen)] += 1
-        ok = set(order[:allowed].tolist())
-        assert set(torch.nonzero(counts).flatten().tolist()) <= ok
-        p = torch.softmax(filter_logits(logits, params.top_k, params.top_p), -1)
-        # each frequency within 5 standard deviations of its probability
-        sd = torch.sqrt(p * (1 - p) / n)
-        assert torch.all((counts / n - p).abs() <= 5 * sd + 1e-9), (params, counts / n, p)

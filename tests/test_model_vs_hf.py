@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, hf_logits, save_hf
-from megatron_ssm.checkpoint.convert import hf_to_megatron
+from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, hf_logits, per_group_gated_norm, save_hf
+from megatron_ssm.checkpoint.convert import convert
 
 TOL = 1e-4
 
@@ -83,7 +83,7 @@ def converted(tmp_path_factory):
             ckpts = {}
             for tp in (1, 2, 4):
                 ckpts[tp] = str(root / f"tp{tp}")
-                hf_to_megatron(hf_dir, ckpts[tp], tp, progress=False)
+                convert(hf_dir, ckpts[tp], tp, progress=False)
             built[key] = (model, ckpts)
         return built[key]
 
@@ -92,41 +92,42 @@ def converted(tmp_path_factory):
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("family,opts", CASES)
-def test_prefill_logits_match_hf(ranks, converted, family, opts, tp):
+def test_prefill_logits_match_hf(ranks, converted, family, opts, tp, seed):
     model, ckpts = converted(family, opts)
     ids = torch.randint(0, 250, (2, 37))  # 37: several Mamba-2 chunks of 16 plus a partial one
     ref = hf_logits(model, ids)
     ours = ranks(tp).run(_rank_logits, ckpts[tp], ids)[0]
     assert ours.shape == ref.shape
     err = (ours - ref).abs().max().item()
-    assert err < TOL * max(1.0, ref.abs().max().item()), f"max |ours - HF| = {err}"
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"seed {seed}: max |ours - HF| = {err}"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("family,opts", [CASES[0], CASES[2], CASES[3], CASES[5]])
-def test_cached_decode_equals_full_recompute(ranks, converted, family, opts, tp):
+def test_cached_decode_equals_full_recompute(ranks, converted, family, opts, tp, seed):
     model, ckpts = converted(family, opts)
     ids = torch.randint(0, 250, (3, 29))
     split = int(torch.randint(1, 20, ()).item())
     ref = hf_logits(model, ids)[:, split - 1:-1]
     ours = ranks(tp).run(_rank_prefill_then_decode, ckpts[tp], ids, split)[0]
     err = (ours - ref).abs().max().item()
-    assert err < TOL * max(1.0, ref.abs().max().item()), f"split={split}: max |decode - full| = {err}"
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"seed {seed}, split={split}: max |decode - full| = {err}"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("family,opts", [CASES[1], CASES[3]])
 def test_greedy_generation_matches_hf_generate(ranks, converted, family, opts, tp):
     model, ckpts = converted(family, opts)
-    g = torch.Generator().manual_seed(fresh_seed())
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (5, 1, 12)]
     expected = [hf_greedy(model, p, 8) for p in prompts]
-    assert ranks(tp).run(_rank_generate, ckpts[tp], prompts, 8) == [expected] * tp
+    assert ranks(tp).run(_rank_generate, ckpts[tp], prompts, 8) == [expected] * tp, f"seed {seed}"
 
 
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("family,opts", [CASES[0], CASES[2], CASES[3], CASES[5]])
-def test_overlapped_prefill_matches_hf(ranks, converted, family, opts, tp):
+def test_overlapped_prefill_matches_hf(ranks, converted, family, opts, tp, seed):
     """Prefill cut in two micro-chunks whose all-reduces are left in flight (async gloo here) gives
     HF's logits at every position, and leaves states that decode goes on from."""
     model, ckpts = converted(family, opts)
@@ -136,4 +137,17 @@ def test_overlapped_prefill_matches_hf(ranks, converted, family, opts, tp):
     ours = ranks(tp).run(_rank_prefill_then_decode, ckpts[tp], ids, split, True)[0]
     assert ours.shape == ref.shape
     err = (ours - ref).abs().max().item()
-    assert err < TOL * max(1.0, ref.abs().max().item()), f"split={split}: max |overlapped - HF| = {err}"
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"seed {seed}, split={split}: max |overlapped - HF| = {err}"
+
+
+@pytest.mark.parametrize("n_groups", [2, 4])
+def test_per_group_norm_patch_is_hf_at_this_transformers(seed, n_groups):
+    """The test's own per-group gated norm (the GPU test's HF reference at older transformers) gives
+    this transformers' logits, and a norm over all groups at once does not."""
+    model = build_hf_model(hf_config("mamba2", n_groups=n_groups), seed)
+    ids = torch.randint(0, 250, (2, 19))
+    ref = hf_logits(model, ids)
+    per_group_gated_norm(model)
+    assert torch.allclose(hf_logits(model, ids), ref, atol=1e-5), f"seed {seed}"
+    per_group_gated_norm(model, groups=1)
+    assert not torch.allclose(hf_logits(model, ids), ref, atol=1e-3), f"seed {seed}: one group equals {n_groups}"

@@ -5,16 +5,15 @@ references; `check_op` then holds any implementation with the reference's signat
 kernels, mamba-ssm's scan, the dispatch layer) to the reference on the same inputs. The input
 builders and `check_op` are shared with tests/test_kernels_gpu.py, which runs them at model sizes.
 
-Inputs are fresh random numbers on every run (seeded from os.urandom; the seed is in each failure).
-The Triton kernels run here only under Triton's CPU interpreter (TRITON_INTERPRET=1, triton
-installed); elsewhere those tests skip.
+Inputs are fresh random numbers on every run (the `seed` fixture of conftest.py; the seed is in each failure).
+Without CUDA the Triton kernels run here in Triton's CPU interpreter (TRITON_INTERPRET=1, set by
+conftest.py; triton is in the `test` extra), on tiny shapes; where the interpreter cannot run
+(tests/interpreter.py says why) those tests skip.
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import os
 
 import pytest
 import torch
@@ -28,13 +27,6 @@ INPLACE = {"causal_conv1d_update": "conv_state", "selective_state_update": "stat
 # ‖out - ref‖ / ‖ref‖ allowed per activation dtype: fp32 math on both sides for fp32; one extra
 # rounding of intermediates for the 16-bit types.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
-
-
-@pytest.fixture
-def seed():
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
 
 
 # ---- input builders: (op, kwargs) at given sizes; shared with the GPU tests ------------------------
@@ -362,33 +354,81 @@ def test_dispatch_has_reference_signatures(op):
     assert names_and_defaults(getattr(dispatch, op)) == names_and_defaults(getattr(ref_ops, op))
 
 
-def test_dispatch_routes_cpu_and_forced_torch_to_reference(monkeypatch):
-    x = torch.zeros(1)
-    assert all(dispatch.backend(op, x) == "torch" for op in OPS)
-    assert dispatch.implementation("ssd_chunk_scan", x) is ref_ops.ssd_chunk_scan
-    monkeypatch.setenv(dispatch.ENV, "torch")
-    assert dispatch.backend("selective_scan", x) == "torch"
-
-
-def test_dispatch_on_cpu_equals_reference(seed):
+def test_dispatch_forwards_every_argument_in_order(seed):
+    """Each public wrapper passes its arguments positionally to the implementation: on CPU that is the
+    reference, so a wrapper that drops or swaps an argument (D and z, bias and state) gives other
+    numbers than the reference called by keyword."""
     for op, kw in [conv_inputs(2, 5, 6, 4, torch.float32, "cpu"), conv_update_inputs(2, 6, 4, torch.float32, "cpu"),
                    scan_inputs(1, 5, 4, 3, torch.float32, "cpu"), scan_update_inputs(2, 4, 3, torch.float32, "cpu"),
-                   ssd_inputs(1, 6, 2, 3, 1, 4, 4, torch.float32, "cpu"), ssd_update_inputs(2, 2, 3, 1, 4, torch.float32, "cpu"),
+                   ssd_inputs(1, 6, 2, 3, 1, 4, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
+                   ssd_update_inputs(2, 2, 3, 1, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
                    rms_norm_inputs((2,), 8, torch.float32, "cpu"), gated_norm_inputs((2,), 8, 4, torch.float32, "cpu"),
                    add_norm_inputs((2,), 8, torch.float32, "cpu")]:
         check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
 
 
+class _CudaLike:
+    """Stands in for a CUDA tensor: `backend` looks only at `is_cuda`."""
+
+    is_cuda = True
+
+
+@pytest.fixture
+def fake_kernels(monkeypatch):
+    """dispatch with stand-ins for our Triton package and mamba-ssm's scan, as on a GPU machine."""
+    import types
+
+    kernels = types.SimpleNamespace(**{op: (lambda *a, _op=op: ("triton", _op, a)) for op in OPS})
+    calls = []
+    monkeypatch.setattr(dispatch, "_triton_ops", lambda: kernels)
+    monkeypatch.setattr(dispatch, "_mamba_chunk_scan_combined",
+                        lambda: lambda *a, **k: calls.append((a, k)) or ("y", "final"))
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    return kernels, calls
+
+
+def test_dispatch_routes_cuda_to_kernels_unless_forced_to_torch(monkeypatch, fake_kernels):
+    kernels, _ = fake_kernels
+    cuda = _CudaLike()
+    for op in OPS:
+        want = "mamba_ssm" if op == "ssd_chunk_scan" else "triton"
+        assert dispatch.backend(op, cuda) == want, op
+        assert dispatch.backend(op, torch.zeros(1)) == "torch", op
+    assert dispatch.implementation("rms_norm", cuda) is kernels.rms_norm
+    assert dispatch.implementation("ssd_chunk_scan", cuda) is dispatch._mamba_ssd_chunk_scan
+    for forced in ("torch", "TORCH", "Torch"):  # read at every call
+        monkeypatch.setenv(dispatch.ENV, forced)
+        for op in OPS:
+            assert dispatch.backend(op, cuda) == "torch", (forced, op)
+            assert dispatch.implementation(op, cuda) is getattr(ref_ops, op), (forced, op)
+    monkeypatch.setenv(dispatch.ENV, "")
+    assert dispatch.backend("selective_scan", cuda) == "triton"
+
+
+def test_dispatch_without_triton_or_mamba_ssm_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(dispatch, "_triton_ops", lambda: None)
+    monkeypatch.setattr(dispatch, "_mamba_chunk_scan_combined", lambda: None)
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    assert all(dispatch.backend(op, _CudaLike()) == "torch" for op in OPS)
+
+
+def test_mamba_ssm_scan_gets_our_arguments_under_its_names(fake_kernels):
+    _, calls = fake_kernels
+    x, dt, A, B, C, D, bias, h0 = (object() for _ in range(8))
+    assert dispatch._mamba_ssd_chunk_scan(x, dt, A, B, C, 64, D, bias, h0, (0.0, 0.5)) == ("y", "final")
+    (args, kwargs), = calls
+    assert args == (x, dt, A, B, C, 64)
+    assert kwargs == dict(D=D, dt_bias=bias, initial_states=h0, dt_softplus=True, dt_limit=(0.0, 0.5),
+                          return_final_states=True)
+
+
 # ---- the Triton kernels under the CPU interpreter ----------------------------------------------------
 
 def _interpreted_kernels():
-    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton kernels run here only with triton installed and TRITON_INTERPRET=1")
-    import numpy
-    if tuple(int(v) for v in numpy.__version__.split(".")[:2]) >= (2, 4):
-        # Triton 3.6's interpreter int()s 1-element arrays, which numpy 2.4 refuses: loops with
-        # run-time bounds then fail inside the interpreter, not in our kernels.
-        pytest.skip("the Triton interpreter needs numpy < 2.4")
+    from interpreter import interpreter_problem
+
+    if problem := interpreter_problem():
+        pytest.skip(problem)
     from megatron_ssm.ops import triton as kernels
     return kernels
 

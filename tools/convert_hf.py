@@ -1,24 +1,29 @@
 #!/usr/bin/env python3
-"""Convert Mamba / Falcon-Mamba / Mamba-2 checkpoints between formats and tensor-parallel degrees.
+"""Convert Mamba / Falcon-Mamba / Mamba-2 / Nemotron-H / Falcon-H1 checkpoints between formats and
+tensor-parallel degrees.
 
     python tools/convert_hf.py --load-dir IN --save-dir OUT --tp N [--dtype bfloat16] [--force]
     python tools/convert_hf.py --load-dir IN --save-dir OUT --to-hf [--dtype ...] [--force]
 
 The format of --load-dir is detected from its files:
-  HF transformers   config.json (MambaForCausalLM, FalconMambaForCausalLM or Mamba2ForCausalLM) and
+  HF transformers   config.json (MambaForCausalLM, FalconMambaForCausalLM, Mamba2ForCausalLM,
+                    NemotronHForCausalLM without MoE layers, or FalconH1ForCausalLM) and
                     model.safetensors, sharded model-*.safetensors + index, or pytorch_model.bin
   mamba-ssm native  config.json with d_model / n_layer / ssm_cfg and pytorch_model.bin, as state-spaces
                     publishes mamba-130m ... mamba2-2.7b (the vocabulary keeps mamba-ssm's padding)
   megatron-ssm      a checkpoint this tool wrote, at any TP degree (--tp M reshards it)
 
 --tp N writes megatron-ssm's layout: OUT/latest_checkpointed_iteration.txt ("release"),
-OUT/release/mp_rank_XX/model_optim_rng.pt per TP rank, a manifest with every file's size, and the
-tokenizer files of IN. --to-hf writes config.json + safetensors that transformers' from_pretrained
+OUT/release/mp_rank_XX/model_optim_rng.pt per TP rank, the tokenizer of IN (always with HF's
+tokenizer.json + tokenizer_config.json, made from tokenizer.model when IN has only that) and a
+manifest, megatron_ssm_checkpoint.json, with every file's size and xxh3-128 checksum (an --to-hf
+output gets one too). A megatron-ssm input is verified against it before anything is written. --to-hf writes config.json + safetensors that transformers' from_pretrained
 loads. Tensors keep their dtype unless --dtype is given, so IN -> TP4 -> TP2 -> HF is bit-exact.
 
 Tensors are streamed one at a time (memory stays near the largest tensor, not the model). OUT is
 written into a hidden .OUT.partial-* directory beside it and renamed into place only when complete,
-so an interrupted run leaves nothing that loads; the next run removes the leftover.
+so an interrupted run leaves nothing that loads; the next run removes the leftover. --force
+replaces only an empty directory or a checkpoint this tool wrote (its manifest lists every file).
 """
 from __future__ import annotations
 
@@ -54,15 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="cast every tensor to this dtype (default: keep each tensor's own dtype)")
     ap.add_argument("--force", action="store_true",
-                    help="replace an existing checkpoint (or empty directory) at --save-dir; the old one is "
-                         "kept until the new one is complete. Other non-empty directories are never replaced")
+                    help="replace a checkpoint this tool wrote (or an empty directory) at --save-dir; the old "
+                         "one is kept until the new one is complete. Any other directory is never replaced")
     ap.add_argument("--max-shard-size", type=byte_size, default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                     help="with --to-hf: start a new safetensors file past this size (default 5GB)")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="do not check a megatron-ssm input against the checksums in its manifest")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar (tensors and bytes done)")
     args = ap.parse_args(argv)
     try:
         convert(args.load_dir, args.save_dir, args.tp, to_hf=args.to_hf, dtype=args.dtype, force=args.force,
-                progress=not args.no_progress, max_shard_bytes=args.max_shard_size)
+                progress=not args.no_progress, max_shard_bytes=args.max_shard_size,
+                verify=not args.no_verify)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"convert_hf.py: error: {e}", file=sys.stderr)
         return 2

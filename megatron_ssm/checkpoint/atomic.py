@@ -11,7 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..tokenizer import COPIED_FILES, write_tokenizer_files
 from .errors import CheckpointError
+from .integrity import MANIFEST, ours, read_manifest, write_manifest
 
 PARTIAL = ".partial-"
 
@@ -46,10 +48,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def looks_like_checkpoint(path: Path) -> bool:
-    """What --force may replace: an empty directory or one holding a checkpoint of a known format."""
-    return path.is_dir() and (not any(path.iterdir()) or (path / "config.json").is_file()
-                              or (path / "latest_checkpointed_iteration.txt").is_file())
+# Files of ours that manifests from before checksums did not list.
+_UNLISTED_BEFORE_CHECKSUMS = ("latest_checkpointed_iteration.txt",) + COPIED_FILES
+
+
+def refusal(path: Path) -> str | None:
+    """Why --force may not replace `path` (None: it may). Only an empty directory or one this tool
+    wrote, holding nothing but what its manifest lists, is replaced: anything else may be a user's."""
+    if not path.is_dir():
+        return f"{path} exists and is not a directory"
+    if not any(path.iterdir()):
+        return None
+    manifest = read_manifest(path) if ours(path) else None
+    if manifest is None:
+        return (f"{path} exists and was not written by megatron-ssm (it has no {MANIFEST}); --force replaces "
+                f"only a checkpoint this tool wrote or an empty directory. Nothing was deleted: remove it "
+                f"yourself or choose another --save-dir")
+    listed = set(manifest["files"]) | {MANIFEST}
+    if not any(isinstance(v, dict) for v in manifest["files"].values()):
+        listed |= set(_UNLISTED_BEFORE_CHECKSUMS)
+    others = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                    if not p.is_dir() and p.relative_to(path).as_posix() not in listed)
+    if others:
+        return (f"{path} is a megatron-ssm checkpoint but also holds {', '.join(others[:5])}"
+                f"{' ...' if len(others) > 5 else ''}, which it did not write; --force will not delete them. "
+                f"Nothing was deleted: move them out or choose another --save-dir")
+    return None
 
 
 def _fsync(path: Path) -> None:
@@ -75,9 +99,9 @@ class AtomicDir:
         if self.target.exists():
             if not force:
                 raise CheckpointError(f"{self.target} already exists; pass --force to overwrite it")
-            if not looks_like_checkpoint(self.target):
-                raise CheckpointError(f"{self.target} exists and is not a checkpoint directory; "
-                                      f"refusing to replace it even with --force")
+            reason = refusal(self.target)
+            if reason:
+                raise CheckpointError(reason)
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +136,11 @@ class AtomicDir:
 
 class AtomicWriter:
     """Base of the checkpoint writers: `with Writer(target, ...) as w:` writes into `w.tmp`; on a
-    clean exit `_finish()` completes the directory and it is published whole, and any failure,
-    in `_finish` or before, discards it (`_discard` first releases what the writer holds open)."""
+    clean exit `_finish()` completes the directory, the manifest (`manifest_fields()` plus every
+    file's checksum) is written and the directory is published whole; any failure, in `_finish` or
+    before, discards it (`_discard` first releases what the writer holds open)."""
+
+    format = "megatron-ssm"
 
     def __init__(self, target: str | Path, force: bool = False):
         self.target = Path(target)
@@ -126,6 +153,13 @@ class AtomicWriter:
     def _finish(self) -> None:
         pass
 
+    def manifest_fields(self) -> dict:
+        return {"format": self.format}
+
+    def copy_tokenizer(self, source_dir: str | Path) -> None:
+        """The source's tokenizer, always with the HF files AutoTokenizer reads (tokenizer.py)."""
+        write_tokenizer_files(source_dir, self.tmp)
+
     def _discard(self) -> None:
         pass
 
@@ -133,6 +167,7 @@ class AtomicWriter:
         if exc_type is None:
             try:
                 self._finish()
+                write_manifest(self.tmp, self.manifest_fields())
             except BaseException as e:
                 self._discard()
                 self._atomic.__exit__(type(e), e, e.__traceback__)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import os
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,11 +21,9 @@ from .megatron import CheckpointWriter
 from .partition import hf_names, hf_shapes, shard, shard_shape
 from .spec import TensorSpec
 
-__all__ = ["DTYPES", "check_names", "convert", "hf_to_megatron"]
+__all__ = ["DTYPES", "check_names", "convert"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Tests set this to freeze a conversion half-way, so they can kill it and inspect what is left.
-PAUSE_ENV = "MEGATRON_SSM_TEST_PAUSE_AFTER_TENSORS"
 
 
 def keep_heap_small() -> None:
@@ -61,14 +56,15 @@ def source_specs(src, cfg: SSMConfig) -> list[TensorSpec]:
 
 def convert(load_dir: str | Path, save_dir: str | Path, tp: int | None = None, *, to_hf: bool = False,
             dtype: str | None = None, force: bool = False, progress: bool = True,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Write `load_dir` (any format open_checkpoint knows) to `save_dir`: ours at TP=`tp`, or HF."""
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True) -> None:
+    """Write `load_dir` (any format open_checkpoint knows) to `save_dir`: ours at TP=`tp`, or HF.
+    A source this tool wrote is checked against its manifest's checksums first, unless not `verify`."""
     if to_hf == (tp is not None):
         raise ValueError("give exactly one of --tp N (megatron-ssm output) and --to-hf (HF output)")
     if Path(load_dir).resolve() == Path(save_dir).resolve():
         raise CheckpointError(f"--save-dir and --load-dir are both {save_dir}; write elsewhere")
     keep_heap_small()
-    with open_checkpoint(load_dir) as src:
+    with open_checkpoint(load_dir, verify=verify) as src:
         cfg = copy.deepcopy(src.config)
         specs = source_specs(src, cfg)
         if dtype:
@@ -85,7 +81,6 @@ def convert(load_dir: str | Path, save_dir: str | Path, tp: int | None = None, *
                 for rank in range(tp):
                     writer.write(rank, name, shard(name, full, cfg, tp, rank))
 
-        pause_after = int(os.environ.get(PAUSE_ENV, 0))
         desc = f"{src.format} -> {'HF' if to_hf else f'TP={tp}'}"
         with writer, tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, unit_divisor=1024,
                           desc=desc, disable=not progress) as bar:
@@ -96,13 +91,4 @@ def convert(load_dir: str | Path, save_dir: str | Path, tp: int | None = None, *
                 put(s.name, src.read(s.name).to(s.dtype))
                 bar.set_postfix_str(f"{i}/{len(specs)} tensors", refresh=False)
                 bar.update(s.nbytes)
-                if i == pause_after:
-                    print(f"paused after {i} tensors", file=sys.stderr, flush=True)
-                    time.sleep(3600)
             writer.copy_tokenizer(src.path)
-
-
-def hf_to_megatron(hf_dir: str | Path, save_dir: str | Path, tp: int, dtype: str | None = None,
-                   force: bool = False, progress: bool = True) -> None:
-    """Kept for existing callers: `convert` with a TP degree (the input may be any format)."""
-    convert(hf_dir, save_dir, tp, dtype=dtype, force=force, progress=progress)

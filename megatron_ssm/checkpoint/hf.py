@@ -4,61 +4,51 @@ layout and these tensor names; they differ only in config.json (see mamba_ssm.py
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..config import SSMConfig
+from ..tokenizer import COPIED_FILES
 from .errors import CheckpointError
+from .names import Parts, hf_parts, strip_prefix
+from .partition import hf_names
+from .reader import CheckpointReader
 from .safetensors_io import SafetensorsFile
 from .spec import TensorSpec
 from .torch_stream import TorchStateFile
 
-__all__ = ["CheckpointError", "HFCheckpoint", "TensorDir", "our_name", "hf_name", "copy_tokenizer", "WEIGHT_FILES"]
+__all__ = ["CheckpointError", "HFCheckpoint", "TensorDir", "our_name", "hf_name", "WEIGHT_FILES"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # looked for in this order; the first present wins
 WEIGHT_FILES = (INDEX_FILE, SINGLE_FILE, "pytorch_model.bin.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = COPIED_FILES  # carried along by every conversion (AtomicWriter.copy_tokenizer)
 
 
 def our_name(hf_name: str) -> str:
-    """HF tensor name -> ours: drop `backbone.`; old Mamba checkpoints say `embedding`, not `embeddings`."""
-    name = hf_name.removeprefix("backbone.")
-    return "embeddings.weight" if name == "embedding.weight" else name
+    """HF tensor name -> ours for the Mamba families (1:1): drop `backbone.`; old Mamba
+    checkpoints say `embedding`, not `embeddings`. Other families: names.py."""
+    return strip_prefix(hf_name)
 
 
 def hf_name(name: str) -> str:
-    """Ours -> the name transformers writes today."""
+    """Ours -> the name transformers writes today, for the Mamba families (1:1)."""
     return name if name == "lm_head.weight" else f"backbone.{name}"
-
-
-def copy_tokenizer(source_dir: str | Path, dest_dir: Path) -> None:
-    """Checkpoints carry their tokenizer along, whatever the format."""
-    for name in TOKENIZER_FILES:
-        if (Path(source_dir) / name).is_file():
-            shutil.copy2(Path(source_dir) / name, dest_dir / name)
 
 
 def open_tensor_file(path: Path):
     return SafetensorsFile(path) if path.suffix == ".safetensors" else TorchStateFile(path)
 
 
-class TensorDir:
+class TensorDir(CheckpointReader):
     """The weights of an HF-layout directory: headers read up front, tensor bytes on demand."""
 
-    def __init__(self, path: str | Path, config: SSMConfig):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, config: SSMConfig, verify: bool = True):
+        super().__init__(path)
         self.config = config
-        self._files: dict[Path, object] = {}
-        try:
-            self._where = self._locate()
-        except BaseException:
-            self.close()
-            raise
+        self._opening(self._locate, verify)
 
     def _open(self, file: Path):
         if file not in self._files:
@@ -67,8 +57,9 @@ class TensorDir:
             self._files[file] = open_tensor_file(file)
         return self._files[file]
 
-    def _locate(self) -> dict[str, tuple[Path, str]]:
-        """our name -> (file, name inside the file)."""
+    def _locate(self) -> None:
+        """self._where: our name -> [(file, name inside the file)] of the HF tensors concatenated to
+        make it (names.py); a tensor the map does not know keeps its own (stripped) name."""
         chosen = next((self.path / n for n in WEIGHT_FILES if (self.path / n).is_file()), None)
         if chosen is None:
             raise CheckpointError(f"no {', '.join(WEIGHT_FILES[:-1])} or {WEIGHT_FILES[-1]} in {self.path}")
@@ -80,45 +71,43 @@ class TensorDir:
             pairs = [(key, self.path / file) for key, file in weight_map.items()]
         else:
             pairs = [(key, chosen) for key in self._open(chosen).specs]
-        where: dict[str, tuple[Path, str]] = {}
+        self._parts: dict[str, Parts] = {}
+        part_of: dict[str, tuple[str, int]] = {}
+        try:
+            for name in hf_names(self.config):
+                self._parts[name] = hf_parts(name, self.config)
+                for i, (part, _) in enumerate(self._parts[name]):
+                    part_of[part] = (name, i)
+        except (KeyError, AttributeError):  # a config too broken to name its tensors: 1:1
+            pass
+        found: dict[str, dict[int, tuple[Path, str]]] = {}
         for key, file in pairs:
-            name = our_name(key)
-            if name in where:
-                raise CheckpointError(f"{self.path} holds tensor {name} twice ({where[name][1]} and {key})")
+            stripped = strip_prefix(key)
+            name, i = part_of.get(stripped, (stripped, 0))
+            if i in found.get(name, {}):
+                raise CheckpointError(f"{self.path} holds tensor {stripped} twice ({found[name][i][1]} and {key})")
             if key not in self._open(file).specs:
                 raise CheckpointError(f"{file.name} lacks tensor {key}, which its index names")
-            where[name] = (file, key)
-        return where
+            found.setdefault(name, {})[i] = (file, key)
+        # a packed tensor exists only when every part does (else it is reported missing)
+        self._where = {name: [got[i] for i in range(len(got))] for name, got in found.items()
+                       if len(got) == len(self._parts.get(name, [None]))}
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def spec(self, name: str) -> TensorSpec:
-        file, key = self._where[name]
-        s = self._files[file].specs[key]
-        return TensorSpec(name, s.shape, s.dtype)
+        specs = [self._files[file].specs[key] for file, key in self._where[name]]
+        shape = specs[0].shape if len(specs) == 1 else (sum(s.shape[0] for s in specs), *specs[0].shape[1:])
+        if len({s.dtype for s in specs}) > 1:
+            raise CheckpointError(f"{self.path}: the parts of tensor {name} have different dtypes")
+        return TensorSpec(name, tuple(shape), specs[0].dtype)
 
     def read(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise CheckpointError(f"{self.path} lacks tensor {name}")
-        file, key = self._where[name]
-        return self._files[file].read(key)
-
-    def tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (our name, tensor) one at a time."""
-        for name in self.names() if names is None else names:
-            yield name, self.read(name)
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        parts = [self._files[file].read(key) for file, key in self._where[name]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class HFCheckpoint(TensorDir):
@@ -126,8 +115,8 @@ class HFCheckpoint(TensorDir):
 
     format = "HF transformers"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"HF checkpoint directory {path} does not exist")
-        super().__init__(path, SSMConfig.from_hf_dir(path))
+        super().__init__(path, SSMConfig.from_hf_dir(path), verify)

@@ -6,21 +6,24 @@ from pathlib import Path
 
 import torch
 
-from ..config import FALCON_MAMBA, MAMBA2, ConfigError, SSMConfig
+from ..config import FALCON_H1, FALCON_MAMBA, FAMILIES, MAMBA2, NEMOTRON_H, ConfigError, SSMConfig
 from .atomic import AtomicWriter
 from .errors import CheckpointError
-from .hf import INDEX_FILE, SINGLE_FILE, copy_tokenizer, hf_name
+from .hf import INDEX_FILE, SINGLE_FILE
+from .names import hf_key, hf_parts
 from .safetensors_io import SafetensorsWriter
 from .spec import TensorSpec
 
-ARCHITECTURES = {"mamba": ("MambaForCausalLM", "mamba"), "falcon_mamba": ("FalconMambaForCausalLM", "falcon_mamba"),
-                 "mamba2": ("Mamba2ForCausalLM", "mamba2")}
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what save_pretrained used for years
 
 
 def hf_config_dict(cfg: SSMConfig) -> dict:
     """The config.json transformers needs to rebuild this model (the inverse of SSMConfig.from_hf)."""
-    arch, model_type = ARCHITECTURES[cfg.family]
+    if cfg.family in (NEMOTRON_H, FALCON_H1):
+        from ..hybrid_configs import hf_config_hybrid
+
+        return hf_config_hybrid(cfg)
+    arch, model_type = FAMILIES[cfg.family]
     d = dict(architectures=[arch], model_type=model_type, hidden_size=cfg.hidden_size,
              num_hidden_layers=cfg.num_layers, vocab_size=cfg.vocab_size, state_size=cfg.state_size,
              conv_kernel=cfg.conv_kernel, use_bias=cfg.use_bias, use_conv_bias=cfg.use_conv_bias,
@@ -63,12 +66,17 @@ def plan_files(specs: list[TensorSpec], max_bytes: int) -> list[tuple[str, list[
 class HFWriter(AtomicWriter):
     """with HFWriter(dir, cfg, specs) as w: w.write(name, tensor) in `specs` order (our names)."""
 
+    format = "hf"
+
     def __init__(self, target: str | Path, cfg: SSMConfig, specs: list[TensorSpec], force: bool = False,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.cfg = cfg
         self.config = hf_config_dict(cfg)  # before touching the disk: a model HF cannot express fails here
         super().__init__(target, force)
-        self.files = plan_files([TensorSpec(hf_name(s.name), s.shape, s.dtype) for s in specs], max_shard_bytes)
+        # each of our tensors is one or more HF tensors (names.py), written in this order
+        self._parts = {s.name: [(hf_key(part, cfg), rows) for part, rows in hf_parts(s.name, cfg)] for s in specs}
+        self.files = plan_files([TensorSpec(key, (rows, *s.shape[1:]) if rows is not None else s.shape, s.dtype)
+                                 for s in specs for key, rows in self._parts[s.name]], max_shard_bytes)
         self._file_of = {spec.name: i for i, (_, group) in enumerate(self.files) for spec in group}
         self._current: tuple[int, SafetensorsWriter] | None = None
 
@@ -78,16 +86,15 @@ class HFWriter(AtomicWriter):
         return self
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        key = hf_name(name)
-        i = self._file_of[key]
-        if self._current is None or self._current[0] != i:
-            self._close_current()
-            fname, group = self.files[i]
-            self._current = (i, SafetensorsWriter(self.tmp / fname, group, {"format": "pt"}))
-        self._current[1].write(key, tensor)
-
-    def copy_tokenizer(self, source_dir: str | Path) -> None:
-        copy_tokenizer(source_dir, self.tmp)
+        parts = self._parts[name]
+        pieces = [tensor] if len(parts) == 1 else tensor.split([rows for _, rows in parts])
+        for (key, _), piece in zip(parts, pieces):
+            i = self._file_of[key]
+            if self._current is None or self._current[0] != i:
+                self._close_current()
+                fname, group = self.files[i]
+                self._current = (i, SafetensorsWriter(self.tmp / fname, group, {"format": "pt"}))
+            self._current[1].write(key, piece.contiguous())
 
     def _close_current(self) -> None:
         if self._current is not None:

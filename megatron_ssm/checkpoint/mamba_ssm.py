@@ -73,13 +73,13 @@ def config_from_mamba_ssm(raw: dict, dtype: str = "float32") -> SSMConfig:
 class MambaSSMCheckpoint(TensorDir):
     format = "mamba-ssm"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool = True):
         path = Path(path)
         try:
             raw = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot read {path / 'config.json'}: {e}") from None
-        super().__init__(path, config_from_mamba_ssm(raw))
+        super().__init__(path, config_from_mamba_ssm(raw), verify)
         # The file does not say its dtype; the weights do.
         self.config.torch_dtype = str(self.spec("embeddings.weight").dtype).removeprefix("torch.") \
             if "embeddings.weight" in self.names() else "float32"

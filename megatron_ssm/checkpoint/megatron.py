@@ -1,34 +1,34 @@
 """Our checkpoints in Megatron's layout:
 
     DIR/latest_checkpointed_iteration.txt            "release" (written last: it makes DIR a checkpoint)
-    DIR/megatron_ssm_checkpoint.json                 TP degree and the byte size of every rank file
+    DIR/megatron_ssm_checkpoint.json                 TP degree, every file's size and checksum (integrity.py)
     DIR/release/mp_rank_{r:02d}/model_optim_rng.pt   {"model": state dict, "config": ..., ...}
 
 plus the tokenizer files copied beside them. Rank files are plain torch.save files, written tensor by
 tensor (torch_stream.py) into a temporary directory that is renamed into place at the end
 (atomic.py). Every rank checks the whole manifest before loading its own file, so a missing or
 truncated shard stops all ranks with the same message instead of one rank failing while the others
-wait for it in a collective.
+wait for it in a collective; each rank then verifies its own file's checksum (load_model makes every
+rank report a mismatch on any rank).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..config import SSMConfig
 from .atomic import AtomicWriter, interrupted_hint
 from .errors import CheckpointError, check_names
-from .hf import TOKENIZER_FILES, copy_tokenizer  # noqa: F401 - TOKENIZER_FILES: public name
+from .hf import TOKENIZER_FILES  # noqa: F401 - public name
+from .integrity import MANIFEST, read_manifest, recorded, verify_files
 from .partition import hf_shapes, merge, merge_shape, shard_shape
+from .reader import CheckpointReader
 from .spec import TensorSpec
 from .torch_stream import TorchFileWriter, TorchStateFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
-MANIFEST = "megatron_ssm_checkpoint.json"
 CHECKPOINT_VERSION = 3.0
 
 
@@ -36,9 +36,14 @@ def rank_file(root: Path, rank: int) -> Path:
     return Path(root) / RELEASE / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
 
 
+def rank_rel(rank: int) -> str:
+    """Rank `rank`'s file as the manifest names it."""
+    return rank_file(Path(), rank).as_posix()
+
+
 class CheckpointWriter(AtomicWriter):
     """with CheckpointWriter(dir, force) as w: w.open_ranks(...); w.write(rank, name, t) ...
-    (or w.save_rank(...) with a whole shard) -> renamed into `dir` only if everything was written."""
+    -> renamed into `dir` only if everything was written."""
 
     def __init__(self, target: str | Path, force: bool = False):
         super().__init__(target, force)
@@ -67,28 +72,17 @@ class CheckpointWriter(AtomicWriter):
     def write(self, rank: int, name: str, tensor: torch.Tensor) -> None:
         self._writers[rank].write(name, tensor)
 
-    def save_rank(self, rank: int, tp: int, cfg: SSMConfig, state: dict[str, torch.Tensor]) -> None:
-        """Write one rank's whole shard at once (for callers that already hold it)."""
-        writer = self._writer(rank, tp, cfg, [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()])
-        for name, tensor in state.items():
-            writer.write(name, tensor)
-        writer.close()
-        self._closed.add(rank)
-
-    def copy_tokenizer(self, source_dir: str | Path) -> None:
-        copy_tokenizer(source_dir, self.tmp)
-
     def _finish(self) -> None:
         for rank, writer in self._writers.items():
             writer.close()
             self._closed.add(rank)
         if self.tp is None or self._closed != set(range(self.tp)):
             raise CheckpointError(f"{self.target}: only ranks {sorted(self._closed)} of TP={self.tp} were written")
-        files = {str(rank_file(Path(), r)): rank_file(self.tmp, r).stat().st_size for r in range(self.tp)}
-        (self.tmp / MANIFEST).write_text(json.dumps(
-            {"format": "megatron-ssm", "tensor_model_parallel_size": self.tp, "files": files}, indent=1))
         (self.tmp / TRACKER).write_text(RELEASE)
         self._writers.clear()
+
+    def manifest_fields(self) -> dict:
+        return {"format": self.format, "tensor_model_parallel_size": self.tp}
 
     def _discard(self) -> None:
         self._writers.clear()
@@ -105,23 +99,21 @@ def checkpoint_tp_size(root: str | Path) -> int:
     if (root / TRACKER).read_text().strip() != RELEASE:
         raise CheckpointError(f"{root}/{TRACKER} does not say {RELEASE!r}: only release checkpoints are supported")
     present = sorted((root / RELEASE).glob("mp_rank_*"))
-    manifest = root / MANIFEST
-    if not manifest.is_file():  # written before manifests existed: trust the directory names
+    manifest = read_manifest(root)
+    if manifest is None:  # written before manifests existed: trust the directory names
         tp = 1 + max((int(p.name.removeprefix("mp_rank_")) for p in present), default=-1)
         if tp == 0:
             raise CheckpointError(f"{root}/{RELEASE} holds no mp_rank_* shards")
-        sizes = {str(rank_file(Path(), r)): None for r in range(tp)}
     else:
         try:
-            info = json.loads(manifest.read_text())
-            tp, sizes = int(info["tensor_model_parallel_size"]), info["files"]
+            tp = int(manifest["tensor_model_parallel_size"])
         except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{manifest} is unreadable ({e!r})") from None
+            raise CheckpointError(f"{root / MANIFEST} is unreadable ({e!r})") from None
     for r in range(tp):
         path = rank_file(root, r)
         if not path.is_file():
             raise CheckpointError(f"{root} (TP={tp}) is missing the shard of TP rank {r}: {path} does not exist")
-        expected, actual = sizes.get(str(rank_file(Path(), r))), path.stat().st_size
+        expected, actual = recorded(manifest, rank_rel(r))[0], path.stat().st_size
         if expected is not None and actual != expected:
             raise CheckpointError(f"{path} has {actual} bytes, {MANIFEST} says {expected}: the shard of TP "
                                   f"rank {r} is truncated or was changed after writing")
@@ -131,8 +123,9 @@ def checkpoint_tp_size(root: str | Path) -> int:
     return tp
 
 
-def load_rank(root: str | Path, rank: int, tp: int) -> tuple[SSMConfig, dict[str, torch.Tensor]]:
-    """Load TP rank `rank`'s shard, refusing a checkpoint written for another TP degree."""
+def load_rank(root: str | Path, rank: int, tp: int, verify: bool = True) -> tuple[SSMConfig, dict[str, torch.Tensor]]:
+    """Load TP rank `rank`'s shard, refusing a checkpoint written for another TP degree and (unless
+    not `verify`) a shard whose checksum differs from the manifest's (integrity.ChecksumError)."""
     root = Path(root)
     saved_tp = checkpoint_tp_size(root)
     if saved_tp != tp:
@@ -142,7 +135,9 @@ def load_rank(root: str | Path, rank: int, tp: int) -> tuple[SSMConfig, dict[str
             f"or reshard with tools/convert_hf.py --tp {tp}")
     # Check every rank's tensor names and shapes (their headers only), so that a bad shard stops all
     # ranks here rather than one rank raising while the rest wait for it in the first all-reduce.
-    MegatronCheckpoint(root).close()
+    MegatronCheckpoint(root, verify=False).close()
+    if verify:
+        verify_files(root, [rank_rel(rank)])
     try:
         blob = torch.load(rank_file(root, rank), map_location="cpu", weights_only=True, mmap=True)
         return SSMConfig.from_dict(blob["config"]), blob["model"]
@@ -150,28 +145,24 @@ def load_rank(root: str | Path, rank: int, tp: int) -> tuple[SSMConfig, dict[str
         raise CheckpointError(f"cannot read {rank_file(root, rank)}: {e}") from None
 
 
-class MegatronCheckpoint:
+class MegatronCheckpoint(CheckpointReader):
     """One of our checkpoints, read as the full (HF-shaped) tensors: each one merged from its TP shards
-    when asked for, so resharding N -> M never holds more than one tensor."""
+    when asked for, so resharding N -> M never holds more than one tensor. Every file is verified
+    against its checksum first, unless not `verify`."""
 
     format = "megatron-ssm"
 
-    def __init__(self, root: str | Path):
-        self.path = Path(root)
+    def __init__(self, root: str | Path, verify: bool = True):
+        super().__init__(root)
         self.tp = checkpoint_tp_size(self.path)
-        self._files: list[TorchStateFile] = []
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
+        self._opening(self._open, verify)
 
     def _open(self) -> None:
         for r in range(self.tp):
-            self._files.append(TorchStateFile(rank_file(self.path, r), key="model"))
+            self._files[r] = TorchStateFile(rank_file(self.path, r), key="model")
         self.config = SSMConfig.from_dict(self._files[0].obj["config"])
         full = hf_shapes(self.config)
-        for r, f in enumerate(self._files):
+        for r, f in self._files.items():
             saved = f.obj.get("tensor_model_parallel_size", self.tp)
             if saved != self.tp:
                 raise CheckpointError(f"{f.path} says it is a shard of TP={saved}, the directory holds TP={self.tp}")
@@ -183,26 +174,15 @@ class MegatronCheckpoint:
                                           f"TP={self.tp} should hold {want}")
         self._names = list(self._files[0].specs)
 
+    def unlisted_files(self) -> list[str]:
+        return [rank_rel(r) for r in range(self.tp)]
+
     def names(self) -> list[str]:
         return list(self._names)
 
     def spec(self, name: str) -> TensorSpec:
-        shapes = [f.specs[name].shape for f in self._files]
+        shapes = [self._files[r].specs[name].shape for r in range(self.tp)]
         return TensorSpec(name, merge_shape(name, shapes, self.config), self._files[0].specs[name].dtype)
 
     def read(self, name: str) -> torch.Tensor:
-        return merge(name, [f.read(name) for f in self._files], self.config)
-
-    def tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.names() if names is None else names:
-            yield name, self.read(name)
-
-    def close(self) -> None:
-        for f in self._files:
-            f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return merge(name, [self._files[r].read(name) for r in range(self.tp)], self.config)

@@ -1,9 +1,12 @@
-"""How each HF tensor is cut into TP shards, and glued back: the one place that knows the layout.
+"""How each full tensor is cut into TP shards, and glued back: the one place that knows the layout.
 
-Tensors are named as HF names them, less the `backbone.` prefix (our modules use the same names).
-Most are split evenly along one dim or replicated. Packed tensors (in_proj, Mamba-2's conv1d) are a
-stack of segments along dim 0, each cut on its own; Mamba-2's B/C segments hold n_groups groups
-that are split when tp divides n_groups and otherwise handed whole to the ranks whose heads use them.
+Tensors carry our names (our modules' names; for the Mamba families HF's less `backbone.`, other
+formats map theirs in names.py). The rules are per block kind of the pattern, one function each.
+Most tensors are split evenly along one dim or replicated. Packed tensors (in_proj, Mamba-2's
+conv1d, attention's qkv_proj, the gated MLP's gate_up_proj) are a stack of segments along dim 0,
+each cut on its own; Mamba-2's B/C segments hold n_groups groups and attention's k/v segments hold
+kv-head groups: split when tp divides their count, otherwise handed whole to the ranks whose heads
+use them.
 """
 from __future__ import annotations
 
@@ -12,14 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import SSMConfig
+from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SWIGLU, SSMConfig
 
-SPLIT, GROUPS = "split", "groups"
+SPLIT, GROUPS, KV_HEADS = "split", "groups", "kv_heads"
 
 
 @dataclass(frozen=True)
 class Packed:
-    """Segments stacked along dim 0: (kind, rows) with kind SPLIT (even cut) or GROUPS (B/C groups)."""
+    """Segments stacked along dim 0: (kind, rows) with kind SPLIT (even cut), GROUPS (Mamba-2's B/C
+    groups) or KV_HEADS (attention's key/value heads)."""
 
     segments: tuple[tuple[str, int], ...]
 
@@ -33,41 +37,92 @@ class Rule:
 
 def rule_for(name: str, cfg: SSMConfig, tp: int) -> Rule:
     """The sharding rule of tensor `name` (raises KeyError for a name the model does not have)."""
-    n = re.sub(r"^layers\.\d+\.", "", name)
-    vocab = Rule(dim=0, pad_rows_to=cfg.padded_vocab_size(tp))
     if name in ("embeddings.weight", "lm_head.weight"):
-        return vocab
-    if n in ("norm_f.weight", "norm.weight") or n == "mixer.out_proj.bias":
+        return Rule(dim=0, pad_rows_to=cfg.padded_vocab_size(tp))
+    if name == "norm_f.weight":
         return Rule()
-    if n == "mixer.out_proj.weight":
+    m = re.match(r"^layers\.(\d+)\.(.+)$", name)
+    if m and int(m.group(1)) < cfg.num_layers:
+        kind, local = cfg.pattern[int(m.group(1))], m.group(2)
+        rule = None
+        if local == "norm.weight":
+            rule = Rule()
+        elif kind in (MAMBA_BLOCK, PARALLEL_BLOCK) and local.startswith("mixer."):
+            rule = _mamba_rule(local.removeprefix("mixer."), cfg)
+        elif kind == ATTENTION_BLOCK and local.startswith("mixer."):
+            rule = _attention_rule(local.removeprefix("mixer."), cfg)
+        elif kind == PARALLEL_BLOCK and local.startswith("attention."):
+            rule = _attention_rule(local.removeprefix("attention."), cfg)
+        elif kind == MLP_BLOCK and local.startswith("mixer."):
+            rule = _mlp_rule(local.removeprefix("mixer."), cfg)
+        if rule is not None:
+            return rule
+    raise KeyError(f"no sharding rule for tensor {name!r} in a {cfg.family} model")
+
+
+def _mamba_rule(n: str, cfg: SSMConfig) -> Rule | None:
+    if n == "out_proj.bias":
+        return Rule()
+    if n == "out_proj.weight":
         return Rule(dim=1)
     I = cfg.intermediate_size
     if cfg.is_mamba2:
         bc = cfg.n_groups * cfg.state_size
         conv = ((SPLIT, I), (GROUPS, bc), (GROUPS, bc))
-        if n in ("mixer.in_proj.weight", "mixer.in_proj.bias"):
+        if n in ("in_proj.weight", "in_proj.bias"):
             return Rule(packed=Packed(((SPLIT, I),) + conv + ((SPLIT, cfg.num_heads),)))
-        if n in ("mixer.conv1d.weight", "mixer.conv1d.bias"):
+        if n in ("conv1d.weight", "conv1d.bias"):
             return Rule(packed=Packed(conv))
-        if n in ("mixer.dt_bias", "mixer.A_log", "mixer.D", "mixer.norm.weight"):
+        if n in ("dt_bias", "A_log", "D", "norm.weight"):
             return Rule(dim=0)
-    else:
-        if n in ("mixer.in_proj.weight", "mixer.in_proj.bias"):
-            return Rule(packed=Packed(((SPLIT, I), (SPLIT, I))))
-        if n == "mixer.x_proj.weight":
-            return Rule(dim=1)
-        if n in ("mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.dt_proj.weight", "mixer.dt_proj.bias",
-                 "mixer.A_log", "mixer.D"):
-            return Rule(dim=0)
-    raise KeyError(f"no sharding rule for tensor {name!r} in a {cfg.family} model")
+        return None
+    if n in ("in_proj.weight", "in_proj.bias"):
+        return Rule(packed=Packed(((SPLIT, I), (SPLIT, I))))
+    if n == "x_proj.weight":
+        return Rule(dim=1)
+    if n in ("conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias", "A_log", "D"):
+        return Rule(dim=0)
+    return None
 
 
-def _group_owner(cfg: SSMConfig, tp: int, rank: int) -> tuple[int, int]:
-    """(first group, number of groups) of B/C that `rank` holds."""
-    if cfg.n_groups % tp == 0:
-        per = cfg.n_groups // tp
+def _attention_rule(n: str, cfg: SSMConfig) -> Rule | None:
+    """qkv_proj packs [q | k | v]: q split by heads, k and v by kv-head ownership; o_proj row-parallel."""
+    d = cfg.attention_head_dim
+    if n in ("qkv_proj.weight", "qkv_proj.bias"):
+        kv = cfg.num_kv_heads * d
+        return Rule(packed=Packed(((SPLIT, cfg.num_attention_heads * d), (KV_HEADS, kv), (KV_HEADS, kv))))
+    if n == "o_proj.weight":
+        return Rule(dim=1)
+    if n == "o_proj.bias":
+        return Rule()
+    return None
+
+
+def _mlp_rule(n: str, cfg: SSMConfig) -> Rule | None:
+    """up (or [gate | up]) column-parallel, down row-parallel."""
+    I = cfg.mlp_intermediate_size
+    if n in ("gate_up_proj.weight", "gate_up_proj.bias"):
+        return Rule(packed=Packed(((SPLIT, I), (SPLIT, I))))
+    if n in ("up_proj.weight", "up_proj.bias"):
+        return Rule(dim=0)
+    if n == "down_proj.weight":
+        return Rule(dim=1)
+    if n == "down_proj.bias":
+        return Rule()
+    return None
+
+
+def _group_count(kind: str, cfg: SSMConfig) -> int:
+    return cfg.n_groups if kind == GROUPS else cfg.num_kv_heads
+
+
+def _group_owner(count: int, tp: int, rank: int) -> tuple[int, int]:
+    """(first group, number of groups) of `count` groups that `rank` holds: count/tp each when tp
+    divides count, else the one group of the heads on `rank`."""
+    if count % tp == 0:
+        per = count // tp
         return rank * per, per
-    return rank // (tp // cfg.n_groups), 1
+    return rank // (tp // count), 1
 
 
 def shard(name: str, full: torch.Tensor, cfg: SSMConfig, tp: int, rank: int) -> torch.Tensor:
@@ -83,8 +138,9 @@ def shard(name: str, full: torch.Tensor, cfg: SSMConfig, tp: int, rank: int) -> 
             if kind == SPLIT:
                 pieces.append(seg.chunk(tp, dim=0)[rank])
             else:
-                first, count = _group_owner(cfg, tp, rank)
-                gsize = rows // cfg.n_groups
+                groups = _group_count(kind, cfg)
+                first, count = _group_owner(groups, tp, rank)
+                gsize = rows // groups
                 pieces.append(seg.narrow(0, first * gsize, count * gsize))
         if start != full.shape[0]:
             raise ValueError(f"{name}: expected {start} rows, found {full.shape[0]}")
@@ -106,7 +162,8 @@ def merge(name: str, shards: list[torch.Tensor], cfg: SSMConfig) -> torch.Tensor
             if kind == SPLIT:
                 local_rows.append(rows // tp)
             else:
-                local_rows.append(_group_owner(cfg, tp, 0)[1] * rows // cfg.n_groups)
+                groups = _group_count(kind, cfg)
+                local_rows.append(_group_owner(groups, tp, 0)[1] * rows // groups)
         split = [s.split(local_rows, dim=0) for s in shards]
         segments = []
         for i, (kind, rows) in enumerate(rule.packed.segments):
@@ -116,7 +173,7 @@ def merge(name: str, shards: list[torch.Tensor], cfg: SSMConfig) -> torch.Tensor
                 # each group from the first rank that holds it
                 owners = {}
                 for r in range(tp):
-                    owners.setdefault(_group_owner(cfg, tp, r)[0], r)
+                    owners.setdefault(_group_owner(_group_count(kind, cfg), tp, r)[0], r)
                 segments.append(torch.cat([split[owners[g]][i] for g in sorted(owners)]))
         return torch.cat(segments)
     if rule.dim is None:
@@ -128,21 +185,53 @@ def merge(name: str, shards: list[torch.Tensor], cfg: SSMConfig) -> torch.Tensor
 
 
 def hf_names(cfg: SSMConfig) -> list[str]:
-    """Every tensor an HF checkpoint of this config holds (without `backbone.`; lm_head when untied)."""
-    per_layer = ["norm.weight", "mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.A_log", "mixer.D",
-                 "mixer.out_proj.weight"]
-    if cfg.use_conv_bias:
-        per_layer.append("mixer.conv1d.bias")
-    if cfg.use_bias:
-        per_layer += ["mixer.in_proj.bias", "mixer.out_proj.bias"]
-    if cfg.is_mamba2:
-        per_layer += ["mixer.dt_bias", "mixer.norm.weight"]
-    else:
-        per_layer += ["mixer.x_proj.weight", "mixer.dt_proj.weight", "mixer.dt_proj.bias"]
+    """Every tensor of this config, in our names and checkpoint order (lm_head when untied)."""
     names = ["embeddings.weight", "norm_f.weight"]
-    names += [f"layers.{i}.{p}" for i in range(cfg.num_layers) for p in per_layer]
+    for i, kind in enumerate(cfg.pattern):
+        names += [f"layers.{i}.{n}" for n in block_tensors(kind, cfg)]
     if not cfg.tie_word_embeddings:
         names.append("lm_head.weight")
+    return names
+
+
+def block_tensors(kind: str, cfg: SSMConfig) -> list[str]:
+    """The tensors of one block of kind `kind`, relative to `layers.i.`."""
+    names = ["norm.weight"]
+    if kind in (MAMBA_BLOCK, PARALLEL_BLOCK):
+        names += [f"mixer.{n}" for n in _mamba_tensors(cfg)]
+    if kind == ATTENTION_BLOCK:
+        names += [f"mixer.{n}" for n in _attention_tensors(cfg)]
+    if kind == PARALLEL_BLOCK:
+        names += [f"attention.{n}" for n in _attention_tensors(cfg)]
+    if kind == MLP_BLOCK:
+        up = "gate_up_proj" if cfg.mlp_kind == SWIGLU else "up_proj"
+        names += [f"mixer.{up}.weight", "mixer.down_proj.weight"]
+        if cfg.mlp_bias:
+            names += [f"mixer.{up}.bias", "mixer.down_proj.bias"]
+    return names
+
+
+def _mamba_tensors(cfg: SSMConfig) -> list[str]:
+    names = ["in_proj.weight", "conv1d.weight", "A_log", "D", "out_proj.weight"]
+    if cfg.use_conv_bias:
+        names.append("conv1d.bias")
+    if cfg.use_bias:
+        names.append("in_proj.bias")
+    if cfg.out_proj_bias:
+        names.append("out_proj.bias")
+    if cfg.is_mamba2:
+        names.append("dt_bias")
+        if cfg.mamba_norm == "gated":
+            names.append("norm.weight")
+    else:
+        names += ["x_proj.weight", "dt_proj.weight", "dt_proj.bias"]
+    return names
+
+
+def _attention_tensors(cfg: SSMConfig) -> list[str]:
+    names = ["qkv_proj.weight", "o_proj.weight"]
+    if cfg.attention_bias:
+        names += ["qkv_proj.bias", "o_proj.bias"]
     return names
 
 
@@ -160,11 +249,29 @@ def hf_shapes(cfg: SSMConfig) -> dict[str, tuple[int, ...]]:
                  "dt_proj.bias": (I,)}
     mixer |= {"in_proj.weight": (in_rows, H), "in_proj.bias": (in_rows,), "conv1d.weight": (conv, 1, K),
               "conv1d.bias": (conv,), "out_proj.weight": (H, I), "out_proj.bias": (H,)}
+    d = cfg.attention_head_dim
+    q, qkv = cfg.num_attention_heads * d, (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * d
+    attention = {"qkv_proj.weight": (qkv, H), "qkv_proj.bias": (qkv,), "o_proj.weight": (H, q), "o_proj.bias": (H,)}
+    F_ = cfg.mlp_intermediate_size
+    mlp = {"up_proj.weight": (F_, H), "up_proj.bias": (F_,), "gate_up_proj.weight": (2 * F_, H),
+           "gate_up_proj.bias": (2 * F_,), "down_proj.weight": (H, F_), "down_proj.bias": (H,)}
     top = {"embeddings.weight": (V, H), "lm_head.weight": (V, H), "norm_f.weight": (H,)}
     shapes = {}
     for name in hf_names(cfg):
-        local = re.sub(r"^layers\.\d+\.", "", name)
-        shapes[name] = top.get(name) or ((H,) if local == "norm.weight" else mixer[local.removeprefix("mixer.")])
+        if name in top:
+            shapes[name] = top[name]
+            continue
+        i, local = re.match(r"^layers\.(\d+)\.(.+)$", name).groups()
+        kind = cfg.pattern[int(i)]
+        owner, n = local.split(".", 1) if "." in local else (local, "")
+        if local == "norm.weight":
+            shapes[name] = (H,)
+        elif owner == "attention" or kind == ATTENTION_BLOCK:
+            shapes[name] = attention[n]
+        elif kind == MLP_BLOCK:
+            shapes[name] = mlp[n]
+        else:
+            shapes[name] = mixer[n]
     return shapes
 
 

@@ -40,7 +40,7 @@ class EngineConfig:
     state_memory_bytes: int = 1 << 30  # budget for the state cache when max_batch is None
     prefill_chunk: int = 2048  # tokens per prefill forward (bounds activation memory)
     max_prefill_tokens: int = 8192  # prompt tokens admitted per step, so decode is not starved
-    max_sequence_length: int = 1 << 16  # prompt + generated tokens
+    max_sequence_length: int = 1 << 16  # prompt + generated tokens; for hybrids also the KV cache's length
     prefix_block: int = 256  # prefix states are saved every this many tokens
     prefix_cache_bytes: int = 0  # 0 disables prefix state reuse
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
@@ -92,7 +92,8 @@ class Engine:
         self._long_turn = False  # whether the next step is the long prefill's
         self.config = cfg = config or EngineConfig()
         self.device = model.embeddings.weight.device
-        shapes = model.state_shapes()
+        self.has_kv = model.cfg.has_attention
+        shapes = model.state_shapes(cfg.max_sequence_length)
         self.bytes_per_sequence = StateCache.bytes_per_sequence(shapes, model.dtype)
         slots = cfg.max_batch or max(1, cfg.state_memory_bytes // self.bytes_per_sequence)
         self.cache = StateCache(shapes, slots, dtype=model.dtype, device=self.device)
@@ -123,8 +124,9 @@ class Engine:
         if req.max_new_tokens < least:
             raise ValueError(f"max_new_tokens must be >= {least}, got {req.max_new_tokens}")
         if len(req.prompt) + req.max_new_tokens > self.config.max_sequence_length:
+            kv = " (the length of the attention layers' KV cache)" if self.has_kv else ""
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds "
-                             f"the context budget of {self.config.max_sequence_length} tokens")
+                             f"the context budget of {self.config.max_sequence_length} tokens{kv}")
         req.sampling.validate()
 
     def add_request(self, req: Request) -> int:
@@ -191,7 +193,7 @@ class Engine:
             if self._context_parallel(seq):
                 if self.long is None:  # its slot is reserved (num_running) until it joins `running`
                     del self.waiting[i]
-                    self.long = LongPrefill.start(seq, self.model, self.prefix)
+                    self.long = LongPrefill.start(seq, self.cache, self.prefix)
                 else:  # one at a time; shorter prompts behind it go ahead
                     i += 1
                 continue
@@ -223,9 +225,8 @@ class Engine:
         seq = job.seq
         seq.slot = len(self.running)
         self.running.append(seq)
-        for c, s, (jc, js) in zip(self.cache.conv, self.cache.ssm, zip(job.states.conv, job.states.ssm)):
-            c[seq.slot].copy_(jc[0])
-            s[seq.slot].copy_(js[0])
+        if seq.slot != job.slot:
+            self.cache.copy_slot(job.slot, seq.slot, len(seq.req.prompt))
         return self._emit([seq], logits)
 
     def _prefill(self, seqs: list[_Sequence]) -> list[TokenOutput]:
@@ -237,9 +238,7 @@ class Engine:
             start, saved = (0, None) if seq.req.prompt_logprobs else self.prefix.lookup(seq.req.prompt)
             self.cache.reset(seq.slot, seq.slot + 1)
             if saved is not None:
-                for c, s, e in zip(self.cache.conv, self.cache.ssm, saved):
-                    c[seq.slot].copy_(e.conv[0])
-                    s[seq.slot].copy_(e.ssm[0])
+                self.cache.load(seq.slot, saved)
             groups.setdefault((len(seq.req.prompt), start), []).append(seq)
         outputs = []
         for (length, start), group in groups.items():
@@ -281,7 +280,8 @@ class Engine:
             end = min(L, pos + chunk)
             if keys is not None:
                 end = min(end, (pos // block + 1) * block)  # stop on each block boundary to save it
-            logits = self.model(tokens[:, pos:end], states, last_only=not score)
+            # keys/values beyond `end` are neither read nor written by this chunk
+            logits = self.model(tokens[:, pos:end], [s.upto(end) for s in states], last_only=not score)
             n = min(end, L - 1) - pos  # positions pos..pos+n-1 predict prompt tokens pos+1..pos+n
             if score and n > 0:
                 local = logits[score, :n].reshape(len(score) * n, -1)
@@ -290,7 +290,7 @@ class Engine:
             pos = end
             if keys is not None and pos in keys[0]:
                 for row, k in enumerate(keys):
-                    self.prefix.save(k[pos], states, row)
+                    self.prefix.save(k[pos], states, row, pos)
         scored = torch.cat(parts, 1).tolist() if parts else [[] for _ in score]
         return logits[:, -1], scored
 
@@ -298,7 +298,7 @@ class Engine:
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
         logits = self.graphed(tokens, n) if self.graphed is not None else None
         if logits is None:
-            logits = self.model(tokens, self.cache.rows(0, n))[:, -1]
+            logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running)))[:, -1]
         return self._emit(list(self.running), logits)
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor,
@@ -329,12 +329,17 @@ class Engine:
         """Free seq's slot by moving the last running sequence into it (one sequence's state copy)."""
         last = self.running.pop()
         if last is not seq:
-            for c, s in zip(self.cache.conv, self.cache.ssm):
-                c[seq.slot].copy_(c[last.slot])
-                s[seq.slot].copy_(s[last.slot])
+            self.cache.copy_slot(last.slot, seq.slot, self._kv_bound([last]))
             last.slot = seq.slot
             self.running[seq.slot] = last
         seq.slot = -1
+
+    def _kv_bound(self, seqs: list[_Sequence]) -> int | None:
+        """Positions the next decode step of `seqs` touches: its cached tokens plus the one it feeds
+        (known on the host, so no sync). None for models without attention."""
+        if not self.has_kv:
+            return None
+        return max(len(s.req.prompt) + max(s.generated, 1) for s in seqs)
 
     # ---- convenience ---------------------------------------------------------------------------
 

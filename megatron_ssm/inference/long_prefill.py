@@ -3,8 +3,9 @@
 The engine runs one such prefill beside its ordinary work: each of its steps takes up to
 cp x prefill_chunk tokens of the prompt (every CP rank a span of up to prefill_chunk), and the
 engine's other steps (admissions, decode) run in between, so running requests keep getting tokens.
-The prefill keeps its states in a one-sequence cache of its own until the prompt is done; then the
-sequence joins the running batch like any other, and decodes replicated on every CP rank.
+The prefill keeps its states in the cache's last slot, which running sequences (slots
+[0, n_running)) never reach while it is reserved; when the prompt is done the sequence moves to
+slot n_running, joins the running batch like any other, and decodes replicated on every CP rank.
 
 Why replicated decode: the state passing leaves the same final states on every CP rank (every rank
 folds the same gathered pairs), and one-token decode steps have nothing to split along the sequence.
@@ -36,21 +37,21 @@ MIN_SPAN_TOKENS = 16
 @dataclass
 class LongPrefill:
     seq: object  # the engine's _Sequence
-    states: StateCache  # one slot: this prompt's states while it is prefilled
-    pos: int  # prompt tokens already in `states`
+    cache: StateCache
+    slot: int  # the cache slot holding this prompt's states while it is prefilled
+    pos: int  # prompt tokens already in the slot's states
     keys: dict[int, bytes] | None  # prefix-block boundary -> prefix key, when the prefix cache is on
 
     @classmethod
-    def start(cls, seq, model: MambaLM, prefix: PrefixStateCache) -> "LongPrefill":
+    def start(cls, seq, cache: StateCache, prefix: PrefixStateCache) -> "LongPrefill":
         prompt = seq.req.prompt
-        states = StateCache(model.state_shapes(), 1, dtype=model.dtype, device=model.embeddings.weight.device)
+        slot = cache.slots - 1
         pos, saved = prefix.lookup(prompt)
+        cache.reset(slot, slot + 1)
         if saved is not None:
-            for c, s, e in zip(states.conv, states.ssm, saved):
-                c.copy_(e.conv)
-                s.copy_(e.ssm)
+            cache.load(slot, saved)
         keys = dict(prefix_keys(prompt[:-1], prefix.block)) if prefix.enabled else None
-        return cls(seq, states, pos, keys)
+        return cls(seq, cache, slot, pos, keys)
 
     @property
     def done(self) -> bool:
@@ -66,11 +67,11 @@ class LongPrefill:
         if self.keys is not None and end < len(prompt) and end // prefix.block * prefix.block > self.pos:
             end = end // prefix.block * prefix.block  # end on a block boundary, to save the state there
         tokens = torch.tensor([prompt[self.pos:end]], device=model.embeddings.weight.device)
-        states = self.states.rows(0, 1)
+        states = self.cache.rows(self.slot, self.slot + 1, end)  # keys/values past `end` are not touched
         n = end - self.pos
         spans = ContextParallelSpans.split(cp, n, unit) if n >= cp.size * MIN_SPAN_TOKENS else None
         logits = model(tokens, states, last_only=True, cp=spans)
         self.pos = end
         if self.keys is not None and end in self.keys:
-            prefix.save(self.keys[end], states, 0)
+            prefix.save(self.keys[end], states, 0, end)
         return logits[:, -1]

@@ -1,7 +1,8 @@
 """Prefix state reuse: the SSM counterpart of prefix caching.
 
 A prompt's state after its first k tokens is the whole of its context, so two prompts that share
-their first k tokens can share that state. Prefill saves the state reached at every multiple of
+their first k tokens can share that state (for a hybrid: every Mamba block's state plus every
+attention block's first k keys and values). Prefill saves the state reached at every multiple of
 `block` tokens; a new prompt starts from the longest saved prefix it begins with. Entries live in
 a least-recently-used map capped in bytes. Every TP rank holds its own shard of each entry and
 makes the same decisions, since keys and sizes are the same on every rank.
@@ -52,16 +53,22 @@ class PrefixStateCache:
         self.misses += 1
         return 0, None
 
-    def save(self, key: bytes, states: list[LayerState], row: int) -> None:
-        """Keep a copy of row `row` of `states` under `key`, evicting the least recently used."""
+    def save(self, key: bytes, states: list[LayerState], row: int, length: int | None = None) -> None:
+        """Keep a copy of row `row` of `states` under `key`, evicting the least recently used.
+        `length`: the prefix's token count, to which keys/values are cut (hybrids)."""
         if not self.enabled or key in self._entries:
             return
-        entry = [LayerState(s.conv[row:row + 1].clone(), s.ssm[row:row + 1].clone()) for s in states]
-        size = sum(e.conv.nbytes + e.ssm.nbytes for e in entry)
+        entry = [LayerState(**{n: t[row:row + 1, :length].clone() if n in ("k", "v") else t[row:row + 1].clone()
+                               for n, t in s.tensors().items()}) for s in states]
+        size = _nbytes(entry)
         if size > self.capacity:
             return
         while self.used + size > self.capacity:
             _, old = self._entries.popitem(last=False)
-            self.used -= sum(e.conv.nbytes + e.ssm.nbytes for e in old)
+            self.used -= _nbytes(old)
         self._entries[key] = entry
         self.used += size
+
+
+def _nbytes(entry: list[LayerState]) -> int:
+    return sum(t.nbytes for s in entry for t in s.tensors().values())

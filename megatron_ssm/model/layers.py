@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
-from ..ops.dispatch import causal_conv1d, causal_conv1d_update, rms_norm
+from ..ops.dispatch import causal_conv1d, causal_conv1d_update
 from ..parallel import TPContext
 
 AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor
@@ -49,25 +49,40 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
             y = self.allreduce(y, self.tp.group)
         return y if self.bias is None else y + self.bias
 
-    def start(self, x: torch.Tensor) -> PendingOutput:
+    def start(self, x: torch.Tensor, scale: float = 1.0) -> PendingOutput:
         """forward, returning before the reduction completes (see PendingOutput). The reduction runs
         on the TP group's second communicator, so the synchronous collectives that the next
         micro-chunk issues on the first one do not queue behind it."""
         y = F.linear(x, self.weight)
         group = self.tp.overlap_group or self.tp.group
         pending = self.allreduce.start(y, group) if self.tp.size > 1 else PendingAllReduce(y)
-        return PendingOutput(pending, self.bias)
+        return PendingOutput(pending, self.bias, scale)
 
 
 class PendingOutput:
-    """A row-parallel output whose all-reduce is in flight; `wait()` returns the finished output."""
+    """A row-parallel output whose all-reduce is in flight; `wait()` returns the finished output
+    (plus bias, times `scale`: the multipliers some families put on a layer's output)."""
 
-    def __init__(self, pending: PendingAllReduce, bias: torch.Tensor | None):
-        self.pending, self.bias = pending, bias
+    def __init__(self, pending: PendingAllReduce, bias: torch.Tensor | None, scale: float = 1.0):
+        self.pending, self.bias, self.scale = pending, bias, scale
 
     def wait(self) -> torch.Tensor:
         y = self.pending.wait()
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        return y if self.scale == 1.0 else y * self.scale
+
+
+class SummedOutput:
+    """Several pending outputs added together (a block whose mixers run side by side)."""
+
+    def __init__(self, *parts: PendingOutput):
+        self.parts = parts
+
+    def wait(self) -> torch.Tensor:
+        out = self.parts[0].wait()
+        for p in self.parts[1:]:
+            out = out + p.wait()
+        return out
 
 
 class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
@@ -95,9 +110,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x.to(self.weight.dtype), self.weight, self.eps)
 
 
 class CausalConv1d(nn.Module):
@@ -127,14 +139,10 @@ def local_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Par
 
 class Mixer(nn.Module):
     """A mixer whose output ends in a row-parallel all-reduce. Subclasses define `start`, which
-    returns while that all-reduce is in flight (so prefill can overlap it); `forward` waits for it."""
-
-    def forward(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-                ssm_state: torch.Tensor | None = None, cp=None) -> torch.Tensor:
-        """hidden [b, L, hidden]. States (if given) hold the context before `hidden` and are advanced
-        in place; L == 1 with states takes the single-step path. cp (a ContextParallelSpans): hidden
-        is this rank's span of a range split over the context-parallel group."""
-        return self.start(hidden, conv_state, ssm_state, cp).wait()
+    returns while that all-reduce is in flight (so prefill can overlap it). hidden [b, L, hidden];
+    states (if given) hold the context before `hidden` and are advanced in place; L == 1 with
+    states takes the single-step path. cp (a ContextParallelSpans): hidden is this rank's span of a
+    range split over the context-parallel group."""
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
               ssm_state: torch.Tensor | None = None, cp=None) -> PendingOutput:

@@ -1,52 +1,30 @@
-"""The language model: vocab-parallel embedding, Mamba blocks, final norm, vocab-parallel head.
+"""The language model: vocab-parallel embedding, a stack of blocks, final norm, vocab-parallel head.
 
-Parameter names follow HF's (`backbone.` dropped), so a checkpoint shard is HF's tensor cut by the
-rules in `checkpoint/partition.py`. The forward returns this rank's slice of the logits: sampling
-works on slices (see inference/sampling.py) and gathers the full vocabulary only when it must.
+The stack is built from the config's pattern (`M` Mamba, `*` attention, `-` MLP, `P` Mamba-2 and
+attention in parallel; see blocks.py): a pure Mamba model is `MMMM...`. Parameter names follow HF's
+Mamba names (`backbone.` dropped; other families map theirs onto ours in checkpoint/names.py), so a
+checkpoint shard is a full tensor cut by the rules in `checkpoint/partition.py`. The forward returns
+this rank's slice of the logits: sampling works on slices (see inference/sampling.py) and gathers
+the full vocabulary only when it must.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..comm import OneShotAllReduce
-from ..config import SSMConfig
+from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SSMConfig
 from ..ops.dispatch import add_rms_norm
 from ..parallel import TPContext, megatron_config
+from .attention import Attention
+from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
 from .context_parallel import ContextParallelSpans
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
+from .mlp import MLP
 
-
-@dataclass
-class LayerState:
-    """One layer's recurrent context for a batch of sequences: conv inputs and SSM state."""
-
-    conv: torch.Tensor  # [b, conv channels, K-1]
-    ssm: torch.Tensor  # [b, channels, n] (Mamba-1) or [b, heads, head_dim, n] (Mamba-2), fp32
-
-
-class MambaBlock(nn.Module):
-    """Pre-norm residual block. The residual stream is carried as (stream, delta): the previous
-    block's output is added to the stream inside this block's norm kernel, so the stream is read and
-    written once per layer instead of by separate add, cast and norm kernels."""
-
-    def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
-        super().__init__()
-        self.residual_dtype = torch.float32 if cfg.residual_in_fp32 else dtype
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
-        self.mixer = mixer
-
-    def start(self, stream: torch.Tensor, delta: torch.Tensor | None, state: LayerState | None,
-              cp: ContextParallelSpans | None = None) -> tuple[torch.Tensor, PendingOutput]:
-        """stream + delta is this block's input (delta None: the stream alone). Returns the updated
-        stream and the mixer's output, whose all-reduce may still be in flight."""
-        normed, stream = add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
-        conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
-        return stream, self.mixer.start(normed, conv, ssm, cp=cp)
+__all__ = ["LayerState", "MambaBlock", "MambaLM"]
 
 
 class MambaLM(nn.Module):
@@ -79,7 +57,23 @@ class MambaLM(nn.Module):
                 return Mamba2Mixer(cfg, tp, mp, allreduce=allreduce, small_allreduce=small, **kw)
             return Mamba1Mixer(cfg, tp, mp, allreduce=allreduce, **kw)
 
-        self.layers = nn.ModuleList(MambaBlock(cfg, mixer(), **kw) for _ in range(cfg.num_layers))
+        def attention():
+            return Attention(cfg, tp, mp, allreduce=allreduce, **kw)
+
+        def block(kind: str) -> nn.Module:
+            if kind == MAMBA_BLOCK:
+                return MambaBlock(cfg, mixer(), **kw)
+            if kind == ATTENTION_BLOCK:
+                return AttentionBlock(cfg, attention(), **kw)
+            if kind == MLP_BLOCK:
+                return MLPBlock(cfg, MLP(cfg, tp, mp, allreduce=allreduce, **kw), **kw)
+            if kind == PARALLEL_BLOCK:
+                return ParallelBlock(cfg, mixer(), attention(), **kw)
+            raise ValueError(f"unknown block kind {kind!r}")
+
+        self.layers = nn.ModuleList(block(kind) for kind in cfg.pattern)
+        self.embedding_scale = cfg.multiplier("embedding")
+        self.logit_scale = cfg.multiplier("lm_head")
         self.norm_f = RMSNorm(cfg.hidden_size, cfg.norm_eps, **kw)
         self.lm_head = None if cfg.tie_word_embeddings else \
             ColumnParallelLinear(cfg.hidden_size, self.padded_vocab, config=mp, bias=False)
@@ -93,14 +87,19 @@ class MambaLM(nn.Module):
     max_activation_elements = 2**31 - 1
 
     def max_tokens_per_forward(self, all_logits: bool = False) -> int:
-        """Most tokens (batch x length) one forward may take: the widest per-token row is in_proj's
-        output on this rank, or this rank's logits when every position's are kept."""
-        widest = max(self.layers[0].mixer.in_proj.weight.shape[0] if self.layers else 1, self.cfg.hidden_size,
-                     self.vocab_per_rank if all_logits else 1)
+        """Most tokens (batch x length) one forward may take: the widest per-token row is a
+        column-parallel output on this rank (in_proj, qkv, MLP up), or this rank's logits when every
+        position's are kept."""
+        columns = [m.weight.shape[0] for m in self.layers.modules() if isinstance(m, ColumnParallelLinear)]
+        widest = max(max(columns, default=1), self.cfg.hidden_size, self.vocab_per_rank if all_logits else 1)
         return max(1, self.max_activation_elements // widest)
 
-    def state_shapes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-        return [layer.mixer.state_shapes() for layer in self.layers]
+    def state_shapes(self, max_length: int = 0) -> list[StateShapes]:
+        """Per block, its per-sequence state on this rank: name -> (shape, dtype; None: the model's
+        dtype). Attention blocks hold keys/values for `max_length` positions."""
+        if self.cfg.has_attention and max_length < 1:
+            raise ValueError("a model with attention layers needs max_length >= 1 for its KV cache")
+        return [layer.state_shapes(max_length) for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None,
                 last_only: bool = False, cp: ContextParallelSpans | None = None) -> torch.Tensor:
@@ -114,6 +113,8 @@ class MambaLM(nn.Module):
         if cp is not None:
             input_ids = cp.local(input_ids)
         stream, delta = self.embeddings(input_ids), None
+        if self.embedding_scale != 1.0:
+            stream = stream * self.embedding_scale
         overlap = states is not None and cp is None and self._overlaps(input_ids)
         parts = self._micro_chunks(input_ids.shape[1]) if overlap else []
         if parts:
@@ -126,7 +127,10 @@ class MambaLM(nn.Module):
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden.to(head.dtype), head).float().masked_fill_(self.vocab_padding, float("-inf"))
+        logits = F.linear(hidden.to(head.dtype), head).float()
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        logits = logits.masked_fill_(self.vocab_padding, float("-inf"))
         if cp is not None:
             logits = cp.last_logits(logits) if last_only else cp.gather_positions(logits)
         return logits

@@ -8,33 +8,46 @@ import torch.distributed as dist
 
 from ..checkpoint.convert import DTYPES, check_names
 from ..checkpoint.hf import CheckpointError
-from ..checkpoint.megatron import load_rank
+from ..checkpoint.integrity import HASH, MANIFEST, ChecksumError, verify_default
+from ..checkpoint.megatron import load_rank, rank_file
 from ..parallel import TPContext
 from .layers import AllReduceFn
 from .lm import MambaLM
 
 
+FAILED, BAD_CHECKSUM = 1, 2  # what a rank tells the others about its load
+
+
 def load_model(ckpt_dir: str | Path, tp: TPContext, dtype: torch.dtype | None = None,
-               allreduce: AllReduceFn | None = None) -> MambaLM:
+               allreduce: AllReduceFn | None = None, verify: bool | None = None) -> MambaLM:
     """This rank's model. Every rank of the world must call it: if any rank fails to load its
     shard, all of them raise (the failing one with its reason) instead of the others going on to
-    wait for it in the first collective."""
+    wait for it in the first collective. Each rank verifies its own shard's checksum unless
+    `verify` is False (default: on unless MEGATRON_SSM_NO_VERIFY=1); a mismatch is named on all."""
+    verify = verify_default() if verify is None else verify
     model, error = None, None
     try:
-        model = _load(ckpt_dir, tp, dtype, allreduce)
+        model = _load(ckpt_dir, tp, dtype, allreduce, verify)
     except CheckpointError as e:
         error = e
-    failed = _ranks_that_failed(error is not None, tp)
+    status = _statuses(0 if error is None else BAD_CHECKSUM if isinstance(error, ChecksumError) else FAILED, tp)
     if error is not None:
         raise error
+    damaged = [r for r, s in enumerate(status) if s == BAD_CHECKSUM]
+    if damaged:
+        files = ", ".join(str(rank_file(Path(ckpt_dir), r)) for r in damaged)
+        raise ChecksumError(f"{files} (the shard of TP rank(s) {', '.join(map(str, damaged))}) does not match its "
+                            f"{HASH} checksum in {MANIFEST}: damaged or changed after it was written. Convert the "
+                            f"checkpoint again (or set MEGATRON_SSM_NO_VERIFY=1 to load it anyway)")
+    failed = [r for r, s in enumerate(status) if s]
     if failed:
         raise CheckpointError(f"{ckpt_dir}: TP rank(s) {', '.join(map(str, failed))} could not load their shard "
                               f"(their own messages say why)")
     return model
 
 
-def _load(ckpt_dir, tp: TPContext, dtype, allreduce) -> MambaLM:
-    cfg, state = load_rank(ckpt_dir, tp.rank, tp.size)
+def _load(ckpt_dir, tp: TPContext, dtype, allreduce, verify: bool = True) -> MambaLM:
+    cfg, state = load_rank(ckpt_dir, tp.rank, tp.size, verify)
     dtype = dtype or DTYPES.get(cfg.torch_dtype, torch.float32)
     model = MambaLM(cfg, tp, dtype=dtype, allreduce=allreduce)
     own = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -47,15 +60,16 @@ def _load(ckpt_dir, tp: TPContext, dtype, allreduce) -> MambaLM:
     return model.eval()
 
 
-def _ranks_that_failed(failed: bool, tp: TPContext) -> list[int]:
-    """The TP ranks whose shard failed to load anywhere in the world. Over the whole world, not the
-    TP group: with context parallelism every CP rank loads its TP rank's shard, and a CP group that
-    went on while another failed would wait for it in the first CP exchange."""
+def _statuses(status: int, tp: TPContext) -> list[int]:
+    """Every TP rank's load status (0: loaded; the worst over its CP ranks), from one all-reduce over
+    the whole world, not the TP group: with context parallelism every CP rank loads its TP rank's
+    shard, and a CP group that went on while another failed would wait for it in the first CP
+    exchange."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [tp.rank] if failed else []
-    world, me = dist.get_world_size(), dist.get_rank()
+        return [status if r == tp.rank else 0 for r in range(tp.size)]
+    world = dist.get_world_size()
     flags = torch.zeros(world, device=tp.device)
-    flags[me] = float(failed)
+    flags[dist.get_rank()] = float(status)
     dist.all_reduce(flags)
     # world rank = cp_rank * tp + tp_rank (megatron-core's tp-first order; see parallel.py)
-    return sorted({r % tp.size for r in range(world) if flags[r] > 0})
+    return [int(max(flags[r::tp.size].tolist())) for r in range(tp.size)]

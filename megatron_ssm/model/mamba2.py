@@ -8,11 +8,15 @@ B and C belong to groups of heads. When tp divides n_groups each rank holds whol
 gated norm is local. When n_groups divides tp (n_groups = 1 in most published checkpoints) each rank
 holds the one group its heads belong to, replicated on tp/n_groups ranks; a norm group then spans
 those ranks, so its sum of squares is all-reduced (one tiny collective of [tokens, n_groups]).
+
+Falcon-H1 runs the same mixer with muP multipliers (its input scaled by ssm_in, each in_proj segment
+[z, x, B, C, dt] by its own factor) and, in some sizes, without the gated norm (y * silu(z)).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..comm import ExactAllReduce
 from ..config import SSMConfig
@@ -51,11 +55,21 @@ class Mamba2Mixer(Mixer):
         self.dt_bias = local_param(self.heads, **kw)
         self.A_log = local_param(self.heads, **kw)
         self.D = local_param(self.heads, **kw)
-        self.norm = nn.Module()
-        self.norm.weight = local_param(self.channels, **kw)
+        if cfg.mamba_norm == "gated":
+            self.norm = nn.Module()
+            self.norm.weight = local_param(self.channels, **kw)
+        else:
+            self.norm = None
         self.out_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, config=mp_config,
-                                          bias=cfg.use_bias, tp=tp, allreduce=allreduce)
+                                          bias=cfg.out_proj_bias, tp=tp, allreduce=allreduce)
         self.small_allreduce = small_allreduce or ExactAllReduce()
+        self.input_scale = cfg.multiplier("ssm_in")
+        scale = None
+        if cfg.ssm_multipliers and any(m != 1.0 for m in cfg.ssm_multipliers):
+            widths = (self.channels, self.channels, self.bc_width, self.bc_width, self.heads)
+            scale = torch.cat([torch.full((w,), float(m)) for w, m in zip(widths, cfg.ssm_multipliers)])
+            scale = scale.to(device=device, dtype=dtype)
+        self.register_buffer("in_proj_scale", scale, persistent=False)
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-sequence (conv state, SSM state) shapes on this rank."""
@@ -76,7 +90,12 @@ class Mamba2Mixer(Mixer):
         model/context_parallel.py); the states then hold the context before the whole range."""
         cfg = self.cfg
         b, L, _ = hidden.shape
-        z, xbc, dt = self.in_proj(hidden).split([self.channels, self.conv_channels, self.heads], dim=-1)
+        if self.input_scale != 1.0:
+            hidden = hidden * self.input_scale
+        zxbcdt = self.in_proj(hidden)
+        if self.in_proj_scale is not None:
+            zxbcdt = zxbcdt * self.in_proj_scale
+        z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
         xbc = self.conv1d(xbc, conv_state) if cp is None else cp.conv(self.conv1d, xbc, conv_state)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
         x = x.reshape(b, L, self.heads, cfg.head_dim)
@@ -95,7 +114,10 @@ class Mamba2Mixer(Mixer):
                 y = cp.join_ssd(y, final, dt, A, C, self.dt_bias, cfg.time_step_limit, ssm_state)
             elif ssm_state is not None:
                 ssm_state.copy_(final)
-        y = gated_rms_norm(y.reshape(b, L, self.channels), z, self.norm.weight, cfg.norm_eps,
-                           group_size=cfg.intermediate_size // cfg.n_groups,
-                           reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
+        y = y.reshape(b, L, self.channels)
+        if self.norm is None:
+            y = y * F.silu(z)
+        else:
+            y = gated_rms_norm(y, z, self.norm.weight, cfg.norm_eps, group_size=cfg.intermediate_size // cfg.n_groups,
+                               reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
         return self.out_proj.start(y)

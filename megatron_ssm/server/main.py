@@ -96,9 +96,10 @@ def _load_codec(args, vocab_size: int):
     from ..tokenizer import Tokenizer
     from .text import TextCodec
 
+    kind = TOKENIZER_TYPES.get(args.tokenizer_type)
     if args.tokenizer_model is None:
         try:
-            tok = Tokenizer(args.load)
+            tok = Tokenizer(args.load, kind)
         except FileNotFoundError:
             if args.tokenizer_type:
                 raise ValueError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model: {args.load} holds no "
@@ -107,10 +108,7 @@ def _load_codec(args, vocab_size: int):
                         "accepted", args.load)
             return None
     else:
-        path = Path(args.tokenizer_model)
-        if path.is_dir() and args.tokenizer_type == "HuggingFaceTokenizer" and (path / "tokenizer.json").is_file():
-            path = path / "tokenizer.json"
-        tok = Tokenizer(path)
+        tok = Tokenizer(args.tokenizer_model, kind)
     codec = TextCodec(tok)
     if args.tokenizer_type and TOKENIZER_TYPES[args.tokenizer_type] != codec.kind:
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} expects a {TOKENIZER_TYPES[args.tokenizer_type]} "

@@ -1,0 +1,130 @@
+"""Causal self-attention split by heads across the TP group, with a per-sequence KV cache.
+
+qkv_proj is column-parallel and packed per rank as [q_r | k_r | v_r] (the checkpoint converter lays
+it out so, as for Mamba-2's in_proj). Rank r holds query heads [r*H/tp, (r+1)*H/tp). Key/value
+heads are split when tp divides them; when they divide tp each rank holds the one kv head its
+query heads use (replicated on tp/kv ranks). o_proj is row-parallel through the model's all-reduce.
+
+The state of a sequence is its keys and values at every position so far plus how many positions
+are filled: `k`, `v` [b, T, kv_heads_local, head_dim] and `length` [b]. Everything a step needs
+is a tensor (positions, masks, where to write), so a decode step is CUDA-graph capturable: T is
+the cache's fixed capacity (or any prefix of it the caller slices), and positions at or past a
+sequence's length are masked, not sliced.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import SSMConfig
+from ..parallel import TPContext
+from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
+
+
+def local_kv_heads(cfg: SSMConfig, tp_size: int) -> int:
+    """KV heads each rank holds: kv/tp when split, 1 when replicated."""
+    return cfg.num_kv_heads // tp_size if cfg.num_kv_heads % tp_size == 0 else 1
+
+
+def kv_head_owner(cfg: SSMConfig, tp_size: int, rank: int) -> tuple[int, int]:
+    """(first kv head, number of kv heads) that `rank` holds."""
+    if cfg.num_kv_heads % tp_size == 0:
+        per = cfg.num_kv_heads // tp_size
+        return rank * per, per
+    return rank // (tp_size // cfg.num_kv_heads), 1
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int) -> torch.Tensor:
+    """HF's rotate-half rotary embedding of x [b, L, heads, d] at positions [b, L] over its first
+    `rotary_dim` channels (the rest pass through)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=x.device, dtype=torch.float32) / rotary_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [b, L, rotary_dim / 2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos + rotated * sin
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+class Attention(Mixer):
+    def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
+                 allreduce: AllReduceFn | None = None):
+        super().__init__()
+        cfg.validate(tp.size)
+        self.cfg = cfg
+        self.heads = cfg.num_attention_heads // tp.size
+        self.kv_heads = local_kv_heads(cfg, tp.size)
+        self.head_dim = d = cfg.attention_head_dim
+        self.rotary_dim = cfg.rotary_dim or d
+        self.input_scale = cfg.multiplier("attention_in")
+        self.key_scale = cfg.multiplier("key")
+        local_rows = (self.heads + 2 * self.kv_heads) * d
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, tp.size * local_rows, config=mp_config,
+                                             bias=cfg.attention_bias)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, config=mp_config,
+                                        bias=cfg.attention_bias, tp=tp, allreduce=allreduce)
+
+    def state_shapes(self, max_length: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+        """Per-sequence state on this rank: name -> (shape, dtype; None: the model's dtype)."""
+        kv = (max_length, self.kv_heads, self.head_dim)
+        return {"k": (kv, None), "v": (kv, None), "length": ((), torch.int64)}
+
+    def start(self, hidden: torch.Tensor, state=None, out_scale: float = 1.0, cp=None) -> PendingOutput:
+        """hidden [b, L, hidden]. `state` (a LayerState with k, v, length) holds the sequences'
+        earlier positions: the new keys/values are written after them and `length` advances; None
+        attends within `hidden` alone and keeps nothing. cp (a ContextParallelSpans): hidden is this
+        rank's span of a range split over the CP group; every span's keys/values are gathered, so
+        each rank's queries see the earlier spans and every rank's cache holds the whole range."""
+        b, L, _ = hidden.shape
+        d = self.head_dim
+        if self.input_scale != 1.0:
+            hidden = hidden * self.input_scale
+        q, k, v = self.qkv_proj(hidden).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = q.view(b, L, self.heads, d)
+        k = k.view(b, L, self.kv_heads, d)
+        v = v.view(b, L, self.kv_heads, d)
+        if self.key_scale != 1.0:
+            k = k * self.key_scale
+        steps = torch.arange(L, device=hidden.device) + (0 if cp is None else cp.start)
+        positions = steps.expand(b, L) if state is None else state.length[:, None] + steps
+        if self.cfg.rope_theta is not None:
+            q = rotate(q, positions, self.cfg.rope_theta, self.rotary_dim)
+            k = rotate(k, positions, self.cfg.rope_theta, self.rotary_dim)
+        if cp is not None:
+            return self.o_proj.start(self._context_parallel(q, k, v, positions, state, cp), out_scale)
+        if state is None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=self.heads != self.kv_heads)
+        else:
+            where = positions[:, :, None, None].expand(b, L, self.kv_heads, d)
+            state.k.scatter_(1, where, k.to(state.k.dtype))
+            state.v.scatter_(1, where, v.to(state.v.dtype))
+            state.length += L
+            # query at position p sees keys 0..p; positions past a sequence's length are stale
+            visible = torch.arange(state.k.shape[1], device=hidden.device) <= positions[:, :, None]
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
+                                                 attn_mask=visible[:, None], enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj.start(out.transpose(1, 2).reshape(b, L, self.heads * d), out_scale)
+
+    def _context_parallel(self, q, k, v, positions, state, cp) -> torch.Tensor:
+        """Attention of this span's queries (at `positions`) over the cached positions and every span
+        of the range up to each query; returns [b, L, heads * head_dim]."""
+        b, L = q.shape[:2]
+        k_all, v_all = cp.gather_positions(k), cp.gather_positions(v)  # [b, n, kv heads, d], the range
+        n = k_all.shape[1]
+        if state is None:
+            keys, values = k_all, v_all
+            visible = torch.arange(n, device=q.device) <= positions[:, :, None]
+        else:
+            where = (state.length[:, None] + torch.arange(n, device=q.device))[:, :, None, None]
+            where = where.expand(b, n, self.kv_heads, self.head_dim)
+            state.k.scatter_(1, where, k_all.to(state.k.dtype))
+            state.v.scatter_(1, where, v_all.to(state.v.dtype))
+            state.length += n
+            keys, values = state.k, state.v
+            visible = torch.arange(keys.shape[1], device=q.device) <= positions[:, :, None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=visible[:, None], enable_gqa=self.heads != self.kv_heads)
+        return out.transpose(1, 2).reshape(b, L, self.heads * self.head_dim)

@@ -1,0 +1,148 @@
+"""The pre-norm residual blocks a model's pattern is built from, one class per pattern letter.
+
+Every block has the same surface, which is all the model and the engine use:
+
+- `start(stream, delta, state, cp=None) -> (stream, pending)`: stream + delta is the block's input
+  (delta None: the stream alone; cp: a ContextParallelSpans, the input is this rank's span of a
+  range split over the context-parallel group, see context_parallel.py). The previous block's output is added to the stream inside this block's
+  norm kernel, so the stream is read and written once per block. `pending.wait()` gives this
+  block's output, whose all-reduce may still be in flight (prefill overlaps it).
+- `state_shapes(max_length)`: the per-sequence state on this rank, name -> (shape, dtype; None
+  for the model's dtype). The names are LayerState's fields; an empty dict means stateless.
+
+Parameter names: `norm.weight` and `mixer.*` for every kind (so pure-Mamba checkpoints keep their
+names); the parallel block's attention is `attention.*`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+
+from ..config import SSMConfig
+from ..ops.dispatch import add_rms_norm
+from .layers import PendingOutput, RMSNorm, SummedOutput
+
+StateShapes = dict[str, tuple[tuple[int, ...], "torch.dtype | None"]]
+
+
+@dataclass
+class LayerState:
+    """One block's context for a batch of sequences; fields a block kind does not use are None.
+
+    Mamba: conv inputs [b, conv channels, K-1] and SSM state (fp32). Attention: keys and values
+    [b, T, kv heads, head_dim] (T: the capacity, or the prefix of it a step may touch) and the
+    number of positions filled per sequence, `length` [b]."""
+
+    conv: torch.Tensor | None = None
+    ssm: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    length: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def upto(self, positions: int | None) -> "LayerState":
+        """The same state with keys/values cut to their first `positions` (views: writes land in
+        self). A step only reads and writes positions below the longest sequence's new length."""
+        if self.k is None or positions is None:
+            return self
+        return LayerState(self.conv, self.ssm, self.k[:, :positions], self.v[:, :positions], self.length)
+
+
+class Block(nn.Module):
+    kind = "?"
+
+    def __init__(self, cfg: SSMConfig, *, dtype, device):
+        super().__init__()
+        self.residual_dtype = torch.float32 if cfg.residual_in_fp32 else dtype
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
+
+    def enter(self, stream: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed input, updated stream)."""
+        return add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
+
+    def state_shapes(self, max_length: int = 0) -> StateShapes:
+        return {}
+
+
+def _mamba_shapes(mixer) -> StateShapes:
+    conv, ssm = mixer.state_shapes()
+    return {"conv": (conv, None), "ssm": (ssm, torch.float32)}
+
+
+class MambaBlock(Block):
+    """`M`: a Mamba-1 or Mamba-2 mixer."""
+
+    kind = "M"
+
+    def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
+        super().__init__(cfg, dtype=dtype, device=device)
+        self.mixer = mixer
+
+    def start(self, stream, delta, state: LayerState | None, cp=None) -> tuple[torch.Tensor, PendingOutput]:
+        normed, stream = self.enter(stream, delta)
+        conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
+        return stream, self.mixer.start(normed, conv, ssm, cp=cp)
+
+    def state_shapes(self, max_length: int = 0) -> StateShapes:
+        return _mamba_shapes(self.mixer)
+
+
+class AttentionBlock(Block):
+    """`*`: causal self-attention over the sequence's KV cache."""
+
+    kind = "*"
+
+    def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
+        super().__init__(cfg, dtype=dtype, device=device)
+        self.mixer = mixer
+
+    def start(self, stream, delta, state: LayerState | None, cp=None):
+        normed, stream = self.enter(stream, delta)
+        return stream, self.mixer.start(normed, state, cp=cp)
+
+    def state_shapes(self, max_length: int = 0) -> StateShapes:
+        return self.mixer.state_shapes(max_length)
+
+
+class MLPBlock(Block):
+    """`-`: a stateless MLP."""
+
+    kind = "-"
+
+    def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
+        super().__init__(cfg, dtype=dtype, device=device)
+        self.mixer = mixer
+
+    def start(self, stream, delta, state: LayerState | None = None, cp=None):
+        normed, stream = self.enter(stream, delta)  # per token: a span runs as it is
+        return stream, self.mixer.start(normed)
+
+
+class ParallelBlock(Block):
+    """`P`: a Mamba-2 mixer and attention side by side on one norm's output; the block's output is
+    ssm_out * mixer + attention_out * attention (Falcon-H1). Two all-reduces, both in flight
+    together."""
+
+    kind = "P"
+
+    def __init__(self, cfg: SSMConfig, mixer: nn.Module, attention: nn.Module, *, dtype, device):
+        super().__init__(cfg, dtype=dtype, device=device)
+        self.mixer = mixer
+        self.attention = attention
+        self.mixer_scale = cfg.multiplier("ssm_out")
+        self.attention_scale = cfg.multiplier("attention_out")
+
+    def start(self, stream, delta, state: LayerState | None, cp=None):
+        normed, stream = self.enter(stream, delta)
+        conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
+        mixed = self.mixer.start(normed, conv, ssm, cp=cp)
+        mixed.scale *= self.mixer_scale
+        attended = self.attention.start(normed, state, self.attention_scale, cp=cp)
+        return stream, SummedOutput(mixed, attended)
+
+    def state_shapes(self, max_length: int = 0) -> StateShapes:
+        return {**_mamba_shapes(self.mixer), **self.attention.state_shapes(max_length)}

@@ -1,0 +1,44 @@
+"""The MLP of the hybrids: column-parallel up projection, activation, row-parallel down projection.
+
+Two kinds: squared ReLU on `up_proj` (Nemotron-H) and gated SiLU, `up * silu(gate)`, whose gate and
+up rows are packed per rank as [gate_r | up_r] in `gate_up_proj` (Falcon-H1, with its muP gate and
+down multipliers). Stateless: its whole input is the current token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RELU2, SWIGLU, ConfigError, SSMConfig
+from ..parallel import TPContext
+from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
+
+
+class MLP(Mixer):
+    def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
+                 allreduce: AllReduceFn | None = None):
+        super().__init__()
+        if cfg.mlp_kind not in (RELU2, SWIGLU):
+            raise ConfigError(f"MLP kind {cfg.mlp_kind!r} is not supported ({RELU2} or {SWIGLU})")
+        cfg.validate(tp.size)
+        self.kind = cfg.mlp_kind
+        self.width = cfg.mlp_intermediate_size // tp.size
+        I = cfg.mlp_intermediate_size
+        if self.kind == SWIGLU:
+            self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * I, config=mp_config, bias=cfg.mlp_bias)
+        else:
+            self.up_proj = ColumnParallelLinear(cfg.hidden_size, I, config=mp_config, bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(I, cfg.hidden_size, config=mp_config, bias=cfg.mlp_bias, tp=tp,
+                                           allreduce=allreduce)
+        self.gate_scale = cfg.multiplier("mlp_gate")
+        self.down_scale = cfg.multiplier("mlp_down")
+
+    def start(self, hidden: torch.Tensor) -> PendingOutput:
+        if self.kind == SWIGLU:
+            gate, up = self.gate_up_proj(hidden).split(self.width, dim=-1)
+            if self.gate_scale != 1.0:
+                gate = gate * self.gate_scale
+            y = up * F.silu(gate)
+        else:
+            y = torch.square(F.relu(self.up_proj(hidden)))
+        return self.down_proj.start(y, self.down_scale)

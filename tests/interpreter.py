@@ -1,0 +1,40 @@
+"""Triton's CPU interpreter for the kernel tests (TRITON_INTERPRET=1, set by conftest.py before
+anything imports triton, on machines without CUDA).
+
+`interpreter_problem()` runs one tiny kernel with a run-time loop bound and says why the interpreter
+cannot run the kernels here (triton missing, the variable unset, or a triton/numpy pair whose
+interpreter fails: Triton 3.6's int()s one-element arrays, which numpy 2.4 refuses), or None.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_problem() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "TRITON_INTERPRET is not 1 (conftest.py sets it only where CUDA is absent)"
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _running_sum(x, out, n, BLOCK: tl.constexpr):
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, n, BLOCK):  # a run-time bound: where numpy 2.4 broke Triton 3.6
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(x + offs, mask=offs < n, other=0.0)
+        tl.store(out, tl.sum(acc, axis=0))
+
+    x, out = torch.arange(10, dtype=torch.float32), torch.zeros(1)
+    try:
+        _running_sum[(1,)](x, out, 10, BLOCK=4)
+    except Exception as e:  # noqa: BLE001 - any failure means the interpreter cannot run kernels here
+        return f"Triton {triton.__version__}'s interpreter fails here: {type(e).__name__}: {e}"
+    if out.item() != 45.0:
+        return f"Triton {triton.__version__}'s interpreter summed 0..9 to {out.item()}"
+    return None

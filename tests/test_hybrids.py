@@ -1,0 +1,216 @@
+"""The hybrids (Nemotron-H, Falcon-H1) at TP 1, 2 and 4 against HF transformers' own code: prefill
+logits, cached decode, greedy generation, the engine's batching / chunking / prefix reuse, and the
+converter's exact round trip."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_models import build_hf_model, fresh_seed, hf_greedy, hf_logits, hybrid_config, save_hf
+from megatron_ssm.checkpoint.convert import convert, hf_to_megatron
+from megatron_ssm.config import ConfigError, SSMConfig
+from test_model_vs_hf import TOL, _rank_generate, _rank_logits
+
+# (family, options): kv heads 2 are split at TP 2 and replicated at TP 4; n_groups 2 likewise
+CASES = [
+    pytest.param("nemotron_h", dict(pattern="M*-M"), id="nemotron-kv2-g2"),
+    pytest.param("nemotron_h", dict(pattern="*M-*", heads=8, kv_heads=4, n_groups=1, tied=True), id="nemotron-kv4-g1-tieflag"),
+    pytest.param("falcon_h1", dict(), id="falcon-h1-kv2-g2"),
+    pytest.param("falcon_h1", dict(kv_heads=4, n_groups=1, mamba_norm=False, layers=1), id="falcon-h1-kv4-nonorm"),
+]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(family, options) -> (hf model, hf dir, {tp: checkpoint dir}), built once per case."""
+    built = {}
+
+    def get(family, opts):
+        key = (family, tuple(sorted(opts.items())))
+        if key not in built:
+            root = tmp_path_factory.mktemp(family)
+            model = build_hf_model(hybrid_config(family, **opts), fresh_seed())
+            hf_dir = save_hf(model, root / "hf")
+            ckpts = {}
+            for tp in (1, 2, 4):
+                ckpts[tp] = str(root / f"tp{tp}")
+                hf_to_megatron(hf_dir, ckpts[tp], tp, progress=False)
+            built[key] = (model, hf_dir, ckpts)
+        return built[key]
+
+    return get
+
+
+def _close(ours, ref, what=""):
+    assert ours.shape == ref.shape
+    err = (ours - ref).abs().max().item()
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"{what}max |ours - HF| = {err}"
+
+
+# ---- run on every rank -------------------------------------------------------------------------
+
+def _rank_prefill_then_decode(ckpt: str, input_ids: torch.Tensor, split: int, overlap: bool = False):
+    """Logits of positions split-1.. from prefilling [:split] then decoding a token at a time over
+    the KV cache (capacity exactly the sequence: the last step fills it)."""
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.inference.sampling import gather_logits
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    tp = tp_context(torch.device("cpu"))
+    model = load_model(ckpt, tp)
+    model.overlap_min_tokens = 1 if overlap else 0
+    b, L = input_ids.shape
+    cache = StateCache(model.state_shapes(L - 1), b, dtype=model.dtype, device=torch.device("cpu"))
+    states = cache.rows(0, b)
+    with torch.no_grad():
+        prefill = model(input_ids[:, :split], states)
+        outs = [prefill if overlap else prefill[:, -1:]]
+        for t in range(split, L - 1):
+            outs.append(model(input_ids[:, t:t + 1], states))
+        full = gather_logits(torch.cat(outs, dim=1), model.cfg.vocab_size, tp)
+    return full if tp.is_first else None
+
+
+def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
+    """The same requests alone, batched with queueing, in 5-token prefill chunks, and twice through
+    a prefix cache of 4-token blocks (the second pass starts from saved SSM states + KV prefixes)."""
+    from megatron_ssm.inference.engine import Engine, EngineConfig, Request
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    longest = max(map(len, prompts)) + new
+
+    def run(reqs=None, **cfg):
+        eng = Engine(model, EngineConfig(max_sequence_length=longest, **cfg))
+        return eng, eng.generate(reqs or [Request(p, new) for p in prompts])
+
+    alone = [run([Request(p, new)], max_batch=1)[1][0] for p in prompts]
+    queued = run(max_batch=2)[1]
+    chunked = run(max_batch=4, prefill_chunk=5)[1]
+    eng = Engine(model, EngineConfig(max_batch=4, max_sequence_length=longest, prefix_block=4,
+                                     prefix_cache_bytes=1 << 26))
+    first = eng.generate([Request(p, new) for p in prompts])
+    again = eng.generate([Request(p, new) for p in prompts])
+    return alone, queued, chunked, first, again, eng.prefix.hits
+
+
+def _rank_too_long(ckpt: str):
+    from megatron_ssm.inference.engine import Engine, EngineConfig, Request
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    eng = Engine(load_model(ckpt, tp_context(torch.device("cpu"))), EngineConfig(max_batch=1, max_sequence_length=8))
+    try:
+        eng.add_request(Request([5] * 6, 3))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+# ---- tests -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("family,opts", CASES)
+def test_prefill_logits_match_hf(ranks, converted, family, opts, tp):
+    model, _, ckpts = converted(family, opts)
+    ids = torch.randint(0, 250, (2, 37))
+    _close(ranks(tp).run(_rank_logits, ckpts[tp], ids)[0], hf_logits(model, ids))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("family,opts", [CASES[0], CASES[2], CASES[3]])
+def test_cached_decode_equals_full_recompute(ranks, converted, family, opts, tp):
+    model, _, ckpts = converted(family, opts)
+    ids = torch.randint(0, 250, (3, 29))
+    split = int(torch.randint(1, 20, ()).item())
+    ref = hf_logits(model, ids)[:, split - 1:-1]
+    _close(ranks(tp).run(_rank_prefill_then_decode, ckpts[tp], ids, split)[0], ref, f"split={split}: ")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("family,opts", [CASES[0], CASES[2]])
+def test_overlapped_prefill_matches_hf(ranks, converted, family, opts, tp):
+    model, _, ckpts = converted(family, opts)
+    ids = torch.randint(0, 250, (2, 41))
+    split = int(torch.randint(2, 36, ()).item())
+    ref = hf_logits(model, ids)[:, :-1]
+    _close(ranks(tp).run(_rank_prefill_then_decode, ckpts[tp], ids, split, True)[0], ref, f"split={split}: ")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("family,opts", [CASES[1], CASES[2]])
+def test_greedy_generation_matches_hf_generate(ranks, converted, family, opts, tp):
+    model, _, ckpts = converted(family, opts)
+    g = torch.Generator().manual_seed(fresh_seed())
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (5, 1, 12)]
+    expected = [hf_greedy(model, p, 8) for p in prompts]
+    assert ranks(tp).run(_rank_generate, ckpts[tp], prompts, 8) == [expected] * tp
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family,opts", [CASES[0], CASES[2]])
+def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, family, opts, tp):
+    """Continuous batching with slot moves, chunked prefill continuing from cached K/V, and prefix
+    hits (SSM states + KV prefix) all give the tokens a lone request gets, which are HF's."""
+    model, _, ckpts = converted(family, opts)
+    g = torch.Generator().manual_seed(fresh_seed())
+    shared = torch.randint(3, 250, (9,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
+    alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    assert alone == [hf_greedy(model, p, 6) for p in prompts]
+    assert queued == alone and chunked == alone and first == alone and again == alone
+    assert hits >= 3
+
+
+def test_request_past_the_kv_cache_is_refused(ranks, converted):
+    _, _, ckpts = converted(*CASES[0].values)
+    msg = ranks(1).run(_rank_too_long, ckpts[1])[0]
+    assert msg and "exceeds the context budget of 8 tokens" in msg and "KV cache" in msg
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def _hf_tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("family,dtype,opts", [
+    pytest.param("nemotron_h", torch.bfloat16, dict(pattern="M*-M"), id="nemotron-bf16"),
+    pytest.param("falcon_h1", torch.float32, dict(), id="falcon-h1-fp32"),
+])
+def test_hf_tp2_tp4_hf_is_bit_exact(tmp_path, family, dtype, opts):
+    from transformers import AutoModelForCausalLM
+
+    model = build_hf_model(hybrid_config(family, **opts), fresh_seed()).to(dtype)
+    hf = save_hf(model, tmp_path / "hf")
+    convert(hf, tmp_path / "tp2", 2, progress=False)
+    convert(tmp_path / "tp2", tmp_path / "tp4", 4, progress=False)
+    convert(tmp_path / "tp4", tmp_path / "back", to_hf=True, progress=False)
+    original, back = _hf_tensors(hf), _hf_tensors(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    for k in original:
+        assert back[k].dtype == original[k].dtype and torch.equal(back[k], original[k]), k
+    assert SSMConfig.from_hf(json.loads((tmp_path / "back" / "config.json").read_text())) == \
+        SSMConfig.from_hf(json.loads((hf / "config.json").read_text()))
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.randint(0, 250, (1, 9))
+    assert torch.equal(hf_logits(again.to(dtype).eval(), ids), hf_logits(model, ids))
+
+
+def test_moe_layers_and_bad_tp_degrees_are_refused(tmp_path):
+    raw = hybrid_config("nemotron_h", pattern="M*-M").to_dict()
+    moe = dict(raw, layers_block_type=["mamba", "moe", "attention", "mlp"])
+    with pytest.raises(ConfigError, match=r"MoE \('E'\) layers, which are not supported"):
+        SSMConfig.from_hf(moe)
+    cfg = SSMConfig.from_hf(raw)
+    assert cfg.pattern == "M*-M"
+    with pytest.raises(ConfigError, match="TP degree 8 does not divide the 4 attention heads"):
+        cfg.validate(8)
+    with pytest.raises(ConfigError, match="one must divide the other"):
+        SSMConfig.from_hf(dict(raw, num_attention_heads=6, num_key_value_heads=3, head_dim=16)).validate(2)

@@ -1,0 +1,201 @@
+"""Token choice (megatron_ssm.inference.sampling) against references written here from the definitions:
+the top-k / top-p kept set by a sorted loop, the drawn token by walking the exact (float64)
+probabilities softmax(logits / T) in token order to the generator's uniform number, the vocab-parallel
+argmax and log-probability from the gathered logits. Every input is random with a fresh seed that
+the failure message names.
+
+Single process; the multi-rank paths (tp > 1) run on a pool of two gloo ranks.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_ssm.inference.sampling import SamplingParams, choose_tokens, draw, filter_logits
+
+
+# ---- references -----------------------------------------------------------------------------------
+
+def kept_tokens(logits: list[float], top_k: int, top_p: float) -> set[int]:
+    """The tokens sampling may pick: the top-k by logit (ties at the k-th value kept), then, in order of
+    falling probability, every token whose predecessors' probabilities sum to less than top_p."""
+    order = sorted(range(len(logits)), key=lambda i: -logits[i])
+    if top_k and top_k < len(logits):
+        kth = logits[order[top_k - 1]]
+        order = [i for i in order if logits[i] >= kth]
+    if top_p >= 1.0:
+        return set(order)
+    top = max(logits[i] for i in order)
+    weights = [math.exp(logits[i] - top) for i in order]
+    total = sum(weights)
+    kept, before = set(), 0.0
+    for i, w in zip(order, weights):
+        if before >= top_p:
+            break
+        kept.add(i)
+        before += w / total
+    return kept
+
+
+def exact_probs(logits: list[float], params: SamplingParams) -> list[float]:
+    """softmax(logits / T) over the kept tokens, float64, zero elsewhere."""
+    kept = kept_tokens([x / params.temperature for x in logits], params.top_k, params.top_p)
+    top = max(logits[i] for i in kept)
+    w = [math.exp((x - top) / params.temperature) if i in kept else 0.0 for i, x in enumerate(logits)]
+    return [x / sum(w) for x in w]
+
+
+def inverse_cdf(probs: list[float], u: float, slack: float = 1e-5) -> set[int]:
+    """The token whose cumulative-probability interval (in token-id order) holds u; both neighbours
+    when u lies within `slack` of an interval's end (float32 rounding may go either way there)."""
+    hits, below = set(), 0.0
+    for i, p in enumerate(probs):
+        if p == 0.0:
+            continue
+        above = below + p
+        if below - slack <= u <= above + slack:
+            hits.add(i)
+        below = above
+    return hits
+
+
+def _distinct_logits(g: torch.Generator, n: int, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(n, generator=g, dtype=torch.float64).mul(scale).float()
+
+
+# ---- filter_logits ------------------------------------------------------------------------------
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    """Hand-worked: probabilities .30 .25 .20 .10 ...; the first three sum to .75, the first two to .55."""
+    probs = torch.tensor([0.30, 0.25, 0.20, 0.10, 0.08, 0.04, 0.02, 0.01])
+    perm = torch.randperm(8)
+    logits = torch.log(probs)[perm]
+    rank_of = {j: int(perm[j]) for j in range(8)}  # token j holds the probability at position perm[j]
+    for top_p, n in ((0.7, 3), (0.74, 3), (0.76, 4), (0.54, 2), (0.56, 3), (0.29, 1), (0.31, 2), (0.01, 1), (1.0, 8)):
+        kept = torch.isfinite(filter_logits(logits, 0, top_p)).nonzero().flatten().tolist()
+        assert sorted(rank_of[j] for j in range(8) if j in kept) == list(range(n)), (top_p, perm.tolist())
+
+
+def test_top_k_keeps_the_k_largest_and_ties_at_the_kth():
+    logits = torch.tensor([0.5, 3.0, -1.0, 3.0, 2.0, 0.5])
+    for k, want in ((1, {1, 3}), (2, {1, 3}), (3, {1, 3, 4}), (4, {0, 1, 3, 4, 5}), (6, set(range(6))), (0, set(range(6)))):
+        out = filter_logits(logits, k, 1.0)
+        assert set(torch.isfinite(out).nonzero().flatten().tolist()) == want, k
+        assert torch.equal(out[list(want)], logits[list(want)]), "kept logits must be unchanged"
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (0, 0.9), (5, 1.0), (20, 0.8), (3, 0.99), (1, 0.2), (40, 0.05)])
+def test_filter_logits_equals_sorted_loop(seed, top_k, top_p):
+    g = torch.Generator().manual_seed(seed)
+    batch = torch.stack([_distinct_logits(g, 40) for _ in range(6)])
+    out = filter_logits(batch, top_k, top_p)  # rows filtered independently
+    for r in range(6):
+        want = kept_tokens(batch[r].tolist(), top_k, top_p)
+        got = set(torch.isfinite(out[r]).nonzero().flatten().tolist())
+        assert got == want, f"seed {seed}, row {r}: kept {sorted(got)}, expected {sorted(want)}"
+        assert torch.equal(out[r][sorted(want)], batch[r][sorted(want)]), f"seed {seed}: kept logits changed"
+
+
+# ---- draw: the exact token for the generator's uniform number ----------------------------------------
+
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.5), SamplingParams(2.5, top_k=6),
+                                    SamplingParams(0.7, top_p=0.8), SamplingParams(1.3, top_k=10, top_p=0.6)],
+                         ids=["T1", "T0.5", "T2.5-k6", "T0.7-p0.8", "T1.3-k10-p0.6"])
+def test_draw_is_the_inverse_cdf_of_softmax_over_temperature(seed, params):
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(40):
+        logits = _distinct_logits(g, 17, scale=3.0)
+        probs = exact_probs(logits.tolist(), params)
+        draw_seed = seed + trial
+        u = torch.rand((), generator=torch.Generator().manual_seed(draw_seed)).item()
+        got = draw(logits, params, torch.Generator().manual_seed(draw_seed))
+        want = inverse_cdf(probs, u)
+        assert got in want, (f"seed {seed}, trial {trial}, {params}: u={u:.6f} drew {got}, expected {sorted(want)}; "
+                             f"probabilities {[round(p, 4) for p in probs]}")
+
+
+def test_draw_frequencies_follow_the_probabilities(seed):
+    """Many draws from one generator: every count within 5 standard deviations of n * p (a
+    consumption of more or fewer than one uniform per token would still pass the exact test above)."""
+    logits = torch.log(torch.tensor([0.30, 0.25, 0.20, 0.10, 0.08, 0.04, 0.02, 0.01]))
+    params = SamplingParams(0.8, top_k=6, top_p=0.9)
+    probs = torch.tensor(exact_probs(logits.tolist(), params))
+    gen, n = torch.Generator().manual_seed(seed), 4000
+    counts = torch.bincount(torch.tensor([draw(logits, params, gen) for _ in range(n)]), minlength=8).double()
+    sd = torch.sqrt(probs * (1 - probs) * n)
+    assert torch.all((counts - n * probs).abs() <= 5 * sd + 1e-9), (seed, counts.tolist(), (n * probs).tolist())
+    assert counts[probs == 0].sum() == 0, (seed, counts.tolist())
+
+
+def test_sampling_params_validate():
+    for bad in (SamplingParams(-0.1), SamplingParams(100.5), SamplingParams(1.0, top_k=-1),
+                SamplingParams(1.0, top_p=0.0), SamplingParams(1.0, top_p=1.01)):
+        with pytest.raises(ValueError):
+            bad.validate()
+    for good in (SamplingParams(0.0), SamplingParams(100.0), SamplingParams(1.0, top_k=0, top_p=1.0),
+                 SamplingParams(1.0, top_p=1e-6)):
+        good.validate()
+    assert SamplingParams(0.0).greedy and not SamplingParams(1e-3).greedy
+
+
+# ---- choose_tokens on one rank and across vocab-parallel ranks --------------------------------------------
+
+def _rank_choose(full: torch.Tensor, vocab: int, params, seeds, want):
+    """choose_tokens on this rank's slice of `full` (padded vocabulary: columns >= vocab are -inf)."""
+    from megatron_ssm.inference.sampling import VocabShard
+    from megatron_ssm.parallel import tp_context
+
+    tp = tp_context(torch.device("cpu"))
+    per = full.shape[-1] // tp.size
+    local = full[:, tp.rank * per:(tp.rank + 1) * per]
+    gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
+    return choose_tokens(local, params, gens, want, VocabShard(tp.rank * per, vocab, tp))
+
+
+def _choose_case(seed: int, tp: int):
+    g = torch.Generator().manual_seed(seed)
+    vocab, padded = 50, 64 * tp  # vocabulary padding: logits of ids >= vocab are never chosen
+    full = torch.full((5, padded), float("-inf"))
+    full[:, :vocab] = torch.stack([_distinct_logits(g, vocab) for _ in range(5)])
+    full[1, 7] = full[1, 33] = full[1, :vocab].max() + 1  # a tie: the lowest id wins
+    full[4, vocab - 1] = full[4, :vocab].max() + 2  # the best token in the last real column
+    params = [SamplingParams(), SamplingParams(), SamplingParams(0.9, top_k=8, seed=1), SamplingParams(),
+              SamplingParams(1.4, top_p=0.7)]
+    seeds = [None, None, seed + 1, None, seed + 2]
+    return full, vocab, params, seeds
+
+
+def _check_choose(seed, full, vocab, params, seeds, tokens, logprobs):
+    ref_lp = torch.log_softmax(full[:, :vocab].double(), -1)
+    for i, p in enumerate(params):
+        row = full[i, :vocab]
+        if p.greedy:
+            want = {int((row == row.max()).nonzero()[0])}
+        else:
+            u = torch.rand((), generator=torch.Generator().manual_seed(seeds[i])).item()
+            want = inverse_cdf(exact_probs(row.tolist(), p), u)
+        assert int(tokens[i]) in want, f"seed {seed}, row {i}: chose {int(tokens[i])}, expected {sorted(want)}"
+        assert abs(logprobs[i].item() - ref_lp[i, int(tokens[i])].item()) < 1e-5, f"seed {seed}, row {i}"
+
+
+def test_choose_tokens_one_rank(seed):
+    from megatron_ssm.inference.sampling import VocabShard
+    from megatron_ssm.parallel import TPContext
+
+    full, vocab, params, seeds = _choose_case(seed, 1)
+    gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
+    tp = TPContext(rank=0, size=1, group=None, device=torch.device("cpu"))
+    tokens, lps = choose_tokens(full, params, gens, [True] * 5, VocabShard(0, vocab, tp))
+    _check_choose(seed, full, vocab, params, seeds, tokens, lps)
+    greedy_only, none = choose_tokens(full[[0, 1]], params[:2], gens[:2], [False, False], VocabShard(0, vocab, tp))
+    assert greedy_only.tolist() == tokens[:2].tolist() and none is None
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_choose_tokens_vocab_parallel(ranks, seed, tp):
+    full, vocab, params, seeds = _choose_case(seed, tp)
+    results = ranks(tp).run(_rank_choose, full, vocab, params, seeds, [True] * 5)
+    for tokens, lps in results:
+        _check_choose(seed, full, vocab, params, seeds, tokens, lps)
