@@ -83,16 +83,19 @@ class ContextParallelSpans:
             state.copy_(conv_window(prior, tails, list(self.lengths)))
         return y
 
-    def join_states(self, decay: torch.Tensor, final: torch.Tensor,
-                    state: torch.Tensor | None) -> torch.Tensor | None:
+    def join_states(self, decay: torch.Tensor, final: torch.Tensor, state: torch.Tensor | None,
+                    to_decay=None) -> torch.Tensor | None:
         """Gather every span's (total decay, final state) in one exchange; write the range's final
         state into `state`; return the state entering this span (None on the first span, which
-        scanned from the real initial state). decay broadcasts against final."""
+        scanned from the real initial state). decay broadcasts against final, or `to_decay(decay)`
+        does (when a smaller tensor determines the decay: it is what travels)."""
         n = final[0].numel()
         packed = torch.cat([final.float().flatten(1), decay.float().flatten(1)], dim=1)
         parts = exchange(packed, self.cp)
         finals = [p[:, :n].view(final.shape) for p in parts]
         decays = [p[:, n:].view(decay.shape) for p in parts]
+        if to_decay is not None:
+            decays = [to_decay(d) for d in decays]
         entering, last = entry_states(decays, finals)
         if state is not None:
             state.copy_(last)
@@ -114,7 +117,9 @@ class ContextParallelSpans:
         """Mamba-1: gated y [b, L, d] of this span's scan -> the outputs it has in the whole range.
         The scan's output is (C.h + D u) * silu(z), so the entering state's term is gated the same."""
         cum_dt = selective_scan_cum_dt(dt, dt_bias)  # [b, L, d]
-        h_in = self.join_states(torch.exp(cum_dt[:, -1].unsqueeze(-1) * A.float()), final, state)
+        # The decay over the span is exp(A * sum of dt) [b, d, n]; A is the same on every CP rank,
+        # so only the sum [b, d] travels.
+        h_in = self.join_states(cum_dt[:, -1], final, state, lambda total: torch.exp(total.unsqueeze(-1) * A.float()))
         if h_in is None:
             return y
         extra = selective_scan_entry_correction(C, cum_dt, A, h_in)
