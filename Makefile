@@ -6,7 +6,7 @@ TP ?= 2
 DEMO_PROMPT ?= def read_lines(path):
 DEMO_CKPT := out/tiny-mamba2-tp$(TP)
 
-.PHONY: demo test test-gpu venv clean
+.PHONY: demo test test-gpu test-random coverage mutation venv clean
 
 # Without a GPU, take torch's CPU build first (where the machine has one): a bare `torch` requirement
 # would pull a multi-GB CUDA build that a CPU-only machine never uses.
@@ -31,6 +31,21 @@ test: venv
 
 test-gpu: venv
 	$(PY) -m pytest -q -m gpu tests
+
+# The dev extra (pytest-randomly, pytest-cov, mutmut); docs/testing.md says what each shows.
+$(VENV)/.dev: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+SEED ?= $(shell date +%s)
+test-random: $(VENV)/.dev
+	$(PY) -m pytest -q -m 'not gpu' -p randomly --randomly-seed=$(SEED) tests
+
+coverage: $(VENV)/.dev
+	$(PY) -m pytest -q -m 'not gpu' --cov=megatron_ssm --cov-report=term-missing tests
+
+mutation: $(VENV)/.dev
+	PY=$(PY) tools/mutation.sh
 
 clean:
 	rm -rf out

@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from megatron_ssm.choices import ALLREDUCE_CHOICES, DTYPE_CHOICES
+
 
 def parse_ids(text: str) -> list[int]:
     try:
@@ -31,7 +33,17 @@ def parse_ids(text: str) -> list[int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--load", required=True, help="checkpoint written by tools/convert_hf.py")
+    ap.add_argument("--load", required=True,
+                    help="checkpoint written by tools/convert_hf.py, or a Megatron-LM checkpoint directory (legacy "
+                         "torch or torch_dist, any TP/PP degree: resharded for this run's ranks as it loads)")
+    ap.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                    help="must equal the number of ranks if given (Megatron's flag; inference is TP only)")
+    ap.add_argument("--tokenizer-model", default=None,
+                    help="sentencepiece .model, HF tokenizer.json, or a directory holding one (default: the "
+                         "checkpoint's own; Megatron-LM checkpoints carry none)")
+    ap.add_argument("--tokenizer-type", default=None,
+                    choices=["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer"],
+                    help="which tokenizer file to use when a directory holds both (Megatron's names)")
     ap.add_argument("--prompt-ids", type=parse_ids, action="append", default=[], help="comma-separated token ids")
     ap.add_argument("--prompt", action="append", default=[], help="prompt text (uses the checkpoint's tokenizer)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -40,9 +52,9 @@ def main() -> int:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-ids", type=parse_ids, default=None, help="comma-separated ids that end a sequence")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                     help="run in this dtype (default: the checkpoint's)")
-    ap.add_argument("--allreduce", default="oneshot", choices=["exact", "oneshot", "int8", "fp8", "fp16", "auto"],
+    ap.add_argument("--allreduce", default="oneshot", choices=ALLREDUCE_CHOICES,
                     help="reduction of every row-parallel output (default oneshot: exact, one kernel for small "
                          "GPU messages, NCCL/gloo otherwise; exact: always the backend's all-reduce)")
     ap.add_argument("--context-parallel-size", type=int, default=1,
@@ -77,12 +89,17 @@ def main() -> int:
         return 2
     cp = cp_context()
     try:
+        if args.tensor_model_parallel_size not in (None, tp.size):
+            raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} but {tp.size} ranks "
+                             f"were started: launch with torchrun --nproc_per_node {args.tensor_model_parallel_size}")
         model = load_model(args.load, tp, dtype=DTYPES[args.dtype] if args.dtype else None,
                            allreduce=make_allreduce(args.allreduce))
         tokenizer = None
         prompts = list(args.prompt_ids)
         if args.prompt:
-            tokenizer = Tokenizer(args.load)
+            from megatron_ssm.server.main import TOKENIZER_TYPES
+
+            tokenizer = Tokenizer(args.tokenizer_model or args.load, TOKENIZER_TYPES.get(args.tokenizer_type))
             prompts += [tokenizer.encode(p, add_bos=True) for p in args.prompt]
         stop = tuple(args.stop_ids) if args.stop_ids is not None else \
             ((model.cfg.eos_token_id,) if args.prompt and model.cfg.eos_token_id is not None else ())

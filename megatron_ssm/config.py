@@ -18,6 +18,7 @@ from pathlib import Path
 
 MAMBA1, FALCON_MAMBA, MAMBA2 = "mamba", "falcon_mamba", "mamba2"
 NEMOTRON_H, FALCON_H1 = "nemotron_h", "falcon_h1"
+ZAMBA, ZAMBA2 = "zamba", "zamba2"
 # family -> (HF architecture, HF model_type): the one table readers and writers use
 FAMILIES = {
     MAMBA1: ("MambaForCausalLM", "mamba"),
@@ -25,15 +26,21 @@ FAMILIES = {
     MAMBA2: ("Mamba2ForCausalLM", "mamba2"),
     NEMOTRON_H: ("NemotronHForCausalLM", "nemotron_h"),
     FALCON_H1: ("FalconH1ForCausalLM", "falcon_h1"),
+    ZAMBA: ("ZambaForCausalLM", "zamba"),
+    ZAMBA2: ("Zamba2ForCausalLM", "zamba2"),
 }
-MAMBA2_MIXER_FAMILIES = (MAMBA2, NEMOTRON_H, FALCON_H1)
+MAMBA2_MIXER_FAMILIES = (MAMBA2, NEMOTRON_H, FALCON_H1, ZAMBA2)
 
 # Block kinds of a pattern (megatron-core's letters, plus P for Falcon-H1's parallel block)
 MAMBA_BLOCK, ATTENTION_BLOCK, MLP_BLOCK, MOE_BLOCK, PARALLEL_BLOCK = "M", "*", "-", "E", "P"
-BLOCK_KINDS = (MAMBA_BLOCK, ATTENTION_BLOCK, MLP_BLOCK, PARALLEL_BLOCK)
+# S: a Mamba block whose norm input also takes one application of a shared attention + MLP block
+# (Zamba, Zamba2: model/zamba.py); the shared blocks' weights are held once, not per position
+SHARED_BLOCK = "S"
+BLOCK_KINDS = (MAMBA_BLOCK, ATTENTION_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK)
 # blocks holding a Mamba mixer / an attention
-MIXER_BLOCKS, ATTENTION_BLOCKS = (MAMBA_BLOCK, PARALLEL_BLOCK), (ATTENTION_BLOCK, PARALLEL_BLOCK)
-RELU2, SWIGLU = "relu2", "swiglu"
+MIXER_BLOCKS = (MAMBA_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK)
+ATTENTION_BLOCKS = (ATTENTION_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK)
+RELU2, SWIGLU, GEGLU = "relu2", "swiglu", "geglu"  # GEGLU: up * gelu(gate), exact (erf) gelu
 
 
 class ConfigError(ValueError):
@@ -91,6 +98,12 @@ class SSMConfig:
     multipliers: dict = field(default_factory=dict)
     # per-segment multipliers of Mamba-2's in_proj output [z, x, B, C, dt] (Falcon-H1's mup vector)
     ssm_multipliers: tuple = ()
+    # ---- Zamba's shared blocks (pattern letter S; num_heads then counts Zamba's Mamba-1 "mamba heads")
+    shared_blocks: int = 0  # shared attention + MLP blocks; the k-th S uses block k % shared_blocks
+    adapter_rank: int = 0  # Zamba2's per-use LoRA on the MLP's gate/up rows (0: none)
+    attention_adapters: bool = False  # ... and on q, k, v (same rank)
+    attention_input_size: int = 0  # the attention's input width (0: hidden_size; Zamba: 2 x hidden)
+    attention_softmax_scale: float | None = None  # None: head_dim ** -0.5
 
     def __post_init__(self):
         if not self.pattern:
@@ -141,7 +154,9 @@ class SSMConfig:
             raise ConfigError(f"tensor-parallel degree must be >= 1, got {tp}")
         if self.has_attention:
             self._validate_attention(tp)
-        if MLP_BLOCK in self.pattern and self.mlp_intermediate_size % tp:
+        if self.has_shared_blocks:
+            self._validate_shared(tp)
+        if (MLP_BLOCK in self.pattern or self.has_shared_blocks) and self.mlp_intermediate_size % tp:
             raise ConfigError(f"TP degree {tp} does not divide the MLP's {self.mlp_intermediate_size} channels "
                               f"(intermediate_size)")
         if not any(k in MIXER_BLOCKS for k in self.pattern):
@@ -166,6 +181,24 @@ class SSMConfig:
                 raise ConfigError(
                     f"TP degree {tp} does not divide the {self.intermediate_size} Mamba channels "
                     f"(intermediate_size)")
+
+    @property
+    def has_shared_blocks(self) -> bool:
+        return SHARED_BLOCK in self.pattern
+
+    def _validate_shared(self, tp: int) -> None:
+        if self.shared_blocks < 1:
+            raise ConfigError(f"pattern {self.pattern!r} applies shared blocks (S) but shared_blocks is {self.shared_blocks}")
+        if self.pattern.count(SHARED_BLOCK) < self.shared_blocks:
+            raise ConfigError(f"{self.shared_blocks} shared blocks but only {self.pattern.count(SHARED_BLOCK)} "
+                              f"positions apply them")
+        if self.family == ZAMBA:
+            heads = self.num_heads
+            if heads < 1 or self.intermediate_size % heads:
+                raise ConfigError(f"{self.intermediate_size} Mamba channels do not split into {heads} mamba heads")
+            if heads % tp and tp % heads:
+                raise ConfigError(f"TP degree {tp} and {heads} mamba heads: one must divide the other (whole heads "
+                                  f"per rank, or each head over tp/heads ranks)")
 
     def _validate_attention(self, tp: int) -> None:
         heads, kv = self.num_attention_heads, self.num_kv_heads
@@ -211,6 +244,13 @@ class SSMConfig:
             raise ConfigError(
                 f"not a supported model config: architectures={hf.get('architectures')} "
                 f"model_type={hf.get('model_type')}; expected one of {sorted(by_arch)}")
+        if family in (ZAMBA, ZAMBA2):
+            from .zamba_config import from_hf_zamba
+
+            try:
+                return from_hf_zamba(cls, family, hf)
+            except KeyError as e:
+                raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
         if family in (NEMOTRON_H, FALCON_H1):
             from .hybrid_configs import from_hf_hybrid
 

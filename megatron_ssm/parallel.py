@@ -91,7 +91,7 @@ def init_distributed(
     device = device or default_device()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()) if "WORLD_SIZE" not in os.environ else "29500")
+        os.environ.setdefault("MASTER_PORT", str(free_port()) if "WORLD_SIZE" not in os.environ else "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -179,7 +179,8 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT and test servers)."""
     import socket
 
     with socket.socket() as s:

@@ -105,9 +105,9 @@ def start_watchdog(group: dist.ProcessGroup | None = None, *, interval: float = 
     if world == 1:
         return None
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    from .parallel import _free_port
+    from .parallel import free_port
 
-    port = torch.tensor([_free_port() if rank == 0 else 0], dtype=torch.int64)
+    port = torch.tensor([free_port() if rank == 0 else 0], dtype=torch.int64)
     # The port travels on a gloo-capable device: the world group may be NCCL (then CUDA).
     backend = dist.get_backend(group)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

@@ -64,6 +64,13 @@ def pytest_runtest_makereport(item, call):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    if os.environ.get("MEGATRON_SSM_MUTATION") == "1":
+        # tools/mutation.sh: only single-process tests (a rank pool's processes would neither see the
+        # mutant's coverage nor cost seconds), and no interpreted kernels (slow, not the mutated code)
+        keep = [i for i in items if "ranks" not in getattr(i, "fixturenames", ()) and "interpreted" not in i.name]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib
 import os
 import queue
-import socket
 import traceback
 
 import torch.multiprocessing as mp
+
+from megatron_ssm.parallel import free_port
 
 TIMEOUT_S = 300
 
@@ -30,8 +31,10 @@ def _worker(rank: int, world_size: int, tp: int, port: int, inbox, outbox) -> No
     from megatron_ssm.parallel import init_distributed
 
     import datetime
+    # watchdog_timeout explicitly: this module imports megatron_ssm.parallel (free_port) before the
+    # environment above is set, so its default has already been read
     init_distributed(tp, device=torch.device("cpu"), timeout=datetime.timedelta(seconds=TIMEOUT_S),
-                     cp_size=world_size // tp)
+                     watchdog_timeout=0, cp_size=world_size // tp)
     while True:
         job = inbox.get()
         if job is None:
@@ -57,9 +60,7 @@ class RankPool:
             raise ValueError(f"world size {world_size} is not a multiple of tp {tp}")
         self.world_size, self.tp, self.cp = world_size, tp, world_size // tp
         ctx = mp.get_context("spawn")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
         self.procs = [ctx.Process(target=_worker, args=(r, world_size, tp, port, self.inboxes[r], self.outbox),

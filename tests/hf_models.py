@@ -126,3 +126,53 @@ def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
         out = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
+
+
+def zamba_config(family: str, *, kv_heads: int = 4, mem_blocks: int = 2, attention_adapters: bool = True,
+                 rope: bool = True, n_groups: int = 2, tied: bool = True, vocab: int = 250):
+    """Tiny Zamba ('zamba': Mamba-1 with 2 mamba heads, one shared block) or Zamba2 ('zamba2': Mamba-2,
+    `mem_blocks` shared blocks with LoRA adapters) with hidden 64, 4 attention heads of 32 channels
+    (head_dim = 2 * hidden / heads), and at least two applications of every shared block."""
+    common = dict(vocab_size=vocab, hidden_size=64, num_attention_heads=4, num_key_value_heads=kv_heads,
+                  intermediate_size=96, tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  max_position_embeddings=256)
+    if family == "zamba":
+        from transformers import ZambaConfig
+
+        return ZambaConfig(num_hidden_layers=5, n_mamba_heads=2, mamba_d_state=8,
+                           layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid"], **common)
+    from transformers import Zamba2Config
+
+    return Zamba2Config(num_hidden_layers=6, n_mamba_heads=8, mamba_d_state=16, mamba_ngroups=n_groups,
+                        chunk_size=16, num_mem_blocks=mem_blocks, use_shared_attention_adapter=attention_adapters,
+                        adapter_rank=8, use_mem_rope=rope,
+                        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "hybrid"], **common)
+
+
+def hf_forward_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens by full forwards without any cache: the reference where HF's own cached decode
+    differs from its prefill (Zamba2's decode skips the dt clamp its prefill applies)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def build_varied_hf_model(config, seed: int):
+    """As build_hf_model, with every matrix redrawn at std 1/sqrt(fan_in), embeddings at std 0.1 and
+    zero biases made nonzero, so that a tiny model's greedy tokens vary instead of repeating one token
+    (which would let a wrong decode path pass a token comparison)."""
+    model = build_hf_model(config, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.dim() >= 2 and ("proj" in name or "conv1d" in name) or name.endswith("linear.weight") \
+                    or "adapter" in name:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            elif not p.any():  # zero-initialised biases: a multiplicative perturbation leaves them zero
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model

@@ -206,6 +206,37 @@ def test_sharded_safetensors_and_pytorch_model_bin_inputs(tmp_path):
     assert (tmp_path / "from-bin" / "model.safetensors.index.json").is_file()  # our export shards too
 
 
+def test_torch_files_are_read_with_and_without_storage_offsets(tmp_path, monkeypatch):
+    """The offset path, the eager fallback (a torch that records no offsets, forced here) and a
+    pre-zip file give the same tensors, including views into a shared storage."""
+    from megatron_ssm.checkpoint import torch_stream
+
+    torch.manual_seed(fresh_seed())
+    big = torch.randn(10, 4)
+    state = {"a": big, "b": big[2:5], "c": big.t(), "d": torch.randn(6).bfloat16(), "e": torch.arange(7)}
+    torch.save(state, tmp_path / "zip.pt")
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+
+    def read_all(path: Path) -> tuple[bool, dict[str, torch.Tensor]]:
+        f = torch_stream.TorchStateFile(path)
+        try:
+            eager = all(t.device.type != "meta" for t in f._tensors.values())
+            return eager, {k: f.read(k) for k in f.specs}
+        finally:
+            f.close()
+
+    assert read_all(tmp_path / "zip.pt")[0] is (torch_stream.storage_offset(
+        torch.load(tmp_path / "zip.pt", map_location="meta", weights_only=True)["a"]) is None)
+    for name in ("zip.pt", "legacy.pt"):
+        eager, got = read_all(tmp_path / name)
+        assert eager or name == "zip.pt"
+        assert_same(got, {k: v.contiguous() for k, v in state.items()})
+    monkeypatch.setattr(torch_stream, "storage_offset", lambda t: None)
+    eager, got = read_all(tmp_path / "zip.pt")
+    assert eager
+    assert_same(got, {k: v.contiguous() for k, v in state.items()})
+
+
 def save_mamba_ssm(model, path: Path, vocab: int, ssm_cfg: dict, tied: bool) -> Path:
     """The same weights as `model`, in mamba-ssm's native layout (unpadded vocab_size in config.json;
     the state dict keeps the tied lm_head, as mamba-ssm's does)."""

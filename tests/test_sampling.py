@@ -4,7 +4,8 @@ probabilities softmax(logits / T) in token order to the generator's uniform numb
 argmax and log-probability from the gathered logits. Every input is random with a fresh seed that
 the failure message names.
 
-Single process; the multi-rank paths (tp > 1) run on a pool of two gloo ranks.
+The vocab-parallel paths (tp > 1) run twice: as threads of this process (tests/thread_ranks.py: fast,
+seen by coverage and mutmut) and on pools of gloo ranks.
 """
 from __future__ import annotations
 
@@ -199,3 +200,48 @@ def test_choose_tokens_vocab_parallel(ranks, seed, tp):
     results = ranks(tp).run(_rank_choose, full, vocab, params, seeds, [True] * 5)
     for tokens, lps in results:
         _check_choose(seed, full, vocab, params, seeds, tokens, lps)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_choose_tokens_vocab_parallel_threads(monkeypatch, seed, tp):
+    from megatron_ssm.inference import sampling
+    from megatron_ssm.inference.sampling import VocabShard
+    from thread_ranks import run_ranks
+
+    full, vocab, params, seeds = _choose_case(seed, tp)
+    per = full.shape[-1] // tp
+
+    def rank(ctx):
+        local = full[:, ctx.rank * per:(ctx.rank + 1) * per]
+        gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
+        return choose_tokens(local, params, gens, [True] * 5, VocabShard(ctx.rank * per, vocab, ctx))
+
+    for tokens, lps in run_ranks(tp, rank, sampling, monkeypatch=monkeypatch):
+        _check_choose(seed, full, vocab, params, seeds, tokens, lps)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_vocab_parallel_argmax_and_logprob_threads(monkeypatch, seed, tp):
+    """Ties between ranks go to the lowest token id; a rank holding only padding (-inf) adds nothing."""
+    from megatron_ssm.inference import sampling
+    from megatron_ssm.inference.sampling import VocabShard, vocab_parallel_argmax, vocab_parallel_logprob
+    from thread_ranks import run_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    per = 16
+    full = torch.randn(4, per * tp, generator=g) * 3
+    full[0, per + 3] = full[0, 2] = full[0].max() + 1  # tie across ranks 0 and 1
+    full[1, -1] = full[1].max() + 1  # best in the last column
+    full[2, per * (tp - 1):] = float("-inf")  # the last rank holds padding only
+    vocab = per * tp
+    tokens = torch.randint(0, per * (tp - 1), (4,), generator=g)
+
+    def rank(ctx):
+        local = full[:, ctx.rank * per:(ctx.rank + 1) * per]
+        shard = VocabShard(ctx.rank * per, vocab, ctx)
+        return vocab_parallel_argmax(local, shard), vocab_parallel_logprob(local, tokens, shard)
+
+    want_lp = torch.log_softmax(full.double(), -1).gather(1, tokens[:, None])[:, 0]
+    for best, lp in run_ranks(tp, rank, sampling, monkeypatch=monkeypatch):
+        assert best.tolist() == [2, per * tp - 1, int(full[2].argmax()), int(full[3].argmax())], seed
+        assert torch.allclose(lp.double(), want_lp, atol=1e-5), (seed, lp, want_lp)

@@ -46,7 +46,7 @@ class CountingModel(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.cfg = type("Cfg", (), {"vocab_size": V})()
+        self.cfg = type("Cfg", (), {"vocab_size": V, "has_attention": False})()
         self.embeddings = nn.Embedding(1, 1)
         self.dtype = torch.float32
         self.vocab_start = 0
@@ -54,7 +54,7 @@ class CountingModel(nn.Module):
         self.layers = []
         self.calls: list[tuple[int, int]] = []
 
-    def state_shapes(self):
+    def state_shapes(self, max_length: int = 0):
         return [((1, 1), (1,))]  # conv state unused; the SSM state holds s
 
     def max_tokens_per_forward(self, all_logits: bool = False) -> int:

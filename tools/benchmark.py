@@ -100,8 +100,9 @@ def run_workload(model, batch: int, prompt: int, new: int, args, seed: int, cp=N
     from megatron_ssm.inference.engine import Engine, EngineConfig, Request
 
     chunk = max(256, args.prefill_tokens // batch)
+    # max_sequence_length sizes a hybrid's KV cache: exactly what the workload needs
     engine = Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
-                                        cuda_graphs=not args.no_graphs,
+                                        max_sequence_length=prompt + new, cuda_graphs=not args.no_graphs,
                                         context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
     g = torch.Generator().manual_seed(seed)
     vocab = model.cfg.vocab_size
@@ -179,9 +180,9 @@ def main() -> int:
         model = MambaLM(cfg, tp, dtype=dtype, allreduce=allreduce).eval()
         random_weights_(model, seed=1234 + tp.rank)
         weight_bytes = sum(p.nbytes for p in model.parameters())
-        state_bytes = StateCache.bytes_per_sequence(model.state_shapes(), dtype)
-        # out_proj's all-reduce, plus x_proj's (Mamba-1) or the gated norm's when a group spans ranks
-        reduces_per_layer = 1 if cfg.is_mamba2 and cfg.n_groups % tp.size == 0 else 2
+        # a hybrid's KV cache at the longest workload's length (the floor then counts all of it)
+        state_bytes = StateCache.bytes_per_sequence(model.state_shapes(max(args.prompt) + max(args.new)), dtype)
+        reductions = reductions_per_step(cfg, tp.size)
         if tp.is_first and cp.is_first:
             print(f"# {name}: TP={tp.size} CP={cp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -202,14 +203,14 @@ def main() -> int:
                         model.overlap_min_tokens = overlap
                         torch.cuda.reset_peak_memory_stats()
                         r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch, cp=cp)
-                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer, cp)
+                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp)
         del model
         torch.cuda.empty_cache()
     shutdown()
     return 0
 
 
-def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reduces_per_layer, cp):
+def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp):
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw

@@ -12,6 +12,14 @@ The format of --load-dir is detected from its files:
   mamba-ssm native  config.json with d_model / n_layer / ssm_cfg and pytorch_model.bin, as state-spaces
                     publishes mamba-130m ... mamba2-2.7b (the vocabulary keeps mamba-ssm's padding)
   megatron-ssm      a checkpoint this tool wrote, at any TP degree (--tp M reshards it)
+  Megatron-LM       latest_checkpointed_iteration.txt + iter_XXXXXXX/ or release/, legacy `torch`
+                    (mp_rank_TT[_PPP]/model_optim_rng.pt, any TP and PP degree) or `torch_dist`
+                    (.metadata, *.distcp, common.pt); the model's shape comes from its saved args
+
+--to-megatron --tp N writes Megatron-LM's layout instead (megatron-core's TE-spec names, args,
+checkpoint_version 3.0, megatron-core's TP split), in --ckpt-format torch_dist (default, loads on
+every megatron-core version at any TP) or torch (legacy; its conv1d names follow --megatron-core).
+Only Mamba-2 with n_groups % N == 0 can be written so; anything else is refused before writing.
 
 --tp N writes megatron-ssm's layout: OUT/latest_checkpointed_iteration.txt ("release"),
 OUT/release/mp_rank_XX/model_optim_rng.pt per TP rank, the tokenizer of IN (always with HF's
@@ -56,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     out.add_argument("--tp", type=int, help="write a megatron-ssm checkpoint sharded for this tensor-parallel degree")
     out.add_argument("--to-hf", action="store_true",
                      help="write an HF transformers checkpoint (config.json + safetensors) instead")
+    ap.add_argument("--to-megatron", action="store_true",
+                    help="with --tp N: write a Megatron-LM checkpoint (megatron-core names and split) instead of ours")
+    ap.add_argument("--ckpt-format", choices=("torch_dist", "torch"), default="torch_dist",
+                    help="with --to-megatron: torch_dist (default) or legacy torch (one file per TP rank)")
+    ap.add_argument("--megatron-core", default=None, metavar="VERSION",
+                    help="with --to-megatron --ckpt-format torch: the megatron-core version that will load it "
+                         "(0.19 names conv1d `conv1d_weight`, earlier `conv1d.weight`; default: the installed one)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="cast every tensor to this dtype (default: keep each tensor's own dtype)")
     ap.add_argument("--force", action="store_true",
@@ -68,13 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar (tensors and bytes done)")
     args = ap.parse_args(argv)
     try:
+        if args.to_megatron and args.tp is None:
+            ap.error("--to-megatron needs --tp N")
         convert(args.load_dir, args.save_dir, args.tp, to_hf=args.to_hf, dtype=args.dtype, force=args.force,
                 progress=not args.no_progress, max_shard_bytes=args.max_shard_size,
-                verify=not args.no_verify)
+                verify=not args.no_verify, to_megatron=args.to_megatron,
+                ckpt_format=args.ckpt_format, megatron_core=args.megatron_core)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"convert_hf.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {'HF' if args.to_hf else f'TP={args.tp}'} checkpoint to {args.save_dir}")
+    kind = "HF" if args.to_hf else f"Megatron-LM {args.ckpt_format} TP={args.tp}" if args.to_megatron else f"TP={args.tp}"
+    print(f"wrote {kind} checkpoint to {args.save_dir}")
     return 0
 
 

@@ -3,7 +3,7 @@
 #   run(command="bash tools/gpu_sweep.sh", kind="nvidia-h100-x4", carry=[".whl"], timeout_s=600)
 # Each step has its own timeout, so a slow or failing step still leaves the others' numbers.
 # SWEEP=targets (default): the issue's TP-scaling workloads; SWEEP=single: GPU tests and TP=1 vs baselines;
-# SWEEP=comm: all-reduce variants (latency vs size at TP 2/4, end to end at TP=4); SWEEP=small: 512-token prompts against
+# SWEEP=hybrids: Nemotron-H / Falcon-H1 on one GPU beside HF; SWEEP=comm: all-reduce variants (latency vs size at TP 2/4, end to end at TP=4); SWEEP=small: 512-token prompts against
 # the single-GPU bar in shared/background.md; SWEEP=full: the issue's whole grid (hours).
 # SWEEP=cp (4 GPUs, ~6 min; issue #16): context-parallel prefill, greedy tokens at CP 2/4 against CP 1 on the shipped
 # tiny model, then TTFT of one 4k..128k prompt at TP1, CP2, TP2, CP4, TP2xCP2, TP4 (CP_CONFIG picks the model;
@@ -46,6 +46,16 @@ if [ "${SWEEP:-targets}" = single ]; then  # one GPU: GPU tests, then our TP=1 b
         --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$OUT/log.txt"
     [ -n "${WITH_HF:-}" ] && timeout 50 python3 tools/baselines.py --impl hf --config configs/mamba2-2.7b.yaml \
         --batch 1 --prompt 512 --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
+    exit 0
+fi
+if [ "${SWEEP:-targets}" = hybrids ]; then  # one GPU: hybrid GPU tests, then Nemotron-H-8B and Falcon-H1-7B beside HF
+    timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model_gpu.py -k hybrid \
+        > "$OUT/pytest_gpu_hybrids.txt" 2>&1; grep -E "^(FAILED|E  )|passed|failed" "$OUT/pytest_gpu_hybrids.txt" | tail -20
+    for c in nemotron-h-8b falcon-h1-7b; do
+        bench 200 1 --config configs/$c.yaml --batch 1,16 --prompt 2048 --new 128 --tag hybrids
+        timeout 120 python3 tools/baselines.py --impl hf --config configs/$c.yaml --batch 1 --prompt 2048 --new 16 \
+            --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
+    done
     exit 0
 fi
 if [ "${SWEEP:-targets}" = comm ]; then  # all-reduce variants: latency vs size, then end to end at TP=4

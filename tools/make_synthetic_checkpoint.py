@@ -15,8 +15,10 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
 from megatron_ssm.checkpoint.atomic import AtomicDir
@@ -43,6 +45,11 @@ PRESETS = {
         "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
         "pad_vocab_size_multiple": 16, "tie_embeddings": True}),
 }
+# the hybrids' shapes come from their benchmark configs (one source for both tools)
+for _name in ("nemotron-h-8b", "falcon-h1-7b"):
+    _spec = Path(__file__).resolve().parents[1] / "configs" / f"{_name}.yaml"
+    if _spec.is_file():
+        PRESETS[_name] = ("hf", yaml.safe_load(_spec.read_text())["hf_config"])
 CHUNK = 1 << 24
 
 
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = dict(raw)
     if args.layers:
         raw["num_hidden_layers" if fmt == "hf" else "n_layer"] = args.layers
+        if "hybrid_override_pattern" in raw:  # Nemotron-H: the pattern is the layer list
+            raw["hybrid_override_pattern"] = raw["hybrid_override_pattern"][:args.layers]
     dtype = args.dtype or ("bfloat16" if fmt == "hf" else "float32")
     cfg = SSMConfig.from_hf(raw) if fmt == "hf" else config_from_mamba_ssm(raw, dtype)
     cfg.torch_dtype = dtype

@@ -51,7 +51,8 @@ def main():
         random_weights_(model, seed=1234 + tp.rank)
     else:
         model = load_model(args.load, tp, dtype=dtype if tp.device.type == "cuda" else None)
-    cache = StateCache(model.state_shapes(), args.batch, dtype=model.dtype, device=tp.device)
+    # a hybrid's KV cache holds the prompt plus every decode step profiled (and the warm-ups)
+    cache = StateCache(model.state_shapes(args.prompt + args.steps + 4), args.batch, dtype=model.dtype, device=tp.device)
     states = cache.rows(0, args.batch)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.cfg.vocab_size, (args.batch, args.prompt), generator=g).to(tp.device)

@@ -56,11 +56,13 @@ def source_specs(src, cfg: SSMConfig) -> list[TensorSpec]:
 
 def convert(load_dir: str | Path, save_dir: str | Path, tp: int | None = None, *, to_hf: bool = False,
             dtype: str | None = None, force: bool = False, progress: bool = True,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True) -> None:
-    """Write `load_dir` (any format open_checkpoint knows) to `save_dir`: ours at TP=`tp`, or HF.
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True, to_megatron: bool = False,
+            ckpt_format: str = "torch_dist", megatron_core: str | None = None) -> None:
+    """Write `load_dir` (any format open_checkpoint knows) to `save_dir`: ours at TP=`tp`, HF, or
+    (to_megatron) Megatron-LM's layout at TP=`tp` in `ckpt_format` (megatron_lm.py).
     A source this tool wrote is checked against its manifest's checksums first, unless not `verify`."""
     if to_hf == (tp is not None):
-        raise ValueError("give exactly one of --tp N (megatron-ssm output) and --to-hf (HF output)")
+        raise ValueError("give exactly one of --tp N (megatron-ssm or --to-megatron output) and --to-hf (HF output)")
     if Path(load_dir).resolve() == Path(save_dir).resolve():
         raise CheckpointError(f"--save-dir and --load-dir are both {save_dir}; write elsewhere")
     keep_heap_small()
@@ -70,6 +72,11 @@ def convert(load_dir: str | Path, save_dir: str | Path, tp: int | None = None, *
         if dtype:
             cfg.torch_dtype = dtype
             specs = [TensorSpec(s.name, s.shape, DTYPES[dtype]) for s in specs]
+        if to_megatron:
+            from .megatron_lm import export
+
+            export(src, save_dir, tp, specs, ckpt_format=ckpt_format, conv=megatron_core, force=force)
+            return
         if to_hf:
             writer = HFWriter(save_dir, cfg, specs, force=force, max_shard_bytes=max_shard_bytes)
             put = writer.write

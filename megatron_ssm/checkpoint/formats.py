@@ -9,15 +9,17 @@ from .errors import CheckpointError
 from .hf import HFCheckpoint
 from .mamba_ssm import MambaSSMCheckpoint, is_mamba_ssm_config
 from .megatron import TRACKER, MegatronCheckpoint
+from .megatron_lm import MegatronLMCheckpoint, is_megatron_lm
 
-def open_checkpoint(path: str | Path, verify: bool = True) -> HFCheckpoint | MambaSSMCheckpoint | MegatronCheckpoint:
+def open_checkpoint(path: str | Path, verify: bool = True) -> HFCheckpoint | MambaSSMCheckpoint | MegatronCheckpoint \
+        | MegatronLMCheckpoint:
     """A source of full (unsharded, HF-shaped) tensors with .config, .names(), .spec(), .read()
     (reader.CheckpointReader); a directory this tool wrote is verified against its checksums."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist{interrupted_hint(path)}")
     if (path / TRACKER).is_file():
-        return MegatronCheckpoint(path, verify)
+        return MegatronLMCheckpoint(path, verify) if is_megatron_lm(path) else MegatronCheckpoint(path, verify)
     config = path / "config.json"
     if config.is_file():
         try:

@@ -19,6 +19,10 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what save_pretrained used for years
 
 def hf_config_dict(cfg: SSMConfig) -> dict:
     """The config.json transformers needs to rebuild this model (the inverse of SSMConfig.from_hf)."""
+    if cfg.has_shared_blocks:
+        from ..zamba_config import hf_config_zamba
+
+        return hf_config_zamba(cfg)
     if cfg.family in (NEMOTRON_H, FALCON_H1):
         from ..hybrid_configs import hf_config_hybrid
 

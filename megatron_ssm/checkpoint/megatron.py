@@ -1,6 +1,7 @@
 """Our checkpoints in Megatron's layout:
 
-    DIR/latest_checkpointed_iteration.txt            "release" (written last: it makes DIR a checkpoint)
+    DIR/latest_checkpointed_iteration.txt            NATIVE_TRACKER (written last: it makes DIR a checkpoint;
+                                                     Megatron-LM exits on it, see megatron_lm.py)
     DIR/megatron_ssm_checkpoint.json                 TP degree, every file's size and checksum (integrity.py)
     DIR/release/mp_rank_{r:02d}/model_optim_rng.pt   {"model": state dict, "config": ..., ...}
 
@@ -22,6 +23,7 @@ from .atomic import AtomicWriter, interrupted_hint
 from .errors import CheckpointError, check_names
 from .hf import TOKENIZER_FILES  # noqa: F401 - public name
 from .integrity import MANIFEST, read_manifest, recorded, verify_files
+from .megatron_lm import NATIVE_TRACKER
 from .partition import hf_shapes, merge, merge_shape, shard_shape
 from .reader import CheckpointReader
 from .spec import TensorSpec
@@ -78,7 +80,7 @@ class CheckpointWriter(AtomicWriter):
             self._closed.add(rank)
         if self.tp is None or self._closed != set(range(self.tp)):
             raise CheckpointError(f"{self.target}: only ranks {sorted(self._closed)} of TP={self.tp} were written")
-        (self.tmp / TRACKER).write_text(RELEASE)
+        (self.tmp / TRACKER).write_text(NATIVE_TRACKER)
         self._writers.clear()
 
     def manifest_fields(self) -> dict:
@@ -96,7 +98,7 @@ def checkpoint_tp_size(root: str | Path) -> int:
     if not (root / TRACKER).is_file():
         hint = interrupted_hint(root) or "; convert a model into it with tools/convert_hf.py first"
         raise CheckpointError(f"{root} is not a megatron-ssm checkpoint (no {TRACKER}){hint}")
-    if (root / TRACKER).read_text().strip() != RELEASE:
+    if (root / TRACKER).read_text().strip() not in (RELEASE, NATIVE_TRACKER):  # RELEASE: written before
         raise CheckpointError(f"{root}/{TRACKER} does not say {RELEASE!r}: only release checkpoints are supported")
     present = sorted((root / RELEASE).glob("mp_rank_*"))
     manifest = read_manifest(root)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import re
 
-from ..config import FALCON_H1, SSMConfig
+from ..config import FALCON_H1, ZAMBA, ZAMBA2, SSMConfig
 
 Parts = list[tuple[str, int | None]]
 
 
 def hf_prefix(cfg: SSMConfig) -> str:
     """What transformers puts before the base model's tensor names when it saves this family."""
-    return "model." if cfg.family == FALCON_H1 else "backbone."
+    return "model." if cfg.family in (FALCON_H1, ZAMBA, ZAMBA2) else "backbone."
 
 
 def strip_prefix(key: str) -> str:
@@ -37,6 +37,10 @@ def hf_parts(name: str, cfg: SSMConfig) -> Parts:
     """The HF tensors (prefix stripped, see strip_prefix) whose concatenation is our `name`."""
     if name == "lm_head.weight":
         return [(name, None)]
+    if cfg.has_shared_blocks:
+        from .zamba_names import zamba_hf_parts
+
+        return zamba_hf_parts(name, cfg)
     if cfg.family == FALCON_H1:
         name = _falcon_h1_name(name)
     d = cfg.attention_head_dim

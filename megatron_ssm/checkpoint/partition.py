@@ -33,10 +33,21 @@ class Rule:
     dim: int | None = None  # split evenly along this dim; None: replicated
     packed: Packed | None = None
     pad_rows_to: int | None = None  # vocabulary tensors: pad dim 0 before splitting
+    # Zamba's in_proj: dim 0 interleaves this many segments per channel ([x0, z0, x1, z1, ...]);
+    # each rank gets its channels' rows de-interleaved ([x_r | z_r]).
+    interleaved: int | None = None
+    # Zamba's per-mamba-head tensors [heads, ..., head_dim (at this axis), ...]: split by channel
+    # (head-major), each rank's channels regrouped as [pieces, ..., channels/pieces, ...].
+    head_channels: int | None = None
+    heads: int = 1
 
 
 def rule_for(name: str, cfg: SSMConfig, tp: int) -> Rule:
     """The sharding rule of tensor `name` (raises KeyError for a name the model does not have)."""
+    if cfg.has_shared_blocks:
+        from .zamba_names import zamba_rule
+
+        return zamba_rule(name, cfg, tp, _attention_rule, _mlp_rule, _mamba_rule)
     if name in ("embeddings.weight", "lm_head.weight"):
         return Rule(dim=0, pad_rows_to=cfg.padded_vocab_size(tp))
     if name == "norm_f.weight":
@@ -127,7 +138,14 @@ def _group_owner(count: int, tp: int, rank: int) -> tuple[int, int]:
 
 def shard(name: str, full: torch.Tensor, cfg: SSMConfig, tp: int, rank: int) -> torch.Tensor:
     """Rank `rank`'s piece of HF tensor `name`, contiguous."""
-    rule = rule_for(name, cfg, tp)
+    return shard_by_rule(rule_for(name, cfg, tp), name, full, cfg, tp, rank)
+
+
+def shard_by_rule(rule: Rule, name: str, full: torch.Tensor, cfg, tp: int, rank: int) -> torch.Tensor:
+    if rule.interleaved is not None:
+        return _deinterleave(full, rule.interleaved, tp, rank)
+    if rule.head_channels is not None:
+        return _split_head_channels(full, rule.head_channels, rule.heads, tp, rank)
     if rule.pad_rows_to is not None and full.shape[0] < rule.pad_rows_to:
         full = torch.cat([full, full.new_zeros(rule.pad_rows_to - full.shape[0], *full.shape[1:])])
     if rule.packed is not None:
@@ -154,8 +172,15 @@ def shard(name: str, full: torch.Tensor, cfg: SSMConfig, tp: int, rank: int) -> 
 
 def merge(name: str, shards: list[torch.Tensor], cfg: SSMConfig) -> torch.Tensor:
     """Inverse of `shard`: the HF tensor from every rank's piece (vocabulary padding removed)."""
+    return merge_by_rule(rule_for(name, cfg, len(shards)), name, shards, cfg)
+
+
+def merge_by_rule(rule: Rule, name: str, shards: list[torch.Tensor], cfg) -> torch.Tensor:
     tp = len(shards)
-    rule = rule_for(name, cfg, tp)
+    if rule.interleaved is not None:
+        return _interleave(shards, rule.interleaved)
+    if rule.head_channels is not None:
+        return _merge_head_channels(shards, rule.head_channels, rule.heads)
     if rule.packed is not None:
         local_rows = []
         for kind, rows in rule.packed.segments:
@@ -186,6 +211,10 @@ def merge(name: str, shards: list[torch.Tensor], cfg: SSMConfig) -> torch.Tensor
 
 def hf_names(cfg: SSMConfig) -> list[str]:
     """Every tensor of this config, in our names and checkpoint order (lm_head when untied)."""
+    if cfg.has_shared_blocks:
+        from .zamba_names import zamba_tensors
+
+        return zamba_tensors(cfg)
     names = ["embeddings.weight", "norm_f.weight"]
     for i, kind in enumerate(cfg.pattern):
         names += [f"layers.{i}.{n}" for n in block_tensors(kind, cfg)]
@@ -237,6 +266,10 @@ def _attention_tensors(cfg: SSMConfig) -> list[str]:
 
 def hf_shapes(cfg: SSMConfig) -> dict[str, tuple[int, ...]]:
     """The shape `config.json` implies for every tensor of `hf_names(cfg)`, in that order."""
+    if cfg.has_shared_blocks:
+        from .zamba_names import zamba_shapes
+
+        return zamba_shapes(cfg)
     H, I, N, K, V = cfg.hidden_size, cfg.intermediate_size, cfg.state_size, cfg.conv_kernel, cfg.vocab_size
     if cfg.is_mamba2:
         heads, bc = cfg.num_heads, 2 * cfg.n_groups * N
@@ -282,3 +315,46 @@ def shard_shape(name: str, shape: tuple[int, ...], cfg: SSMConfig, tp: int, rank
 
 def merge_shape(name: str, shapes: list[tuple[int, ...]], cfg: SSMConfig) -> tuple[int, ...]:
     return tuple(merge(name, [torch.empty(s, device="meta") for s in shapes], cfg).shape)
+
+
+def _deinterleave(full: torch.Tensor, segments: int, tp: int, rank: int) -> torch.Tensor:
+    """[channels*segments, ...] with segments interleaved per channel -> this rank's channels as
+    [seg 0 rows | seg 1 rows | ...]."""
+    channels = full.shape[0] // segments
+    if full.shape[0] % segments or channels % tp:
+        raise ValueError(f"{full.shape[0]} interleaved rows do not split into {segments} segments over {tp} ranks")
+    mine = full.reshape(channels, segments, *full.shape[1:]).chunk(tp, dim=0)[rank]
+    return mine.transpose(0, 1).reshape(-1, *full.shape[1:]).contiguous()
+
+
+def _interleave(shards: list[torch.Tensor], segments: int) -> torch.Tensor:
+    parts = [s.reshape(segments, -1, *s.shape[1:]).transpose(0, 1) for s in shards]
+    full = torch.cat(parts, dim=0)
+    return full.reshape(-1, *full.shape[2:]).contiguous()
+
+
+def _pieces(heads: int, tp: int) -> int:
+    """Head pieces per rank: whole heads when tp divides heads, else one part of a head."""
+    if heads % tp == 0:
+        return heads // tp
+    if tp % heads == 0:
+        return 1
+    raise ValueError(f"TP degree {tp} and {heads} mamba heads: one must divide the other")
+
+
+def _split_head_channels(full: torch.Tensor, axis: int, heads: int, tp: int, rank: int) -> torch.Tensor:
+    """[heads, ..., head_dim at `axis`, ...] -> [pieces, ..., channels/pieces, ...] of rank's channels."""
+    if full.shape[0] != heads:
+        raise ValueError(f"expected {heads} mamba heads on dim 0, found shape {tuple(full.shape)}")
+    t = full.movedim(axis, 1)  # [heads, head_dim, rest...]
+    rest = t.shape[2:]
+    mine = t.reshape(-1, *rest).chunk(tp, dim=0)[rank]
+    pieces = _pieces(heads, tp)
+    return mine.reshape(pieces, -1, *rest).movedim(1, axis).contiguous()
+
+
+def _merge_head_channels(shards: list[torch.Tensor], axis: int, heads: int) -> torch.Tensor:
+    flat = [s.movedim(axis, 1) for s in shards]  # [pieces, width, rest...]
+    rest = flat[0].shape[2:]
+    full = torch.cat([f.reshape(-1, *rest) for f in flat], dim=0)
+    return full.reshape(heads, -1, *rest).movedim(1, axis).contiguous()

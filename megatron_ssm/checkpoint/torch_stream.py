@@ -10,6 +10,11 @@ container instead, so the files stay ordinary torch.load(weights_only=True) file
 - writing: the pickle holds placeholders that unpickle as `_rebuild_tensor_v2` of a storage named
   "data/<key>", exactly what torch.save writes; the zip records come in torch.save's order
   (data.pkl, then storages by key), each storage written as soon as its tensor is ready.
+
+This leans on names torch.save and torch.load use themselves but do not make public:
+torch._C.PyTorchFileWriter, torch._utils._rebuild_tensor_v2, torch.storage._dtype_to_storage_type_map
+(all three in torch 2.6.0, 2.7.0 and 2.13, read in their source; pyproject asks for torch>=2.6) and
+a storage's `_checkpoint_offset` (storage_offset below), whose absence falls back to an eager load.
 """
 from __future__ import annotations
 
@@ -29,6 +34,17 @@ PICKLE_PROTOCOL = 2  # torch.save's default
 STORAGE_ALIGNMENT = 64  # PyTorchFileWriter's default, recorded as torch.save records it
 
 
+def storage_offset(tensor: torch.Tensor) -> int | None:
+    """Where the bytes of a meta tensor's storage start in the file torch.load read it from.
+
+    torch.load(map_location="meta") records it as the storage's private `_checkpoint_offset` in the
+    torch of this venv (2.13); 2.6.0 and 2.7.0 record it only under FakeTensorMode, and a pre-zip
+    (legacy) file records None. Where it is missing the caller
+    falls back to an eager load (tests/test_checkpoint.py forces that path)."""
+    offset = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+    return offset if isinstance(offset, int) else None
+
+
 class TorchStateFile:
     """`obj` is the unpickled file with meta tensors; `specs`/`read` serve the tensors of obj[key]
     (or of obj itself when key is None, as in pytorch_model.bin)."""
@@ -45,11 +61,12 @@ class TorchStateFile:
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         self.specs = {k: TensorSpec(k, tuple(t.shape), t.dtype) for k, t in self._tensors.items()}
         self._f = None
-        if any(not hasattr(t.untyped_storage(), "_checkpoint_offset") for t in self._tensors.values()):
+        if not all(storage_offset(t) is not None for t in self._tensors.values()):
             self._load_eagerly(key)
 
     def _load_eagerly(self, key: str | None) -> None:
-        """Older torch (or a pre-zip file) gives no offsets: fall back to a memory-mapped load."""
+        """No offsets (a torch that records none for map_location="meta", or a pre-zip file):
+        fall back to a memory-mapped load, which keeps the pages it reads resident."""
         try:
             obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError:  # the legacy, pre-1.6 format cannot be mapped
@@ -67,7 +84,7 @@ class TorchStateFile:
         span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
         if (t.storage_offset() + span) * t.element_size() > t.untyped_storage().nbytes():
             raise CheckpointError(f"{self.path}: tensor {name} reaches past its storage")
-        self._f.seek(t.untyped_storage()._checkpoint_offset + t.storage_offset() * t.element_size())
+        self._f.seek(storage_offset(t) + t.storage_offset() * t.element_size())
         flat = read_into(self._f, torch.empty(span, dtype=t.dtype), f"{self.path} tensor {name}")
         return flat.as_strided(t.shape, t.stride()).contiguous()
 
@@ -95,6 +112,8 @@ class _Tensor:
 
 
 def _storage_type(dtype: torch.dtype):
+    # torch.save pickles a storage as its legacy typed class (torch.FloatStorage, ...); this private
+    # map is how torch.save itself finds it (present in 2.6, 2.7 and 2.13, whose source was read).
     from torch.storage import _dtype_to_storage_type_map
 
     return getattr(torch, _dtype_to_storage_type_map()[dtype])

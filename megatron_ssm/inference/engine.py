@@ -29,7 +29,7 @@ from ..parallel import NO_CP, CPContext
 from .cache import StateCache
 from .long_prefill import LongPrefill
 from .prefix_cache import PrefixStateCache, prefix_keys
-from .sampling import SamplingParams, VocabShard, choose_tokens, vocab_parallel_logprob
+from .sampling import SamplingParams, VocabShard, choose_tokens, vocab_parallel_logprob, vocab_parallel_topk
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ class Request:
     # log p(prompt[i] | prompt[:i]) for i >= 1, on the request's first TokenOutput. With it,
     # max_new_tokens may be 0: score the prompt only (one finished output, token -1).
     prompt_logprobs: bool = False
+    # the k most likely tokens and their log-probs at every position that gets a log-prob above
+    top_logprobs: int = 0
+    # n sequences from one prompt: prefilled once, its state then copied into n - 1 more slots;
+    # fork i has request id add_request(...) + i and samples with seed + i
+    n: int = 1
 
 
 @dataclass
@@ -70,6 +75,8 @@ class TokenOutput:
     finished: bool
     finish_reason: str | None = None  # "length" | "stop" | "abort"
     prompt_logprobs: list[float] | None = None  # first output only, when the request asked for them
+    top_logprobs: list[tuple[int, float]] | None = None  # (token, log-prob), best first
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None  # per prompt token 1.., with prompt_logprobs
 
 
 @dataclass
@@ -107,6 +114,7 @@ class Engine:
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # running[i] occupies slot i
         self._next_id = 0
+        self._prefilled_last = False
         log.info("state cache: %.2f MiB per sequence on this rank, %d sequence slots",
                  self.bytes_per_sequence / 2**20, slots)
 
@@ -123,6 +131,12 @@ class Engine:
         least = 0 if req.prompt_logprobs else 1  # 0: score the prompt only
         if req.max_new_tokens < least:
             raise ValueError(f"max_new_tokens must be >= {least}, got {req.max_new_tokens}")
+        if not 1 <= req.n <= self.cache.slots:
+            raise ValueError(f"n must be in [1, {self.cache.slots}] (the sequence slots), got {req.n}")
+        if req.n > 1 and req.max_new_tokens == 0:
+            raise ValueError("n > 1 needs new tokens (max_new_tokens >= 1)")
+        if req.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {req.top_logprobs}")
         if len(req.prompt) + req.max_new_tokens > self.config.max_sequence_length:
             kv = " (the length of the attention layers' KV cache)" if self.has_kv else ""
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds "
@@ -136,21 +150,22 @@ class Engine:
         if not req.sampling.greedy:
             gen = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
         seq = _Sequence(self._next_id, req, gen)
-        self._next_id += 1
+        self._next_id += req.n  # forks take the ids after it
         self.waiting.append(seq)
         return seq.id
 
     def abort(self, request_id: int) -> bool:
-        """Drop a request wherever it is; True if it was found."""
+        """Drop a request wherever it is; True if it was found. A waiting request with n > 1 goes
+        when any of its ids is aborted (it has not forked yet)."""
         for seq in self.waiting:
-            if seq.id == request_id:
+            if seq.id <= request_id < seq.id + seq.req.n:
                 self.waiting.remove(seq)
                 return True
         for seq in self.running:
             if seq.id == request_id:
                 self._release(seq)
                 return True
-        if self.long is not None and self.long.seq.id == request_id:
+        if self.long is not None and self.long.seq.id <= request_id < self.long.seq.id + self.long.seq.req.n:
             self.long = None
             return True
         return False
@@ -177,8 +192,14 @@ class Engine:
             self._long_turn = False
             return self._advance_long()
         self._long_turn = True
+        # After a prefill, sequences that are already generating get a decode step before the next
+        # admission, so a queue of long prompts cannot hold them back for good.
+        if self._prefilled_last and self.running:
+            self._prefilled_last = False
+            return self._decode(len(self.running))
         admitted = self._admit()
         if admitted:
+            self._prefilled_last = True
             return self._prefill(admitted)
         if self.running:
             return self._decode(len(self.running))
@@ -187,13 +208,17 @@ class Engine:
     def _admit(self) -> list[_Sequence]:
         budget = self.config.max_prefill_tokens
         admitted = []
+        forks = 0  # slots that admitted requests' forks will take once prefilled
+        # slots held for the context-parallel prefill under way (its sequence and its forks)
+        reserved = self.long.seq.req.n if self.long is not None else 0
         i = 0  # waiting[:i]: long prompts waiting for the context-parallel prefill under way
-        while i < len(self.waiting) and self.num_running < self.cache.slots:
+        while i < len(self.waiting) and len(self.running) + reserved + forks + self.waiting[i].req.n <= self.cache.slots:
             seq = self.waiting[i]
             if self._context_parallel(seq):
-                if self.long is None:  # its slot is reserved (num_running) until it joins `running`
+                if self.long is None:  # its slot (the cache's last) stays reserved until it joins `running`
                     del self.waiting[i]
                     self.long = LongPrefill.start(seq, self.cache, self.prefix)
+                    reserved = seq.req.n
                 else:  # one at a time; shorter prompts behind it go ahead
                     i += 1
                 continue
@@ -204,18 +229,20 @@ class Engine:
             seq.slot = len(self.running)
             self.running.append(seq)
             admitted.append(seq)
+            forks += seq.req.n - 1
             budget -= n
         return admitted
 
     def _context_parallel(self, seq: _Sequence) -> bool:
         """Whether seq's prompt is prefilled split over the CP group. Prompt scoring needs every
         position's logits, which the split path does not gather: such requests take the plain one."""
-        return (self.cp.size > 1 and not seq.req.prompt_logprobs
+        return (self.cp.size > 1 and self.model.supports_context_parallel and not seq.req.prompt_logprobs
                 and len(seq.req.prompt) >= max(self.config.context_parallel_min_tokens, 1))
 
     def _advance_long(self) -> list[TokenOutput]:
         """One step of the context-parallel prefill; when the prompt is done, its sequence joins
-        the running batch (in the slot reserved for it) and gets its first token."""
+        the running batch (in the slot after the running ones), forks if it asked for n > 1, and
+        gets its first token(s)."""
         job = self.long
         chunk = max(1, min(self.config.prefill_chunk, self.model.max_tokens_per_forward()))
         logits = job.advance(self.model, self.cp, chunk, self.prefix)
@@ -227,7 +254,31 @@ class Engine:
         self.running.append(seq)
         if seq.slot != job.slot:
             self.cache.copy_slot(job.slot, seq.slot, len(seq.req.prompt))
-        return self._emit([seq], logits)
+        forks, rows = self._fork([seq])
+        if forks:
+            logits = logits[[0] + rows]
+        return self._emit([seq] + forks, logits)
+
+    def _fork(self, group: list[_Sequence]) -> tuple[list[_Sequence], list[int]]:
+        """Copy each prefilled sequence's state into a new slot per extra fork (request n > 1).
+        Returns the forks and, for each, the row of its parent in group."""
+        forks, rows = [], []
+        for row, seq in enumerate(group):
+            for i in range(1, seq.req.n):
+                gen = None
+                if seq.generator is not None:
+                    gen = torch.Generator(device=self.device).manual_seed(seq.req.sampling.seed + i)
+                child = _Sequence(seq.id + i, seq.req, gen, slot=len(self.running), arrived=seq.arrived)
+                self._copy_slot(seq.slot, child.slot)
+                self.running.append(child)
+                forks.append(child)
+                rows.append(row)
+        return forks, rows
+
+    def _copy_slot(self, src: int, dst: int) -> None:
+        for c, s in zip(self.cache.conv, self.cache.ssm):
+            c[dst].copy_(c[src])
+            s[dst].copy_(s[src])
 
     def _prefill(self, seqs: list[_Sequence]) -> list[TokenOutput]:
         """Prefill admitted sequences, grouped so each forward runs equal-length token blocks."""
@@ -250,14 +301,19 @@ class Engine:
             states = self.cache.rows(first, first + len(group)) if contiguous else self.cache.gather(slots)
             tokens = torch.tensor([s.req.prompt for s in group], device=self.device)
             score = [row for row, s in enumerate(group) if s.req.prompt_logprobs]
-            logits, scored = self._prefill_tokens(tokens, start, states, [s.req.prompt for s in group], score)
+            top = max((group[row].req.top_logprobs for row in score), default=0)
+            logits, scored, scored_top = self._prefill_tokens(tokens, start, states, [s.req.prompt for s in group],
+                                                              score, top)
             if not contiguous:
                 self.cache.scatter(slots, states)
-            outputs += self._emit(group, logits, dict(zip(score, scored)))
+            forks, rows = self._fork(group)
+            if forks:
+                logits = logits[list(range(len(group))) + rows]
+            outputs += self._emit(group + forks, logits, dict(zip(score, scored)), dict(zip(score, scored_top)))
         return outputs
 
-    def _prefill_tokens(self, tokens: torch.Tensor, start: int, states: list[LayerState],
-                        prompts: list[list[int]], score: list[int]) -> tuple[torch.Tensor, list[list[float]]]:
+    def _prefill_tokens(self, tokens: torch.Tensor, start: int, states: list[LayerState], prompts: list[list[int]],
+                        score: list[int], top: int = 0) -> tuple[torch.Tensor, list[list[float]], list[list]]:
         """Run tokens[:, start:] through the model in chunks that end on prefix-block boundaries,
         saving the states reached there. Returns the last position's local logits [b, V/tp] and,
         for each row in `score`, the prompt's log-probs (tokens 1..L-1).
@@ -265,7 +321,8 @@ class Engine:
         Rows to score need every position's logits, so a group holding one computes them all
         (start is then 0: such rows skip the prefix cache). A chunk's position p predicts token
         p+1, so its last position predicts the next chunk's first token: each chunk scores the
-        tokens after its own positions, up to the prompt's last."""
+        tokens after its own positions, up to the prompt's last. With top > 0, also each scored
+        position's `top` most likely tokens as (id, log-prob) pairs."""
         L = tokens.shape[1]
         block = self.config.prefix_block
         # A long chunk of a large batch can pass the kernels' 32-bit indexing (an illegal memory
@@ -274,25 +331,34 @@ class Engine:
         chunk = min(self.config.prefill_chunk, fits)
         keys = [dict(prefix_keys(p[:-1], block)) for p in prompts] if self.prefix.enabled else None
         assert not score or start == 0
-        parts = []
+        parts, top_parts = [], []
         pos = start
         while pos < L:
             end = min(L, pos + chunk)
             if keys is not None:
                 end = min(end, (pos // block + 1) * block)  # stop on each block boundary to save it
-            # keys/values beyond `end` are neither read nor written by this chunk
-            logits = self.model(tokens[:, pos:end], [s.upto(end) for s in states], last_only=not score)
+            # keys/values beyond `end` are neither read nor written by this chunk; every row of the
+            # group holds `pos` positions before it
+            logits = self.model(tokens[:, pos:end], [s.upto(end, pos) for s in states], last_only=not score)
             n = min(end, L - 1) - pos  # positions pos..pos+n-1 predict prompt tokens pos+1..pos+n
             if score and n > 0:
                 local = logits[score, :n].reshape(len(score) * n, -1)
                 parts.append(vocab_parallel_logprob(local, tokens[score, pos + 1:pos + 1 + n].reshape(-1),
                                                     self.shard).view(len(score), n))
+                if top:
+                    vals, ids = vocab_parallel_topk(local, top, self.shard)
+                    top_parts.append((vals.view(len(score), n, -1), ids.view(len(score), n, -1)))
             pos = end
             if keys is not None and pos in keys[0]:
                 for row, k in enumerate(keys):
                     self.prefix.save(k[pos], states, row, pos)
         scored = torch.cat(parts, 1).tolist() if parts else [[] for _ in score]
-        return logits[:, -1], scored
+        scored_top = [[] for _ in score]
+        if top_parts:
+            vals = torch.cat([v for v, _ in top_parts], 1).tolist()
+            ids = torch.cat([i for _, i in top_parts], 1).tolist()
+            scored_top = [[list(zip(i, v)) for i, v in zip(ri, rv)] for ri, rv in zip(ids, vals)]
+        return logits[:, -1], scored, scored_top
 
     def _decode(self, n: int) -> list[TokenOutput]:
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
@@ -301,15 +367,21 @@ class Engine:
             logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running)))[:, -1]
         return self._emit(list(self.running), logits)
 
-    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor,
-              prompt_lps: dict[int, list[float]] | None = None) -> list[TokenOutput]:
-        """One token per sequence from its logits (row i for seqs[i]); prompt_lps: row -> the
-        prompt log-probs to deliver with that row's first output."""
+    def _emit(self, seqs: list[_Sequence], logits: torch.Tensor, prompt_lps: dict[int, list[float]] | None = None,
+              prompt_top: dict[int, list] | None = None) -> list[TokenOutput]:
+        """One token per sequence from its logits (row i for seqs[i]); prompt_lps (prompt_top): row ->
+        the prompt log-probs (top alternatives) to deliver with that row's first output."""
         tokens, logprobs = choose_tokens(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs],
                                          [s.req.logprobs for s in seqs], self.shard)
         tokens = tokens.tolist()
         logprobs = logprobs.tolist() if logprobs is not None else [None] * len(seqs)
-        prompt_lps = prompt_lps or {}
+        k = max((s.req.top_logprobs for s in seqs if s.req.logprobs and s.req.max_new_tokens), default=0)
+        tops = [None] * len(seqs)
+        if k:
+            vals, ids = vocab_parallel_topk(logits, k, self.shard)
+            tops = [list(zip(i, v))[:s.req.top_logprobs] or None
+                    for s, i, v in zip(seqs, ids.tolist(), vals.tolist())]
+        prompt_lps, prompt_top = prompt_lps or {}, prompt_top or {}
         outputs = []
         for row, (seq, tok, lp) in enumerate(zip(seqs, tokens, logprobs)):
             if seq.req.max_new_tokens == 0:  # score only: the token chosen here is not part of it
@@ -319,8 +391,11 @@ class Engine:
                 reason = ("stop" if tok in seq.req.stop_ids else
                           "length" if seq.generated >= seq.req.max_new_tokens else None)
             seq.last_token = tok
+            top = tops[row] if seq.req.logprobs and tok >= 0 else None
             outputs.append(TokenOutput(seq.id, tok, lp if seq.req.logprobs else None, reason is not None, reason,
-                                       prompt_lps.get(row)))
+                                       prompt_lps.get(row), top,
+                                       [t[:seq.req.top_logprobs] for t in prompt_top[row]]
+                                       if row in prompt_top and seq.req.top_logprobs else None))
             if reason is not None:
                 self._release(seq)
         return outputs

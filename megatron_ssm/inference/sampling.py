@@ -61,22 +61,44 @@ def vocab_parallel_argmax(local: torch.Tensor, shard: VocabShard) -> torch.Tenso
     return both[..., 1].gather(1, best).squeeze(1).long()
 
 
-def vocab_parallel_logprob(local: torch.Tensor, tokens: torch.Tensor, shard: VocabShard) -> torch.Tensor:
-    """log softmax(logits)[token] per row, from vocab-parallel logits: each rank's (max, sum exp)
-    and the chosen logit from the rank that owns it."""
+def _log_normalizer(local: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """log sum exp over the whole vocabulary per row, from each rank's (max, sum exp)."""
     m = local.max(dim=-1).values
     # a rank may hold only vocabulary padding (all -inf): its sum is then 0, not NaN
     s = torch.exp(local - torch.where(torch.isfinite(m), m, 0.0).unsqueeze(-1)).sum(-1)
-    owned = (tokens >= shard.start) & (tokens < shard.start + local.shape[-1])
-    chosen = torch.where(owned, local.gather(1, (tokens - shard.start).clamp(0, local.shape[-1] - 1)[:, None])[:, 0],
-                         torch.zeros_like(m))
     if shard.tp.size > 1:
         ms = _all_gather(torch.stack([m, s], dim=-1), shard.tp)  # [b, tp, 2]
-        top = ms[..., 0].max(dim=1).values
-        s = (ms[..., 1] * torch.exp(ms[..., 0] - top[:, None])).sum(1)
-        m = top
+        m = ms[..., 0].max(dim=1).values
+        s = (ms[..., 1] * torch.exp(ms[..., 0] - m[:, None])).sum(1)
+    return m + torch.log(s)
+
+
+def vocab_parallel_logprob(local: torch.Tensor, tokens: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """log softmax(logits)[token] per row, from vocab-parallel logits: each rank's (max, sum exp)
+    and the chosen logit from the rank that owns it."""
+    owned = (tokens >= shard.start) & (tokens < shard.start + local.shape[-1])
+    chosen = torch.where(owned, local.gather(1, (tokens - shard.start).clamp(0, local.shape[-1] - 1)[:, None])[:, 0],
+                         torch.zeros(local.shape[0], dtype=local.dtype, device=local.device))
+    if shard.tp.size > 1:
         dist.all_reduce(chosen, group=shard.tp.group)
-    return chosen - m - torch.log(s)
+    return chosen - _log_normalizer(local, shard)
+
+
+def vocab_parallel_topk(local: torch.Tensor, k: int, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens per row and their log-probs ([b, k] each, best first; a tie across
+    ranks goes to the lower id), from vocab-parallel logits: each rank's own top k, all-gathered (tp * k values and
+    ids per row, never the vocabulary) and merged."""
+    k = max(1, min(k, shard.vocab_size))
+    log_z = _log_normalizer(local, shard)
+    vals, idx = local.topk(min(k, local.shape[-1]), dim=-1)  # sorted; padding is -inf, so it comes last
+    idx = idx + shard.start
+    if shard.tp.size > 1:
+        both = _all_gather(torch.stack([vals.float(), idx.float()], dim=-1), shard.tp)  # [b, tp, k, 2]
+        both = both.flatten(1, 2)  # ranks in order: equal values keep the lower id first
+        vals, idx = both[..., 0], both[..., 1].long()
+        order = torch.sort(vals, dim=-1, descending=True, stable=True).indices[:, :k]
+        vals, idx = vals.gather(1, order), idx.gather(1, order)
+    return vals - log_z[:, None], idx
 
 
 def gather_logits(local: torch.Tensor, vocab_size: int, tp: TPContext) -> torch.Tensor:
@@ -102,9 +124,18 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(logits - max) / temperature in fp32: the best token sits at 0 and the rest at or below it, so
+    a tiny temperature (1e-40) sends the others to -inf instead of overflowing everything to inf
+    (inf - inf is NaN)."""
+    logits = logits.float()
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    return shifted / max(temperature, torch.finfo(torch.float32).tiny)
+
+
 def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """One token from full logits [V] by inverse CDF on one uniform draw."""
-    probs = torch.softmax(filter_logits(logits.float() / params.temperature, params.top_k, params.top_p), dim=-1)
+    probs = torch.softmax(filter_logits(scale_logits(logits, params.temperature), params.top_k, params.top_p), dim=-1)
     u = torch.rand((), generator=generator, device=probs.device)
     cdf = probs.cumsum(-1)
     return int(torch.searchsorted(cdf, (u * cdf[-1]).unsqueeze(0)).clamp(max=probs.shape[-1] - 1))

@@ -9,12 +9,15 @@ The state of a sequence is its keys and values at every position so far plus how
 are filled: `k`, `v` [b, T, kv_heads_local, head_dim] and `length` [b]. Everything a step needs
 is a tensor (positions, masks, where to write), so a decode step is CUDA-graph capturable: T is
 the cache's fixed capacity (or any prefix of it the caller slices), and positions at or past a
-sequence's length are masked, not sliced.
+sequence's length are masked, not sliced. A prefill whose rows all hold the same number of
+positions says so (`LayerState.filled`, known to the engine) and runs causal SDPA (flash kernels)
+over the chunk, or lower-right causal over the prefix plus the chunk, instead of a full mask.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..config import SSMConfig
 from ..parallel import TPContext
@@ -61,7 +64,9 @@ class Attention(Mixer):
         self.input_scale = cfg.multiplier("attention_in")
         self.key_scale = cfg.multiplier("key")
         local_rows = (self.heads + 2 * self.kv_heads) * d
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, tp.size * local_rows, config=mp_config,
+        self.softmax_scale = cfg.attention_softmax_scale
+        self.qkv_proj = ColumnParallelLinear(cfg.attention_input_size or cfg.hidden_size, tp.size * local_rows,
+                                             config=mp_config,
                                              bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, config=mp_config,
                                         bias=cfg.attention_bias, tp=tp, allreduce=allreduce)
@@ -71,7 +76,8 @@ class Attention(Mixer):
         kv = (max_length, self.kv_heads, self.head_dim)
         return {"k": (kv, None), "v": (kv, None), "length": ((), torch.int64)}
 
-    def start(self, hidden: torch.Tensor, state=None, out_scale: float = 1.0, cp=None) -> PendingOutput:
+    def start(self, hidden: torch.Tensor, state=None, out_scale: float = 1.0,
+              qkv_delta: torch.Tensor | None = None, cp=None) -> PendingOutput:
         """hidden [b, L, hidden]. `state` (a LayerState with k, v, length) holds the sequences'
         earlier positions: the new keys/values are written after them and `length` advances; None
         attends within `hidden` alone and keeps nothing. cp (a ContextParallelSpans): hidden is this
@@ -81,7 +87,10 @@ class Attention(Mixer):
         d = self.head_dim
         if self.input_scale != 1.0:
             hidden = hidden * self.input_scale
-        q, k, v = self.qkv_proj(hidden).split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        qkv = self.qkv_proj(hidden)
+        if qkv_delta is not None:  # a per-use adapter's addition to this rank's [q_r | k_r | v_r] (Zamba2)
+            qkv = qkv + qkv_delta
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q = q.view(b, L, self.heads, d)
         k = k.view(b, L, self.kv_heads, d)
         v = v.view(b, L, self.kv_heads, d)
@@ -94,9 +103,22 @@ class Attention(Mixer):
             k = rotate(k, positions, self.cfg.rope_theta, self.rotary_dim)
         if cp is not None:
             return self.o_proj.start(self._context_parallel(q, k, v, positions, state, cp), out_scale)
-        if state is None:
+        gqa = self.heads != self.kv_heads
+        if state is None or state.filled == 0:
+            if state is not None:
+                state.k[:, :L].copy_(k)
+                state.v[:, :L].copy_(v)
+                state.length += L
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, enable_gqa=self.heads != self.kv_heads)
+                                                 is_causal=True, enable_gqa=gqa, scale=self.softmax_scale)
+        elif state.filled is not None:  # every row continues from the same position: lower-right causal
+            end = state.filled + L
+            state.k[:, state.filled:end].copy_(k)
+            state.v[:, state.filled:end].copy_(v)
+            state.length += L
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k[:, :end].transpose(1, 2),
+                                                 state.v[:, :end].transpose(1, 2), attn_mask=causal_lower_right(L, end),
+                                                 enable_gqa=gqa, scale=self.softmax_scale)
         else:
             where = positions[:, :, None, None].expand(b, L, self.kv_heads, d)
             state.k.scatter_(1, where, k.to(state.k.dtype))
@@ -105,7 +127,7 @@ class Attention(Mixer):
             # query at position p sees keys 0..p; positions past a sequence's length are stale
             visible = torch.arange(state.k.shape[1], device=hidden.device) <= positions[:, :, None]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
-                                                 attn_mask=visible[:, None], enable_gqa=self.heads != self.kv_heads)
+                                                 attn_mask=visible[:, None], enable_gqa=gqa, scale=self.softmax_scale)
         return self.o_proj.start(out.transpose(1, 2).reshape(b, L, self.heads * d), out_scale)
 
     def _context_parallel(self, q, k, v, positions, state, cp) -> torch.Tensor:
@@ -126,5 +148,6 @@ class Attention(Mixer):
             keys, values = state.k, state.v
             visible = torch.arange(keys.shape[1], device=q.device) <= positions[:, :, None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=visible[:, None], enable_gqa=self.heads != self.kv_heads)
+                                             attn_mask=visible[:, None], enable_gqa=self.heads != self.kv_heads,
+                                             scale=self.softmax_scale)
         return out.transpose(1, 2).reshape(b, L, self.heads * self.head_dim)

@@ -40,16 +40,19 @@ class LayerState:
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     length: torch.Tensor | None = None
+    # Host-side promise that every row's `length` is this many positions (the engine knows it for a
+    # prefill group): attention then runs causal flash-able kernels instead of a full mask.
+    filled: int | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
-    def upto(self, positions: int | None) -> "LayerState":
+    def upto(self, positions: int | None, filled: int | None = None) -> "LayerState":
         """The same state with keys/values cut to their first `positions` (views: writes land in
         self). A step only reads and writes positions below the longest sequence's new length."""
         if self.k is None or positions is None:
             return self
-        return LayerState(self.conv, self.ssm, self.k[:, :positions], self.v[:, :positions], self.length)
+        return LayerState(self.conv, self.ssm, self.k[:, :positions], self.v[:, :positions], self.length, filled)
 
 
 class Block(nn.Module):

@@ -9,11 +9,13 @@ the full vocabulary only when it must.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ..comm import OneShotAllReduce
-from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SSMConfig
+from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK, ZAMBA, SSMConfig
 from ..ops.dispatch import add_rms_norm
 from ..parallel import TPContext, megatron_config
 from .attention import Attention
@@ -23,6 +25,8 @@ from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, V
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
+from .zamba import SharedApplication, SharedHybridBlock, SharedTransformer
+from .zamba_mamba import ZambaMambaMixer
 
 __all__ = ["LayerState", "MambaBlock", "MambaLM"]
 
@@ -53,6 +57,8 @@ class MambaLM(nn.Module):
         self.embeddings = VocabParallelEmbedding(self.padded_vocab, cfg.hidden_size, config=mp, tp=tp, allreduce=small)
 
         def mixer():
+            if cfg.family == ZAMBA:
+                return ZambaMambaMixer(cfg, tp, mp, allreduce=allreduce, **kw)
             if cfg.is_mamba2:
                 return Mamba2Mixer(cfg, tp, mp, allreduce=allreduce, small_allreduce=small, **kw)
             return Mamba1Mixer(cfg, tp, mp, allreduce=allreduce, **kw)
@@ -69,8 +75,15 @@ class MambaLM(nn.Module):
                 return MLPBlock(cfg, MLP(cfg, tp, mp, allreduce=allreduce, **kw), **kw)
             if kind == PARALLEL_BLOCK:
                 return ParallelBlock(cfg, mixer(), attention(), **kw)
+            if kind == SHARED_BLOCK:
+                shared = self.shared_blocks[next(uses) % len(self.shared_blocks)]
+                return SharedHybridBlock(cfg, mixer(), SharedApplication(cfg, tp, mp, **kw), shared, **kw)
             raise ValueError(f"unknown block kind {kind!r}")
 
+        # Zamba's shared attention + MLP blocks: held here once, applied by every S block (ABAB...)
+        self.shared_blocks = nn.ModuleList(SharedTransformer(cfg, tp, mp, allreduce=allreduce, **kw)
+                                           for _ in range(cfg.shared_blocks if cfg.has_shared_blocks else 0))
+        uses = iter(range(cfg.num_layers))
         self.layers = nn.ModuleList(block(kind) for kind in cfg.pattern)
         self.embedding_scale = cfg.multiplier("embedding")
         self.logit_scale = cfg.multiplier("lm_head")
@@ -82,6 +95,12 @@ class MambaLM(nn.Module):
         ids = torch.arange(self.vocab_start, self.vocab_start + self.vocab_per_rank, device=device)
         self.register_buffer("vocab_padding", ids >= cfg.vocab_size, persistent=False)
 
+    @property
+    def supports_context_parallel(self) -> bool:
+        """Whether every block can run a span of a context-parallel forward (`cp`): all but Zamba's
+        (its shared blocks and its split Mamba mixer are not covered yet)."""
+        return self.cfg.family != ZAMBA and not self.shared_blocks
+
     # Kernels here and in mamba-ssm index activations with 32-bit offsets: keep every activation
     # of one forward (batch x tokens x widest row) under this many elements.
     max_activation_elements = 2**31 - 1
@@ -90,7 +109,8 @@ class MambaLM(nn.Module):
         """Most tokens (batch x length) one forward may take: the widest per-token row is a
         column-parallel output on this rank (in_proj, qkv, MLP up), or this rank's logits when every
         position's are kept."""
-        columns = [m.weight.shape[0] for m in self.layers.modules() if isinstance(m, ColumnParallelLinear)]
+        columns = [m.weight.shape[0] for part in (self.layers, self.shared_blocks) for m in part.modules()
+                   if isinstance(m, ColumnParallelLinear)]
         widest = max(max(columns, default=1), self.cfg.hidden_size, self.vocab_per_rank if all_logits else 1)
         return max(1, self.max_activation_elements // widest)
 
@@ -115,13 +135,15 @@ class MambaLM(nn.Module):
         stream, delta = self.embeddings(input_ids), None
         if self.embedding_scale != 1.0:
             stream = stream * self.embedding_scale
+        # Zamba's shared blocks read the token embeddings beside the hidden state at every use
+        embeddings = stream if self.shared_blocks else None
         overlap = states is not None and cp is None and self._overlaps(input_ids)
         parts = self._micro_chunks(input_ids.shape[1]) if overlap else []
         if parts:
-            stream, delta = self._overlapped_layers(stream, states, parts)
+            stream, delta = self._overlapped_layers(stream, states, parts, embeddings)
         else:
             for i, layer in enumerate(self.layers):
-                stream, pending = layer.start(stream, delta, None if states is None else states[i], cp)
+                stream, pending = _start(layer, stream, delta, None if states is None else states[i], embeddings, cp)
                 delta = pending.wait()
         if last_only:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
@@ -146,17 +168,34 @@ class MambaLM(nn.Module):
         first = -(-length // (2 * unit)) * unit
         return [first, length - first] if 0 < first < length else []
 
-    def _overlapped_layers(self, stream: torch.Tensor, states: list[LayerState],
-                           parts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _overlapped_layers(self, stream: torch.Tensor, states: list[LayerState], parts: list[int],
+                           embeddings: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layers over consecutive time spans of the batch, interleaved so that each span's
         all-reduce runs while the next span computes: span 1 of layer i continues from the state
         span 0 of layer i left, and span 0 of layer i+1 waits only for its own reduction. The states
         advance as in one pass over the whole length. Returns (stream, delta) as the plain loop does."""
         streams = list(stream.split(parts, dim=1))
+        spans = list(embeddings.split(parts, dim=1)) if embeddings is not None else [None] * len(streams)
         pending: list[PendingOutput | None] = [None] * len(streams)
+        offsets = [sum(parts[:p]) for p in range(len(parts))]
         for i, layer in enumerate(self.layers):
             for p in range(len(streams)):
                 delta = pending[p].wait() if pending[p] is not None else None
-                streams[p], pending[p] = layer.start(streams[p], delta, states[i])
+                state = states[i]
+                if state.filled is not None:  # span p starts that many positions later
+                    state = replace(state, filled=state.filled + offsets[p])
+                streams[p], pending[p] = _start(layer, streams[p], delta, state, spans[p])
         deltas = [p.wait() for p in pending] if self.layers else None
         return torch.cat(streams, dim=1), None if deltas is None else torch.cat(deltas, dim=1)
+
+
+def _start(layer, stream, delta, state, embeddings, cp=None):
+    """layer.start, handing the token embeddings to the blocks that read them (Zamba's S), and the
+    context-parallel spans to the blocks that take them (all but Zamba's S)."""
+    if getattr(layer, "uses_embeddings", False):
+        if cp is not None:
+            raise NotImplementedError("context-parallel prefill does not cover Zamba's shared blocks yet")
+        return layer.start(stream, delta, state, embeddings=embeddings)
+    if cp is not None:
+        return layer.start(stream, delta, state, cp=cp)
+    return layer.start(stream, delta, state)

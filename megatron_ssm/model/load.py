@@ -1,4 +1,4 @@
-"""Build this rank's model from a converted checkpoint."""
+"""Build this rank's model from a converted checkpoint, or straight from a Megatron-LM one."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,6 +9,7 @@ import torch.distributed as dist
 from ..checkpoint.convert import DTYPES, check_names
 from ..checkpoint.hf import CheckpointError
 from ..checkpoint.integrity import HASH, MANIFEST, ChecksumError, verify_default
+from ..checkpoint import megatron_lm
 from ..checkpoint.megatron import load_rank, rank_file
 from ..parallel import TPContext
 from .layers import AllReduceFn
@@ -47,7 +48,10 @@ def load_model(ckpt_dir: str | Path, tp: TPContext, dtype: torch.dtype | None = 
 
 
 def _load(ckpt_dir, tp: TPContext, dtype, allreduce, verify: bool = True) -> MambaLM:
-    cfg, state = load_rank(ckpt_dir, tp.rank, tp.size, verify)
+    if megatron_lm.is_megatron_lm(ckpt_dir):  # Megatron-LM's own files, resharded here at load
+        cfg, state = megatron_lm.load_rank(ckpt_dir, tp.rank, tp.size, verify)
+    else:
+        cfg, state = load_rank(ckpt_dir, tp.rank, tp.size, verify)
     dtype = dtype or DTYPES.get(cfg.torch_dtype, torch.float32)
     model = MambaLM(cfg, tp, dtype=dtype, allreduce=allreduce)
     own = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

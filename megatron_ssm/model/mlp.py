@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..config import RELU2, SWIGLU, ConfigError, SSMConfig
+from ..config import GEGLU, RELU2, SWIGLU, ConfigError, SSMConfig
 from ..parallel import TPContext
 from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
 
@@ -18,13 +18,13 @@ class MLP(Mixer):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
                  allreduce: AllReduceFn | None = None):
         super().__init__()
-        if cfg.mlp_kind not in (RELU2, SWIGLU):
-            raise ConfigError(f"MLP kind {cfg.mlp_kind!r} is not supported ({RELU2} or {SWIGLU})")
+        if cfg.mlp_kind not in (RELU2, SWIGLU, GEGLU):
+            raise ConfigError(f"MLP kind {cfg.mlp_kind!r} is not supported ({RELU2}, {SWIGLU} or {GEGLU})")
         cfg.validate(tp.size)
         self.kind = cfg.mlp_kind
         self.width = cfg.mlp_intermediate_size // tp.size
         I = cfg.mlp_intermediate_size
-        if self.kind == SWIGLU:
+        if self.kind in (SWIGLU, GEGLU):
             self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * I, config=mp_config, bias=cfg.mlp_bias)
         else:
             self.up_proj = ColumnParallelLinear(cfg.hidden_size, I, config=mp_config, bias=cfg.mlp_bias)
@@ -33,12 +33,16 @@ class MLP(Mixer):
         self.gate_scale = cfg.multiplier("mlp_gate")
         self.down_scale = cfg.multiplier("mlp_down")
 
-    def start(self, hidden: torch.Tensor) -> PendingOutput:
-        if self.kind == SWIGLU:
-            gate, up = self.gate_up_proj(hidden).split(self.width, dim=-1)
+    def start(self, hidden: torch.Tensor, gate_up_delta: torch.Tensor | None = None) -> PendingOutput:
+        """gate_up_delta: a per-use adapter's addition to this rank's [gate_r | up_r] rows (Zamba2)."""
+        if self.kind in (SWIGLU, GEGLU):
+            gate_up = self.gate_up_proj(hidden)
+            if gate_up_delta is not None:
+                gate_up = gate_up + gate_up_delta
+            gate, up = gate_up.split(self.width, dim=-1)
             if self.gate_scale != 1.0:
                 gate = gate * self.gate_scale
-            y = up * F.silu(gate)
+            y = up * (F.silu(gate) if self.kind == SWIGLU else F.gelu(gate))
         else:
             y = torch.square(F.relu(self.up_proj(hidden)))
         return self.down_proj.start(y, self.down_scale)

@@ -2,6 +2,13 @@
 
 Heads share B and C within a group; A is one scalar per head. The chunked form computes, per chunk,
 an attention-like intra-chunk term plus the contribution of the state carried into the chunk.
+
+`ssd_chunk_scan` follows, step for step, the minimal SSD reference of the Mamba-2 paper's authors:
+`ssd_minimal_discrete` and `segsum` in mamba-ssm's `mamba_ssm/modules/ssd_minimal.py` (Tri Dao and
+Albert Gu, "Transformers are SSMs", 2024; mamba-ssm is Apache-2.0 licensed, Copyright (c) 2024 Tri Dao,
+Albert Gu). Written again here with an initial state, groups (heads sharing B/C), D, dt's softplus,
+bias and clamp, and chunk padding for any length; tests/test_ops.py checks it against a step-by-step
+recurrence written from the equations, not against mamba-ssm.
 """
 from __future__ import annotations
 

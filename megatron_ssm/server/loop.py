@@ -10,14 +10,21 @@ alike, and every rank joins the same collectives.
 
 When idle, rank 0 waits for work but still broadcasts an empty message every `heartbeat` seconds,
 so a rank whose rank 0 died learns it from the control group's timeout instead of waiting forever.
+Each iteration stamps `beat`: a loop stuck in a step (a rank that hangs) shows as an old beat,
+which `/health` reports.
+
+Admission is fair between HTTP requests: rank 0 keeps each request's prompts apart and hands the
+engine, round robin over requests, only about one step's worth of prompt tokens beyond what it
+already waits on, so a request of many long prompts cannot queue ahead of everything after it.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch.distributed as dist
 
@@ -28,14 +35,20 @@ from .protocol import ApiError, Job
 log = logging.getLogger(__name__)
 
 
-class Handle:
-    """One prompt in flight. Events go to `sink` as (index, kind, payload):
-    ("prompt_logprobs", [float]), ("token", TokenOutput), ("done", None), ("error", ApiError)."""
+class Sink(Protocol):
+    def put(self, item: tuple) -> None: ...
 
-    def __init__(self, job: Job, sink: queue.Queue, index: int = 0):
-        self.job, self.sink, self.index = job, sink, index
+
+class Handle:
+    """One prompt in flight, as one engine request of `job.n` forks (choice indices index ..
+    index + n - 1). Events go to `sink` as (choice index, kind, payload): ("prompt_logprobs",
+    TokenOutput), ("token", TokenOutput), ("done", None), ("error", ApiError)."""
+
+    def __init__(self, job: Job, sink: Sink, index: int = 0, batch: object = None):
+        self.job, self.sink, self.index, self.batch = job, sink, index, batch
         self.engine_id: int | None = None
-        self.cancelled = False
+        self.live = set(range(job.n))  # forks still generating
+        self.cancelled = False  # every fork
         self.finished = False
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
@@ -50,7 +63,7 @@ class Handle:
         request with no new tokens, even when its log-probs are not wanted (OpenAI echo alone)."""
         j = self.job
         return Request(list(j.prompt), j.max_new_tokens, j.sampling, tuple(j.stop_ids), j.logprobs,
-                       prompt_logprobs=j.prompt_logprobs or self.score_only)
+                       prompt_logprobs=j.prompt_logprobs or self.score_only, top_logprobs=j.top_logprobs, n=j.n)
 
 
 @dataclass
@@ -90,9 +103,10 @@ class EngineLoop:
         self.metrics = metrics or Metrics()
         self.heartbeat, self.drain_timeout, self.worker_grace = heartbeat, drain_timeout, worker_grace
         self._cv = threading.Condition()
-        self._pending: list[Handle] = []
-        self._cancels: list[Handle] = []
-        self._active: dict[int, Handle] = {}  # engine id -> handle (rank 0)
+        self._pending: deque[deque[Handle]] = deque()  # per HTTP request, in arrival order
+        self._cancels: list[tuple[Handle, int | None]] = []  # (handle, fork or None: all)
+        self._active: dict[int, tuple[Handle, int]] = {}  # engine id -> (handle, fork) (rank 0)
+        self.beat = time.monotonic()  # when the loop last began an iteration
         self._stop_at: float | None = None  # when a stop was requested (signal handler)
         self._force = False
         self.failure: str | None = None
@@ -122,20 +136,29 @@ class EngineLoop:
             if self.queue_depth() + len(handles) > self.max_queue:
                 raise ApiError(f"the server is overloaded: {self.queue_depth()} requests are waiting "
                                f"(--max-queued-requests {self.max_queue}); retry later", 503)
-            self._pending.extend(handles)
+            if handles:
+                self._pending.append(deque(handles))
             self._cv.notify()
 
-    def cancel(self, handle: Handle) -> None:
-        """Stop generating for handle (client gone, stop sequence seen); later tokens are dropped."""
+    def cancel(self, handle: Handle, fork: int | None = None) -> None:
+        """Stop generating for handle, or only for one of its forks (client gone, stop sequence
+        seen); later tokens are dropped."""
         with self._cv:
-            if handle.finished or handle.cancelled:
+            if handle.finished or handle.cancelled or (fork is not None and fork not in handle.live):
                 return
-            handle.cancelled = True
-            self._cancels.append(handle)
+            if fork is None or handle.live == {fork}:
+                handle.cancelled, fork = True, None
+            else:
+                handle.live.discard(fork)
+            self._cancels.append((handle, fork))
             self._cv.notify()
 
     def queue_depth(self) -> int:
-        return len(self._pending) + self.engine.num_waiting
+        return sum(len(q) for q in self._pending) + self.engine.num_waiting
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the loop last began an iteration (0 once it has stopped)."""
+        return 0.0 if self.stopped.is_set() else time.monotonic() - self.beat
 
     def running(self) -> int:
         return self.engine.num_running
@@ -169,6 +192,7 @@ class EngineLoop:
 
     def _run_first(self) -> None:
         while True:
+            self.beat = time.monotonic()
             handles, aborts, shutdown = self._collect()
             msg = Message([h.request() for h in handles], aborts, shutdown)
             self.channel.exchange(msg)
@@ -182,6 +206,7 @@ class EngineLoop:
 
     def _run_other(self) -> None:
         while True:
+            self.beat = time.monotonic()
             msg = self.channel.exchange(None)
             self._apply(msg, None)
             if msg.shutdown:
@@ -196,17 +221,19 @@ class EngineLoop:
         with self._cv:
             if not (self._pending or self._cancels or self.engine.has_work() or self._stop_at is not None):
                 self._cv.wait(self.heartbeat)
-            adds = [h for h in self._pending if not h.cancelled]
-            for h in self._pending:
-                if h.cancelled:
-                    h.finished = True
-            self._pending.clear()
+            adds = self._take_fairly()
             aborts = []
-            for h in self._cancels:
-                # a handle without an engine id is either still pending (dropped above) or being
-                # applied right now (_apply sees `cancelled` and queues it here again)
-                if h.engine_id is not None and self._active.pop(h.engine_id, None) is h:
-                    aborts.append(h.engine_id)
+            for h, fork in self._cancels:
+                # a handle without an engine id is either still pending (dropped in _take_fairly)
+                # or being applied right now (_apply sees `cancelled` and queues it here again)
+                if h.engine_id is None:
+                    continue
+                for f in range(h.job.n) if fork is None else (fork,):
+                    owner = self._active.get(h.engine_id + f)
+                    if owner is not None and owner[0] is h:
+                        del self._active[h.engine_id + f]
+                        aborts.append(h.engine_id + f)
+                if fork is None:
                     h.finished = True
             self._cancels.clear()
         if self._stop_at is None:
@@ -215,14 +242,34 @@ class EngineLoop:
             return [], aborts, True
         if self._force or time.monotonic() > self._stop_at + self.drain_timeout:
             gone = ApiError("the server shut down before this request finished", 503)
-            for eid, h in self._active.items():
+            for eid, (h, _) in self._active.items():
                 aborts.append(eid)
                 self._fail(h, gone)
             self._active.clear()
+            with self._cv:
+                adds += [h for q in self._pending for h in q]
+                self._pending.clear()
             for h in adds:
                 self._fail(h, gone)
             return [], aborts, True
         return adds, aborts, False
+
+    def _take_fairly(self) -> list[Handle]:
+        """Pending handles for the engine (call with the lock held): round robin over HTTP
+        requests, while what the engine waits on stays within about one step's prompt tokens."""
+        budget = self.engine.config.max_prefill_tokens - sum(len(s.req.prompt) for s in self.engine.waiting)
+        adds: list[Handle] = []
+        while self._pending and (budget > 0 or not (adds or self.engine.num_waiting)):
+            q = self._pending.popleft()
+            h = q.popleft()
+            if h.cancelled:
+                h.finished = True
+            else:
+                adds.append(h)
+                budget -= len(h.job.prompt)
+            if q:
+                self._pending.append(q)  # its next prompt waits for the other requests' turns
+        return adds
 
     def _apply(self, msg: Message, handles: list[Handle] | None) -> None:
         for eid in msg.abort:
@@ -237,19 +284,23 @@ class EngineLoop:
                 continue
             if h is not None:
                 h.engine_id = eid
-                self._active[eid] = h
+                for f in range(h.job.n):
+                    self._active[eid + f] = (h, f)
                 with self._cv:
                     if h.cancelled:  # cancelled while being applied: abort it next iteration
-                        self._cancels.append(h)
+                        self._cancels.append((h, None))
+                    else:
+                        self._cancels += [(h, f) for f in range(h.job.n) if f not in h.live]
 
     def _dispatch(self, outputs) -> None:
         now = time.monotonic()
         for o in outputs:
-            h = self._active.get(o.request_id)
-            if h is None:
+            owner = self._active.get(o.request_id)
+            if owner is None:
                 continue
+            h, fork = owner
             if o.prompt_logprobs is not None and h.job.prompt_logprobs:
-                h.sink.put((h.index, "prompt_logprobs", o.prompt_logprobs))
+                h.sink.put((h.index + fork, "prompt_logprobs", o))
             if h.score_only:  # its one output carries no token
                 del self._active[o.request_id]
                 h.finished = True
@@ -265,10 +316,13 @@ class EngineLoop:
             self.metrics.observe_token(ttft, itl)
             if o.finished:
                 del self._active[o.request_id]
-                h.finished = True
-            h.sink.put((h.index, "token", o))
+                h.live.discard(fork)
+                h.finished = not h.live
+            h.sink.put((h.index + fork, "token", o))
 
     def _fail(self, h: Handle, err: ApiError) -> None:
+        if h.finished:
+            return
         h.finished = True
         h.sink.put((h.index, "error", err))
 
@@ -278,8 +332,7 @@ class EngineLoop:
                 self._stop_at = time.monotonic()
             err = ApiError("the server shut down before this request finished" if self.failure is None else
                            f"the inference engine stopped: {self.failure}", 503)
-            for h in list(self._pending) + list(self._active.values()):
-                if not h.finished:
-                    self._fail(h, err)
+            for h in [h for q in self._pending for h in q] + [h for h, _ in self._active.values()]:
+                self._fail(h, err)
             self._pending.clear()
             self._active.clear()

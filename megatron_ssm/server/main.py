@@ -13,6 +13,8 @@ from pathlib import Path
 
 log = logging.getLogger("megatron_ssm.server")
 
+from ..choices import ALLREDUCE_CHOICES, DTYPE_CHOICES
+
 TOKENIZER_TYPES = {"SentencePieceTokenizer": "sentencepiece", "GPTSentencePieceTokenizer": "sentencepiece",
                    "HuggingFaceTokenizer": "huggingface"}
 PROG = "run_text_generation_server.py"
@@ -41,10 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sentencepiece .model, HF tokenizer.json, or a directory holding one "
                          "(default: the checkpoint's own)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    ap.add_argument("--allowed-hosts", default="",
+                    help="comma-separated Host header names accepted besides localhost and --host ('*': any), "
+                         "e.g. the server's DNS name when it is reached through one")
     ap.add_argument("--port", type=int, default=5000, help="port to bind (0: any free port, printed at start)")
     ap.add_argument("--served-model-name", default=None, help="model name in OpenAI responses (default: --load's name)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="run in this dtype (default: the checkpoint's)")
+    ap.add_argument("--chat-template", default=None,
+                    help="jinja chat template file for /v1/chat/completions (default: the tokenizer_config.json "
+                         "chat_template or chat_template.jinja beside the tokenizer)")
+    ap.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="run in this dtype (default: the checkpoint's)")
     ap.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16 (Megatron's flag)")
     ap.add_argument("--fp16", action="store_true", help="same as --dtype float16 (Megatron's flag)")
     ap.add_argument("--tensor-model-parallel-size", type=_positive(int), default=None,
@@ -63,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-prefill-tokens", type=_positive(int), default=8192,
                     help="prompt tokens admitted per engine step, so running sequences keep decoding")
     ap.add_argument("--prefix-cache-bytes", type=int, default=0, help="reuse states of shared prompt prefixes (0: off)")
-    ap.add_argument("--allreduce", default="oneshot",
+    ap.add_argument("--allreduce", default="oneshot", choices=ALLREDUCE_CHOICES,
                     help="row-parallel all-reduce: exact (NCCL) | oneshot (exact; one kernel for small GPU "
                          "messages, else NCCL) | int8|fp8|fp16 (lossy) | auto (oneshot, int8 where measured faster)")
     ap.add_argument("--max-prompts", type=_positive(int), default=128, help="prompts per request")
@@ -80,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: $MEGATRON_SSM_DIST_TIMEOUT or 60)")
     ap.add_argument("--heartbeat", type=_positive(float), default=0.5,
                     help="seconds between control messages while idle (how fast ranks notice a dead rank 0)")
+    ap.add_argument("--health-stall-timeout", type=_positive(float), default=30.0,
+                    help="/health answers 503 when the engine loop has not advanced for this many seconds")
+    ap.add_argument("--header-timeout", type=_positive(float), default=10.0,
+                    help="seconds a connection may take to send a request's headers")
+    ap.add_argument("--keep-alive-timeout", type=_positive(int), default=5,
+                    help="seconds an idle keep-alive connection stays open")
+    ap.add_argument("--max-connections", type=_positive(int), default=1024,
+                    help="concurrent connections and requests; beyond that requests get 503")
     ap.add_argument("--log-requests", action="store_true", help="log every HTTP request")
     return ap
 
@@ -185,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                                             prefix_cache_bytes=args.prefix_cache_bytes,
                                             context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
         if rank == 0:
-            from .http import ServerConfig, ServerContext, make_server
+            from .app import LOOPBACK, HttpServer, ServerConfig, ServerContext, build_app
+            from .chat import check_template, load_tokenizer_config
             from .metrics import Metrics
             from .protocol import ModelInfo
 
@@ -193,14 +209,28 @@ def main(argv: list[str] | None = None) -> int:
             tok = codec.tokenizer if codec is not None else None
             eos = model.cfg.eos_token_id if model.cfg.eos_token_id is not None else (tok.eos_id if tok else None)
             bos = model.cfg.bos_token_id if model.cfg.bos_token_id is not None else (tok.bos_id if tok else None)
+            template, special = load_tokenizer_config(*[d for d in (args.tokenizer_model, args.load) if d])
+            if args.chat_template:
+                template = Path(args.chat_template).read_text()
+            if template is not None:
+                check_template(template)
+            if codec is not None:  # the special tokens' text, where tokenizer_config.json does not say
+                for key, tid in (("bos_token", bos), ("eos_token", eos)):
+                    if key not in special and tid is not None:
+                        special[key] = codec.piece(tid)
             info = ModelInfo(name=args.served_model_name or Path(args.load).resolve().name,
                              vocab_size=model.cfg.vocab_size, max_sequence_length=args.max_seq, eos_id=eos, bos_id=bos,
-                             codec=codec, tp=tp.size, max_prompts=args.max_prompts)
+                             codec=codec, tp=tp.size, max_prompts=args.max_prompts, chat_template=template,
+                             special_tokens=special)
             metrics = Metrics()
+            extra = tuple(h.strip().lower() for h in args.allowed_hosts.split(",") if h.strip())
+            hosts = LOOPBACK + (args.host.lower().strip("[]"),) + extra
             ctx = ServerContext(None, info, metrics, ServerConfig(args.max_request_bytes, args.request_timeout,
-                                                                  args.log_requests))
+                                                                  args.log_requests, hosts, args.health_stall_timeout))
             try:
-                server = make_server(args.host, args.port, ctx)
+                server = HttpServer(build_app(ctx), args.host, args.port, header_timeout=args.header_timeout,
+                                    keep_alive=args.keep_alive_timeout, max_connections=args.max_connections,
+                                    log_requests=args.log_requests)
             except OSError as e:
                 raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     except Exception as e:  # every rank learns of any rank's failure below, so none waits for the others
@@ -222,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             bad = next(r for r, err in enumerate(errors) if err)
             _say(rank, f"error: rank {bad} failed to start: {errors[bad]}")
         if server is not None:
-            server.server_close()
+            server.sock.close()
         shutdown()
         return 2
 
@@ -265,10 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         ctx.loop = loop
         ctx.metrics.gauge("queue_depth", "Requests waiting for a sequence slot", loop.queue_depth)
         ctx.metrics.gauge("running_sequences", "Sequences being generated", loop.running)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True).start()
-        host, port = server.server_address[:2]
+        server.start()
+        host, port = server.address
+        host = f"[{host}]" if ":" in host else host
         print(f"megatron-ssm server: listening on http://{host}:{port} (model {ctx.info.name}, "
-              f"tensor-parallel {tp.size}); PUT /api, POST /v1/completions, GET /health, GET /metrics", flush=True)
+              f"tensor-parallel {tp.size}); PUT /api, POST /v1/completions, POST /v1/chat/completions, "
+              "GET /health, GET /metrics, GET /openapi.json", flush=True)
 
     code = 0
     try:
@@ -280,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 5.0  # let answered requests finish writing
         while ctx.active and time.monotonic() < deadline:
             time.sleep(0.05)
-        server.shutdown()
-        server.server_close()
+        server.stop()
     if code:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -26,6 +26,9 @@ class TextCodec:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids)) if ids else ""
 
+    def label(self, token: int) -> str:
+        return _label(self, token)
+
     def piece(self, token: int) -> str:
         """A token's own string, as Megatron's `segments` show it (sentencepiece's piece, HF's token)."""
         try:
@@ -38,6 +41,67 @@ class TextCodec:
         except (IndexError, ValueError, TypeError):
             pass
         return self.decode([token])
+
+
+def _label(codec: "TextCodec", token: int) -> str:
+    """A token's text on its own, for top_logprobs keys: what it adds to text (a sentencepiece
+    word-boundary "▁" as a space), or its piece (<0xC3>, </s>) when it is no text by itself."""
+    if codec._sp is not None:
+        piece = codec.piece(token)
+        if not (piece.startswith("<0x") or codec._sp.is_control(token) or codec._sp.is_unknown(token)):
+            return piece.replace("\u2581", " ")
+        text = codec.decode([token]) if not codec._sp.is_control(token) else ""
+    else:
+        text = codec.decode([token])
+    return text if text and REPLACEMENT not in text else codec.piece(token)
+
+
+class Detokenizer:
+    """Each token's share of the text, as tokens arrive: the pieces join to exactly the decoded
+    text. A token that ends inside a multi-byte character (a byte-fallback piece such as <0xC3>)
+    gets "" and the token that completes the character gets all of it, so every piece is whole
+    text and each token's offset is the length of the pieces before it. Decoding looks back only
+    _WINDOW tokens (word-boundary spaces come out as in the whole text)."""
+
+    def __init__(self, codec: TextCodec, context: list[int] = ()):
+        self.codec = codec
+        self.ids = list(context)
+        self.done = len(self.ids)  # tokens whose text has been handed out
+        self._base_at, self._base = None, ""
+
+    def push(self, token: int, final: bool = False) -> str:
+        """The text `token` adds ("" while it ends inside a character, unless final)."""
+        self.ids.append(token)
+        return self._take(final)
+
+    def flush(self) -> str:
+        """Whatever waits for the rest of a character (it never came): its replacement text."""
+        return self._take(True) if self.done < len(self.ids) else ""
+
+    def _take(self, final: bool) -> str:
+        start = max(0, self.done - _WINDOW)
+        if self._base_at != (start, self.done):
+            self._base_at, self._base = (start, self.done), self.codec.decode(self.ids[start:self.done])
+        cur = self.codec.decode(self.ids[start:])
+        if not final and cur.endswith(REPLACEMENT):
+            return ""
+        piece = cur[len(self._base):] if cur.startswith(self._base) else self.codec.decode(self.ids[self.done:])
+        self.done = len(self.ids)
+        return piece
+
+
+def token_texts(codec: TextCodec, ids: list[int]) -> list[str]:
+    """Each token's share of decode(ids) (see Detokenizer); the pieces join to the whole text."""
+    d = Detokenizer(codec)
+    return [d.push(t, final=i == len(ids) - 1) for i, t in enumerate(ids)]
+
+
+def offsets(pieces: list[str], start: int = 0) -> list[int]:
+    out = []
+    for p in pieces:
+        out.append(start)
+        start += len(p)
+    return out
 
 
 class Continuation:
