@@ -86,8 +86,8 @@ def _rank_bytes_per_layer(ckpt: str, lengths: list[int]):
 def _rank_engine_serving(ckpt: str, short: list[int], long: list[int], shared: list[int]):
     """Through the engine with CP on from 100 tokens: a short request decoding while a long one is
     prefilled context-parallel, a second short one arriving meanwhile, then a long prompt sharing
-    most of the first's tokens. Returns (tokens per request, request ids with output per step,
-    prefix hits of the shared prompt)."""
+    most of the first's tokens, asking for n=2 (forked once prefilled). Returns (tokens per request,
+    the fork's tokens, request ids with output per step, prefix hits of the shared prompt)."""
     from megatron_ssm.inference.engine import Engine, EngineConfig, Request
 
     model, tp, cp = _load(ckpt)
@@ -109,10 +109,10 @@ def _rank_engine_serving(ckpt: str, short: list[int], long: list[int], shared: l
     while eng.has_work():
         step()
     hits = eng.prefix.hits
-    d = eng.add_request(Request(shared, 8))
+    d = eng.add_request(Request(shared, 8, n=2))
     while eng.has_work():
         step()
-    return [out[i] for i in (a, b_, c, d)], log, eng.prefix.hits - hits
+    return [out[i] for i in (a, b_, c, d)], out[d + 1], log, eng.prefix.hits - hits
 
 
 def _rank_load_when_one_world_rank_fails(ckpt: str, bad: int):
@@ -215,8 +215,9 @@ def test_engine_cp_prefill_serves_others_and_reuses_prefixes(ranks, converted, s
     seed, prompts, expected = served(family, opts)
     ckpt = converted(family, opts)[1][tp]
     results = ranks(tp * cp, tp=tp).run(_rank_engine_serving, ckpt, prompts[0], prompts[1], prompts[3])
-    tokens, log, hits = results[0]
+    tokens, fork, log, hits = results[0]
     assert tokens == expected, f"seed={seed}"
+    assert fork == expected[3], f"seed={seed}: the greedy fork of the shared prompt differs"
     assert all(r[0] == tokens for r in results), f"seed={seed}: ranks disagree"
     first_long = next(i for i, ids in enumerate(log) if 1 in ids)
     assert any(0 in ids for ids in log[1:first_long]), f"seed={seed}: no decode during the long prefill: {log}"

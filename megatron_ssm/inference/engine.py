@@ -269,16 +269,12 @@ class Engine:
                 if seq.generator is not None:
                     gen = torch.Generator(device=self.device).manual_seed(seq.req.sampling.seed + i)
                 child = _Sequence(seq.id + i, seq.req, gen, slot=len(self.running), arrived=seq.arrived)
-                self._copy_slot(seq.slot, child.slot)
+                # every block's state, keys/values and their length included (hybrids)
+                self.cache.copy_slot(seq.slot, child.slot, len(seq.req.prompt))
                 self.running.append(child)
                 forks.append(child)
                 rows.append(row)
         return forks, rows
-
-    def _copy_slot(self, src: int, dst: int) -> None:
-        for c, s in zip(self.cache.conv, self.cache.ssm):
-            c[dst].copy_(c[src])
-            s[dst].copy_(s[src])
 
     def _prefill(self, seqs: list[_Sequence]) -> list[TokenOutput]:
         """Prefill admitted sequences, grouped so each forward runs equal-length token blocks."""

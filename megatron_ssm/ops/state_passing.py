@@ -85,4 +85,4 @@ def conv_window(prior: torch.Tensor, tails: list[torch.Tensor], lengths: list[in
     pieces = [prior] + [t[..., width - min(n, width):] for t, n in zip(tails, lengths)]
     if not width:
         return prior
-    return torch.cat([p.to(prior.dtype) for p in pieces], dim=-1)[..., -width:]
+    return torch.cat([p.to(prior.dtype) for p in pieces], dim=-1)[..., -width:].contiguous()  # kernels want it dense
