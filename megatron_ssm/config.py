@@ -109,7 +109,8 @@ class SSMConfig:
         if not self.pattern:
             self.pattern = MAMBA_BLOCK * self.num_layers
         if len(self.pattern) != self.num_layers:
-            raise ConfigError(f"pattern {self.pattern!r} has {len(self.pattern)} blocks, num_layers is {self.num_layers}")
+            raise ConfigError(f"pattern {self.pattern!r} has {len(self.pattern)} blocks, "
+                              f"num_layers is {self.num_layers}")
         if MOE_BLOCK in self.pattern:
             raise ConfigError(f"pattern {self.pattern!r} has MoE ('E') layers, which are not supported yet")
         unknown = set(self.pattern) - set(BLOCK_KINDS)

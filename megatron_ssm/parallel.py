@@ -27,7 +27,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig  # noqa: E40
 # A collective that waits longer than this means a rank died or diverged: fail instead of hanging.
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MEGATRON_SSM_DIST_TIMEOUT", "300")))
 # A rank whose peer stopped answering for this many seconds ends itself (watchdog.py); 0 disables.
-WATCHDOG_TIMEOUT = float(os.environ.get("MEGATRON_SSM_WATCHDOG_TIMEOUT", "15"))
+# Read when init_distributed runs, so a launcher can set it after importing this module.
+WATCHDOG_ENV, WATCHDOG_DEFAULT_S = "MEGATRON_SSM_WATCHDOG_TIMEOUT", 15.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def init_distributed(
     tp_size: int | None = None,
     device: torch.device | None = None,
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-    watchdog_timeout: float = WATCHDOG_TIMEOUT,
+    watchdog_timeout: float | None = None,
     cp_size: int = 1,
 ) -> TPContext:
     """Initialise torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's TP and CP groups.
@@ -86,7 +87,7 @@ def init_distributed(
     Works without torchrun too (a single process becomes a world of one). `tp_size` defaults to the
     world size over `cp_size` (world = tp x cp); `cp_context()` then gives the CP group. With more
     than one rank, a watchdog ends this process within `watchdog_timeout` seconds of a peer dying
-    (0: no watchdog).
+    (0: no watchdog; None: from $MEGATRON_SSM_WATCHDOG_TIMEOUT, default 15).
     """
     device = device or default_device()
     if not dist.is_initialized():
@@ -98,6 +99,8 @@ def init_distributed(
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=timeout)
+        if watchdog_timeout is None:
+            watchdog_timeout = float(os.environ.get(WATCHDOG_ENV, WATCHDOG_DEFAULT_S))
         if watchdog_timeout > 0 and dist.get_world_size() > 1:
             from .watchdog import start_watchdog
 

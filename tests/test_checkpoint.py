@@ -397,6 +397,10 @@ def test_checkpoints_without_checksums_still_load_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fresh conversion has checksums: no warning
         load_rank(tmp_path / "from-none", 0, 1)
+    # --force still replaces a checkpoint of ours with a sizes-only manifest (its tracker unlisted)
+    (ckpt / MANIFEST).write_text(json.dumps({"format": "megatron-ssm", "tensor_model_parallel_size": 2, "files": files}))
+    convert(hf, ckpt, 1, force=True, progress=False)
+    assert checkpoint_tp_size(ckpt) == 1
 
 
 def _killed_mid_conversion(src: Path, target: Path, *extra: str) -> None:

@@ -17,7 +17,8 @@ from test_model_vs_hf import TOL, _rank_generate, _rank_logits
 # (family, options): kv heads 2 are split at TP 2 and replicated at TP 4; n_groups 2 likewise
 CASES = [
     pytest.param("nemotron_h", dict(pattern="M*-M"), id="nemotron-kv2-g2"),
-    pytest.param("nemotron_h", dict(pattern="*M-*", heads=8, kv_heads=4, n_groups=1, tied=True), id="nemotron-kv4-g1-tieflag"),
+    pytest.param("nemotron_h", dict(pattern="*M-*", heads=8, kv_heads=4, n_groups=1, tied=True),
+                 id="nemotron-kv4-g1-tieflag"),
     pytest.param("falcon_h1", dict(), id="falcon-h1-kv2-g2"),
     pytest.param("falcon_h1", dict(kv_heads=4, n_groups=1, mamba_norm=False, layers=1), id="falcon-h1-kv4-nonorm"),
 ]
@@ -102,7 +103,15 @@ def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
                                      prefix_cache_bytes=1 << 26))
     first = eng.generate([Request(p, new) for p in prompts])
     again = eng.generate([Request(p, new) for p in prompts])
-    return alone, queued, chunked, first, again, eng.prefix.hits
+    # n = 3 greedy forks of one prompt beside another request: each fork copies SSM states + KV rows
+    forks = Engine(model, EngineConfig(max_batch=5, max_sequence_length=longest))
+    forks.add_request(Request(prompts[2], new, n=3))
+    forks.add_request(Request(prompts[1], new))
+    forked: dict[int, list[int]] = {}
+    while forks.has_work():
+        for o in forks.step():
+            forked.setdefault(o.request_id, []).append(o.token)
+    return alone, queued, chunked, first, again, eng.prefix.hits, [forked[i] for i in sorted(forked)]
 
 
 def _rank_too_long(ckpt: str):
@@ -161,16 +170,17 @@ def test_greedy_generation_matches_hf_generate(ranks, converted, family, opts, t
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("family,opts", [CASES[0], CASES[2]])
 def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, family, opts, tp):
-    """Continuous batching with slot moves, chunked prefill continuing from cached K/V, and prefix
-    hits (SSM states + KV prefix) all give the tokens a lone request gets, which are HF's."""
+    """Continuous batching with slot moves, chunked prefill continuing from cached K/V, prefix hits
+    (SSM states + KV prefix) and n > 1 forks all give the tokens a lone request gets, which are HF's."""
     model, _, ckpts = converted(family, opts)
     g = torch.Generator().manual_seed(fresh_seed())
     shared = torch.randint(3, 250, (9,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
-    alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    alone, queued, chunked, first, again, hits, forked = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
     assert alone == [hf_greedy(model, p, 6) for p in prompts]
     assert queued == alone and chunked == alone and first == alone and again == alone
     assert hits >= 3
+    assert forked == [alone[2]] * 3 + [alone[1]]
 
 
 def test_request_past_the_kv_cache_is_refused(ranks, converted):

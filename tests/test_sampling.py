@@ -245,3 +245,35 @@ def test_vocab_parallel_argmax_and_logprob_threads(monkeypatch, seed, tp):
     for best, lp in run_ranks(tp, rank, sampling, monkeypatch=monkeypatch):
         assert best.tolist() == [2, per * tp - 1, int(full[2].argmax()), int(full[3].argmax())], seed
         assert torch.allclose(lp.double(), want_lp, atol=1e-5), (seed, lp, want_lp)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_vocab_parallel_topk_threads(monkeypatch, seed, tp):
+    """The k best tokens and their log-probs equal torch.topk of log_softmax over the gathered
+    vocabulary (ties across ranks: the lower id first), padding never among them, k capped at the
+    real vocabulary."""
+    from megatron_ssm.inference import sampling
+    from megatron_ssm.inference.sampling import VocabShard, vocab_parallel_topk
+    from thread_ranks import run_ranks
+
+    g = torch.Generator().manual_seed(seed)
+    per, vocab = 16, 16 * tp - 5  # the last rank holds 5 columns of padding
+    full = torch.randn(3, per * tp, generator=g) * 2
+    full[:, vocab:] = float("-inf")
+    full[0, 1] = full[0, per * tp - 6] = full[0, :vocab].max() + 1  # a tie between the first and last rank
+
+    def rank(ctx, k):
+        local = full[:, ctx.rank * per:(ctx.rank + 1) * per]
+        return vocab_parallel_topk(local, k, VocabShard(ctx.rank * per, vocab, ctx))
+
+    ref = torch.log_softmax(full[:, :vocab].double(), -1)
+    for k in (1, 3, 20, 1000):
+        want_k = min(k, vocab)
+        want_lp, want_ids = torch.topk(ref, want_k, dim=-1)
+        for lps, ids in run_ranks(tp, lambda ctx: rank(ctx, k), sampling, monkeypatch=monkeypatch):
+            assert ids.shape == (3, want_k) and lps.shape == (3, want_k), (seed, k, ids.shape)
+            assert ids[0, :2].tolist() == [1, per * tp - 6][:want_k], (seed, k, ids[0].tolist())
+            assert torch.allclose(lps.double(), want_lp, atol=1e-5), (seed, k)
+            assert bool((ids < vocab).all()), (seed, k, ids.tolist())
+            # as a set per row (equal values may come in either order past the tie above)
+            assert all(set(a) == set(b) for a, b in zip(ids[1:].tolist(), want_ids[1:].tolist())), (seed, k)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 
 import pytest
 import torch.distributed as dist
 
+from megatron_ssm.parallel import free_port
 from megatron_ssm.watchdog import EXIT_CODE, RankWatchdog
 
 
@@ -64,9 +64,7 @@ def _rank_main(rank: int, world: int, port: int, dies: int, errors) -> None:
 
 @pytest.mark.parametrize("dies", [1, 0], ids=["worker-dies", "rank0-dies"])
 def test_survivors_exit_within_bound(dies):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(r, 3, port, dies, None)) for r in range(3)]
     for p in procs:
@@ -101,9 +99,7 @@ def _rank_finishes(rank: int, world: int, port: int) -> None:
 
 
 def test_clean_exit_in_any_order_exits_zero():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_rank_finishes, args=(r, 2, port)) for r in range(2)]
     for p in procs:

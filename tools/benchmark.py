@@ -96,14 +96,33 @@ def allreduce_latency(tp, shape, dtype, device, op) -> float:
     return (time.perf_counter() - t) / 250
 
 
-def run_workload(model, batch: int, prompt: int, new: int, args, seed: int, cp=None) -> dict:
-    from megatron_ssm.inference.engine import Engine, EngineConfig, Request
+def reductions_per_step(cfg, tp_size: int) -> int:
+    """Row-parallel all-reduces of one decode step's blocks at this TP degree: a Mamba-1 mixer two
+    (x_proj, out_proj), a Mamba-2 one plus the gated norm's when a B/C group spans ranks, attention
+    and MLP one each; Falcon-H1's parallel block both of its parts, Zamba's shared block its mixer's
+    plus attention's and MLP's."""
+    if tp_size == 1:
+        return 0
+    mamba = 1 if cfg.is_mamba2 and cfg.n_groups % tp_size == 0 else 2
+    per_kind = {"M": mamba, "*": 1, "-": 1, "P": mamba + 1}
+    return sum(per_kind.get(kind, mamba + 2) for kind in cfg.pattern)
+
+
+def make_engine(model, batch: int, prompt: int, args, cp=None):
+    from megatron_ssm.inference.engine import Engine, EngineConfig
 
     chunk = max(256, args.prefill_tokens // batch)
-    # max_sequence_length sizes a hybrid's KV cache: exactly what the workload needs
-    engine = Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
-                                        max_sequence_length=prompt + new, cuda_graphs=not args.no_graphs,
-                                        context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
+    # max_sequence_length sizes a hybrid's KV cache: exactly what the workloads need
+    return Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
+                                      max_sequence_length=prompt + max(args.new), cuda_graphs=not args.no_graphs,
+                                      pack_tokens=0 if args.no_pack else 8192,
+                                      context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
+
+
+def run_workload(engine, batch: int, prompt: int, new: int, seed: int) -> dict:
+    from megatron_ssm.inference.engine import Request
+
+    model = engine.model
     g = torch.Generator().manual_seed(seed)
     vocab = model.cfg.vocab_size
     reqs = [Request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), new) for _ in range(batch)]
@@ -125,7 +144,6 @@ def run_workload(model, batch: int, prompt: int, new: int, args, seed: int, cp=N
     torch.cuda.synchronize()
     total = time.perf_counter() - t0
     step = (total - ttft) / max(steps, 1)
-    del engine
     return dict(batch=batch, prompt=prompt, new=new, ttft_ms=ttft * 1e3, step_ms=step * 1e3,
                 decode_tok_s=batch / step if steps else 0.0, gen_tok_s=batch * new / total,
                 total_tok_s=batch * (prompt + new) / total, total_s=total)
@@ -141,7 +159,9 @@ def main() -> int:
     ap.add_argument("--prefill-tokens", type=int, default=32768, help="tokens per prefill forward (whole batch)")
     ap.add_argument("--allreduce", default="oneshot",
                     help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
-    ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
+    ap.add_argument("--no-graphs", action="store_true", help="eager prefill and decode (no CUDA graphs)")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="prefill equal-length prompts together, unpacked and eager (the pre-packing path)")
     ap.add_argument("--overlap-min-tokens", type=ints, default=[0],
                     help="prefill forwards from this many tokens overlap their all-reduces with compute "
                          "(0: never); a list times each setting on the same loaded model")
@@ -186,24 +206,23 @@ def main() -> int:
         if tp.is_first and cp.is_first:
             print(f"# {name}: TP={tp.size} CP={cp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-        warmed = set()
         for prompt in args.prompt:
             for batch in args.batch:
+                if all(batch * (prompt + new) > args.max_total_tokens for new in args.new):
+                    continue
+                # One engine per shape: a warm-up at the timed shape compiles and autotunes kernels
+                # (Triton autotuners key on batch and length) and captures the prefill graphs it needs.
+                engine = make_engine(model, batch, prompt, args, cp)
+                run_workload(engine, batch, prompt, 4, seed=0)
                 for new in args.new:
                     if batch * (prompt + new) > args.max_total_tokens:
                         continue
-                    # compile and autotune kernels at every timed prefill shape, outside the timing
-                    # (Triton autotuners key on batch and length: one warm-up shape is not enough)
-                    # (a context-parallel step covers cp x chunk tokens: warm that span length up)
-                    shape = (batch, min(prompt, cp.size * max(256, args.prefill_tokens // batch)))
-                    if shape not in warmed:
-                        run_workload(model, shape[0], shape[1], 4, args, seed=0, cp=cp)
-                        warmed.add(shape)
                     for overlap in args.overlap_min_tokens:
                         model.overlap_min_tokens = overlap
                         torch.cuda.reset_peak_memory_stats()
-                        r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch, cp=cp)
+                        r = run_workload(engine, batch, prompt, new, seed=prompt * 7 + batch)
                         report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp)
+                del engine
         del model
         torch.cuda.empty_cache()
     shutdown()
@@ -216,8 +235,9 @@ def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reducti
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
     per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device,
                                  model.layers[0].mixer.out_proj.allreduce)
-    comm = per_call * reduces_per_layer * cfg.num_layers
+    comm = per_call * reductions
     r.update(model=name, tp=tp.size, cp=cp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
+             packed=not args.no_pack,
              overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
              floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
              peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,

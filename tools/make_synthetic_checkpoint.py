@@ -46,7 +46,7 @@ PRESETS = {
         "pad_vocab_size_multiple": 16, "tie_embeddings": True}),
 }
 # the hybrids' shapes come from their benchmark configs (one source for both tools)
-for _name in ("nemotron-h-8b", "falcon-h1-7b"):
+for _name in ("nemotron-h-8b", "falcon-h1-7b", "zamba-7b-v1", "zamba2-2.7b"):
     _spec = Path(__file__).resolve().parents[1] / "configs" / f"{_name}.yaml"
     if _spec.is_file():
         PRESETS[_name] = ("hf", yaml.safe_load(_spec.read_text())["hf_config"])
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         raw["num_hidden_layers" if fmt == "hf" else "n_layer"] = args.layers
         if "hybrid_override_pattern" in raw:  # Nemotron-H: the pattern is the layer list
             raw["hybrid_override_pattern"] = raw["hybrid_override_pattern"][:args.layers]
+        if "layers_block_type" in raw:  # Zamba / Zamba2: one entry per layer
+            raw["layers_block_type"] = raw["layers_block_type"][:args.layers]
     dtype = args.dtype or ("bfloat16" if fmt == "hf" else "float32")
     cfg = SSMConfig.from_hf(raw) if fmt == "hf" else config_from_mamba_ssm(raw, dtype)
     cfg.torch_dtype = dtype
@@ -100,11 +102,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         native = [TensorSpec("backbone.embedding.weight" if s.name == "embeddings.weight" else hf_name(s.name),
                              s.shape, s.dtype) for s in specs]
+        embedding_state = None
         with AtomicDir(args.out, force=args.force) as tmp:
             (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
             writer = TorchFileWriter(tmp / "pytorch_model.bin", native)
             for s, n in zip(specs, native):
-                writer.write(n.name, random_tensor(s, gen))
+                if s.name == "embeddings.weight":
+                    embedding_state = gen.get_state()
+                if s.name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    # tied: the embedding's values again (drawn anew from its generator state, so that
+                    # memory still holds one tensor at a time)
+                    tensor = random_tensor(s, torch.Generator().set_state(embedding_state))
+                else:
+                    tensor = random_tensor(s, gen)
+                writer.write(n.name, tensor)
                 bar.update(s.nbytes)
             writer.close()
     bar.close()

@@ -21,10 +21,11 @@ if [ $# -eq 0 ]; then
         tomllib.load(open("pyproject.toml", "rb"))["tool"]["mutmut"]["only_mutate"]))')
 fi
 [ -n "${KEEP:-}" ] || rm -rf mutants
+mkdir -p out/mutation
 
 for module in "$@"; do
-    timeout "$PER_MODULE_TIMEOUT" "$PY" -m mutmut run "$module.*" > "mutants/run-$module.log" 2>&1 \
-        || echo "$module: mutmut exited $? (log: mutants/run-$module.log)"
+    timeout "$PER_MODULE_TIMEOUT" "$PY" -m mutmut run "$module.*" > "out/mutation/$module.log" 2>&1 \
+        || echo "$module: mutmut exited $? (log: out/mutation/$module.log)"
 done
 "$PY" -m mutmut results --all true 2>/dev/null | "$PY" -c '
 import collections, re, sys

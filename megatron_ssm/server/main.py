@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "measurement: see tools/gpu_sweep.sh SWEEP=cp)")
     ap.add_argument("--inference-max-requests", "--max-batch-size", dest="max_batch", type=_positive(int), default=64,
                     help="sequences generated concurrently (state-cache slots); more wait in a queue")
-    ap.add_argument("--inference-max-seq-length", dest="max_seq", type=_positive(int), default=8192,
-                    help="context budget per request: prompt + generated tokens")
+    ap.add_argument("--inference-max-seq-length", dest="max_seq", type=_positive(int), default=None,
+                    help="context budget per request: prompt + generated tokens (default: unbounded; an SSM's "
+                         "state does not grow with the context)")
     ap.add_argument("--prefill-chunk", type=_positive(int), default=2048, help="tokens per prefill forward")
     ap.add_argument("--max-prefill-tokens", type=_positive(int), default=8192,
                     help="prompt tokens admitted per engine step, so running sequences keep decoding")
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key not in special and tid is not None:
                         special[key] = codec.piece(tid)
             info = ModelInfo(name=args.served_model_name or Path(args.load).resolve().name,
-                             vocab_size=model.cfg.vocab_size, max_sequence_length=args.max_seq, eos_id=eos, bos_id=bos,
+                             vocab_size=model.cfg.vocab_size, max_sequence_length=engine.max_length, eos_id=eos, bos_id=bos,
                              codec=codec, tp=tp.size, max_prompts=args.max_prompts, chat_template=template,
                              special_tokens=special)
             metrics = Metrics()
