@@ -96,16 +96,20 @@ def allreduce_latency(tp, shape, dtype, device, op) -> float:
     return (time.perf_counter() - t) / 250
 
 
-def reductions_per_step(cfg, tp_size: int) -> int:
-    """Row-parallel all-reduces of one decode step's blocks at this TP degree: a Mamba-1 mixer two
-    (x_proj, out_proj), a Mamba-2 one plus the gated norm's when a B/C group spans ranks, attention
-    and MLP one each; Falcon-H1's parallel block both of its parts, Zamba's shared block its mixer's
-    plus attention's and MLP's."""
-    if tp_size == 1:
-        return 0
-    mamba = 1 if cfg.is_mamba2 and cfg.n_groups % tp_size == 0 else 2
-    per_kind = {"M": mamba, "*": 1, "-": 1, "P": mamba + 1}
-    return sum(per_kind.get(kind, mamba + 2) for kind in cfg.pattern)
+def reductions_per_step(model) -> int:
+    """TP all-reduces in one forward: every row-parallel output (a block's own, and a shared block's
+    at each position that applies it), plus Mamba-2's norm-group reduction where a group spans ranks."""
+    from megatron_ssm.model.layers import RowParallelLinear
+
+    def rows(module) -> int:
+        return sum(isinstance(m, RowParallelLinear) for m in module.modules())
+
+    count = 0
+    for layer in model.layers:
+        count += rows(layer) + (rows(layer.shared) if hasattr(layer, "shared") else 0)
+        mixer = getattr(layer, "mixer", None)
+        count += getattr(mixer, "shared_group", None) is not None
+    return count
 
 
 def make_engine(model, batch: int, prompt: int, args, cp=None):
@@ -202,7 +206,7 @@ def main() -> int:
         weight_bytes = sum(p.nbytes for p in model.parameters())
         # a hybrid's KV cache at the longest workload's length (the floor then counts all of it)
         state_bytes = StateCache.bytes_per_sequence(model.state_shapes(max(args.prompt) + max(args.new)), dtype)
-        reductions = reductions_per_step(cfg, tp.size)
+        reductions = reductions_per_step(model)
         if tp.is_first and cp.is_first:
             print(f"# {name}: TP={tp.size} CP={cp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -233,8 +237,10 @@ def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reducti
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
-    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device,
-                                 model.layers[0].mixer.out_proj.allreduce)
+    from megatron_ssm.model.layers import RowParallelLinear
+
+    row_parallel = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
+    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, row_parallel.allreduce)
     comm = per_call * reductions
     r.update(model=name, tp=tp.size, cp=cp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
              packed=not args.no_pack,

@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "measurement: see tools/gpu_sweep.sh SWEEP=cp)")
     ap.add_argument("--inference-max-requests", "--max-batch-size", dest="max_batch", type=_positive(int), default=64,
                     help="sequences generated concurrently (state-cache slots); more wait in a queue")
-    ap.add_argument("--inference-max-seq-length", dest="max_seq", type=_positive(int), default=None,
-                    help="context budget per request: prompt + generated tokens (default: unbounded; an SSM's "
-                         "state does not grow with the context)")
+    ap.add_argument("--inference-max-seq-length", dest="max_seq", type=_positive(int), default=8192,
+                    help="context budget per request: prompt + generated tokens. A served limit bounds what one "
+                         "request may ask of the server (max_tokens); an SSM's state does not grow with the context, "
+                         "so raise it freely (the engine itself has no limit unless given one)")
     ap.add_argument("--prefill-chunk", type=_positive(int), default=2048, help="tokens per prefill forward")
     ap.add_argument("--max-prefill-tokens", type=_positive(int), default=8192,
                     help="prompt tokens admitted per engine step, so running sequences keep decoding")
