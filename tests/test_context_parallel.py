@@ -96,6 +96,16 @@ def _rank_engine_serving(ckpt: str, short: list[int], long: list[int], shared: l
     out: dict[int, list[int]] = {}
     log: list[list[int]] = []
 
+    class WideGraphs:  # stands in for GPU decode graphs whose bucket covers every slot
+        def bucket(self, n):
+            return eng.cache.slots
+
+        def __call__(self, tokens, n):
+            assert eng.long is None, "a decode graph would step the slot of the CP prefill under way"
+            return None  # run eagerly
+
+    eng.graphed = WideGraphs()
+
     def step():
         outs = eng.step()
         log.append([o.request_id for o in outs])

@@ -441,7 +441,10 @@ class Engine:
 
     def _decode(self, n: int) -> list[TokenOutput]:
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
-        logits = self.graphed(tokens, n) if self.graphed is not None else None
+        # A graph steps every row of its bucket, [0, bucket): one reaching the slot of a context-parallel
+        # prefill under way would advance that prompt's half-built states, so such steps run eagerly.
+        graphed = self.graphed is not None and (self.long is None or (self.graphed.bucket(n) or 0) <= self.long.slot)
+        logits = self.graphed(tokens, n) if graphed else None
         if logits is None:
             logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running)))[:, -1]
         return self._emit(list(self.running), logits)
