@@ -114,6 +114,29 @@ def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
     return alone, queued, chunked, first, again, eng.prefix.hits, [forked[i] for i in sorted(forked)]
 
 
+def _rank_padded_rows(ckpt: str, input_ids: torch.Tensor):
+    """A decode step over a live row and a free slot whose length is at the KV capacity (what a CUDA
+    graph's padding rows reach): the free slot must not write out of the cache, the live row must
+    not notice it. Returns (live row's logits, the same row decoded alone)."""
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    T = input_ids.shape[1] + 1
+    out = []
+    for rows in (2, 1):
+        cache = StateCache(model.state_shapes(T), rows, dtype=model.dtype, device=torch.device("cpu"))
+        states = cache.rows(0, rows)
+        with torch.no_grad():
+            model(input_ids[:rows], states)
+            for st in states:
+                if st.length is not None and rows == 2:
+                    st.length[1] = T  # the free slot is full
+            out.append(model(input_ids[:rows, -1:], states)[0])
+    return out
+
+
 def _rank_too_long(ckpt: str):
     from megatron_ssm.inference.engine import Engine, EngineConfig, Request
     from megatron_ssm.model.load import load_model
@@ -181,6 +204,12 @@ def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, famil
     assert queued == alone and chunked == alone and first == alone and again == alone
     assert hits >= 3
     assert forked == [alone[2]] * 3 + [alone[1]]
+
+
+def test_rows_past_the_kv_capacity_stay_inside_the_cache(ranks, converted):
+    _, _, ckpts = converted(*CASES[0].values)
+    padded, alone = ranks(1).run(_rank_padded_rows, ckpts[1], torch.randint(0, 250, (2, 7)))[0]
+    assert (padded - alone)[..., :250].abs().max().item() < 1e-5  # batch 2 vs 1: same math, other blocking
 
 
 def test_request_past_the_kv_cache_is_refused(ranks, converted):

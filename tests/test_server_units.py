@@ -66,11 +66,11 @@ def test_vocab_parallel_topk_equals_log_softmax_topk(ranks, tp):
 
 @pytest.fixture(scope="module")
 def tp2_ckpt(tmp_path_factory):
-    from megatron_ssm.checkpoint.convert import hf_to_megatron
+    from megatron_ssm.checkpoint.convert import convert
 
     root = tmp_path_factory.mktemp("fork")
     hf_dir = save_hf(build_hf_model(hf_config("mamba2"), fresh_seed()), root / "hf")
-    hf_to_megatron(hf_dir, str(root / "tp2"), 2, progress=False)
+    convert(hf_dir, str(root / "tp2"), 2, progress=False)
     return str(root / "tp2")
 
 

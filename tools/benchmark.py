@@ -92,6 +92,22 @@ def allreduce_latency(tp, shape, dtype, device, op) -> float:
     return (time.perf_counter() - t) / 250
 
 
+def reductions_per_step(model) -> int:
+    """TP all-reduces in one forward: every row-parallel output (a block's own, and a shared block's
+    at each position that applies it), plus Mamba-2's norm-group reduction where a group spans ranks."""
+    from megatron_ssm.model.layers import RowParallelLinear
+
+    def rows(module) -> int:
+        return sum(isinstance(m, RowParallelLinear) for m in module.modules())
+
+    count = 0
+    for layer in model.layers:
+        count += rows(layer) + (rows(layer.shared) if hasattr(layer, "shared") else 0)
+        mixer = getattr(layer, "mixer", None)
+        count += getattr(mixer, "shared_group", None) is not None
+    return count
+
+
 def make_engine(model, batch: int, prompt: int, args):
     from megatron_ssm.inference.engine import Engine, EngineConfig
 
@@ -176,7 +192,7 @@ def main() -> int:
         weight_bytes = sum(p.nbytes for p in model.parameters())
         # a hybrid's KV cache at the longest workload's length (the floor then counts all of it)
         state_bytes = StateCache.bytes_per_sequence(model.state_shapes(max(args.prompt) + max(args.new)), dtype)
-        reductions = reductions_per_step(cfg, tp.size)
+        reductions = reductions_per_step(model)
         if tp.is_first:
             print(f"# {name}: TP={tp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -201,16 +217,6 @@ def main() -> int:
         torch.cuda.empty_cache()
     shutdown()
     return 0
-
-
-def reductions_per_step(cfg, tp_size: int) -> int:
-    """All-reduces in one forward at TP > 1: every block's row-parallel output, plus a Mamba block's
-    second (Mamba-1's x_proj, or Mamba-2's gated norm when a norm group spans ranks)."""
-    from megatron_ssm.config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK
-
-    mamba = 1 if cfg.is_mamba2 and cfg.n_groups % tp_size == 0 else 2
-    per_block = {MAMBA_BLOCK: mamba, ATTENTION_BLOCK: 1, MLP_BLOCK: 1, PARALLEL_BLOCK: mamba + 1}
-    return sum(per_block.get(kind, 1) for kind in cfg.pattern)
 
 
 def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions):

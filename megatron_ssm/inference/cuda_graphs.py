@@ -5,6 +5,10 @@ one by one from Python they cost more than the math at small batch. Each bucket'
 once, at engine start while no sequence runs, over cache rows [0, bucket): running sequences always
 sit in rows [0, n), so a step with n sequences replays the smallest bucket >= n (rows past n are
 free slots whose states are reset when a request takes them).
+
+Hybrids' attention blocks are captured over the whole KV cache (EngineConfig.max_sequence_length
+positions, masked by each row's length tensor), so a graphed step reads all of it where an eager
+step reads only the positions in use: size max_sequence_length to the workload.
 """
 from __future__ import annotations
 

@@ -116,7 +116,11 @@ class Attention(Mixer):
                                                  state.v[:, :end].transpose(1, 2), attn_mask=causal_lower_right(L, end),
                                                  enable_gqa=gqa, scale=self.softmax_scale)
         else:
-            where = positions[:, :, None, None].expand(b, L, self.kv_heads, d)
+            # Rows a CUDA graph runs past the live sequences (free slots) keep advancing their length;
+            # clamping keeps their writes inside the cache. A live row never reaches the end: the
+            # engine admits prompt + new <= capacity, and the last generated token is never fed.
+            last = state.k.shape[1] - 1
+            where = positions.clamp(max=last)[:, :, None, None].expand(b, L, self.kv_heads, d)
             state.k.scatter_(1, where, k.to(state.k.dtype))
             state.v.scatter_(1, where, v.to(state.v.dtype))
             state.length += L

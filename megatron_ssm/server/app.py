@@ -671,7 +671,7 @@ async def _stream(info: ModelInfo, req: CompletionRequest, batch: Batch, choices
 
     def chunk(index: int, text: str, logprobs, finish) -> dict:
         if chat:
-            delta = {"content": text} if text or started[index] else {"role": "assistant", "content": text}
+            delta = {"content": text} if started[index] else {"role": "assistant", "content": text}
             started[index] = True
             c = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
