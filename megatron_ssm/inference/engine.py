@@ -39,6 +39,21 @@ log = logging.getLogger(__name__)
 HYBRID_DEFAULT_LENGTH = 1 << 16  # a hybrid's KV cache positions when max_sequence_length is None
 
 
+def plan_packs(lengths: list[int], max_tokens: int, max_seqs: int, fits=lambda lengths: True) -> list[list[int]]:
+    """Cut prompts (by length, in admission order) into packs: each pack takes the next prompt while
+    it stays within max_tokens and max_seqs and `fits` (a graphed pack: a bucket holds it). A prompt
+    alone always makes a pack. Returns each pack's indices into `lengths`."""
+    packs: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if packs:
+            grown = [lengths[j] for j in packs[-1]] + [n]
+            if len(grown) <= max_seqs and sum(grown) <= max_tokens and fits(grown):
+                packs[-1].append(i)
+                continue
+        packs.append([i])
+    return packs
+
+
 @dataclass
 class EngineConfig:
     max_batch: int | None = None  # concurrent sequences; None: as many as state_memory_bytes allows
@@ -354,18 +369,13 @@ class Engine:
         """Fresh prompts end to end in as few forwards as the pack limits allow, each replayed from a
         CUDA graph where one fits (else eager). Their states are written whole: no reset needed."""
         graphed = self.graphed_prefill
-        # A graphed pack that does not fill its token bucket exactly pads with one more sequence:
-        # leave a sequence slot and a token for it.
-        max_tokens = graphed.max_tokens - 1 if graphed else self._pack_limit()
-        max_seqs = max(1, graphed.max_seqs - 1) if graphed else len(seqs)
-        packs: list[list[_Sequence]] = [[]]
-        for seq in seqs:
-            tokens = sum(len(s.req.prompt) for s in packs[-1])
-            if packs[-1] and (len(packs[-1]) == max_seqs or tokens + len(seq.req.prompt) > max_tokens):
-                packs.append([])
-            packs[-1].append(seq)
+        lengths = [len(s.req.prompt) for s in seqs]
+        if graphed:
+            groups = plan_packs(lengths, graphed.max_tokens, graphed.max_seqs, lambda p: graphed.shape_for(p) is not None)
+        else:
+            groups = plan_packs(lengths, self._pack_limit(), len(seqs))
         logits = []
-        for pack in packs:
+        for pack in ([seqs[i] for i in group] for group in groups):
             lengths = [len(s.req.prompt) for s in pack]
             tokens = [t for s in pack for t in s.req.prompt]
             out = graphed(tokens, lengths, [s.slot for s in pack]) if graphed else None
