@@ -91,7 +91,9 @@ class MambaBlock(Block):
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None) -> tuple[torch.Tensor, PendingOutput]:
         normed, stream = self.enter(stream, delta)
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
-        return stream, self.mixer.start(normed, conv, ssm, cu_seqlens)
+        # only packed prefill passes cu_seqlens: mixers without a varlen path (Zamba's) never see it
+        packed = () if cu_seqlens is None else (cu_seqlens,)
+        return stream, self.mixer.start(normed, conv, ssm, *packed)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return _mamba_shapes(self.mixer)
