@@ -189,7 +189,8 @@ class SSMConfig:
 
     def _validate_shared(self, tp: int) -> None:
         if self.shared_blocks < 1:
-            raise ConfigError(f"pattern {self.pattern!r} applies shared blocks (S) but shared_blocks is {self.shared_blocks}")
+            raise ConfigError(f"pattern {self.pattern!r} applies shared blocks (S) but shared_blocks is "
+                              f"{self.shared_blocks}")
         if self.pattern.count(SHARED_BLOCK) < self.shared_blocks:
             raise ConfigError(f"{self.shared_blocks} shared blocks but only {self.pattern.count(SHARED_BLOCK)} "
                               f"positions apply them")

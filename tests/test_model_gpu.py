@@ -64,16 +64,19 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
     assert agree > 0.9, f"seed {seed}: bf16 top-1 agreement with HF fp32: {agree}"
 
 
-@pytest.mark.parametrize("family", ["nemotron_h", "falcon_h1"])
+@pytest.mark.parametrize("family", ["nemotron_h", "falcon_h1", "zamba", "zamba2"])
 def test_gpu_hybrid_matches_hf_and_graphed_decode_covers_attention(tp, tmp_path, family):
     """A hybrid on the GPU: prefill against HF, and CUDA-graph decode (attention over the fixed-size
     KV cache, lengths as tensors) against eager decode (attention over the used prefix), with
     prefix reuse on so a graphed step also follows a restored KV prefix."""
-    from hf_models import hybrid_config
+    from hf_models import build_varied_hf_model, hybrid_config, zamba_config
     from megatron_ssm.inference.engine import Engine, EngineConfig, Request
     from megatron_ssm.model.load import load_model
 
-    hf = build_hf_model(hybrid_config(family), fresh_seed())
+    if family.startswith("zamba"):  # shared blocks applied at several positions, each its own KV cache
+        hf = build_varied_hf_model(zamba_config(family), fresh_seed())
+    else:
+        hf = build_hf_model(hybrid_config(family), fresh_seed())
     convert(save_hf(hf, tmp_path / "hf"), tmp_path / "ckpt", 1, progress=False)
     ids = torch.randint(3, 250, (2, 70))
     ref = hf_logits(hf, ids)

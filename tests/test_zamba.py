@@ -151,3 +151,42 @@ def test_hf_tp4_tp2_hf_is_bit_exact(tmp_path, family, dtype, opts):
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     ids = torch.randint(3, 250, (1, 9))
     assert torch.equal(hf_logits(again.to(dtype).eval(), ids), hf_logits(model, ids))
+
+
+def test_convert_cli_then_torchrun_generate_at_tp2_matches_hf(converted, tmp_path):
+    """The two CLIs as a user runs them: tools/convert_hf.py --tp 2, then torchrun examples/generate.py."""
+    from test_cli import convert as convert_cli
+    from test_cli import torchrun
+
+    model, hf_dir, _ = converted(*CASES[0].values)
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (7, 3)]
+    res = convert_cli(hf_dir, tmp_path / "tp2", 2)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out.json"
+    ids = sum((["--prompt-ids", ",".join(map(str, p))] for p in prompts), [])
+    res = torchrun(2, "--load", str(tmp_path / "tp2"), *ids, "--max-new-tokens", "6", "--temperature", "0",
+                   "--output-json", str(out))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text())["tokens"] == [hf_forward_greedy(model, p, 6) for p in prompts], f"seed {seed}"
+
+
+def test_configs_that_cannot_be_built_or_split_are_refused():
+    from megatron_ssm.config import ConfigError
+
+    zamba = zamba_config("zamba").to_dict()
+    cfg = SSMConfig.from_hf(zamba)
+    assert cfg.pattern == "MSMSS" and cfg.shared_blocks == 1 and cfg.attention_input_size == 128
+    with pytest.raises(ConfigError, match="TP degree 8 does not divide the 4 attention heads"):
+        cfg.validate(8)
+    with pytest.raises(ConfigError, match="TP degree 4 and 3 mamba heads"):
+        SSMConfig.from_hf(dict(zamba, n_mamba_heads=3, mamba_expand=3)).validate(4)
+    zamba2 = zamba_config("zamba2").to_dict()
+    assert SSMConfig.from_hf(zamba2).pattern == "MSMSSS"
+    with pytest.raises(ConfigError, match="need num_key_value_heads == num_attention_heads"):
+        SSMConfig.from_hf(dict(zamba2, num_key_value_heads=2))
+    with pytest.raises(ConfigError, match="rms_norm_eps"):
+        SSMConfig.from_hf(dict(zamba2, rms_norm_eps=1e-6))
+    with pytest.raises(ConfigError, match="no hybrid layer"):
+        SSMConfig.from_hf(dict(zamba2, layers_block_type=["mamba"] * 6))
