@@ -472,8 +472,8 @@ def test_broken_megatron_checkpoints_fail_on_every_rank_with_a_clear_message(tmp
     convert(hf, good, 2, progress=False)
     # TP degree differs from the world size
     assert ranks(4).run(_rank_load_error, str(good)) == [
-        f"{good} was written for tensor-parallel degree 2 but this run has 4 ranks; "
-        f"run with --nproc_per_node 2 or reshard with tools/convert_hf.py --tp 4"] * 4
+        f"{good} was written for tensor-parallel degree 2 but this run has 4 ranks per tensor-parallel group; "
+        f"run with --nproc_per_node 2 (times the context-parallel size) or reshard with tools/convert_hf.py --tp 4"] * 4
     # a rank's shard is missing
     convert(hf, tmp_path / "missing", 2, progress=False)
     rank_file(tmp_path / "missing", 1).unlink()

@@ -238,6 +238,31 @@ def test_prefill_graph_buckets_pad_only_with_whole_sequences():
         assert shape == (min(fits, key=lambda f: (graphs.seq_buckets.index(f[1]), f[0])) if fits else None), lengths
 
 
+def test_packs_fill_graph_buckets_in_admission_order():
+    """Admitted prompts cut into packs in order, each one a graph bucket holds, each as full as the
+    next prompt allows: 32 prompts of 512 tokens make two exact 8192-token packs of 16 (no padding)."""
+    from megatron_ssm.inference.cuda_graphs import PREFILL_SEQ_BUCKETS, PREFILL_TOKEN_BUCKETS, GraphedPrefill
+    from megatron_ssm.inference.engine import plan_packs
+
+    graphs = GraphedPrefill.__new__(GraphedPrefill)
+    graphs.token_buckets, graphs.seq_buckets = PREFILL_TOKEN_BUCKETS, PREFILL_SEQ_BUCKETS
+    fits = lambda p: graphs.shape_for(p) is not None  # noqa: E731
+    assert plan_packs([512] * 32, 8192, 16, fits) == [list(range(16)), list(range(16, 32))]
+    assert [graphs.shape_for([512] * 16)] == [(8192, 16)]
+    g = torch.Generator().manual_seed(fresh_seed())
+    for _ in range(50):
+        lengths = torch.randint(1, 3000, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        packs = plan_packs(lengths, 8192, 16, fits)
+        assert sum(packs, []) == list(range(len(lengths))), lengths
+        for this, after in zip(packs, packs[1:] + [None]):
+            held = [lengths[i] for i in this]
+            assert fits(held) and len(held) <= 16 and sum(held) <= 8192, held
+            if after is not None:  # the next prompt did not fit this pack
+                grown = held + [lengths[after[0]]]
+                assert not (fits(grown) and len(grown) <= 16 and sum(grown) <= 8192), grown
+    assert plan_packs([5, 7, 9], 100, 2) == [[0, 1], [2]]  # eager packs: only the limits
+
+
 def test_prefill_stays_under_the_activation_index_limit(ranks, ckpts):
     """Prefill chunks shrink so that batch x tokens x widest row fits 32-bit kernel offsets, with the
     same tokens as one long chunk."""

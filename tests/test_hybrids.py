@@ -103,15 +103,25 @@ def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
                                      prefix_cache_bytes=1 << 26))
     first = eng.generate([Request(p, new) for p in prompts])
     again = eng.generate([Request(p, new) for p in prompts])
-    # n = 3 greedy forks of one prompt beside another request: each fork copies SSM states + KV rows
-    forks = Engine(model, EngineConfig(max_batch=5, max_sequence_length=longest))
+    return alone, queued, chunked, first, again, eng.prefix.hits
+
+
+def _rank_forks(ckpt: str, prompts: list[list[int]], new: int):
+    """n = 3 greedy forks of prompts[2] beside a request for prompts[1]: each fork copies SSM states
+    and KV rows. Tokens per request id."""
+    from megatron_ssm.inference.engine import Engine, EngineConfig, Request
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    forks = Engine(model, EngineConfig(max_batch=5, max_sequence_length=max(map(len, prompts)) + new))
     forks.add_request(Request(prompts[2], new, n=3))
     forks.add_request(Request(prompts[1], new))
     forked: dict[int, list[int]] = {}
     while forks.has_work():
         for o in forks.step():
             forked.setdefault(o.request_id, []).append(o.token)
-    return alone, queued, chunked, first, again, eng.prefix.hits, [forked[i] for i in sorted(forked)]
+    return [forked[i] for i in sorted(forked)]
 
 
 def _rank_padded_rows(ckpt: str, input_ids: torch.Tensor):
@@ -199,7 +209,8 @@ def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, famil
     g = torch.Generator().manual_seed(fresh_seed())
     shared = torch.randint(3, 250, (9,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
-    alone, queued, chunked, first, again, hits, forked = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    forked = ranks(tp).run(_rank_forks, ckpts[tp], prompts, 6)[0]
     assert alone == [hf_greedy(model, p, 6) for p in prompts]
     assert queued == alone and chunked == alone and first == alone and again == alone
     assert hits >= 3

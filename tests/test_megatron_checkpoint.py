@@ -275,3 +275,18 @@ def test_nemotron_h_hybrid_to_megatron_and_back_is_bit_exact_and_loads_directly(
     ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(seed))
     got = ranks(2).run(_rank_logits, str(tmp_path / "meg"), ids)[0]
     torch.testing.assert_close(got, hf_logits(model, ids), atol=1e-4, rtol=1e-4, msg=lambda m: f"seed {seed}: {m}")
+
+
+def _rank_load_only(ckpt: str):
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(60, exit=True, file=sys.stderr)
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    faulthandler.cancel_dump_traceback_later()
+    return True

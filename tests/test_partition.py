@@ -156,3 +156,29 @@ def test_bad_tensors_are_refused():
         partition.rule_for("layers.0.mixer.x_proj.weight", cfg, 2)
     with pytest.raises(KeyError, match="no sharding rule"):
         partition.rule_for("layers.0.mixer.dt_bias", mamba1(), 2)
+
+
+def _hybrid(family):
+    from hf_models import hybrid_config, zamba_config
+
+    hf = zamba_config(family) if family.startswith("zamba") else hybrid_config(family, pattern="M*-M*")
+    return SSMConfig.from_hf(hf.to_dict())
+
+
+@pytest.mark.parametrize("family,tp", [("nemotron_h", 2), ("falcon_h1", 2), ("zamba", 2), ("zamba2", 2),
+                                       ("zamba2", 4)])
+def test_hybrid_tensors_merge_back(seed, family, tp):
+    """Hybrids (attention, MLP, shared blocks): every tensor's shards glue back to it, shapes agree,
+    and the attention and MLP projections are split (no rank holds all of them)."""
+    cfg = _hybrid(family)
+    g = torch.Generator().manual_seed(seed)
+    split = 0
+    for name, shape in partition.hf_shapes(cfg).items():
+        full = torch.randn(shape, generator=g)
+        pieces = [partition.shard(name, full, cfg, tp, r) for r in range(tp)]
+        assert [tuple(p.shape) for p in pieces] == [partition.shard_shape(name, shape, cfg, tp, r) for r in range(tp)]
+        assert torch.equal(partition.merge(name, pieces, cfg), full), (seed, family, name)
+        if any(k in name for k in ("q_proj", "qkv", "o_proj", "up_proj", "down_proj", "gate")) and name.endswith("weight"):
+            assert all(p.numel() * tp == full.numel() for p in pieces), (family, name)
+            split += 1
+    assert split > 0, f"{family}: no attention or MLP projection found in {list(partition.hf_shapes(cfg))[:8]}"

@@ -131,14 +131,25 @@ def test_draw_frequencies_follow_the_probabilities(seed):
 
 
 def test_sampling_params_validate():
-    for bad in (SamplingParams(-0.1), SamplingParams(100.5), SamplingParams(1.0, top_k=-1),
-                SamplingParams(1.0, top_p=0.0), SamplingParams(1.0, top_p=1.01)):
-        with pytest.raises(ValueError):
+    for bad, match in ((SamplingParams(-0.1), r"temperature must be in \[0, 100\], got -0.1"),
+                       (SamplingParams(100.5), "temperature"), (SamplingParams(1.0, top_k=-1), "top_k must be >= 0, got -1"),
+                       (SamplingParams(1.0, top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+                       (SamplingParams(1.0, top_p=1.01), "top_p")):
+        with pytest.raises(ValueError, match=match):
             bad.validate()
     for good in (SamplingParams(0.0), SamplingParams(100.0), SamplingParams(1.0, top_k=0, top_p=1.0),
                  SamplingParams(1.0, top_p=1e-6)):
         good.validate()
     assert SamplingParams(0.0).greedy and not SamplingParams(1e-3).greedy
+
+
+def test_tiny_temperature_draws_the_best_token(seed):
+    """T = 1e-38 (about fp32's smallest normal) sends every logit but the best to -inf, and none to
+    +inf (inf - inf would be NaN): always the argmax."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        logits = _distinct_logits(g, 30) + 50.0
+        assert draw(logits, SamplingParams(1e-38), g) == int(logits.argmax()), seed
 
 
 # ---- choose_tokens on one rank and across vocab-parallel ranks --------------------------------------------
@@ -157,10 +168,10 @@ def _rank_choose(full: torch.Tensor, vocab: int, params, seeds, want):
 
 def _choose_case(seed: int, tp: int):
     g = torch.Generator().manual_seed(seed)
-    vocab, padded = 50, 64 * tp  # vocabulary padding: logits of ids >= vocab are never chosen
+    vocab, padded = 32 * tp - 7, 32 * tp  # padding on the last rank: logits of ids >= vocab are never chosen
     full = torch.full((5, padded), float("-inf"))
     full[:, :vocab] = torch.stack([_distinct_logits(g, vocab) for _ in range(5)])
-    full[1, 7] = full[1, 33] = full[1, :vocab].max() + 1  # a tie: the lowest id wins
+    full[1, 7] = full[1, vocab - 3] = full[1, :vocab].max() + 1  # a tie (across ranks at tp > 1): the lowest id wins
     full[4, vocab - 1] = full[4, :vocab].max() + 2  # the best token in the last real column
     params = [SamplingParams(), SamplingParams(), SamplingParams(0.9, top_k=8, seed=1), SamplingParams(),
               SamplingParams(1.4, top_p=0.7)]
@@ -192,6 +203,10 @@ def test_choose_tokens_one_rank(seed):
     _check_choose(seed, full, vocab, params, seeds, tokens, lps)
     greedy_only, none = choose_tokens(full[[0, 1]], params[:2], gens[:2], [False, False], VocabShard(0, vocab, tp))
     assert greedy_only.tolist() == tokens[:2].tolist() and none is None
+    # every row sampled: no argmax pass, tokens still one per row
+    gens = [torch.Generator().manual_seed(s) for s in seeds[2::2]]
+    sampled, _ = choose_tokens(full[[2, 4]], [params[2], params[4]], gens, [False, False], VocabShard(0, vocab, tp))
+    assert sampled.tolist() == tokens[[2, 4]].tolist(), seed
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -233,8 +248,10 @@ def test_vocab_parallel_argmax_and_logprob_threads(monkeypatch, seed, tp):
     full[0, per + 3] = full[0, 2] = full[0].max() + 1  # tie across ranks 0 and 1
     full[1, -1] = full[1].max() + 1  # best in the last column
     full[2, per * (tp - 1):] = float("-inf")  # the last rank holds padding only
+    full[3] += 300.0  # exp overflows fp32 unless every rank shifts by the true maximum
     vocab = per * tp
-    tokens = torch.randint(0, per * (tp - 1), (4,), generator=g)
+    # first and last column of a rank: where an off-by-one in "which rank owns the token" shows
+    tokens = torch.tensor([per, per - 1, 0, per * (tp - 1) - 1])
 
     def rank(ctx):
         local = full[:, ctx.rank * per:(ctx.rank + 1) * per]

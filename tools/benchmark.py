@@ -9,6 +9,10 @@ TTFT (prefill of the whole batch to its first tokens), inter-token latency (mean
 generated and total tokens/s, peak GPU memory, and for decode the fraction of the HBM floor
 (weights + states read and written once per step, over the copy bandwidth measured at start).
 Rank 0 prints a line per workload and appends JSON lines to --json-out.
+
+    # context-parallel prefill: TTFT of one 128k-token prompt on TP2 x CP2 (4 GPUs)
+    torchrun --nproc_per_node 4 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch 1 \
+        --prompt 131072 --new 16 --context-parallel-size 2 --max-total-tokens 200000
 """
 from __future__ import annotations
 
@@ -108,14 +112,15 @@ def reductions_per_step(model) -> int:
     return count
 
 
-def make_engine(model, batch: int, prompt: int, args):
+def make_engine(model, batch: int, prompt: int, args, cp=None):
     from megatron_ssm.inference.engine import Engine, EngineConfig
 
     chunk = max(256, args.prefill_tokens // batch)
     # max_sequence_length sizes a hybrid's KV cache: exactly what the workloads need
     return Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
                                       max_sequence_length=prompt + max(args.new), cuda_graphs=not args.no_graphs,
-                                      pack_tokens=0 if args.no_pack else 8192))
+                                      pack_tokens=0 if args.no_pack else 8192,
+                                      context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
 
 
 def run_workload(engine, batch: int, prompt: int, new: int, seed: int) -> dict:
@@ -129,10 +134,13 @@ def run_workload(engine, batch: int, prompt: int, new: int, seed: int) -> dict:
         engine.add_request(r)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    first = engine.step()
+    # The plain path prefills the whole batch in one step; a context-parallel prefill takes a step
+    # per cp x chunk tokens (and one prompt at a time): TTFT is when the last first token is out.
+    firsts = set()
+    while len(firsts) < batch:
+        firsts.update(o.request_id for o in engine.step())
     torch.cuda.synchronize()
     ttft = time.perf_counter() - t0
-    assert len(first) == batch, "the whole batch must be prefilled in one step"
     steps = 0
     while engine.has_work():
         engine.step()
@@ -163,15 +171,21 @@ def main() -> int:
                          "(0: never); a list times each setting on the same loaded model")
     ap.add_argument("--max-total-tokens", type=int, default=1 << 20,
                     help="skip workloads whose batch x (prompt + new) exceeds this")
+    ap.add_argument("--context-parallel-size", type=int, default=1,
+                    help="split long prompts' prefill over this many ranks along the sequence (world = TP x CP)")
+    ap.add_argument("--context-parallel-min-tokens", type=int, default=1,
+                    help="prompts from this many tokens take the context-parallel prefill (default 1: every "
+                         "prompt, when CP > 1)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
     from megatron_ssm.inference.cache import StateCache
     from megatron_ssm.model.lm import MambaLM
-    from megatron_ssm.parallel import init_distributed, shutdown
+    from megatron_ssm.parallel import cp_context, init_distributed, shutdown
 
-    tp = init_distributed()
+    tp = init_distributed(cp_size=args.context_parallel_size)
+    cp = cp_context()
     if tp.device.type != "cuda":
         print("benchmark.py needs CUDA", file=sys.stderr)
         return 2
@@ -193,8 +207,8 @@ def main() -> int:
         # a hybrid's KV cache at the longest workload's length (the floor then counts all of it)
         state_bytes = StateCache.bytes_per_sequence(model.state_shapes(max(args.prompt) + max(args.new)), dtype)
         reductions = reductions_per_step(model)
-        if tp.is_first:
-            print(f"# {name}: TP={tp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
+        if tp.is_first and cp.is_first:
+            print(f"# {name}: TP={tp.size} CP={cp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
         for prompt in args.prompt:
             for batch in args.batch:
@@ -202,7 +216,7 @@ def main() -> int:
                     continue
                 # One engine per shape: a warm-up at the timed shape compiles and autotunes kernels
                 # (Triton autotuners key on batch and length) and captures the prefill graphs it needs.
-                engine = make_engine(model, batch, prompt, args)
+                engine = make_engine(model, batch, prompt, args, cp)
                 run_workload(engine, batch, prompt, 4, seed=0)
                 for new in args.new:
                     if batch * (prompt + new) > args.max_total_tokens:
@@ -211,7 +225,7 @@ def main() -> int:
                         model.overlap_min_tokens = overlap
                         torch.cuda.reset_peak_memory_stats()
                         r = run_workload(engine, batch, prompt, new, seed=prompt * 7 + batch)
-                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions)
+                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp)
                 del engine
         del model
         torch.cuda.empty_cache()
@@ -219,7 +233,7 @@ def main() -> int:
     return 0
 
 
-def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions):
+def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp):
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
@@ -228,14 +242,14 @@ def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reducti
     row_parallel = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
     per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, row_parallel.allreduce)
     comm = per_call * reductions
-    r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
+    r.update(model=name, tp=tp.size, cp=cp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
              packed=not args.no_pack,
              overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
              floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
              peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,
              device=torch.cuda.get_device_name(), tag=args.tag)
-    if tp.is_first:
-        print(f"{name} tp={tp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
+    if tp.is_first and cp.is_first:
+        print(f"{name} tp={tp.size} cp={cp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
               f"ttft {r['ttft_ms']:8.1f} ms  step {r['step_ms']:6.2f} ms (floor {r['hbm_floor_ms']:5.2f}, "
               f"comm~{r['comm_est_ms']:5.2f})  gen {r['gen_tok_s']:9.0f} tok/s  total {r['total_tok_s']:9.0f} tok/s  "
               f"peak {r['peak_mem_gb']:5.1f} GB", flush=True)

@@ -11,6 +11,11 @@ one, so decode works on a view of the cache and never copies states.
 
 Every TP rank runs an engine and must see the same calls in the same order (the server broadcasts
 them); all its decisions are functions of those calls, so the ranks stay in step.
+
+With a context-parallel group (cp.size > 1), a prompt of at least `context_parallel_min_tokens`
+tokens is prefilled split along the sequence over the CP ranks (`long_prefill.py`), one step of
+cp x prefill_chunk tokens at a time, alternating with the engine's other steps so that running
+requests keep decoding; every CP rank runs the same engine, and decode runs replicated on all.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.lm import LayerState, MambaLM
+from ..parallel import NO_CP, CPContext
 from .cache import StateCache
+from .long_prefill import LongPrefill
 from .prefix_cache import PrefixStateCache, prefix_keys
 from .sampling import SamplingParams, VocabShard, choose_tokens, vocab_parallel_logprob, vocab_parallel_topk
 
@@ -30,6 +37,21 @@ log = logging.getLogger(__name__)
 
 
 HYBRID_DEFAULT_LENGTH = 1 << 16  # a hybrid's KV cache positions when max_sequence_length is None
+
+
+def plan_packs(lengths: list[int], max_tokens: int, max_seqs: int, fits=lambda lengths: True) -> list[list[int]]:
+    """Cut prompts (by length, in admission order) into packs: each pack takes the next prompt while
+    it stays within max_tokens and max_seqs and `fits` (a graphed pack: a bucket holds it). A prompt
+    alone always makes a pack. Returns each pack's indices into `lengths`."""
+    packs: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if packs:
+            grown = [lengths[j] for j in packs[-1]] + [n]
+            if len(grown) <= max_seqs and sum(grown) <= max_tokens and fits(grown):
+                packs[-1].append(i)
+                continue
+        packs.append([i])
+    return packs
 
 
 @dataclass
@@ -48,6 +70,10 @@ class EngineConfig:
     prefix_block: int = 256  # prefix states are saved every this many tokens
     prefix_cache_bytes: int = 0  # 0 disables prefix state reuse
     cuda_graphs: bool = True  # replay decode steps and packed prefills from CUDA graphs (GPU only)
+    # With a context-parallel group: prompts from this many tokens are prefilled split over it. A
+    # default, not a measurement: where the split starts to pay must be measured on multi-GPU
+    # machines (issue #16; tools/gpu_sweep.sh SWEEP=cp).
+    context_parallel_min_tokens: int = 8192
 
 
 @dataclass
@@ -91,8 +117,12 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model: MambaLM, config: EngineConfig | None = None):
+    def __init__(self, model: MambaLM, config: EngineConfig | None = None, cp: CPContext | None = None):
+        """cp: the context-parallel group long prompts are prefilled over (None: no CP)."""
         self.model = model
+        self.cp = cp or NO_CP
+        self.long: LongPrefill | None = None  # the context-parallel prefill under way, if any
+        self._long_turn = False  # whether the next step is the long prefill's
         self.config = cfg = config or EngineConfig()
         self.device = model.embeddings.weight.device
         self.has_kv = getattr(model.cfg, "has_attention", False)
@@ -171,14 +201,17 @@ class Engine:
             if seq.id == request_id:
                 self._release(seq)
                 return True
+        if self.long is not None and self.long.seq.id <= request_id < self.long.seq.id + self.long.seq.req.n:
+            self.long = None
+            return True
         return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.long)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + (self.long is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -189,7 +222,12 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenOutput]:
         """Prefill newly admitted requests (giving their first tokens) if any were admitted;
-        otherwise advance every running sequence by one token."""
+        otherwise advance every running sequence by one token. A context-parallel prefill under
+        way takes every other step (every step when nothing else runs)."""
+        if self.long is not None and (self._long_turn or not self.running):
+            self._long_turn = False
+            return self._advance_long()
+        self._long_turn = True
         # After a prefill, sequences that are already generating get a decode step before the next
         # admission, so a queue of long prompts cannot hold them back for good.
         if self._prefilled_last and self.running:
@@ -207,17 +245,55 @@ class Engine:
         budget = self.config.max_prefill_tokens
         admitted = []
         forks = 0  # slots that admitted requests' forks will take once prefilled
-        while self.waiting and len(self.running) + forks + self.waiting[0].req.n <= self.cache.slots:
-            n = len(self.waiting[0].req.prompt)
+        # slots held for the context-parallel prefill under way (its sequence and its forks)
+        reserved = self.long.seq.req.n if self.long is not None else 0
+        i = 0  # waiting[:i]: long prompts waiting for the context-parallel prefill under way
+        while i < len(self.waiting) and len(self.running) + reserved + forks + self.waiting[i].req.n <= self.cache.slots:
+            seq = self.waiting[i]
+            if self._context_parallel(seq):
+                if self.long is None:  # its slot (the cache's last) stays reserved until it joins `running`
+                    del self.waiting[i]
+                    self.long = LongPrefill.start(seq, self.cache, self.prefix)
+                    reserved = seq.req.n
+                else:  # one at a time; shorter prompts behind it go ahead
+                    i += 1
+                continue
+            n = len(seq.req.prompt)
             if admitted and n > budget:
                 break
-            seq = self.waiting.popleft()
+            del self.waiting[i]
             seq.slot = len(self.running)
             self.running.append(seq)
             admitted.append(seq)
             forks += seq.req.n - 1
             budget -= n
         return admitted
+
+    def _context_parallel(self, seq: _Sequence) -> bool:
+        """Whether seq's prompt is prefilled split over the CP group. Prompt scoring needs every
+        position's logits, which the split path does not gather: such requests take the plain one."""
+        return (self.cp.size > 1 and self.model.supports_context_parallel and not seq.req.prompt_logprobs
+                and len(seq.req.prompt) >= max(self.config.context_parallel_min_tokens, 1))
+
+    def _advance_long(self) -> list[TokenOutput]:
+        """One step of the context-parallel prefill; when the prompt is done, its sequence joins
+        the running batch (in the slot after the running ones), forks if it asked for n > 1, and
+        gets its first token(s)."""
+        job = self.long
+        chunk = max(1, min(self.config.prefill_chunk, self.model.max_tokens_per_forward()))
+        logits = job.advance(self.model, self.cp, chunk, self.prefix)
+        if not job.done:
+            return []
+        self.long = None
+        seq = job.seq
+        seq.slot = len(self.running)
+        self.running.append(seq)
+        if seq.slot != job.slot:
+            self.cache.copy_slot(job.slot, seq.slot, len(seq.req.prompt))
+        forks, rows = self._fork([seq])
+        if forks:
+            logits = logits[[0] + rows]
+        return self._emit([seq] + forks, logits)
 
     @property
     def packs(self) -> bool:
@@ -293,18 +369,13 @@ class Engine:
         """Fresh prompts end to end in as few forwards as the pack limits allow, each replayed from a
         CUDA graph where one fits (else eager). Their states are written whole: no reset needed."""
         graphed = self.graphed_prefill
-        # A graphed pack that does not fill its token bucket exactly pads with one more sequence:
-        # leave a sequence slot and a token for it.
-        max_tokens = graphed.max_tokens - 1 if graphed else self._pack_limit()
-        max_seqs = max(1, graphed.max_seqs - 1) if graphed else len(seqs)
-        packs: list[list[_Sequence]] = [[]]
-        for seq in seqs:
-            tokens = sum(len(s.req.prompt) for s in packs[-1])
-            if packs[-1] and (len(packs[-1]) == max_seqs or tokens + len(seq.req.prompt) > max_tokens):
-                packs.append([])
-            packs[-1].append(seq)
+        lengths = [len(s.req.prompt) for s in seqs]
+        if graphed:
+            groups = plan_packs(lengths, graphed.max_tokens, graphed.max_seqs, lambda p: graphed.shape_for(p) is not None)
+        else:
+            groups = plan_packs(lengths, self._pack_limit(), len(seqs))
         logits = []
-        for pack in packs:
+        for pack in ([seqs[i] for i in group] for group in groups):
             lengths = [len(s.req.prompt) for s in pack]
             tokens = [t for s in pack for t in s.req.prompt]
             out = graphed(tokens, lengths, [s.slot for s in pack]) if graphed else None
@@ -380,7 +451,10 @@ class Engine:
 
     def _decode(self, n: int) -> list[TokenOutput]:
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
-        logits = self.graphed(tokens, n) if self.graphed is not None else None
+        # A graph steps every row of its bucket, [0, bucket): one reaching the slot of a context-parallel
+        # prefill under way would advance that prompt's half-built states, so such steps run eagerly.
+        graphed = self.graphed is not None and (self.long is None or (self.graphed.bucket(n) or 0) <= self.long.slot)
+        logits = self.graphed(tokens, n) if graphed else None
         if logits is None:
             logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running)))[:, -1]
         return self._emit(list(self.running), logits)

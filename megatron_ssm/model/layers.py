@@ -190,10 +190,12 @@ class Mixer(nn.Module):
     states (if given) hold the context before `hidden` and are advanced in place; L == 1 with
     states takes the single-step path. With cu_seqlens (ops/varlen.py), hidden [1, T, hidden] packs
     sequences that each start from zero states; the states [nseq, ...] then receive each sequence's
-    final state (what they held before is not read)."""
+    final state (what they held before is not read). cp (a ContextParallelSpans): hidden is this
+    rank's span of a range split over the context-parallel group."""
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+              cp=None) -> PendingOutput:
         raise NotImplementedError
 
 

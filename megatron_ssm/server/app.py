@@ -88,7 +88,7 @@ class Choice:
                  stop_on_eol: bool = False, stop_on_double_eol: bool = False):
         self.job, self.info, self.keep_stop_token, self.stops = job, info, keep_stop_token, list(stops)
         self.stop_on_eol, self.stop_on_double_eol = stop_on_eol, stop_on_double_eol
-        self.detok = Detokenizer(info.codec, job.prompt[-8:]) if info.codec is not None else None
+        self.detok = Detokenizer(info.codec, job.prompt) if info.codec is not None else None
         self.ids: list[int] = []
         self.lps: list[float | None] = []
         self.tops: list[list[tuple[int, float]] | None] = []

@@ -55,7 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16 (Megatron's flag)")
     ap.add_argument("--fp16", action="store_true", help="same as --dtype float16 (Megatron's flag)")
     ap.add_argument("--tensor-model-parallel-size", type=_positive(int), default=None,
-                    help="must equal the number of ranks if given (inference here is tensor-parallel only)")
+                    help="must equal the number of ranks over --context-parallel-size if given")
+    ap.add_argument("--context-parallel-size", type=_positive(int), default=1,
+                    help="ranks a long prompt's prefill is split over, along the sequence (world = TP x CP; "
+                         "every CP rank of a TP rank loads the same checkpoint shard)")
+    ap.add_argument("--context-parallel-min-tokens", type=_positive(int), default=8192,
+                    help="prompts from this many tokens are prefilled context-parallel (a default, not a "
+                         "measurement: see tools/gpu_sweep.sh SWEEP=cp)")
     ap.add_argument("--inference-max-requests", "--max-batch-size", dest="max_batch", type=_positive(int), default=64,
                     help="sequences generated concurrently (state-cache slots); more wait in a queue")
     ap.add_argument("--inference-max-seq-length", dest="max_seq", type=_positive(int), default=8192,
@@ -157,11 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..parallel import init_distributed, shutdown
+    from ..parallel import cp_context, init_distributed, shutdown
 
     torch.set_grad_enabled(False)
     timeout = datetime.timedelta(seconds=args.dist_timeout)
-    tp = init_distributed(timeout=timeout)
+    try:
+        tp = init_distributed(timeout=timeout, cp_size=args.context_parallel_size)
+    except ValueError as e:  # the same on every rank: each one says so and stops
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        shutdown()
+        return 2
+    cp = cp_context()
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
@@ -172,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     error = None
     try:
         if args.tensor_model_parallel_size is not None and args.tensor_model_parallel_size != tp.size:
-            raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} but {world} ranks were "
-                             f"started: launch with torchrun --nproc_per_node {args.tensor_model_parallel_size}")
+            need = args.tensor_model_parallel_size * cp.size
+            raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} x --context-parallel-size "
+                             f"{cp.size} but {world} ranks were started: launch with torchrun --nproc_per_node {need}")
         from ..checkpoint.convert import DTYPES
         from ..inference.engine import Engine, EngineConfig
         from ..model.load import load_model
@@ -186,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.load, tp, dtype=DTYPES[args.dtype] if args.dtype else None, allreduce=allreduce)
         engine = Engine(model, EngineConfig(max_batch=args.max_batch, max_sequence_length=args.max_seq,
                                             prefill_chunk=args.prefill_chunk, max_prefill_tokens=args.max_prefill_tokens,
-                                            prefix_cache_bytes=args.prefix_cache_bytes))
+                                            prefix_cache_bytes=args.prefix_cache_bytes,
+                                            context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
         if rank == 0:
             from .app import LOOPBACK, HttpServer, ServerConfig, ServerContext, build_app
             from .chat import check_template, load_tokenizer_config
