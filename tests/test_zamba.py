@@ -23,7 +23,7 @@ TOL = 1e-4
 
 
 # run on every rank: the same helpers as the other hybrids
-from test_hybrids import _rank_engine_runs, _rank_prefill_then_decode  # noqa: E402
+from test_hybrids import _rank_engine_runs, _rank_forks, _rank_prefill_then_decode  # noqa: E402
 from test_model_vs_hf import _rank_generate, _rank_logits  # noqa: E402
 
 
@@ -122,7 +122,8 @@ def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, famil
     g = torch.Generator().manual_seed(seed)
     shared = torch.randint(3, 250, (9,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
-    alone, queued, chunked, first, again, hits, forked = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    forked = ranks(tp).run(_rank_forks, ckpts[tp], prompts, 6)[0]
     assert alone == [hf_forward_greedy(model, p, 6) for p in prompts], f"seed {seed}"
     assert queued == alone and chunked == alone and first == alone and again == alone, f"seed {seed}"
     assert hits >= 3
