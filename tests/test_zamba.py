@@ -23,7 +23,7 @@ TOL = 1e-4
 
 
 # run on every rank: the same helpers as the other hybrids
-from test_hybrids import _rank_engine_runs, _rank_prefill_then_decode  # noqa: E402
+from test_hybrids import _rank_engine_runs, _rank_forks, _rank_prefill_then_decode  # noqa: E402
 from test_model_vs_hf import _rank_generate, _rank_logits  # noqa: E402
 
 
@@ -114,17 +114,20 @@ def test_overlapped_prefill_matches_hf(ranks, converted, family, opts, tp):
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("family,opts", [CASES[1], CASES[2]])
 def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, family, opts, tp):
-    """The engine's continuous batching, chunked prefill and prefix hits (SSM states plus every
-    shared-block position's KV prefix) give the tokens a lone request gets, which are HF's."""
+    """The engine's continuous batching, chunked prefill, prefix hits (SSM states plus every
+    shared-block position's KV prefix) and forked requests give the tokens a lone request gets,
+    which are HF's."""
     model, _, ckpts = converted(family, opts)
     seed = fresh_seed()
     g = torch.Generator().manual_seed(seed)
     shared = torch.randint(3, 250, (9,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
     alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    forked = ranks(tp).run(_rank_forks, ckpts[tp], prompts, 6)[0]
     assert alone == [hf_forward_greedy(model, p, 6) for p in prompts], f"seed {seed}"
     assert queued == alone and chunked == alone and first == alone and again == alone, f"seed {seed}"
     assert hits >= 3
+    assert forked == [alone[2]] * 3 + [alone[1]], f"seed {seed}"  # n > 1 copies every position's KV too
 
 
 @pytest.mark.parametrize("family,dtype,opts", [
