@@ -4,6 +4,8 @@
     torchrun --nproc_per_node N examples/generate.py --load CKPT --prompt-ids 5,17,3 [--prompt-ids 9,2] \
         --max-new-tokens K --temperature 0 --output-json out.json
     torchrun --nproc_per_node N examples/generate.py --load CKPT --prompt "def main():"
+    # a TP=2 checkpoint on 4 ranks: prompts from 8192 tokens are prefilled split over 2 CP ranks
+    torchrun --nproc_per_node 4 examples/generate.py --load CKPT-TP2 --context-parallel-size 2 --prompt-ids ...
 
 Repeated --prompt-ids / --prompt form one batch. Rank 0 prints the results and writes
 {"tokens": [[generated ids], ...]} (and "text" when a tokenizer is present) to --output-json.
@@ -55,23 +57,37 @@ def main() -> int:
     ap.add_argument("--allreduce", default="oneshot", choices=ALLREDUCE_CHOICES,
                     help="reduction of every row-parallel output (default oneshot: exact, one kernel for small "
                          "GPU messages, NCCL/gloo otherwise; exact: always the backend's all-reduce)")
+    ap.add_argument("--context-parallel-size", type=int, default=1,
+                    help="ranks a long prompt's prefill is split over along the sequence (world = TP x CP; "
+                         "every CP rank of a TP rank loads the same checkpoint shard)")
+    ap.add_argument("--context-parallel-min-tokens", type=int, default=None,
+                    help="prompts from this many tokens are prefilled context-parallel (default: the engine's)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     if not args.prompt_ids and not args.prompt:
         ap.error("give --prompt-ids or --prompt")
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be >= 1")
+    if args.context_parallel_size < 1:
+        ap.error("--context-parallel-size must be >= 1")
 
     from megatron_ssm.checkpoint.convert import DTYPES
     from megatron_ssm.comm import make_allreduce
     from megatron_ssm.checkpoint.hf import CheckpointError
+    from megatron_ssm.inference.engine import EngineConfig
     from megatron_ssm.inference.generate import generate
     from megatron_ssm.inference.sampling import SamplingParams
     from megatron_ssm.model.load import load_model
-    from megatron_ssm.parallel import init_distributed, shutdown
+    from megatron_ssm.parallel import cp_context, init_distributed, shutdown
     from megatron_ssm.tokenizer import Tokenizer
 
-    tp = init_distributed()
+    try:
+        tp = init_distributed(cp_size=args.context_parallel_size)
+    except ValueError as e:  # world size and --context-parallel-size disagree: the same on every rank
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        shutdown()
+        return 2
+    cp = cp_context()
     try:
         if args.tensor_model_parallel_size not in (None, tp.size):
             raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} but {tp.size} ranks "
@@ -88,12 +104,16 @@ def main() -> int:
         stop = tuple(args.stop_ids) if args.stop_ids is not None else \
             ((model.cfg.eos_token_id,) if args.prompt and model.cfg.eos_token_id is not None else ())
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-        tokens = generate(model, [[int(t) for t in p] for p in prompts], args.max_new_tokens, params, stop)
+        config = EngineConfig(max_batch=len(prompts))
+        if args.context_parallel_min_tokens is not None:
+            config.context_parallel_min_tokens = args.context_parallel_min_tokens
+        tokens = generate(model, [[int(t) for t in p] for p in prompts], args.max_new_tokens, params, stop,
+                          config, cp)
     except (CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"generate.py (rank {tp.rank}): error: {e}", file=sys.stderr)
         shutdown()
         return 2
-    if tp.is_first:
+    if tp.is_first and cp.is_first:  # one printer and writer in the world
         result = {"tokens": tokens}
         if tokenizer is not None:
             result["text"] = [tokenizer.decode(t) for t in tokens]

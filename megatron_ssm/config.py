@@ -109,7 +109,8 @@ class SSMConfig:
         if not self.pattern:
             self.pattern = MAMBA_BLOCK * self.num_layers
         if len(self.pattern) != self.num_layers:
-            raise ConfigError(f"pattern {self.pattern!r} has {len(self.pattern)} blocks, num_layers is {self.num_layers}")
+            raise ConfigError(f"pattern {self.pattern!r} has {len(self.pattern)} blocks, "
+                              f"num_layers is {self.num_layers}")
         if MOE_BLOCK in self.pattern:
             raise ConfigError(f"pattern {self.pattern!r} has MoE ('E') layers, which are not supported yet")
         unknown = set(self.pattern) - set(BLOCK_KINDS)
@@ -188,7 +189,8 @@ class SSMConfig:
 
     def _validate_shared(self, tp: int) -> None:
         if self.shared_blocks < 1:
-            raise ConfigError(f"pattern {self.pattern!r} applies shared blocks (S) but shared_blocks is {self.shared_blocks}")
+            raise ConfigError(f"pattern {self.pattern!r} applies shared blocks (S) but shared_blocks is "
+                              f"{self.shared_blocks}")
         if self.pattern.count(SHARED_BLOCK) < self.shared_blocks:
             raise ConfigError(f"{self.shared_blocks} shared blocks but only {self.pattern.count(SHARED_BLOCK)} "
                               f"positions apply them")

@@ -67,9 +67,12 @@ def from_hf_hybrid(cls, family: str, hf: dict):
         return cls(
             family=family, pattern=pattern, hidden_size=hidden, num_layers=len(pattern),
             vocab_size=int(hf["vocab_size"]), intermediate_size=heads * head_dim,
-            state_size=int(hf.get("ssm_state_size", 128)), conv_kernel=int(_pick(hf, "conv_kernel", "mamba_d_conv", default=4)),
-            use_bias=bool(hf.get("use_bias", False)), use_conv_bias=bool(_pick(hf, "use_conv_bias", "mamba_conv_bias", default=True)),
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), residual_in_fp32=bool(hf.get("residual_in_fp32", False)),
+            state_size=int(hf.get("ssm_state_size", 128)),
+            conv_kernel=int(_pick(hf, "conv_kernel", "mamba_d_conv", default=4)),
+            use_bias=bool(hf.get("use_bias", False)),
+            use_conv_bias=bool(_pick(hf, "use_conv_bias", "mamba_conv_bias", default=True)),
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            residual_in_fp32=bool(hf.get("residual_in_fp32", False)),
             # transformers' NemotronHForCausalLM never ties lm_head to the embedding, whatever the flag
             tie_word_embeddings=False,
             num_heads=heads, head_dim=head_dim, n_groups=int(_pick(hf, "n_groups", "mamba_n_groups", default=8)),

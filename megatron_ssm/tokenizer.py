@@ -75,11 +75,13 @@ class Tokenizer:
         ids = self._sp.encode(text) if self._sp is not None else self._hf.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + list(ids)
 
-    def decode(self, ids: list[int]) -> str:
-        # Special tokens are kept, as AutoTokenizer.decode keeps them: decode(encode(text)) == text.
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`. Special tokens (`</s>`, ...) are left out, as sentencepiece leaves out its
+        control pieces and servers leave them out of generated text; skip_special_tokens=False keeps
+        them, as AutoTokenizer.decode does, so that decode(encode(text)) == text for any text."""
         if self._sp is not None:
             return self._sp.decode(ids)
-        return self._hf.decode(ids, skip_special_tokens=False)
+        return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def _special_tokens(directory: Path) -> dict[str, str]:

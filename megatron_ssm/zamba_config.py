@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .config import GEGLU, MAMBA_BLOCK, SHARED_BLOCK, ZAMBA, ZAMBA2, ConfigError, _as_float, _first
+from .config import GEGLU, MAMBA_BLOCK, SHARED_BLOCK, ZAMBA, ConfigError, _first
 
 _HYBRID_NAMES = ("hybrid", "g")
 
@@ -121,4 +121,4 @@ def hf_config_zamba(cfg) -> dict:
     return d
 
 
-__all__ = ["from_hf_zamba", "hf_config_zamba", "zamba_layer_kinds", "ZAMBA", "ZAMBA2", "_as_float"]
+__all__ = ["from_hf_zamba", "hf_config_zamba", "zamba_layer_kinds"]

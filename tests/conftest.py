@@ -22,17 +22,19 @@ if _no_cuda():
 from distributed import RankPool  # noqa: E402
 from hf_models import SEED_ENV, fresh_seed, seeds_drawn_for  # noqa: E402
 
-_pools: dict[int, RankPool] = {}
+_pools: dict[tuple[int, int], RankPool] = {}
 
 
 @pytest.fixture(scope="session")
 def ranks():
-    """ranks(n) -> a RankPool of n gloo ranks with Megatron's TP groups of size n (kept for the session)."""
+    """ranks(n) -> a RankPool of n gloo ranks with Megatron's TP groups of size n (kept for the session);
+    ranks(n, tp=t) -> n ranks as TP groups of t times context-parallel groups of n / t."""
 
-    def get(n: int) -> RankPool:
-        if n not in _pools:
-            _pools[n] = RankPool(n)
-        return _pools[n]
+    def get(n: int, tp: int | None = None) -> RankPool:
+        key = (n, tp or n)
+        if key not in _pools:
+            _pools[key] = RankPool(n, tp)
+        return _pools[key]
 
     yield get
     for pool in _pools.values():

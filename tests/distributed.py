@@ -19,7 +19,7 @@ from megatron_ssm.parallel import free_port
 TIMEOUT_S = 300
 
 
-def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
+def _worker(rank: int, world_size: int, tp: int, port: int, inbox, outbox) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1",
                       # pools outlive single tests and are torn down rank by rank: no watchdog
@@ -31,7 +31,10 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
     from megatron_ssm.parallel import init_distributed
 
     import datetime
-    init_distributed(device=torch.device("cpu"), timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    # watchdog_timeout explicitly: this module imports megatron_ssm.parallel (free_port) before the
+    # environment above is set, so its default has already been read
+    init_distributed(tp, device=torch.device("cpu"), timeout=datetime.timedelta(seconds=TIMEOUT_S),
+                     watchdog_timeout=0, cp_size=world_size // tp)
     while True:
         job = inbox.get()
         if job is None:
@@ -49,13 +52,18 @@ def _worker(rank: int, world_size: int, port: int, inbox, outbox) -> None:
 
 
 class RankPool:
-    def __init__(self, world_size: int):
-        self.world_size = world_size
+    def __init__(self, world_size: int, tp: int | None = None):
+        """world_size gloo ranks with Megatron's parallel state at TP = tp (default: the world size)
+        and CP = world_size / tp."""
+        tp = tp or world_size
+        if world_size % tp:
+            raise ValueError(f"world size {world_size} is not a multiple of tp {tp}")
+        self.world_size, self.tp, self.cp = world_size, tp, world_size // tp
         ctx = mp.get_context("spawn")
         port = free_port()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world_size)]
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, self.inboxes[r], self.outbox),
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, tp, port, self.inboxes[r], self.outbox),
                                   daemon=True) for r in range(world_size)]
         for p in self.procs:
             p.start()

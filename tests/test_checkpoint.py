@@ -397,6 +397,10 @@ def test_checkpoints_without_checksums_still_load_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fresh conversion has checksums: no warning
         load_rank(tmp_path / "from-none", 0, 1)
+    # --force still replaces a checkpoint of ours with a sizes-only manifest (its tracker unlisted)
+    (ckpt / MANIFEST).write_text(json.dumps({"format": "megatron-ssm", "tensor_model_parallel_size": 2, "files": files}))
+    convert(hf, ckpt, 1, force=True, progress=False)
+    assert checkpoint_tp_size(ckpt) == 1
 
 
 def _killed_mid_conversion(src: Path, target: Path, *extra: str) -> None:
@@ -468,8 +472,8 @@ def test_broken_megatron_checkpoints_fail_on_every_rank_with_a_clear_message(tmp
     convert(hf, good, 2, progress=False)
     # TP degree differs from the world size
     assert ranks(4).run(_rank_load_error, str(good)) == [
-        f"{good} was written for tensor-parallel degree 2 but this run has 4 ranks; "
-        f"run with --nproc_per_node 2 or reshard with tools/convert_hf.py --tp 4"] * 4
+        f"{good} was written for tensor-parallel degree 2 but this run has 4 ranks per tensor-parallel group; "
+        f"run with --nproc_per_node 2 (times the context-parallel size) or reshard with tools/convert_hf.py --tp 4"] * 4
     # a rank's shard is missing
     convert(hf, tmp_path / "missing", 2, progress=False)
     rank_file(tmp_path / "missing", 1).unlink()

@@ -174,8 +174,93 @@ def test_requests_arriving_mid_generation_match_running_alone(ranks, ckpts, tp):
 def test_chunked_prefill_equals_one_shot(ranks, ckpts, family):
     prompt = _prompts(fresh_seed(), (45,))[0]
     one_shot = ranks(2).run(_rank_single, ckpts[family][2], prompt, 8, prefill_chunk=4096)[0]
-    chunked = ranks(2).run(_rank_single, ckpts[family][2], prompt, 8, prefill_chunk=7)[0]
+    chunked = ranks(2).run(_rank_single, ckpts[family][2], prompt, 8, prefill_chunk=7, pack_tokens=0)[0]
     assert chunked == one_shot
+
+
+def _rank_packed_forward(ckpt, lengths):
+    """The packed forward (cu_seqlens) beside each prompt's own forward: last logits, every position's
+    logits, and the states it leaves per sequence."""
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.ops.varlen import cu_seqlens_of
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    prompts = _prompts(fresh_seed(), lengths)
+    n = len(prompts)
+    packed_cache = StateCache(model.state_shapes(), n, dtype=model.dtype, device=torch.device("cpu"))
+    for c, s in zip(packed_cache.conv, packed_cache.ssm):  # what the states held before is never read
+        c.normal_()
+        s.normal_()
+    ids = torch.tensor([t for p in prompts for t in p]).view(1, -1)
+    cu = cu_seqlens_of(lengths, "cpu")
+    last = model(ids, packed_cache.rows(0, n), last_only=True, cu_seqlens=cu)[:, -1]
+    every = model(ids, None, cu_seqlens=cu)[0]
+    alone_cache = StateCache(model.state_shapes(), n, dtype=model.dtype, device=torch.device("cpu"))
+    alone_last, alone_every = [], []
+    for i, p in enumerate(prompts):
+        alone_last.append(model(torch.tensor([p]), alone_cache.rows(i, i + 1), last_only=True)[0, -1])
+        alone_every.append(model(torch.tensor([p]))[0])
+    def diff(a, b):  # the padded vocabulary's -inf must match too
+        finite = torch.isfinite(b)
+        return (a[finite] - b[finite]).abs().max().item() if torch.equal(torch.isfinite(a), finite) else math.inf
+
+    return (diff(last, torch.stack(alone_last)), diff(every, torch.cat(alone_every)),
+            max(diff(a.conv[:n], b.conv[:n]) + diff(a.ssm[:n], b.ssm[:n])
+                for a, b in zip(packed_cache.rows(0, n), alone_cache.rows(0, n))))
+
+
+@pytest.mark.parametrize("family,tp", [("mamba2", 1), ("mamba2", 2), ("mamba", 2)])
+def test_packed_forward_equals_each_prompt_alone(ranks, ckpts, family, tp):
+    """Prompts of different lengths in one packed forward give each one's logits and final states as
+    if it ran alone (a 1-token prompt, one shorter than the conv window, one across SSD chunks)."""
+    for last, every, states in ranks(tp).run(_rank_packed_forward, ckpts[family][tp], (7, 1, 2, 37, 16)):
+        assert last < 1e-4 and every < 1e-4 and states < 1e-4, (last, every, states)
+
+
+def test_prefill_graph_buckets_pad_only_with_whole_sequences():
+    """A graphed pack's shape: every real token in place, padding only as extra sequences of at least
+    one token each (never tokens appended to a real prompt), the smallest such bucket."""
+    from megatron_ssm.inference.cuda_graphs import GraphedPrefill
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    graphs = GraphedPrefill.__new__(GraphedPrefill)
+    graphs.token_buckets, graphs.seq_buckets = (16, 64, 256, 384, 512), (1, 2, 4, 8)
+    for _ in range(200):
+        n = int(torch.randint(1, 9, (1,), generator=g))
+        lengths = torch.randint(1, 80, (n,), generator=g).tolist()
+        shape = graphs.shape_for(lengths)
+        total, fits = sum(lengths), []
+        for S in graphs.seq_buckets:
+            fits += [(T, S) for T in graphs.token_buckets
+                     if S >= n and T - total >= S - n and (T > total) == (S > n)]
+        assert shape == (min(fits, key=lambda f: (graphs.seq_buckets.index(f[1]), f[0])) if fits else None), lengths
+
+
+def test_packs_fill_graph_buckets_in_admission_order():
+    """Admitted prompts cut into packs in order, each one a graph bucket holds, each as full as the
+    next prompt allows: 32 prompts of 512 tokens make two exact 8192-token packs of 16 (no padding)."""
+    from megatron_ssm.inference.cuda_graphs import PREFILL_SEQ_BUCKETS, PREFILL_TOKEN_BUCKETS, GraphedPrefill
+    from megatron_ssm.inference.engine import plan_packs
+
+    graphs = GraphedPrefill.__new__(GraphedPrefill)
+    graphs.token_buckets, graphs.seq_buckets = PREFILL_TOKEN_BUCKETS, PREFILL_SEQ_BUCKETS
+    fits = lambda p: graphs.shape_for(p) is not None  # noqa: E731
+    assert plan_packs([512] * 32, 8192, 16, fits) == [list(range(16)), list(range(16, 32))]
+    assert [graphs.shape_for([512] * 16)] == [(8192, 16)]
+    g = torch.Generator().manual_seed(fresh_seed())
+    for _ in range(50):
+        lengths = torch.randint(1, 3000, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        packs = plan_packs(lengths, 8192, 16, fits)
+        assert sum(packs, []) == list(range(len(lengths))), lengths
+        for this, after in zip(packs, packs[1:] + [None]):
+            held = [lengths[i] for i in this]
+            assert fits(held) and len(held) <= 16 and sum(held) <= 8192, held
+            if after is not None:  # the next prompt did not fit this pack
+                grown = held + [lengths[after[0]]]
+                assert not (fits(grown) and len(grown) <= 16 and sum(grown) <= 8192), grown
+    assert plan_packs([5, 7, 9], 100, 2) == [[0, 1], [2]]  # eager packs: only the limits
 
 
 def test_prefill_stays_under_the_activation_index_limit(ranks, ckpts):

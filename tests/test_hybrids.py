@@ -17,7 +17,8 @@ from test_model_vs_hf import TOL, _rank_generate, _rank_logits
 # (family, options): kv heads 2 are split at TP 2 and replicated at TP 4; n_groups 2 likewise
 CASES = [
     pytest.param("nemotron_h", dict(pattern="M*-M"), id="nemotron-kv2-g2"),
-    pytest.param("nemotron_h", dict(pattern="*M-*", heads=8, kv_heads=4, n_groups=1, tied=True), id="nemotron-kv4-g1-tieflag"),
+    pytest.param("nemotron_h", dict(pattern="*M-*", heads=8, kv_heads=4, n_groups=1, tied=True),
+                 id="nemotron-kv4-g1-tieflag"),
     pytest.param("falcon_h1", dict(), id="falcon-h1-kv2-g2"),
     pytest.param("falcon_h1", dict(kv_heads=4, n_groups=1, mamba_norm=False, layers=1), id="falcon-h1-kv4-nonorm"),
 ]
@@ -105,6 +106,47 @@ def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
     return alone, queued, chunked, first, again, eng.prefix.hits
 
 
+def _rank_forks(ckpt: str, prompts: list[list[int]], new: int):
+    """n = 3 greedy forks of prompts[2] beside a request for prompts[1]: each fork copies SSM states
+    and KV rows. Tokens per request id."""
+    from megatron_ssm.inference.engine import Engine, EngineConfig, Request
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    forks = Engine(model, EngineConfig(max_batch=5, max_sequence_length=max(map(len, prompts)) + new))
+    forks.add_request(Request(prompts[2], new, n=3))
+    forks.add_request(Request(prompts[1], new))
+    forked: dict[int, list[int]] = {}
+    while forks.has_work():
+        for o in forks.step():
+            forked.setdefault(o.request_id, []).append(o.token)
+    return [forked[i] for i in sorted(forked)]
+
+
+def _rank_padded_rows(ckpt: str, input_ids: torch.Tensor):
+    """A decode step over a live row and a free slot whose length is at the KV capacity (what a CUDA
+    graph's padding rows reach): the free slot must not write out of the cache, the live row must
+    not notice it. Returns (live row's logits, the same row decoded alone)."""
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    T = input_ids.shape[1] + 1
+    out = []
+    for rows in (2, 1):
+        cache = StateCache(model.state_shapes(T), rows, dtype=model.dtype, device=torch.device("cpu"))
+        states = cache.rows(0, rows)
+        with torch.no_grad():
+            model(input_ids[:rows], states)
+            for st in states:
+                if st.length is not None and rows == 2:
+                    st.length[1] = T  # the free slot is full
+            out.append(model(input_ids[:rows, -1:], states)[0])
+    return out
+
+
 def _rank_too_long(ckpt: str):
     from megatron_ssm.inference.engine import Engine, EngineConfig, Request
     from megatron_ssm.model.load import load_model
@@ -161,16 +203,24 @@ def test_greedy_generation_matches_hf_generate(ranks, converted, family, opts, t
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("family,opts", [CASES[0], CASES[2]])
 def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, family, opts, tp):
-    """Continuous batching with slot moves, chunked prefill continuing from cached K/V, and prefix
-    hits (SSM states + KV prefix) all give the tokens a lone request gets, which are HF's."""
+    """Continuous batching with slot moves, chunked prefill continuing from cached K/V, prefix hits
+    (SSM states + KV prefix) and n > 1 forks all give the tokens a lone request gets, which are HF's."""
     model, _, ckpts = converted(family, opts)
     g = torch.Generator().manual_seed(fresh_seed())
     shared = torch.randint(3, 250, (9,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
     alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    forked = ranks(tp).run(_rank_forks, ckpts[tp], prompts, 6)[0]
     assert alone == [hf_greedy(model, p, 6) for p in prompts]
     assert queued == alone and chunked == alone and first == alone and again == alone
     assert hits >= 3
+    assert forked == [alone[2]] * 3 + [alone[1]]
+
+
+def test_rows_past_the_kv_capacity_stay_inside_the_cache(ranks, converted):
+    _, _, ckpts = converted(*CASES[0].values)
+    padded, alone = ranks(1).run(_rank_padded_rows, ckpts[1], torch.randint(0, 250, (2, 7)))[0]
+    assert (padded - alone)[..., :250].abs().max().item() < 1e-5  # batch 2 vs 1: same math, other blocking
 
 
 def test_request_past_the_kv_cache_is_refused(ranks, converted):

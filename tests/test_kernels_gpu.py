@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, rel_err, rms_norm_inputs, scan_inputs,
-    scan_update_inputs, ssd_inputs, ssd_update_inputs,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, packed, rel_err, rms_norm_inputs,
+    scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
 from test_comm import _edge_inputs, _three_steps, check_steps_match, same_bits  # noqa: E402
@@ -77,12 +77,29 @@ def test_conv1d_strided_input(seed):
     check_op(kernels().causal_conv1d, op, kw, TOL[torch.bfloat16], seed)
 
 
+# Packed prompts (cu_seqlens) as the engine packs them: one long, one token, one across an SSD chunk
+# boundary, and a padding tail.
+PACKED = [700, 1, 300, 23]
+
+
+@DTYPES
+def test_conv1d_packed(seed, dtype):
+    check_op(kernels().causal_conv1d, *packed(conv_inputs(1, sum(PACKED), 5376, 4, dtype, DEV, state=False), PACKED),
+             TOL[dtype], seed)
+
+
 # ---- Mamba-1 --------------------------------------------------------------------------------------
 
 @DTYPES
 @pytest.mark.parametrize("L,state,gate", [(1000, True, True), (333, False, False), (1, True, True)])
 def test_selective_scan(seed, dtype, L, state, gate):
     check_op(kernels().selective_scan, *scan_inputs(2, L, 5120, 16, dtype, DEV, state=state, gate=gate),
+             TOL[dtype], seed)
+
+
+@DTYPES
+def test_selective_scan_packed(seed, dtype):
+    check_op(kernels().selective_scan, *packed(scan_inputs(1, sum(PACKED), 5120, 16, dtype, DEV, state=False), PACKED),
              TOL[dtype], seed)
 
 
@@ -114,6 +131,15 @@ SSD_SHAPES = pytest.mark.parametrize("b,L,h,p,g,n,state,limit", [
 def test_ssd_chunk_scan(seed, get_impl, dtype, b, L, h, p, g, n, state, limit):
     impl = get_impl()
     check_op(impl, *ssd_inputs(b, L, h, p, g, n, 256, dtype, DEV, state=state, dt_limit=limit),
+             _tol(dtype, impl), seed)
+
+
+@pytest.mark.parametrize("get_impl", _ssd_impls())
+@DTYPES
+@pytest.mark.parametrize("h,g", [(80, 1), (16, 4)])
+def test_ssd_chunk_scan_packed(seed, get_impl, dtype, h, g):
+    impl = get_impl()
+    check_op(impl, *packed(ssd_inputs(1, sum(PACKED), h, 64, g, 128, 256, dtype, DEV, state=False), PACKED),
              _tol(dtype, impl), seed)
 
 

@@ -19,6 +19,7 @@ from megatron_ssm.config import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "megatron"
 REF = torch.load(FIXTURES / "reference.pt", weights_only=True)
+HYBRID_REF = torch.load(FIXTURES / "reference_hybrid.pt", weights_only=True)  # Nemotron-H layout M*-M
 # megatron-core ran on an H200 (its Triton SSD scan, fp32): logits agree to this, tokens exactly
 FIXTURE_TOL = 2e-3
 
@@ -49,15 +50,17 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist", "hybrid_legacy", "hybrid_torch_dist"])
 def test_megatron_core_checkpoints_give_megatron_cores_tokens_at_every_tp(tmp_path, ranks, fmt, tp):
-    """The fixtures: megatron-core 0.19.2's own HybridModel (n_groups=1, which megatron-core itself
-    cannot run at TP>1), its logits and greedy tokens (tools/make_megatron_fixtures.py)."""
+    """The fixtures: megatron-core 0.19.2's own HybridModel (Mamba-2 with n_groups=1, which
+    megatron-core itself cannot run at TP>1; and a Mamba/attention/MLP hybrid), its logits and greedy
+    tokens (tools/make_megatron_fixtures.py; on the H200 ours agreed to 2e-7)."""
+    ref = HYBRID_REF if fmt.startswith("hybrid") else REF
     convert(FIXTURES / fmt, tmp_path / "ours", tp, progress=False)
-    logits, tokens = ranks(tp).run(_rank_greedy_and_logits, str(tmp_path / "ours"), REF["prompt"],
-                                   len(REF["greedy"]))[0]
-    torch.testing.assert_close(logits, REF["logits"], atol=FIXTURE_TOL, rtol=FIXTURE_TOL)
-    assert tokens[0] == REF["greedy"], (fmt, tp)
+    logits, tokens = ranks(tp).run(_rank_greedy_and_logits, str(tmp_path / "ours"), ref["prompt"],
+                                   len(ref["greedy"]))[0]
+    torch.testing.assert_close(logits, ref["logits"], atol=FIXTURE_TOL, rtol=FIXTURE_TOL)
+    assert tokens[0] == ref["greedy"], (fmt, tp)
 
 
 def test_fixture_formats_hold_the_same_tensors_and_shape_comes_from_args():
@@ -155,11 +158,11 @@ def test_unmapped_and_missing_keys_are_named(tmp_path):
     shutil.copytree(FIXTURES / "legacy", tmp_path / "extra")
     f = tmp_path / "extra" / "iter_0000010" / "mp_rank_00" / "model_optim_rng.pt"
     blob = torch.load(f, map_location="cpu", weights_only=False)
-    blob["model"]["decoder.layers.0.self_attention.linear_qkv.weight"] = torch.zeros(3)
+    blob["model"]["decoder.layers.0.mixer.lora_a.weight"] = torch.zeros(3)
     torch.save(blob, f)
-    with pytest.raises(CheckpointError, match="self_attention.linear_qkv.weight"):
+    with pytest.raises(CheckpointError, match="mixer.lora_a.weight"):
         open_checkpoint(tmp_path / "extra")
-    del blob["model"]["decoder.layers.0.self_attention.linear_qkv.weight"]
+    del blob["model"]["decoder.layers.0.mixer.lora_a.weight"]
     del blob["model"]["decoder.layers.1.mixer.dt_bias"]
     torch.save(blob, f)
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\) layers.1.mixer.dt_bias"):
@@ -236,3 +239,54 @@ def test_generate_example_loads_a_megatron_checkpoint_directly(tmp_path):
                     ",".join(map(str, REF["prompt"])), "--max-new-tokens", str(len(REF["greedy"])),
                     "--output-json", str(out)], check=True, env=env, capture_output=True, timeout=300)
     assert json.loads(out.read_text())["tokens"] == [REF["greedy"]]
+
+
+def _rank_logits(ckpt: str, input_ids: torch.Tensor):
+    from megatron_ssm.inference.sampling import gather_logits
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    tp = tp_context(torch.device("cpu"))
+    model = load_model(ckpt, tp)
+    with torch.no_grad():
+        full = gather_logits(model(input_ids), model.cfg.vocab_size, tp)
+    return full if tp.is_first else None
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_nemotron_h_hybrid_to_megatron_and_back_is_bit_exact_and_loads_directly(tmp_path, ranks, fmt):
+    """Megatron's hybrid layout: M / * / - layers, attention's linear_qkv interleaved by query group."""
+    from hf_models import hf_logits, hybrid_config
+
+    seed = fresh_seed()
+    model = build_hf_model(hybrid_config("nemotron_h", pattern="M*-M", kv_heads=2), seed)
+    src = save_hf(model, tmp_path / "hf")
+    convert(src, tmp_path / "meg", 2, to_megatron=True, ckpt_format=fmt, progress=False)
+    if fmt == "torch":
+        sd = torch.load(tmp_path / "meg" / "release" / "mp_rank_01" / "model_optim_rng.pt", weights_only=False)["model"]
+        qkv = model.model.layers[1].mixer
+        q, k, v = qkv.q_proj.weight, qkv.k_proj.weight, qkv.v_proj.weight  # 4 heads, 2 kv heads of 16
+        # rank 1 holds query group 1: [q heads 2, 3 | k head 1 | v head 1]
+        want = torch.cat([q[32:64], k[16:32], v[16:32]])
+        assert torch.equal(sd["decoder.layers.1.self_attention.linear_qkv.weight"], want), seed
+        assert "decoder.layers.2.mlp.linear_fc1.layer_norm_weight" in sd and "decoder.layers.2.mlp.linear_fc2.weight" in sd
+    convert(tmp_path / "meg", tmp_path / "back", to_hf=True, progress=False)
+    assert_same(all_tensors(src), all_tensors(tmp_path / "back"))
+    ids = torch.randint(0, 250, (2, 9), generator=torch.Generator().manual_seed(seed))
+    got = ranks(2).run(_rank_logits, str(tmp_path / "meg"), ids)[0]
+    torch.testing.assert_close(got, hf_logits(model, ids), atol=1e-4, rtol=1e-4, msg=lambda m: f"seed {seed}: {m}")
+
+
+def _rank_load_only(ckpt: str):
+    import faulthandler
+    import sys
+
+    faulthandler.dump_traceback_later(60, exit=True, file=sys.stderr)
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    faulthandler.cancel_dump_traceback_later()
+    return True

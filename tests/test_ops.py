@@ -13,6 +13,7 @@ conftest.py; triton is in the `test` extra), on tiny shapes; where the interpret
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 
 import pytest
@@ -115,6 +116,19 @@ def gated_norm_inputs(lead, width, group_size, dtype, device):
         weight=_act(width, dtype=dtype, device=device), eps=1e-5, group_size=group_size)
 
 
+def packed(case, lengths):
+    """An op's inputs (built at batch 1, total length sum(lengths), no initial state) as sequences of
+    `lengths` packed in one row: cu_seqlens added (ops/varlen.py)."""
+    op, kw = case
+    assert kw.get("initial_state") is None
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=_device_of(kw))
+    return op, dict(kw, cu_seqlens=cu)
+
+
+def _device_of(kw):
+    return next(v.device for v in kw.values() if isinstance(v, torch.Tensor))
+
+
 # ---- comparing an implementation with the reference -----------------------------------------------
 
 def _clone(kwargs):
@@ -195,7 +209,7 @@ def naive_recurrence(x, dt, A, B, C, D, z, state, dt_limit=(0.0, float("inf"))):
         if z is not None:
             y = y * F.silu(z[:, t].double())
         ys.append(y)
-    return torch.stack(ys, 1), h
+    return (torch.stack(ys, 1) if ys else h.new_zeros(b, 0, c)), h
 
 
 def naive_mamba1(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None):
@@ -305,6 +319,41 @@ def test_ssd_chunk_scan_then_update_equals_longer_scan(seed):
     assert _close(torch.cat([y1, torch.stack(steps, 1)], 1), y) and _close(state, hT), seed
 
 
+PACKED_LENGTHS = [(5,), (3, 1, 9), (4, 0, 6), (1, 1)]
+
+
+@pytest.mark.parametrize("lengths", PACKED_LENGTHS, ids=str)
+def test_packed_references_equal_each_sequence_alone(seed, lengths):
+    """Packed sequences (cu_seqlens) each start from zeros and end in their own final state: the
+    naive version run on each sequence alone, outputs concatenated and states stacked."""
+    T = sum(lengths)
+    cases = [(packed(conv_inputs(1, T, 6, 4, torch.float64, "cpu", state=False), lengths), naive_conv, ("x",)),
+             (packed(scan_inputs(1, T, 6, 4, torch.float32, "cpu", state=False), lengths), naive_mamba1,
+              ("u", "dt", "B", "C", "z")),
+             (packed(ssd_inputs(1, T, 4, 3, 2, 5, 4, torch.float32, "cpu", state=False), lengths), naive_mamba2,
+              ("x", "dt", "B", "C"))]
+    for (op, kw), naive, timed in cases:
+        y, final = getattr(ref_ops, op)(**kw)
+        alone = dict(kw)
+        del alone["cu_seqlens"]
+        ys, finals = [], []
+        for s, e in zip(kw["cu_seqlens"][:-1].tolist(), kw["cu_seqlens"][1:].tolist()):
+            ny, nf = naive(**{k: (v[:, s:e] if k in timed and v is not None else v) for k, v in alone.items()})
+            ys.append(ny)
+            finals.append(nf)
+        assert y.shape[1] == T and final.shape[0] == len(lengths), f"{op} (seed {seed})"
+        assert _close(y, torch.cat(ys, 1)) and _close(final, torch.cat(finals, 0)), f"{op} (seed {seed})"
+
+
+def test_packed_refuses_initial_state_and_batches():
+    op, kw = packed(scan_inputs(1, 4, 3, 2, torch.float32, "cpu", state=False), [2, 2])
+    with pytest.raises(ValueError, match="zero states"):
+        ref_ops.selective_scan(**dict(kw, initial_state=torch.zeros(2, 3, 2)))
+    _, kw2 = conv_inputs(2, 4, 3, 4, torch.float32, "cpu", state=False)
+    with pytest.raises(ValueError, match="one row"):
+        ref_ops.causal_conv1d(**kw2, cu_seqlens=kw["cu_seqlens"])
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_gated_rms_norm_reference(seed, groups):
     _, kw = gated_norm_inputs((2, 3), 16, 16 // groups, torch.float64, "cpu")
@@ -381,8 +430,9 @@ def fake_kernels(monkeypatch):
     kernels = types.SimpleNamespace(**{op: (lambda *a, _op=op: ("triton", _op, a)) for op in OPS})
     calls = []
     monkeypatch.setattr(dispatch, "_triton_ops", lambda: kernels)
-    monkeypatch.setattr(dispatch, "_mamba_chunk_scan_combined",
-                        lambda: lambda *a, **k: calls.append((a, k)) or ("y", "final"))
+    # mamba-ssm's forward returns (y, y before z, dt, dA_cumsum, chunk states, final state[, per-sequence states])
+    monkeypatch.setattr(dispatch, "_mamba_chunk_scan_combined", lambda: lambda *a, **k: calls.append((a, k)) or (
+        ("y", "out_x", "dt", "dA", "states", "final") + ((torch.ones(2),) if k.get("cu_seqlens") is not None else ())))
     monkeypatch.delenv(dispatch.ENV, raising=False)
     return kernels, calls
 
@@ -418,8 +468,15 @@ def test_mamba_ssm_scan_gets_our_arguments_under_its_names(fake_kernels):
     assert dispatch._mamba_ssd_chunk_scan(x, dt, A, B, C, 64, D, bias, h0, (0.0, 0.5)) == ("y", "final")
     (args, kwargs), = calls
     assert args == (x, dt, A, B, C, 64)
-    assert kwargs == dict(D=D, dt_bias=bias, initial_states=h0, dt_softplus=True, dt_limit=(0.0, 0.5),
-                          return_final_states=True)
+    assert kwargs == dict(D=D, dt_bias=bias, initial_states=h0, seq_idx=None, cu_seqlens=None, dt_softplus=True,
+                          dt_limit=(0.0, 0.5))
+    # packed: the sequence index of every token beside cu_seqlens, the per-sequence states back (fp32)
+    calls.clear()
+    xp, cu = torch.zeros(1, 5, 2, 3), torch.tensor([0, 2, 5], dtype=torch.int32)
+    y, final = dispatch._mamba_ssd_chunk_scan(xp, dt, A, B, C, 64, D, bias, None, (0.0, 0.5), cu)
+    (args, kwargs), = calls
+    assert y == "y" and final.dtype == torch.float32 and kwargs["cu_seqlens"] is cu
+    assert kwargs["seq_idx"].tolist() == [[0, 0, 1, 1, 1]] and kwargs["seq_idx"].dtype == torch.int32
 
 
 # ---- the Triton kernels under the CPU interpreter ----------------------------------------------------
@@ -448,6 +505,11 @@ def _tiny_cases(dtype):
         gated_norm_inputs((2, 3), 48, 12, dtype, "cpu"), gated_norm_inputs((4,), 10, 10, dtype, "cpu"),
         add_norm_inputs((2, 3), 40, dtype, "cpu"), add_norm_inputs((3,), 7, dtype, "cpu", residual_dtype=dtype),
         add_norm_inputs((2,), 24, dtype, "cpu", delta=False),
+        # packed sequences (cu_seqlens), an empty one included
+        packed(conv_inputs(1, 21, 70, 4, dtype, "cpu", state=False), [2, 13, 0, 6]),
+        packed(scan_inputs(1, 21, 10, 16, dtype, "cpu", state=False), [2, 13, 0, 6]),
+        packed(ssd_inputs(1, 21, 4, 4, 2, 16, 8, dtype, "cpu", state=False), [1, 17, 3]),
+        packed(ssd_inputs(1, 6, 2, 4, 1, 128, 4, dtype, "cpu", state=False), [4, 2]),
     ]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_models import build_hf_model, fresh_seed, hf_config, save_hf
+from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, save_hf
 from test_server import ENV, ROOT, Server
 
 openai = pytest.importorskip("openai")
@@ -100,9 +100,10 @@ def test_logprobs_top5_equal_hf_top5(hf, server):
         ids = tok(prompt, add_special_tokens=False).input_ids
         n = len(ids)
         assert len(lp.tokens) == n + 4 and "".join(lp.tokens) == r.choices[0].text
-        # the whole sequence, prompt and generated, through HF's model
-        gen = tok(r.choices[0].text, add_special_tokens=False).input_ids
-        assert gen[:n] == ids
+        # the whole sequence, the prompt and HF's own greedy tokens, through HF's model
+        gen = ids + hf_greedy(model, ids, 4)
+        # (generated end-of-text, not a stop token under ignore_eos, decodes as "" or "</s>")
+        assert r.choices[0].text in (tok.decode(gen), tok.decode(gen, skip_special_tokens=True)), f"seed {seed}"
         with torch.no_grad():
             ref = torch.log_softmax(model(torch.tensor([gen])).logits[0].float(), -1)
         for pos in range(1, len(gen)):
@@ -163,34 +164,54 @@ def _docs(model, tok, seed: int) -> dict[str, list[dict]]:
         with torch.no_grad():
             return int(model(torch.tensor([ids])).logits[0, -1].argmax())
 
-    def greedy(text: str, n: int) -> str:
+    def greedy(text: str, n: int) -> tuple[list[int], list[int]]:
         ids = tok(text, add_special_tokens=False).input_ids
-        with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-        return tok.decode(out[0, len(ids):])
+        return ids, hf_greedy(model, ids, n)
 
     eos_after, other = [], []
     for text in picks:
         ctx, cont = text[: len(text) // 2], text[len(text) // 2:]
         (eos_after if next_token(ctx + cont) == EOS else other).append({"context": ctx, "continuation": cont})
     assert len(eos_after) >= 2 and len(other) >= 2, f"seed {seed}: {len(eos_after)} texts end on EOS"
-    loglik = eos_after[:3] + other[:3]
-    for d in other[3:5]:  # greedy continuations: is_greedy true
-        d = dict(d)
-        d["continuation"] = greedy(d["context"], 3)
-        loglik.append(d)
-    mc = [{"question": picks[i][:20], "choices": [picks[i + 1][:8], greedy(picks[i][:20], 2), " x"], "answer": 1}
-          for i in range(0, 8, 2)]
+    def greedy_pair(text: str) -> dict | None:
+        """text's first half and HF's 2 greedy tokens after it, when lm-eval's tokenization of the pair
+        gives exactly those tokens (so is_greedy is true)."""
+        ctx = text[: len(text) // 2].rstrip()  # lm-eval moves a context's trailing spaces into the continuation
+        ids, new = greedy(ctx, 2)
+        cont = tok.decode(new)
+        ok = tok(ctx + cont, add_special_tokens=False).input_ids == ids + new and cont.strip()
+        return {"context": ctx, "continuation": cont} if ok else None
+
+    greedy_docs = [d for d in map(greedy_pair, picks[:30]) if d][:3]
+    assert greedy_docs, f"seed {seed}: no greedy continuation survives re-tokenization"
+    loglik = eos_after[:3] + other[:3] + greedy_docs
+    mc = [{"question": d["context"], "choices": [d["continuation"], picks[i][:8], " x"], "answer": 0}
+          for i, d in enumerate(greedy_docs + other[3:5])]
     rolling = [{"text": picks[i]} for i in range(10, 14)] + [{"text": " ".join(picks[20:40])}]  # > one window
     gen = [{"context": picks[i][:25]} for i in range(40, 44)]
     return {"loglik": loglik, "mc": mc, "rolling": rolling, "gen": gen}
 
 
+def _rolling(model, tok, text: str, window: int) -> float:
+    """loglikelihood_rolling of text in lm-eval's windows of `window` predicted tokens, by HF's model."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    ids = tok(text, add_special_tokens=False).input_ids
+    total = 0.0
+    for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(ids, tok.bos_token_id, window, 1)):
+        inp = ctx + cont
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([inp])).logits[0].float(), -1)
+        total += sum(lp[p - 1, inp[p]].item() for p in range(len(ctx), len(inp)))
+    return total
+
+
 TASKS = {
     "ssm_loglik": {"output_type": "loglikelihood", "doc_to_text": "{{context}}", "doc_to_target": "{{continuation}}",
+                   "target_delimiter": "",
                    "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]},
     "ssm_mc": {"output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
-               "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]},
+               "doc_to_target": "{{answer}}", "target_delimiter": "", "metric_list": [{"metric": "acc"}]},
     "ssm_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
                     "metric_list": [{"metric": "word_perplexity"}]},
     "ssm_gen": {"output_type": "generate_until", "doc_to_text": "{{context}}", "doc_to_target": "",
@@ -227,17 +248,19 @@ def test_lm_eval_local_completions_equals_hf(hf, server, tmp_path):
     ref = evaluate("hf", {"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu", "batch_size": 1,
                           "max_length": MAX_LEN})
     greedy_seen = set()
-    for t in ("ssm_loglik", "ssm_mc", "ssm_rolling"):
+    for t in ("ssm_loglik", "ssm_mc"):
         for i, (a, b) in enumerate(zip(ours[t], ref[t], strict=True)):
             for x, y in zip(a, b, strict=True):
                 x, y = x[0], y[0]
-                if t == "ssm_rolling":
-                    assert x == pytest.approx(y, abs=1e-3), f"seed {seed}: {t} doc {i}"
-                    continue
                 assert x[0] == pytest.approx(y[0], abs=1e-3), f"seed {seed}: {t} doc {i}: {x} != {y}"
                 assert x[1] == y[1], f"seed {seed}: {t} doc {i}: is_greedy {x[1]} != {y[1]}"
                 greedy_seen.add(bool(y[1]))
     assert greedy_seen == {True, False}, f"seed {seed}: the docs did not test both is_greedy outcomes"
+    # rolling: local-completions keeps one of max_length for the generated token and cuts windows of
+    # max_length - 2 predictions, HFLM of max_length; the reference is local-completions' windows
+    # (lm-eval's own code), scored by HF's model
+    for i, (doc, a) in enumerate(zip(docs["rolling"], ours["ssm_rolling"], strict=True)):
+        assert a[0][0] == pytest.approx(_rolling(model, tok, doc["text"], MAX_LEN - 2), abs=1e-3), f"seed {seed}: {i}"
     assert ours["ssm_gen"] == ref["ssm_gen"], f"seed {seed}"
 
 

@@ -66,11 +66,11 @@ def test_vocab_parallel_topk_equals_log_softmax_topk(ranks, tp):
 
 @pytest.fixture(scope="module")
 def tp2_ckpt(tmp_path_factory):
-    from megatron_ssm.checkpoint.convert import hf_to_megatron
+    from megatron_ssm.checkpoint.convert import convert
 
     root = tmp_path_factory.mktemp("fork")
     hf_dir = save_hf(build_hf_model(hf_config("mamba2"), fresh_seed()), root / "hf")
-    hf_to_megatron(hf_dir, str(root / "tp2"), 2, progress=False)
+    convert(hf_dir, str(root / "tp2"), 2, progress=False)
     return str(root / "tp2")
 
 
@@ -167,3 +167,14 @@ def test_stop_token_keeps_its_logprob_for_scoring(codec):
     assert lp["token_logprobs"][len(prompt) - 1:-1] == [plps[-1]]  # what lm-eval reads for the last token
     assert lp["tokens"][-1] == "</s>" and c.text == "" and c.finish == "stop"
     assert lp["top_logprobs"][-1] == {"</s>": -0.05}
+
+
+def test_continuation_text_after_a_prompt_ending_mid_script(codec):
+    """Generated multi-byte text after a prompt of multi-byte text: the decoding window must not
+    start inside a character (a byte-fallback decoder then garbles the whole run)."""
+    from megatron_ssm.server.text import Detokenizer
+
+    prompt, more = codec.encode("日本語のテキスト"), codec.encode("日本語のテキスト and ü")
+    d = Detokenizer(codec, prompt)
+    pieces = [d.push(t, final=i == len(more) - 1) for i, t in enumerate(more)]
+    assert "".join(pieces) == codec.decode(prompt + more)[len(codec.decode(prompt)):]

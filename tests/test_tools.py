@@ -210,3 +210,4 @@ def test_prefix_reuse_ttft_on_cpu(tiny_ckpts):
     line = re.search(r"TP=1 prompt 40\+6 tokens, block 16: TTFT miss ([\d.]+) ms, hit ([\d.]+) ms .*1 trials, same tokens",
                      out)
     assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, out
+

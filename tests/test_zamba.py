@@ -11,53 +11,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+import json
+
+from safetensors.torch import load_file
+
 from hf_models import build_varied_hf_model, fresh_seed, hf_forward_greedy, hf_logits, save_hf, zamba_config
 from megatron_ssm.checkpoint.convert import convert
+from megatron_ssm.config import SSMConfig
 
 TOL = 1e-4
-MAX_LENGTH = 64
 
 
-def _rank_logits(ckpt: str, input_ids: torch.Tensor):
-    from megatron_ssm.inference.sampling import gather_logits
-    from megatron_ssm.model.load import load_model
-    from megatron_ssm.parallel import tp_context
-
-    tp = tp_context(torch.device("cpu"))
-    model = load_model(ckpt, tp)
-    with torch.no_grad():
-        full = gather_logits(model(input_ids), model.cfg.vocab_size, tp)
-    return full if tp.is_first else None
-
-
-def _rank_prefill_then_decode(ckpt: str, input_ids: torch.Tensor, split: int):
-    """Logits of positions split-1.. by prefilling [:split] then decoding one token at a time,
-    every shared-block position reading its own KV cache."""
-    from megatron_ssm.inference.cache import StateCache
-    from megatron_ssm.inference.sampling import gather_logits
-    from megatron_ssm.model.load import load_model
-    from megatron_ssm.parallel import tp_context
-
-    tp = tp_context(torch.device("cpu"))
-    model = load_model(ckpt, tp)
-    b, L = input_ids.shape
-    cache = StateCache(model.state_shapes(MAX_LENGTH), b, dtype=model.dtype, device=torch.device("cpu"))
-    states = cache.rows(0, b)
-    with torch.no_grad():
-        outs = [model(input_ids[:, :split], states)[:, -1:]]
-        for t in range(split, L - 1):
-            outs.append(model(input_ids[:, t:t + 1], states))
-        full = gather_logits(torch.cat(outs, dim=1), model.cfg.vocab_size, tp)
-    return full if tp.is_first else None
-
-
-def _rank_generate(ckpt: str, prompts: list[list[int]], new_tokens: int):
-    from megatron_ssm.inference.generate import generate
-    from megatron_ssm.model.load import load_model
-    from megatron_ssm.parallel import tp_context
-
-    model = load_model(ckpt, tp_context(torch.device("cpu")))
-    return generate(model, prompts, new_tokens)
+# run on every rank: the same helpers as the other hybrids
+from test_hybrids import _rank_engine_runs, _rank_forks, _rank_prefill_then_decode  # noqa: E402
+from test_model_vs_hf import _rank_generate, _rank_logits  # noqa: E402
 
 
 CASES = [
@@ -126,3 +93,103 @@ def test_greedy_generation_matches_hf(ranks, converted, family, opts, tp):
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (5, 1, 12)]
     expected = [hf_forward_greedy(model, p, 8) for p in prompts]
     assert ranks(tp).run(_rank_generate, ckpts[tp], prompts, 8) == [expected] * tp, f"seed {seed}"
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("family,opts", [CASES[0], CASES[2]])
+def test_overlapped_prefill_matches_hf(ranks, converted, family, opts, tp):
+    """Prefill in two calls, each cut in two micro-chunks with overlapped all-reduces: the shared
+    blocks read each span's own token embeddings and every position's keys/values land in its cache."""
+    model, _, ckpts = converted(family, opts)
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 250, (2, 41), generator=g)
+    split = int(torch.randint(5, 36, (), generator=g).item())
+    ref = hf_logits(model, ids)[:, :-1]
+    ours = ranks(tp).run(_rank_prefill_then_decode, ckpts[tp], ids, split, True)[0]
+    err = (ours - ref).abs().max().item()
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"seed {seed} split {split}: max |ours - HF| = {err}"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family,opts", [CASES[1], CASES[2]])
+def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, family, opts, tp):
+    """The engine's continuous batching, chunked prefill, prefix hits (SSM states plus every
+    shared-block position's KV prefix) and forked requests give the tokens a lone request gets,
+    which are HF's."""
+    model, _, ckpts = converted(family, opts)
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(3, 250, (9,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
+    alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    forked = ranks(tp).run(_rank_forks, ckpts[tp], prompts, 6)[0]
+    assert alone == [hf_forward_greedy(model, p, 6) for p in prompts], f"seed {seed}"
+    assert queued == alone and chunked == alone and first == alone and again == alone, f"seed {seed}"
+    assert hits >= 3
+    assert forked == [alone[2]] * 3 + [alone[1]], f"seed {seed}"  # n > 1 copies every position's KV too
+
+
+@pytest.mark.parametrize("family,dtype,opts", [
+    pytest.param("zamba", torch.bfloat16, dict(kv_heads=1), id="zamba-bf16"),
+    pytest.param("zamba2", torch.float32, dict(), id="zamba2-fp32"),
+])
+def test_hf_tp4_tp2_hf_is_bit_exact(tmp_path, family, dtype, opts):
+    """HF -> TP4 -> TP2 -> HF gives back HF's bytes: each shared block once, under the first layer
+    that uses it, adapters included; transformers loads the result as the same model."""
+    from transformers import AutoModelForCausalLM
+
+    model = build_varied_hf_model(zamba_config(family, **opts), fresh_seed()).to(dtype)
+    hf = save_hf(model, tmp_path / "hf")
+    convert(hf, tmp_path / "tp4", 4, progress=False)
+    convert(tmp_path / "tp4", tmp_path / "tp2", 2, progress=False)
+    convert(tmp_path / "tp2", tmp_path / "back", to_hf=True, progress=False)
+    original, back = load_file(hf / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(back) == sorted(original)
+    for k in original:
+        assert back[k].dtype == original[k].dtype and torch.equal(back[k], original[k]), k
+    assert SSMConfig.from_hf(json.loads((tmp_path / "back" / "config.json").read_text())) == \
+        SSMConfig.from_hf(json.loads((hf / "config.json").read_text()))
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.randint(3, 250, (1, 9))
+    assert torch.equal(hf_logits(again.to(dtype).eval(), ids), hf_logits(model, ids))
+
+
+def test_convert_cli_then_torchrun_generate_at_tp2_matches_hf(converted, tmp_path):
+    """The two CLIs as a user runs them: tools/convert_hf.py --tp 2, then torchrun examples/generate.py."""
+    from test_cli import convert as convert_cli
+    from test_cli import torchrun
+
+    model, hf_dir, _ = converted(*CASES[0].values)
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (7, 3)]
+    res = convert_cli(hf_dir, tmp_path / "tp2", 2)
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out.json"
+    ids = sum((["--prompt-ids", ",".join(map(str, p))] for p in prompts), [])
+    res = torchrun(2, "--load", str(tmp_path / "tp2"), *ids, "--max-new-tokens", "6", "--temperature", "0",
+                   "--output-json", str(out))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text())["tokens"] == [hf_forward_greedy(model, p, 6) for p in prompts], f"seed {seed}"
+
+
+def test_configs_that_cannot_be_built_or_split_are_refused():
+    from megatron_ssm.config import ConfigError
+
+    zamba = zamba_config("zamba").to_dict()
+    cfg = SSMConfig.from_hf(zamba)
+    assert cfg.pattern == "MSMSS" and cfg.shared_blocks == 1 and cfg.attention_input_size == 128
+    with pytest.raises(ConfigError, match="TP degree 8 does not divide the 4 attention heads"):
+        cfg.validate(8)
+    with pytest.raises(ConfigError, match="TP degree 4 and 3 mamba heads"):
+        SSMConfig.from_hf(dict(zamba, n_mamba_heads=3, mamba_expand=3)).validate(4)
+    zamba2 = zamba_config("zamba2").to_dict()
+    assert SSMConfig.from_hf(zamba2).pattern == "MSMSSS"
+    with pytest.raises(ConfigError, match="need num_key_value_heads == num_attention_heads"):
+        SSMConfig.from_hf(dict(zamba2, num_key_value_heads=2))
+    with pytest.raises(ConfigError, match="rms_norm_eps"):
+        SSMConfig.from_hf(dict(zamba2, rms_norm_eps=1e-6))
+    with pytest.raises(ConfigError, match="no hybrid layer"):
+        SSMConfig.from_hf(dict(zamba2, layers_block_type=["mamba"] * 6))

@@ -9,6 +9,10 @@ TTFT (prefill of the whole batch to its first tokens), inter-token latency (mean
 generated and total tokens/s, peak GPU memory, and for decode the fraction of the HBM floor
 (weights + states read and written once per step, over the copy bandwidth measured at start).
 Rank 0 prints a line per workload and appends JSON lines to --json-out.
+
+    # context-parallel prefill: TTFT of one 128k-token prompt on TP2 x CP2 (4 GPUs)
+    torchrun --nproc_per_node 4 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch 1 \
+        --prompt 131072 --new 16 --context-parallel-size 2 --max-total-tokens 200000
 """
 from __future__ import annotations
 
@@ -92,13 +96,37 @@ def allreduce_latency(tp, shape, dtype, device, op) -> float:
     return (time.perf_counter() - t) / 250
 
 
-def run_workload(model, batch: int, prompt: int, new: int, args, seed: int) -> dict:
-    from megatron_ssm.inference.engine import Engine, EngineConfig, Request
+def reductions_per_step(model) -> int:
+    """TP all-reduces in one forward: every row-parallel output (a block's own, and a shared block's
+    at each position that applies it), plus Mamba-2's norm-group reduction where a group spans ranks."""
+    from megatron_ssm.model.layers import RowParallelLinear
+
+    def rows(module) -> int:
+        return sum(isinstance(m, RowParallelLinear) for m in module.modules())
+
+    count = 0
+    for layer in model.layers:
+        count += rows(layer) + (rows(layer.shared) if hasattr(layer, "shared") else 0)
+        mixer = getattr(layer, "mixer", None)
+        count += getattr(mixer, "shared_group", None) is not None
+    return count
+
+
+def make_engine(model, batch: int, prompt: int, args, cp=None):
+    from megatron_ssm.inference.engine import Engine, EngineConfig
 
     chunk = max(256, args.prefill_tokens // batch)
-    # max_sequence_length sizes a hybrid's KV cache: exactly what the workload needs
-    engine = Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
-                                        max_sequence_length=prompt + new, cuda_graphs=not args.no_graphs))
+    # max_sequence_length sizes a hybrid's KV cache: exactly what the workloads need
+    return Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
+                                      max_sequence_length=prompt + max(args.new), cuda_graphs=not args.no_graphs,
+                                      pack_tokens=0 if args.no_pack else 8192,
+                                      context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
+
+
+def run_workload(engine, batch: int, prompt: int, new: int, seed: int) -> dict:
+    from megatron_ssm.inference.engine import Request
+
+    model = engine.model
     g = torch.Generator().manual_seed(seed)
     vocab = model.cfg.vocab_size
     reqs = [Request(torch.randint(0, vocab, (prompt,), generator=g).tolist(), new) for _ in range(batch)]
@@ -106,10 +134,13 @@ def run_workload(model, batch: int, prompt: int, new: int, args, seed: int) -> d
         engine.add_request(r)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    first = engine.step()
+    # The plain path prefills the whole batch in one step; a context-parallel prefill takes a step
+    # per cp x chunk tokens (and one prompt at a time): TTFT is when the last first token is out.
+    firsts = set()
+    while len(firsts) < batch:
+        firsts.update(o.request_id for o in engine.step())
     torch.cuda.synchronize()
     ttft = time.perf_counter() - t0
-    assert len(first) == batch, "the whole batch must be prefilled in one step"
     steps = 0
     while engine.has_work():
         engine.step()
@@ -117,7 +148,6 @@ def run_workload(model, batch: int, prompt: int, new: int, args, seed: int) -> d
     torch.cuda.synchronize()
     total = time.perf_counter() - t0
     step = (total - ttft) / max(steps, 1)
-    del engine
     return dict(batch=batch, prompt=prompt, new=new, ttft_ms=ttft * 1e3, step_ms=step * 1e3,
                 decode_tok_s=batch / step if steps else 0.0, gen_tok_s=batch * new / total,
                 total_tok_s=batch * (prompt + new) / total, total_s=total)
@@ -133,21 +163,29 @@ def main() -> int:
     ap.add_argument("--prefill-tokens", type=int, default=32768, help="tokens per prefill forward (whole batch)")
     ap.add_argument("--allreduce", default="oneshot",
                     help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
-    ap.add_argument("--no-graphs", action="store_true", help="eager decode (no CUDA graphs)")
+    ap.add_argument("--no-graphs", action="store_true", help="eager prefill and decode (no CUDA graphs)")
+    ap.add_argument("--no-pack", action="store_true",
+                    help="prefill equal-length prompts together, unpacked and eager (the pre-packing path)")
     ap.add_argument("--overlap-min-tokens", type=ints, default=[0],
                     help="prefill forwards from this many tokens overlap their all-reduces with compute "
                          "(0: never); a list times each setting on the same loaded model")
     ap.add_argument("--max-total-tokens", type=int, default=1 << 20,
                     help="skip workloads whose batch x (prompt + new) exceeds this")
+    ap.add_argument("--context-parallel-size", type=int, default=1,
+                    help="split long prompts' prefill over this many ranks along the sequence (world = TP x CP)")
+    ap.add_argument("--context-parallel-min-tokens", type=int, default=1,
+                    help="prompts from this many tokens take the context-parallel prefill (default 1: every "
+                         "prompt, when CP > 1)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
     from megatron_ssm.inference.cache import StateCache
     from megatron_ssm.model.lm import MambaLM
-    from megatron_ssm.parallel import init_distributed, shutdown
+    from megatron_ssm.parallel import cp_context, init_distributed, shutdown
 
-    tp = init_distributed()
+    tp = init_distributed(cp_size=args.context_parallel_size)
+    cp = cp_context()
     if tp.device.type != "cuda":
         print("benchmark.py needs CUDA", file=sys.stderr)
         return 2
@@ -168,47 +206,50 @@ def main() -> int:
         weight_bytes = sum(p.nbytes for p in model.parameters())
         # a hybrid's KV cache at the longest workload's length (the floor then counts all of it)
         state_bytes = StateCache.bytes_per_sequence(model.state_shapes(max(args.prompt) + max(args.new)), dtype)
-        reductions = reductions_per_step(cfg, tp.size)
-        if tp.is_first:
-            print(f"# {name}: TP={tp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
+        reductions = reductions_per_step(model)
+        if tp.is_first and cp.is_first:
+            print(f"# {name}: TP={tp.size} CP={cp.size}, {weight_bytes / 1e9:.2f} GB weights and {state_bytes / 1e6:.1f} MB "
                   f"state per sequence per rank; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-        warmed = set()
         for prompt in args.prompt:
             for batch in args.batch:
+                if all(batch * (prompt + new) > args.max_total_tokens for new in args.new):
+                    continue
+                # One engine per shape: a warm-up at the timed shape compiles and autotunes kernels
+                # (Triton autotuners key on batch and length) and captures the prefill graphs it needs.
+                engine = make_engine(model, batch, prompt, args, cp)
+                run_workload(engine, batch, prompt, 4, seed=0)
                 for new in args.new:
                     if batch * (prompt + new) > args.max_total_tokens:
                         continue
-                    # compile and autotune kernels at every timed prefill shape, outside the timing
-                    # (Triton autotuners key on batch and length: one warm-up shape is not enough)
-                    shape = (batch, min(prompt, max(256, args.prefill_tokens // batch)))
-                    if shape not in warmed:
-                        run_workload(model, shape[0], shape[1], 4, args, seed=0)
-                        warmed.add(shape)
                     for overlap in args.overlap_min_tokens:
                         model.overlap_min_tokens = overlap
                         torch.cuda.reset_peak_memory_stats()
-                        r = run_workload(model, batch, prompt, new, args, seed=prompt * 7 + batch)
-                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions)
+                        r = run_workload(engine, batch, prompt, new, seed=prompt * 7 + batch)
+                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp)
+                del engine
         del model
         torch.cuda.empty_cache()
     shutdown()
     return 0
 
 
-def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions):
+def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp):
     """Add the derived figures to one workload's result; rank 0 prints it and appends it to --json-out."""
     batch = r["batch"]
     floor = (weight_bytes + 2 * state_bytes * batch) / bw
-    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device,
-                                 model.layers[0].mixer.out_proj.allreduce)
-    comm = per_call * reduces_per_layer * cfg.num_layers
-    r.update(model=name, tp=tp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
+    from megatron_ssm.model.layers import RowParallelLinear
+
+    row_parallel = next(m for m in model.modules() if isinstance(m, RowParallelLinear))
+    per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, row_parallel.allreduce)
+    comm = per_call * reductions
+    r.update(model=name, tp=tp.size, cp=cp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
+             packed=not args.no_pack,
              overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
              floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
              peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,
              device=torch.cuda.get_device_name(), tag=args.tag)
-    if tp.is_first:
-        print(f"{name} tp={tp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
+    if tp.is_first and cp.is_first:
+        print(f"{name} tp={tp.size} cp={cp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
               f"ttft {r['ttft_ms']:8.1f} ms  step {r['step_ms']:6.2f} ms (floor {r['hbm_floor_ms']:5.2f}, "
               f"comm~{r['comm_est_ms']:5.2f})  gen {r['gen_tok_s']:9.0f} tok/s  total {r['total_tok_s']:9.0f} tok/s  "
               f"peak {r['peak_mem_gb']:5.1f} GB", flush=True)

@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--megatron-core", default=None, metavar="VERSION",
                     help="with --to-megatron --ckpt-format torch: the megatron-core version that will load it "
                          "(0.19 names conv1d `conv1d_weight`, earlier `conv1d.weight`; default: the installed one)")
+    ap.add_argument("--megatron-spec", choices=("te", "local"), default="te",
+                    help="with --to-megatron: tensor names of megatron-core's stock Transformer Engine spec (block norm "
+                         "fused into in_proj: mixer.in_proj.layer_norm_weight; default) or of a TE-free local spec "
+                         "(norm.weight), such as megatron_ssm.megatron.specs")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="cast every tensor to this dtype (default: keep each tensor's own dtype)")
     ap.add_argument("--force", action="store_true",
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         convert(args.load_dir, args.save_dir, args.tp, to_hf=args.to_hf, dtype=args.dtype, force=args.force,
                 progress=not args.no_progress, max_shard_bytes=args.max_shard_size,
                 verify=not args.no_verify, to_megatron=args.to_megatron,
-                ckpt_format=args.ckpt_format, megatron_core=args.megatron_core)
+                ckpt_format=args.ckpt_format, megatron_core=args.megatron_core, megatron_spec=args.megatron_spec)
     except (CheckpointError, ConfigError, ValueError) as e:
         print(f"convert_hf.py: error: {e}", file=sys.stderr)
         return 2

@@ -3,8 +3,11 @@
 #   run(command="bash tools/gpu_sweep.sh", kind="nvidia-h100-x4", carry=[".whl"], timeout_s=600)
 # Each step has its own timeout, so a slow or failing step still leaves the others' numbers.
 # SWEEP=targets (default): the issue's TP-scaling workloads; SWEEP=single: GPU tests and TP=1 vs baselines;
-# SWEEP=hybrids: Nemotron-H / Falcon-H1 on one GPU beside HF; SWEEP=comm: all-reduce variants (latency vs size at TP 2/4, end to end at TP=4); SWEEP=small: 512-token prompts against
+# SWEEP=hybrids: Nemotron-H / Falcon-H1 / Zamba / Zamba2 on one GPU beside HF; SWEEP=comm: all-reduce variants (latency vs size at TP 2/4, end to end at TP=4); SWEEP=small: 512-token prompts against
 # the single-GPU bar in shared/background.md; SWEEP=full: the issue's whole grid (hours).
+# SWEEP=cp (4 GPUs, ~6 min; issue #16): context-parallel prefill, greedy tokens at CP 2/4 against CP 1 on the shipped
+# tiny model, then TTFT of one 4k..128k prompt at TP1, CP2, TP2, CP4, TP2xCP2, TP4 (CP_CONFIG picks the model;
+# where CP beats TP at equal GPUs sets EngineConfig.context_parallel_min_tokens).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -45,10 +48,10 @@ if [ "${SWEEP:-targets}" = single ]; then  # one GPU: GPU tests, then our TP=1 b
         --batch 1 --prompt 512 --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
     exit 0
 fi
-if [ "${SWEEP:-targets}" = hybrids ]; then  # one GPU: hybrid GPU tests, then Nemotron-H-8B and Falcon-H1-7B beside HF
+if [ "${SWEEP:-targets}" = hybrids ]; then  # one GPU: hybrid GPU tests, then Nemotron-H-8B, Falcon-H1-7B, Zamba-7B-v1, Zamba2-2.7B beside HF
     timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model_gpu.py -k hybrid \
         > "$OUT/pytest_gpu_hybrids.txt" 2>&1; grep -E "^(FAILED|E  )|passed|failed" "$OUT/pytest_gpu_hybrids.txt" | tail -20
-    for c in nemotron-h-8b falcon-h1-7b; do
+    for c in nemotron-h-8b falcon-h1-7b zamba-7b-v1 zamba2-2.7b; do
         bench 200 1 --config configs/$c.yaml --batch 1,16 --prompt 2048 --new 128 --tag hybrids
         timeout 120 python3 tools/baselines.py --impl hf --config configs/$c.yaml --batch 1 --prompt 2048 --new 16 \
             --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
@@ -83,6 +86,27 @@ if [ "${SWEEP:-targets}" = targets ]; then  # the issue's scaling targets (~9.5 
     timeout 55 torchrun --standalone --nproc_per_node 2 tools/comm_benchmark.py --iters 30 \
         --sizes-kib 8,64,256,2048,32768,131072 --variants exact,oneshot,int8 2>&1 \
         | grep -E "^\||auto:|x[0-9], bf16|WARN|Error|unavailable" | tee "$OUT/comm2.txt"
+    exit 0
+fi
+if [ "${SWEEP:-targets}" = cp ]; then  # context-parallel prefill: correctness on GPU, then TTFT at long prompts
+    python3 tools/convert_hf.py --load-dir megatron_ssm/assets/tiny-mamba2 --save-dir /tmp/tiny-tp1 --tp 1 \
+        --dtype float32 --no-progress > /dev/null 2>&1
+    ids=$(python3 -c "import random; random.seed(0); print(','.join(str(random.randrange(3, 4000)) for _ in range(3001)))")
+    for cp in 1 2 4; do  # 3001 tokens: spans of unequal length, not whole 64-token chunks
+        [ "$cp" -le "$ngpu" ] && timeout 60 torchrun --standalone --nproc_per_node $cp examples/generate.py \
+            --load /tmp/tiny-tp1 --context-parallel-size $cp --context-parallel-min-tokens 256 --prompt-ids "$ids" \
+            --prompt-ids 5,6,7 --max-new-tokens 32 --output-json "$OUT/gen_cp$cp.json" > "$OUT/gen_cp$cp.log" 2>&1
+    done
+    for cp in 2 4; do cmp "$OUT/gen_cp1.json" "$OUT/gen_cp$cp.json" && echo "generate.py CP=$cp tokens == CP=1 tokens" \
+        | tee -a "$OUT/log.txt"; done
+    m=${CP_CONFIG:-configs/mamba2-2.7b.yaml}
+    w="--config $m --batch 1 --prompt 4096,16384,32768,65536,131072 --new 16 --max-total-tokens 140000"
+    bench 90 1 $w --tag cp
+    bench 90 2 $w --context-parallel-size 2 --tag cp
+    bench 90 2 $w --tag cp
+    bench 90 4 $w --context-parallel-size 4 --tag cp
+    bench 90 4 $w --context-parallel-size 2 --tag cp
+    bench 90 4 $w --tag cp
     exit 0
 fi
 if [ "${SWEEP:-targets}" = decode ]; then  # one-shot all-reduce: correctness on the shipped model, then small-batch decode

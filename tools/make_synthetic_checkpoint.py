@@ -46,7 +46,7 @@ PRESETS = {
         "pad_vocab_size_multiple": 16, "tie_embeddings": True}),
 }
 # the hybrids' shapes come from their benchmark configs (one source for both tools)
-for _name in ("nemotron-h-8b", "falcon-h1-7b"):
+for _name in ("nemotron-h-8b", "falcon-h1-7b", "zamba-7b-v1", "zamba2-2.7b"):
     _spec = Path(__file__).resolve().parents[1] / "configs" / f"{_name}.yaml"
     if _spec.is_file():
         PRESETS[_name] = ("hf", yaml.safe_load(_spec.read_text())["hf_config"])
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         raw["num_hidden_layers" if fmt == "hf" else "n_layer"] = args.layers
         if "hybrid_override_pattern" in raw:  # Nemotron-H: the pattern is the layer list
             raw["hybrid_override_pattern"] = raw["hybrid_override_pattern"][:args.layers]
+        if "layers_block_type" in raw:  # Zamba / Zamba2: one entry per layer
+            raw["layers_block_type"] = raw["layers_block_type"][:args.layers]
     dtype = args.dtype or ("bfloat16" if fmt == "hf" else "float32")
     cfg = SSMConfig.from_hf(raw) if fmt == "hf" else config_from_mamba_ssm(raw, dtype)
     cfg.torch_dtype = dtype

@@ -57,7 +57,7 @@ def source_specs(src, cfg: SSMConfig) -> list[TensorSpec]:
 def convert(load_dir: str | Path, save_dir: str | Path, tp: int | None = None, *, to_hf: bool = False,
             dtype: str | None = None, force: bool = False, progress: bool = True,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, verify: bool = True, to_megatron: bool = False,
-            ckpt_format: str = "torch_dist", megatron_core: str | None = None) -> None:
+            ckpt_format: str = "torch_dist", megatron_core: str | None = None, megatron_spec: str = "te") -> None:
     """Write `load_dir` (any format open_checkpoint knows) to `save_dir`: ours at TP=`tp`, HF, or
     (to_megatron) Megatron-LM's layout at TP=`tp` in `ckpt_format` (megatron_lm.py).
     A source this tool wrote is checked against its manifest's checksums first, unless not `verify`."""
@@ -75,7 +75,8 @@ def convert(load_dir: str | Path, save_dir: str | Path, tp: int | None = None, *
         if to_megatron:
             from .megatron_lm import export
 
-            export(src, save_dir, tp, specs, ckpt_format=ckpt_format, conv=megatron_core, force=force)
+            export(src, save_dir, tp, specs, ckpt_format=ckpt_format, conv=megatron_core, force=force,
+                   te=megatron_spec == "te")
             return
         if to_hf:
             writer = HFWriter(save_dir, cfg, specs, force=force, max_shard_bytes=max_shard_bytes)

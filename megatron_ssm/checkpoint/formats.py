@@ -11,6 +11,7 @@ from .mamba_ssm import MambaSSMCheckpoint, is_mamba_ssm_config
 from .megatron import TRACKER, MegatronCheckpoint
 from .megatron_lm import MegatronLMCheckpoint, is_megatron_lm
 
+
 def open_checkpoint(path: str | Path, verify: bool = True) -> HFCheckpoint | MambaSSMCheckpoint | MegatronCheckpoint \
         | MegatronLMCheckpoint:
     """A source of full (unsharded, HF-shaped) tensors with .config, .names(), .spec(), .read()

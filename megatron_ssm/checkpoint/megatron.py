@@ -132,8 +132,9 @@ def load_rank(root: str | Path, rank: int, tp: int, verify: bool = True) -> tupl
     saved_tp = checkpoint_tp_size(root)
     if saved_tp != tp:
         raise CheckpointError(
-            f"{root} was written for tensor-parallel degree {saved_tp} but this run has {tp} ranks; "
-            f"run with --nproc_per_node {saved_tp} or reshard with tools/convert_hf.py --tp {tp}")
+            f"{root} was written for tensor-parallel degree {saved_tp} but this run has {tp} ranks per "
+            f"tensor-parallel group; run with --nproc_per_node {saved_tp} (times the context-parallel size) "
+            f"or reshard with tools/convert_hf.py --tp {tp}")
     # Check every rank's tensor names and shapes (their headers only), so that a bad shard stops all
     # ranks here rather than one rank raising while the rest wait for it in the first all-reduce.
     MegatronCheckpoint(root, verify=False).close()

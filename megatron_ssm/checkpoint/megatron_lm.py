@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import MAMBA2, ConfigError, SSMConfig
+from ..config import MAMBA2, NEMOTRON_H, RELU2, ConfigError, SSMConfig
 from .atomic import AtomicWriter
 from .errors import CheckpointError, check_names
 from .integrity import read_manifest, verify_files
@@ -77,7 +77,24 @@ _LAYER_IN = {
     "mixer.conv1d_weight": "mixer.conv1d.weight", "mixer.conv1d_bias": "mixer.conv1d.bias",
     **{n: n for n in ("mixer.in_proj.weight", "mixer.conv1d.weight", "mixer.conv1d.bias", "mixer.A_log", "mixer.D",
                       "mixer.dt_bias", "mixer.norm.weight", "mixer.out_proj.weight")},
+    # attention (*) and MLP (-) layers of hybrid patterns: TransformerLayer / MLPLayer names
+    "self_attention.linear_qkv.layer_norm_weight": "norm.weight", "input_layernorm.weight": "norm.weight",
+    "self_attention.linear_qkv.weight": "mixer.qkv_proj.weight",
+    "self_attention.linear_proj.weight": "mixer.o_proj.weight",
+    "mlp.linear_fc1.layer_norm_weight": "norm.weight", "pre_mlp_layernorm.weight": "norm.weight",
+    "mlp.linear_fc1.weight": "mixer.up_proj.weight", "mlp.linear_fc2.weight": "mixer.down_proj.weight",
 }
+# ours -> megatron-core per block kind (the norm's name depends on the block and on the spec)
+_LAYER_OUT = {
+    "M": {"norm.weight": ("mixer.in_proj.layer_norm_weight", "norm.weight")},
+    "*": {"norm.weight": ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
+          "mixer.qkv_proj.weight": ("self_attention.linear_qkv.weight",) * 2,
+          "mixer.o_proj.weight": ("self_attention.linear_proj.weight",) * 2},
+    "-": {"norm.weight": ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"),
+          "mixer.up_proj.weight": ("mlp.linear_fc1.weight",) * 2,
+          "mixer.down_proj.weight": ("mlp.linear_fc2.weight",) * 2},
+}
+QKV = "mixer.qkv_proj.weight"
 # torch_dist: packed tensors stored as one global tensor per segment
 _DIST_SEGMENTS = {"mixer.in_proj.weight": ("z", "x", "B", "C", "dt"), "mixer.conv1d.weight": ("x", "B", "C"),
                   "mixer.conv1d.bias": ("x", "B", "C")}
@@ -88,9 +105,10 @@ def is_extra_state(name: str) -> bool:
     return "_extra_state" in name
 
 
-def megatron_name(ours: str, *, te: bool = True, conv: str = "0.19", dist: bool = False) -> str:
-    """Our tensor name -> megatron-core's. te: the stock TE spec (block norm fused into in_proj);
-    conv: the megatron-core version whose legacy conv naming to use (torch_dist keys are stable)."""
+def megatron_name(ours: str, *, te: bool = True, conv: str = "0.19", dist: bool = False, pattern: str = "") -> str:
+    """Our tensor name -> megatron-core's. te: the stock TE spec (block norm fused into the next
+    linear); conv: the megatron-core version whose legacy conv naming to use (torch_dist keys are
+    stable); pattern: the block kinds (default all Mamba)."""
     for meg, our in _TOP.items():
         if ours == our:
             return meg
@@ -98,8 +116,11 @@ def megatron_name(ours: str, *, te: bool = True, conv: str = "0.19", dist: bool 
     if not m:
         raise KeyError(f"no Megatron name for tensor {ours!r}")
     i, local = m.groups()
-    if local == "norm.weight":
-        local = "mixer.in_proj.layer_norm_weight" if te else "norm.weight"
+    kind = pattern[int(i)] if pattern else "M"
+    if local in _LAYER_OUT.get(kind, {}):
+        local = _LAYER_OUT[kind][local][0 if te else 1]
+    elif kind != "M":
+        raise KeyError(f"no Megatron name for tensor {ours!r} of a {kind!r} block")
     elif local in ("mixer.conv1d.weight", "mixer.conv1d.bias") and conv_is_parameter(conv) and not dist:
         local = local.replace("conv1d.", "conv1d_")
     return f"decoder.layers.{i}.{local}"
@@ -118,8 +139,8 @@ def our_layer_name(local: str, where: str) -> str:
     try:
         return _LAYER_IN[local]
     except KeyError:
-        raise CheckpointError(f"{where}: tensor {local!r} has no counterpart in a Mamba-2 layer (only pure "
-                              f"Mamba-2 stacks are read: {', '.join(sorted(_LAYER_IN))})") from None
+        raise CheckpointError(f"{where}: tensor {local!r} has no counterpart in our Mamba-2 / attention / MLP "
+                              f"layers (known: {', '.join(sorted(_LAYER_IN))})") from None
 
 
 # ---------------------------------------------------------------------------------------------- args
@@ -234,18 +255,20 @@ def config_from_args(args, where: str) -> SSMConfig:
     if not isinstance(args, argparse.Namespace):
         raise CheckpointError(f"{where}: holds no `args` Namespace (not written by Megatron-LM?)")
     num_layers = int(_get(args, "num_layers", 0))
-    pattern = _get(args, "hybrid_layer_pattern") or _get(args, "hybrid_override_pattern")
+    pattern = _get(args, "hybrid_layer_pattern") or _get(args, "hybrid_override_pattern") or ""
+    layers = pattern.replace("|", "")  # 0.19 marks pipeline stages with |
     if pattern:
-        layers = pattern.replace("|", "")
-        if set(layers) - {"M"}:
-            raise ConfigError(f"{where}: hybrid layer pattern {pattern!r} has layers other than Mamba (M); only "
-                              f"pure Mamba-2 Megatron checkpoints are read by this version")
+        if set(layers) - {"M", "*", "-"}:
+            raise ConfigError(f"{where}: hybrid layer pattern {pattern!r} has layers other than Mamba (M), attention "
+                              f"(*) and MLP (-): {''.join(sorted(set(layers) - set('M*-')))} are not supported")
         if len(layers) != num_layers:
             raise ConfigError(f"{where}: hybrid pattern {pattern!r} has {len(layers)} layers, num_layers says "
                               f"{num_layers}")
     elif _get(args, "hybrid_attention_ratio", 0.0) or _get(args, "hybrid_mlp_ratio", 0.0):
-        raise ConfigError(f"{where}: hybrid_attention_ratio/hybrid_mlp_ratio are set; only pure Mamba-2 stacks "
-                          f"are read by this version")
+        raise ConfigError(f"{where}: hybrid_attention_ratio/hybrid_mlp_ratio without a pattern: megatron-core "
+                          f"allocates those layers itself; save with --hybrid-override-pattern instead")
+    layers = layers or "M" * num_layers
+    hybrid = _hybrid_fields(args, layers, where) if set(layers) != {"M"} else {}
     if _get(args, "normalization", "RMSNorm") != "RMSNorm":
         raise ConfigError(f"{where}: normalization {args.normalization!r} (only RMSNorm Mamba stacks exist)")
     hidden = int(args.hidden_size)
@@ -262,7 +285,7 @@ def config_from_args(args, where: str) -> SSMConfig:
         raise ConfigError(f"{where}: norm_epsilon {eps} differs from the 1e-5 megatron-core's gated norm uses")
     dtype = "bfloat16" if _get(args, "bf16", False) else "float16" if _get(args, "fp16", False) else "float32"
     cfg = SSMConfig(
-        family=MAMBA2, hidden_size=hidden, num_layers=num_layers, vocab_size=vocab,
+        family=NEMOTRON_H if hybrid else MAMBA2, hidden_size=hidden, num_layers=num_layers, vocab_size=vocab,
         intermediate_size=heads * head_dim, state_size=int(_get(args, "mamba_state_dim", 128)), conv_kernel=4,
         use_bias=False, use_conv_bias=True, norm_eps=eps,
         residual_in_fp32=bool(_get(args, "fp32_residual_connection", False)),
@@ -272,9 +295,47 @@ def config_from_args(args, where: str) -> SSMConfig:
         extra={"megatron": {"padded_vocab_size": padded or vocab,
                             "tokenizer_type": _get(args, "tokenizer_type"),
                             "tokenizer_model": str(_get(args, "tokenizer_model", "")) or None}},
+        **hybrid,
     )
     cfg.validate(1)
     return cfg
+
+
+def _hybrid_fields(args, pattern: str, where: str) -> dict:
+    """The attention and MLP fields of a Nemotron-H-style hybrid (megatron-core's `*` and `-` layers)."""
+    if _get(args, "position_embedding_type", "none") != "none":
+        raise ConfigError(f"{where}: position_embedding_type {args.position_embedding_type!r}: only hybrids without "
+                          f"position embeddings (Nemotron-H) are read")
+    if _get(args, "add_qkv_bias", False) or _get(args, "add_bias_linear", False):
+        raise ConfigError(f"{where}: linear biases (add_bias_linear / add_qkv_bias) are not supported in hybrids")
+    fields = {"pattern": pattern}
+    if "*" in pattern:
+        heads = int(args.num_attention_heads)
+        groups = int(_get(args, "num_query_groups", 0)) if _get(args, "group_query_attention", False) else heads
+        fields.update(num_attention_heads=heads, num_kv_heads=groups or heads,
+                      attention_head_dim=int(_get(args, "kv_channels", 0)) or args.hidden_size // heads)
+    if "-" in pattern:
+        if _get(args, "swiglu", False) or not _get(args, "squared_relu", False):
+            raise ConfigError(f"{where}: MLP layers must use squared ReLU (Nemotron-H; swiglu={_get(args, 'swiglu')}, "
+                              f"squared_relu={_get(args, 'squared_relu')})")
+        fields.update(mlp_kind=RELU2, mlp_intermediate_size=int(args.ffn_hidden_size))
+    return fields
+
+
+def interleave_qkv(full: torch.Tensor, cfg: SSMConfig) -> torch.Tensor:
+    """Ours [q | k | v] -> megatron-core's linear_qkv rows, by query group: [q_g | k_g | v_g] per group."""
+    d, groups = cfg.attention_head_dim, cfg.num_kv_heads
+    per = cfg.num_attention_heads // groups
+    q, k, v = full.split([cfg.num_attention_heads * d, groups * d, groups * d])
+    parts = [q.reshape(groups, per * d, -1), k.reshape(groups, d, -1), v.reshape(groups, d, -1)]
+    return torch.cat(parts, dim=1).reshape(full.shape)
+
+
+def deinterleave_qkv(full: torch.Tensor, cfg: SSMConfig) -> torch.Tensor:
+    d, groups = cfg.attention_head_dim, cfg.num_kv_heads
+    per = cfg.num_attention_heads // groups
+    q, k, v = full.reshape(groups, (per + 2) * d, -1).split([per * d, d, d], dim=1)
+    return torch.cat([q.reshape(-1, full.shape[1]), k.reshape(-1, full.shape[1]), v.reshape(-1, full.shape[1])])
 
 
 def args_for(cfg: SSMConfig, tp: int, padded_vocab: int, *, te: bool, ckpt_format: str) -> argparse.Namespace:
@@ -282,11 +343,14 @@ def args_for(cfg: SSMConfig, tp: int, padded_vocab: int, *, te: bool, ckpt_forma
     check_checkpoint_args read), for `--to-megatron`."""
     meg = cfg.extra.get("megatron", {}) if isinstance(cfg.extra, dict) else {}
     return argparse.Namespace(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=4 * cfg.hidden_size,
-        num_attention_heads=cfg.num_heads, kv_channels=cfg.head_dim, num_query_groups=None,
-        group_query_attention=False, add_position_embedding=False, position_embedding_type="none",
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.mlp_intermediate_size or 4 * cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads or cfg.num_heads,
+        kv_channels=cfg.attention_head_dim or cfg.head_dim, num_query_groups=cfg.num_kv_heads or None,
+        group_query_attention=bool(cfg.num_kv_heads), add_position_embedding=False, position_embedding_type="none",
         max_position_embeddings=4096, seq_length=4096,
-        is_hybrid_model=True, hybrid_override_pattern="M" * cfg.num_layers,
+        is_hybrid_model=True, hybrid_override_pattern=cfg.pattern,
+        squared_relu="-" in cfg.pattern, swiglu=False,
         hybrid_attention_ratio=0.0, hybrid_mlp_ratio=0.0,
         mamba_state_dim=cfg.state_size, mamba_head_dim=cfg.head_dim, mamba_num_groups=cfg.n_groups,
         mamba_num_heads=cfg.num_heads, normalization="RMSNorm", norm_epsilon=cfg.norm_eps,
@@ -307,14 +371,24 @@ def args_for(cfg: SSMConfig, tp: int, padded_vocab: int, *, te: bool, ckpt_forma
 
 def refuse_unrepresentable(cfg: SSMConfig, tp: int) -> None:
     """Raise ConfigError for what megatron-core's MambaMixer cannot hold, before anything is written."""
-    if cfg.family != MAMBA2:
-        raise ConfigError(f"megatron-core has no {cfg.family} mixer (Mamba-2 only): cannot export a "
-                          f"{cfg.family} model to Megatron-LM; keep it in our format or HF")
+    if cfg.family not in (MAMBA2, NEMOTRON_H):
+        raise ConfigError(f"megatron-core has no {cfg.family} mixer (Mamba-2 and Nemotron-H-style hybrids only): "
+                          f"cannot export a {cfg.family} model to Megatron-LM; keep it in our format or HF")
+    if set(cfg.pattern) - set("M*-") or cfg.mamba_norm != "gated" or cfg.multipliers or cfg.ssm_multipliers:
+        raise ConfigError(f"pattern {cfg.pattern!r} / this model's variants have no megatron-core layers")
+    if "*" in cfg.pattern:
+        if cfg.num_kv_heads % tp:
+            raise ConfigError(f"megatron-core splits attention by query group: {cfg.num_kv_heads} kv heads at TP {tp} "
+                              f"cannot be represented")
+        if cfg.attention_bias or cfg.rope_theta is not None:
+            raise ConfigError("attention with biases or rotary embeddings is not exported (Nemotron-H has neither)")
+    if "-" in cfg.pattern and (cfg.mlp_kind != RELU2 or cfg.mlp_bias):
+        raise ConfigError(f"MLP kind {cfg.mlp_kind!r} (bias {cfg.mlp_bias}) is not exported; squared ReLU only")
     if cfg.n_groups % tp:
         raise ConfigError(f"megatron-core needs n_groups % tp == 0 (MambaMixer asserts it); n_groups "
                           f"{cfg.n_groups} at TP {tp} cannot be represented: export at a TP degree dividing "
                           f"{cfg.n_groups}, or run it here, where n_groups < tp is supported")
-    if cfg.use_bias:
+    if cfg.use_bias or cfg.out_proj_bias:
         raise ConfigError("megatron-core's MambaMixer has no in_proj/out_proj bias (it asserts bias=False)")
     if not math.isclose(cfg.norm_eps, 1e-5):
         raise ConfigError(f"norm eps {cfg.norm_eps}: megatron-core's gated norm always uses 1e-5")
@@ -606,7 +680,11 @@ class MegatronLMCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         if self.format.endswith("torch_dist"):
             full = torch.cat([self._read_dist(k) for k in self._dist_parts[name]])
+            if name.endswith(QKV):
+                return deinterleave_qkv(full, self.config)
             return full[: self.config.vocab_size] if name in ("embeddings.weight", "lm_head.weight") else full
+        if name.endswith(QKV):  # megatron-core's column split of its query-group-interleaved rows
+            return deinterleave_qkv(torch.cat([f.read(k) for f, k in self._where[name]]), self.config)
         return merge(name, [f.read(k) for f, k in self._where[name]], self.config)
 
     def close(self) -> None:
@@ -640,6 +718,23 @@ def padded_vocab(cfg: SSMConfig, tp: int) -> int:
     return cfg.padded_vocab_size(tp)
 
 
+def _packed_objects_planner():
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    class Planner(DefaultSavePlanner):
+        """Writes BytesIO values as they are, as megatron-core's planner does (its sharded objects
+        are already torch.save'd lists); the default planner would torch.save the BytesIO again."""
+
+        def transform_object(self, write_item, object):
+            return object if isinstance(object, io.BytesIO) else super().transform_object(write_item, object)
+
+    return Planner
+
+
+def _PackedObjectsPlanner():
+    return _packed_objects_planner()()
+
+
 class MegatronLMWriter(AtomicWriter):
     format = "megatron-lm"  # in our manifest (checksums) beside Megatron's files; Megatron ignores it
 
@@ -657,6 +752,24 @@ class MegatronLMWriter(AtomicWriter):
         self.padded = padded_vocab(cfg, tp)
         self.args = args_for(cfg, tp, self.padded, te=te, ckpt_format=ckpt_format)
 
+    def _name(self, ours: str, dist: bool = False) -> str:
+        return megatron_name(ours, te=self.te, conv=self.conv, dist=dist, pattern=self.cfg.pattern)
+
+    def _shard(self, name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank `rank`'s rows as megatron-core's parallel linears hold them: our partition rules,
+        except attention's qkv, which megatron-core interleaves by query group before its column split."""
+        if name.endswith(QKV):
+            return interleave_qkv(full, self.cfg).chunk(self.tp)[rank].contiguous()
+        return shard(name, full, self.cfg, self.tp, rank)
+
+    def _linear_modules(self) -> list[str]:
+        """megatron-core's parallel linears, whose (empty) extra state its loaders expect."""
+        per_kind = {"M": ("mixer.in_proj", "mixer.out_proj"),
+                    "*": ("self_attention.linear_qkv", "self_attention.linear_proj"),
+                    "-": ("mlp.linear_fc1", "mlp.linear_fc2")}
+        mods = [f"decoder.layers.{i}.{m}" for i, k in enumerate(self.cfg.pattern) for m in per_kind[k]]
+        return mods + ([] if self.cfg.tie_word_embeddings else ["output_layer"])
+
     def _full_spec(self, s: TensorSpec) -> TensorSpec:
         if s.name in ("embeddings.weight", "lm_head.weight"):
             return TensorSpec(s.name, (self.padded,) + s.shape[1:], s.dtype)
@@ -669,10 +782,9 @@ class MegatronLMWriter(AtomicWriter):
         header = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0}
         if self.fmt == "torch":
             self._writers = []
-            extra = [f"decoder.layers.{i}.mixer.{m}._extra_state" for i in range(self.cfg.num_layers)
-                     for m in ("in_proj", "out_proj")] if self.te else []
+            extra = [f"{m}._extra_state" for m in self._linear_modules()] if self.te else []
             for r in range(self.tp):
-                specs = [TensorSpec(megatron_name(s.name, te=self.te, conv=self.conv),
+                specs = [TensorSpec(self._name(s.name),
                                     shard_shape(s.name, self._full_spec(s).shape, self.cfg, self.tp, r), s.dtype)
                          for s in self.specs]
                 path = self.dir / f"mp_rank_{r:02d}" / RANK_FILE
@@ -687,8 +799,7 @@ class MegatronLMWriter(AtomicWriter):
             self._staged: dict[str, torch.Tensor | io.BytesIO] = {}
             # megatron-core saves every parallel linear's (empty, for local ones) extra state as a
             # sharded object, and a strict load asks for it: write what an unused one holds.
-            for m in [f"decoder.layers.{i}.mixer.{p}" for i in range(self.cfg.num_layers) for p in ("in_proj", "out_proj")] \
-                    + ([] if self.cfg.tie_word_embeddings else ["output_layer"]):
+            for m in self._linear_modules():
                 buf = io.BytesIO()
                 torch.save([None], buf)
                 buf.seek(0)
@@ -702,9 +813,11 @@ class MegatronLMWriter(AtomicWriter):
     def write(self, name: str, full: torch.Tensor) -> None:
         if self.fmt == "torch":
             for r, w in enumerate(self._writers):
-                w.write(megatron_name(name, te=self.te, conv=self.conv), shard(name, full, self.cfg, self.tp, r))
+                w.write(self._name(name), self._shard(name, full, r))
             return
-        key = megatron_name(name, te=self.te, dist=True)
+        key = self._name(name, dist=True)
+        if name.endswith(QKV):
+            full = interleave_qkv(full, self.cfg)
         if name in ("embeddings.weight", "lm_head.weight") and full.shape[0] < self.padded:
             full = torch.cat([full, full.new_zeros(self.padded - full.shape[0], *full.shape[1:])])
         local = re.sub(r"^layers\.\d+\.", "", name)
@@ -735,7 +848,7 @@ class MegatronLMWriter(AtomicWriter):
             from torch.distributed.checkpoint import FileSystemWriter
 
             dcp.save(self._staged, storage_writer=FileSystemWriter(str(self.dir), single_file_per_rank=True),
-                     no_dist=True)
+                     planner=_PackedObjectsPlanner(), no_dist=True)
             self._staged.clear()
             shutil.rmtree(self._stage)
         (self.tmp / TRACKER).write_text("release")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ..config import SHARED_BLOCK, ZAMBA, ZAMBA2
+from ..config import SHARED_BLOCK, ZAMBA
 from .partition import KV_HEADS, SPLIT, Packed, Rule
 
 Parts = list[tuple[str, int | None]]
@@ -35,7 +35,7 @@ def first_user(cfg, block: int) -> int:
 
 def zamba_tensors(cfg) -> list[str]:
     """Every tensor of a Zamba / Zamba2 model in our names, in checkpoint order."""
-    I, bias = cfg.intermediate_size, cfg.use_bias
+    bias = cfg.use_bias
     if cfg.family == ZAMBA:
         mixer = ["in_proj.weight", "conv1d.weight", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D",
                  "out_proj.weight"] + (["in_proj.bias", "out_proj.bias"] if bias else [])
@@ -44,7 +44,6 @@ def zamba_tensors(cfg) -> list[str]:
             (["in_proj.bias", "out_proj.bias"] if bias else [])
     if cfg.use_conv_bias:
         mixer.append("conv1d.bias")
-    del I
     names = ["embeddings.weight", "norm_f.weight"]
     mlp_bias = ["mlp.gate_up_proj.bias", "mlp.down_proj.bias"] if cfg.mlp_bias else []
     for b in range(cfg.shared_blocks):
@@ -216,4 +215,4 @@ def zamba_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 
 __all__ = ["zamba_tensors", "zamba_hf_parts", "zamba_rule", "zamba_shapes", "hybrid_layers", "block_of",
-           "first_user", "ZAMBA2"]
+           "first_user"]

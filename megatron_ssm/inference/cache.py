@@ -23,12 +23,16 @@ def _as_spec(shape) -> dict:
 
 
 class StateCache:
-    def __init__(self, shapes: list, slots: int, *, dtype: torch.dtype, device: torch.device):
+    def __init__(self, shapes: list, slots: int, *, dtype: torch.dtype, device: torch.device,
+                 scratch: bool = False):
         """shapes: the model's `state_shapes(max_length)`, per block name -> (shape, dtype; None:
-        `dtype`)."""
+        `dtype`). scratch: one more row past the slots, `self.scratch`, where a graphed prefill
+        writes the states of its padding sequences (a graph writes a fixed number of rows; no
+        sequence ever reads that one)."""
         self.slots = slots
+        self.scratch = slots if scratch else None
         self.layers: list[dict[str, torch.Tensor]] = [
-            {name: torch.zeros(slots, *shape, dtype=dt or dtype, device=device)
+            {name: torch.zeros(slots + int(scratch), *shape, dtype=dt or dtype, device=device)
              for name, (shape, dt) in _as_spec(spec).items()}
             for spec in shapes]
 

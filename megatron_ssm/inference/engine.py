@@ -1,14 +1,21 @@
 """The inference engine: requests in, tokens out, one step at a time.
 
-A step either admits waiting requests into free state-cache slots and prefills them (same-length
-prompts together, long prompts in chunks, starting from a cached prefix state when one matches),
-or advances every running sequence by one token (replayed from a CUDA graph on GPU). Prefill can
+A step either admits waiting requests into free state-cache slots and prefills them, or advances
+every running sequence by one token (replayed from a CUDA graph on GPU). Fresh prompts of any
+lengths are packed end to end into few forwards (replayed from CUDA graphs on GPU); prompts that
+continue a cached prefix state, are scored, or are too long for one pack run in chunks, same-length
+prompts together. Prefill can
 also score prompts (`Request.prompt_logprobs`), vocab-parallel, in the same forwards. Running
 sequences always occupy slots [0, n_running): a sequence that finishes hands its slot to the last
 one, so decode works on a view of the cache and never copies states.
 
 Every TP rank runs an engine and must see the same calls in the same order (the server broadcasts
 them); all its decisions are functions of those calls, so the ranks stay in step.
+
+With a context-parallel group (cp.size > 1), a prompt of at least `context_parallel_min_tokens`
+tokens is prefilled split along the sequence over the CP ranks (`long_prefill.py`), one step of
+cp x prefill_chunk tokens at a time, alternating with the engine's other steps so that running
+requests keep decoding; every CP rank runs the same engine, and decode runs replicated on all.
 """
 from __future__ import annotations
 
@@ -20,11 +27,31 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.lm import LayerState, MambaLM
+from ..parallel import NO_CP, CPContext
 from .cache import StateCache
+from .long_prefill import LongPrefill
 from .prefix_cache import PrefixStateCache, prefix_keys
 from .sampling import SamplingParams, VocabShard, choose_tokens, vocab_parallel_logprob, vocab_parallel_topk
 
 log = logging.getLogger(__name__)
+
+
+HYBRID_DEFAULT_LENGTH = 1 << 16  # a hybrid's KV cache positions when max_sequence_length is None
+
+
+def plan_packs(lengths: list[int], max_tokens: int, max_seqs: int, fits=lambda lengths: True) -> list[list[int]]:
+    """Cut prompts (by length, in admission order) into packs: each pack takes the next prompt while
+    it stays within max_tokens and max_seqs and `fits` (a graphed pack: a bucket holds it). A prompt
+    alone always makes a pack. Returns each pack's indices into `lengths`."""
+    packs: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if packs:
+            grown = [lengths[j] for j in packs[-1]] + [n]
+            if len(grown) <= max_seqs and sum(grown) <= max_tokens and fits(grown):
+                packs[-1].append(i)
+                continue
+        packs.append([i])
+    return packs
 
 
 @dataclass
@@ -33,10 +60,20 @@ class EngineConfig:
     state_memory_bytes: int = 1 << 30  # budget for the state cache when max_batch is None
     prefill_chunk: int = 2048  # tokens per prefill forward (bounds activation memory)
     max_prefill_tokens: int = 8192  # prompt tokens admitted per step, so decode is not starved
-    max_sequence_length: int = 1 << 16  # prompt + generated tokens; for hybrids also the KV cache's length
+    # prompt + generated tokens. None: unbounded for a pure SSM (its state does not grow with the
+    # context); a hybrid's attention layers then get a KV cache of HYBRID_DEFAULT_LENGTH positions.
+    max_sequence_length: int | None = None
+    pack_tokens: int = 8192  # most prompt tokens one packed prefill forward takes (0: never pack)
+    # Most sequences in one graphed packed prefill (0: packs run eagerly). A graph holds the states of
+    # that many sequences in its memory pool (mamba2-2.7b: 170 MB each).
+    graph_prefill_seqs: int = 16
     prefix_block: int = 256  # prefix states are saved every this many tokens
     prefix_cache_bytes: int = 0  # 0 disables prefix state reuse
-    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
+    cuda_graphs: bool = True  # replay decode steps and packed prefills from CUDA graphs (GPU only)
+    # With a context-parallel group: prompts from this many tokens are prefilled split over it. A
+    # default, not a measurement: where the split starts to pay must be measured on multi-GPU
+    # machines (issue #16; tools/gpu_sweep.sh SWEEP=cp).
+    context_parallel_min_tokens: int = 8192
 
 
 @dataclass
@@ -80,21 +117,34 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, model: MambaLM, config: EngineConfig | None = None):
+    def __init__(self, model: MambaLM, config: EngineConfig | None = None, cp: CPContext | None = None):
+        """cp: the context-parallel group long prompts are prefilled over (None: no CP)."""
         self.model = model
+        self.cp = cp or NO_CP
+        self.long: LongPrefill | None = None  # the context-parallel prefill under way, if any
+        self._long_turn = False  # whether the next step is the long prefill's
         self.config = cfg = config or EngineConfig()
         self.device = model.embeddings.weight.device
-        self.has_kv = model.cfg.has_attention
-        shapes = model.state_shapes(cfg.max_sequence_length)
+        self.has_kv = getattr(model.cfg, "has_attention", False)
+        # the context bound: the configured one; a hybrid's KV cache needs one even when none is set
+        self.max_length = cfg.max_sequence_length
+        if self.max_length is None and self.has_kv:
+            self.max_length = HYBRID_DEFAULT_LENGTH
+        shapes = model.state_shapes(self.max_length) if self.has_kv else model.state_shapes()
         self.bytes_per_sequence = StateCache.bytes_per_sequence(shapes, model.dtype)
         slots = cfg.max_batch or max(1, cfg.state_memory_bytes // self.bytes_per_sequence)
-        self.cache = StateCache(shapes, slots, dtype=model.dtype, device=self.device)
+        graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        self.cache = StateCache(shapes, slots, dtype=model.dtype, device=self.device, scratch=graphs and self.packs)
         self.prefix = PrefixStateCache(cfg.prefix_block, cfg.prefix_cache_bytes)
-        self.graphed = None
-        if cfg.cuda_graphs and self.device.type == "cuda":
-            from .cuda_graphs import GraphedDecode
+        self.graphed = self.graphed_prefill = None
+        if graphs:
+            from .cuda_graphs import PREFILL_SEQ_BUCKETS, PREFILL_TOKEN_BUCKETS, GraphedDecode, GraphedPrefill
 
             self.graphed = GraphedDecode(model, self.cache)
+            tokens = [t for t in PREFILL_TOKEN_BUCKETS if t <= self._pack_limit()]
+            seqs = [s for s in PREFILL_SEQ_BUCKETS if s < cfg.graph_prefill_seqs] + [cfg.graph_prefill_seqs]
+            if self.packs and tokens and cfg.graph_prefill_seqs > 0:
+                self.graphed_prefill = GraphedPrefill(model, self.cache, tokens, seqs)
         self.shard = VocabShard(model.vocab_start, model.cfg.vocab_size, model.tp)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # running[i] occupies slot i
@@ -122,10 +172,11 @@ class Engine:
             raise ValueError("n > 1 needs new tokens (max_new_tokens >= 1)")
         if req.top_logprobs < 0:
             raise ValueError(f"top_logprobs must be >= 0, got {req.top_logprobs}")
-        if len(req.prompt) + req.max_new_tokens > self.config.max_sequence_length:
+        limit = self.max_length
+        if limit is not None and len(req.prompt) + req.max_new_tokens > limit:
             kv = " (the length of the attention layers' KV cache)" if self.has_kv else ""
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds "
-                             f"the context budget of {self.config.max_sequence_length} tokens{kv}")
+                             f"the context budget of {limit} tokens{kv}")
         req.sampling.validate()
 
     def add_request(self, req: Request) -> int:
@@ -150,14 +201,17 @@ class Engine:
             if seq.id == request_id:
                 self._release(seq)
                 return True
+        if self.long is not None and self.long.seq.id <= request_id < self.long.seq.id + self.long.seq.req.n:
+            self.long = None
+            return True
         return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.long)
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + (self.long is not None)
 
     @property
     def num_waiting(self) -> int:
@@ -168,7 +222,12 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenOutput]:
         """Prefill newly admitted requests (giving their first tokens) if any were admitted;
-        otherwise advance every running sequence by one token."""
+        otherwise advance every running sequence by one token. A context-parallel prefill under
+        way takes every other step (every step when nothing else runs)."""
+        if self.long is not None and (self._long_turn or not self.running):
+            self._long_turn = False
+            return self._advance_long()
+        self._long_turn = True
         # After a prefill, sequences that are already generating get a decode step before the next
         # admission, so a queue of long prompts cannot hold them back for good.
         if self._prefilled_last and self.running:
@@ -186,17 +245,73 @@ class Engine:
         budget = self.config.max_prefill_tokens
         admitted = []
         forks = 0  # slots that admitted requests' forks will take once prefilled
-        while self.waiting and len(self.running) + forks + self.waiting[0].req.n <= self.cache.slots:
-            n = len(self.waiting[0].req.prompt)
+        # slots held for the context-parallel prefill under way (its sequence and its forks)
+        reserved = self.long.seq.req.n if self.long is not None else 0
+        i = 0  # waiting[:i]: long prompts waiting for the context-parallel prefill under way
+        while i < len(self.waiting) and len(self.running) + reserved + forks + self.waiting[i].req.n <= self.cache.slots:
+            seq = self.waiting[i]
+            if self._context_parallel(seq):
+                if self.long is None:  # its slot (the cache's last) stays reserved until it joins `running`
+                    del self.waiting[i]
+                    self.long = LongPrefill.start(seq, self.cache, self.prefix)
+                    reserved = seq.req.n
+                else:  # one at a time; shorter prompts behind it go ahead
+                    i += 1
+                continue
+            n = len(seq.req.prompt)
             if admitted and n > budget:
                 break
-            seq = self.waiting.popleft()
+            del self.waiting[i]
             seq.slot = len(self.running)
             self.running.append(seq)
             admitted.append(seq)
             forks += seq.req.n - 1
             budget -= n
         return admitted
+
+    def _context_parallel(self, seq: _Sequence) -> bool:
+        """Whether seq's prompt is prefilled split over the CP group. Prompt scoring needs every
+        position's logits, which the split path does not gather: such requests take the plain one."""
+        return (self.cp.size > 1 and self.model.supports_context_parallel and not seq.req.prompt_logprobs
+                and len(seq.req.prompt) >= max(self.config.context_parallel_min_tokens, 1))
+
+    def _advance_long(self) -> list[TokenOutput]:
+        """One step of the context-parallel prefill; when the prompt is done, its sequence joins
+        the running batch (in the slot after the running ones), forks if it asked for n > 1, and
+        gets its first token(s)."""
+        job = self.long
+        chunk = max(1, min(self.config.prefill_chunk, self.model.max_tokens_per_forward()))
+        logits = job.advance(self.model, self.cp, chunk, self.prefix)
+        if not job.done:
+            return []
+        self.long = None
+        seq = job.seq
+        seq.slot = len(self.running)
+        self.running.append(seq)
+        if seq.slot != job.slot:
+            self.cache.copy_slot(job.slot, seq.slot, len(seq.req.prompt))
+        forks, rows = self._fork([seq])
+        if forks:
+            logits = logits[[0] + rows]
+        return self._emit([seq] + forks, logits)
+
+    @property
+    def packs(self) -> bool:
+        """Whether fresh prompts are prefilled packed (every layer kind of the model restarts at
+        packed sequence boundaries)."""
+        return getattr(self.model, "packs_sequences", False) and self.config.pack_tokens > 0
+
+    def _packable(self, seq: _Sequence) -> bool:
+        """A prompt prefilled in a pack: from a zero state, in one forward, with only its last
+        logits needed and no prefix state to save on the way."""
+        n = len(seq.req.prompt)
+        return (self.packs and not seq.req.prompt_logprobs and n <= self._pack_limit()
+                and (not self.prefix.enabled or n - 1 < self.config.prefix_block))
+
+    def _pack_limit(self) -> int:
+        """Most tokens in one packed forward: the configured pack size, within the kernels' 32-bit
+        activation offsets."""
+        return min(self.config.pack_tokens, self.model.max_tokens_per_forward())
 
     def _fork(self, group: list[_Sequence]) -> tuple[list[_Sequence], list[int]]:
         """Copy each prefilled sequence's state into a new slot per extra fork (request n > 1).
@@ -208,21 +323,21 @@ class Engine:
                 if seq.generator is not None:
                     gen = torch.Generator(device=self.device).manual_seed(seq.req.sampling.seed + i)
                 child = _Sequence(seq.id + i, seq.req, gen, slot=len(self.running), arrived=seq.arrived)
-                self._copy_slot(seq.slot, child.slot)
+                self.cache.copy_slot(seq.slot, child.slot, self._kv_bound([seq]))  # SSM states and KV rows
                 self.running.append(child)
                 forks.append(child)
                 rows.append(row)
         return forks, rows
 
-    def _copy_slot(self, src: int, dst: int) -> None:
-        for c, s in zip(self.cache.conv, self.cache.ssm):
-            c[dst].copy_(c[src])
-            s[dst].copy_(s[src])
-
     def _prefill(self, seqs: list[_Sequence]) -> list[TokenOutput]:
-        """Prefill admitted sequences, grouped so each forward runs equal-length token blocks."""
+        """Prefill admitted sequences: fresh prompts packed, the rest grouped so each forward runs
+        equal-length token blocks."""
+        packed = [s for s in seqs if self._packable(s)]
+        outputs = self._prefill_packed(packed) if packed else []
         groups: dict[tuple[int, int], list[_Sequence]] = {}
         for seq in seqs:
+            if packed and seq in packed:
+                continue
             # Prompt log-probs need the logits of every prompt position, which a cached prefix state
             # skips: such requests never start from one (they still save the states they pass).
             start, saved = (0, None) if seq.req.prompt_logprobs else self.prefix.lookup(seq.req.prompt)
@@ -230,7 +345,6 @@ class Engine:
             if saved is not None:
                 self.cache.load(seq.slot, saved)
             groups.setdefault((len(seq.req.prompt), start), []).append(seq)
-        outputs = []
         for (length, start), group in groups.items():
             # Requests admitted together sit in consecutive slots: prefill those in place (a view of
             # the cache); only a group scattered over the cache is gathered and written back.
@@ -250,6 +364,42 @@ class Engine:
                 logits = logits[list(range(len(group))) + rows]
             outputs += self._emit(group + forks, logits, dict(zip(score, scored)), dict(zip(score, scored_top)))
         return outputs
+
+    def _prefill_packed(self, seqs: list[_Sequence]) -> list[TokenOutput]:
+        """Fresh prompts end to end in as few forwards as the pack limits allow, each replayed from a
+        CUDA graph where one fits (else eager). Their states are written whole: no reset needed."""
+        graphed = self.graphed_prefill
+        lengths = [len(s.req.prompt) for s in seqs]
+        if graphed:
+            groups = plan_packs(lengths, graphed.max_tokens, graphed.max_seqs, lambda p: graphed.shape_for(p) is not None)
+        else:
+            groups = plan_packs(lengths, self._pack_limit(), len(seqs))
+        logits = []
+        for pack in ([seqs[i] for i in group] for group in groups):
+            lengths = [len(s.req.prompt) for s in pack]
+            tokens = [t for s in pack for t in s.req.prompt]
+            out = graphed(tokens, lengths, [s.slot for s in pack]) if graphed else None
+            if out is None:
+                out = self._prefill_pack_eager(pack, tokens, lengths)
+            logits.append(out)
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        forks, rows = self._fork(seqs)
+        if forks:
+            logits = logits[list(range(len(seqs))) + rows]
+        return self._emit(seqs + forks, logits)
+
+    def _prefill_pack_eager(self, pack: list[_Sequence], tokens: list[int], lengths: list[int]) -> torch.Tensor:
+        from ..ops.varlen import cu_seqlens_of
+
+        first = pack[0].slot
+        contiguous = [s.slot for s in pack] == list(range(first, first + len(pack)))
+        slots = None if contiguous else torch.tensor([s.slot for s in pack], device=self.device)
+        states = self.cache.rows(first, first + len(pack)) if contiguous else self.cache.gather(slots)
+        ids = torch.tensor(tokens, device=self.device).view(1, -1)
+        logits = self.model(ids, states, last_only=True, cu_seqlens=cu_seqlens_of(lengths, self.device))[:, -1]
+        if not contiguous:
+            self.cache.scatter(slots, states)
+        return logits
 
     def _prefill_tokens(self, tokens: torch.Tensor, start: int, states: list[LayerState], prompts: list[list[int]],
                         score: list[int], top: int = 0) -> tuple[torch.Tensor, list[list[float]], list[list]]:
@@ -301,7 +451,10 @@ class Engine:
 
     def _decode(self, n: int) -> list[TokenOutput]:
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
-        logits = self.graphed(tokens, n) if self.graphed is not None else None
+        # A graph steps every row of its bucket, [0, bucket): one reaching the slot of a context-parallel
+        # prefill under way would advance that prompt's half-built states, so such steps run eagerly.
+        graphed = self.graphed is not None and (self.long is None or (self.graphed.bucket(n) or 0) <= self.long.slot)
+        logits = self.graphed(tokens, n) if graphed else None
         if logits is None:
             logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running)))[:, -1]
         return self._emit(list(self.running), logits)

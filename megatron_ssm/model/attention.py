@@ -77,10 +77,12 @@ class Attention(Mixer):
         return {"k": (kv, None), "v": (kv, None), "length": ((), torch.int64)}
 
     def start(self, hidden: torch.Tensor, state=None, out_scale: float = 1.0,
-              qkv_delta: torch.Tensor | None = None) -> PendingOutput:
+              qkv_delta: torch.Tensor | None = None, cp=None) -> PendingOutput:
         """hidden [b, L, hidden]. `state` (a LayerState with k, v, length) holds the sequences'
         earlier positions: the new keys/values are written after them and `length` advances; None
-        attends within `hidden` alone and keeps nothing."""
+        attends within `hidden` alone and keeps nothing. cp (a ContextParallelSpans): hidden is this
+        rank's span of a range split over the CP group; every span's keys/values are gathered, so
+        each rank's queries see the earlier spans and every rank's cache holds the whole range."""
         b, L, _ = hidden.shape
         d = self.head_dim
         if self.input_scale != 1.0:
@@ -94,11 +96,13 @@ class Attention(Mixer):
         v = v.view(b, L, self.kv_heads, d)
         if self.key_scale != 1.0:
             k = k * self.key_scale
-        steps = torch.arange(L, device=hidden.device)
+        steps = torch.arange(L, device=hidden.device) + (0 if cp is None else cp.start)
         positions = steps.expand(b, L) if state is None else state.length[:, None] + steps
         if self.cfg.rope_theta is not None:
             q = rotate(q, positions, self.cfg.rope_theta, self.rotary_dim)
             k = rotate(k, positions, self.cfg.rope_theta, self.rotary_dim)
+        if cp is not None:
+            return self.o_proj.start(self._context_parallel(q, k, v, positions, state, cp), out_scale)
         gqa = self.heads != self.kv_heads
         if state is None or state.filled == 0:
             if state is not None:
@@ -116,7 +120,11 @@ class Attention(Mixer):
                                                  state.v[:, :end].transpose(1, 2), attn_mask=causal_lower_right(L, end),
                                                  enable_gqa=gqa, scale=self.softmax_scale)
         else:
-            where = positions[:, :, None, None].expand(b, L, self.kv_heads, d)
+            # Rows a CUDA graph runs past the live sequences (free slots) keep advancing their length;
+            # clamping keeps their writes inside the cache. A live row never reaches the end: the
+            # engine admits prompt + new <= capacity, and the last generated token is never fed.
+            last = state.k.shape[1] - 1
+            where = positions.clamp(max=last)[:, :, None, None].expand(b, L, self.kv_heads, d)
             state.k.scatter_(1, where, k.to(state.k.dtype))
             state.v.scatter_(1, where, v.to(state.v.dtype))
             state.length += L
@@ -125,3 +133,25 @@ class Attention(Mixer):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
                                                  attn_mask=visible[:, None], enable_gqa=gqa, scale=self.softmax_scale)
         return self.o_proj.start(out.transpose(1, 2).reshape(b, L, self.heads * d), out_scale)
+
+    def _context_parallel(self, q, k, v, positions, state, cp) -> torch.Tensor:
+        """Attention of this span's queries (at `positions`) over the cached positions and every span
+        of the range up to each query; returns [b, L, heads * head_dim]."""
+        b, L = q.shape[:2]
+        k_all, v_all = cp.gather_positions(k), cp.gather_positions(v)  # [b, n, kv heads, d], the range
+        n = k_all.shape[1]
+        if state is None:
+            keys, values = k_all, v_all
+            visible = torch.arange(n, device=q.device) <= positions[:, :, None]
+        else:
+            where = (state.length[:, None] + torch.arange(n, device=q.device))[:, :, None, None]
+            where = where.expand(b, n, self.kv_heads, self.head_dim)
+            state.k.scatter_(1, where, k_all.to(state.k.dtype))
+            state.v.scatter_(1, where, v_all.to(state.v.dtype))
+            state.length += n
+            keys, values = state.k, state.v
+            visible = torch.arange(keys.shape[1], device=q.device) <= positions[:, :, None]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=visible[:, None], enable_gqa=self.heads != self.kv_heads,
+                                             scale=self.softmax_scale)
+        return out.transpose(1, 2).reshape(b, L, self.heads * self.head_dim)

@@ -2,10 +2,14 @@
 
 Every block has the same surface, which is all the model and the engine use:
 
-- `start(stream, delta, state) -> (stream, pending)`: stream + delta is the block's input (delta
-  None: the stream alone). The previous block's output is added to the stream inside this block's
-  norm kernel, so the stream is read and written once per block. `pending.wait()` gives this
-  block's output, whose all-reduce may still be in flight (prefill overlaps it).
+- `start(stream, delta, state, cu_seqlens=None, cp=None) -> (stream, pending)`: stream + delta is
+  the block's input (delta None: the stream alone). The previous block's output is added to the
+  stream inside this block's norm kernel, so the stream is read and written once per block.
+  `pending.wait()` gives this block's output, whose all-reduce may still be in flight (prefill
+  overlaps it). cu_seqlens: the stream packs several sequences end to end (ops/varlen.py); only
+  kinds with `packs = True` take it (attention has no varlen path yet: the engine then never packs).
+  cp: a ContextParallelSpans, the stream is this rank's span of a range split over the
+  context-parallel group (context_parallel.py).
 - `state_shapes(max_length)`: the per-sequence state on this rank, name -> (shape, dtype; None
   for the model's dtype). The names are LayerState's fields; an empty dict means stateless.
 
@@ -56,6 +60,7 @@ class LayerState:
 
 class Block(nn.Module):
     kind = "?"
+    packs = False  # takes packed sequences (cu_seqlens)
 
     def __init__(self, cfg: SSMConfig, *, dtype, device):
         super().__init__()
@@ -79,15 +84,20 @@ class MambaBlock(Block):
     """`M`: a Mamba-1 or Mamba-2 mixer."""
 
     kind = "M"
+    packs = True  # conv1d and the scans restart at each packed sequence
 
     def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
         super().__init__(cfg, dtype=dtype, device=device)
         self.mixer = mixer
 
-    def start(self, stream, delta, state: LayerState | None) -> tuple[torch.Tensor, PendingOutput]:
+    def start(self, stream, delta, state: LayerState | None, cu_seqlens=None,
+              cp=None) -> tuple[torch.Tensor, PendingOutput]:
         normed, stream = self.enter(stream, delta)
-        states = (state.conv, state.ssm) if state is not None else ()
-        return stream, self.mixer.start(normed, *states)
+        conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
+        # only packed / context-parallel prefills pass these: mixers without those paths (Zamba's)
+        # keep their signature
+        packed = () if cu_seqlens is None else (cu_seqlens,)
+        return stream, self.mixer.start(normed, conv, ssm, *packed, **({} if cp is None else {"cp": cp}))
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return _mamba_shapes(self.mixer)
@@ -102,9 +112,10 @@ class AttentionBlock(Block):
         super().__init__(cfg, dtype=dtype, device=device)
         self.mixer = mixer
 
-    def start(self, stream, delta, state: LayerState | None):
+    def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
+        _refuse_packed(self, cu_seqlens)
         normed, stream = self.enter(stream, delta)
-        return stream, self.mixer.start(normed, state)
+        return stream, self.mixer.start(normed, state, cp=cp)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return self.mixer.state_shapes(max_length)
@@ -114,13 +125,14 @@ class MLPBlock(Block):
     """`-`: a stateless MLP."""
 
     kind = "-"
+    packs = True  # position-wise
 
     def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
         super().__init__(cfg, dtype=dtype, device=device)
         self.mixer = mixer
 
-    def start(self, stream, delta, state: LayerState | None = None):
-        normed, stream = self.enter(stream, delta)
+    def start(self, stream, delta, state: LayerState | None = None, cu_seqlens=None, cp=None):
+        normed, stream = self.enter(stream, delta)  # per token: packed or a CP span runs as it is
         return stream, self.mixer.start(normed)
 
 
@@ -138,12 +150,19 @@ class ParallelBlock(Block):
         self.mixer_scale = cfg.multiplier("ssm_out")
         self.attention_scale = cfg.multiplier("attention_out")
 
-    def start(self, stream, delta, state: LayerState | None):
+    def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
+        _refuse_packed(self, cu_seqlens)
         normed, stream = self.enter(stream, delta)
-        mixed = self.mixer.start(normed, *((state.conv, state.ssm) if state is not None else ()))
+        conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
+        mixed = self.mixer.start(normed, conv, ssm, cp=cp)
         mixed.scale *= self.mixer_scale
-        attended = self.attention.start(normed, state, self.attention_scale)
+        attended = self.attention.start(normed, state, self.attention_scale, cp=cp)
         return stream, SummedOutput(mixed, attended)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return {**_mamba_shapes(self.mixer), **self.attention.state_shapes(max_length)}
+
+
+def _refuse_packed(block: Block, cu_seqlens) -> None:
+    if cu_seqlens is not None:
+        raise ValueError(f"a {type(block).__name__} ({block.kind!r}) cannot take packed sequences (cu_seqlens)")

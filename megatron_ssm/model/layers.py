@@ -1,8 +1,15 @@
 """Megatron-core's parallel layers with an inference forward and one pluggable reduction.
 
 megatron-core lays the weights out (shapes per rank, partition attributes, sharded state dicts); we
-keep its modules but run a plain `F.linear` forward: no autograd functions, no async-grad paths, and
-every row-parallel output reduced through the one `AllReduce` chosen at construction.
+keep its modules but run a plain `F.linear` forward: no async-grad paths, and every row-parallel
+output reduced through the one `AllReduce` chosen at construction.
+
+When gradients flow (`differentiable(param)`: grad mode on and the weights trainable, as in
+Megatron's training loop through `megatron_ssm.megatron`), the collectives become megatron-core's
+differentiable mappings instead: a column-parallel input is copied into the TP region (its gradient
+all-reduced), a row-parallel output reduced with an identity backward when what follows is
+replicated, and with an all-reduced backward (`all_reduce_with_grad`) when each rank goes on with its
+own channels (Mamba-1's x_proj output, Mamba-2's norm statistics across ranks).
 """
 from __future__ import annotations
 
@@ -22,6 +29,25 @@ def _no_init(weight: torch.Tensor) -> None:
     """Weights come from checkpoints: nothing to initialise."""
 
 
+def differentiable(param: torch.Tensor) -> bool:
+    """True while a backward will run through this layer (training), so collectives must have one."""
+    return torch.is_grad_enabled() and param.requires_grad
+
+
+def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Sum over the TP group whose backward sums the gradients too: for a sum that every rank then
+    uses differently (on its own channels), each rank's gradient is one part of the total."""
+    import torch.distributed.nn.functional as dist_fn
+
+    return dist_fn.all_reduce(x, group=group)
+
+
+def mark_tensor_parallel(param: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The attributes megatron-core's optimizer and grad clipping read on a parameter split over TP."""
+    tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+    return param
+
+
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """Output features split across ranks; input replicated. Returns this rank's slice."""
 
@@ -30,30 +56,48 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
                          gather_output=False, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.tp_size > 1 and differentiable(self.weight):
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         return F.linear(x, self.weight, self.bias)
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp_group.size() if getattr(self, "tp_group", None) is not None else 1
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """Input features split across ranks; partial outputs summed by `allreduce` over the TP group."""
 
     def __init__(self, input_size: int, output_size: int, *, config, bias: bool, tp: TPContext,
-                 allreduce: AllReduceFn | None = None):
+                 allreduce: AllReduceFn | None = None, replicated_output: bool = True):
+        """replicated_output: what follows runs the same on every rank (out_proj); False when each
+        rank uses the sum on its own channels (Mamba-1's x_proj), which changes only the backward."""
         super().__init__(input_size, output_size, config=config, init_method=_no_init, bias=bias,
                          input_is_parallel=True, skip_bias_add=False)
         self.tp = tp
         self.allreduce = allreduce or ExactAllReduce()
+        self.replicated_output = replicated_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y = F.linear(x, self.weight)
         if self.tp.size > 1:
-            y = self.allreduce(y, self.tp.group)
+            y = self._reduce_with_grad(y) if differentiable(self.weight) else self.allreduce(y, self.tp.group)
         return y if self.bias is None else y + self.bias
+
+    def _reduce_with_grad(self, y: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return y
+        if self.replicated_output:
+            return tensor_parallel.reduce_from_tensor_model_parallel_region(y, group=self.tp.group)
+        return all_reduce_with_grad(y, self.tp.group)
 
     def start(self, x: torch.Tensor, scale: float = 1.0) -> PendingOutput:
         """forward, returning before the reduction completes (see PendingOutput). The reduction runs
         on the TP group's second communicator, so the synchronous collectives that the next
         micro-chunk issues on the first one do not queue behind it."""
         y = F.linear(x, self.weight)
+        if differentiable(self.weight):  # training: the differentiable reduction, nothing left in flight
+            return PendingOutput(PendingAllReduce(self._reduce_with_grad(y)), self.bias, scale)
         group = self.tp.overlap_group or self.tp.group
         pending = self.allreduce.start(y, group) if self.tp.size > 1 else PendingAllReduce(y)
         return PendingOutput(pending, self.bias, scale)
@@ -121,13 +165,16 @@ class CausalConv1d(nn.Module):
         self.bias = nn.Parameter(torch.empty(channels, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """x [b, L, C]. `state` [b, C, K-1] holds the inputs before x and is advanced in place;
-        None starts from zeros and keeps nothing."""
+        None starts from zeros and keeps nothing. With cu_seqlens, x [1, T, C] packs sequences that
+        each start from zeros, and `state` [nseq, C, K-1] receives each one's final state."""
         w = self.weight.squeeze(1)
-        if state is not None and x.shape[1] == 1:
+        if state is not None and x.shape[1] == 1 and cu_seqlens is None:
             return causal_conv1d_update(x[:, 0], state, w, self.bias).unsqueeze(1)
-        y, final = causal_conv1d(x, w, self.bias, initial_state=state)
+        packed = cu_seqlens is not None
+        y, final = causal_conv1d(x, w, self.bias, initial_state=None if packed else state, cu_seqlens=cu_seqlens)
         if state is not None:
             state.copy_(final)
         return y
@@ -141,16 +188,22 @@ class Mixer(nn.Module):
     """A mixer whose output ends in a row-parallel all-reduce. Subclasses define `start`, which
     returns while that all-reduce is in flight (so prefill can overlap it). hidden [b, L, hidden];
     states (if given) hold the context before `hidden` and are advanced in place; L == 1 with
-    states takes the single-step path."""
+    states takes the single-step path. With cu_seqlens (ops/varlen.py), hidden [1, T, hidden] packs
+    sequences that each start from zero states; the states [nseq, ...] then receive each sequence's
+    final state (what they held before is not read). cp (a ContextParallelSpans): hidden is this
+    rank's span of a range split over the context-parallel group."""
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+              cp=None) -> PendingOutput:
         raise NotImplementedError
 
 
 def decay_rates(mixer: nn.Module) -> torch.Tensor:
     """A = -exp(A_log) in fp32, kept until A_log changes (its in-place version counter moves, as a
     checkpoint load's copy_ does): recomputing it costs three kernel launches a layer a decode step."""
+    if differentiable(mixer.A_log):  # training: part of this forward's graph, never cached
+        return -torch.exp(mixer.A_log.float())
     version = mixer.A_log._version
     if getattr(mixer, "_decay_version", None) != version or mixer._decay.device != mixer.A_log.device:
         mixer._decay = -torch.exp(mixer.A_log.float())

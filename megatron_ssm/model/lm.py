@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from ..comm import OneShotAllReduce
 from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK, ZAMBA, SSMConfig
 from ..ops.dispatch import add_rms_norm
+from ..ops.varlen import last_positions
 from ..parallel import TPContext, megatron_config
 from .attention import Attention
 from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
+from .context_parallel import ContextParallelSpans
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
@@ -94,6 +96,12 @@ class MambaLM(nn.Module):
         ids = torch.arange(self.vocab_start, self.vocab_start + self.vocab_per_rank, device=device)
         self.register_buffer("vocab_padding", ids >= cfg.vocab_size, persistent=False)
 
+    @property
+    def supports_context_parallel(self) -> bool:
+        """Whether every block can run a span of a context-parallel forward (`cp`): all but Zamba's
+        (its shared blocks and its split Mamba mixer are not covered yet)."""
+        return self.cfg.family != ZAMBA and not self.shared_blocks
+
     # Kernels here and in mamba-ssm index activations with 32-bit offsets: keep every activation
     # of one forward (batch x tokens x widest row) under this many elements.
     max_activation_elements = 2**31 - 1
@@ -114,33 +122,64 @@ class MambaLM(nn.Module):
             raise ValueError("a model with attention layers needs max_length >= 1 for its KV cache")
         return [layer.state_shapes(max_length) for layer in self.layers]
 
+    @property
+    def packs_sequences(self) -> bool:
+        """Whether forward takes packed sequences (cu_seqlens): every block kind in the stack restarts
+        at packed sequence boundaries (Mamba and MLP blocks; attention has no varlen path yet, so a
+        hybrid's engine prefills unpacked)."""
+        return all(getattr(layer, "packs", False) for layer in self.layers)
+
     def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, cu_seqlens: torch.Tensor | None = None,
+                cp: ContextParallelSpans | None = None) -> torch.Tensor:
         """input_ids [b, L] -> this rank's logits [b, L, padded_vocab / tp] in fp32.
 
         `states` (one per layer, for these b sequences) hold the context before input_ids and are
         advanced in place; None runs the sequences from scratch and keeps nothing. `last_only`
-        computes logits for the last position only (prefill needs no others)."""
+        computes logits for the last position only (prefill needs no others).
+
+        Packed prompts: with cu_seqlens [nseq + 1] (ops/varlen.py), input_ids [1, T] holds nseq
+        sequences end to end, each starting from zero states; `states` [nseq rows] receive their
+        final states. The logits are then [1, T, V/tp], or [nseq, 1, V/tp] (each sequence's last
+        position) with last_only.
+
+        `cp`: input_ids are split along time over the context-parallel group, each rank running its
+        own span (every CP rank passes the same input_ids and gets the same logits and states back)."""
+        if cu_seqlens is not None and not self.packs_sequences:
+            raise ValueError("this model's layers cannot take packed sequences (cu_seqlens)")
+        if cu_seqlens is not None and cp is not None:
+            raise ValueError("a context-parallel forward takes one range of sequences, not packed ones")
+        if cp is not None:
+            input_ids = cp.local(input_ids)
         stream, delta = self.embeddings(input_ids), None
         if self.embedding_scale != 1.0:
             stream = stream * self.embedding_scale
         # Zamba's shared blocks read the token embeddings beside the hidden state at every use
         embeddings = stream if self.shared_blocks else None
-        parts = self._micro_chunks(input_ids.shape[1]) if states is not None and self._overlaps(input_ids) else []
+        parts = self._micro_chunks(input_ids.shape[1]) \
+            if states is not None and cu_seqlens is None and cp is None and self._overlaps(input_ids) else []
         if parts:
             stream, delta = self._overlapped_layers(stream, states, parts, embeddings)
         else:
             for i, layer in enumerate(self.layers):
-                stream, pending = _start(layer, stream, delta, None if states is None else states[i], embeddings)
+                stream, pending = _start(layer, stream, delta, None if states is None else states[i], embeddings,
+                                         cu_seqlens, cp)
                 delta = pending.wait()
-        if last_only:
+        if last_only and cu_seqlens is not None:
+            last = last_positions(cu_seqlens)
+            stream = stream[0].index_select(0, last).unsqueeze(1)
+            delta = None if delta is None else delta[0].index_select(0, last).unsqueeze(1)
+        elif last_only:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden.to(head.dtype), head).float()
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
-        return logits.masked_fill_(self.vocab_padding, float("-inf"))
+        logits = logits.masked_fill_(self.vocab_padding, float("-inf"))
+        if cp is not None:
+            logits = cp.last_logits(logits) if last_only else cp.gather_positions(logits)
+        return logits
 
     def _overlaps(self, input_ids: torch.Tensor) -> bool:
         return (self.tp.size > 1 and 0 < self.overlap_min_tokens <= input_ids.numel()
@@ -174,8 +213,16 @@ class MambaLM(nn.Module):
         return torch.cat(streams, dim=1), None if deltas is None else torch.cat(deltas, dim=1)
 
 
-def _start(layer, stream, delta, state, embeddings):
-    """layer.start, handing the token embeddings to the blocks that read them (Zamba's S)."""
+def _start(layer, stream, delta, state, embeddings, cu_seqlens=None, cp=None):
+    """layer.start, handing the token embeddings to the blocks that read them (Zamba's S), packed
+    sequences' boundaries to the blocks that take them (forward refuses a stack with others), and
+    the context-parallel spans to the blocks that take them (all but Zamba's S)."""
     if getattr(layer, "uses_embeddings", False):
+        if cp is not None:
+            raise NotImplementedError("context-parallel prefill does not cover Zamba's shared blocks yet")
         return layer.start(stream, delta, state, embeddings=embeddings)
+    if cp is not None:
+        return layer.start(stream, delta, state, cp=cp)
+    if cu_seqlens is not None:
+        return layer.start(stream, delta, state, cu_seqlens)
     return layer.start(stream, delta, state)

@@ -21,7 +21,7 @@ FAILED, BAD_CHECKSUM = 1, 2  # what a rank tells the others about its load
 
 def load_model(ckpt_dir: str | Path, tp: TPContext, dtype: torch.dtype | None = None,
                allreduce: AllReduceFn | None = None, verify: bool | None = None) -> MambaLM:
-    """This rank's model. Every rank of the TP group must call it: if any rank fails to load its
+    """This rank's model. Every rank of the world must call it: if any rank fails to load its
     shard, all of them raise (the failing one with its reason) instead of the others going on to
     wait for it in the first collective. Each rank verifies its own shard's checksum unless
     `verify` is False (default: on unless MEGATRON_SSM_NO_VERIFY=1); a mismatch is named on all."""
@@ -65,10 +65,15 @@ def _load(ckpt_dir, tp: TPContext, dtype, allreduce, verify: bool = True) -> Mam
 
 
 def _statuses(status: int, tp: TPContext) -> list[int]:
-    """Every rank's load status (0: loaded), from one all-reduce."""
-    if tp.size == 1 or not dist.is_initialized():
+    """Every TP rank's load status (0: loaded; the worst over its CP ranks), from one all-reduce over
+    the whole world, not the TP group: with context parallelism every CP rank loads its TP rank's
+    shard, and a CP group that went on while another failed would wait for it in the first CP
+    exchange."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return [status if r == tp.rank else 0 for r in range(tp.size)]
-    flags = torch.zeros(tp.size, device=tp.device)
-    flags[tp.rank] = float(status)
-    dist.all_reduce(flags, group=tp.group)
-    return [int(f) for f in flags.tolist()]
+    world = dist.get_world_size()
+    flags = torch.zeros(world, device=tp.device)
+    flags[dist.get_rank()] = float(status)
+    dist.all_reduce(flags)
+    # world rank = cp_rank * tp + tp_rank (megatron-core's tp-first order; see parallel.py)
+    return [int(max(flags[r::tp.size].tolist())) for r in range(tp.size)]

@@ -13,6 +13,7 @@ import torch.nn as nn
 from ..config import FALCON_MAMBA, SSMConfig
 from ..ops.dispatch import rms_norm, selective_scan, selective_state_update
 from ..parallel import TPContext
+from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
                      decay_rates, local_param)
 
@@ -30,7 +31,8 @@ class Mamba1Mixer(Mixer):
                                             bias=cfg.use_bias)
         self.conv1d = CausalConv1d(d, cfg.conv_kernel, cfg.use_conv_bias, **kw)
         self.x_proj = RowParallelLinear(cfg.intermediate_size, cfg.time_step_rank + 2 * cfg.state_size,
-                                        config=mp_config, bias=False, tp=tp, allreduce=allreduce)
+                                        config=mp_config, bias=False, tp=tp, allreduce=allreduce,
+                                        replicated_output=False)  # each rank uses (dt, B, C) on its channels
         self.dt_proj = nn.Linear(cfg.time_step_rank, d, bias=True, **kw).requires_grad_(False)
         self.A_log = local_param(d, cfg.state_size, **kw)
         self.D = local_param(d, **kw)
@@ -42,21 +44,28 @@ class Mamba1Mixer(Mixer):
         return (self.channels, self.cfg.conv_kernel - 1), (self.channels, self.cfg.state_size)
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+              cp: ContextParallelSpans | None = None) -> PendingOutput:
+        """cp: this forward's tokens are one span of a range split over the CP group (see
+        model/context_parallel.py); the states then hold the context before the whole range."""
         cfg = self.cfg
         x, z = self.in_proj(hidden).split(self.channels, dim=-1)
-        x = self.conv1d(x, conv_state)
+        x = self.conv1d(x, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, x, conv_state)
         dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         if cfg.family == FALCON_MAMBA:
             dt, B, C = (rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt, B, C))
         dt = dt @ self.dt_proj.weight.t()  # the bias is added in fp32 inside the scan
         A = decay_rates(self)
-        if ssm_state is not None and hidden.shape[1] == 1:
+        if ssm_state is not None and hidden.shape[1] == 1 and cu_seqlens is None and cp is None:
             y = selective_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0],
                                        dt_bias=self.dt_proj.bias).unsqueeze(1)
         else:
+            # Under CP only the first span starts from the real state; the others from zero, joined below.
             y, final = selective_scan(x, dt, A, B, C, self.D, z, dt_bias=self.dt_proj.bias,
-                                      initial_state=ssm_state)
-            if ssm_state is not None:
+                                      initial_state=None if cu_seqlens is not None or (cp is not None and not cp.is_first)
+                                      else ssm_state, cu_seqlens=cu_seqlens)
+            if cp is not None:
+                y = cp.join_selective_scan(y, final, z, dt, A, C, self.dt_proj.bias, ssm_state)
+            elif ssm_state is not None:
                 ssm_state.copy_(final)
         return self.out_proj.start(y)

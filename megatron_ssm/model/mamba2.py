@@ -22,7 +22,9 @@ from ..comm import ExactAllReduce
 from ..config import SSMConfig
 from ..ops.dispatch import gated_rms_norm, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
+from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
+                     all_reduce_with_grad, differentiable,
                      decay_rates, local_param)
 
 
@@ -80,11 +82,17 @@ class Mamba2Mixer(Mixer):
         # Columns padded to a multiple of 4 fp32 (16 bytes), which the one-shot kernel needs.
         slots = local.new_zeros(*local.shape[:-1], -(-self.cfg.n_groups // 4) * 4)
         slots[..., self.shared_group] = local[..., 0]
-        slots = self.small_allreduce(slots, self.tp.group)
+        if differentiable(self.A_log):  # training: every rank's part of the gradient counts
+            slots = all_reduce_with_grad(slots, self.tp.group)
+        else:
+            slots = self.small_allreduce(slots, self.tp.group)
         return slots[..., self.shared_group:self.shared_group + 1]
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+              cp: ContextParallelSpans | None = None) -> PendingOutput:
+        """cp: this forward's tokens are one span of a range split over the CP group (see
+        model/context_parallel.py); the states then hold the context before the whole range."""
         cfg = self.cfg
         b, L, _ = hidden.shape
         if self.input_scale != 1.0:
@@ -93,19 +101,23 @@ class Mamba2Mixer(Mixer):
         if self.in_proj_scale is not None:
             zxbcdt = zxbcdt * self.in_proj_scale
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
-        xbc = self.conv1d(xbc, conv_state)
+        xbc = self.conv1d(xbc, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, xbc, conv_state)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
         x = x.reshape(b, L, self.heads, cfg.head_dim)
         B = B.reshape(b, L, self.groups, cfg.state_size)
         C = C.reshape(b, L, self.groups, cfg.state_size)
         A = decay_rates(self)
-        if ssm_state is not None and L == 1:
+        if ssm_state is not None and L == 1 and cu_seqlens is None and cp is None:
             y = ssd_state_update(ssm_state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D, self.dt_bias,
                                  cfg.time_step_limit).unsqueeze(1)
         else:
+            # Under CP only the first span starts from the real state; the others from zero, joined below.
             y, final = ssd_chunk_scan(x, dt, A, B, C, cfg.chunk_size, self.D, self.dt_bias,
-                                      initial_state=ssm_state, dt_limit=cfg.time_step_limit)
-            if ssm_state is not None:
+                                      initial_state=None if cu_seqlens is not None or (cp is not None and not cp.is_first)
+                                      else ssm_state, dt_limit=cfg.time_step_limit, cu_seqlens=cu_seqlens)
+            if cp is not None:
+                y = cp.join_ssd(y, final, dt, A, C, self.dt_bias, cfg.time_step_limit, ssm_state)
+            elif ssm_state is not None:
                 ssm_state.copy_(final)
         y = y.reshape(b, L, self.channels)
         if self.norm is None:

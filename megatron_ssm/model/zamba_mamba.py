@@ -81,17 +81,18 @@ class ZambaMambaMixer(Mixer):
         return slots[:, :, self.spanned_head:self.spanned_head + 1]
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None) -> PendingOutput:
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> PendingOutput:
+        """As Mamba1Mixer.start; cu_seqlens: packed sequences (ops/varlen.py), each from a zero state."""
         cfg = self.cfg
         b, L, _ = hidden.shape
         P, W, N = self.pieces, self.piece_width, cfg.state_size
         x, z = self.in_proj(hidden).split(self.channels, dim=-1)
-        x = self.conv1d(x, conv_state)
+        x = self.conv1d(x, conv_state, cu_seqlens)
         dt, B, C = self._ssm_parameters(x).split([cfg.time_step_rank, N, N], dim=-1)
         dt = torch.einsum("blpr,pwr->blpw", dt, self.dt_proj_weight)  # the bias is added in fp32 in the scan
         A = decay_rates(self)  # [P, W, N]
         x, z = x.view(b, L, P, W), z.view(b, L, P, W)
-        step = ssm_state is not None and L == 1
+        step = ssm_state is not None and L == 1 and cu_seqlens is None
         ys = []
         for p in range(P):
             rows = slice(p * W, (p + 1) * W)
@@ -101,7 +102,9 @@ class ZambaMambaMixer(Mixer):
                 y = selective_state_update(state, *(t[:, 0] if t.dim() == 3 else t for t in args),
                                            dt_bias=self.dt_proj_bias[p]).unsqueeze(1)
             else:
-                y, final = selective_scan(*args, dt_bias=self.dt_proj_bias[p], initial_state=state)
+                y, final = selective_scan(*args, dt_bias=self.dt_proj_bias[p],
+                                          initial_state=None if cu_seqlens is not None else state,
+                                          cu_seqlens=cu_seqlens)
                 if state is not None:
                     state.copy_(final)
             ys.append(y)

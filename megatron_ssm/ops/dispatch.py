@@ -8,6 +8,10 @@ triton) runs the torch reference, which defines the numbers every kernel is test
 `MEGATRON_SSM_KERNELS=torch` forces the reference everywhere, for A/B checks; it is read at each
 call, so a test or a benchmark can flip it.
 
+mamba-ssm's scan is called below its autograd wrapper (`_mamba_chunk_scan_combined_fwd`): inference
+needs no saved tensors, and the wrapper's Python cost (~0.6 ms a layer on an H200's host) was most
+of a short prompt's prefill time.
+
 Nothing here imports triton or mamba-ssm until a CUDA tensor arrives.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from . import conv1d as _conv, norm as _norm, ssd as _ssd
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
+from .varlen import check_packed, seq_index
 
 ENV = "MEGATRON_SSM_KERNELS"
 
@@ -53,7 +58,7 @@ def _triton_ops():
 
 @functools.lru_cache(maxsize=None)
 def _mamba_chunk_scan_combined():
-    """mamba-ssm's Triton SSD scan, or None.
+    """mamba-ssm's Triton SSD scan (its forward below the autograd wrapper), or None.
 
     `mamba_ssm/__init__.py` imports the CUDA extension selective_scan_cuda, so importing any
     submodule fails where mamba-ssm was installed without its extensions (MAMBA_SKIP_CUDA_BUILD) -
@@ -64,7 +69,7 @@ def _mamba_chunk_scan_combined():
     """
     name = "mamba_ssm.ops.triton.ssd_combined"
     try:
-        return importlib.import_module(name).mamba_chunk_scan_combined
+        return importlib.import_module(name)._mamba_chunk_scan_combined_fwd
     except ImportError:
         pass
     try:
@@ -76,7 +81,7 @@ def _mamba_chunk_scan_combined():
     bare = importlib.util.module_from_spec(spec)
     sys.modules["mamba_ssm"] = bare
     try:
-        return importlib.import_module(name).mamba_chunk_scan_combined
+        return importlib.import_module(name)._mamba_chunk_scan_combined_fwd
     except Exception:  # noqa: BLE001 - any failure here just means "not available"
         return None
     finally:
@@ -85,11 +90,19 @@ def _mamba_chunk_scan_combined():
 
 
 def _mamba_ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_state=None,
-                          dt_limit=(0.0, float("inf"))):
-    y, final = _mamba_chunk_scan_combined()(
-        x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_state,
-        dt_softplus=True, dt_limit=dt_limit, return_final_states=True)
-    return y, final
+                          dt_limit=(0.0, float("inf")), cu_seqlens=None):
+    seq_idx = None
+    if cu_seqlens is not None:
+        check_packed(x, cu_seqlens, initial_state)
+        seq_idx = seq_index(cu_seqlens, x.shape[1]).unsqueeze(0)
+    out = _mamba_chunk_scan_combined()(
+        x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_state, seq_idx=seq_idx,
+        cu_seqlens=cu_seqlens, dt_softplus=True, dt_limit=dt_limit)
+    # (y, y before z, dt, dA_cumsum, chunk states, final state[, per-sequence states]). The
+    # per-sequence states build on chunk states kept in the activations' dtype: for bf16 inputs
+    # they carry one bf16 rounding that the unpacked final state does not.
+    final = out[6].float() if cu_seqlens is not None else out[5]
+    return out[0], final
 
 
 def backend(op: str, like: torch.Tensor) -> str:
@@ -113,8 +126,8 @@ def implementation(op: str, like: torch.Tensor) -> Callable:
 
 # ---- the ops, with the references' signatures and docs ----------------------------------------
 
-def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True):
-    return implementation("causal_conv1d", x)(x, weight, bias, initial_state, silu)
+def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlens=None):
+    return implementation("causal_conv1d", x)(x, weight, bias, initial_state, silu, cu_seqlens)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
@@ -133,8 +146,8 @@ def gated_rms_norm(y, gate, weight, eps, group_size, reduce_sum_of_squares=None)
     return implementation("gated_rms_norm", y)(y, gate, weight, eps, group_size, reduce_sum_of_squares)
 
 
-def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None):
-    return implementation("selective_scan", u)(u, dt, A, B, C, D, z, dt_bias, initial_state)
+def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, cu_seqlens=None):
+    return implementation("selective_scan", u)(u, dt, A, B, C, D, z, dt_bias, initial_state, cu_seqlens)
 
 
 def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
@@ -142,9 +155,9 @@ def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
 
 
 def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_state=None,
-                   dt_limit=(0.0, float("inf"))):
+                   dt_limit=(0.0, float("inf")), cu_seqlens=None):
     return implementation("ssd_chunk_scan", x)(x, dt, A, B, C, chunk_size, D, dt_bias, initial_state,
-                                               dt_limit)
+                                               dt_limit, cu_seqlens)
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0, float("inf"))):

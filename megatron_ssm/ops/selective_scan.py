@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .varlen import check_packed, split_packed
+
 
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None,
                   dt_limit: tuple[float, float] = (0.0, float("inf"))) -> torch.Tensor:
@@ -28,12 +30,21 @@ def selective_scan(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """u, dt, z [b, L, d]; A [d, n] (negative); B, C [b, L, n]; D, dt_bias [d]; state [b, d, n] fp32.
 
     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;  y_t = C_t h_t + D u_t, gated by silu(z_t).
     dt is softplus(dt + dt_bias). Returns (y [b, L, d] in u's dtype, final state [b, d, n] fp32).
+    With cu_seqlens (ops/varlen.py) the one row packs sequences, each from a zero state; the final
+    state is then [nseq, d, n].
     """
+    if cu_seqlens is not None:
+        check_packed(u, cu_seqlens, initial_state)
+        cut = lambda t, s, e: None if t is None else t[:, s:e]  # noqa: E731
+        parts = [selective_scan(u[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, cut(z, s, e), dt_bias)
+                 for s, e in split_packed(cu_seqlens)]
+        return torch.cat([y for y, _ in parts], 1), torch.cat([h for _, h in parts], 0)
     b, L, d = u.shape
     dt = discretize_dt(dt, dt_bias)
     A = A.float()

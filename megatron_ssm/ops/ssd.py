@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .selective_scan import discretize_dt
+from .varlen import check_packed, split_packed
 
 
 def _segsum(x: torch.Tensor) -> torch.Tensor:
@@ -39,11 +40,19 @@ def ssd_chunk_scan(
     dt_bias: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     dt_limit: tuple[float, float] = (0.0, float("inf")),
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [b, L, h, p]; dt [b, L, h]; A, D, dt_bias [h]; B, C [b, L, g, n]; state [b, h, p, n] fp32.
 
-    Returns (y [b, L, h, p] in x's dtype, final state [b, h, p, n] fp32).
+    Returns (y [b, L, h, p] in x's dtype, final state [b, h, p, n] fp32). With cu_seqlens
+    (ops/varlen.py) the one row packs sequences, each from a zero state; the final state is then
+    [nseq, h, p, n].
     """
+    if cu_seqlens is not None:
+        check_packed(x, cu_seqlens, initial_state)
+        parts = [ssd_chunk_scan(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], chunk_size, D, dt_bias,
+                                None, dt_limit) for s, e in split_packed(cu_seqlens)]
+        return torch.cat([y for y, _ in parts], 1), torch.cat([f for _, f in parts], 0)
     b, L, h, p = x.shape
     g, n = B.shape[-2:]
     dt = discretize_dt(dt, dt_bias, dt_limit)

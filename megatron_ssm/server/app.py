@@ -88,7 +88,7 @@ class Choice:
                  stop_on_eol: bool = False, stop_on_double_eol: bool = False):
         self.job, self.info, self.keep_stop_token, self.stops = job, info, keep_stop_token, list(stops)
         self.stop_on_eol, self.stop_on_double_eol = stop_on_eol, stop_on_double_eol
-        self.detok = Detokenizer(info.codec, job.prompt[-8:]) if info.codec is not None else None
+        self.detok = Detokenizer(info.codec, job.prompt) if info.codec is not None else None
         self.ids: list[int] = []
         self.lps: list[float | None] = []
         self.tops: list[list[tuple[int, float]] | None] = []
@@ -671,7 +671,7 @@ async def _stream(info: ModelInfo, req: CompletionRequest, batch: Batch, choices
 
     def chunk(index: int, text: str, logprobs, finish) -> dict:
         if chat:
-            delta = {"content": text} if text or started[index] else {"role": "assistant", "content": text}
+            delta = {"content": text} if started[index] else {"role": "assistant", "content": text}
             started[index] = True
             c = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:

@@ -55,11 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16 (Megatron's flag)")
     ap.add_argument("--fp16", action="store_true", help="same as --dtype float16 (Megatron's flag)")
     ap.add_argument("--tensor-model-parallel-size", type=_positive(int), default=None,
-                    help="must equal the number of ranks if given (inference here is tensor-parallel only)")
+                    help="must equal the number of ranks over --context-parallel-size if given")
+    ap.add_argument("--context-parallel-size", type=_positive(int), default=1,
+                    help="ranks a long prompt's prefill is split over, along the sequence (world = TP x CP; "
+                         "every CP rank of a TP rank loads the same checkpoint shard)")
+    ap.add_argument("--context-parallel-min-tokens", type=_positive(int), default=8192,
+                    help="prompts from this many tokens are prefilled context-parallel (a default, not a "
+                         "measurement: see tools/gpu_sweep.sh SWEEP=cp)")
     ap.add_argument("--inference-max-requests", "--max-batch-size", dest="max_batch", type=_positive(int), default=64,
                     help="sequences generated concurrently (state-cache slots); more wait in a queue")
     ap.add_argument("--inference-max-seq-length", dest="max_seq", type=_positive(int), default=8192,
-                    help="context budget per request: prompt + generated tokens")
+                    help="context budget per request: prompt + generated tokens. A served limit bounds what one "
+                         "request may ask of the server (max_tokens); an SSM's state does not grow with the context, "
+                         "so raise it freely (the engine itself has no limit unless given one)")
     ap.add_argument("--prefill-chunk", type=_positive(int), default=2048, help="tokens per prefill forward")
     ap.add_argument("--max-prefill-tokens", type=_positive(int), default=8192,
                     help="prompt tokens admitted per engine step, so running sequences keep decoding")
@@ -155,11 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..parallel import init_distributed, shutdown
+    from ..parallel import cp_context, init_distributed, shutdown
 
     torch.set_grad_enabled(False)
     timeout = datetime.timedelta(seconds=args.dist_timeout)
-    tp = init_distributed(timeout=timeout)
+    try:
+        tp = init_distributed(timeout=timeout, cp_size=args.context_parallel_size)
+    except ValueError as e:  # the same on every rank: each one says so and stops
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        shutdown()
+        return 2
+    cp = cp_context()
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
@@ -170,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     error = None
     try:
         if args.tensor_model_parallel_size is not None and args.tensor_model_parallel_size != tp.size:
-            raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} but {world} ranks were "
-                             f"started: launch with torchrun --nproc_per_node {args.tensor_model_parallel_size}")
+            need = args.tensor_model_parallel_size * cp.size
+            raise ValueError(f"--tensor-model-parallel-size {args.tensor_model_parallel_size} x --context-parallel-size "
+                             f"{cp.size} but {world} ranks were started: launch with torchrun --nproc_per_node {need}")
         from ..checkpoint.convert import DTYPES
         from ..inference.engine import Engine, EngineConfig
         from ..model.load import load_model
@@ -184,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(args.load, tp, dtype=DTYPES[args.dtype] if args.dtype else None, allreduce=allreduce)
         engine = Engine(model, EngineConfig(max_batch=args.max_batch, max_sequence_length=args.max_seq,
                                             prefill_chunk=args.prefill_chunk, max_prefill_tokens=args.max_prefill_tokens,
-                                            prefix_cache_bytes=args.prefix_cache_bytes))
+                                            prefix_cache_bytes=args.prefix_cache_bytes,
+                                            context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
         if rank == 0:
             from .app import LOOPBACK, HttpServer, ServerConfig, ServerContext, build_app
             from .chat import check_template, load_tokenizer_config
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     if key not in special and tid is not None:
                         special[key] = codec.piece(tid)
             info = ModelInfo(name=args.served_model_name or Path(args.load).resolve().name,
-                             vocab_size=model.cfg.vocab_size, max_sequence_length=args.max_seq, eos_id=eos, bos_id=bos,
+                             vocab_size=model.cfg.vocab_size, max_sequence_length=engine.max_length, eos_id=eos, bos_id=bos,
                              codec=codec, tp=tp.size, max_prompts=args.max_prompts, chat_template=template,
                              special_tokens=special)
             metrics = Metrics()

@@ -44,7 +44,7 @@ class ModelInfo:
 
     name: str
     vocab_size: int
-    max_sequence_length: int  # prompt + generated tokens
+    max_sequence_length: int | None  # prompt + generated tokens; None: unbounded
     eos_id: int | None
     bos_id: int | None
     codec: TextCodec | None
@@ -344,11 +344,17 @@ def chat_prompt(body: ChatBody, info: ModelInfo) -> str:
     return render(info.chat_template, messages, body.add_generation_prompt, info.special_tokens)
 
 
+# A chat without max_tokens runs to the context limit, as OpenAI's does; with no limit (a pure SSM's
+# default) it stops after this many tokens unless a stop or EOS token comes first.
+CHAT_MAX_TOKENS_UNBOUNDED = 4096
+
+
 def chat_jobs(body: ChatBody, info: ModelInfo) -> ChatRequest:
     codec = _need_codec(info, "messages")
     prompt = chat_prompt(body, info)
-    max_tokens = body.max_completion_tokens or body.max_tokens or max(1, info.max_sequence_length - 1 -
-                                                                      len(codec.encode(prompt)))
+    max_tokens = body.max_completion_tokens or body.max_tokens or (
+        CHAT_MAX_TOKENS_UNBOUNDED if info.max_sequence_length is None
+        else max(1, info.max_sequence_length - 1 - len(codec.encode(prompt))))
     if body.top_logprobs and not body.logprobs:
         raise ApiError("top_logprobs needs logprobs=true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None

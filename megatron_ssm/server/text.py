@@ -60,13 +60,21 @@ class Detokenizer:
     """Each token's share of the text, as tokens arrive: the pieces join to exactly the decoded
     text. A token that ends inside a multi-byte character (a byte-fallback piece such as <0xC3>)
     gets "" and the token that completes the character gets all of it, so every piece is whole
-    text and each token's offset is the length of the pieces before it. Decoding looks back only
-    _WINDOW tokens (word-boundary spaces come out as in the whole text)."""
+    text and each token's offset is the length of the pieces before it. Decoding looks back about
+    _WINDOW tokens (word-boundary spaces come out as in the whole text), from a token that starts
+    a character: a byte-fallback decoder turns a whole run of byte tokens that starts mid-character
+    into replacement characters."""
 
     def __init__(self, codec: TextCodec, context: list[int] = ()):
         self.codec = codec
         self.ids = list(context)
         self.done = len(self.ids)  # tokens whose text has been handed out
+        start = max(0, self.done - _WINDOW)
+        for _ in range(_WINDOW):  # the context may begin inside a character: back up to its start
+            if start == 0 or not codec.decode(self.ids[start:self.done]).startswith(REPLACEMENT):
+                break
+            start -= 1
+        self._starts = [start]  # token indices known to start a character
         self._base_at, self._base = None, ""
 
     def push(self, token: int, final: bool = False) -> str:
@@ -79,7 +87,9 @@ class Detokenizer:
         return self._take(True) if self.done < len(self.ids) else ""
 
     def _take(self, final: bool) -> str:
-        start = max(0, self.done - _WINDOW)
+        while len(self._starts) > 1 and self._starts[1] <= self.done - _WINDOW:
+            self._starts.pop(0)
+        start = self._starts[0]
         if self._base_at != (start, self.done):
             self._base_at, self._base = (start, self.done), self.codec.decode(self.ids[start:self.done])
         cur = self.codec.decode(self.ids[start:])
@@ -87,6 +97,8 @@ class Detokenizer:
             return ""
         piece = cur[len(self._base):] if cur.startswith(self._base) else self.codec.decode(self.ids[self.done:])
         self.done = len(self.ids)
+        if piece and not piece.endswith(REPLACEMENT):
+            self._starts.append(self.done)
         return piece
 
 

@@ -6,17 +6,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ..varlen import check_packed, conv_final_states, seq_index
+
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, seq_ptr, cu_ptr,
     L, C,
     sx_b, sx_l, sx_c,
     sw_c, sw_k,
     si_b, si_c, si_k,
     sy_b, sy_l, sy_c,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+    PACKED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_l = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -28,10 +30,14 @@ def _conv_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     x_base = x_ptr + pid_b * sx_b
+    first = tl.zeros([BLOCK_L], dtype=tl.int32)  # the first input time a tap may read
+    if PACKED:  # each packed sequence starts over: taps before its first token read zeros
+        lmask = offs_l < L
+        first = tl.load(cu_ptr + tl.load(seq_ptr + offs_l, mask=lmask, other=0), mask=lmask, other=0)
     for k in tl.static_range(K):
         w = tl.load(w_ptr + offs_c * sw_c + k * sw_k, mask=cmask, other=0.0).to(tl.float32)
         src = offs_l + (k - (K - 1))  # input time of this tap; negative times live in the state
-        in_x = (src >= 0) & (src < L)
+        in_x = (src >= first) & (src < L)
         xv = tl.load(x_base + src[:, None] * sx_l + offs_c[None, :] * sx_c,
                      mask=in_x[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         if HAS_INIT:
@@ -47,22 +53,28 @@ def _conv_fwd_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=(offs_l < L)[:, None] & cmask[None, :])
 
 
-def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True):
+def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlens=None):
     b, L, C = x.shape
     K = weight.shape[-1]
     y = torch.empty_like(x)
     init = initial_state if initial_state is not None else x  # placeholder pointer, never read
+    seq = cu = weight  # placeholders, read only when packed
+    if cu_seqlens is not None:
+        check_packed(x, cu_seqlens, initial_state)
+        seq, cu = seq_index(cu_seqlens, L), cu_seqlens
     BLOCK_L, BLOCK_C = 32, 64
     grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(C, BLOCK_C), b)
     _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, init, y,
+        x, weight, bias if bias is not None else weight, init, y, seq, cu,
         L, C,
         *x.stride(), *weight.stride(),
         *(init.stride() if initial_state is not None else (0, 0, 0)),
         *y.stride(),
         K=K, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, SILU=silu,
-        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=4,
+        PACKED=cu_seqlens is not None, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=4,
     )
+    if cu_seqlens is not None:
+        return y, conv_final_states(x, cu_seqlens, K - 1)
     # The last K-1 inputs (reaching into the initial state when L < K-1): a small copy, left to torch.
     if L >= K - 1:
         final = x[:, L - (K - 1):].transpose(1, 2).contiguous()

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..varlen import check_packed
+
 
 @triton.jit
 def _softplus(x):
@@ -45,7 +47,7 @@ def _linear_recurrence(a1, b1, a2, b2):
 
 @triton.jit
 def _scan_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, y_ptr, hT_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, y_ptr, hT_ptr, cu_ptr,
     L, nchan, nstate, heads_per_group, dt_min, dt_max,
     sx_b, sx_l, sx_c,
     sdt_b, sdt_l, sdt_h,
@@ -57,14 +59,22 @@ def _scan_kernel(
     sh0_b, sh0_c, sh0_n,
     shT_b, shT_c, shT_n,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr, PACKED: tl.constexpr,
     T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(1).to(tl.int64)  # the batch row; packed: the sequence (all in row 0)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, T)
+    if PACKED:  # a program per sequence, over its own time span: it starts from zeros and ends in hT[seq]
+        row = 0
+        first = tl.load(cu_ptr + pid_b)
+        end = tl.load(cu_ptr + pid_b + 1)
+    else:
+        row = pid_b
+        first = 0
+        end = L
     cmask = offs_c < nchan
     nmask = offs_n < nstate
     heads = offs_c // HEADDIM
@@ -84,20 +94,20 @@ def _scan_kernel(
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
 
-    x_base = x_ptr + pid_b * sx_b + offs_c[None, :] * sx_c
-    dt_base = dt_ptr + pid_b * sdt_b + heads[None, :] * sdt_h
-    B_base = B_ptr + pid_b * sB_b + group * sB_g + offs_n[None, :] * sB_n
-    C_base = C_ptr + pid_b * sC_b + group * sC_g + offs_n[None, :] * sC_n
-    z_base = z_ptr + pid_b * sz_b + offs_c[None, :] * sz_c
-    y_base = y_ptr + pid_b * sy_b + offs_c[None, :] * sy_c
-    for t0 in range(0, L, T):
+    x_base = x_ptr + row * sx_b + offs_c[None, :] * sx_c
+    dt_base = dt_ptr + row * sdt_b + heads[None, :] * sdt_h
+    B_base = B_ptr + row * sB_b + group * sB_g + offs_n[None, :] * sB_n
+    C_base = C_ptr + row * sC_b + group * sC_g + offs_n[None, :] * sC_n
+    z_base = z_ptr + row * sz_b + offs_c[None, :] * sz_c
+    y_base = y_ptr + row * sy_b + offs_c[None, :] * sy_c
+    for t0 in range(first, end, T):
         ts = t0 + offs_t
-        tmask = ts < L
+        tmask = ts < end
         tc_mask = tmask[:, None] & cmask[None, :]
         tn_mask = tmask[:, None] & nmask[None, :]
         x = tl.load(x_base + ts[:, None] * sx_l, mask=tc_mask, other=0.0).to(tl.float32)  # [T, D]
         dt = tl.load(dt_base + ts[:, None] * sdt_l, mask=tc_mask, other=0.0)
-        # Steps past L must leave h alone: dt = 0 makes them the identity.
+        # Steps past the end must leave h alone: dt = 0 makes them the identity.
         dt = tl.where(tc_mask, _dt(dt, dt_bias_ptr, heads[None, :], cmask[None, :], dt_min, dt_max,
                                    HAS_DT_BIAS), 0.0)
         Bt = tl.load(B_base + ts[:, None] * sB_l, mask=tn_mask, other=0.0).to(tl.float32)  # [T, N]
@@ -204,8 +214,9 @@ def _scan_config(n: int):
     return max(2, 2048 // (bn * bd)), bd, 4
 
 
-def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit):
-    """x3, z3 [b, L, nchan]; dt3 [b, L, nheads]; B4, C4 [b, L, g, n]; h0 [b, nchan, n] or None."""
+def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit, cu_seqlens=None):
+    """x3, z3 [b, L, nchan]; dt3 [b, L, nheads]; B4, C4 [b, L, g, n]; h0 [b, nchan, n] or None.
+    cu_seqlens: x3's one row packs sequences (h0 None); the final states are then [nseq, nchan, n]."""
     b, L, nchan = x3.shape
     g, n = B4.shape[-2:]
     nheads = nchan // headdim
@@ -213,18 +224,24 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
     bn = triton.next_power_of_2(n)
     bd = _block_d(nchan, nchan // g, g, want_d)
     y = torch.empty(b, L, nchan, device=x3.device, dtype=x3.dtype)
-    hT = torch.empty(b, nchan, n, device=x3.device, dtype=torch.float32)
+    cu = A2  # placeholder, read only when packed
+    rows = b
+    if cu_seqlens is not None:
+        check_packed(x3, cu_seqlens, h0)
+        cu, rows = cu_seqlens, cu_seqlens.shape[0] - 1
+    hT = torch.empty(rows, nchan, n, device=x3.device, dtype=torch.float32)
     D, dt_bias = _vec(D), _vec(dt_bias)
     zs = z3.stride() if z3 is not None else (0, 0, 0)
     h0s = h0.stride() if h0 is not None else (0, 0, 0)
-    _scan_kernel[(triton.cdiv(nchan, bd), b)](
+    _scan_kernel[(triton.cdiv(nchan, bd), rows)](
         x3, dt3, A2, B4, C4, D if D is not None else x3, z3 if z3 is not None else x3,
-        dt_bias if dt_bias is not None else x3, h0 if h0 is not None else hT, y, hT,
+        dt_bias if dt_bias is not None else x3, h0 if h0 is not None else hT, y, hT, cu,
         L, nchan, n, nheads // g, float(dt_limit[0]), float(dt_limit[1]),
         *x3.stride(), *dt3.stride(), *A2.stride(), *B4.stride(), *C4.stride(), *zs, *y.stride(), *h0s,
         *hT.stride(),
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
-        HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, T=T, BLOCK_D=bd, BLOCK_N=bn,
+        HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
+        T=T, BLOCK_D=bd, BLOCK_N=bn,
         num_warps=num_warps,
     )
     return y, hT
@@ -262,9 +279,9 @@ _NO_LIMIT = (0.0, float("inf"))
 
 # ---- Mamba-1 --------------------------------------------------------------------------------------
 
-def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None):
+def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, cu_seqlens=None):
     return _scan(u, dt, A, B.unsqueeze(2), C.unsqueeze(2), D, z, dt_bias, initial_state,
-                 headdim=1, a_per_head=False, dt_limit=_NO_LIMIT)
+                 headdim=1, a_per_head=False, dt_limit=_NO_LIMIT, cu_seqlens=cu_seqlens)
 
 
 def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
@@ -275,14 +292,14 @@ def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
 # ---- Mamba-2 --------------------------------------------------------------------------------------
 
 def ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, initial_state=None,
-                   dt_limit=_NO_LIMIT):
+                   dt_limit=_NO_LIMIT, cu_seqlens=None):
     """The SSD recurrence by the same chunked scan as Mamba-1 (`chunk_size` only shapes the
     reference's algorithm; the result is the same function)."""
     b, L, h, p = x.shape
     h0 = _flat_channels(initial_state, 1) if initial_state is not None else None
     y, hT = _scan(_flat_channels(x, 2), dt, A.reshape(h, 1), B, C, D, None, dt_bias, h0,
-                  headdim=p, a_per_head=True, dt_limit=dt_limit)
-    return y.view(b, L, h, p), hT.view(b, h, p, -1)
+                  headdim=p, a_per_head=True, dt_limit=dt_limit, cu_seqlens=cu_seqlens)
+    return y.view(b, L, h, p), hT.view(hT.shape[0], h, p, -1)
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=_NO_LIMIT):

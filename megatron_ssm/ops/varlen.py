@@ -1,0 +1,54 @@
+"""Packed ("varlen") batches: several sequences laid end to end in one [1, T, ...] row.
+
+`cu_seqlens` [nseq + 1] (int32, on the device) holds the sequence boundaries: sequence i covers
+tokens [cu_seqlens[i], cu_seqlens[i + 1]). Every op that mixes time (conv1d, the scans) restarts at
+each boundary from a zero state, and returns one final state per sequence. The helpers here derive
+what the kernels index by, on the device and without a host sync, so a packed forward can be
+captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def cu_seqlens_of(lengths: list[int], device) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as the int32 tensor the packed ops take."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def seq_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The sequence each of `total` packed tokens belongs to: [total] int32."""
+    tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True).to(torch.int32)
+
+
+def last_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Each sequence's last token: [nseq] int64 (a sequence must not be empty)."""
+    return (cu_seqlens[1:] - 1).long()
+
+
+def conv_final_states(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """The last `width` inputs of each packed sequence, zeros before its start: x [1, T, C] ->
+    [nseq, C, width] (the conv state a prefill of each sequence alone would leave)."""
+    nseq = cu_seqlens.shape[0] - 1
+    steps = torch.arange(width, device=x.device, dtype=torch.long)
+    idx = cu_seqlens[1:, None].long() - width + steps  # [nseq, width]
+    inside = idx >= cu_seqlens[:-1, None].long()
+    rows = x[0].index_select(0, idx.clamp(min=0).flatten()).view(nseq, width, -1)
+    return rows.masked_fill(~inside[..., None], 0).transpose(1, 2).contiguous()
+
+
+def check_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, initial_state) -> None:
+    if x.shape[0] != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) come as one row of tokens, got batch {x.shape[0]}")
+    if initial_state is not None:
+        raise ValueError("packed sequences start from zero states: initial_state must be None with cu_seqlens")
+
+
+def split_packed(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) per sequence, on the host: for the reference ops, which loop over sequences."""
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on the lent one-GPU machine: every GPU-marked test, then a benchmark row per hybrid family at
+# its real size beside HF's own implementation (issue #12), logs and JSON lines under $OUT:
+#   run(command="bash tools/gpu_hybrids.sh", carry=[".whl"], timeout_s=600)
+# Each step has its own timeout, so a failing step still leaves the others' numbers.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export MEGATRON_SSM_DIST_TIMEOUT=120
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1 | tee "$OUT/env.txt"
+J=$OUT/bench.jsonl
+timeout "${TEST_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly ${TESTS:-tests} > "$OUT/pytest_gpu.txt" 2>&1
+echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -25
+for cfg in ${CONFIGS:-nemotron-h-8b falcon-h1-7b zamba2-2.7b zamba-7b-v1}; do
+    timeout "${BENCH_S:-50}" python3 tools/benchmark.py --config configs/$cfg.yaml --batch 1,16 --prompt 512 --new 64 \
+        --json-out "$J" 2>&1 | grep -v -i -E "warn" | tail -4 | tee -a "$OUT/log.txt"
+    case " ${HF_SKIP:-} " in *" $cfg "*) continue ;; esac
+    # HF's own model (its PyTorch paths: the carried mamba-ssm is Triton-only, so keep it off the path)
+    PYTHONPATH=$PWD timeout "${HF_S:-35}" python3 tools/baselines.py --impl hf --config configs/$cfg.yaml --batch 1 \
+        --prompt 512 --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -2 | tee -a "$OUT/log.txt"
+done
+exit 0

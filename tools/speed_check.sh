@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One-GPU speed check, one device call (logs and JSON lines under $OUT, tarred into one file):
+#   run(command="bash tools/speed_check.sh", carry=[".whl"], timeout_s=240)
+# STAGE picks what runs: tests (the GPU tests of the packed/graphed paths), bench (mamba2-2.7b and
+# falcon-mamba-7b TTFT and decode), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
+# generate on the same workloads), serve (tools/serving_benchmark.py: ours, ours unpacked, mamba-ssm),
+# prof (where an eager prefill and a decode step spend their time); default: tests,bench. Each step
+# has its own timeout.
+set -uo pipefail
+OUT=${OUT:-out}
+WHL=${WHL:-.whl}
+STAGE=${STAGE:-tests,bench}
+mkdir -p "$OUT/logs"
+L=$OUT/logs
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+J=$L/bench.jsonl
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$L/env.txt"
+has() { [[ ",$STAGE," == *",$1,"* ]]; }
+quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
+if has tests; then
+    timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_model_gpu.py \
+        -k "${TESTS_K:-packed or model}" > "$L/pytest.txt" 2>&1
+    grep -E "^(FAILED|ERROR|E  )|passed|failed" "$L/pytest.txt" | tail -20
+fi
+if has bench; then
+    timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16,64} \
+        --prompt 512 --new ${NEW:-128} --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
+    FM_BATCH=${FM_BATCH-1,32}
+    [ -n "$FM_BATCH" ] && timeout ${T_FM:-60} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml \
+        --batch $FM_BATCH --prompt 512 --new 64 --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
+fi
+if has nopack; then
+    timeout 50 python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch 1,16 --prompt 512 --new 32 \
+        --no-pack --json-out "$J" --tag no-pack 2>&1 | quiet | tee -a "$L/bench.txt"
+fi
+if has base; then
+    timeout ${T_BASE:-70} python3 tools/baselines.py --impl mamba-ssm --config configs/mamba2-2.7b.yaml --batch 1,16,64 \
+        --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$L/bench.txt"
+fi
+if has serve; then  # the serving benchmark: ours, ours without packed/graphed prefill, mamba-ssm (~4 min)
+    S="--config configs/mamba2-2.7b.yaml --rates ${RATES:-2,8,32} --requests ${REQUESTS:-64} --json-out $L/serve.jsonl"
+    timeout 120 python3 tools/serving_benchmark.py $S --plot "$L/serving-mamba2-2.7b.png" 2>&1 | quiet | tee -a "$L/serve.txt"
+    timeout 120 python3 tools/serving_benchmark.py $S --no-pack 2>&1 | quiet | tee -a "$L/serve.txt"
+    timeout 120 python3 tools/serving_benchmark.py $S --impl mamba-ssm --plot "$L/serving-mamba2-2.7b.png" 2>&1 \
+        | quiet | tee -a "$L/serve.txt"
+fi
+if has prof; then
+    timeout 50 python3 tools/profile_step.py --config configs/mamba2-2.7b.yaml --phase prefill --batch 1 --prompt 512 \
+        --steps 3 --top 30 > "$L/profile_prefill_b1.txt" 2>&1; head -4 "$L/profile_prefill_b1.txt"
+    timeout 40 python3 tools/profile_step.py --config configs/mamba2-2.7b.yaml --batch 1 --top 30 \
+        > "$L/profile_decode_b1.txt" 2>&1; head -3 "$L/profile_decode_b1.txt"
+fi
+tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$L"
