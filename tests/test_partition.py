@@ -165,8 +165,8 @@ def _hybrid(family):
     return SSMConfig.from_hf(hf.to_dict())
 
 
-@pytest.mark.parametrize("family,tp", [("nemotron_h", 2), ("falcon_h1", 2), ("zamba", 2), ("zamba2", 2),
-                                       ("zamba2", 4)])
+@pytest.mark.parametrize("family,tp", [("nemotron_h", 2), ("falcon_h1", 2), ("zamba", 1), ("zamba", 2), ("zamba", 4),
+                                       ("zamba2", 2), ("zamba2", 4)])
 def test_hybrid_tensors_merge_back(seed, family, tp):
     """Hybrids (attention, MLP, shared blocks): every tensor's shards glue back to it, shapes agree,
     and the attention and MLP projections are split (no rank holds all of them)."""
@@ -182,3 +182,10 @@ def test_hybrid_tensors_merge_back(seed, family, tp):
             assert all(p.numel() * tp == full.numel() for p in pieces), (family, name)
             split += 1
     assert split > 0, f"{family}: no attention or MLP projection found in {list(partition.hf_shapes(cfg))[:8]}"
+
+
+def test_zamba_mamba_heads_that_do_not_divide_are_refused():
+    cfg = _hybrid("zamba")  # 2 mamba heads
+    name = next(n for n in partition.hf_shapes(cfg) if n.endswith("x_proj_weight") or "x_proj" in n)
+    with pytest.raises(ValueError, match="TP degree 3 and 2 mamba heads: one must divide the other"):
+        partition.shard(name, torch.zeros(partition.hf_shapes(cfg)[name]), cfg, 3, 0)
