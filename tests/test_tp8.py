@@ -2,16 +2,19 @@
 
 Eight ranks is where the partition rules meet their edge cases at once: Mamba-2 with one head per
 rank, B/C groups replicated over 8, 4 or 1 ranks (n_groups 1, 2, 8), Mamba-1 with 16 channels per
-rank, and a vocabulary of 250 padded to 1024 rows so most ranks hold padding only. Nothing here
-assumes at most four ranks: the one-shot and quantised all-reduces take their group-size paths too.
+rank, and a vocabulary of 250 padded to 1024 rows so most ranks hold padding only; the hybrids with one
+query head per rank and kv heads replicated or split. Nothing here assumes at most four ranks: the
+one-shot and quantised all-reduces take their group-size paths too.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, hf_logits, save_hf
+from hf_models import (build_hf_model, fresh_seed, hf_config, hf_forward_greedy, hf_greedy, hf_logits, hybrid_config,
+                       save_hf)
 from megatron_ssm.checkpoint.convert import convert
+from test_hybrids import _rank_prefill_then_decode as _hybrid_prefill_then_decode
 from test_model_vs_hf import _rank_generate, _rank_prefill_then_decode
 
 TP = 8
@@ -90,3 +93,49 @@ def test_tp8_quantised_allreduce_close_to_exact(ranks, converted):
     assert 0 < err < 0.05, f"seed={seed}: relative int8 logit error {err}"
     agree = (int8.argmax(-1) == exact.argmax(-1)).float().mean().item()
     assert agree >= 0.85, f"seed={seed}: top-1 agreement {agree}"
+
+
+# ---- hybrids at eight ranks: one query head per rank, kv heads replicated (2 over 8) or split (8),
+# Mamba-2 groups replicated, Zamba2's shared blocks with LoRA adapters applied at several positions
+
+def _zamba2_tp8_config():
+    from transformers import Zamba2Config
+
+    return Zamba2Config(vocab_size=250, hidden_size=64, num_attention_heads=8, num_key_value_heads=8,
+                        intermediate_size=96, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, max_position_embeddings=256, num_hidden_layers=4, n_mamba_heads=8,
+                        mamba_d_state=16, mamba_ngroups=2, chunk_size=16, num_mem_blocks=2,
+                        use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True,
+                        layers_block_type=["mamba", "hybrid", "hybrid", "hybrid"])
+
+
+HYBRIDS = [
+    pytest.param(lambda: hybrid_config("nemotron_h", pattern="M*-M*", heads=8, kv_heads=2, n_groups=2),
+                 "generate", id="nemotron-h-kv2-g2"),
+    pytest.param(lambda: hybrid_config("falcon_h1", heads=8, kv_heads=8, n_groups=1), "generate",
+                 id="falcon-h1-kv8-g1"),
+    pytest.param(_zamba2_tp8_config, "forward", id="zamba2-kv8-g2"),
+]
+
+
+@pytest.mark.parametrize("make_config,greedy_ref", HYBRIDS)
+def test_tp8_hybrids_match_hf(ranks, tmp_path, make_config, greedy_ref):
+    seed = fresh_seed()
+    model = build_hf_model(make_config(), seed)
+    convert(save_hf(model, tmp_path / "hf"), tmp_path / "tp8", TP, progress=False)
+    ckpt = str(tmp_path / "tp8")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 250, (2, 37), generator=g)
+    ref = hf_logits(model, ids)
+    scale = max(1.0, ref.abs().max().item())
+    pool = ranks(TP)
+    err = (pool.run(_rank_logits, ckpt, ids, "oneshot")[0] - ref).abs().max().item()
+    assert err < TOL * scale, f"seed={seed}: prefill max |ours - HF| = {err}"
+    split = int(torch.randint(1, 30, (), generator=g))
+    decoded = pool.run(_hybrid_prefill_then_decode, ckpt, ids, split)[0]
+    err = (decoded - ref[:, split - 1:-1]).abs().max().item()
+    assert err < TOL * scale, f"seed={seed} split={split}: max |decode - HF| = {err}"
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (7, 1)]
+    # Zamba2's HF cached decode skips the dt clamp its prefill applies: full forwards are the reference
+    expected = [(hf_greedy if greedy_ref == "generate" else hf_forward_greedy)(model, p, 6) for p in prompts]
+    assert pool.run(_rank_generate, ckpt, prompts, 6) == [expected] * TP, f"seed={seed}"
