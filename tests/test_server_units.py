@@ -178,3 +178,29 @@ def test_continuation_text_after_a_prompt_ending_mid_script(codec):
     d = Detokenizer(codec, prompt)
     pieces = [d.push(t, final=i == len(more) - 1) for i, t in enumerate(more)]
     assert "".join(pieces) == codec.decode(prompt + more)[len(codec.decode(prompt)):]
+
+
+@pytest.mark.parametrize("flag,marker", [("stop_on_eol", "\n"), ("stop_on_double_eol", "\n\n"), (None, None)])
+def test_megatron_stop_on_eol_ends_at_the_first_newline(codec, flag, marker):
+    """Megatron's stop_on_eol / stop_on_double_eol: generation ends with the token that brings the
+    first newline (or blank line) into the text; without either flag it runs to the last token.
+    The expected cut is found by decoding growing prefixes, not by the server's text code."""
+    from megatron_ssm.inference.engine import TokenOutput
+    from megatron_ssm.server.app import Choice
+    from megatron_ssm.server.protocol import Job, ModelInfo
+
+    info = ModelInfo("m", 4096, 100, eos_id=2, bos_id=1, codec=codec)
+    prompt = codec.encode("def f():")
+    generated = codec.encode("  x = 1\n  y = 2\n\n  return x")
+    job = Job(prompt, len(generated), stop_ids=(2,))
+    c = Choice(job, info, keep_stop_token=True, **({flag: True} if flag else {}))
+    events = [TokenOutput(0, t, None, i == len(generated) - 1, "length" if i == len(generated) - 1 else None)
+              for i, t in enumerate(generated)]
+    stopped_at = next(i for i, o in enumerate(events) if c.on_event("token", o))
+    full = codec.decode(generated)
+    if marker is None:
+        assert stopped_at == len(generated) - 1 and c.finish == "length" and c.text == full
+        return
+    want = next(k for k in range(1, len(generated) + 1) if marker in codec.decode(generated[:k]))
+    assert stopped_at == want - 1 and c.finish == "stop"
+    assert c.ids == generated[:want] and c.text == full[:full.index(marker) + len(marker)]
