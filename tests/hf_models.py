@@ -176,3 +176,29 @@ def build_varied_hf_model(config, seed: int):
             elif not p.any():  # zero-initialised biases: a multiplicative perturbation leaves them zero
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
+
+
+def converted_models(tmp_path_factory, config_for, build=None, tps=(1, 2, 4)):
+    """get(family, opts) -> (hf model, hf dir, {tp: our checkpoint dir}, seed), each case built once
+    per module: an HF model from `config_for(family, **opts)` with fresh random weights (`build`,
+    default build_hf_model), saved, and converted at every TP degree in `tps`."""
+    from megatron_ssm.checkpoint.convert import convert
+
+    build = build or build_hf_model
+    built = {}
+
+    def get(family, opts):
+        key = (family, tuple(sorted(opts.items())))
+        if key not in built:
+            seed = fresh_seed()
+            root = tmp_path_factory.mktemp(family)
+            model = build(config_for(family, **opts), seed)
+            hf_dir = save_hf(model, root / "hf")
+            ckpts = {}
+            for tp in tps:
+                ckpts[tp] = str(root / f"tp{tp}")
+                convert(hf_dir, ckpts[tp], tp, progress=False)
+            built[key] = (model, hf_dir, ckpts, seed)
+        return built[key]
+
+    return get

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_models import build_hf_model, fresh_seed, hf_greedy, hf_logits, hybrid_config, save_hf
+from hf_models import build_hf_model, converted_models, fresh_seed, hf_greedy, hf_logits, hybrid_config, save_hf
 from megatron_ssm.checkpoint.convert import convert
 from megatron_ssm.config import ConfigError, SSMConfig
 from test_model_vs_hf import TOL, _rank_generate, _rank_logits
@@ -27,22 +27,8 @@ CASES = [
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(family, options) -> (hf model, hf dir, {tp: checkpoint dir}), built once per case."""
-    built = {}
-
-    def get(family, opts):
-        key = (family, tuple(sorted(opts.items())))
-        if key not in built:
-            root = tmp_path_factory.mktemp(family)
-            model = build_hf_model(hybrid_config(family, **opts), fresh_seed())
-            hf_dir = save_hf(model, root / "hf")
-            ckpts = {}
-            for tp in (1, 2, 4):
-                ckpts[tp] = str(root / f"tp{tp}")
-                convert(hf_dir, ckpts[tp], tp, progress=False)
-            built[key] = (model, hf_dir, ckpts)
-        return built[key]
-
-    return get
+    get = converted_models(tmp_path_factory, hybrid_config)
+    return lambda family, opts: get(family, opts)[:3]
 
 
 def _close(ours, ref, what=""):

@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import build_hf_model, fresh_seed, hf_config, hf_greedy, hf_logits, per_group_gated_norm, save_hf
-from megatron_ssm.checkpoint.convert import convert
+from hf_models import build_hf_model, converted_models, fresh_seed, hf_config, hf_greedy, hf_logits, per_group_gated_norm
 
 TOL = 1e-4
 
@@ -72,22 +71,13 @@ CASES = [
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(family, options) -> (hf model, {tp: checkpoint dir}), built once per case."""
-    built = {}
+    get = converted_models(tmp_path_factory, hf_config)
 
-    def get(family, opts):
-        key = (family, tuple(sorted(opts.items())))
-        if key not in built:
-            root = tmp_path_factory.mktemp(f"{family}")
-            model = build_hf_model(hf_config(family, **opts), fresh_seed())
-            hf_dir = save_hf(model, root / "hf")
-            ckpts = {}
-            for tp in (1, 2, 4):
-                ckpts[tp] = str(root / f"tp{tp}")
-                convert(hf_dir, ckpts[tp], tp, progress=False)
-            built[key] = (model, ckpts)
-        return built[key]
+    def model_and_ckpts(family, opts):
+        model, _, ckpts, _ = get(family, opts)
+        return model, ckpts
 
-    return get
+    return model_and_ckpts
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

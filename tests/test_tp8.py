@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models import (build_hf_model, fresh_seed, hf_config, hf_forward_greedy, hf_greedy, hf_logits, hybrid_config,
+from hf_models import (build_hf_model, converted_models, fresh_seed, hf_config, hf_forward_greedy, hf_greedy, hf_logits, hybrid_config,
                        save_hf)
 from megatron_ssm.checkpoint.convert import convert
 from test_hybrids import _rank_prefill_then_decode as _hybrid_prefill_then_decode
@@ -31,19 +31,14 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    built = {}
+    """(family, options) -> (hf model, its TP=8 checkpoint, seed), built once per case."""
+    get = converted_models(tmp_path_factory, hf_config, tps=(TP,))
 
-    def get(family, opts):
-        key = (family, tuple(sorted(opts.items())))
-        if key not in built:
-            seed = fresh_seed()
-            root = tmp_path_factory.mktemp(family)
-            model = build_hf_model(hf_config(family, **opts), seed)
-            convert(save_hf(model, root / "hf"), root / "tp8", TP, progress=False)
-            built[key] = (model, str(root / "tp8"), seed)
-        return built[key]
+    def model_ckpt_seed(family, opts):
+        model, _, ckpts, seed = get(family, opts)
+        return model, ckpts[TP], seed
 
-    return get
+    return model_ckpt_seed
 
 
 def _rank_logits(ckpt: str, ids: torch.Tensor, allreduce: str):

@@ -15,7 +15,7 @@ import json
 
 from safetensors.torch import load_file
 
-from hf_models import build_varied_hf_model, fresh_seed, hf_forward_greedy, hf_logits, save_hf, zamba_config
+from hf_models import build_varied_hf_model, converted_models, fresh_seed, hf_forward_greedy, hf_logits, save_hf, zamba_config
 from megatron_ssm.checkpoint.convert import convert
 from megatron_ssm.config import SSMConfig
 
@@ -38,22 +38,8 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    built = {}
-
-    def get(family, opts):
-        key = (family, tuple(sorted(opts.items())))
-        if key not in built:
-            root = tmp_path_factory.mktemp(family)
-            model = build_varied_hf_model(zamba_config(family, **opts), fresh_seed())
-            hf_dir = save_hf(model, root / "hf")
-            ckpts = {}
-            for tp in (1, 2, 4):
-                ckpts[tp] = str(root / f"tp{tp}")
-                convert(hf_dir, ckpts[tp], tp, progress=False)
-            built[key] = (model, hf_dir, ckpts)
-        return built[key]
-
-    return get
+    get = converted_models(tmp_path_factory, zamba_config, build_varied_hf_model)
+    return lambda family, opts: get(family, opts)[:3]
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
