@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent one-GPU machine: every GPU-marked test, then a benchmark row per hybrid family at
-# its real size beside HF's own implementation (issue #12), logs and JSON lines under $OUT:
+# its real size beside HF's own implementation (issue #12), logs and JSON lines under $OUT (gpu_sweep.sh's
+# SWEEP=hybrids runs this with 2048-token prompts):
 #   run(command="bash tools/gpu_hybrids.sh", carry=[".whl"], timeout_s=600)
 # Each step has its own timeout, so a failing step still leaves the others' numbers.
 set -uo pipefail
@@ -16,11 +17,11 @@ J=$OUT/bench.jsonl
 timeout "${TEST_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly ${TESTS:-tests} > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -25
 for cfg in ${CONFIGS:-nemotron-h-8b falcon-h1-7b zamba2-2.7b zamba-7b-v1}; do
-    timeout "${BENCH_S:-50}" python3 tools/benchmark.py --config configs/$cfg.yaml --batch 1,16 --prompt 512 --new 64 \
+    timeout "${BENCH_S:-50}" python3 tools/benchmark.py --config configs/$cfg.yaml --batch 1,16 --prompt ${PROMPT:-512} --new ${NEW:-64} \
         --json-out "$J" 2>&1 | grep -v -i -E "warn" | tail -4 | tee -a "$OUT/log.txt"
     case " ${HF_SKIP:-} " in *" $cfg "*) continue ;; esac
     # HF's own model (its PyTorch paths: the carried mamba-ssm is Triton-only, so keep it off the path)
     PYTHONPATH=$PWD timeout "${HF_S:-35}" python3 tools/baselines.py --impl hf --config configs/$cfg.yaml --batch 1 \
-        --prompt 512 --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -2 | tee -a "$OUT/log.txt"
+        --prompt ${PROMPT:-512} --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -2 | tee -a "$OUT/log.txt"
 done
 exit 0

@@ -48,15 +48,9 @@ if [ "${SWEEP:-targets}" = single ]; then  # one GPU: GPU tests, then our TP=1 b
         --batch 1 --prompt 512 --new 8 --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
     exit 0
 fi
-if [ "${SWEEP:-targets}" = hybrids ]; then  # one GPU: hybrid GPU tests, then Nemotron-H-8B, Falcon-H1-7B, Zamba-7B-v1, Zamba2-2.7B beside HF
-    timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_model_gpu.py -k hybrid \
-        > "$OUT/pytest_gpu_hybrids.txt" 2>&1; grep -E "^(FAILED|E  )|passed|failed" "$OUT/pytest_gpu_hybrids.txt" | tail -20
-    for c in nemotron-h-8b falcon-h1-7b zamba-7b-v1 zamba2-2.7b; do
-        bench 200 1 --config configs/$c.yaml --batch 1,16 --prompt 2048 --new 128 --tag hybrids
-        timeout 120 python3 tools/baselines.py --impl hf --config configs/$c.yaml --batch 1 --prompt 2048 --new 16 \
-            --json-out "$J" 2>&1 | grep -v -i warn | tail -3 | tee -a "$OUT/log.txt"
-    done
-    exit 0
+if [ "${SWEEP:-targets}" = hybrids ]; then  # one GPU: hybrid GPU tests, then each family beside HF
+    TESTS="${TESTS:-tests/test_model_gpu.py -k hybrid}" TEST_S=${TEST_S:-180} BENCH_S=${BENCH_S:-200} HF_S=${HF_S:-120} \
+        PROMPT=${PROMPT:-2048} NEW=${NEW:-128} exec bash tools/gpu_hybrids.sh
 fi
 if [ "${SWEEP:-targets}" = comm ]; then  # all-reduce variants: latency vs size, then end to end at TP=4
     for tp in 2 4; do
