@@ -94,10 +94,7 @@ class MambaBlock(Block):
               cp=None) -> tuple[torch.Tensor, PendingOutput]:
         normed, stream = self.enter(stream, delta)
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
-        # only packed / context-parallel prefills pass these: mixers without those paths (Zamba's)
-        # keep their signature
-        packed = () if cu_seqlens is None else (cu_seqlens,)
-        return stream, self.mixer.start(normed, conv, ssm, *packed, **({} if cp is None else {"cp": cp}))
+        return stream, self.mixer.start(normed, conv, ssm, cu_seqlens, cp=cp)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return _mamba_shapes(self.mixer)

@@ -81,8 +81,12 @@ class ZambaMambaMixer(Mixer):
         return slots[:, :, self.spanned_head:self.spanned_head + 1]
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
-              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None) -> PendingOutput:
-        """As Mamba1Mixer.start; cu_seqlens: packed sequences (ops/varlen.py), each from a zero state."""
+              ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+              cp=None) -> PendingOutput:
+        """As Mamba1Mixer.start; cu_seqlens: packed sequences (ops/varlen.py), each from a zero state.
+        No context-parallel path (the model says so: MambaLM.supports_context_parallel)."""
+        if cp is not None:
+            raise NotImplementedError("Zamba's Mamba layers have no context-parallel prefill")
         cfg = self.cfg
         b, L, _ = hidden.shape
         P, W, N = self.pieces, self.piece_width, cfg.state_size
