@@ -61,6 +61,7 @@ class LayerState:
 class Block(nn.Module):
     kind = "?"
     packs = False  # takes packed sequences (cu_seqlens)
+    uses_embeddings = False  # start() also takes the token embeddings (Zamba's S)
 
     def __init__(self, cfg: SSMConfig, *, dtype, device):
         super().__init__()

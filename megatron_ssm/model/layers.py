@@ -56,7 +56,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
                          gather_output=False, skip_bias_add=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.tp_size > 1 and differentiable(self.weight):
+        if differentiable(self.weight) and self.tp_size > 1:  # checked per call: cheap test first
             x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         return F.linear(x, self.weight, self.bias)
 

@@ -214,15 +214,6 @@ class MambaLM(nn.Module):
 
 
 def _start(layer, stream, delta, state, embeddings, cu_seqlens=None, cp=None):
-    """layer.start, handing the token embeddings to the blocks that read them (Zamba's S), packed
-    sequences' boundaries to the blocks that take them (forward refuses a stack with others), and
-    the context-parallel spans to the blocks that take them (all but Zamba's S)."""
-    if getattr(layer, "uses_embeddings", False):
-        if cp is not None:
-            raise NotImplementedError("context-parallel prefill does not cover Zamba's shared blocks yet")
-        return layer.start(stream, delta, state, embeddings=embeddings)
-    if cp is not None:
-        return layer.start(stream, delta, state, cp=cp)
-    if cu_seqlens is not None:
-        return layer.start(stream, delta, state, cu_seqlens)
-    return layer.start(stream, delta, state)
+    """layer.start, handing the token embeddings to the blocks that read them (Zamba's S)."""
+    extra = {"embeddings": embeddings} if layer.uses_embeddings else {}
+    return layer.start(stream, delta, state, cu_seqlens, cp, **extra)

@@ -27,7 +27,7 @@ from ..config import SSMConfig
 from ..ops.dispatch import add_rms_norm, rms_norm
 from ..parallel import TPContext
 from .attention import Attention
-from .blocks import Block, LayerState, StateShapes, _mamba_shapes
+from .blocks import Block, LayerState, StateShapes, _mamba_shapes, _refuse_packed
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, local_param
 from .mlp import MLP
 
@@ -115,8 +115,11 @@ class SharedHybridBlock(Block):
         f = shared.mlp.start(n, gate_up_delta=app.gate_up_delta(n)).wait()
         return F.linear(f, app.linear.weight)
 
-    def start(self, stream, delta, state: LayerState | None, *, embeddings: torch.Tensor
-              ) -> tuple[torch.Tensor, PendingOutput]:
+    def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None, *,
+              embeddings: torch.Tensor) -> tuple[torch.Tensor, PendingOutput]:
+        if cp is not None:
+            raise NotImplementedError("context-parallel prefill does not cover Zamba's shared blocks yet")
+        _refuse_packed(self, cu_seqlens)
         if delta is not None:
             stream = (stream.to(self.residual_dtype) + delta.to(self.residual_dtype))
         t = self.transformer(stream, embeddings, state)
