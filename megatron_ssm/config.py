@@ -320,5 +320,22 @@ def _as_float(x) -> float:
     return float(x["__float__"] if isinstance(x, dict) else x)
 
 
+def hf_token_fields(hf: dict) -> dict:
+    """Token ids and dtype as every family's config.json spells them."""
+    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
+                pad_token_id=hf.get("pad_token_id"),
+                torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"))
+
+
+def hf_common_fields(cfg: "SSMConfig") -> dict:
+    """The head of the config.json written back for any family (the inverse of hf_token_fields plus
+    the architecture and sizes every family has)."""
+    arch, model_type = FAMILIES[cfg.family]
+    return dict(architectures=[arch], model_type=model_type, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+                tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
+                eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, dtype=cfg.torch_dtype,
+                torch_dtype=cfg.torch_dtype)
+
+
 def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x

@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import math
 
-from .config import (ATTENTION_BLOCK, FALCON_H1, FAMILIES, MAMBA_BLOCK, MLP_BLOCK, MOE_BLOCK, NEMOTRON_H,
-                     PARALLEL_BLOCK, RELU2, SWIGLU, ConfigError, _as_float, _first)
+from .config import (ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, MOE_BLOCK, NEMOTRON_H, PARALLEL_BLOCK, RELU2, SWIGLU,
+                     ConfigError, _as_float, hf_common_fields, hf_token_fields)
 
 # Nemotron-H's layer type names (and their legacy spellings) -> pattern letters
 _NEMOTRON_KINDS = {"linear_attention": MAMBA_BLOCK, "mamba": MAMBA_BLOCK, "full_attention": ATTENTION_BLOCK,
                    "attention": ATTENTION_BLOCK, "mlp": MLP_BLOCK, "moe": MOE_BLOCK}
 FALCON_MULTIPLIERS = ("embedding", "lm_head", "attention_in", "attention_out", "key", "ssm_in", "ssm_out")
-
-
-def _tokens(hf: dict) -> dict:
-    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
-                pad_token_id=hf.get("pad_token_id"),
-                torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"))
 
 
 def _pick(hf: dict, *names, default=None):
@@ -81,7 +75,7 @@ def from_hf_hybrid(cls, family: str, hf: dict):
             num_attention_heads=attn_heads, num_kv_heads=int(hf.get("num_key_value_heads") or attn_heads),
             attention_head_dim=int(hf.get("head_dim") or hidden // attn_heads),
             mlp_kind=RELU2, mlp_intermediate_size=int(hf.get("intermediate_size", 21504)),
-            mlp_bias=bool(hf.get("mlp_bias", False)), **_tokens(hf))
+            mlp_bias=bool(hf.get("mlp_bias", False)), **hf_token_fields(hf))
     # Falcon-H1
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu)")
@@ -119,16 +113,12 @@ def from_hf_hybrid(cls, family: str, hf: dict):
         mlp_kind=SWIGLU, mlp_intermediate_size=int(hf.get("intermediate_size", 14336)),
         mlp_bias=bool(hf.get("mlp_bias", False)), multipliers=mult,
         ssm_multipliers=tuple(float(x) for x in (hf.get("ssm_multipliers") or [1.0] * 5)),
-        extra={"max_position_embeddings": int(hf.get("max_position_embeddings", 8192))}, **_tokens(hf))
+        extra={"max_position_embeddings": int(hf.get("max_position_embeddings", 8192))}, **hf_token_fields(hf))
 
 
 def hf_config_hybrid(cfg) -> dict:
     """The config.json transformers needs to rebuild this hybrid (the inverse of from_hf_hybrid)."""
-    arch, model_type = FAMILIES[cfg.family]
-    d = dict(architectures=[arch], model_type=model_type, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-             tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=cfg.bos_token_id,
-             eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, dtype=cfg.torch_dtype,
-             torch_dtype=cfg.torch_dtype, num_attention_heads=cfg.num_attention_heads,
+    d = dict(**hf_common_fields(cfg), num_attention_heads=cfg.num_attention_heads,
              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.attention_head_dim,
              intermediate_size=cfg.mlp_intermediate_size, mlp_bias=cfg.mlp_bias)
     limit = [cfg.time_step_limit[0], cfg.time_step_limit[1]]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .config import GEGLU, MAMBA_BLOCK, SHARED_BLOCK, ZAMBA, ConfigError, _first
+from .config import GEGLU, MAMBA_BLOCK, SHARED_BLOCK, ZAMBA, ConfigError, hf_common_fields, hf_token_fields
 
 _HYBRID_NAMES = ("hybrid", "g")
 
@@ -30,12 +30,6 @@ def zamba_layer_kinds(hf: dict) -> list[str]:
         raise ConfigError("Zamba2 config.json lacks layers_block_type")
     period, offset = int(hf.get("attn_layer_period", 6)), int(hf.get("attn_layer_offset", 4))
     return ["mamba", "mamba", "hybrid"] + ["hybrid" if i % period == offset else "mamba" for i in range(n - 3)]
-
-
-def _tokens(hf: dict) -> dict:
-    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=_first(hf.get("eos_token_id")),
-                pad_token_id=hf.get("pad_token_id"),
-                torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"))
 
 
 def _check_act(hf: dict, field: str, want: str) -> None:
@@ -66,7 +60,7 @@ def from_hf_zamba(cls, family: str, hf: dict):
         attention_head_dim=attention_head_dim, attention_input_size=2 * hidden,
         attention_softmax_scale=(attention_head_dim / 2) ** -0.5,
         mlp_kind=GEGLU, mlp_intermediate_size=int(hf.get("intermediate_size") or 4 * hidden),
-        extra={"max_position_embeddings": int(hf.get("max_position_embeddings", 4096))}, **_tokens(hf))
+        extra={"max_position_embeddings": int(hf.get("max_position_embeddings", 4096))}, **hf_token_fields(hf))
     if family == ZAMBA:
         _check_act(hf, "hidden_mamba_act", "silu")
         rank = hf.get("mamba_dt_rank", "auto")
@@ -96,13 +90,7 @@ def from_hf_zamba(cls, family: str, hf: dict):
 
 def hf_config_zamba(cfg) -> dict:
     """The config.json transformers needs to rebuild this model (the inverse of from_hf_zamba)."""
-    from .config import FAMILIES
-
-    arch, model_type = FAMILIES[cfg.family]
-    d = dict(architectures=[arch], model_type=model_type, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
-             num_hidden_layers=cfg.num_layers, tie_word_embeddings=cfg.tie_word_embeddings,
-             bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-             dtype=cfg.torch_dtype, torch_dtype=cfg.torch_dtype,
+    d = dict(**hf_common_fields(cfg), num_hidden_layers=cfg.num_layers,
              layers_block_type=["hybrid" if k == SHARED_BLOCK else "linear_attention" for k in cfg.pattern],
              num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_kv_heads,
              attention_head_dim=cfg.attention_head_dim, intermediate_size=cfg.mlp_intermediate_size,
