@@ -3,6 +3,8 @@
 # its real size beside HF's own implementation (issue #12), logs and JSON lines under $OUT (gpu_sweep.sh's
 # SWEEP=hybrids runs this with 2048-token prompts):
 #   run(command="bash tools/gpu_hybrids.sh", carry=[".whl"], timeout_s=600)
+# PYTEST_ARGS="-n 8" spreads the GPU tests over processes (pytest-xdist, carried in .whl): their time is
+# mostly Triton compiling and autotuning on the host, which parallelises.
 # Each step has its own timeout, so a failing step still leaves the others' numbers.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -14,7 +16,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1 | tee "$OUT/env.txt"
 J=$OUT/bench.jsonl
-timeout "${TEST_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly ${TESTS:-tests} > "$OUT/pytest_gpu.txt" 2>&1
+timeout "${TEST_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly ${PYTEST_ARGS:-} ${TESTS:-tests} > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -25
 for cfg in ${CONFIGS:-nemotron-h-8b falcon-h1-7b zamba2-2.7b zamba-7b-v1}; do
     timeout "${BENCH_S:-50}" python3 tools/benchmark.py --config configs/$cfg.yaml --batch 1,16 --prompt ${PROMPT:-512} --new ${NEW:-64} \
