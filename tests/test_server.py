@@ -917,6 +917,45 @@ def test_losing_a_rank_ends_the_others(ckpt, tmp_path, victim):
             r.kill()
 
 
+@pytest.mark.parametrize("case", ["shard-missing-on-rank-1", "rank-1-never-starts", "rank-0-never-starts"])
+def test_a_rank_failing_at_start_up_ends_every_rank(ckpt, tmp_path, case):
+    """Two ranks started by hand. Rank 1's copy of the checkpoint lacks its shard: both ranks exit 2
+    (rank 1 naming the file, rank 0 naming rank 1) instead of rank 0 waiting in a collective. A rank
+    that dies before it joins (here: never started): the one started waits out --dist-timeout and
+    exits 1 with a message saying who did not come, not a rendezvous traceback."""
+    port = free_port()
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "MEGATRON_SSM_DIST_TIMEOUT": "3"}
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    shard = next(broken.rglob("mp_rank_01"))
+    shutil.rmtree(shard)
+    started = {"shard-missing-on-rank-1": (0, 1), "rank-1-never-starts": (0,), "rank-0-never-starts": (1,)}[case]
+    ranks = {}
+    for r in started:
+        load = broken if r == 1 else ckpt
+        args = [sys.executable, "examples/run_text_generation_server.py", "--load", str(load), "--port", "0"]
+        ranks[r] = Server(args, tmp_path / f"rank{r}.log", {**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+    try:
+        for r, srv in ranks.items():
+            srv.wait_gone(120)  # a bound: imports on 2 busy cores, then 3 s of --dist-timeout at most
+            log = srv.log()
+            assert "Traceback" not in log, log[-3000:]
+            if case == "shard-missing-on-rank-1":
+                assert srv.proc.returncode == 2, log[-3000:]
+                if r == 1:
+                    assert "missing the shard of TP rank 1" in log and "mp_rank_01" in log, log[-3000:]
+                else:  # rank 0 loaded its own shard, then heard from rank 1
+                    assert "TP rank(s) 1 could not load their shard" in log, log[-3000:]
+            else:
+                assert srv.proc.returncode == 1, log[-3000:]
+                who = "not every one of the 2 ranks joined" if r == 0 else "rank 0 did not answer"
+                assert f"{who} at 127.0.0.1:{port} within 3 s" in log, log[-3000:]
+    finally:
+        for srv in ranks.values():
+            srv.kill()
+
+
 def test_killing_the_launcher_stops_its_ranks(ckpt, tmp_path):
     """torchrun starts ranks in sessions of their own, so SIGKILL to torchrun orphans them instead
     of signalling them: they must notice and stop by themselves."""

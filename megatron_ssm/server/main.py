@@ -153,6 +153,19 @@ def _describe(e: BaseException, rank: int, timeout: float) -> str:
             f"({type(e).__name__}: {text[:300]}). {who[0].upper() + who[1:]} has probably died; exiting")
 
 
+def _rendezvous_failed(e: BaseException, timeout: float) -> str:
+    """Why the ranks did not meet, for a rank whose peers never came (one failed before start-up,
+    or the launch gave the ranks different WORLD_SIZE / MASTER_ADDR / MASTER_PORT)."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if os.environ.get("RANK", "0") == "0":
+        what = f"not every one of the {os.environ.get('WORLD_SIZE', '?')} ranks joined at {where} within {timeout:g} s"
+    else:
+        what = f"rank 0 did not answer at {where} within {timeout:g} s"
+    return (f"{what} ({type(e).__name__}: {text[:300]}): a rank failed before start-up, or the ranks were "
+            "launched with different WORLD_SIZE / MASTER_ADDR / MASTER_PORT; exiting")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.bf16 or args.fp16:
@@ -173,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         shutdown()
         return 2
+    except dist.DistError as e:  # a rank that never joined: every rank waiting for it says so and stops
+        _say(int(os.environ.get("RANK", "0")), "error: " + _rendezvous_failed(e, args.dist_timeout))
+        return 1
     cp = cp_context()
     rank, world = dist.get_rank(), dist.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
