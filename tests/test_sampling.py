@@ -99,6 +99,36 @@ def test_filter_logits_equals_sorted_loop(seed, top_k, top_p):
         assert torch.equal(out[r][sorted(want)], batch[r][sorted(want)]), f"seed {seed}: kept logits changed"
 
 
+@pytest.mark.parametrize("top_p,kept", [(0.125, 1), (0.25, 2), (0.5, 4), (0.625, 5), (0.626, 6), (1.0, 8)])
+def test_top_p_at_exactly_a_nucleus_sum_stops_there(top_p, kept):
+    """Eight equal logits: every probability is exactly 1/8 in float32, so the nucleus of k tokens sums
+    to exactly k/8 and the smallest one reaching top_p has ceil(8 top_p) tokens (top_p = 5/8 keeps 5,
+    not 6: "reaching" includes equality)."""
+    out = filter_logits(torch.zeros(8), 0, top_p)
+    assert int(torch.isfinite(out).sum()) == kept == math.ceil(8 * top_p)
+
+
+def test_top_p_one_keeps_tokens_below_float32_resolution(seed):
+    """top_p = 1 (the default) keeps every token, also those whose probability is below float32's
+    resolution next to 1 (a nucleus computed anyway would see the first token's probability round
+    to 1.0 and drop the rest: sampling could then never pick them)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.cat([torch.zeros(1), -20.0 - 5 * torch.rand(5, generator=g)])
+    assert torch.softmax(logits, -1)[0] == 1.0  # the premise: the rest is below resolution
+    assert torch.equal(filter_logits(logits, 0, 1.0), logits), f"seed {seed}"
+
+
+def test_scale_logits_shifts_each_row_by_its_own_maximum(seed):
+    """Rows of a batch ([3, 7]): (row - max(row)) / T, each against float64."""
+    from megatron_ssm.inference.sampling import scale_logits
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 7, generator=g, dtype=torch.float64) * 4
+    logits[1] += 50.0  # rows with different maxima
+    want = (logits - logits.max(dim=1, keepdim=True).values) / 0.7
+    assert torch.allclose(scale_logits(logits.float(), 0.7).double(), want, atol=1e-5), f"seed {seed}"
+
+
 # ---- draw: the exact token for the generator's uniform number ----------------------------------------
 
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.5), SamplingParams(2.5, top_k=6),

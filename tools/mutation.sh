@@ -4,6 +4,7 @@
 #   tools/mutation.sh                                   every module of [tool.mutmut] only_mutate
 #   tools/mutation.sh megatron_ssm.inference.sampling   just these (dotted names)
 #   KEEP=1 tools/mutation.sh ...                        reuse mutants/ from an earlier run
+#   MAX_CHILDREN=1 tools/mutation.sh ...                mutants run at once (default: one per core)
 #
 # Each mutant runs only the single-process tests that reach the mutated function (conftest.py drops
 # rank-pool and interpreter tests under MEGATRON_SSM_MUTATION=1), so one costs about a second.
@@ -24,7 +25,7 @@ fi
 mkdir -p out/mutation
 
 for module in "$@"; do
-    timeout "$PER_MODULE_TIMEOUT" "$PY" -m mutmut run "$module.*" > "out/mutation/$module.log" 2>&1 \
+    timeout "$PER_MODULE_TIMEOUT" "$PY" -m mutmut run --max-children "${MAX_CHILDREN:-$(nproc)}" "$module.*" > "out/mutation/$module.log" 2>&1 \
         || echo "$module: mutmut exited $? (log: out/mutation/$module.log)"
 done
 "$PY" -m mutmut results --all true 2>/dev/null | "$PY" -c '
