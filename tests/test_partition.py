@@ -189,3 +189,70 @@ def test_zamba_mamba_heads_that_do_not_divide_are_refused():
     name = next(n for n in partition.hf_shapes(cfg) if n.endswith("x_proj_weight") or "x_proj" in n)
     with pytest.raises(ValueError, match="TP degree 3 and 2 mamba heads: one must divide the other"):
         partition.shard(name, torch.zeros(partition.hf_shapes(cfg)[name]), cfg, 3, 0)
+
+
+@pytest.mark.parametrize("family,bias", [("nemotron_h", False), ("nemotron_h", True), ("falcon_h1", False),
+                                         ("falcon_h1", True), ("zamba", False), ("zamba2", False)])
+def test_our_tensors_hold_every_hf_parameter(family, bias):
+    """Our tensor list (hf_names / hf_shapes) holds exactly the elements of HF's own model: the sum of
+    our shapes' sizes equals the sum of HF's parameters' sizes (we fuse q, k, v and gate, up, so the
+    counts of tensors differ). With attention_bias / mlp_bias on, the biases are in both."""
+    import math
+
+    from hf_models import build_hf_model, fresh_seed, hybrid_config, zamba_config
+
+    hf = zamba_config(family) if family.startswith("zamba") else hybrid_config(family, pattern="M*-M*")
+    if bias:
+        hf.attention_bias = hf.mlp_bias = True
+    cfg = SSMConfig.from_hf(hf.to_dict())
+    ours = partition.hf_shapes(cfg)
+    assert list(ours) == partition.hf_names(cfg)
+    theirs = build_hf_model(hf, fresh_seed())
+    assert sum(math.prod(s) for s in ours.values()) == sum(p.numel() for p in theirs.parameters()), family
+    if family == "falcon_h1":  # SwiGLU: one fused [gate | up] projection per MLP
+        assert any(n.endswith("gate_up_proj.weight") for n in ours) and not any(n.endswith(".up_proj.weight") for n in ours)
+        assert bias == any(n.endswith("qkv_proj.bias") for n in ours) == any(n.endswith("o_proj.bias") for n in ours)
+
+
+def _zamba_tensor(cfg, suffix: str) -> str:
+    return next(n for n in partition.hf_shapes(cfg) if n.endswith(suffix))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_zamba_head_channel_shards_by_hand(tp):
+    """Zamba's per-head x_proj [heads, R + 2N, head_dim] and dt_proj [heads, head_dim, R], every value
+    its global channel (head h, channel c -> h * head_dim + c): rank r holds channels
+    [r C / tp, (r + 1) C / tp) of C = heads * head_dim, as whole heads when tp divides the 2 heads
+    and as one part of a head ([1, ...]) at TP 4."""
+    cfg = _hybrid("zamba")
+    heads = cfg.num_heads
+    for suffix, axis in (("x_proj_weight", 2), ("dt_proj_weight", 1)):
+        name = _zamba_tensor(cfg, suffix)
+        shape = partition.hf_shapes(cfg)[name]
+        hd = shape[axis]
+        index = torch.arange(heads * hd, dtype=torch.float32).reshape(heads, hd)  # [head, channel]
+        full = index.reshape(heads, *[hd if d == axis else 1 for d in range(1, len(shape))]).expand(shape).clone()
+        per_rank = heads * hd // tp
+        for r in range(tp):
+            got = partition.shard(name, full, cfg, tp, r)
+            pieces = max(1, heads // tp)
+            want_channels = torch.arange(r * per_rank, (r + 1) * per_rank, dtype=torch.float32).reshape(pieces, -1)
+            want_shape = [pieces] + [per_rank // pieces if d == axis else shape[d] for d in range(1, len(shape))]
+            assert list(got.shape) == want_shape, (suffix, tp, r)
+            want = want_channels.reshape(pieces, *[per_rank // pieces if d == axis else 1
+                                                    for d in range(1, len(shape))]).expand(want_shape)
+            assert torch.equal(got, want), (suffix, tp, r)
+
+
+def test_zamba_in_proj_and_heads_of_the_wrong_size_are_refused():
+    cfg = _hybrid("zamba")
+    name = _zamba_tensor(cfg, "in_proj.weight")
+    rows, cols = partition.hf_shapes(cfg)[name]
+    with pytest.raises(ValueError, match=f"^{rows - 1} interleaved rows do not split into 2 segments over 1 ranks$"):
+        partition.shard(name, torch.zeros(rows - 1, cols), cfg, 1, 0)
+    with pytest.raises(ValueError, match=f"^{rows} interleaved rows do not split into 2 segments over 5 ranks$"):
+        partition.shard(name, torch.zeros(rows, cols), cfg, 5, 0)
+    x_proj = _zamba_tensor(cfg, "x_proj_weight")
+    _, R2N, hd = partition.hf_shapes(cfg)[x_proj]
+    with pytest.raises(ValueError, match=rf"^expected 2 mamba heads on dim 0, found shape \(3, {R2N}, {hd}\)$"):
+        partition.shard(x_proj, torch.zeros(3, R2N, hd), cfg, 1, 0)

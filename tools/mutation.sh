@@ -3,6 +3,7 @@
 #
 #   tools/mutation.sh                                   every module of [tool.mutmut] only_mutate
 #   tools/mutation.sh megatron_ssm.inference.sampling   just these (dotted names)
+#   tools/mutation.sh 'megatron_ssm.inference.engine.xǁEngineǁ_admit*'   some functions (mutmut's names)
 #   KEEP=1 tools/mutation.sh ...                        reuse mutants/ from an earlier run
 #   MAX_CHILDREN=1 tools/mutation.sh ...                mutants run at once (default: one per core)
 #
@@ -24,10 +25,17 @@ fi
 [ -n "${KEEP:-}" ] || rm -rf mutants
 mkdir -p out/mutation
 
-for module in "$@"; do
-    timeout "$PER_MODULE_TIMEOUT" "$PY" -m mutmut run --max-children "${MAX_CHILDREN:-$(nproc)}" "$module.*" > "out/mutation/$module.log" 2>&1 \
-        || echo "$module: mutmut exited $? (log: out/mutation/$module.log)"
+modules=()
+for target in "$@"; do
+    # a module (every mutant of it) or a mutmut name pattern (some functions' mutants)
+    case "$target" in *'*'*) pattern=$target ;; *) pattern="$target.*" ;; esac
+    module=$(printf '%s' "$target" | sed -E 's/\.x(_|ǁ).*//')
+    modules+=("$module")
+    log="out/mutation/$(printf '%s' "$target" | tr -c 'A-Za-z0-9._-' '_').log"
+    timeout "$PER_MODULE_TIMEOUT" "$PY" -m mutmut run --max-children "${MAX_CHILDREN:-$(nproc)}" "$pattern" > "$log" 2>&1 \
+        || echo "$target: mutmut exited $? (log: $log)"
 done
+set -- $(printf '%s\n' "${modules[@]}" | sort -u)
 "$PY" -m mutmut results --all true 2>/dev/null | "$PY" -c '
 import collections, re, sys
 wanted = sys.argv[1:]
