@@ -256,3 +256,45 @@ def test_zamba_in_proj_and_heads_of_the_wrong_size_are_refused():
     _, R2N, hd = partition.hf_shapes(cfg)[x_proj]
     with pytest.raises(ValueError, match=rf"^expected 2 mamba heads on dim 0, found shape \(3, {R2N}, {hd}\)$"):
         partition.shard(x_proj, torch.zeros(3, R2N, hd), cfg, 1, 0)
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "falcon_h1"])
+def test_hybrid_mlp_and_attention_output_layouts_by_hand(family, seed):
+    """With every bias on, at TP 2: up_proj (and each half of gate_up_proj = [gate | up]) and its bias
+    split their rows (column-parallel), down_proj and o_proj split their input columns
+    (row-parallel), and the row-parallel biases are whole on every rank (added once, after the
+    all-reduce); qkv's shards glue back to it."""
+    from hf_models import hybrid_config
+
+    hf = hybrid_config(family, pattern="M*-M*")
+    hf.attention_bias = hf.mlp_bias = True
+    cfg = SSMConfig.from_hf(hf.to_dict())
+    g = torch.Generator().manual_seed(seed)
+    seen = set()
+    for name, shape in partition.hf_shapes(cfg).items():
+        kind = name.split(".")[-2] + "." + name.split(".")[-1]
+        full = torch.randn(shape, generator=g)
+        got = [partition.shard(name, full, cfg, 2, r) for r in range(2)]
+        if kind in ("up_proj.weight", "up_proj.bias"):
+            want = list(full.chunk(2, dim=0))
+        elif kind in ("gate_up_proj.weight", "gate_up_proj.bias"):
+            gate, up = full.chunk(2, dim=0)
+            want = [torch.cat([gate.chunk(2, 0)[r], up.chunk(2, 0)[r]]) for r in range(2)]
+        elif kind in ("down_proj.weight", "o_proj.weight"):
+            want = list(full.chunk(2, dim=1))
+        elif kind in ("down_proj.bias", "o_proj.bias"):
+            want = [full, full]
+        elif kind in ("qkv_proj.weight", "qkv_proj.bias"):
+            assert all(p.shape[0] * 2 == full.shape[0] for p in got), name
+            assert torch.equal(partition.merge(name, got, cfg), full), name
+            seen.add(kind)
+            continue
+        else:
+            continue
+        seen.add(kind)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (seed, name)
+    up = "gate_up_proj" if family == "falcon_h1" else "up_proj"
+    want = {f"{up}.weight", f"{up}.bias", "down_proj.weight", "down_proj.bias", "o_proj.weight", "qkv_proj.weight"}
+    if family == "falcon_h1":  # HF's Nemotron-H has no attention biases (its attention_bias is not read)
+        want |= {"o_proj.bias", "qkv_proj.bias"}
+    assert seen == want, seen
