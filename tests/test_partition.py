@@ -298,3 +298,14 @@ def test_hybrid_mlp_and_attention_output_layouts_by_hand(family, seed):
     if family == "falcon_h1":  # HF's Nemotron-H has no attention biases (its attention_bias is not read)
         want |= {"o_proj.bias", "qkv_proj.bias"}
     assert seen == want, seen
+
+
+def test_names_the_model_does_not_have_are_refused():
+    """A tensor name outside the model (a layer past the last, a block part its kind lacks) is a
+    KeyError naming it, not a guessed rule: a checkpoint with extra tensors is refused, not sharded."""
+    cfg = _hybrid("nemotron_h")  # pattern M*-M*: layer 1 attention, layer 2 MLP
+    assert cfg.pattern == "M*-M*"
+    for name in (f"layers.{len(cfg.pattern)}.norm.weight", "bogus.weight", "layers.0.bogus.weight",
+                 "layers.1.attention.qkv_proj.weight", "layers.2.mixer.in_proj.weight", "layers.0.mixer.up_proj.weight"):
+        with pytest.raises(KeyError, match="no sharding rule for tensor"):
+            partition.rule_for(name, cfg, 2)
