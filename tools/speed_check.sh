@@ -41,11 +41,12 @@ if has base; then
         --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$L/bench.txt"
 fi
 if has serve; then  # the serving benchmark: ours, ours without packed/graphed prefill, mamba-ssm (~4 min)
-    S="--config configs/mamba2-2.7b.yaml --rates ${RATES:-2,8,32} --requests ${REQUESTS:-64} --json-out $L/serve.jsonl"
-    timeout 120 python3 tools/serving_benchmark.py $S --plot "$L/serving-mamba2-2.7b.png" 2>&1 | quiet | tee -a "$L/serve.txt"
-    timeout 120 python3 tools/serving_benchmark.py $S --no-pack 2>&1 | quiet | tee -a "$L/serve.txt"
-    timeout 120 python3 tools/serving_benchmark.py $S --impl mamba-ssm --plot "$L/serving-mamba2-2.7b.png" 2>&1 \
-        | quiet | tee -a "$L/serve.txt"
+    # mamba-ssm serves one request at a time: its throughput is the same at every rate, so one rate
+    S="--config configs/mamba2-2.7b.yaml --requests ${REQUESTS:-64} --json-out $L/serve.jsonl"
+    timeout ${T_SERVE:-110} python3 tools/serving_benchmark.py $S --rates ${RATES:-2,8,32,128} 2>&1 | quiet | tee -a "$L/serve.txt"
+    timeout ${T_SERVE:-110} python3 tools/serving_benchmark.py $S --rates ${RATES:-2,8,32,128} --no-pack 2>&1 | quiet | tee -a "$L/serve.txt"
+    timeout ${T_SERVE_BASE:-80} python3 tools/serving_benchmark.py $S --rates ${BASE_RATES:-4} --impl mamba-ssm \
+        --plot "$L/serving-mamba2-2.7b.png" 2>&1 | quiet | tee -a "$L/serve.txt"
 fi
 if has prof; then
     timeout 50 python3 tools/profile_step.py --config configs/mamba2-2.7b.yaml --phase prefill --batch 1 --prompt 512 \
