@@ -198,11 +198,16 @@ def main() -> int:
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--plot", default=None, help="write a plot of every row in --json-out (and this run) here")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--verbose", action="store_true", help="log the engine's graph captures (with their times)")
     ap.add_argument("--budgets", type=floats, default=[250.0, 500.0, 1000.0, 2000.0, 5000.0],
                     help="TTFT p99 budgets (ms) at which to compare throughput across every row in --json-out")
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
+    if args.verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     name = Path(args.config or args.load).stem
@@ -242,7 +247,9 @@ def main() -> int:
         warm = workload(args, 1.0, vocab)
         for a in warm:
             a.at = 0.0
+        started = time.perf_counter()
         run(warm)
+        print(f"warm-up (the workload at once): {time.perf_counter() - started:.1f} s", flush=True)
     impl = args.impl if not (args.no_pack or args.no_graphs) else \
         f"{args.impl}{'-nopack' if args.no_pack else ''}{'-nographs' if args.no_graphs else ''}"
     rows = []
