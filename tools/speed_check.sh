@@ -2,7 +2,7 @@
 # One-GPU speed check, one device call (logs and JSON lines under $OUT, tarred into one file):
 #   run(command="bash tools/speed_check.sh", carry=[".whl"], timeout_s=240)
 # STAGE picks what runs: tests (the GPU tests of the packed/graphed paths), bench (mamba2-2.7b and
-# falcon-mamba-7b TTFT and decode), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
+# falcon-mamba-7b TTFT and decode), suite (every GPU test, pytest-xdist -n $XDIST), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
 # generate on the same workloads), serve (tools/serving_benchmark.py: ours, ours unpacked, mamba-ssm),
 # prof (where an eager prefill and a decode step spend their time); default: tests,bench. Each step
 # has its own timeout.
@@ -24,6 +24,11 @@ if has tests; then
     timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_model_gpu.py \
         -k "${TESTS_K:-packed or model}" > "$L/pytest.txt" 2>&1
     grep -E "^(FAILED|ERROR|E  )|passed|failed" "$L/pytest.txt" | tail -20
+fi
+if has suite; then  # every GPU-marked test (make test-gpu), spread over processes: most of its time is compiling
+    timeout ${T_SUITE:-240} python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly -n ${XDIST:-8} tests \
+        > "$L/pytest_suite.txt" 2>&1
+    echo "suite rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$L/pytest_suite.txt" | tail -20
 fi
 if has bench; then
     timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16,64} \
