@@ -137,6 +137,16 @@ class GraphedPrefill:
         graph.replay()
         return io["logits"][:n]
 
+    def capture_all(self) -> None:
+        """Capture every (token, sequence) bucket now, largest first so that the first capture
+        sizes the shared memory pool."""
+        started = time.perf_counter()
+        for T in sorted(self.token_buckets, reverse=True):
+            for S in sorted(self.seq_buckets, reverse=True):
+                if S <= T and (T, S) not in self.graphs:
+                    self._capture(T, S)
+        log.info("captured %d packed prefill graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+
     def _capture(self, T: int, S: int):
         started = time.perf_counter()
         model, cache, device = self.model, self.cache, self.device
