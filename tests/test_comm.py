@@ -576,3 +576,15 @@ def test_oneshot_size_limits():
     assert (auto.limit(2), auto.limit(4), auto.limit(8)) == (64 << 10, 512 << 10, 256 << 10)
     assert OneShotAllReduce(max_bytes=1024).limit(4) == 1024
     assert not auto.takes(torch.zeros(8), 2)  # a CPU tensor always goes to the backend
+
+
+def test_qmax_and_code_dtype_are_each_formats_largest_code():
+    """The code range the fused Triton kernels scale onto (read from qmax there): int8's 127 (-128 is
+    the NaN code), e4m3's 448, fp16's 65504; an unknown format is refused by name."""
+    from megatron_ssm.comm.quantize import qmax
+
+    assert [qmax(f) for f in ("int8", "fp8", "fp16")] == [127.0, 448.0, 65504.0]
+    assert [code_dtype(f) for f in ("int8", "fp8", "fp16")] == [torch.int8, torch.float8_e4m3fn, torch.float16]
+    for fn in (qmax, code_dtype):
+        with pytest.raises(ValueError, match="unknown quantisation format 'int4'"):
+            fn("int4")
