@@ -271,6 +271,33 @@ def test_conv1d_split_prefill_and_decode(seed):
     assert _close(torch.stack(steps, 1), y, 1e-12) and _close(state, fin, 1e-12), seed
 
 
+def test_conv1d_keeps_the_activations_dtype_with_fp32_weights_and_state(seed):
+    """bf16 activations with fp32 weights, bias and carried state (a model kept in fp32 serving bf16):
+    outputs and the final state come back in bf16, the values within bf16 rounding of the float64
+    loop; the same for the decode step, whose fp32 state stays fp32."""
+    _, kw = conv_inputs(2, 7, 6, 4, torch.float32, "cpu")
+    kw["x"] = kw["x"].bfloat16()
+    y, fin = ref_ops.causal_conv1d(**kw)
+    ny, nfin = naive_conv(**kw)
+    assert (y.dtype, fin.dtype) == (torch.bfloat16, torch.bfloat16)
+    assert _close(y, ny, 1e-2) and _close(fin, nfin, 1e-2), seed
+    state = kw["initial_state"].clone()
+    step = ref_ops.causal_conv1d_update(kw["x"][:, 0], state, kw["weight"], kw["bias"])
+    assert step.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert _close(step, ny[:, 0], 1e-2), seed
+
+
+def test_packed_conv1d_without_silu_and_refusing_a_state(seed):
+    """Packed sequences pass silu=False on to each sequence (the naive loop, per sequence, without
+    the activation), and refuse an initial state like every packed op."""
+    _, kw = packed(conv_inputs(1, 9, 6, 4, torch.float64, "cpu", state=False, silu=False), (4, 5))
+    y, fin = ref_ops.causal_conv1d(**kw)
+    parts = [naive_conv(kw["x"][:, s:e], kw["weight"], kw["bias"], None, False) for s, e in ((0, 4), (4, 9))]
+    assert _close(y, torch.cat([p[0] for p in parts], 1)) and _close(fin, torch.cat([p[1] for p in parts], 0)), seed
+    with pytest.raises(ValueError, match="zero states"):
+        ref_ops.causal_conv1d(**dict(kw, initial_state=torch.zeros(2, 6, 3, dtype=torch.float64)))
+
+
 @pytest.mark.parametrize("L", [1, 9])
 @pytest.mark.parametrize("state,gate", [(True, True), (False, False)])
 def test_selective_scan_reference(seed, L, state, gate):
