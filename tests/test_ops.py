@@ -388,17 +388,47 @@ def test_gated_rms_norm_reference(seed, groups):
     assert _close(out, naive_norm(kw["y"], kw["gate"], kw["weight"], kw["eps"], kw["group_size"]), 1e-6), seed
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_gated_rms_norm_group_split_across_ranks(seed, ranks):
-    """One norm group over `ranks` shards, as when n_groups < tp: each shard's norm with a callback
-    that sums every shard's sum of squares equals the unsharded norm."""
+@pytest.mark.parametrize("n_shards", [2, 4])
+def test_gated_rms_norm_group_split_across_ranks(seed, n_shards):
+    """One norm group over `n_shards` shards, as when n_groups < tp: each shard's norm, with a
+    callback adding the other shards' sums of squares (float64, from the inputs) to the local one
+    it is given ([..., 1]), equals the float64 norm of the whole group."""
     _, kw = gated_norm_inputs((3, 2), 24, 24, torch.float64, "cpu")
-    full = ref_ops.gated_rms_norm(**kw)
+    want = naive_norm(kw["y"], kw["gate"], kw["weight"], kw["eps"], kw["group_size"])
     shards = [dict(kw, y=y, gate=g, weight=w) for y, g, w in
-              zip(kw["y"].chunk(ranks, -1), kw["gate"].chunk(ranks, -1), kw["weight"].chunk(ranks))]
-    total = sum((s["y"] * F.silu(s["gate"])).pow(2).sum(-1, keepdim=True) for s in shards)
-    parts = [ref_ops.gated_rms_norm(**s, reduce_sum_of_squares=lambda local: total) for s in shards]
-    assert _close(torch.cat(parts, -1), full, 1e-6), seed
+              zip(kw["y"].chunk(n_shards, -1), kw["gate"].chunk(n_shards, -1), kw["weight"].chunk(n_shards))]
+    ss = [(s["y"] * F.silu(s["gate"])).pow(2).sum(-1, keepdim=True) for s in shards]
+
+    def reduce_for(i):
+        def reduce(local):
+            assert local.shape == ss[i].shape
+            return local + sum(x for j, x in enumerate(ss) if j != i)
+        return reduce
+
+    parts = [ref_ops.gated_rms_norm(**s, reduce_sum_of_squares=reduce_for(i)) for i, s in enumerate(shards)]
+    assert _close(torch.cat(parts, -1), want, 1e-6), seed
+
+
+def test_norms_return_the_dtypes_they_promise(seed):
+    """rms_norm casts back to the input's dtype before the weight (HF's MambaRMSNorm: a bf16 weight
+    on bf16 input gives bf16); gated_rms_norm returns y's dtype; add_rms_norm's stream is in
+    residual_dtype whatever the residual and delta come in."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 16, generator=g).bfloat16()
+    w = (1 + 0.3 * torch.randn(16, generator=g)).bfloat16()
+    xf = x.float()
+    hf = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    assert torch.equal(ref_ops.rms_norm(x, w, 1e-5), hf), seed
+    gate = torch.randn(3, 16, generator=g).bfloat16()
+    out = ref_ops.gated_rms_norm(x, gate, w.float(), 1e-5, 8, reduce_sum_of_squares=lambda local: local * 2)
+    assert out.dtype == torch.float32 and ref_ops.gated_rms_norm(x, gate, w, 1e-5, 8).dtype == torch.bfloat16
+    for res_dtype, stream in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+        residual = torch.randn(3, 16, generator=g).to(res_dtype)
+        delta = torch.randn(3, 16, generator=g).to(res_dtype)
+        _, h = ref_ops.add_rms_norm(residual, delta, w, 1e-5, stream)
+        assert h.dtype == stream and torch.equal(h, (residual.to(stream) + delta).to(stream)), seed
+        _, h0 = ref_ops.add_rms_norm(residual, None, w, 1e-5, stream)
+        assert h0.dtype == stream and torch.equal(h0, residual.to(stream)), seed
 
 
 @pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16], ids=["fp32-stream", "bf16-stream"])
