@@ -287,6 +287,44 @@ def test_conv1d_keeps_the_activations_dtype_with_fp32_weights_and_state(seed):
     assert _close(step, ny[:, 0], 1e-2), seed
 
 
+@pytest.mark.parametrize("limit", [(0.0, float("inf")), (0.01, float("inf")), (0.0, 0.05), (0.01, 0.05)],
+                         ids=["none", "lower", "upper", "both"])
+def test_discretize_dt_clamps_to_each_bound_set(seed, limit):
+    """softplus(dt + dt_bias) in float64, then min(max(., lo), hi) for the bounds that are set; the
+    inputs span softplus values from 1e-4 to 10, so every bound bites."""
+    from megatron_ssm.ops.selective_scan import discretize_dt
+
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.linspace(-9.0, 10.0, 64, dtype=torch.float64)[torch.randperm(64, generator=g)]
+    bias = 0.1 * torch.randn(64, generator=g, dtype=torch.float64)
+    lo, hi = limit
+    want = F.softplus(dt + bias).clamp(min=lo, max=hi)
+    got = discretize_dt(dt.float(), bias.float(), limit)
+    assert got.dtype == torch.float32 and _close(got, want, 1e-6), seed
+    assert bool((got == lo).any()) == (lo > 0) and bool((got == torch.tensor(hi).float()).any()) == (hi < 1), seed
+
+
+def test_selective_scan_dtypes_empty_and_ungated_packed(seed):
+    """bf16 inputs: y in bf16 and the state in fp32 (also from an empty sequence, whose y is
+    [b, 0, d] and state zeros); the decode step returns u's dtype; packed sequences without a gate
+    (z None) equal each sequence alone."""
+    _, kw = scan_inputs(2, 5, 6, 4, torch.bfloat16, "cpu", state=False)
+    y, h = ref_ops.selective_scan(**kw)
+    ny, nh = naive_mamba1(**kw)
+    assert (y.dtype, h.dtype) == (torch.bfloat16, torch.float32) and _close(y, ny, 2e-2), seed
+    empty = {k: (v[:, :0] if k in ("u", "dt", "B", "C", "z") else v) for k, v in kw.items()}
+    y0, h0 = ref_ops.selective_scan(**dict(empty, D=None))
+    assert y0.shape == (2, 0, 6) and y0.dtype == torch.bfloat16
+    assert h0.dtype == torch.float32 and torch.equal(h0, torch.zeros(2, 6, 4))
+    _, ukw = scan_update_inputs(2, 6, 4, torch.bfloat16, "cpu")
+    assert ref_ops.selective_state_update(**ukw).dtype == torch.bfloat16
+    _, pkw = packed(scan_inputs(1, 7, 6, 4, torch.float32, "cpu", state=False, gate=False), (3, 4))
+    y, h = ref_ops.selective_scan(**pkw)
+    alone = [naive_mamba1(**{k: (v[:, s:e] if k in ("u", "dt", "B", "C") else v) for k, v in pkw.items()
+                             if k != "cu_seqlens"}) for s, e in ((0, 3), (3, 7))]
+    assert _close(y, torch.cat([a[0] for a in alone], 1)) and _close(h, torch.cat([a[1] for a in alone], 0)), seed
+
+
 def test_packed_conv1d_without_silu_and_refusing_a_state(seed):
     """Packed sequences pass silu=False on to each sequence (the naive loop, per sequence, without
     the activation), and refuse an initial state like every packed op."""
