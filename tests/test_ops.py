@@ -313,7 +313,7 @@ def test_selective_scan_dtypes_empty_and_ungated_packed(seed):
     ny, nh = naive_mamba1(**kw)
     assert (y.dtype, h.dtype) == (torch.bfloat16, torch.float32) and _close(y, ny, 2e-2), seed
     empty = {k: (v[:, :0] if k in ("u", "dt", "B", "C", "z") else v) for k, v in kw.items()}
-    y0, h0 = ref_ops.selective_scan(**dict(empty, D=None))
+    y0, h0 = ref_ops.selective_scan(**dict(empty, D=None, z=None))
     assert y0.shape == (2, 0, 6) and y0.dtype == torch.bfloat16
     assert h0.dtype == torch.float32 and torch.equal(h0, torch.zeros(2, 6, 4))
     _, ukw = scan_update_inputs(2, 6, 4, torch.bfloat16, "cpu")
