@@ -373,6 +373,22 @@ def test_ssd_dt_limit_reference(seed):
     assert _close(y, ny) and _close(hT, nh), seed
 
 
+def test_ssd_packed_with_dt_limit_and_dtypes(seed):
+    """Packed sequences pass dt_limit on to each sequence (the float64 recurrence per sequence, with
+    the clamp) and refuse an initial state; the decode step returns x's dtype."""
+    lengths = (5, 6)
+    _, kw = packed(ssd_inputs(1, 11, 2, 3, 1, 4, 4, torch.float32, "cpu", state=False, dt_limit=(0.01, 0.05)),
+                   lengths)
+    y, hT = ref_ops.ssd_chunk_scan(**kw)
+    alone = [naive_mamba2(**{k: (v[:, s:e] if k in ("x", "dt", "B", "C") else v) for k, v in kw.items()
+                             if k != "cu_seqlens"}) for s, e in ((0, 5), (5, 11))]
+    assert _close(y, torch.cat([a[0] for a in alone], 1)) and _close(hT, torch.cat([a[1] for a in alone], 0)), seed
+    with pytest.raises(ValueError, match="zero states"):
+        ref_ops.ssd_chunk_scan(**dict(kw, initial_state=torch.zeros(2, 2, 3, 4)))
+    _, ukw = ssd_update_inputs(2, 2, 3, 1, 4, torch.bfloat16, "cpu")
+    assert ref_ops.ssd_state_update(**ukw).dtype == torch.bfloat16
+
+
 def test_ssd_chunk_scan_then_update_equals_longer_scan(seed):
     _, kw = ssd_inputs(2, 10, 4, 3, 2, 5, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1))
     y, hT = ref_ops.ssd_chunk_scan(**kw)
