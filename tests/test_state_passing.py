@@ -86,3 +86,40 @@ def test_split_spans():
     assert sum(split_spans(1000, 4, 7)) == 1000
     with pytest.raises(ValueError):
         split_spans(3, 4)
+
+
+def test_entry_correction_in_steps_and_empty_spans_against_closed_form():
+    """Mamba-1's correction sum_n C_tn exp(cum_dt_td A_dn) h_dn in float64, computed by the op a few
+    time steps at a time (max_elements forcing 2 steps per slice over 5 steps) and for an empty span;
+    an empty span's conv tail is [b, C, 0]; one span's entering state is zero and its final passes."""
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    b, L, d, n = 2, 5, 3, 4
+    C, cum_dt = torch.randn(b, L, n, generator=g), torch.rand(b, L, d, generator=g).cumsum(1)
+    A, h_in = -torch.rand(d, n, generator=g), torch.randn(b, d, n, generator=g)
+    want = torch.einsum("bln,bldn->bld", C.double(),
+                        torch.exp(cum_dt.double()[..., None] * A.double()) * h_in.double()[:, None])
+    got = selective_scan_entry_correction(C, cum_dt, A, h_in, max_elements=2 * b * d * n)
+    _close(got, want, "correction in slices of 2 steps", seed)
+    assert got.shape == (b, L, d)
+    empty = selective_scan_entry_correction(C[:, :0], cum_dt[:, :0], A, h_in)
+    assert empty.shape == (b, 0, d) and empty.dtype == torch.float32
+    x = torch.randn(b, 3, 6, generator=g)
+    assert conv_tail(x, 0).shape == (b, 6, 0)
+    assert torch.equal(conv_tail(x, 5), torch.cat([torch.zeros(b, 6, 2), x.transpose(1, 2)], -1))
+    final = torch.randn(b, d, n, generator=g)
+    entering, last = entry_states([torch.rand(b, d, n, generator=g)], [final])
+    assert torch.equal(entering[0], torch.zeros(b, d, n)) and torch.equal(last, final)
+
+
+def test_ssd_log_decay_applies_dt_limit_and_conv_window_keeps_the_prior_dtype():
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    dt, A, bias = 3 * torch.randn(2, 6, 4, generator=g), -torch.rand(4, generator=g), torch.randn(4, generator=g)
+    limit = (0.05, 0.5)
+    want = torch.cumsum(torch.nn.functional.softplus(dt.double() + bias.double()).clamp(*limit) * A.double(), 1)
+    _close(ssd_log_decay(dt, A, bias, limit), want, "log decay with dt_limit", seed)
+    prior = torch.randn(2, 6, 3, generator=g).bfloat16()
+    tails = [torch.randn(2, 6, 3, generator=g)]
+    window = conv_window(prior, tails, [4])
+    assert window.dtype == torch.bfloat16 and torch.equal(window, tails[0].bfloat16())
