@@ -428,10 +428,11 @@ def test_packed_references_equal_each_sequence_alone(seed, lengths):
 
 def test_packed_refuses_initial_state_and_batches():
     op, kw = packed(scan_inputs(1, 4, 3, 2, torch.float32, "cpu", state=False), [2, 2])
-    with pytest.raises(ValueError, match="zero states"):
+    with pytest.raises(ValueError, match="^packed sequences start from zero states: initial_state must be None "
+                                         "with cu_seqlens$"):
         ref_ops.selective_scan(**dict(kw, initial_state=torch.zeros(2, 3, 2)))
     _, kw2 = conv_inputs(2, 4, 3, 4, torch.float32, "cpu", state=False)
-    with pytest.raises(ValueError, match="one row"):
+    with pytest.raises(ValueError, match=r"^packed sequences \(cu_seqlens\) come as one row of tokens, got batch 2$"):
         ref_ops.causal_conv1d(**kw2, cu_seqlens=kw["cu_seqlens"])
 
 
@@ -640,3 +641,24 @@ def test_triton_gated_norm_split_callback_interpreted(seed):
     total = sum((s["y"] * F.silu(s["gate"])).pow(2).sum(-1, keepdim=True) for s in halves)
     parts = [kernels.gated_rms_norm(**s, reduce_sum_of_squares=lambda local: total) for s in halves]
     assert rel_err(torch.cat(parts, -1), full) < 1e-5, seed
+
+
+@pytest.mark.parametrize("lengths", [(5, 1, 7), (3, 0, 2), (2,)], ids=str)
+def test_varlen_helpers_against_each_sequence_alone(seed, lengths):
+    """cu_seqlens_of, seq_index and last_positions against the lengths written out; conv_final_states
+    (the kernels' one-gather conv state) against the reference conv run on each sequence alone
+    (zeros before a sequence shorter than K - 1)."""
+    from megatron_ssm.ops.varlen import conv_final_states, cu_seqlens_of, last_positions, seq_index
+
+    cu = cu_seqlens_of(list(lengths), "cpu")
+    assert cu.dtype == torch.int32 and cu.tolist() == [0] + list(itertools.accumulate(lengths))
+    want_index = [i for i, n in enumerate(lengths) for _ in range(n)]
+    got_index = seq_index(cu, sum(lengths))
+    assert got_index.dtype == torch.int32 and got_index.tolist() == want_index
+    if all(lengths):
+        assert last_positions(cu).tolist() == [s - 1 for s in itertools.accumulate(lengths)]
+    _, kw = conv_inputs(1, sum(lengths), 6, 4, torch.float32, "cpu", state=False)
+    finals = conv_final_states(kw["x"], cu, 3)
+    alone = [ref_ops.causal_conv1d(kw["x"][:, s:e], kw["weight"])[1]
+             for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    assert finals.shape == (len(lengths), 6, 3) and torch.equal(finals, torch.cat(alone, 0)), seed
