@@ -289,3 +289,62 @@ def test_sampled_requests_are_reproducible_per_seed(seed):
     eng = _engine()
     mixed = eng.generate([Request(prompt, 8), Request(prompt, 8, params), Request(prompt, 3, SamplingParams(2.0, seed=seed + 1))])
     assert mixed[1] == alone and mixed[0] == expected(prompt, 8), f"seed {seed}"
+
+
+# ---- what the engine refuses, and how it cuts prompts into packs -----------------------------------
+
+def test_check_request_refuses_each_bad_field_by_name():
+    """Each rule at its boundary: the last valid value passes, the first invalid one is refused with
+    its message (vocabulary V = 61, 4 slots, a context budget of 32 tokens)."""
+    eng = _engine(max_batch=4, max_sequence_length=32)
+    ok = dict(prompt=[0, V - 1], max_new_tokens=1)
+    eng.check_request(Request(**ok))
+    eng.check_request(Request([1] * 16, 16))  # exactly the budget
+    eng.check_request(Request([1, 2], 0, prompt_logprobs=True))  # scoring only
+    eng.check_request(Request([1, 2], 3, n=4))
+    bad = [(dict(ok, prompt=[]), "^prompt is empty$"),
+           (dict(ok, prompt=[0, V]), rf"^prompt holds token ids outside \[0, {V}\)$"),
+           (dict(ok, prompt=[-1]), rf"^prompt holds token ids outside \[0, {V}\)$"),
+           (dict(ok, max_new_tokens=0), "^max_new_tokens must be >= 1, got 0$"),
+           (dict(ok, max_new_tokens=-1, prompt_logprobs=True), "^max_new_tokens must be >= 0, got -1$"),
+           (dict(ok, n=5), r"^n must be in \[1, 4\] \(the sequence slots\), got 5$"),
+           (dict(ok, n=0), r"^n must be in \[1, 4\] \(the sequence slots\), got 0$"),
+           (dict(ok, n=2, max_new_tokens=0, prompt_logprobs=True), r"^n > 1 needs new tokens \(max_new_tokens >= 1\)$"),
+           (dict(ok, top_logprobs=-1), "^top_logprobs must be >= 0, got -1$"),
+           (dict(prompt=[1] * 16, max_new_tokens=17),
+            r"^prompt \(16 tokens\) \+ max_new_tokens \(17\) exceeds the context budget of 32 tokens$")]
+    for fields, message in bad:
+        with pytest.raises(ValueError, match=message):
+            eng.check_request(Request(**fields))
+        with pytest.raises(ValueError, match=message):
+            eng.add_request(Request(**fields))
+    assert not eng.has_work()
+
+
+def _packs_by_hand(lengths, max_tokens, max_seqs, fits=lambda p: True):
+    """Greedy in order: a pack grows while its count, its token sum and `fits` allow the next prompt."""
+    packs = []
+    for i, n in enumerate(lengths):
+        last = packs[-1] if packs else None
+        if last is not None and len(last) + 1 <= max_seqs and sum(lengths[j] for j in last) + n <= max_tokens \
+                and fits([lengths[j] for j in last] + [n]):
+            last.append(i)
+        else:
+            packs.append([i])
+    return packs
+
+
+def test_plan_packs_at_each_limit(seed):
+    from megatron_ssm.inference.engine import plan_packs
+
+    assert plan_packs([5, 7, 9], 100, 2) == [[0, 1], [2]]  # the count limit, reached exactly
+    assert plan_packs([5, 7, 9], 12, 8) == [[0, 1], [2]]  # the token limit, reached exactly
+    assert plan_packs([5, 7, 9], 11, 8) == [[0], [1], [2]]
+    assert plan_packs([20, 1, 1], 10, 8) == [[0], [1, 2]]  # a prompt alone always makes a pack
+    assert plan_packs([3, 3, 3, 3], 100, 8, lambda p: len(p) != 3) == [[0, 1], [2, 3]]  # fits sees the grown pack
+    assert plan_packs([], 10, 2) == []
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        lengths = torch.randint(1, 12, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        tokens, seqs = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+        assert plan_packs(lengths, tokens, seqs) == _packs_by_hand(lengths, tokens, seqs), (seed, lengths, tokens, seqs)
