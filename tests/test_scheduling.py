@@ -348,3 +348,24 @@ def test_plan_packs_at_each_limit(seed):
         lengths = torch.randint(1, 12, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
         tokens, seqs = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
         assert plan_packs(lengths, tokens, seqs) == _packs_by_hand(lengths, tokens, seqs), (seed, lengths, tokens, seqs)
+
+
+def test_forks_equal_separately_seeded_requests_and_take_their_slots(seed):
+    """n = 3 at T = 2: fork i has id + i and draws what a request of its own with seed + i draws; the
+    forks hold slots (a waiting n = 2 request needs 2 free ones: it waits while the forks run);
+    abort() of a waiting request's ids past its last does nothing."""
+    prompt = _prompts(seed, (6,))[0]
+    params = SamplingParams(temperature=2.0, seed=seed)
+    alone = [_engine().generate([Request(prompt, 5, SamplingParams(2.0, seed=seed + i))])[0] for i in range(3)]
+    eng = _engine(max_batch=4)
+    first = eng.add_request(Request(prompt, 5, params, n=3))
+    second = eng.add_request(Request(prompt, 2, n=2))
+    assert second == first + 3
+    assert not eng.abort(second + 2) and eng.num_waiting == 2
+    log = []
+    outs = _run(eng, log)
+    assert [[o.token for o in outs[first + i]] for i in range(3)] == alone, f"seed {seed}"
+    assert [[o.token for o in outs[second + i]] for i in range(2)] == [expected(prompt, 2)] * 2, f"seed {seed}"
+    assert log[0] == (3, 1), log  # 3 forks running, the n = 2 request waiting for 2 slots
+    third = eng.add_request(Request(prompt, 2, n=2))
+    assert eng.abort(third + 1) and not eng.has_work()  # any id of a waiting request removes it
