@@ -10,6 +10,8 @@ real model's scheduling at TP 1, 2, 4 is in test_engine.py).
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -369,3 +371,33 @@ def test_forks_equal_separately_seeded_requests_and_take_their_slots(seed):
     assert log[0] == (3, 1), log  # 3 forks running, the n = 2 request waiting for 2 slots
     third = eng.add_request(Request(prompt, 2, n=2))
     assert eng.abort(third + 1) and not eng.has_work()  # any id of a waiting request removes it
+
+
+def test_top_logprobs_and_score_only_requests_in_closed_form(seed):
+    """The stand-in's logits are 5 at the next state and 0 elsewhere, so every log-prob is closed form:
+    5 - Z for the state, -Z for any other token, Z = log(e^5 + V - 1). A request with top_logprobs = 3
+    gets the state first then two others at -Z; a score-only request (max_new_tokens 0) gets one
+    finished output (token -1, "length") with each prompt token's log-prob and its top 2; a batch
+    neighbour without logprobs gets none."""
+    Z = math.log(math.exp(5.0) + V - 1)
+    prompt = _prompts(seed, (7,))[0]
+    eng = _engine()
+    gen = eng.add_request(Request(prompt, 4, logprobs=True, top_logprobs=3))
+    score = eng.add_request(Request(prompt, 0, prompt_logprobs=True, top_logprobs=2, logprobs=True))
+    plain = eng.add_request(Request(prompt, 2))
+    outs = _run(eng)
+    for o, want in zip(outs[gen], expected(prompt, 4)):
+        assert o.token == want and o.logprob == pytest.approx(5.0 - Z, abs=1e-5), f"seed {seed}"
+        assert len(o.top_logprobs) == 3 and o.top_logprobs[0][0] == want, o.top_logprobs
+        assert [v for _, v in o.top_logprobs] == pytest.approx([5.0 - Z, -Z, -Z], abs=1e-5)
+        assert len({t for t, _ in o.top_logprobs}) == 3
+    (only,) = outs[score]
+    assert (only.token, only.finished, only.finish_reason, only.top_logprobs) == (-1, True, "length", None)
+    states = [0]
+    for t in prompt:
+        states.append(step_state(states[-1], t))
+    want_lps = [5.0 - Z if prompt[i] == states[i] else -Z for i in range(1, len(prompt))]
+    assert only.prompt_logprobs == pytest.approx(want_lps, abs=1e-5), f"seed {seed}"
+    assert [top[0][0] for top in only.prompt_top_logprobs] == states[1:-1] and \
+        all(len(top) == 2 for top in only.prompt_top_logprobs), f"seed {seed}"
+    assert all(o.logprob is None and o.top_logprobs is None and o.prompt_logprobs is None for o in outs[plain])
