@@ -524,7 +524,18 @@ def test_dispatch_forwards_every_argument_in_order(seed):
                    ssd_inputs(1, 6, 2, 3, 1, 4, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
                    ssd_update_inputs(2, 2, 3, 1, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
                    rms_norm_inputs((2,), 8, torch.float32, "cpu"), gated_norm_inputs((2,), 8, 4, torch.float32, "cpu"),
-                   add_norm_inputs((2,), 8, torch.float32, "cpu")]:
+                   add_norm_inputs((2,), 8, torch.float32, "cpu"),
+                   # every trailing argument away from its default: silu off, packed rows, both dt bounds
+                   # biting, a bf16 stream, a sum-of-squares callback
+                   conv_inputs(2, 5, 6, 4, torch.float32, "cpu", silu=False),
+                   conv_update_inputs(2, 6, 4, torch.float32, "cpu", silu=False),
+                   packed(conv_inputs(1, 7, 6, 4, torch.float32, "cpu", state=False), (3, 4)),
+                   packed(scan_inputs(1, 7, 4, 3, torch.float32, "cpu", state=False), (3, 4)),
+                   packed(ssd_inputs(1, 7, 2, 3, 1, 4, 4, torch.float32, "cpu", state=False), (3, 4)),
+                   ssd_update_inputs(2, 2, 3, 1, 4, torch.float32, "cpu", dt_limit=(0.02, 0.05)),
+                   add_norm_inputs((2,), 8, torch.float32, "cpu", residual_dtype=torch.bfloat16),
+                   ("gated_rms_norm", dict(gated_norm_inputs((2,), 8, 8, torch.float32, "cpu")[1],
+                                           reduce_sum_of_squares=lambda local: 3 * local))]:
         check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
 
 
