@@ -2,6 +2,7 @@
 the engine's forks (n > 1), per-token text of multi-byte prompts, and the stop token's log-prob."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,128 @@ def test_megatron_stop_on_eol_ends_at_the_first_newline(codec, flag, marker):
     want = next(k for k in range(1, len(generated) + 1) if marker in codec.decode(generated[:k]))
     assert stopped_at == want - 1 and c.finish == "stop"
     assert c.ids == generated[:want] and c.text == full[:full.index(marker) + len(marker)]
+
+
+# ---- request parsing (server/protocol.py) without a server ------------------------------------------
+
+def _info(**kw):
+    from megatron_ssm.server.protocol import ModelInfo
+
+    return ModelInfo(**{"name": "m", "vocab_size": 100, "max_sequence_length": None, "eos_id": 2, "bos_id": 1,
+                        "codec": None, "max_prompts": 3, **kw})
+
+
+@pytest.mark.parametrize("body,message,param", [
+    ({"prompt": []}, "prompt is an empty list", "prompt"),
+    ({"prompt": [5], "max_tokens": 0}, r"max_tokens=0 is only allowed with echo=true \(scoring the prompt\)", "max_tokens"),
+    ({"prompt": [5], "suffix": "x"}, "suffix is not supported by this server", "suffix"),
+    ({"prompt": [5], "n": 2, "best_of": 1}, r"best_of \(1\) must be >= n \(2\)", "best_of"),
+    ({"prompt": [5], "best_of": 129}, "best_of must be <= 128, got 129", "best_of"),
+    ({"prompt": [5], "stream_options": {"include_usage": True}}, "stream_options is only allowed with stream=true",
+     "stream_options"),
+    ({"prompt": [5], "stream": True, "best_of": 2}, r"best_of > n cannot be streamed \(the best are known only at the end\)",
+     "best_of"),
+    ({"prompt": [5], "n": 2, "max_tokens": 0, "echo": True}, "n and best_of > 1 need max_tokens >= 1", "n"),
+    ({"prompt": [5], "stop": ""}, "stop sequences must not be empty strings", "stop"),
+    ({"prompt": [5], "presence_penalty": 0.5}, r"presence_penalty is not supported by this server \(only 0\)",
+     "presence_penalty"),
+    ({"prompt": [5], "frequency_penalty": -1.0}, r"frequency_penalty is not supported by this server \(only 0\)",
+     "frequency_penalty"),
+    ({"prompt": [5], "logit_bias": {"5": 1.0}}, "logit_bias is not supported by this server", "logit_bias"),
+    ({"prompt": [[5], [6], [7], [8]]}, "at most 3 prompts per request, got 4", "prompt"),
+    ({"prompt": "text"}, "this server has no tokenizer, so it cannot take text prompts", "prompt"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+def test_completion_requests_refused_by_rule(body, message, param):
+    from megatron_ssm.server.protocol import ApiError, CompletionBody, completion_jobs
+
+    with pytest.raises(ApiError) as e:
+        completion_jobs(CompletionBody(**body), _info())
+    assert e.value.status == 400 and e.value.param == param and re.match(f"^{message}", e.value.message), e.value.message
+    assert e.value.body() == {"message": e.value.message, "error": {"message": e.value.message, "type":
+                              "invalid_request_error", "param": param, "code": 400}}
+
+
+def test_completion_jobs_carry_each_field():
+    """What each OpenAI field becomes, written out: defaults (16 tokens, T = 1, EOS as the stop id),
+    every fork of every prompt seeded seed + its choice index, best_of > n asking for log-probs,
+    echo with logprobs scoring the prompt, top_k -1 = no limit, stop ids past the vocabulary dropped."""
+    from megatron_ssm.inference.sampling import SamplingParams
+    from megatron_ssm.server.protocol import CompletionBody, Job, completion_jobs
+
+    req = completion_jobs(CompletionBody(prompt=[[5, 6], [7]], n=2, best_of=3, seed=40, top_k=-1, top_p=0.5,
+                                         temperature=0.7, stop=["x", "yz"], stop_token_ids=[9, 150]), _info())
+    assert (req.n, req.best_of, req.stream, req.include_usage, req.echo, req.logprobs, req.stop, req.model) == \
+        (2, 3, False, False, False, None, ["x", "yz"], "m")
+    assert req.jobs == [Job([5, 6], 16, SamplingParams(0.7, 0, 0.5, 40), (2, 9), logprobs=True, n=3),
+                        Job([7], 16, SamplingParams(0.7, 0, 0.5, 43), (2, 9), logprobs=True, n=3)]
+    req = completion_jobs(CompletionBody(prompt=[5, 6], max_tokens=0, echo=True, logprobs=2, ignore_eos=True,
+                                         stop="q", model="other", stream=False), _info())
+    assert req.jobs == [Job([5, 6], 0, SamplingParams(1.0, 0, 1.0, req.jobs[0].sampling.seed), (), logprobs=True,
+                            prompt_logprobs=True, top_logprobs=2)]
+    assert (req.stop, req.model, req.echo, req.logprobs, req.prompt_texts) == (["q"], "other", True, 2, [None])
+    greedy = completion_jobs(CompletionBody(prompt=[5], temperature=0, seed=3, top_k=5), _info()).jobs[0].sampling
+    assert greedy == SamplingParams() and \
+        completion_jobs(CompletionBody(prompt=[5], top_k=1), _info()).jobs[0].sampling == SamplingParams()
+    streamed = completion_jobs(CompletionBody(prompt=[5], stream=True, stream_options={"include_usage": True}), _info())
+    assert streamed.stream and streamed.include_usage
+
+
+@pytest.mark.parametrize("body,message,param", [
+    ({"prompts": ["a"] * 4}, "Maximum number of prompts is 3", "prompts"),
+    ({"prompts": ["a"], "tokens_to_generate": 0}, "tokens_to_generate=0 implies logprobs should be True",
+     "tokens_to_generate"),
+    ({"prompts": ["a"], "top_p_decay": 0.5}, "top_p_decay is not supported by this server", "top_p_decay"),
+    ({"prompts": ["a"], "top_p_bound": 0.5}, "top_p_bound is not supported by this server", "top_p_bound"),
+    ({"prompts": [""]}, "Empty prompts require add_BOS=true", "prompts"),
+    ({"prompts": ["a"], "prevent_newline_after_colon": True},
+     "prevent_newline_after_colon is not supported by this server", "prevent_newline_after_colon"),
+    ({"prompts": ["a"], "beam_width": 2}, r"beam search \(beam_width\) is not supported by this server", "beam_width"),
+    ({"prompts": ["a"]}, "this server has no tokenizer", "prompts"),
+])
+def test_megatron_requests_refused_by_rule(body, message, param):
+    from megatron_ssm.server.protocol import ApiError, MegatronBody, megatron_jobs
+
+    with pytest.raises(ApiError) as e:
+        megatron_jobs(MegatronBody(**body), _info())
+    assert e.value.param == param and re.match(f"^{message}", e.value.message), e.value.message
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"max_len": 3, "prompts": ["a"]}, "max_len is no longer used. Replace with tokens_to_generate"),
+    ({"sentences": ["a"]}, "sentences is no longer used. Replace with prompts"),
+    ({"tokens_to_generate": 3}, "prompts argument required"),
+    ({"prompts": "a"}, "prompts is not a list of strings"),
+    ({"prompts": ["a", 3]}, "prompts is not a list of strings"),
+    ({"prompts": []}, "prompts is empty"),
+])
+def test_megatron_body_uses_megatrons_own_messages(body, message):
+    from pydantic import ValidationError
+
+    from megatron_ssm.server.protocol import MegatronBody
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        MegatronBody(**body)
+
+
+def test_megatron_jobs_carry_each_field(codec):
+    """add_BOS prepends the end-of-document id (EOS, else BOS); stop_token defaults to EOS and is
+    dropped outside the vocabulary; each prompt i samples with random_seed + i; top_p 0 = no limit."""
+    from megatron_ssm.inference.sampling import SamplingParams
+    from megatron_ssm.server.protocol import Job, MegatronBody, megatron_jobs
+
+    info = _info(codec=codec, vocab_size=codec.tokenizer.vocab_size)
+    body = MegatronBody(prompts=["ab", ""], tokens_to_generate=4, temperature=0.5, top_k=3, random_seed=10,
+                        add_BOS=True, logprobs=True, stop_on_eol=True, no_log=True)
+    req = megatron_jobs(body, info)
+    assert req.jobs == [Job([2] + codec.encode("ab"), 4, SamplingParams(0.5, 3, 1.0, 10), (2,), logprobs=True,
+                            prompt_logprobs=True),
+                        Job([2], 4, SamplingParams(0.5, 3, 1.0, 11), (2,), logprobs=True, prompt_logprobs=True)]
+    assert (req.prompts, req.logprobs, req.stop_on_eol, req.stop_on_double_eol, req.no_log) == \
+        (["ab", ""], True, True, False, True)
+    other = megatron_jobs(MegatronBody(prompts=["ab"], stop_token=10**6, top_p=0.5, temperature=0), _info(
+        codec=codec, vocab_size=codec.tokenizer.vocab_size, eos_id=None))
+    assert other.jobs == [Job(codec.encode("ab"), 64, SamplingParams(), ())]
+    with pytest.raises(Exception, match="neither an end-of-document nor a BOS token"):
+        megatron_jobs(MegatronBody(prompts=["a"], add_BOS=True), _info(codec=codec, eos_id=None, bos_id=None))
+    bos_only = megatron_jobs(MegatronBody(prompts=["a"], add_BOS=True, stop_token=7), _info(codec=codec, eos_id=None))
+    assert bos_only.jobs[0].prompt[0] == 1 and bos_only.jobs[0].stop_ids == (7,)
