@@ -98,6 +98,25 @@ def test_selective_scan(seed, dtype, L, state, gate):
 
 
 @DTYPES
+@pytest.mark.parametrize("b,L,d", [(2, 600, 8192), (1, 3000, 8192), (3, 257, 8000)], ids=["fm7b-b2", "fm7b-b1-long", "d8000"])
+def test_selective_scan_falcon_mamba_7b(seed, dtype, b, L, d):
+    """falcon-mamba-7b's width at TP=1 (8192 channels; 8000: no block divides it), batch 2 (wide
+    blocks) and batch 1 (the narrow blocks that split a channel's states over lanes)."""
+    check_op(kernels().selective_scan, *scan_inputs(b, L, d, 16, dtype, DEV), TOL[dtype], seed)
+
+
+@pytest.mark.parametrize("cfg", [(4, 32, 1), (2, 32, 1), (1, 32, 1), (2, 64, 2), (1, 128, 4), (1, 16, 1), (1, 8, 1)],
+                         ids=lambda c: "P{}W{}w{}".format(*c))
+def test_selective_scan_layouts(seed, cfg, monkeypatch):
+    """Every (P, W, num_warps) the launcher may pick (and wider), compiled for the GPU, at model size."""
+    from megatron_ssm.ops.triton import scan
+    monkeypatch.setitem(scan.SCAN_CONFIG, 16, (cfg,))
+    check_op(kernels().selective_scan, *scan_inputs(2, 300, 8192, 16, torch.bfloat16, DEV), TOL[torch.bfloat16], seed)
+    check_op(kernels().selective_scan, *packed(scan_inputs(1, sum(PACKED), 8192, 16, torch.float32, DEV, state=False),
+                                               PACKED), TOL[torch.float32], seed)
+
+
+@DTYPES
 def test_selective_scan_packed(seed, dtype):
     check_op(kernels().selective_scan, *packed(scan_inputs(1, sum(PACKED), 5120, 16, dtype, DEV, state=False), PACKED),
              TOL[dtype], seed)
@@ -351,19 +370,17 @@ def bench(out_path=None, hbm_tbps=None):
             fresh, fn = _run(impl, kw)
             err = rel_err(_first(fn()), _first(ref_out)) if name != "torch" else 0.0
             record(case, name, _time(fn), floor, err)
-        # tuning sweeps for the prefill scan and the decode block
-        if op in ("selective_scan", "ssd_chunk_scan") and case.startswith("prefill 1x"):
+        # tuning sweeps for the prefill scan (SCAN_CONFIG's (P, W, num_warps) candidates) and the decode block
+        if op in ("selective_scan", "ssd_chunk_scan"):
             n = kw["A"].shape[-1] if op == "selective_scan" else kw["B"].shape[-1]
             default = scan.SCAN_CONFIG.get(n)
-            for cfg in [(4, 8, 4), (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (16, 4, 2),
-                        (32, 4, 4), (8, 4, 4), (4, 4, 4), (16, 2, 4), (4, 8, 8), (8, 8, 8), (2, 8, 4),
-                        (1, 4, 1), (1, 8, 1), (1, 16, 2), (1, 32, 4), (1, 64, 4)]:
-                if cfg[0] * cfg[1] * n > 8192:
-                    continue
-                scan.SCAN_CONFIG[n] = cfg
+            cfgs = ([(2, 32, 1), (1, 32, 1), (2, 64, 2), (1, 16, 1), (1, 8, 1)] if n == 16 else
+                    [(1, 16, 1), (1, 8, 1), (1, 4, 1), (2, 4, 1)])
+            for cfg in cfgs:
+                scan.SCAN_CONFIG[n] = (cfg,)
                 fresh, fn = _run(getattr(kernels(), op), kw)
                 err = rel_err(_first(fn()), _first(ref_out))
-                record(case, f"triton T,D,w={cfg}", _time(fn), floor, err)
+                record(case, f"triton P,W,w={cfg}", _time(fn), floor, err)
             scan.SCAN_CONFIG[n] = default
         if op in ("selective_state_update", "ssd_state_update"):
             default = scan.UPDATE_BLOCK

@@ -529,3 +529,52 @@ def test_triton_gated_norm_split_callback_interpreted(seed):
     total = sum((s["y"] * F.silu(s["gate"])).pow(2).sum(-1, keepdim=True) for s in halves)
     parts = [kernels.gated_rms_norm(**s, reduce_sum_of_squares=lambda local: total) for s in halves]
     assert rel_err(torch.cat(parts, -1), full) < 1e-5, seed
+
+
+def _without(case, *names):
+    op, kw = case
+    return op, dict(kw, **{n: None for n in names})
+
+
+# Every prefill-scan layout (ops/triton/scan.py, SCAN_CONFIG's (P, W, num_warps)): P channels per
+# thread; W = 32 lanes per warp, or fewer so that a channel's states split over 2 or 4 lanes.
+@pytest.mark.parametrize("cfg", [(2, 32, 1), (1, 32, 1), (1, 16, 1), (1, 8, 1), (2, 4, 1)],
+                         ids=lambda c: "P{}W{}w{}".format(*c))
+def test_triton_scan_layouts_interpreted(seed, cfg, monkeypatch):
+    """Channel counts no block divides (70, 33), packed sequences of lengths 1, odd and long, an
+    initial state, z / no z, D / no D, n = 16 and n = 12 (masked states), and Mamba-2's use of the
+    kernel (headdim 4, grouped B/C, clamped dt): each against the torch reference."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import scan
+
+    for n in (12, 16, 8):
+        monkeypatch.setitem(scan.SCAN_CONFIG, n, (cfg,))
+    f32 = torch.float32
+    cases = [
+        scan_inputs(2, 9, 70, 16, f32, "cpu"),
+        _without(scan_inputs(1, 6, 33, 12, f32, "cpu", state=False, gate=False), "D"),
+        _without(scan_inputs(2, 1, 70, 16, f32, "cpu"), "dt_bias"),
+        packed(scan_inputs(1, 52, 70, 16, f32, "cpu", state=False), [1, 7, 41, 1, 0, 2]),
+        ssd_inputs(1, 7, 6, 4, 2, 8, 4, f32, "cpu", dt_limit=(0.01, 0.3)),
+        packed(ssd_inputs(1, 12, 4, 4, 1, 8, 4, f32, "cpu", state=False), [5, 1, 6]),
+    ]
+    for op, kw in cases:
+        check_op(getattr(kernels, op), op, kw, TOL[f32], seed)
+    op, kw = scan_inputs(1, 11, 40, 16, torch.bfloat16, "cpu")
+    check_op(kernels.selective_scan, op, kw, TOL[torch.bfloat16], seed)
+
+
+def test_triton_scan_block_choice():
+    """The launcher's (P, W, num_warps): the widest candidate that still fills the SMs, a block
+    never wider than a B/C group, and the narrowest when nothing fills them."""
+    pytest.importorskip("triton")
+    from megatron_ssm.ops.triton import scan
+
+    cpu = torch.device("cpu")
+    want = scan._sm_count(cpu) * scan.SCAN_WARPS_PER_SM
+    first = scan.SCAN_CONFIG[16][0]
+    rows = -(-want // ((8192 // (first[0] * first[1])) * first[2]))  # enough rows for the widest
+    assert scan._scan_block(16, 8192, 8192, 1, rows, cpu) == first
+    assert scan._scan_block(16, 64, 64, 1, 1, cpu) == scan.SCAN_CONFIG[16][-1]
+    p, w, _ = scan._scan_block(128, 64, 16, 4, 1000, cpu)  # groups of 16 channels
+    assert 16 % (p * w) == 0

@@ -36,17 +36,17 @@ def _softplus(x):
 
 
 @triton.jit
-def _softplus_fast(x, FAST_LOG2: tl.constexpr):
+def _softplus_fast(x, FAST_MATH: tl.constexpr):
     # softplus in ~20 instructions instead of ~50 (the prefill scan pays it per channel per step).
     # For e = exp(x) < 1/4, log1p(e) = 2 atanh(s) with s = e / (2 + e) <= 1/9, by its series to s^7
     # (truncation below 3e-9 relative); above, log2(1 + e) ln 2, where lg2.approx's absolute error is
-    # small against the result. Past 20, torch's softplus is the identity. FAST_LOG2 picks the
-    # hardware log2 (CUDA); the interpreter has no libdevice, so it takes tl.log2 there.
+    # small against the result. Past 20, torch's softplus is the identity. FAST_MATH picks the
+    # hardware log2 (and, in the kernel, divide) on CUDA; the interpreter has no libdevice.
     e = tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
     s = e / (2.0 + e)
     s2 = s * s
     small = 2.0 * s * (1.0 + s2 * (0.3333333333333333 + s2 * (0.2 + s2 * 0.14285714285714285)))
-    if FAST_LOG2:
+    if FAST_MATH:
         big = libdevice.fast_log2f(1.0 + e) * 0.6931471805599453
     else:
         big = tl.log2(1.0 + e) * 0.6931471805599453
@@ -85,7 +85,7 @@ def _scan_kernel(
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr, PACKED: tl.constexpr,
     P: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UNROLL: tl.constexpr,
-    FAST_LOG2: tl.constexpr,
+    FAST_MATH: tl.constexpr,
 ):
     BLOCK_D: tl.constexpr = P * W
     pid_d = tl.program_id(0)
@@ -171,13 +171,17 @@ def _scan_kernel(
             z_n = tl.load(z_p + sz_l, mask=c_more)
         if HAS_DT_BIAS:
             dt += bias
-        dt = tl.minimum(tl.maximum(_softplus_fast(dt, FAST_LOG2), dt_min), dt_max)
+        dt = tl.minimum(tl.maximum(_softplus_fast(dt, FAST_MATH), dt_min), dt_max)
         h = tl.exp2(dt[None, :, :] * A) * h + (dt * x)[None, :, :] * Bt
         y = tl.sum(h * Ct, axis=0)
         if HAS_D:
             y += x * Dv
-        if HAS_Z:
-            y *= z * tl.sigmoid(z)
+        if HAS_Z:  # y silu(z) = y z / (1 + exp(-z))
+            den = 1.0 + tl.exp2(z * -1.4426950408889634)
+            if FAST_MATH:
+                y = libdevice.fast_dividef(y * z, den)
+            else:
+                y = y * z / den
         tl.store(y_p, y.to(y_ptr.dtype.element_ty), mask=cmask)
         x_p += sx_l
         dt_p += sdt_l
@@ -314,7 +318,7 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
         *B4.stride(), *C4.stride(), *zs, *y.stride(), *h0s, *hT.stride(),
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
-        P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, FAST_LOG2=x3.is_cuda,
+        P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, FAST_MATH=x3.is_cuda,
         num_warps=num_warps,
     )
     return y, hT
