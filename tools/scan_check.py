@@ -108,12 +108,12 @@ def _bench_cases():
         op, kw = scan_inputs(b, L, D_FM, 16, bf, DEV, state=False)
         xz = torch.randn(b, L, 2 * D_FM, device=DEV, dtype=bf)
         kw["z"] = xz[..., D_FM:]  # the model's z: in_proj's second half, a strided view
-        cases.append((f"scan {label}", "selective_scan", packed((op, kw), pack) if pack else (op, kw)))
+        cases.append((f"scan {label}", *(packed((op, kw), pack) if pack else (op, kw))))
         if label == "b1x16384":
             continue
         op, kw = conv_inputs(b, L, D_FM, 4, bf, DEV, state=False)
         kw["x"] = xz[..., :D_FM]
-        cases.append((f"conv {label}", "causal_conv1d", packed((op, kw), pack) if pack else (op, kw)))
+        cases.append((f"conv {label}", *(packed((op, kw), pack) if pack else (op, kw))))
     return cases
 
 
@@ -143,16 +143,15 @@ def bench(sweep: bool, rows: list) -> None:
         if not sweep:
             continue
         if op == "selective_scan":
-            for cfg in ((4, 32, 1), (2, 32, 1), (1, 32, 1), (2, 64, 2), (1, 64, 2), (1, 128, 4), (1, 16, 1), (1, 8, 1)):
-                for unroll in ((1, 2) if cfg in ((2, 32, 1), (1, 32, 1), (1, 8, 1)) else (1,)):
+            for cfg in ((4, 32, 1), (2, 32, 1), (1, 32, 1), (2, 64, 2), (1, 16, 1), (1, 8, 1)):
+                for unroll in ((1, 2) if cfg in ((2, 32, 1), (1, 32, 1)) else (1,)):
                     scan.SCAN_CONFIG[16], scan.SCAN_UNROLL = (cfg,), unroll
                     record(case, f"triton P,W,warps={cfg} unroll={unroll}", lambda: new(**kw), kw)
             scan.SCAN_CONFIG.clear()
             scan.SCAN_CONFIG.update(scan_default[0])
             scan.SCAN_UNROLL = scan_default[1]
         else:
-            for blk in ((32, 64, 4), (64, 64, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4), (64, 256, 8),
-                        (16, 256, 4)):
+            for blk in ((32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4), (64, 256, 8), (16, 256, 4)):
                 conv1d.CONV_BLOCK = blk
                 record(case, f"triton L,C,warps={blk}", lambda: new(**kw), kw)
             conv1d.CONV_BLOCK = conv_default

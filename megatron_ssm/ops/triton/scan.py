@@ -267,7 +267,7 @@ def _flat_channels(t: torch.Tensor, lead: int) -> torch.Tensor:
 # narrowest. SCAN_UNROLL is the time loop's unroll factor. From a sweep on the H200
 # (docs/benchmarks.md, tools/scan_check.py).
 SCAN_CONFIG = {16: ((2, 32, 1), (1, 32, 1), (1, 16, 1), (1, 8, 1)), 128: ((1, 8, 1), (1, 4, 1))}
-SCAN_WARPS_PER_SM = 16
+SCAN_WARPS_PER_SM = 8
 SCAN_UNROLL = 1
 
 
