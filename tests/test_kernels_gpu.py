@@ -105,10 +105,11 @@ def test_selective_scan_falcon_mamba_7b(seed, dtype, b, L, d):
     check_op(kernels().selective_scan, *scan_inputs(b, L, d, 16, dtype, DEV), TOL[dtype], seed)
 
 
-@pytest.mark.parametrize("cfg", [(4, 32, 1), (2, 32, 1), (1, 32, 1), (2, 64, 2), (1, 128, 4), (1, 16, 1), (1, 8, 1)],
-                         ids=lambda c: "P{}W{}w{}".format(*c))
+@pytest.mark.parametrize("cfg", [(4, 32, 1, 1), (2, 32, 1, 1), (2, 32, 1, 2), (1, 32, 1, 1), (2, 64, 2, 1), (1, 128, 4, 1),
+                                 (1, 16, 1, 2), (1, 8, 1, 2), (1, 8, 1, 1)],
+                         ids=lambda c: "P{}W{}w{}ahead{}".format(*c))
 def test_selective_scan_layouts(seed, cfg, monkeypatch):
-    """Every (P, W, num_warps) the launcher may pick (and wider), compiled for the GPU, at model size."""
+    """Every (P, W, num_warps, AHEAD) the launcher may pick (and wider), compiled for the GPU, at model size."""
     from megatron_ssm.ops.triton import scan
     monkeypatch.setitem(scan.SCAN_CONFIG, 16, (cfg,))
     check_op(kernels().selective_scan, *scan_inputs(2, 300, 8192, 16, torch.bfloat16, DEV), TOL[torch.bfloat16], seed)
@@ -370,12 +371,12 @@ def bench(out_path=None, hbm_tbps=None):
             fresh, fn = _run(impl, kw)
             err = rel_err(_first(fn()), _first(ref_out)) if name != "torch" else 0.0
             record(case, name, _time(fn), floor, err)
-        # tuning sweeps for the prefill scan (SCAN_CONFIG's (P, W, num_warps) candidates) and the decode block
+        # tuning sweeps for the prefill scan (SCAN_CONFIG's (P, W, num_warps, AHEAD) candidates) and the decode block
         if op in ("selective_scan", "ssd_chunk_scan"):
             n = kw["A"].shape[-1] if op == "selective_scan" else kw["B"].shape[-1]
             default = scan.SCAN_CONFIG.get(n)
-            cfgs = ([(2, 32, 1), (1, 32, 1), (2, 64, 2), (1, 16, 1), (1, 8, 1)] if n == 16 else
-                    [(1, 16, 1), (1, 8, 1), (1, 4, 1), (2, 4, 1)])
+            cfgs = ([(2, 32, 1, 1), (1, 32, 1, 1), (2, 64, 2, 1), (1, 16, 1, 2), (1, 8, 1, 2), (1, 8, 1, 1)] if n == 16
+                    else [(1, 16, 1, 1), (1, 8, 1, 1), (1, 4, 1, 2), (2, 4, 1, 1)])
             for cfg in cfgs:
                 scan.SCAN_CONFIG[n] = (cfg,)
                 fresh, fn = _run(getattr(kernels(), op), kw)

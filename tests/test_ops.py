@@ -536,10 +536,11 @@ def _without(case, *names):
     return op, dict(kw, **{n: None for n in names})
 
 
-# Every prefill-scan layout (ops/triton/scan.py, SCAN_CONFIG's (P, W, num_warps)): P channels per
-# thread; W = 32 lanes per warp, or fewer so that a channel's states split over 2 or 4 lanes.
-@pytest.mark.parametrize("cfg", [(2, 32, 1), (1, 32, 1), (1, 16, 1), (1, 8, 1), (2, 4, 1)],
-                         ids=lambda c: "P{}W{}w{}".format(*c))
+# Every prefill-scan layout (ops/triton/scan.py, SCAN_CONFIG's (P, W, num_warps, AHEAD)): P channels
+# per thread; W = 32 lanes per warp, or fewer so that a channel's states split over 2 or 4 lanes;
+# loads 1 or 2 steps ahead.
+@pytest.mark.parametrize("cfg", [(4, 32, 1, 1), (2, 32, 1, 1), (1, 32, 1, 2), (1, 16, 1, 2), (1, 8, 1, 1), (2, 4, 1, 2)],
+                         ids=lambda c: "P{}W{}w{}ahead{}".format(*c))
 def test_triton_scan_layouts_interpreted(seed, cfg, monkeypatch):
     """Channel counts no block divides (70, 33), packed sequences of lengths 1, odd and long, an
     initial state, z / no z, D / no D, n = 16 and n = 12 (masked states), and Mamba-2's use of the
@@ -576,5 +577,5 @@ def test_triton_scan_block_choice():
     rows = -(-want // ((8192 // (first[0] * first[1])) * first[2]))  # enough rows for the widest
     assert scan._scan_block(16, 8192, 8192, 1, rows, cpu) == first
     assert scan._scan_block(16, 64, 64, 1, 1, cpu) == scan.SCAN_CONFIG[16][-1]
-    p, w, _ = scan._scan_block(128, 64, 16, 4, 1000, cpu)  # groups of 16 channels
+    p, w, _, _ = scan._scan_block(128, 64, 16, 4, 1000, cpu)  # groups of 16 channels
     assert 16 % (p * w) == 0

@@ -42,6 +42,18 @@ def _no(kw, *names):
     return dict(kw, **{n: None for n in names})
 
 
+def _forced(cfg, impl):
+    """impl with SCAN_CONFIG[16] forced to the one candidate cfg."""
+    def run(**kw):
+        saved = scan.SCAN_CONFIG[16]
+        scan.SCAN_CONFIG[16] = (cfg,)
+        try:
+            return impl(**kw)
+        finally:
+            scan.SCAN_CONFIG[16] = saved
+    return run
+
+
 def check(seed: int) -> int:
     torch.manual_seed(seed)
     failures = 0
@@ -72,6 +84,13 @@ def check(seed: int) -> int:
         op, kw = conv_inputs(2, 300, D_FM, 4, dt, DEV)
         kw["x"] = torch.randn(2, 300, 2 * D_FM, device=DEV).to(dt)[..., :D_FM]  # in_proj's x half, as the model
         cases.append(("conv strided x b2x300 C8192", dt, kernels.causal_conv1d, (op, kw)))
+    # every layout the launcher may pick (and wider ones), compiled, at model width
+    for cfg in ((4, 32, 1, 1), (2, 32, 1, 1), (2, 32, 1, 2), (1, 32, 1, 1), (1, 32, 1, 2), (2, 64, 2, 1), (1, 128, 4, 1),
+                (1, 16, 1, 2), (1, 8, 1, 2), (1, 8, 1, 1)):
+        cases.append((f"scan layout {cfg} b3x300", torch.bfloat16, _forced(cfg, kernels.selective_scan),
+                      scan_inputs(3, 300, D_FM, 16, torch.bfloat16, DEV)))
+        cases.append((f"scan layout {cfg} packed", torch.float32, _forced(cfg, kernels.selective_scan),
+                      packed(scan_inputs(1, 1024, D_FM, 16, torch.float32, DEV, state=False), [700, 1, 300, 23])))
     for name, dt, impl, (op, kw) in cases:
         try:
             errs = check_op(impl, op, kw, TOL[dt], seed)
@@ -143,10 +162,11 @@ def bench(sweep: bool, rows: list) -> None:
         if not sweep:
             continue
         if op == "selective_scan":
-            for cfg in ((4, 32, 1), (2, 32, 1), (1, 32, 1), (2, 64, 2), (1, 16, 1), (1, 8, 1)):
-                for unroll in ((1, 2) if cfg in ((2, 32, 1), (1, 32, 1)) else (1,)):
+            for cfg in ((4, 32, 1, 1), (2, 32, 1, 1), (2, 32, 1, 2), (1, 32, 1, 1), (1, 32, 1, 2), (2, 64, 2, 1),
+                        (1, 16, 1, 1), (1, 16, 1, 2), (1, 8, 1, 1), (1, 8, 1, 2)):
+                for unroll in ((1, 2) if cfg in ((2, 32, 1, 1), (1, 32, 1, 1)) else (1,)):
                     scan.SCAN_CONFIG[16], scan.SCAN_UNROLL = (cfg,), unroll
-                    record(case, f"triton P,W,warps={cfg} unroll={unroll}", lambda: new(**kw), kw)
+                    record(case, f"triton P,W,warps,ahead={cfg} unroll={unroll}", lambda: new(**kw), kw)
             scan.SCAN_CONFIG.clear()
             scan.SCAN_CONFIG.update(scan_default[0])
             scan.SCAN_UNROLL = scan_default[1]

@@ -61,6 +61,30 @@ def _dt(dt, bias_ptr, heads, mask, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr):
     return tl.minimum(tl.maximum(_softplus(dt), dt_min), dt_max)
 
 
+@triton.jit
+def _scan_step_inputs(x_p, dt_p, B_p, C_p, z_p, offs_c, offs_n, live, nchan, N_BOUND, HAS_Z: tl.constexpr,
+                      EVEN_N: tl.constexpr):
+    """One step's x, dt, B, C, z (z: x again without a gate) as stored; nothing when `live` is false.
+    No `other`: what a masked lane holds is never used (a channel past nchan is never stored, a
+    step past the end never computed), and zero-filling costs instructions every step. Only states
+    past n must read zeros, as they enter the sum y = C h."""
+    c_ok = offs_c < tl.where(live, nchan, 0)
+    n_ok = offs_n < tl.where(live, N_BOUND, 0)
+    x = tl.load(x_p, mask=c_ok)
+    dt = tl.load(dt_p, mask=c_ok)
+    if EVEN_N:
+        B = tl.load(B_p, mask=n_ok)
+        C = tl.load(C_p, mask=n_ok)
+    else:
+        B = tl.load(B_p, mask=n_ok, other=0.0)
+        C = tl.load(C_p, mask=n_ok, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_p, mask=c_ok)
+    else:
+        z = x
+    return x, dt, B, C, z
+
+
 # Layout. A program's channels are a [P, W] tile (channel p * W + w of the block): W = 32 * num_warps
 # lanes (or fewer: then a channel's states split over 32 * num_warps / W lanes), P channels in each
 # thread. Its state is [n, P, W], n and P inside the thread, so y = C h sums in registers and the
@@ -85,7 +109,7 @@ def _scan_kernel(
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr, PACKED: tl.constexpr,
     P: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UNROLL: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    AHEAD: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
     BLOCK_D: tl.constexpr = P * W
     pid_d = tl.program_id(0)
@@ -129,23 +153,20 @@ def _scan_kernel(
     C_p = C_ptr + row * sC_b + first * sC_l + group * sC_g + offs_n * sC_n
     z_p = z_ptr + row * sz_b + first * sz_l + offs_c * sz_c
     y_p = y_ptr + row * sy_b + first * sy_l + offs_c * sy_c
-    # Software pipelining by hand: step t's inputs were loaded during step t-1, so a load's latency
-    # hides behind a whole step of arithmetic even with few warps per SM (batch 1).
+    # Software pipelining by hand: step t's inputs were loaded AHEAD steps earlier (1 or 2), so a
+    # load's latency hides behind that many steps of arithmetic even with few warps per SM (batch 1).
     # (A step past the end loads nothing: its masks compare against zero channels and states. With
     # n a power of two the bound on n is a constant, so B and C load as vectors.)
     if EVEN_N:
         N_BOUND: tl.constexpr = BLOCK_N
     else:
         N_BOUND = nstate
-    live = first < end
-    c_live = offs_c < tl.where(live, nchan, 0)
-    n_live = offs_n < tl.where(live, N_BOUND, 0)
-    x_n = tl.load(x_p, mask=c_live, other=0.0)
-    dt_n = tl.load(dt_p, mask=c_live, other=0.0)
-    B_n = tl.load(B_p, mask=n_live, other=0.0)
-    C_n = tl.load(C_p, mask=n_live, other=0.0)
-    if HAS_Z:
-        z_n = tl.load(z_p, mask=c_live, other=0.0)
+    x_n, dt_n, B_n, C_n, z_n = _scan_step_inputs(x_p, dt_p, B_p, C_p, z_p, offs_c, offs_n, first < end, nchan,
+                                                 N_BOUND, HAS_Z, EVEN_N)
+    if AHEAD == 2:
+        x_n2, dt_n2, B_n2, C_n2, z_n2 = _scan_step_inputs(
+            x_p + sx_l, dt_p + sdt_l, B_p + sB_l, C_p + sC_l, z_p + sz_l, offs_c, offs_n, first + 1 < end, nchan,
+            N_BOUND, HAS_Z, EVEN_N)
     for t in tl.range(first, end, loop_unroll_factor=UNROLL):
         x = x_n.to(tl.float32)
         dt = dt_n.to(tl.float32)
@@ -153,22 +174,14 @@ def _scan_kernel(
         Ct = C_n.to(tl.float32)[:, None, None]
         if HAS_Z:
             z = z_n.to(tl.float32)
-        more = t + 1 < end
-        c_more = offs_c < tl.where(more, nchan, 0)
-        n_more = offs_n < tl.where(more, N_BOUND, 0)
-        # No `other`: what a masked lane holds is never used (a channel past nchan is never stored,
-        # a step past the end never computed), and zero-filling costs instructions every step. Only
-        # states past n must read zeros, as they enter the sum y = C h.
-        x_n = tl.load(x_p + sx_l, mask=c_more)
-        dt_n = tl.load(dt_p + sdt_l, mask=c_more)
-        if EVEN_N:
-            B_n = tl.load(B_p + sB_l, mask=n_more)
-            C_n = tl.load(C_p + sC_l, mask=n_more)
+        if AHEAD == 2:
+            x_n, dt_n, B_n, C_n, z_n = x_n2, dt_n2, B_n2, C_n2, z_n2
+            x_n2, dt_n2, B_n2, C_n2, z_n2 = _scan_step_inputs(
+                x_p + 2 * sx_l, dt_p + 2 * sdt_l, B_p + 2 * sB_l, C_p + 2 * sC_l, z_p + 2 * sz_l, offs_c, offs_n,
+                t + 2 < end, nchan, N_BOUND, HAS_Z, EVEN_N)
         else:
-            B_n = tl.load(B_p + sB_l, mask=n_more, other=0.0)
-            C_n = tl.load(C_p + sC_l, mask=n_more, other=0.0)
-        if HAS_Z:
-            z_n = tl.load(z_p + sz_l, mask=c_more)
+            x_n, dt_n, B_n, C_n, z_n = _scan_step_inputs(x_p + sx_l, dt_p + sdt_l, B_p + sB_l, C_p + sC_l, z_p + sz_l,
+                                                         offs_c, offs_n, t + 1 < end, nchan, N_BOUND, HAS_Z, EVEN_N)
         if HAS_DT_BIAS:
             dt += bias
         dt = tl.minimum(tl.maximum(_softplus_fast(dt, FAST_MATH), dt_min), dt_max)
@@ -260,13 +273,18 @@ def _flat_channels(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.flatten(lead, lead + 1)
 
 
-# Tuning for the prefill scan, per state size: (P, W, num_warps) candidates, widest first (see the
-# layout note at `_scan_kernel`: blocks of P * W channels; W < 32 * num_warps splits a channel's
-# states over lanes, for more programs). `_scan_block` takes the widest candidate whose grid still
-# gives SCAN_WARPS_PER_SM warps to every SM (long prompts at batch 1 take the narrow ones), else the
-# narrowest. SCAN_UNROLL is the time loop's unroll factor. From a sweep on the H200
-# (docs/benchmarks.md, tools/scan_check.py).
-SCAN_CONFIG = {16: ((2, 32, 1), (1, 32, 1), (1, 16, 1), (1, 8, 1)), 128: ((1, 8, 1), (1, 4, 1))}
+# Tuning for the prefill scan, per state size: (P, W, num_warps, AHEAD) candidates, widest first
+# (see the layout note at `_scan_kernel`: blocks of P * W channels; W < 32 * num_warps splits a
+# channel's states over lanes, for more programs; AHEAD steps of loads in flight). `_scan_block`
+# takes the widest candidate whose grid still gives SCAN_WARPS_PER_SM warps to every SM, else the
+# narrowest: long prompts at batch 1 get narrow blocks with loads two steps ahead, as there are
+# too few warps per SM to hide a load behind one step. SCAN_UNROLL is the time loop's unroll
+# factor. Chosen from instruction counts and register use of the kernels compiled for sm_90 (per
+# channel per step: ~171 instructions at P = 4 (243 registers), ~185 at P = 2 (168), ~232 at
+# P = 1 (109); W = 16 / 8: ~185 / ~141 per 16 / 8 channels), not yet from timings:
+# tools/scan_check.py --sweep times every candidate on the GPU.
+SCAN_CONFIG = {16: ((4, 32, 1, 1), (2, 32, 1, 1), (1, 32, 1, 1), (1, 16, 1, 2), (1, 8, 1, 2)),
+               128: ((1, 8, 1, 1), (1, 4, 1, 2))}
 SCAN_WARPS_PER_SM = 8
 SCAN_UNROLL = 1
 
@@ -278,18 +296,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _scan_block(n: int, nchan: int, group_width: int, ngroups: int, rows: int, device) -> tuple[int, int, int]:
-    """(P, W, num_warps) for the prefill scan of `rows` rows (or packed sequences) of `nchan` channels."""
+def _scan_block(n: int, nchan: int, group_width: int, ngroups: int, rows: int, device) -> tuple[int, int, int, int]:
+    """(P, W, num_warps, AHEAD) for the prefill scan of `rows` rows (or packed sequences) of `nchan` channels."""
     bn = triton.next_power_of_2(n)
-    cands = SCAN_CONFIG.get(n) or ((1, 32, 1), (1, max(1, 512 // bn), 1))
+    cands = SCAN_CONFIG.get(n) or ((1, 32, 1, 1), (1, max(1, 512 // bn), 1, 2))
     want = _sm_count(device) * SCAN_WARPS_PER_SM
-    for i, (p, w, warps) in enumerate(cands):
+    for i, (p, w, warps, ahead) in enumerate(cands):
         bd = _block_d(nchan, group_width, ngroups, p * w)  # a block never straddles two B/C groups
         p = max(1, bd // w)
         w = bd // p
         warps = max(1, min(warps, w * bn // 32))
         if triton.cdiv(nchan, bd) * rows * warps >= want or i == len(cands) - 1:
-            return p, w, warps
+            return p, w, warps, ahead
 
 
 def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit, cu_seqlens=None):
@@ -305,7 +323,7 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
     if cu_seqlens is not None:
         check_packed(x3, cu_seqlens, h0)
         cu, rows = cu_seqlens, cu_seqlens.shape[0] - 1
-    p, w, num_warps = _scan_block(n, nchan, nchan // g, g, rows, x3.device)
+    p, w, num_warps, ahead = _scan_block(n, nchan, nchan // g, g, rows, x3.device)
     hT = torch.empty(rows, nchan, n, device=x3.device, dtype=torch.float32)
     zs = z3.stride() if z3 is not None else (0, 0, 0)
     h0s = h0.stride() if h0 is not None else (0, 0, 0)
@@ -318,7 +336,7 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
         *B4.stride(), *C4.stride(), *zs, *y.stride(), *h0s, *hT.stride(),
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
-        P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, FAST_MATH=x3.is_cuda,
+        P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, AHEAD=ahead, FAST_MATH=x3.is_cuda,
         num_warps=num_warps,
     )
     return y, hT
