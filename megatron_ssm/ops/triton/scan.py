@@ -85,15 +85,17 @@ def _scan_step_inputs(x_p, dt_p, B_p, C_p, z_p, offs_c, offs_n, live, nchan, N_B
     return x, dt, B, C, z
 
 
-# Layout. A program's channels are a [P, W] tile (channel p * W + w of the block): W = 32 * num_warps
-# lanes (or fewer: then a channel's states split over 32 * num_warps / W lanes), P channels in each
-# thread. Its state is [n, P, W], n and P inside the thread, so y = C h sums in registers and the
-# conversion of each step's B and C (the same for every channel) is shared by P channels. Triton
-# picks a tensor's layout from its loads: a stride of 1 would make it vectorise along that dimension
-# and split the tile differently, with shuffles between layouts every step. So the channel and state
-# strides stay run-time values (rows of W channels still coalesce: the lanes read neighbours).
-@triton.jit(do_not_specialize=["sx_c", "sdt_h", "sA_h", "sA_n", "sD", "sbias", "sz_c", "sy_c", "sh0_c", "sh0_n",
-                               "shT_c", "shT_n"])
+# Layout. A program's channels are a [P, W] tile: W = 32 * num_warps lanes (or fewer: then a
+# channel's states split over 32 * num_warps / W lanes), each with P neighbouring channels (channel
+# w * P + p of the block: one vector load per lane). Its state is [n, P, W], n and P inside the
+# thread, so y = C h sums in registers and the conversion of each step's B and C (the same for
+# every channel) is shared by P channels. Triton gives a tensor the layout of the memory accesses
+# it meets, and breaks ties between dimensions differently across versions (3.6: the first
+# dimension fastest; 3.9: the last), so the kernel has no [n, P, W] memory access at all: A, h0
+# and hT move one state index at a time as [P, W] tiles (once per program), which leaves the state
+# the default layout (lanes along W) on every version; the per-step [P, W] accesses are contiguous
+# along P, so they too put lanes along W and P in the thread.
+@triton.jit
 def _scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, y_ptr, hT_ptr, cu_ptr,
     L, nchan, nstate, heads_per_group, dt_min, dt_max,
@@ -114,7 +116,7 @@ def _scan_kernel(
     BLOCK_D: tl.constexpr = P * W
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # the batch row; packed: the sequence (all in row 0)
-    offs_c = pid_d * BLOCK_D + tl.arange(0, P)[:, None] * W + tl.arange(0, W)[None, :]  # [P, W]
+    offs_c = pid_d * BLOCK_D + tl.arange(0, W)[None, :] * P + tl.arange(0, P)[:, None]  # [P, W]
     offs_n = tl.arange(0, BLOCK_N)
     if PACKED:  # a program per sequence, over its own time span: it starts from zeros and ends in hT[seq]
         row = 0
@@ -127,23 +129,24 @@ def _scan_kernel(
     cmask = offs_c < nchan
     heads = offs_c // HEADDIM
     group = (pid_d * BLOCK_D // HEADDIM) // heads_per_group
-    c3 = offs_c[None, :, :]
     n3 = offs_n[:, None, None]
-    nc_mask = (n3 < nstate) & (c3 < nchan)
     # A is kept as A log2(e): each step's decay is one exp2.
     if A_PER_HEAD:
         A = tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32)[None, :, :] * 1.4426950408889634
     else:
-        A = tl.load(A_ptr + heads[None, :, :] * sA_h + n3 * sA_n, mask=nc_mask,
-                    other=0.0).to(tl.float32) * 1.4426950408889634
+        A = tl.zeros([BLOCK_N, P, W], dtype=tl.float32)
+        for k in tl.static_range(BLOCK_N):
+            a_k = tl.load(A_ptr + heads * sA_h + k * sA_n, mask=offs_c < tl.where(k < nstate, nchan, 0), other=0.0)
+            A = tl.where(n3 == k, a_k.to(tl.float32)[None, :, :] * 1.4426950408889634, A)
     if HAS_D:
         Dv = tl.load(D_ptr + heads * sD, mask=cmask, other=0.0).to(tl.float32)
     if HAS_DT_BIAS:
         bias = tl.load(dt_bias_ptr + heads * sbias, mask=cmask, other=0.0).to(tl.float32)
+    h = tl.zeros([BLOCK_N, P, W], dtype=tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * sh0_b + c3 * sh0_c + n3 * sh0_n, mask=nc_mask, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_N, P, W], dtype=tl.float32)
+        for k in tl.static_range(BLOCK_N):
+            h_k = tl.load(h0_ptr + pid_b * sh0_b + offs_c * sh0_c + k * sh0_n, mask=offs_c < tl.where(k < nstate, nchan, 0), other=0.0)
+            h = tl.where(n3 == k, h_k.to(tl.float32)[None, :, :], h)
 
     # Pointers at time `first`, advanced one step per iteration (64-bit: a packed row can hold more
     # than 2^31 elements).
@@ -202,7 +205,9 @@ def _scan_kernel(
         C_p += sC_l
         z_p += sz_l
         y_p += sy_l
-    tl.store(hT_ptr + pid_b * shT_b + c3 * shT_c + n3 * shT_n, h, mask=nc_mask)
+    for k in tl.static_range(BLOCK_N):
+        h_k = tl.sum(tl.where(n3 == k, h, 0.0), axis=0)
+        tl.store(hT_ptr + pid_b * shT_b + offs_c * shT_c + k * shT_n, h_k, mask=offs_c < tl.where(k < nstate, nchan, 0))
 
 
 @triton.jit
