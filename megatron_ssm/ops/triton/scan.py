@@ -285,10 +285,10 @@ def _flat_channels(t: torch.Tensor, lead: int) -> torch.Tensor:
 # narrowest: long prompts at batch 1 get narrow blocks with loads two steps ahead, as there are
 # too few warps per SM to hide a load behind one step. SCAN_UNROLL is the time loop's unroll
 # factor. Chosen from the kernels compiled for sm_90 by Triton 3.6 (the GPU machine's) and 3.9, not
-# yet from timings (tools/scan_check.py --sweep times every candidate): per step, P = 4 is ~160
-# instructions per channel (224 registers), P = 2 ~172 (167), P = 1 ~236 (95), W = 16 / 8 ~209 /
-# ~145 per 16 / 8 channels; every channel-step also takes 21 MUFU ops (16 exp2 for the states), so
-# from P = 2 on the SFU, not instruction issue, is the limit.
+# yet from timings (tools/scan_check.py --sweep times every candidate; tools/kernel_sass.py shows
+# these): per step under Triton 3.6, P = 4 is ~151 instructions per channel (217 registers), P = 2
+# ~169 (168), P = 1 ~236 (95), W = 16 / 8 ~210 / ~145 per 16 / 8 channels; every channel-step also
+# takes 21 MUFU ops (16 exp2 for the states), so from P = 2 on the SFU, not issue, is the limit.
 SCAN_CONFIG = {16: ((4, 32, 1, 1), (2, 32, 1, 1), (1, 32, 1, 1), (1, 16, 1, 2), (1, 8, 1, 2)),
                128: ((1, 8, 1, 1), (1, 4, 1, 2))}
 SCAN_WARPS_PER_SM = 7
