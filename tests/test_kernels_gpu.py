@@ -16,11 +16,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, packed, rel_err, rms_norm_inputs,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs, packed, rel_err,
+    rms_norm_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
@@ -191,6 +193,41 @@ def test_rms_norm(seed, dtype, lead, width, weight):
     check_op(kernels().rms_norm, *rms_norm_inputs(lead, width, dtype, DEV, weight=weight), TOL[dtype], seed)
 
 
+# ---- skinny GEMMs (decode projections) -------------------------------------------------------------
+
+# (N, K, bias): mamba2-2.7b in_proj / out_proj, falcon-mamba-7b out_proj / x_proj / dt_proj, odd sizes
+GEMV_SHAPES = [(10576, 2560, False), (2560, 5120, False), (4096, 8192, False), (288, 8192, False), (8192, 256, True),
+               (1000, 999, True)]
+
+
+@DTYPES
+@pytest.mark.parametrize("n,k,bias", GEMV_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_linear(seed, dtype, n, k, bias, m):
+    check_op(kernels().linear, *linear_inputs((m,), n, k, dtype, DEV, bias=bias), TOL[dtype], seed)
+
+
+@pytest.mark.parametrize("n,k,bias", [(2560, 5120, False), (288, 8192, False), (8192, 256, True)])
+@pytest.mark.parametrize("m", [1, 16])
+def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m):
+    """Split-K launches captured once and replayed on new inputs: the arrival counters reset
+    themselves, so every replay reduces all splits."""
+    from megatron_ssm.ops.triton import gemv
+
+    _, kw = linear_inputs((m,), n, k, torch.bfloat16, DEV, bias=bias)
+    cfg = gemv.Config(32, 256 if m == 1 else 64, 8, 4)
+    gemv.linear(**kw, config=cfg)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv.linear(**kw, config=cfg)
+    for step in range(3):
+        kw["x"].copy_(torch.randn_like(kw["x"]))
+        graph.replay()
+        err = rel_err(out, F.linear(**kw))
+        assert err < TOL[torch.bfloat16], f"replay {step}: relative error {err:.2e} (seed {seed})"
+
+
 # ---- dispatch -------------------------------------------------------------------------------------
 
 def test_dispatch_choices(monkeypatch):
@@ -199,6 +236,7 @@ def test_dispatch_choices(monkeypatch):
     for op in ref_ops.__all__:
         assert dispatch.backend(op, x) == (expect_ssd if op == "ssd_chunk_scan" else "triton"), op
     assert dispatch.backend("selective_scan", x.cpu()) == "torch"
+    assert dispatch.backend("linear", torch.zeros(dispatch.GEMV_MAX_ROWS + 1, 8, device=DEV)) == "torch"
     monkeypatch.setenv(dispatch.ENV, "torch")
     assert all(dispatch.backend(op, x) == "torch" for op in ref_ops.__all__)
 
@@ -208,7 +246,8 @@ def test_dispatch_matches_reference(seed, dtype):
     for op, kw in [conv_inputs(2, 300, 5376, 4, dtype, DEV), conv_update_inputs(4, 5376, 4, dtype, DEV),
                    scan_inputs(2, 300, 1024, 16, dtype, DEV), scan_update_inputs(4, 5120, 16, dtype, DEV),
                    ssd_inputs(2, 300, 80, 64, 1, 128, 256, dtype, DEV), ssd_update_inputs(4, 80, 64, 1, 128, dtype, DEV),
-                   rms_norm_inputs((2, 300), 2560, dtype, DEV), gated_norm_inputs((2, 300), 5120, 5120, dtype, DEV)]:
+                   rms_norm_inputs((2, 300), 2560, dtype, DEV), gated_norm_inputs((2, 300), 5120, 5120, dtype, DEV),
+                   linear_inputs((4, 1), 2560, 5120, dtype, DEV), linear_inputs((2, 300), 2560, 5120, dtype, DEV)]:
         check_op(getattr(dispatch, op), op, kw, TOL[dtype], seed)
 
 

@@ -8,6 +8,10 @@ triton) runs the torch reference, which defines the numbers every kernel is test
 `MEGATRON_SSM_KERNELS=torch` forces the reference everywhere, for A/B checks; it is read at each
 call, so a test or a benchmark can flip it.
 
+`linear` takes our skinny-GEMM kernel only for decode-sized inputs (at most `GEMV_MAX_ROWS` rows of
+x: batch x tokens); batched and prefill GEMMs stay with cuBLAS. `MEGATRON_SSM_LINEAR=torch` sends
+just this op back to F.linear (the A/B of the kernel alone).
+
 mamba-ssm's scan is called below its autograd wrapper (`_mamba_chunk_scan_combined_fwd`): inference
 needs no saved tensors, and the wrapper's Python cost (~0.6 ms a layer on an H200's host) was most
 of a short prompt's prefill time.
@@ -27,11 +31,14 @@ import torch
 
 # From the submodules, not the package, so that the package may itself export this module's ops.
 from . import conv1d as _conv, norm as _norm, ssd as _ssd
+from .linear import linear as _ref_linear
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
 from .varlen import check_packed, seq_index
 
 ENV = "MEGATRON_SSM_KERNELS"
+LINEAR_ENV = "MEGATRON_SSM_LINEAR"
+GEMV_MAX_ROWS = 16  # above this, cuBLAS's tiles beat a weight-streaming kernel (and tensor cores pay)
 
 _REFERENCE: dict[str, Callable] = {
     "causal_conv1d": _conv.causal_conv1d,
@@ -39,6 +46,7 @@ _REFERENCE: dict[str, Callable] = {
     "rms_norm": _norm.rms_norm,
     "add_rms_norm": _norm.add_rms_norm,
     "gated_rms_norm": _norm.gated_rms_norm,
+    "linear": _ref_linear,
     "selective_scan": _ref_selective_scan,
     "selective_state_update": _ref_selective_state_update,
     "ssd_chunk_scan": _ssd.ssd_chunk_scan,
@@ -111,7 +119,16 @@ def backend(op: str, like: torch.Tensor) -> str:
         return "torch"
     if op == "ssd_chunk_scan":
         return "mamba_ssm" if _mamba_chunk_scan_combined() is not None else "torch"
+    if op == "linear" and (os.environ.get(LINEAR_ENV, "").lower() == "torch" or _rows(like) > GEMV_MAX_ROWS):
+        return "torch"
     return "triton" if _triton_ops() is not None else "torch"
+
+
+def _rows(x: torch.Tensor) -> int:
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    return rows
 
 
 def implementation(op: str, like: torch.Tensor) -> Callable:
@@ -132,6 +149,10 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlen
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     return implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, silu)
+
+
+def linear(x, weight, bias=None):
+    return implementation("linear", x)(x, weight, bias)
 
 
 def rms_norm(x, weight, eps):
@@ -167,4 +188,4 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0,
 for _name, _ref in _REFERENCE.items():
     globals()[_name].__doc__ = _ref.__doc__
 
-__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV"]
+__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV", "LINEAR_ENV", "GEMV_MAX_ROWS"]

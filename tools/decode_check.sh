@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The skinny-GEMM decode kernel on one GPU, one device call (logs and JSON lines under $OUT):
+#   rsync -a --delete --exclude .git --exclude .venv --exclude out --exclude mutants ./ /work/main/.gpu/gemv/
+#   run(command="cd .gpu/gemv && WHL=../../.whl bash tools/decode_check.sh", carry=[".gpu/gemv", ".whl"])
+# STAGE picks what runs (default check,m2,fm):
+#   check  tools/gemv_check.py: correctness vs F.linear at the model shapes, kernel vs cuBLAS in TB/s
+#   tests  the GPU tests of the kernel (tests/test_kernels_gpu.py -k linear)
+#   m2     tools/benchmark.py mamba2-2.7b b1,16, prompt 512, 128 new: cuBLAS linears, then the kernel
+#   fm     the same for falcon-mamba-7b b1,32, 64 new
+# The A/B switch is MEGATRON_SSM_LINEAR=torch (only the linears go back to cuBLAS); LINS="kernel torch"
+# picks the sides run. Timeouts: T_CHECK, T_TESTS, T_BENCH (each benchmark process).
+set -uo pipefail
+OUT=${OUT:-out}
+WHL=${WHL:-.whl}
+STAGE=${STAGE:-check,m2,fm}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+export PYTHONPATH=/tmp/site:$PWD
+J=$OUT/bench.jsonl
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
+has() { [[ ",$STAGE," == *",$1,"* ]]; }
+quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
+if has check; then
+    timeout ${T_CHECK:-120} python3 tools/gemv_check.py --json-out "$OUT/gemv.jsonl" ${CHECK_ARGS:-} 2>&1 | quiet \
+        | tee "$OUT/gemv.txt"
+fi
+if has tests; then
+    timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -p no:randomly -m gpu tests/test_kernels_gpu.py \
+        -k "linear or dispatch" > "$OUT/pytest.txt" 2>&1
+    grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/pytest.txt" | tail -20
+fi
+bench() {  # name config batches new
+    for lin in ${LINS:-kernel torch}; do
+        MEGATRON_SSM_LINEAR=$([ $lin = torch ] && echo torch || echo "") timeout ${T_BENCH:-70} python3 tools/benchmark.py \
+            --config "$2" --batch "$3" --prompt 512 --new "$4" --json-out "$J" --tag "gemv-linear-$lin" 2>&1 | quiet \
+            | sed "s/^/[$lin] /" | tee -a "$OUT/bench.txt"
+    done
+}
+has m2 && bench m2 configs/mamba2-2.7b.yaml 1,16 128
+has fm && bench fm configs/falcon-mamba-7b.yaml 1,32 64
+exit 0
