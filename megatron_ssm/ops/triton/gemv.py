@@ -155,8 +155,8 @@ def heuristic(m: int, n: int, k: int, device: torch.device) -> Config:
 def _candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     sms = _sm_count(device)
     m_blocks = triton.cdiv(m, _m_bucket(m))
-    shapes = ([(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (64, 128, 4), (128, 128, 8), (8, 1024, 4)]
-              if m == 1 else [(32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (32, 128, 4), (128, 128, 8)])
+    shapes = ([(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (128, 128, 8)]
+              if m == 1 else [(32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)])
     out = {CUBLAS}
     for bn, bk, w in shapes:
         if bk > max(16, triton.next_power_of_2(k)):
