@@ -584,16 +584,18 @@ def test_gemv_every_configuration_interpreted(seed):
     kernels = _interpreted_kernels()
     from megatron_ssm.ops.triton import gemv
 
-    n, k = 45, 200
-    configs = [None, gemv.Config(16, 64, 3, 4), gemv.Config(32, 16, 13, 4)] + \
-        [c for c in gemv._candidates(1, n, k, torch.device("cpu")) if c.block_n and c.block_k <= 256][::3]
-    for dtype in (torch.float32, torch.bfloat16):
-        for m, bias in [(1, True), (3, False), (16, True), (1, False)]:
+    cases = []
+    for n, k, every in [(45, 200, 3), (40, 256, 8)]:  # K off the tiles (masked loads), and on them (unmasked)
+        configs = [None, gemv.Config(16, 64, 3, 4), gemv.Config(32, 16, 5, 4)] + \
+            [c for c in gemv._candidates(1, n, k, torch.device("cpu")) if c.block_n and c.block_k <= 256][::every]
+        cases += [(n, k, configs)]
+    for (n, k, configs), dtype in itertools.product(cases, (torch.float32, torch.bfloat16)):
+        for m, bias in [(1, True), (3, False), (16, True)]:
             _, kw = linear_inputs((m,), n, k, dtype, "cpu", bias=bias)
             ref = F.linear(**kw)
             for cfg in configs if m == 1 else configs[:3] + [gemv.Config(64, 32, 2, 4)]:
                 out = kernels.linear(**kw, config=cfg)
-                where = f"m {m} bias {bias} {dtype} config {cfg} (seed {seed})"
+                where = f"{m}x{k} @ {n}x{k} bias {bias} {dtype} config {cfg} (seed {seed})"
                 assert out.shape == ref.shape and out.dtype == ref.dtype, where
                 err = rel_err(out, ref)
                 assert err < TOL[dtype], f"{where}: relative error {err:.2e}"

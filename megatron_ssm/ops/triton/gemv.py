@@ -34,14 +34,15 @@ _LOCKS: dict[torch.device, torch.Tensor] = {}
 _LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any weight we hold
 
 
-# M and the split sizes vary between calls of one shape (batch buckets, tuning): one compile for all.
-@triton.jit(do_not_specialize=["M", "k_per_split", "splits"])
+# M and the split count vary between calls of one shape (batch buckets, tuning): one compile for all.
+# k_per_split stays specialised: its divisibility is what lets the weight loads be 16-byte vectors.
+@triton.jit(do_not_specialize=["M", "splits"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
     M, N, K, k_per_split, splits,
     sxm, swn, sym,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -60,10 +61,14 @@ def _gemv_kernel(
     else:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
+        if EVEN_K:  # no mask along K: a mask of unknown alignment would split the loads into scalars
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            k_mask = offs_k < k_hi
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_DOT:
             if UPCAST:
                 acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
@@ -194,7 +199,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         m, n, k, per, splits,
         x2.stride(0), weight.stride(0), y2.stride(0),
         HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
-        UPCAST=_INTERPRETED and x2.dtype != torch.float32,
+        UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
     )
     return y2
