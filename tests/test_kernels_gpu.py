@@ -215,17 +215,17 @@ def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m):
     from megatron_ssm.ops.triton import gemv
 
     _, kw = linear_inputs((m,), n, k, torch.bfloat16, DEV, bias=bias)
-    cfg = gemv.Config(32, 256 if m == 1 else 64, 8, 4)
-    gemv.linear(**kw, config=cfg)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = gemv.linear(**kw, config=cfg)
-    for step in range(3):
-        kw["x"].copy_(torch.randn_like(kw["x"]))
-        graph.replay()
-        err = rel_err(out, F.linear(**kw))
-        assert err < TOL[torch.bfloat16], f"replay {step}: relative error {err:.2e} (seed {seed})"
+    for cfg in [gemv.Config(32, 64, 8, 4), gemv.Config(32, 256, 8, 4, dot=False)]:
+        gemv.linear(**kw, config=cfg)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = gemv.linear(**kw, config=cfg)
+        for step in range(3):
+            kw["x"].copy_(torch.randn_like(kw["x"]))
+            graph.replay()
+            err = rel_err(out, F.linear(**kw))
+            assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
 
 
 # ---- dispatch -------------------------------------------------------------------------------------

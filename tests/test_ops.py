@@ -586,7 +586,7 @@ def test_gemv_every_configuration_interpreted(seed):
 
     cases = []
     for n, k, every in [(45, 200, 3), (40, 256, 8)]:  # K off the tiles (masked loads), and on them (unmasked)
-        configs = [None, gemv.Config(16, 64, 3, 4), gemv.Config(32, 16, 5, 4)] + \
+        configs = [None, gemv.Config(16, 64, 3, 4, dot=False), gemv.Config(32, 16, 5, 4)] + \
             [c for c in gemv._candidates(1, n, k, torch.device("cpu")) if c.block_n and c.block_k <= 256][::every]
         cases += [(n, k, configs)]
     for (n, k, configs), dtype in itertools.product(cases, (torch.float32, torch.bfloat16)):

@@ -7,8 +7,8 @@
 #   tests  the GPU tests of the kernel (tests/test_kernels_gpu.py -k linear)
 #   m2     tools/benchmark.py mamba2-2.7b b1,16, prompt 512, 128 new: cuBLAS linears, then the kernel
 #   fm     the same for falcon-mamba-7b b1,32, 64 new
-# The A/B switch is MEGATRON_SSM_LINEAR=torch (only the linears go back to cuBLAS); LINS="kernel torch"
-# picks the sides run. Timeouts: T_CHECK, T_TESTS, T_BENCH (each benchmark process).
+# The A/B switch is MEGATRON_SSM_LINEAR=torch (only the linears go back to cuBLAS); LINS (default
+# torch,kernel) picks the sides, run as two engines of one process; M2_BATCH / FM_BATCH the batches. Timeouts: T_CHECK, T_TESTS, T_BENCH (each benchmark process).
 set -uo pipefail
 OUT=${OUT:-out}
 WHL=${WHL:-.whl}
@@ -23,6 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 has() { [[ ",$STAGE," == *",$1,"* ]]; }
 quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
 if has check; then
+    echo "# $(date -u +%T) check"
     timeout ${T_CHECK:-120} python3 tools/gemv_check.py --json-out "$OUT/gemv.jsonl" ${CHECK_ARGS:-} 2>&1 | quiet \
         | tee "$OUT/gemv.txt"
 fi
@@ -31,13 +32,13 @@ if has tests; then
         -k "linear or dispatch" > "$OUT/pytest.txt" 2>&1
     grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/pytest.txt" | tail -20
 fi
-bench() {  # name config batches new
-    for lin in ${LINS:-kernel torch}; do
-        MEGATRON_SSM_LINEAR=$([ $lin = torch ] && echo torch || echo "") timeout ${T_BENCH:-70} python3 tools/benchmark.py \
-            --config "$2" --batch "$3" --prompt 512 --new "$4" --json-out "$J" --tag "gemv-linear-$lin" 2>&1 | quiet \
-            | sed "s/^/[$lin] /" | tee -a "$OUT/bench.txt"
-    done
+bench() {  # config batches new: both sides of the A/B in one process (tools/benchmark.py --linear)
+    echo "# $(date -u +%T) $1 batch $2" | tee -a "$OUT/bench.txt"
+    timeout ${T_BENCH:-150} python3 tools/benchmark.py --config "$1" --batch "$2" --prompt 512 --new "$3" \
+        --linear ${LINS:-torch,kernel} --json-out "$J" --tag gemv 2>"$OUT/stderr-$(basename $1 .yaml).txt" | tee -a "$OUT/bench.txt"
+    echo "# $(date -u +%T) rc ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt"
+    grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS" "$OUT/stderr-$(basename $1 .yaml).txt" | tail -5
 }
-has m2 && bench m2 configs/mamba2-2.7b.yaml 1,16 128
-has fm && bench fm configs/falcon-mamba-7b.yaml 1,32 64
+has m2 && bench configs/mamba2-2.7b.yaml ${M2_BATCH:-1,16} 128
+has fm && bench configs/falcon-mamba-7b.yaml ${FM_BATCH:-1,32} 64
 exit 0

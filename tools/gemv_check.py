@@ -114,11 +114,6 @@ def main() -> int:
                   + (f"  BAD {bad}" if bad else ""), flush=True)
             print("    tuner:", " ".join(f"{c}={t:.1f}" for c, t in log[:6]), flush=True)
         del copies
-    # copy bandwidth, for the TB/s above
-    a = torch.empty(int(1e9) // 2, dtype=torch.bfloat16, device=dev)
-    bb = torch.empty_like(a)
-    t = graph_time_us(lambda _: bb.copy_(a), [None], reps=10)
-    print(f"copy bandwidth {2 * a.numel() * 2 / t / 1e6:.2f} TB/s")
     if args.json_out:
         with open(args.json_out, "a") as f:
             for row in rows_out:

@@ -9,8 +9,9 @@ the output, all in one launch. Its arrival counter resets itself, so the launch 
 CUDA graph and replayed without a memset (the counters are shared by every launch on the device:
 launches must not run concurrently on two streams, which the engine never does).
 
-M == 1 accumulates elementwise and reduces once at the end (no tensor cores: nothing to multiply
-them with); M > 1 uses tl.dot with the rows padded to 16.
+The products go through tl.dot with the rows padded to 16 (Triton then pipelines the weight loads
+over `stages` buffers); for one row the tuner also tries elementwise products reduced once at the
+end. On an H200 the dot path was faster even at M = 1 (2026-12-01, docs/benchmarks.md).
 
 Each (M bucket, N, K, dtype, bias) shape is timed once on its first call outside graph capture,
 among a few tile shapes and splits and cuBLAS itself; the fastest is kept (`tuned()` lists them).
@@ -107,21 +108,32 @@ def _gemv_kernel(
 
 @dataclass(frozen=True)
 class Config:
-    """One launch shape; block_n == 0 means cuBLAS (F.linear)."""
+    """One launch shape; block_n == 0 means cuBLAS (F.linear). dot: tl.dot over rows padded to 16
+    (else, for one row only, elementwise products); stages: the K loop's software pipelining depth."""
 
     block_n: int
     block_k: int
     splits: int
     num_warps: int
+    dot: bool = True
+    stages: int = 3
 
     def __str__(self) -> str:
-        return "cublas" if self.block_n == 0 else f"n{self.block_n}k{self.block_k}s{self.splits}w{self.num_warps}"
+        if self.block_n == 0:
+            return "cublas"
+        return (f"{'d' if self.dot else 'e'}n{self.block_n}k{self.block_k}s{self.splits}w{self.num_warps}"
+                f"p{self.stages}")
 
 
 CUBLAS = Config(0, 0, 1, 0)
 _TUNED: dict[tuple, Config] = {}
 _TUNE_LOG: dict[tuple, list[tuple[str, float]]] = {}
 TUNE_ENV = "MEGATRON_SSM_GEMV_TUNE"  # "0": skip timing, take the heuristic configuration
+
+# Tile shapes the tuner tries: (block_n, block_k, num_warps, dot, stages); elementwise ones for M == 1.
+_DOT_SHAPES = [(16, 256, 4, True, 3), (32, 128, 4, True, 3), (64, 128, 4, True, 3), (64, 128, 4, True, 5),
+               (128, 128, 8, True, 3), (128, 64, 4, True, 4)]
+_ELEMENTWISE_SHAPES = [(16, 512, 4, False, 3), (32, 256, 4, False, 3)]
 
 
 def tuned() -> dict[tuple, tuple[Config, list[tuple[str, float]]]]:
@@ -133,42 +145,44 @@ def _m_bucket(m: int) -> int:
     return 1 if m == 1 else max(16, triton.next_power_of_2(m))
 
 
+def _block_m(m: int, cfg: Config) -> int:
+    return max(16, triton.next_power_of_2(m)) if cfg.dot or m > 1 else 1
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _fit(block_n, block_k, num_warps, n, k, m_blocks, sms, min_programs=None) -> Config:
+def _fit(shape, n, k, m_blocks, sms, min_programs=None) -> Config:
     """Splits of K so that about `min_programs` programs run (each split a whole number of blocks)."""
+    block_n, block_k, num_warps, dot, stages = shape
     tiles = triton.cdiv(n, block_n) * m_blocks
     k_blocks = triton.cdiv(k, block_k)
     want = min_programs or 3 * sms
     splits = max(1, min(k_blocks, 64, triton.cdiv(want, tiles)))
     per = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, per)  # no empty split
-    return Config(block_n, block_k, splits, num_warps)
+    return Config(block_n, block_k, splits, num_warps, dot, stages)
 
 
 def heuristic(m: int, n: int, k: int, device: torch.device) -> Config:
-    m_blocks = triton.cdiv(m, _m_bucket(m))
-    block_k = 256 if m == 1 else 64
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    return _fit(32, block_k, 4, n, k, m_blocks, _sm_count(device))
+    block_k = min(128, max(16, triton.next_power_of_2(k)))
+    m_blocks = triton.cdiv(m, max(16, triton.next_power_of_2(m)))
+    return _fit((64, block_k, 4, True, 3), n, k, m_blocks, _sm_count(device))
 
 
 def _candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     sms = _sm_count(device)
-    m_blocks = triton.cdiv(m, _m_bucket(m))
-    shapes = ([(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (128, 128, 8)]
-              if m == 1 else [(32, 64, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)])
+    m_blocks = triton.cdiv(m, max(16, triton.next_power_of_2(m)))
     out = {CUBLAS}
-    for bn, bk, w in shapes:
-        if bk > max(16, triton.next_power_of_2(k)):
+    for shape in _DOT_SHAPES + (_ELEMENTWISE_SHAPES if m == 1 else []):
+        if shape[1] > max(16, triton.next_power_of_2(k)):
             continue
-        for programs in (sms, 2 * sms, 4 * sms, 8 * sms):
-            out.add(_fit(bn, bk, w, n, k, m_blocks, sms, programs))
-        out.add(Config(bn, bk, 1, w))
+        for programs in (sms, 2 * sms, 4 * sms):
+            out.add(_fit(shape, n, k, m_blocks, sms, programs))
+        out.add(_fit(shape, n, k, m_blocks, sms, 1))
     return sorted(out, key=str)
 
 
@@ -185,7 +199,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     m, k = x2.shape
     n = weight.shape[0]
     y2 = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
-    block_m = _m_bucket(m)
+    block_m = _block_m(m, cfg)
     m_blocks = triton.cdiv(m, block_m)
     per = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
     splits = triton.cdiv(k, per)
@@ -201,6 +215,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
         UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.stages,
     )
     return y2
 
@@ -211,7 +226,7 @@ def _time(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
     stream = torch.cuda.current_stream()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     fn(weights[0])  # compile
-    torch.cuda._sleep(2_000_000)
+    torch.cuda._sleep(10_000_000)  # ~5 ms: longer than the host takes to queue the reps
     start.record(stream)
     for i in range(reps):
         fn(weights[i % len(weights)])
