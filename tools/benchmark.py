@@ -158,19 +158,24 @@ def linear_variants(spec: str):
     yields None once and changes nothing."""
     from megatron_ssm.ops.dispatch import LINEAR_ENV
 
+    pdl_env = "MEGATRON_SSM_GEMV_PDL"  # megatron_ssm.ops.triton.gemv.PDL_ENV (that module imports triton)
+    variants = {"torch": {LINEAR_ENV: "torch", pdl_env: ""}, "kernel": {LINEAR_ENV: "", pdl_env: ""},
+                "kernel-nopdl": {LINEAR_ENV: "", pdl_env: "0"}}
     names = [v for v in spec.split(",") if v]
     if not names:
         yield None
         return
-    before = os.environ.get(LINEAR_ENV)
+    for name in names:
+        if name not in variants:
+            raise SystemExit(f"--linear takes {', '.join(variants)}, not {name!r}")
+    before = {k: os.environ.get(k) for k in (LINEAR_ENV, pdl_env)}
     try:
         for name in names:
-            if name not in ("kernel", "torch"):
-                raise SystemExit(f"--linear takes 'kernel' and 'torch', not {name!r}")
-            os.environ[LINEAR_ENV] = "torch" if name == "torch" else ""
+            os.environ.update(variants[name])
             yield name
     finally:
-        os.environ.pop(LINEAR_ENV, None) if before is None else os.environ.__setitem__(LINEAR_ENV, before)
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def main() -> int:
@@ -197,8 +202,9 @@ def main() -> int:
                     help="prompts from this many tokens take the context-parallel prefill (default 1: every "
                          "prompt, when CP > 1)")
     ap.add_argument("--linear", default="", help="A/B of the decode linears in one process: a list of 'kernel' "
-                    "(the dispatch layer's choice) and 'torch' (MEGATRON_SSM_LINEAR=torch: cuBLAS only), e.g. "
-                    "torch,kernel; each builds its own engine (graphs captured with that choice)")
+                    "(the dispatch layer's choice), 'torch' (MEGATRON_SSM_LINEAR=torch: cuBLAS only) and "
+                    "'kernel-nopdl' (the kernel without programmatic dependent launch), e.g. torch,kernel; each "
+                    "builds its own engine (graphs captured with that choice)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()

@@ -8,7 +8,8 @@
 #   m2     tools/benchmark.py mamba2-2.7b b1,16, prompt 512, 128 new: cuBLAS linears, then the kernel
 #   fm     the same for falcon-mamba-7b b1,32, 64 new
 # The A/B switch is MEGATRON_SSM_LINEAR=torch (only the linears go back to cuBLAS); LINS (default
-# torch,kernel) picks the sides, run as two engines of one process; M2_BATCH / FM_BATCH the batches. Timeouts: T_CHECK, T_TESTS, T_BENCH (each benchmark process).
+# torch,kernel; also kernel-nopdl) picks the sides, run as engines of one process; M2_BATCH / FM_BATCH
+# the batches. Timeouts: T_CHECK, T_TESTS, T_M2, T_FM (seconds per step).
 set -uo pipefail
 OUT=${OUT:-out}
 WHL=${WHL:-.whl}
@@ -32,13 +33,13 @@ if has tests; then
         -k "linear or dispatch" > "$OUT/pytest.txt" 2>&1
     grep -E "^(FAILED|ERROR|E  )|passed|failed" "$OUT/pytest.txt" | tail -20
 fi
-bench() {  # config batches new: both sides of the A/B in one process (tools/benchmark.py --linear)
+bench() {  # config batches new timeout: the A/B sides in one process (tools/benchmark.py --linear)
     echo "# $(date -u +%T) $1 batch $2" | tee -a "$OUT/bench.txt"
-    timeout ${T_BENCH:-150} python3 tools/benchmark.py --config "$1" --batch "$2" --prompt 512 --new "$3" \
+    timeout $4 python3 tools/benchmark.py --config "$1" --batch "$2" --prompt 512 --new "$3" \
         --linear ${LINS:-torch,kernel} --json-out "$J" --tag gemv 2>"$OUT/stderr-$(basename $1 .yaml).txt" | tee -a "$OUT/bench.txt"
     echo "# $(date -u +%T) rc ${PIPESTATUS[0]}" | tee -a "$OUT/bench.txt"
     grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS" "$OUT/stderr-$(basename $1 .yaml).txt" | tail -5
 }
-has m2 && bench configs/mamba2-2.7b.yaml ${M2_BATCH:-1,16} 128
-has fm && bench configs/falcon-mamba-7b.yaml ${FM_BATCH:-1,32} 64
+has m2 && bench configs/mamba2-2.7b.yaml ${M2_BATCH:-1,16} 128 ${T_M2:-150}
+has fm && bench configs/falcon-mamba-7b.yaml ${FM_BATCH:-1,32} 64 ${T_FM:-150}
 exit 0

@@ -16,6 +16,11 @@ end. On an H200 the dot path was faster even at M = 1 (2026-12-01, docs/benchmar
 Each (M bucket, N, K, dtype, bias) shape is timed once on its first call outside graph capture,
 among a few tile shapes and splits and cuBLAS itself; the fastest is kept (`tuned()` lists them).
 Captured before any eager call, a shape takes a heuristic configuration.
+
+In a captured graph (decode), each launch is a programmatic dependent of the kernel before it
+(PDL, Hopper): its programs start, and read their first weight tile, while that kernel drains, and
+wait for it (griddepcontrol.wait) before touching anything else. `MEGATRON_SSM_GEMV_PDL=0` turns it
+off.
 """
 from __future__ import annotations
 
@@ -28,11 +33,28 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (Hopper and later; Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+PDL_ENV = "MEGATRON_SSM_GEMV_PDL"  # "0": never launch as a programmatic dependent
+_PDL_OK: dict[torch.device, bool] = {}
+
 # Triton 3.6's interpreter multiplies 16-bit floats' bit patterns in tl.dot: there, the tiles go
 # to fp32 first (the same products: a bf16 x bf16 product is exact in fp32).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 _LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any weight we hold
+
+
+@triton.jit
+def _weight_tile(w_rows, k0, k_hi, n_mask, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight rows' columns [k0, k0 + BLOCK_K), zeros past k_hi (a whole tile of them past the end)."""
+    offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
+    if EVEN_K:  # the tile is all in or all out: a scalar condition keeps the loads vectorised
+        inside = (tl.zeros([BLOCK_K], dtype=tl.int32) + k0) < k_hi  # constant along K
+        return tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & inside[None, :], other=0.0)
+    return tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < k_hi)[None, :], other=0.0)
 
 
 # M and the split count vary between calls of one shape (batch buckets, tuning): one compile for all.
@@ -43,7 +65,7 @@ def _gemv_kernel(
     M, N, K, k_per_split, splits,
     sxm, swn, sym,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PEEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -61,14 +83,24 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PEEL:
+        # Launched as a programmatic dependent of the kernel before it (PDL, in a captured graph):
+        # its first weight tile is read while that kernel drains. Weights are constant in the graph;
+        # everything else (x, outputs, partials, counters) only after the wait.
+        w_next = _weight_tile(w_rows, k_lo, k_hi, n_mask, EVEN_K, BLOCK_K)
+        if PDL:
+            gdc_wait()
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
+        if PEEL:
+            w = w_next
+            w_next = _weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, EVEN_K, BLOCK_K)
+        else:
+            w = _weight_tile(w_rows, k0, k_hi, n_mask, EVEN_K, BLOCK_K)
         if EVEN_K:  # no mask along K: a mask of unknown alignment would split the loads into scalars
-            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         else:
             k_mask = offs_k < k_hi
-            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_DOT:
             if UPCAST:
@@ -79,6 +111,8 @@ def _gemv_kernel(
                 acc = tl.dot(w, tl.trans(x), acc)
         else:
             acc2 += w.to(tl.float32) * x.to(tl.float32)  # x is [1, BLOCK_K]
+    if PDL:
+        gdc_launch_dependents()  # the weights are read: the next kernel may start prefetching its own
     if USE_DOT:
         out = acc  # [BLOCK_N, BLOCK_M]
     else:
@@ -193,7 +227,46 @@ def _locks(device: torch.device) -> torch.Tensor:
     return locks
 
 
-def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config) -> torch.Tensor:
+def _pdl_supported(device: torch.device) -> bool:
+    """Whether launches on `device` can be programmatic dependents, found out once, eagerly: a
+    tiny launch with PDL, then one captured in a graph (a failure inside the engine's capture
+    could not be undone)."""
+    ok = _PDL_OK.get(device)
+    if ok is None:
+        ok = False
+        if (gdc_wait is not None and not _INTERPRETED and device.type == "cuda"
+                and torch.cuda.get_device_capability(device)[0] >= 9 and not torch.cuda.is_current_stream_capturing()):
+            try:
+                x = torch.randn(1, 64, device=device)
+                w = torch.randn(32, 64, device=device)
+                cfg = Config(32, 64, 1, 4)
+                eager = _launch(x, w, None, cfg, pdl=True)
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=side):
+                        captured = _launch(x, w, None, cfg, pdl=True)
+                    graph.replay()
+                torch.cuda.current_stream(device).wait_stream(side)
+                torch.cuda.synchronize(device)
+                ref = x @ w.t()
+                ok = bool(torch.allclose(eager, ref, atol=1e-4) and torch.allclose(captured, ref, atol=1e-4))
+            except Exception:  # noqa: BLE001 - any failure means: no PDL here
+                ok = False
+        _PDL_OK[device] = ok
+    return ok
+
+
+def _use_pdl(device: torch.device) -> bool:
+    """PDL only inside graph capture (and the tuner, which times what capture will run): eagerly, the
+    kernel before this one may be writing the weights (a checkpoint load), which the prefetch reads."""
+    return os.environ.get(PDL_ENV) != "0" and _PDL_OK.get(device, False)
+
+
+def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
+            pdl: bool = False, peel: bool | None = None) -> torch.Tensor:
+    """peel: read each weight tile one step ahead (as PDL does; None: when pdl), for tests."""
     if cfg.block_n == 0:
         return F.linear(x2, weight, bias)
     m, k = x2.shape
@@ -213,9 +286,10 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         m, n, k, per, splits,
         x2.stride(0), weight.stride(0), y2.stride(0),
         HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
-        UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0,
+        UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
+        PEEL=pdl if peel is None else peel,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.stages,
+        num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}),
     )
     return y2
 
@@ -245,7 +319,8 @@ def _tune(key, x2, weight, bias) -> Config:
     except torch.OutOfMemoryError:
         pass
     candidates = _candidates(m, n, k, x2.device)
-    times = [_time(lambda w, c=cfg: _launch(x2, w, bias, c), copies) for cfg in candidates]
+    pdl = _use_pdl(x2.device)
+    times = [_time(lambda w, c=cfg: _launch(x2, w, bias, c, pdl), copies) for cfg in candidates]
     del copies
     _TUNE_LOG[key] = sorted(((str(c), t) for c, t in zip(candidates, times)), key=lambda e: e[1])
     return candidates[min(range(len(times)), key=times.__getitem__)]
@@ -276,5 +351,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2 = x2.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    y2 = _launch(x2, weight, bias, config or _config(x2, weight, bias))
+    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+    if x2.is_cuda and not capturing:
+        _pdl_supported(x2.device)  # once per device, before any capture needs the answer
+    cfg = config or _config(x2, weight, bias)
+    pdl = capturing and _use_pdl(x2.device)
+    y2 = _launch(x2, weight, bias, cfg, pdl)
     return y2.view(*x.shape[:-1], n)
