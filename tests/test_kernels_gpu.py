@@ -209,20 +209,27 @@ def test_linear(seed, dtype, n, k, bias, m):
 
 @pytest.mark.parametrize("n,k,bias", [(2560, 5120, False), (288, 8192, False), (8192, 256, True)])
 @pytest.mark.parametrize("m", [1, 16])
-def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m):
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypatch):
     """Split-K launches captured once and replayed on new inputs: the arrival counters reset
-    themselves, so every replay reduces all splits."""
+    themselves, so every replay reduces all splits. With PDL, the captured launches are
+    programmatic dependents of the copy that writes x (so a read of x before the wait would fail)."""
     from megatron_ssm.ops.triton import gemv
 
+    monkeypatch.setenv(gemv.PDL_ENV, "1" if pdl else "")
+    if pdl and not gemv._pdl_supported(torch.device(DEV)):
+        pytest.skip("no programmatic dependent launch here")
     _, kw = linear_inputs((m,), n, k, torch.bfloat16, DEV, bias=bias)
     for cfg in [gemv.Config(32, 64, 8, 4), gemv.Config(32, 256, 8, 4, dot=False)]:
         gemv.linear(**kw, config=cfg)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
+        fresh = torch.empty_like(kw["x"])
         with torch.cuda.graph(graph):
+            kw["x"].copy_(fresh)  # the kernel before: the one a PDL launch overlaps
             out = gemv.linear(**kw, config=cfg)
         for step in range(3):
-            kw["x"].copy_(torch.randn_like(kw["x"]))
+            fresh.copy_(torch.randn_like(fresh))
             graph.replay()
             err = rel_err(out, F.linear(**kw))
             assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"

@@ -160,7 +160,7 @@ def linear_variants(spec: str):
 
     pdl_env = "MEGATRON_SSM_GEMV_PDL"  # megatron_ssm.ops.triton.gemv.PDL_ENV (that module imports triton)
     variants = {"torch": {LINEAR_ENV: "torch", pdl_env: ""}, "kernel": {LINEAR_ENV: "", pdl_env: ""},
-                "kernel-nopdl": {LINEAR_ENV: "", pdl_env: "0"}}
+                "kernel-pdl": {LINEAR_ENV: "", pdl_env: "1"}}
     names = [v for v in spec.split(",") if v]
     if not names:
         yield None
@@ -203,7 +203,7 @@ def main() -> int:
                          "prompt, when CP > 1)")
     ap.add_argument("--linear", default="", help="A/B of the decode linears in one process: a list of 'kernel' "
                     "(the dispatch layer's choice), 'torch' (MEGATRON_SSM_LINEAR=torch: cuBLAS only) and "
-                    "'kernel-nopdl' (the kernel without programmatic dependent launch), e.g. torch,kernel; each "
+                    "'kernel-pdl' (the kernel launched as a programmatic dependent in graphs), e.g. torch,kernel; each "
                     "builds its own engine (graphs captured with that choice)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--tag", default="")

@@ -8,7 +8,7 @@
 #   m2     tools/benchmark.py mamba2-2.7b b1,16, prompt 512, 128 new: cuBLAS linears, then the kernel
 #   fm     the same for falcon-mamba-7b b1,32, 64 new
 # The A/B switch is MEGATRON_SSM_LINEAR=torch (only the linears go back to cuBLAS); LINS (default
-# torch,kernel; also kernel-nopdl) picks the sides, run as engines of one process; M2_BATCH / FM_BATCH
+# torch,kernel; also kernel-pdl) picks the sides, run as engines of one process; M2_BATCH / FM_BATCH
 # the batches. Timeouts: T_CHECK, T_TESTS, T_M2, T_FM (seconds per step).
 set -uo pipefail
 OUT=${OUT:-out}

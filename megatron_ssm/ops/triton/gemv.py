@@ -17,10 +17,10 @@ Each (M bucket, N, K, dtype, bias) shape is timed once on its first call outside
 among a few tile shapes and splits and cuBLAS itself; the fastest is kept (`tuned()` lists them).
 Captured before any eager call, a shape takes a heuristic configuration.
 
-In a captured graph (decode), each launch is a programmatic dependent of the kernel before it
-(PDL, Hopper): its programs start, and read their first weight tile, while that kernel drains, and
-wait for it (griddepcontrol.wait) before touching anything else. `MEGATRON_SSM_GEMV_PDL=0` turns it
-off.
+With `MEGATRON_SSM_GEMV_PDL=1`, each launch in a captured graph (decode) is a programmatic
+dependent of the kernel before it (PDL, Hopper): its programs start, and read their first weight
+tile, while that kernel drains, and wait for it (griddepcontrol.wait) before touching anything else.
+Off by default until measured on a GPU.
 """
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ try:  # programmatic dependent launch (Hopper and later; Triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - an older Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
-PDL_ENV = "MEGATRON_SSM_GEMV_PDL"  # "0": never launch as a programmatic dependent
+# "1": launch as a programmatic dependent inside captured graphs. Off by default: written but not yet
+# measured on a GPU (tools/decode_check.sh with LINS=torch,kernel,kernel-pdl measures it).
+PDL_ENV = "MEGATRON_SSM_GEMV_PDL"
 _PDL_OK: dict[torch.device, bool] = {}
 
 # Triton 3.6's interpreter multiplies 16-bit floats' bit patterns in tl.dot: there, the tiles go
@@ -261,7 +263,11 @@ def _pdl_supported(device: torch.device) -> bool:
 def _use_pdl(device: torch.device) -> bool:
     """PDL only inside graph capture (and the tuner, which times what capture will run): eagerly, the
     kernel before this one may be writing the weights (a checkpoint load), which the prefetch reads."""
-    return os.environ.get(PDL_ENV) != "0" and _PDL_OK.get(device, False)
+    return _pdl_requested() and _PDL_OK.get(device, False)
+
+
+def _pdl_requested() -> bool:
+    return os.environ.get(PDL_ENV) == "1"
 
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
@@ -352,7 +358,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
-    if x2.is_cuda and not capturing:
+    if x2.is_cuda and not capturing and _pdl_requested():
         _pdl_supported(x2.device)  # once per device, before any capture needs the answer
     cfg = config or _config(x2, weight, bias)
     pdl = capturing and _use_pdl(x2.device)
