@@ -97,12 +97,14 @@ def _gemv_kernel(
         if PEEL:
             w = w_next
             w_next = _weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, EVEN_K, BLOCK_K)
-        else:
-            w = _weight_tile(w_rows, k0, k_hi, n_mask, EVEN_K, BLOCK_K)
         if EVEN_K:  # no mask along K: a mask of unknown alignment would split the loads into scalars
+            if not PEEL:
+                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         else:
             k_mask = offs_k < k_hi
+            if not PEEL:
+                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_DOT:
             if UPCAST:
