@@ -476,6 +476,14 @@ def test_dispatch_takes_the_gemv_kernel_only_for_decode_sized_inputs(monkeypatch
         assert dispatch.backend("linear", _CudaLike(*shape)) == "torch", shape
         assert dispatch.implementation("linear", _CudaLike(*shape)) is ref_ops.linear, shape
     assert dispatch.backend("linear", torch.zeros(1, 64)) == "torch"
+    monkeypatch.setenv(dispatch.LINEAR_ENV, "triton")  # the interpreter's way in: CPU too, still few rows
+    assert dispatch.backend("linear", torch.zeros(top, 64)) == "triton"
+    assert dispatch.backend("linear", torch.zeros(top + 1, 64)) == "torch"
+    assert dispatch.backend("rms_norm", torch.zeros(1, 64)) == "torch"
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    assert dispatch.backend("linear", torch.zeros(1, 64)) == "torch"
+    monkeypatch.delenv(dispatch.ENV)
+    monkeypatch.delenv(dispatch.LINEAR_ENV)
     for env in (dispatch.LINEAR_ENV, dispatch.ENV):
         monkeypatch.setenv(env, "torch")
         assert dispatch.backend("linear", _CudaLike(1, 64)) == "torch", env

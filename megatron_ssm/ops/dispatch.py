@@ -10,7 +10,8 @@ call, so a test or a benchmark can flip it.
 
 `linear` takes our skinny-GEMM kernel only for decode-sized inputs (at most `GEMV_MAX_ROWS` rows of
 x: batch x tokens); batched and prefill GEMMs stay with cuBLAS. `MEGATRON_SSM_LINEAR=torch` sends
-just this op back to F.linear (the A/B of the kernel alone).
+just this op back to F.linear (the A/B of the kernel alone); `=triton` takes the kernel for CPU
+tensors too, which only Triton's interpreter (TRITON_INTERPRET=1) runs: the model tests' way in.
 
 mamba-ssm's scan is called below its autograd wrapper (`_mamba_chunk_scan_combined_fwd`): inference
 needs no saved tensors, and the wrapper's Python cost (~0.6 ms a layer on an H200's host) was most
@@ -115,7 +116,11 @@ def _mamba_ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, init
 
 def backend(op: str, like: torch.Tensor) -> str:
     """Which implementation `op` runs for tensors like `like`: 'mamba_ssm', 'triton' or 'torch'."""
-    if not like.is_cuda or os.environ.get(ENV, "").lower() == "torch":
+    if os.environ.get(ENV, "").lower() == "torch":
+        return "torch"
+    if op == "linear" and os.environ.get(LINEAR_ENV, "").lower() == "triton" and _rows(like) <= GEMV_MAX_ROWS:
+        return "triton" if _triton_ops() is not None else "torch"  # CPU too: Triton's interpreter
+    if not like.is_cuda:
         return "torch"
     if op == "ssd_chunk_scan":
         return "mamba_ssm" if _mamba_chunk_scan_combined() is not None else "torch"
