@@ -140,9 +140,9 @@ def _mamba2_decode_kernel(
                 offs = tl.arange(0, NORM_BLOCK)
                 m = start + offs < group_width
                 ch = group * group_width + start + offs
-                yv = tl.load(y_ptr + row * sy_b + ch, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
-                zv = tl.load(z_ptr + row * sz_b + ch * sz_c, mask=m, other=0.0).to(tl.float32)
-                out = (yv * zv * tl.sigmoid(zv) * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+                yl = tl.load(y_ptr + row * sy_b + ch, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+                zl = tl.load(z_ptr + row * sz_b + ch * sz_c, mask=m, other=0.0).to(tl.float32)
+                out = (yl * zl * tl.sigmoid(zl) * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
                 out = out * tl.load(nw_ptr + ch, mask=m, other=0.0).to(tl.float32)
                 tl.store(y_ptr + row * sy_b + ch, out.to(y_ptr.dtype.element_ty), mask=m)
         tl.atomic_xchg(count_ptr + slot, 0, sem="relaxed", scope="gpu")
