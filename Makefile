@@ -29,8 +29,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q -m 'not gpu' tests
 
+GPU_WORKERS ?= 8
 test-gpu: venv
-	$(PY) -m pytest -q -m gpu tests
+	$(PY) -m pytest -q -m gpu -n $(GPU_WORKERS) tests
 
 # The dev extra (pytest-randomly, pytest-cov, mutmut); docs/testing.md says what each shows.
 $(VENV)/.dev: $(VENV)/.installed

@@ -90,6 +90,8 @@ def init_distributed(
     (0: no watchdog; None: from $MEGATRON_SSM_WATCHDOG_TIMEOUT, default 15).
     """
     device = device or default_device()
+    if device.type == "cuda" and device.index is None:  # "cuda" alone: this process's local GPU
+        device = default_device()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()) if "WORLD_SIZE" not in os.environ else "29500")

@@ -238,6 +238,27 @@ def test_prefill_graph_buckets_pad_only_with_whole_sequences():
         assert shape == (min(fits, key=lambda f: (graphs.seq_buckets.index(f[1]), f[0])) if fits else None), lengths
 
 
+def test_capture_all_takes_every_bucket_once_largest_first():
+    """A server captures up front every shape `shape_for` can ask for (so no request waits on a
+    capture), the largest first (it sizes the shared memory pool), none twice."""
+    from megatron_ssm.inference.cuda_graphs import GraphedPrefill
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    graphs = GraphedPrefill.__new__(GraphedPrefill)
+    graphs.token_buckets, graphs.seq_buckets = (4, 16, 64, 256), (1, 2, 8)
+    taken = []
+    graphs._capture = lambda T, S: (taken.append((T, S)), graphs.graphs.setdefault((T, S), None))  # noqa: E731
+    graphs.graphs = {(16, 2): None}  # one a pack already needed: not taken again
+    graphs.capture_all()
+    assert taken[0] == (256, 8) and len(taken) == len(set(taken)) and (16, 2) not in taken, taken
+    assert set(taken) | {(16, 2)} == {(T, S) for T in (4, 16, 64, 256) for S in (1, 2, 8) if S <= T}, taken
+    assert taken == sorted(taken, reverse=True), taken
+    for _ in range(100):  # whatever a pack asks for is there
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+        shape = graphs.shape_for(lengths)
+        assert shape is None or shape in graphs.graphs, (lengths, shape)
+
+
 def test_packs_fill_graph_buckets_in_admission_order():
     """Admitted prompts cut into packs in order, each one a graph bucket holds, each as full as the
     next prompt allows: 32 prompts of 512 tokens make two exact 8192-token packs of 16 (no padding)."""

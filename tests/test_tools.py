@@ -26,6 +26,7 @@ def _tool(name: str):
     """tools/NAME.py imported as a module (its main() not run)."""
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -211,3 +212,32 @@ def test_prefix_reuse_ttft_on_cpu(tiny_ckpts):
                      out)
     assert line and float(line.group(1)) > 0 and float(line.group(2)) > 0, out
 
+
+
+# ---- serving_benchmark.py ---------------------------------------------------------------------------
+
+def test_serving_throughput_within_a_ttft_budget():
+    sb = _tool("serving_benchmark")
+    rows = [dict(impl="a", ttft_p99_ms=100.0, throughput_tok_s=50.0),
+            dict(impl="a", ttft_p99_ms=900.0, throughput_tok_s=400.0),
+            dict(impl="a", ttft_p99_ms=3000.0, throughput_tok_s=700.0),
+            dict(impl="b", ttft_p99_ms=400.0, throughput_tok_s=30.0),
+            dict(impl="b", ttft_p99_ms=200.0, throughput_tok_s=90.0)]  # a higher rate can be worse
+    assert sb.throughput_within(rows, 99.0) == {"a": 0.0, "b": 0.0}
+    assert sb.throughput_within(rows, 500.0) == {"a": 50.0, "b": 90.0}
+    assert sb.throughput_within(rows, 1000.0) == {"a": 400.0, "b": 90.0}
+    assert sb.throughput_within(rows, 1e9) == {"a": 700.0, "b": 90.0}
+
+
+def test_serving_benchmark_on_cpu(tiny_ckpts, tmp_path):
+    out = _run(sys.executable, "tools/serving_benchmark.py", "--load", str(tiny_ckpts[1]), "--device", "cpu",
+               "--dtype", "float32", "--rates", "50,400", "--requests", "6", "--prompt-min", "4", "--prompt-max", "24",
+               "--new-min", "2", "--new-max", "5", "--max-batch", "4", "--json-out", str(tmp_path / "s.jsonl"),
+               "--budgets", "1e9")
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [r["rate"] for r in rows] == [50.0, 400.0], rows
+    for r in rows:
+        assert r["requests"] == 6 and 6 <= r["generated"] <= 30, r  # every request answered, none past its max
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["throughput_tok_s"] > 0, r
+    best = max(r["throughput_tok_s"] for r in rows)
+    assert re.search(rf"<= 1000000000 ms \| {best:.0f}\b", out), out

@@ -58,7 +58,10 @@ def init_megatron(seed: int) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
+    if "MASTER_PORT" not in os.environ:  # a free one: pytest-xdist runs several of these side by side
+        from megatron_ssm.parallel import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     if not dist.is_initialized():

@@ -2,7 +2,7 @@
 # One-GPU speed check, one device call (logs and JSON lines under $OUT, tarred into one file):
 #   run(command="bash tools/speed_check.sh", carry=[".whl"], timeout_s=240)
 # STAGE picks what runs: tests (the GPU tests of the packed/graphed paths), bench (mamba2-2.7b and
-# falcon-mamba-7b TTFT and decode), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
+# falcon-mamba-7b TTFT and decode), suite (every GPU test, pytest-xdist -n $XDIST), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
 # generate on the same workloads), serve (tools/serving_benchmark.py: ours, ours unpacked, mamba-ssm),
 # prof (where an eager prefill and a decode step spend their time); default: tests,bench. Each step
 # has its own timeout.
@@ -25,6 +25,11 @@ if has tests; then
         -k "${TESTS_K:-packed or model}" > "$L/pytest.txt" 2>&1
     grep -E "^(FAILED|ERROR|E  )|passed|failed" "$L/pytest.txt" | tail -20
 fi
+if has suite; then  # every GPU-marked test (make test-gpu), spread over processes: most of its time is compiling
+    timeout ${T_SUITE:-240} python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly -n ${XDIST:-8} tests \
+        > "$L/pytest_suite.txt" 2>&1
+    echo "suite rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$L/pytest_suite.txt" | tail -20
+fi
 if has bench; then
     timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16,64} \
         --prompt 512 --new ${NEW:-128} --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
@@ -41,11 +46,12 @@ if has base; then
         --prompt 512 --new 128 --json-out "$J" 2>&1 | grep -v -i warn | tee -a "$L/bench.txt"
 fi
 if has serve; then  # the serving benchmark: ours, ours without packed/graphed prefill, mamba-ssm (~4 min)
-    S="--config configs/mamba2-2.7b.yaml --rates ${RATES:-2,8,32} --requests ${REQUESTS:-64} --json-out $L/serve.jsonl"
-    timeout 120 python3 tools/serving_benchmark.py $S --plot "$L/serving-mamba2-2.7b.png" 2>&1 | quiet | tee -a "$L/serve.txt"
-    timeout 120 python3 tools/serving_benchmark.py $S --no-pack 2>&1 | quiet | tee -a "$L/serve.txt"
-    timeout 120 python3 tools/serving_benchmark.py $S --impl mamba-ssm --plot "$L/serving-mamba2-2.7b.png" 2>&1 \
-        | quiet | tee -a "$L/serve.txt"
+    # mamba-ssm serves one request at a time: its throughput is the same at every rate, so one rate
+    S="--config configs/mamba2-2.7b.yaml --requests ${REQUESTS:-64} --json-out $L/serve.jsonl"
+    timeout ${T_SERVE:-110} python3 tools/serving_benchmark.py $S --rates ${RATES:-2,8,32,128} 2>&1 | quiet | tee -a "$L/serve.txt"
+    timeout ${T_SERVE:-110} python3 tools/serving_benchmark.py $S --rates ${RATES:-2,8,32,128} --no-pack 2>&1 | quiet | tee -a "$L/serve.txt"
+    timeout ${T_SERVE_BASE:-80} python3 tools/serving_benchmark.py $S --rates ${BASE_RATES:-4} --impl mamba-ssm \
+        --plot "$L/serving-mamba2-2.7b.png" 2>&1 | quiet | tee -a "$L/serve.txt"
 fi
 if has prof; then
     timeout 50 python3 tools/profile_step.py --config configs/mamba2-2.7b.yaml --phase prefill --batch 1 --prompt 512 \

@@ -13,11 +13,15 @@ step reads only the positions in use: size max_sequence_length to the workload.
 from __future__ import annotations
 
 import bisect
+import logging
+import time
 
 import torch
 
 from ..model.lm import LayerState, MambaLM
 from .cache import StateCache
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -133,7 +137,18 @@ class GraphedPrefill:
         graph.replay()
         return io["logits"][:n]
 
+    def capture_all(self) -> None:
+        """Capture every (token, sequence) bucket now, largest first so that the first capture
+        sizes the shared memory pool."""
+        started = time.perf_counter()
+        for T in sorted(self.token_buckets, reverse=True):
+            for S in sorted(self.seq_buckets, reverse=True):
+                if S <= T and (T, S) not in self.graphs:
+                    self._capture(T, S)
+        log.info("captured %d packed prefill graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+
     def _capture(self, T: int, S: int):
+        started = time.perf_counter()
         model, cache, device = self.model, self.cache, self.device
         io = dict(tokens=torch.zeros(1, T, dtype=torch.long, device=device),
                   # a valid pack for the warm-up and capture: S sequences, none empty (T >= S)
@@ -161,4 +176,8 @@ class GraphedPrefill:
             io["logits"] = forward()
         self.pool = graph.pool()
         self.graphs[(T, S)] = graph, io
+        # captures happen while requests wait: their count and cost are what a first burst pays
+        log.info("captured packed prefill graph %d of %d: %d tokens, %d sequences, in %.2f s",
+                 len(self.graphs), len(self.token_buckets) * len(self.seq_buckets), T, S,
+                 time.perf_counter() - started)
         return graph, io

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-chunk", type=_positive(int), default=2048, help="tokens per prefill forward")
     ap.add_argument("--max-prefill-tokens", type=_positive(int), default=8192,
                     help="prompt tokens admitted per engine step, so running sequences keep decoding")
+    ap.add_argument("--lazy-prefill-graphs", action="store_true",
+                    help="capture each packed-prefill CUDA graph when a pack first needs it, instead of all at "
+                         "start (a capture stalls running requests for ~0.5 s; start-up is that much faster)")
     ap.add_argument("--prefix-cache-bytes", type=int, default=0, help="reuse states of shared prompt prefixes (0: off)")
     ap.add_argument("--allreduce", default="oneshot", choices=ALLREDUCE_CHOICES,
                     help="row-parallel all-reduce: exact (NCCL) | oneshot (exact; one kernel for small GPU "
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(model, EngineConfig(max_batch=args.max_batch, max_sequence_length=args.max_seq,
                                             prefill_chunk=args.prefill_chunk, max_prefill_tokens=args.max_prefill_tokens,
                                             prefix_cache_bytes=args.prefix_cache_bytes,
-                                            context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
+                                            context_parallel_min_tokens=args.context_parallel_min_tokens,
+                                            prefill_graphs_at_start=not args.lazy_prefill_graphs), cp=cp)
         if rank == 0:
             from .app import LOOPBACK, HttpServer, ServerConfig, ServerContext, build_app
             from .chat import check_template, load_tokenizer_config
