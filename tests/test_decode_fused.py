@@ -184,3 +184,46 @@ def test_mamba1_kernel_norms_without_dt_in(seed):
     kernels = _interpreted_kernels()
     op, kw = mamba1_decode_inputs(2, 8, 16, torch.float32, "cpu", norms=False)
     check_op(kernels.mamba1_decode_step, op, dict(kw, norm_eps=1e-6), TOL[torch.float32], seed)
+
+
+# ---- the model's decode with the kernels (interpreted) against its decode with the references ------
+
+def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int):
+    """(logits with the fused decode ops run by the interpreted Triton kernels, logits with the
+    references): the tensors are on CPU, so the ops are routed to the kernels by hand."""
+    from interpreter import interpreter_problem
+    from test_model_vs_hf import _rank_prefill_then_decode
+
+    if problem := interpreter_problem():
+        return problem
+    real = dispatch.backend
+    fused = ("mamba1_decode_step", "mamba2_decode_step")
+    dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
+    try:
+        with_kernels = _rank_prefill_then_decode(ckpt, input_ids, split)
+    finally:
+        dispatch.backend = real
+    return with_kernels, _rank_prefill_then_decode(ckpt, input_ids, split)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from hf_models import converted_models, hf_config
+
+    return converted_models(tmp_path_factory, hf_config, tps=(1, 2))
+
+
+@pytest.mark.parametrize("family,opts,tp", [
+    ("mamba2", dict(n_groups=2), 2),    # groups split: the norm inside the kernel
+    ("mamba2", dict(n_groups=1), 2),    # one group over two ranks: y from the kernel, the norm all-reduced
+    ("falcon_mamba", dict(), 2),
+    ("mamba", dict(), 1),
+], ids=["mamba2-split", "mamba2-spanning", "falcon-tp2", "mamba1"])
+def test_model_decode_with_kernels_matches_references(ranks, converted, seed, family, opts, tp):
+    _, _, ckpts, _ = converted(family, opts)
+    ids = torch.randint(0, 250, (2, 9))
+    got = ranks(tp).run(_rank_decode_with_kernels, ckpts[tp], ids, 5)[0]
+    if isinstance(got, str):
+        pytest.skip(got)
+    with_kernels, refs = got
+    assert rel_err(with_kernels, refs) < 1e-4, seed
