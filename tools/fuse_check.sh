@@ -22,9 +22,9 @@ has() { [[ ",$STAGE," == *",$1,"* ]]; }
 quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
 stamp() { echo "[$(date +%s)] $*"; }
 bench() {  # $1: tag
-    timeout ${T_M2:-50} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16} \
+    timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16} \
         --prompt 512 --new 128 --json-out "$J" --tag "$1" 2>&1 | quiet | tee -a "$OUT/bench.txt"
-    timeout ${T_FM:-50} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml --batch ${FM_BATCH:-1,32} \
+    timeout ${T_FM:-60} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml --batch ${FM_BATCH:-1,32} \
         --prompt 512 --new 64 --json-out "$J" --tag "$1" 2>&1 | quiet | tee -a "$OUT/bench.txt"
 }
 if has check; then
