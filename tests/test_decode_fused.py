@@ -188,11 +188,14 @@ def test_mamba1_kernel_norms_without_dt_in(seed):
 
 # ---- the model's decode with the kernels (interpreted) against its decode with the references ------
 
-def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int):
+def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hybrid: bool = False):
     """(logits with the fused decode ops run by the interpreted Triton kernels, logits with the
     references): the tensors are on CPU, so the ops are routed to the kernels by hand."""
     from interpreter import interpreter_problem
-    from test_model_vs_hf import _rank_prefill_then_decode
+    if hybrid:
+        from test_hybrids import _rank_prefill_then_decode
+    else:
+        from test_model_vs_hf import _rank_prefill_then_decode
 
     if problem := interpreter_problem():
         return problem
@@ -213,16 +216,26 @@ def converted(tmp_path_factory):
     return converted_models(tmp_path_factory, hf_config, tps=(1, 2))
 
 
+@pytest.fixture(scope="module")
+def converted_hybrid(tmp_path_factory):
+    from hf_models import converted_models, hybrid_config
+
+    return converted_models(tmp_path_factory, hybrid_config, tps=(1, 2))
+
+
 @pytest.mark.parametrize("family,opts,tp", [
     ("mamba2", dict(n_groups=2), 2),    # groups split: the norm inside the kernel
     ("mamba2", dict(n_groups=1), 2),    # one group over two ranks: y from the kernel, the norm all-reduced
     ("falcon_mamba", dict(), 2),
     ("mamba", dict(), 1),
-], ids=["mamba2-split", "mamba2-spanning", "falcon-tp2", "mamba1"])
-def test_model_decode_with_kernels_matches_references(ranks, converted, seed, family, opts, tp):
-    _, _, ckpts, _ = converted(family, opts)
+    ("falcon_h1", dict(kv_heads=4, n_groups=1, mamba_norm=False, layers=1), 2),  # muP scales, y * silu(z)
+    ("nemotron_h", dict(pattern="M*-M"), 1),
+], ids=["mamba2-split", "mamba2-spanning", "falcon-tp2", "mamba1", "falcon-h1-nonorm-tp2", "nemotron-h"])
+def test_model_decode_with_kernels_matches_references(ranks, converted, converted_hybrid, seed, family, opts, tp):
+    hybrid = family in ("falcon_h1", "nemotron_h")
+    _, _, ckpts, _ = (converted_hybrid if hybrid else converted)(family, opts)
     ids = torch.randint(0, 250, (2, 9))
-    got = ranks(tp).run(_rank_decode_with_kernels, ckpts[tp], ids, 5)[0]
+    got = ranks(tp).run(_rank_decode_with_kernels, ckpts[tp], ids, 5, hybrid)[0]
     if isinstance(got, str):
         pytest.skip(got)
     with_kernels, refs = got
