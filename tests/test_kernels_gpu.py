@@ -235,6 +235,38 @@ def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypa
             assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
 
 
+# ---- the fused decode steps (ops/decode.py) --------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("b,h,p,g,n,gate,limit", [
+    (1, 80, 64, 1, 128, "norm", (0.0, float("inf"))),    # Mamba2-2.7B
+    (16, 80, 64, 1, 128, "norm", (0.0, float("inf"))),
+    (4, 64, 64, 4, 128, "norm", (0.0, 0.1)),             # Codestral's 8 groups split over TP 2
+    (2, 80, 64, 1, 128, "silu", (0.0, float("inf"))),    # Falcon-H1 sizes without the gated norm
+    (2, 80, 64, 1, 128, None, (0.0, float("inf"))),      # the norm group spans ranks: y alone
+], ids=["2.7B-b1", "2.7B-b16", "grouped", "silu", "y"])
+def test_mamba2_decode_step(seed, dtype, b, h, p, g, n, gate, limit):
+    from test_decode_fused import mamba2_decode_inputs
+    check_op(kernels().mamba2_decode_step, *mamba2_decode_inputs(b, h, p, g, n, 4, dtype, DEV, gate=gate, dt_limit=limit),
+             TOL[dtype], seed)
+
+
+@DTYPES
+@pytest.mark.parametrize("b,d,norms", [(1, 8192, True), (32, 8192, True), (4, 5120, False)],
+                         ids=["falcon-7B-b1", "falcon-7B-b32", "mamba1"])
+def test_mamba1_decode_step(seed, dtype, b, d, norms):
+    from test_decode_fused import mamba1_decode_inputs
+    check_op(kernels().mamba1_decode_step, *mamba1_decode_inputs(b, d, 16, dtype, DEV, norms=norms, dt_rank=256),
+             TOL[dtype], seed)
+
+
+def test_mamba2_decode_step_replayed_from_a_graph(seed):
+    """Several steps replayed from one captured launch: the group counters reset every time."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from fuse_check import check_graph_replay
+    check_graph_replay()
+
+
 # ---- dispatch -------------------------------------------------------------------------------------
 
 def test_dispatch_choices(monkeypatch):

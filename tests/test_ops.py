@@ -24,7 +24,8 @@ from megatron_ssm import ops as ref_ops
 from megatron_ssm.ops import dispatch
 
 OPS = list(ref_ops.__all__)
-INPLACE = {"causal_conv1d_update": "conv_state", "selective_state_update": "state", "ssd_state_update": "state"}
+INPLACE = {"causal_conv1d_update": ("conv_state",), "selective_state_update": ("state",), "ssd_state_update": ("state",),
+           "mamba1_decode_step": ("state",), "mamba2_decode_step": ("conv_state", "ssm_state")}
 # ‖out - ref‖ / ‖ref‖ allowed per activation dtype: fp32 math on both sides for fp32; one extra
 # rounding of intermediates for the 16-bit types.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
@@ -143,8 +144,7 @@ def _clone(kwargs):
 
 def _outputs(op, result, kwargs):
     outs = list(result) if isinstance(result, tuple) else [result]
-    if op in INPLACE:
-        outs.append(kwargs[INPLACE[op]])
+    outs.extend(kwargs[name] for name in INPLACE.get(op, ()))
     return outs
 
 

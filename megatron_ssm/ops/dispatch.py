@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 # From the submodules, not the package, so that the package may itself export this module's ops.
-from . import conv1d as _conv, norm as _norm, ssd as _ssd
+from . import conv1d as _conv, decode as _decode, norm as _norm, ssd as _ssd
 from .linear import linear as _ref_linear
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
@@ -52,7 +52,18 @@ _REFERENCE: dict[str, Callable] = {
     "selective_state_update": _ref_selective_state_update,
     "ssd_chunk_scan": _ssd.ssd_chunk_scan,
     "ssd_state_update": _ssd.ssd_state_update,
+    "mamba1_decode_step": _decode.mamba1_decode_step,
+    "mamba2_decode_step": _decode.mamba2_decode_step,
 }
+
+# `MEGATRON_SSM_FUSED_DECODE=0` makes the mixers call the unfused chain of ops at decode instead of
+# the *_decode_step ops (an A/B switch for benchmarks); like ENV, read at each call.
+FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
+
+
+def fused_decode() -> bool:
+    """Whether the mixers take one *_decode_step op per decode token (the default)."""
+    return os.environ.get(FUSED_DECODE_ENV, "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,7 +201,18 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0,
     return implementation("ssd_state_update", x)(state, x, dt, A, B, C, D, dt_bias, dt_limit)
 
 
+def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D=None, dt_bias=None,
+                       dt_limit=(0.0, float("inf")), norm_weight=None, norm_eps=1e-5):
+    return implementation("mamba2_decode_step", xbc)(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A,
+                                                     D, dt_bias, dt_limit, norm_weight, norm_eps)
+
+
+def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
+    return implementation("mamba1_decode_step", u)(state, u, dt, A, B, C, D, z, dt_bias, norm_eps, dt_in)
+
+
 for _name, _ref in _REFERENCE.items():
     globals()[_name].__doc__ = _ref.__doc__
 
-__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV", "LINEAR_ENV", "GEMV_MAX_ROWS"]
+__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV", "FUSED_DECODE_ENV", "fused_decode", "LINEAR_ENV",
+                               "GEMV_MAX_ROWS"]
