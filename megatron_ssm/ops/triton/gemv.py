@@ -11,7 +11,8 @@ launches must not run concurrently on two streams, which the engine never does).
 
 The products go through tl.dot with the rows padded to 16 (Triton then pipelines the weight loads
 over `stages` buffers); for one row the tuner also tries elementwise products reduced once at the
-end. On an H200 the dot path was faster even at M = 1 (2026-12-01, docs/benchmarks.md).
+end. On an H200 the tuner took the dot path at M = 1 too on all but the narrowest output (2026-12-01,
+docs/benchmarks.md).
 
 Each (M bucket, N, K, dtype, bias) shape is timed once on its first call outside graph capture,
 among a few tile shapes and splits and cuBLAS itself; the fastest is kept (`tuned()` lists them).
