@@ -2,6 +2,9 @@
 # The skinny-GEMM decode kernel on one GPU, one device call (logs and JSON lines under $OUT):
 #   rsync -a --delete --exclude .git --exclude .venv --exclude out --exclude mutants ./ /work/main/.gpu/gemv/
 #   run(command="cd .gpu/gemv && WHL=../../.whl bash tools/decode_check.sh", carry=[".gpu/gemv", ".whl"])
+# What is left to measure (two calls of ~3 min each):
+#   STAGE=tests,check CHECK_ARGS=--quick bash tools/decode_check.sh        GPU tests; kernel vs cuBLAS vs PDL
+#   STAGE=m2,fm LINS=torch,kernel,kernel-pdl bash tools/decode_check.sh    decode steps b1,16 / b1,32
 # STAGE picks what runs (default check,m2,fm):
 #   check  tools/gemv_check.py: correctness vs F.linear at the model shapes, kernel vs cuBLAS in TB/s
 #   tests  the GPU tests of the kernel (tests/test_kernels_gpu.py -k linear)

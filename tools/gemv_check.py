@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -99,18 +100,31 @@ def main() -> int:
                 xs.copy_(torch.randn_like(xs))
                 g.replay()
                 errs["graph"] = max(errs.get("graph", 0.0), rel_err(ys, F.linear(xs, w, b)))
-            bad = {c: e for c, e in errs.items() if not e < (2e-5 if c == "fp32" else 1e-2)}
-            failures += bool(bad)
             t_ours = graph_time_us(lambda wt: gemv.linear(x, wt, b), copies)
             t_cublas = graph_time_us(lambda wt: F.linear(x, wt, b), copies)
+            t_pdl = float("nan")
+            os.environ[gemv.PDL_ENV] = "1"
+            try:  # the same graph with programmatic dependent launches (each call overlaps the one before)
+                if gemv._pdl_supported(dev):
+                    t_pdl = graph_time_us(lambda wt: gemv.linear(x, wt, b), copies)
+                    with torch.cuda.graph(g := torch.cuda.CUDAGraph()):
+                        xs.copy_(x)
+                        yp = gemv.linear(xs, w, b)
+                    g.replay()
+                    errs["pdl graph"] = rel_err(yp, ref)
+            finally:
+                os.environ.pop(gemv.PDL_ENV)
+            bad = {c: e for c, e in errs.items() if not e < (2e-5 if c == "fp32" else 1e-2)}
+            failures += bool(bad)
             row = dict(model=model, layer=layer, m=m, n=n, k=k, bias=has_bias, config=str(cfg), us=round(t_ours, 2),
+                       pdl_us=round(t_pdl, 2),
                        cublas_us=round(t_cublas, 2), tbps=round(nbytes / t_ours / 1e6, 3),
                        cublas_tbps=round(nbytes / t_cublas / 1e6, 3), max_err=max(errs.values()),
                        bad=bad, top=[(c, round(t, 2)) for c, t in log[:6]])
             rows_out.append(row)
             print(f"{model:16s} {layer:9s} M={m:2d} {n:6d}x{k:5d} {'bias' if has_bias else '    '} "
                   f"ours {t_ours:7.2f} us {row['tbps']:5.2f} TB/s [{cfg}]  cublas {t_cublas:7.2f} us "
-                  f"{row['cublas_tbps']:5.2f} TB/s  x{t_cublas / t_ours:4.2f}  err {row['max_err']:.1e}"
+                  f"{row['cublas_tbps']:5.2f} TB/s  x{t_cublas / t_ours:4.2f}  pdl {t_pdl:7.2f} us  err {row['max_err']:.1e}"
                   + (f"  BAD {bad}" if bad else ""), flush=True)
             print("    tuner:", " ".join(f"{c}={t:.1f}" for c, t in log[:6]), flush=True)
         del copies
