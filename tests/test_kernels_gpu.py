@@ -203,8 +203,14 @@ GEMV_SHAPES = [(10576, 2560, False), (2560, 5120, False), (4096, 8192, False), (
 @DTYPES
 @pytest.mark.parametrize("n,k,bias", GEMV_SHAPES)
 @pytest.mark.parametrize("m", [1, 3, 16])
-def test_linear(seed, dtype, n, k, bias, m):
-    check_op(kernels().linear, *linear_inputs((m,), n, k, dtype, DEV, bias=bias), TOL[dtype], seed)
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "heuristic"])
+def test_linear(seed, dtype, n, k, bias, m, tuned):
+    """The tuned choice (which may be cuBLAS) and the heuristic configuration (always the kernel)."""
+    from megatron_ssm.ops.triton import gemv
+
+    impl = kernels().linear if tuned else (
+        lambda x, weight, bias: gemv.linear(x, weight, bias, config=gemv.heuristic(m, n, k, x.device)))
+    check_op(impl, *linear_inputs((m,), n, k, dtype, DEV, bias=bias), TOL[dtype], seed)
 
 
 @pytest.mark.parametrize("n,k,bias", [(2560, 5120, False), (288, 8192, False), (8192, 256, True)])
