@@ -16,11 +16,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, packed, rel_err, rms_norm_inputs,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs, packed, rel_err,
+    rms_norm_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
@@ -211,6 +213,86 @@ def test_rms_norm(seed, dtype, lead, width, weight):
     check_op(kernels().rms_norm, *rms_norm_inputs(lead, width, dtype, DEV, weight=weight), TOL[dtype], seed)
 
 
+# ---- skinny GEMMs (decode projections) -------------------------------------------------------------
+
+# (N, K, bias): mamba2-2.7b in_proj / out_proj, falcon-mamba-7b out_proj / x_proj / dt_proj, odd sizes
+GEMV_SHAPES = [(10576, 2560, False), (2560, 5120, False), (4096, 8192, False), (288, 8192, False), (8192, 256, True),
+               (1000, 999, True)]
+
+
+@DTYPES
+@pytest.mark.parametrize("n,k,bias", GEMV_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "heuristic"])
+def test_linear(seed, dtype, n, k, bias, m, tuned):
+    """The tuned choice (which may be cuBLAS) and the heuristic configuration (always the kernel)."""
+    from megatron_ssm.ops.triton import gemv
+
+    impl = kernels().linear if tuned else (
+        lambda x, weight, bias: gemv.linear(x, weight, bias, config=gemv.heuristic(m, n, k, x.device)))
+    check_op(impl, *linear_inputs((m,), n, k, dtype, DEV, bias=bias), TOL[dtype], seed)
+
+
+@pytest.mark.parametrize("n,k,bias", [(2560, 5120, False), (288, 8192, False), (8192, 256, True)])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypatch):
+    """Split-K launches captured once and replayed on new inputs: the arrival counters reset
+    themselves, so every replay reduces all splits. With PDL, the captured launches are
+    programmatic dependents of the copy that writes x (so a read of x before the wait would fail)."""
+    from megatron_ssm.ops.triton import gemv
+
+    monkeypatch.setenv(gemv.PDL_ENV, "1" if pdl else "")
+    if pdl and not gemv._pdl_supported(torch.device(DEV)):
+        pytest.skip("no programmatic dependent launch here")
+    _, kw = linear_inputs((m,), n, k, torch.bfloat16, DEV, bias=bias)
+    for cfg in [gemv.Config(32, 64, 8, 4), gemv.Config(32, 256, 8, 4, dot=False)]:
+        gemv.linear(**kw, config=cfg)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        fresh = torch.empty_like(kw["x"])
+        with torch.cuda.graph(graph):
+            kw["x"].copy_(fresh)  # the kernel before: the one a PDL launch overlaps
+            out = gemv.linear(**kw, config=cfg)
+        for step in range(3):
+            fresh.copy_(torch.randn_like(fresh))
+            graph.replay()
+            err = rel_err(out, F.linear(**kw))
+            assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
+
+
+# ---- the fused decode steps (ops/decode.py) --------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("b,h,p,g,n,gate,limit", [
+    (1, 80, 64, 1, 128, "norm", (0.0, float("inf"))),    # Mamba2-2.7B
+    (16, 80, 64, 1, 128, "norm", (0.0, float("inf"))),
+    (4, 64, 64, 4, 128, "norm", (0.0, 0.1)),             # Codestral's 8 groups split over TP 2
+    (2, 80, 64, 1, 128, "silu", (0.0, float("inf"))),    # Falcon-H1 sizes without the gated norm
+    (2, 80, 64, 1, 128, None, (0.0, float("inf"))),      # the norm group spans ranks: y alone
+], ids=["2.7B-b1", "2.7B-b16", "grouped", "silu", "y"])
+def test_mamba2_decode_step(seed, dtype, b, h, p, g, n, gate, limit):
+    from test_decode_fused import mamba2_decode_inputs
+    check_op(kernels().mamba2_decode_step, *mamba2_decode_inputs(b, h, p, g, n, 4, dtype, DEV, gate=gate, dt_limit=limit),
+             TOL[dtype], seed)
+
+
+@DTYPES
+@pytest.mark.parametrize("b,d,norms", [(1, 8192, True), (32, 8192, True), (4, 5120, False)],
+                         ids=["falcon-7B-b1", "falcon-7B-b32", "mamba1"])
+def test_mamba1_decode_step(seed, dtype, b, d, norms):
+    from test_decode_fused import mamba1_decode_inputs
+    check_op(kernels().mamba1_decode_step, *mamba1_decode_inputs(b, d, 16, dtype, DEV, norms=norms, dt_rank=256),
+             TOL[dtype], seed)
+
+
+def test_mamba2_decode_step_replayed_from_a_graph(seed):
+    """Several steps replayed from one captured launch: the group counters reset every time."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from fuse_check import check_graph_replay
+    check_graph_replay()
+
+
 # ---- dispatch -------------------------------------------------------------------------------------
 
 def test_dispatch_choices(monkeypatch):
@@ -219,6 +301,7 @@ def test_dispatch_choices(monkeypatch):
     for op in ref_ops.__all__:
         assert dispatch.backend(op, x) == (expect_ssd if op == "ssd_chunk_scan" else "triton"), op
     assert dispatch.backend("selective_scan", x.cpu()) == "torch"
+    assert dispatch.backend("linear", torch.zeros(dispatch.GEMV_MAX_ROWS + 1, 8, device=DEV)) == "torch"
     monkeypatch.setenv(dispatch.ENV, "torch")
     assert all(dispatch.backend(op, x) == "torch" for op in ref_ops.__all__)
 
@@ -228,7 +311,8 @@ def test_dispatch_matches_reference(seed, dtype):
     for op, kw in [conv_inputs(2, 300, 5376, 4, dtype, DEV), conv_update_inputs(4, 5376, 4, dtype, DEV),
                    scan_inputs(2, 300, 1024, 16, dtype, DEV), scan_update_inputs(4, 5120, 16, dtype, DEV),
                    ssd_inputs(2, 300, 80, 64, 1, 128, 256, dtype, DEV), ssd_update_inputs(4, 80, 64, 1, 128, dtype, DEV),
-                   rms_norm_inputs((2, 300), 2560, dtype, DEV), gated_norm_inputs((2, 300), 5120, 5120, dtype, DEV)]:
+                   rms_norm_inputs((2, 300), 2560, dtype, DEV), gated_norm_inputs((2, 300), 5120, 5120, dtype, DEV),
+                   linear_inputs((4, 1), 2560, 5120, dtype, DEV), linear_inputs((2, 300), 2560, 5120, dtype, DEV)]:
         check_op(getattr(dispatch, op), op, kw, TOL[dtype], seed)
 
 

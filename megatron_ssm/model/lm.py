@@ -13,7 +13,6 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from ..comm import OneShotAllReduce
 from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK, ZAMBA, SSMConfig
 from ..ops.dispatch import add_rms_norm
@@ -22,7 +21,7 @@ from ..parallel import TPContext, megatron_config
 from .attention import Attention
 from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
 from .context_parallel import ContextParallelSpans
-from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
+from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding, project
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
@@ -173,7 +172,7 @@ class MambaLM(nn.Module):
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden.to(head.dtype), head).float()
+        logits = project(hidden.to(head.dtype), head).float()
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         logits = logits.masked_fill_(self.vocab_padding, float("-inf"))

@@ -211,9 +211,15 @@ def _scan_kernel(
 
 
 @triton.jit
+def _weightless_rms_norm(v, width, eps):
+    f = v.to(tl.float32)
+    return (f * tl.rsqrt(tl.sum(f * f, axis=0) / width + eps)).to(v.dtype)
+
+
+@triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr,
-    nchan, nstate, heads_per_group, dt_min, dt_max,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr, dt_in_ptr,
+    nchan, nstate, heads_per_group, dt_min, dt_max, norm_eps, dt_in_width,
     ss_b, ss_c, ss_n,
     sx_b, sx_c,
     sdt_b, sdt_h,
@@ -222,8 +228,10 @@ def _state_update_kernel(
     sC_b, sC_g, sC_n,
     sz_b, sz_c,
     sy_b, sy_c,
+    sdi_b,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -238,10 +246,18 @@ def _state_update_kernel(
     s_ptrs = state_ptr + pid_b * ss_b + offs_c[:, None] * ss_c + offs_n[None, :] * ss_n
     s = tl.load(s_ptrs, mask=cn_mask, other=0.0)
     x = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(tl.float32)
-    dt = _dt(tl.load(dt_ptr + pid_b * sdt_b + heads * sdt_h, mask=cmask, other=0.0),
-             dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
-    Bv = tl.load(B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n, mask=nmask, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n, mask=nmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * sdt_b + heads * sdt_h, mask=cmask, other=0.0).to(tl.float32)
+    if DT_SCALE:  # dt = dt_proj(dt_in) of the raw dt_in: apply dt_in's (weightless) RMS norm now
+        offs_r = tl.arange(0, BLOCK_R)
+        di = tl.load(dt_in_ptr + pid_b * sdi_b + offs_r, mask=offs_r < dt_in_width, other=0.0).to(tl.float32)
+        dt = dt * tl.rsqrt(tl.sum(di * di, axis=0) / dt_in_width + norm_eps)
+    dt = _dt(dt, dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
+    Bv = tl.load(B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n, mask=nmask, other=0.0)
+    Cv = tl.load(C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n, mask=nmask, other=0.0)
+    if NORM_BC:  # Falcon-Mamba's weightless norms of B and C, rounded to their dtype as the reference's
+        Bv = _weightless_rms_norm(Bv, nstate, norm_eps)
+        Cv = _weightless_rms_norm(Cv, nstate, norm_eps)
+    Bv, Cv = Bv.to(tl.float32), Cv.to(tl.float32)
     if A_PER_HEAD:
         dA = tl.exp(dt * tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32))[:, None]
     else:
@@ -353,8 +369,10 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
 UPDATE_BLOCK = 2048
 
 
-def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_head, dt_limit):
-    """state3 [b, nchan, n] updated in place; x2, z2 [b, nchan]; dt2 [b, nheads]; B3, C3 [b, g, n]."""
+def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_head, dt_limit,
+                  norm_eps=None, dt_in=None):
+    """state3 [b, nchan, n] updated in place; x2, z2 [b, nchan]; dt2 [b, nheads]; B3, C3 [b, g, n].
+    norm_eps: B and C RMS-normalised first, and dt scaled by dt_in's [b, R] inverse RMS if given."""
     b, nchan, n = state3.shape
     g = B3.shape[1]
     nheads = nchan // headdim
@@ -363,14 +381,19 @@ def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_he
     y = torch.empty(b, nchan, device=x2.device, dtype=x2.dtype)
     D, dt_bias = _vec(D), _vec(dt_bias)
     zs = z2.stride() if z2 is not None else (0, 0)
+    scale_dt = norm_eps is not None and dt_in is not None
+    if scale_dt and dt_in.stride(-1) != 1:
+        dt_in = dt_in.contiguous()
     _state_update_kernel[(triton.cdiv(nchan, bd), b)](
         state3, x2, dt2, A2, B3, C3, D if D is not None else x2, z2 if z2 is not None else x2,
-        dt_bias if dt_bias is not None else x2, y,
+        dt_bias if dt_bias is not None else x2, y, dt_in if scale_dt else x2,
         nchan, n, nheads // g, float(dt_limit[0]), float(dt_limit[1]),
+        float(norm_eps) if norm_eps is not None else 0.0, dt_in.shape[-1] if scale_dt else 1,
         *state3.stride(), *x2.stride(), *dt2.stride(), *A2.stride(), *B3.stride(), *C3.stride(), *zs,
-        *y.stride(),
+        *y.stride(), dt_in.stride(0) if scale_dt else 0,
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z2 is not None,
-        HAS_DT_BIAS=dt_bias is not None, BLOCK_D=bd, BLOCK_N=bn, num_warps=4,
+        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt,
+        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=triton.next_power_of_2(dt_in.shape[-1]) if scale_dt else 1, num_warps=4,
     )
     return y
 
@@ -388,6 +411,12 @@ def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=N
 def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
     return _state_update(state, u, dt, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias,
                          headdim=1, a_per_head=False, dt_limit=_NO_LIMIT)
+
+
+def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
+    """selective_state_update with Falcon-Mamba's B/C/dt norms inside the same launch."""
+    return _state_update(state, u, dt, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias,
+                         headdim=1, a_per_head=False, dt_limit=_NO_LIMIT, norm_eps=norm_eps, dt_in=dt_in)
 
 
 # ---- Mamba-2 --------------------------------------------------------------------------------------
