@@ -9,9 +9,10 @@ heads_per_group; a program takes BLOCK_D channels of one group and keeps their s
 registers.
 
 Prefill (`_scan_kernel`) walks time one step at a time, as the recurrence does: its work per step
-is tiny (n multiply-adds and an exp per channel), so the kernel is about streaming x, dt, z and y
-through in coalesced rows with the next step's loads in flight, and about a grid that fills the
-GPU at batch 1 too. Decode (`_state_update_kernel`) reads each state element once and writes it once.
+is small (an exp2 and four multiply-adds per state), so the kernel is about keeping that at its
+instruction and SFU floor (no shuffles, the state in the thread), streaming x, dt, z and y through
+in coalesced rows with the next steps' loads in flight, and a grid that fills the GPU at batch 1
+too. Decode (`_state_update_kernel`) reads each state element once and writes it once.
 """
 from __future__ import annotations
 
