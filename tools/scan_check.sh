@@ -23,7 +23,7 @@ quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
 rc=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 if has check; then
-    timeout ${T_CHECK:-90} python3 tools/scan_check.py --check 2>&1 | quiet | tee "$OUT/check.log" || rc=1
+    timeout ${T_CHECK:-150} python3 tools/scan_check.py --check 2>&1 | quiet | tee "$OUT/check.log" || rc=1
     timeout ${T_PACKED:-40} python3 tools/check_packed_gpu.py 2>&1 | quiet | tee -a "$OUT/check.log" || rc=1
 fi
 if has model; then
