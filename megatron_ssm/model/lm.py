@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..comm import OneShotAllReduce
 from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK, ZAMBA, SSMConfig
 from ..ops.dispatch import add_rms_norm
-from ..ops.varlen import last_positions
+from ..ops.varlen import last_positions, validate_packed
 from ..parallel import TPContext, megatron_config
 from .attention import Attention
 from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
@@ -148,6 +148,11 @@ class MambaLM(nn.Module):
             raise ValueError("this model's layers cannot take packed sequences (cu_seqlens)")
         if cu_seqlens is not None and cp is not None:
             raise ValueError("a context-parallel forward takes one range of sequences, not packed ones")
+        if cu_seqlens is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"packed sequences (cu_seqlens) come as one row of tokens, got {input_ids.shape[0]}")
+            rows = [t.shape[0] for st in (states or []) if st is not None for t in st.tensors().values()]
+            validate_packed(cu_seqlens, input_ids.shape[1], rows[0] if rows else None)
         if cp is not None:
             input_ids = cp.local(input_ids)
         stream, delta = self.embeddings(input_ids), None
