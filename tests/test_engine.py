@@ -219,6 +219,41 @@ def test_packed_forward_equals_each_prompt_alone(ranks, ckpts, family, tp):
         assert last < 1e-4 and every < 1e-4 and states < 1e-4, (last, every, states)
 
 
+def _rank_malformed_boundaries(ckpt):
+    """The ValueError message of each malformed packed forward (None where one ran), then whether a
+    well-formed one gave finite logits for each sequence."""
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    ids = torch.randint(3, 200, (1, 10), generator=torch.Generator().manual_seed(fresh_seed()))
+    cache = StateCache(model.state_shapes(), 2, dtype=model.dtype, device=torch.device("cpu"))
+    calls = [(ids, cache.rows(0, 2), torch.tensor(cu, dtype=torch.int32))
+             for cu in ([0, 4, 12], [0, 7, 5], [0, 4, 4], [1, 4, 10], [0, 2, 4, 10])]
+    calls += [(ids, None, torch.tensor([0, 4, 10])), (ids.expand(2, -1), None, torch.tensor([0, 4, 10], dtype=torch.int32))]
+    errors = []
+    for x, states, cu in calls:
+        try:
+            model(x, states, last_only=states is not None, cu_seqlens=cu)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    good = model(ids, cache.rows(0, 2), last_only=True, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32))
+    return errors, tuple(good.shape[:2]), bool(torch.isfinite(good[..., :model.cfg.vocab_size]).all())  # padding: -inf
+
+
+def test_packed_forward_refuses_malformed_boundaries(ranks, ckpts):
+    """cu_seqlens the kernels would index out of bounds with (past the tokens, falling, an empty
+    sequence, not starting at 0, more sequences than state rows, not int32, several rows) get a
+    ValueError before any kernel runs; well-formed ones still run."""
+    [(errors, shape, finite)] = ranks(1).run(_rank_malformed_boundaries, ckpts["mamba2"][1])
+    wanted = ["rise strictly from 0 to the 10", "rise strictly", "rise strictly", "rise strictly",
+              "3 sequences for 2 state rows", "int32", "one row"]
+    assert all(e is not None and w in e for e, w in zip(errors, wanted)) and len(errors) == len(wanted), errors
+    assert shape == (2, 1) and finite
+
+
 def test_prefill_graph_buckets_pad_only_with_whole_sequences():
     """A graphed pack's shape: every real token in place, padding only as extra sequences of at least
     one token each (never tokens appended to a real prompt), the smallest such bucket."""

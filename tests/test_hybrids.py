@@ -68,6 +68,20 @@ def _rank_prefill_then_decode(ckpt: str, input_ids: torch.Tensor, split: int, ov
     return full if tp.is_first else None
 
 
+def _rank_decode_through_gemv(ckpt: str, input_ids: torch.Tensor, split: int):
+    """_rank_prefill_then_decode with every linear of at most GEMV_MAX_ROWS rows (attention, MLP,
+    mixers, LM head) in the skinny-GEMM kernel, under Triton's interpreter."""
+    import os
+
+    from megatron_ssm.ops.dispatch import LINEAR_ENV
+
+    os.environ[LINEAR_ENV] = "triton"
+    try:
+        return _rank_prefill_then_decode(ckpt, input_ids, split)
+    finally:
+        del os.environ[LINEAR_ENV]
+
+
 def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
     """The same requests alone, batched with queueing, in 5-token prefill chunks, and twice through
     a prefix cache of 4-token blocks (the second pass starts from saved SSM states + KV prefixes)."""
@@ -164,6 +178,19 @@ def test_cached_decode_equals_full_recompute(ranks, converted, family, opts, tp)
     split = int(torch.randint(1, 20, ()).item())
     ref = hf_logits(model, ids)[:, split - 1:-1]
     _close(ranks(tp).run(_rank_prefill_then_decode, ckpts[tp], ids, split)[0], ref, f"split={split}: ")
+
+
+@pytest.mark.parametrize("family,opts,tp", [(*CASES[0].values, 2), (*CASES[2].values, 1)], ids=["nemotron-tp2", "falcon-h1-tp1"])
+def test_decode_through_the_gemv_kernel_matches_hf(ranks, converted, family, opts, tp):
+    """Attention, MLP and mixer projections of a hybrid in the skinny-GEMM kernel (interpreted)."""
+    from interpreter import interpreter_problem
+
+    if problem := interpreter_problem():
+        pytest.skip(problem)
+    model, _, ckpts = converted(family, opts)
+    ids = torch.randint(0, 250, (3, 8))
+    ref = hf_logits(model, ids)[:, 4:-1]
+    _close(ranks(tp).run(_rank_decode_through_gemv, ckpts[tp], ids, 5)[0], ref, "through gemv: ")
 
 
 @pytest.mark.parametrize("tp", [2, 4])

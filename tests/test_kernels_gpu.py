@@ -16,11 +16,13 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, packed, rel_err, rms_norm_inputs,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs, packed, rel_err,
+    rms_norm_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
@@ -95,6 +97,26 @@ def test_conv1d_packed(seed, dtype):
 def test_selective_scan(seed, dtype, L, state, gate):
     check_op(kernels().selective_scan, *scan_inputs(2, L, 5120, 16, dtype, DEV, state=state, gate=gate),
              TOL[dtype], seed)
+
+
+@DTYPES
+@pytest.mark.parametrize("b,L,d", [(2, 600, 8192), (1, 3000, 8192), (3, 257, 8000)], ids=["fm7b-b2", "fm7b-b1-long", "d8000"])
+def test_selective_scan_falcon_mamba_7b(seed, dtype, b, L, d):
+    """falcon-mamba-7b's width at TP=1 (8192 channels; 8000: no block divides it), batch 2 (wide
+    blocks) and batch 1 (the narrow blocks that split a channel's states over lanes)."""
+    check_op(kernels().selective_scan, *scan_inputs(b, L, d, 16, dtype, DEV), TOL[dtype], seed)
+
+
+@pytest.mark.parametrize("cfg", [(4, 32, 1, 1), (2, 32, 1, 1), (2, 32, 1, 2), (1, 32, 1, 1), (2, 64, 2, 1), (1, 128, 4, 1),
+                                 (1, 16, 1, 2), (1, 8, 1, 2), (1, 8, 1, 1)],
+                         ids=lambda c: "P{}W{}w{}ahead{}".format(*c))
+def test_selective_scan_layouts(seed, cfg, monkeypatch):
+    """Every (P, W, num_warps, AHEAD) the launcher may pick (and wider), compiled for the GPU, at model size."""
+    from megatron_ssm.ops.triton import scan
+    monkeypatch.setitem(scan.SCAN_CONFIG, 16, (cfg,))
+    check_op(kernels().selective_scan, *scan_inputs(2, 300, 8192, 16, torch.bfloat16, DEV), TOL[torch.bfloat16], seed)
+    check_op(kernels().selective_scan, *packed(scan_inputs(1, sum(PACKED), 8192, 16, torch.float32, DEV, state=False),
+                                               PACKED), TOL[torch.float32], seed)
 
 
 @DTYPES
@@ -191,6 +213,86 @@ def test_rms_norm(seed, dtype, lead, width, weight):
     check_op(kernels().rms_norm, *rms_norm_inputs(lead, width, dtype, DEV, weight=weight), TOL[dtype], seed)
 
 
+# ---- skinny GEMMs (decode projections) -------------------------------------------------------------
+
+# (N, K, bias): mamba2-2.7b in_proj / out_proj, falcon-mamba-7b out_proj / x_proj / dt_proj, odd sizes
+GEMV_SHAPES = [(10576, 2560, False), (2560, 5120, False), (4096, 8192, False), (288, 8192, False), (8192, 256, True),
+               (1000, 999, True)]
+
+
+@DTYPES
+@pytest.mark.parametrize("n,k,bias", GEMV_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "heuristic"])
+def test_linear(seed, dtype, n, k, bias, m, tuned):
+    """The tuned choice (which may be cuBLAS) and the heuristic configuration (always the kernel)."""
+    from megatron_ssm.ops.triton import gemv
+
+    impl = kernels().linear if tuned else (
+        lambda x, weight, bias: gemv.linear(x, weight, bias, config=gemv.heuristic(m, n, k, x.device)))
+    check_op(impl, *linear_inputs((m,), n, k, dtype, DEV, bias=bias), TOL[dtype], seed)
+
+
+@pytest.mark.parametrize("n,k,bias", [(2560, 5120, False), (288, 8192, False), (8192, 256, True)])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypatch):
+    """Split-K launches captured once and replayed on new inputs: the arrival counters reset
+    themselves, so every replay reduces all splits. With PDL, the captured launches are
+    programmatic dependents of the copy that writes x (so a read of x before the wait would fail)."""
+    from megatron_ssm.ops.triton import gemv
+
+    monkeypatch.setenv(gemv.PDL_ENV, "1" if pdl else "")
+    if pdl and not gemv._pdl_supported(torch.device(DEV)):
+        pytest.skip("no programmatic dependent launch here")
+    _, kw = linear_inputs((m,), n, k, torch.bfloat16, DEV, bias=bias)
+    for cfg in [gemv.Config(32, 64, 8, 4), gemv.Config(32, 256, 8, 4, dot=False)]:
+        gemv.linear(**kw, config=cfg)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        fresh = torch.empty_like(kw["x"])
+        with torch.cuda.graph(graph):
+            kw["x"].copy_(fresh)  # the kernel before: the one a PDL launch overlaps
+            out = gemv.linear(**kw, config=cfg)
+        for step in range(3):
+            fresh.copy_(torch.randn_like(fresh))
+            graph.replay()
+            err = rel_err(out, F.linear(**kw))
+            assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
+
+
+# ---- the fused decode steps (ops/decode.py) --------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("b,h,p,g,n,gate,limit", [
+    (1, 80, 64, 1, 128, "norm", (0.0, float("inf"))),    # Mamba2-2.7B
+    (16, 80, 64, 1, 128, "norm", (0.0, float("inf"))),
+    (4, 64, 64, 4, 128, "norm", (0.0, 0.1)),             # Codestral's 8 groups split over TP 2
+    (2, 80, 64, 1, 128, "silu", (0.0, float("inf"))),    # Falcon-H1 sizes without the gated norm
+    (2, 80, 64, 1, 128, None, (0.0, float("inf"))),      # the norm group spans ranks: y alone
+], ids=["2.7B-b1", "2.7B-b16", "grouped", "silu", "y"])
+def test_mamba2_decode_step(seed, dtype, b, h, p, g, n, gate, limit):
+    from test_decode_fused import mamba2_decode_inputs
+    check_op(kernels().mamba2_decode_step, *mamba2_decode_inputs(b, h, p, g, n, 4, dtype, DEV, gate=gate, dt_limit=limit),
+             TOL[dtype], seed)
+
+
+@DTYPES
+@pytest.mark.parametrize("b,d,norms", [(1, 8192, True), (32, 8192, True), (4, 5120, False)],
+                         ids=["falcon-7B-b1", "falcon-7B-b32", "mamba1"])
+def test_mamba1_decode_step(seed, dtype, b, d, norms):
+    from test_decode_fused import mamba1_decode_inputs
+    check_op(kernels().mamba1_decode_step, *mamba1_decode_inputs(b, d, 16, dtype, DEV, norms=norms, dt_rank=256),
+             TOL[dtype], seed)
+
+
+def test_mamba2_decode_step_replayed_from_a_graph(seed):
+    """Several steps replayed from one captured launch: the group counters reset every time."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from fuse_check import check_graph_replay
+    check_graph_replay()
+
+
 # ---- dispatch -------------------------------------------------------------------------------------
 
 def test_dispatch_choices(monkeypatch):
@@ -199,6 +301,7 @@ def test_dispatch_choices(monkeypatch):
     for op in ref_ops.__all__:
         assert dispatch.backend(op, x) == (expect_ssd if op == "ssd_chunk_scan" else "triton"), op
     assert dispatch.backend("selective_scan", x.cpu()) == "torch"
+    assert dispatch.backend("linear", torch.zeros(dispatch.GEMV_MAX_ROWS + 1, 8, device=DEV)) == "torch"
     monkeypatch.setenv(dispatch.ENV, "torch")
     assert all(dispatch.backend(op, x) == "torch" for op in ref_ops.__all__)
 
@@ -208,7 +311,8 @@ def test_dispatch_matches_reference(seed, dtype):
     for op, kw in [conv_inputs(2, 300, 5376, 4, dtype, DEV), conv_update_inputs(4, 5376, 4, dtype, DEV),
                    scan_inputs(2, 300, 1024, 16, dtype, DEV), scan_update_inputs(4, 5120, 16, dtype, DEV),
                    ssd_inputs(2, 300, 80, 64, 1, 128, 256, dtype, DEV), ssd_update_inputs(4, 80, 64, 1, 128, dtype, DEV),
-                   rms_norm_inputs((2, 300), 2560, dtype, DEV), gated_norm_inputs((2, 300), 5120, 5120, dtype, DEV)]:
+                   rms_norm_inputs((2, 300), 2560, dtype, DEV), gated_norm_inputs((2, 300), 5120, 5120, dtype, DEV),
+                   linear_inputs((4, 1), 2560, 5120, dtype, DEV), linear_inputs((2, 300), 2560, 5120, dtype, DEV)]:
         check_op(getattr(dispatch, op), op, kw, TOL[dtype], seed)
 
 
@@ -351,19 +455,17 @@ def bench(out_path=None, hbm_tbps=None):
             fresh, fn = _run(impl, kw)
             err = rel_err(_first(fn()), _first(ref_out)) if name != "torch" else 0.0
             record(case, name, _time(fn), floor, err)
-        # tuning sweeps for the prefill scan and the decode block
-        if op in ("selective_scan", "ssd_chunk_scan") and case.startswith("prefill 1x"):
+        # tuning sweeps for the prefill scan (SCAN_CONFIG's (P, W, num_warps, AHEAD) candidates) and the decode block
+        if op in ("selective_scan", "ssd_chunk_scan"):
             n = kw["A"].shape[-1] if op == "selective_scan" else kw["B"].shape[-1]
             default = scan.SCAN_CONFIG.get(n)
-            for cfg in [(4, 8, 4), (8, 8, 4), (16, 8, 4), (32, 8, 4), (16, 16, 4), (8, 16, 4), (16, 4, 2),
-                        (32, 4, 4), (8, 4, 4), (4, 4, 4), (16, 2, 4), (4, 8, 8), (8, 8, 8), (2, 8, 4),
-                        (1, 4, 1), (1, 8, 1), (1, 16, 2), (1, 32, 4), (1, 64, 4)]:
-                if cfg[0] * cfg[1] * n > 8192:
-                    continue
-                scan.SCAN_CONFIG[n] = cfg
+            cfgs = ([(2, 32, 1, 1), (1, 32, 1, 1), (2, 64, 2, 1), (1, 16, 1, 2), (1, 8, 1, 2), (1, 8, 1, 1)] if n == 16
+                    else [(1, 16, 1, 1), (1, 8, 1, 1), (1, 4, 1, 2), (2, 4, 1, 1)])
+            for cfg in cfgs:
+                scan.SCAN_CONFIG[n] = (cfg,)
                 fresh, fn = _run(getattr(kernels(), op), kw)
                 err = rel_err(_first(fn()), _first(ref_out))
-                record(case, f"triton T,D,w={cfg}", _time(fn), floor, err)
+                record(case, f"triton P,W,w={cfg}", _time(fn), floor, err)
             scan.SCAN_CONFIG[n] = default
         if op in ("selective_state_update", "ssd_state_update"):
             default = scan.UPDATE_BLOCK

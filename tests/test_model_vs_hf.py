@@ -47,6 +47,20 @@ def _rank_prefill_then_decode(ckpt: str, input_ids: torch.Tensor, split: int, ov
     return full if tp.is_first else None
 
 
+def _rank_decode_through_gemv(ckpt: str, input_ids: torch.Tensor, split: int):
+    """_rank_prefill_then_decode with every linear of at most GEMV_MAX_ROWS rows in the skinny-GEMM
+    kernel (Triton's interpreter, on CPU)."""
+    import os
+
+    from megatron_ssm.ops.dispatch import LINEAR_ENV
+
+    os.environ[LINEAR_ENV] = "triton"
+    try:
+        return _rank_prefill_then_decode(ckpt, input_ids, split)
+    finally:
+        del os.environ[LINEAR_ENV]
+
+
 def _rank_generate(ckpt: str, prompts: list[list[int]], new_tokens: int):
     from megatron_ssm.inference.generate import generate
     from megatron_ssm.model.load import load_model
@@ -102,6 +116,24 @@ def test_cached_decode_equals_full_recompute(ranks, converted, family, opts, tp,
     ours = ranks(tp).run(_rank_prefill_then_decode, ckpts[tp], ids, split)[0]
     err = (ours - ref).abs().max().item()
     assert err < TOL * max(1.0, ref.abs().max().item()), f"seed {seed}, split={split}: max |decode - full| = {err}"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family,opts", [CASES[1], CASES[3]])
+def test_decode_through_the_gemv_kernel_matches_hf(ranks, converted, family, opts, tp, seed):
+    """Prefill (3 x 5 = 15 rows) and decode with the parallel linears and the LM head in the
+    skinny-GEMM kernel, interpreted: column- and row-parallel (partial outputs all-reduced after),
+    with the projections' biases (mamba1-untied-bias) and without."""
+    from interpreter import interpreter_problem
+
+    if problem := interpreter_problem():
+        pytest.skip(problem)
+    model, ckpts = converted(family, opts)
+    ids = torch.randint(0, 250, (3, 8))
+    ref = hf_logits(model, ids)[:, 4:-1]
+    ours = ranks(tp).run(_rank_decode_through_gemv, ckpts[tp], ids, 5)[0]
+    err = (ours - ref).abs().max().item()
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"seed {seed}: max |decode through gemv - HF| = {err}"
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

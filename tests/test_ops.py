@@ -24,7 +24,8 @@ from megatron_ssm import ops as ref_ops
 from megatron_ssm.ops import dispatch
 
 OPS = list(ref_ops.__all__)
-INPLACE = {"causal_conv1d_update": "conv_state", "selective_state_update": "state", "ssd_state_update": "state"}
+INPLACE = {"causal_conv1d_update": ("conv_state",), "selective_state_update": ("state",), "ssd_state_update": ("state",),
+           "mamba1_decode_step": ("state",), "mamba2_decode_step": ("conv_state", "ssm_state")}
 # ‖out - ref‖ / ‖ref‖ allowed per activation dtype: fp32 math on both sides for fp32; one extra
 # rounding of intermediates for the 16-bit types.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
@@ -116,6 +117,12 @@ def gated_norm_inputs(lead, width, group_size, dtype, device):
         weight=_act(width, dtype=dtype, device=device), eps=1e-5, group_size=group_size)
 
 
+def linear_inputs(lead, n, k, dtype, device, bias=True):
+    return "linear", dict(x=_act(*lead, k, dtype=dtype, device=device),
+                          weight=_act(n, k, dtype=dtype, device=device, scale=k ** -0.5),
+                          bias=_act(n, dtype=dtype, device=device) if bias else None)
+
+
 def packed(case, lengths):
     """An op's inputs (built at batch 1, total length sum(lengths), no initial state) as sequences of
     `lengths` packed in one row: cu_seqlens added (ops/varlen.py)."""
@@ -137,8 +144,7 @@ def _clone(kwargs):
 
 def _outputs(op, result, kwargs):
     outs = list(result) if isinstance(result, tuple) else [result]
-    if op in INPLACE:
-        outs.append(kwargs[INPLACE[op]])
+    outs.extend(kwargs[name] for name in INPLACE.get(op, ()))
     return outs
 
 
@@ -524,7 +530,7 @@ def test_dispatch_forwards_every_argument_in_order(seed):
                    ssd_inputs(1, 6, 2, 3, 1, 4, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
                    ssd_update_inputs(2, 2, 3, 1, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
                    rms_norm_inputs((2,), 8, torch.float32, "cpu"), gated_norm_inputs((2,), 8, 4, torch.float32, "cpu"),
-                   add_norm_inputs((2,), 8, torch.float32, "cpu"),
+                   add_norm_inputs((2,), 8, torch.float32, "cpu"), linear_inputs((2, 3), 5, 7, torch.float32, "cpu"),
                    # every trailing argument away from its default: silu off, packed rows, both dt bounds
                    # biting, a bf16 stream, a sum-of-squares callback
                    conv_inputs(2, 5, 6, 4, torch.float32, "cpu", silu=False),
@@ -540,9 +546,12 @@ def test_dispatch_forwards_every_argument_in_order(seed):
 
 
 class _CudaLike:
-    """Stands in for a CUDA tensor: `backend` looks only at `is_cuda`."""
+    """Stands in for a CUDA tensor: `backend` looks only at `is_cuda` (and, for linear, the shape)."""
 
     is_cuda = True
+
+    def __init__(self, *shape):
+        self.shape = shape or (1, 8)
 
 
 @pytest.fixture
@@ -576,6 +585,49 @@ def test_dispatch_routes_cuda_to_kernels_unless_forced_to_torch(monkeypatch, fak
             assert dispatch.implementation(op, cuda) is getattr(ref_ops, op), (forced, op)
     monkeypatch.setenv(dispatch.ENV, "")
     assert dispatch.backend("selective_scan", cuda) == "triton"
+
+
+def test_dispatch_takes_the_gemv_kernel_only_for_decode_sized_inputs(monkeypatch, fake_kernels):
+    """Few rows (batch x tokens <= GEMV_MAX_ROWS) on CUDA: the kernel; more rows, CPU, or either
+    switch set: F.linear (cuBLAS keeps batched and prefill GEMMs)."""
+    kernels, _ = fake_kernels
+    top = dispatch.GEMV_MAX_ROWS
+    for shape in [(1, 64), (1, 1, 64), (top, 64), (2, top // 2, 64), (3, 1, 64)]:
+        assert dispatch.backend("linear", _CudaLike(*shape)) == "triton", shape
+        assert dispatch.implementation("linear", _CudaLike(*shape)) is kernels.linear, shape
+    for shape in [(top + 1, 64), (1, top + 1, 64), (2, top, 64), (512, 64)]:
+        assert dispatch.backend("linear", _CudaLike(*shape)) == "torch", shape
+        assert dispatch.implementation("linear", _CudaLike(*shape)) is ref_ops.linear, shape
+    assert dispatch.backend("linear", torch.zeros(1, 64)) == "torch"
+    monkeypatch.setenv(dispatch.LINEAR_ENV, "triton")  # the interpreter's way in: CPU too, still few rows
+    assert dispatch.backend("linear", torch.zeros(top, 64)) == "triton"
+    assert dispatch.backend("linear", torch.zeros(top + 1, 64)) == "torch"
+    assert dispatch.backend("rms_norm", torch.zeros(1, 64)) == "torch"
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    assert dispatch.backend("linear", torch.zeros(1, 64)) == "torch"
+    monkeypatch.delenv(dispatch.ENV)
+    monkeypatch.delenv(dispatch.LINEAR_ENV)
+    for env in (dispatch.LINEAR_ENV, dispatch.ENV):
+        monkeypatch.setenv(env, "torch")
+        assert dispatch.backend("linear", _CudaLike(1, 64)) == "torch", env
+        assert dispatch.backend("rms_norm", _CudaLike()) == ("torch" if env == dispatch.ENV else "triton"), env
+        monkeypatch.delenv(env)
+
+
+def test_layers_project_through_dispatch_only_without_a_backward(monkeypatch, seed):
+    """The parallel linears' forward goes to the dispatch layer's linear, except while a backward may
+    run through it (the kernel has none): then F.linear, whose result carries a grad_fn."""
+    from megatron_ssm.model import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "linear", lambda x, w, b=None: calls.append(x.shape) or F.linear(x, w, b))
+    x, w, b = torch.randn(2, 5), torch.randn(3, 5), torch.randn(3)
+    ref = F.linear(x, w, b)
+    assert torch.equal(layers.project(x, w, b), ref) and calls == [(2, 5)], seed
+    with torch.no_grad():
+        assert torch.equal(layers.project(x, w.requires_grad_(), b), ref) and len(calls) == 2, seed
+    assert layers.project(x, w, b).grad_fn is not None and len(calls) == 2
+    assert layers.project(x.requires_grad_(), w.detach(), b).grad_fn is not None and len(calls) == 2
 
 
 def test_dispatch_without_triton_or_mamba_ssm_falls_back_to_torch(monkeypatch):
@@ -628,6 +680,7 @@ def _tiny_cases(dtype):
         gated_norm_inputs((2, 3), 48, 12, dtype, "cpu"), gated_norm_inputs((4,), 10, 10, dtype, "cpu"),
         add_norm_inputs((2, 3), 40, dtype, "cpu"), add_norm_inputs((3,), 7, dtype, "cpu", residual_dtype=dtype),
         add_norm_inputs((2,), 24, dtype, "cpu", delta=False),
+        linear_inputs((1,), 37, 70, dtype, "cpu"), linear_inputs((1, 3), 20, 33, dtype, "cpu", bias=False),
         # packed sequences (cu_seqlens), an empty one included
         packed(conv_inputs(1, 21, 70, 4, dtype, "cpu", state=False), [2, 13, 0, 6]),
         packed(scan_inputs(1, 21, 10, 16, dtype, "cpu", state=False), [2, 13, 0, 6]),
@@ -673,3 +726,83 @@ def test_varlen_helpers_against_each_sequence_alone(seed, lengths):
     alone = [ref_ops.causal_conv1d(kw["x"][:, s:e], kw["weight"])[1]
              for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
     assert finals.shape == (len(lengths), 6, 3) and torch.equal(finals, torch.cat(alone, 0)), seed
+
+
+def _without(case, *names):
+    op, kw = case
+    return op, dict(kw, **{n: None for n in names})
+
+
+# Every prefill-scan layout (ops/triton/scan.py, SCAN_CONFIG's (P, W, num_warps, AHEAD)): P channels
+# per thread; W = 32 lanes per warp, or fewer so that a channel's states split over 2 or 4 lanes;
+# loads 1 or 2 steps ahead.
+@pytest.mark.parametrize("cfg", [(4, 32, 1, 1), (2, 32, 1, 1), (1, 16, 1, 2), (1, 8, 1, 1), (2, 4, 1, 2)],
+                         ids=lambda c: "P{}W{}w{}ahead{}".format(*c))
+def test_triton_scan_layouts_interpreted(seed, cfg, monkeypatch):
+    """Channel counts no block divides (70, 33), packed sequences of lengths 1, odd and long, an
+    initial state, z / no z, D / no D, n = 16 and n = 12 (masked states), and Mamba-2's use of the
+    kernel (headdim 4, grouped B/C, clamped dt): each against the torch reference."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import scan
+
+    for n in (12, 16, 8):
+        monkeypatch.setitem(scan.SCAN_CONFIG, n, (cfg,))
+    f32 = torch.float32
+    cases = [
+        scan_inputs(2, 9, 70, 16, f32, "cpu"),
+        _without(scan_inputs(1, 6, 33, 12, f32, "cpu", state=False, gate=False), "D"),
+        _without(scan_inputs(2, 1, 70, 16, f32, "cpu"), "dt_bias"),
+        packed(scan_inputs(1, 52, 70, 16, f32, "cpu", state=False), [1, 7, 41, 1, 0, 2]),
+        ssd_inputs(1, 7, 6, 4, 2, 8, 4, f32, "cpu", dt_limit=(0.01, 0.3)),
+        packed(ssd_inputs(1, 12, 4, 4, 1, 8, 4, f32, "cpu", state=False), [5, 1, 6]),
+    ]
+    for op, kw in cases:
+        check_op(getattr(kernels, op), op, kw, TOL[f32], seed)
+    op, kw = scan_inputs(1, 11, 40, 16, torch.bfloat16, "cpu")
+    check_op(kernels.selective_scan, op, kw, TOL[torch.bfloat16], seed)
+
+
+def test_triton_scan_block_choice():
+    """The launcher's (P, W, num_warps): the widest candidate that still fills the SMs, a block
+    never wider than a B/C group, and the narrowest when nothing fills them."""
+    pytest.importorskip("triton")
+    from megatron_ssm.ops.triton import scan
+
+    cpu = torch.device("cpu")
+    want = scan._sm_count(cpu) * scan.SCAN_WARPS_PER_SM
+    first = scan.SCAN_CONFIG[16][0]
+    rows = -(-want // ((8192 // (first[0] * first[1])) * first[2]))  # enough rows for the widest
+    assert scan._scan_block(16, 8192, 8192, 1, rows, cpu) == first
+    assert scan._scan_block(16, 64, 64, 1, 1, cpu) == scan.SCAN_CONFIG[16][-1]
+    p, w, _, _ = scan._scan_block(128, 64, 16, 4, 1000, cpu)  # groups of 16 channels
+    assert 16 % (p * w) == 0
+
+
+def test_gemv_every_configuration_interpreted(seed):
+    """The skinny-GEMM kernel against F.linear in fp32 and bf16 at odd sizes (N and K not multiples
+    of the tiles), M = 1 (elementwise path), 3 and 16 (tl.dot path), with and without bias, for every
+    configuration the tuner may pick at a small shape (split K included) and the heuristic one. The
+    split launches' arrival counters must be back at zero after each (a replayed graph reuses them)."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import gemv
+
+    cases = []
+    for n, k, every in [(45, 200, 3), (40, 256, 8)]:  # K off the tiles (masked loads), and on them (unmasked)
+        configs = [None, gemv.Config(16, 64, 3, 4, dot=False), gemv.Config(32, 16, 5, 4)] + \
+            [c for c in gemv._candidates(1, n, k, torch.device("cpu")) if c.block_n and c.block_k <= 256][::every]
+        cases += [(n, k, configs)]
+    for (n, k, configs), dtype in itertools.product(cases, (torch.float32, torch.bfloat16)):
+        for m, bias in [(1, True), (3, False), (16, True)]:
+            _, kw = linear_inputs((m,), n, k, dtype, "cpu", bias=bias)
+            ref = F.linear(**kw)
+            for cfg in configs if m == 1 else configs[:3] + [gemv.Config(64, 32, 2, 4)]:
+                where = f"{m}x{k} @ {n}x{k} bias {bias} {dtype} config {cfg} (seed {seed})"
+                out = kernels.linear(**kw, config=cfg)
+                assert out.shape == ref.shape and out.dtype == ref.dtype, where
+                err = rel_err(out, ref)
+                assert err < TOL[dtype], f"{where}: relative error {err:.2e}"
+                if cfg is not None and dtype == torch.float32:  # the loop reading weights a step ahead (PDL's)
+                    err = rel_err(gemv._launch(kw["x"], kw["weight"], kw["bias"], cfg, peel=True), ref)
+                    assert err < TOL[dtype], f"{where}, peeled: relative error {err:.2e}"
+                locks = gemv._LOCKS.get(torch.device("cpu"))
+                assert locks is None or not locks.any(), f"{where}: arrival counters left non-zero"

@@ -153,6 +153,31 @@ def run_workload(engine, batch: int, prompt: int, new: int, seed: int) -> dict:
                 total_tok_s=batch * (prompt + new) / total, total_s=total)
 
 
+def linear_variants(spec: str):
+    """Yields each --linear variant with MEGATRON_SSM_LINEAR set for it (restored afterwards); ''
+    yields None once and changes nothing."""
+    from megatron_ssm.ops.dispatch import LINEAR_ENV
+
+    pdl_env = "MEGATRON_SSM_GEMV_PDL"  # megatron_ssm.ops.triton.gemv.PDL_ENV (that module imports triton)
+    variants = {"torch": {LINEAR_ENV: "torch", pdl_env: ""}, "kernel": {LINEAR_ENV: "", pdl_env: ""},
+                "kernel-pdl": {LINEAR_ENV: "", pdl_env: "1"}}
+    names = [v for v in spec.split(",") if v]
+    if not names:
+        yield None
+        return
+    for name in names:
+        if name not in variants:
+            raise SystemExit(f"--linear takes {', '.join(variants)}, not {name!r}")
+    before = {k: os.environ.get(k) for k in (LINEAR_ENV, pdl_env)}
+    try:
+        for name in names:
+            os.environ.update(variants[name])
+            yield name
+    finally:
+        for k, v in before.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", action="append", required=True, help="model YAML from configs/ (repeatable)")
@@ -176,6 +201,10 @@ def main() -> int:
     ap.add_argument("--context-parallel-min-tokens", type=int, default=1,
                     help="prompts from this many tokens take the context-parallel prefill (default 1: every "
                          "prompt, when CP > 1)")
+    ap.add_argument("--linear", default="", help="A/B of the decode linears in one process: a list of 'kernel' "
+                    "(the dispatch layer's choice), 'torch' (MEGATRON_SSM_LINEAR=torch: cuBLAS only) and "
+                    "'kernel-pdl' (the kernel launched as a programmatic dependent in graphs), e.g. torch,kernel; each "
+                    "builds its own engine (graphs captured with that choice)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -214,19 +243,25 @@ def main() -> int:
             for batch in args.batch:
                 if all(batch * (prompt + new) > args.max_total_tokens for new in args.new):
                     continue
-                # One engine per shape: a warm-up at the timed shape compiles and autotunes kernels
-                # (Triton autotuners key on batch and length) and captures the prefill graphs it needs.
-                engine = make_engine(model, batch, prompt, args, cp)
-                run_workload(engine, batch, prompt, 4, seed=0)
-                for new in args.new:
-                    if batch * (prompt + new) > args.max_total_tokens:
-                        continue
-                    for overlap in args.overlap_min_tokens:
-                        model.overlap_min_tokens = overlap
-                        torch.cuda.reset_peak_memory_stats()
-                        r = run_workload(engine, batch, prompt, new, seed=prompt * 7 + batch)
-                        report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp)
-                del engine
+                for linear in linear_variants(args.linear):
+                    # One engine per shape: a warm-up at the timed shape compiles and autotunes kernels
+                    # (Triton autotuners key on batch and length) and captures the prefill graphs it needs.
+                    engine = make_engine(model, batch, prompt, args, cp)
+                    run_workload(engine, batch, prompt, 4, seed=0)
+                    for new in args.new:
+                        if batch * (prompt + new) > args.max_total_tokens:
+                            continue
+                        for overlap in args.overlap_min_tokens:
+                            model.overlap_min_tokens = overlap
+                            torch.cuda.reset_peak_memory_stats()
+                            r = run_workload(engine, batch, prompt, new, seed=prompt * 7 + batch)
+                            r.update(linear=linear)
+                            report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reductions, cp)
+                    del engine
+        if tp.is_first and cp.is_first and "megatron_ssm.ops.triton.gemv" in sys.modules:
+            for key, (chosen, timed) in sys.modules["megatron_ssm.ops.triton.gemv"].tuned().items():
+                print(f"#   linear {key[0]:3d} x {key[2]:6d} -> {key[1]:6d}: {chosen} "
+                      f"({', '.join(f'{c} {t:.1f} us' for c, t in timed[:3])})", flush=True)
         del model
         torch.cuda.empty_cache()
     shutdown()
@@ -249,7 +284,8 @@ def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reducti
              peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,
              device=torch.cuda.get_device_name(), tag=args.tag)
     if tp.is_first and cp.is_first:
-        print(f"{name} tp={tp.size} cp={cp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
+        lin = f" linear={r['linear']}" if r.get("linear") else ""
+        print(f"{name}{lin} tp={tp.size} cp={cp.size} b={batch:4d} p={r['prompt']:5d} n={r['new']:4d} ovl={model.overlap_min_tokens}  "
               f"ttft {r['ttft_ms']:8.1f} ms  step {r['step_ms']:6.2f} ms (floor {r['hbm_floor_ms']:5.2f}, "
               f"comm~{r['comm_est_ms']:5.2f})  gen {r['gen_tok_s']:9.0f} tok/s  total {r['total_tok_s']:9.0f} tok/s  "
               f"peak {r['peak_mem_gb']:5.1f} GB", flush=True)

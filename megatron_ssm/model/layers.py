@@ -1,7 +1,8 @@
 """Megatron-core's parallel layers with an inference forward and one pluggable reduction.
 
 megatron-core lays the weights out (shapes per rank, partition attributes, sharded state dicts); we
-keep its modules but run a plain `F.linear` forward: no async-grad paths, and every row-parallel
+keep its modules but run a plain linear forward (`project`: F.linear, or our skinny-GEMM kernel
+for decode-sized inputs when no backward will run): no async-grad paths, and every row-parallel
 output reduced through the one `AllReduce` chosen at construction.
 
 When gradients flow (`differentiable(param)`: grad mode on and the weights trainable, as in
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
-from ..ops.dispatch import causal_conv1d, causal_conv1d_update
+from ..ops.dispatch import causal_conv1d, causal_conv1d_update, linear
 from ..parallel import TPContext
 
 AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor
@@ -32,6 +33,14 @@ def _no_init(weight: torch.Tensor) -> None:
 def differentiable(param: torch.Tensor) -> bool:
     """True while a backward will run through this layer (training), so collectives must have one."""
     return torch.is_grad_enabled() and param.requires_grad
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias). The dispatch layer's kernel has no backward, so while one may run
+    (grad mode on and either side requiring grad) this is F.linear itself."""
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+        return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
@@ -58,7 +67,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if differentiable(self.weight) and self.tp_size > 1:  # checked per call: cheap test first
             x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-        return F.linear(x, self.weight, self.bias)
+        return project(x, self.weight, self.bias)
 
     @property
     def tp_size(self) -> int:
@@ -79,7 +88,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         self.replicated_output = replicated_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        y = F.linear(x, self.weight)
+        y = project(x, self.weight)
         if self.tp.size > 1:
             y = self._reduce_with_grad(y) if differentiable(self.weight) else self.allreduce(y, self.tp.group)
         return y if self.bias is None else y + self.bias
@@ -95,7 +104,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         """forward, returning before the reduction completes (see PendingOutput). The reduction runs
         on the TP group's second communicator, so the synchronous collectives that the next
         micro-chunk issues on the first one do not queue behind it."""
-        y = F.linear(x, self.weight)
+        y = project(x, self.weight)
         if differentiable(self.weight):  # training: the differentiable reduction, nothing left in flight
             return PendingOutput(PendingAllReduce(self._reduce_with_grad(y)), self.bias, scale)
         group = self.tp.overlap_group or self.tp.group

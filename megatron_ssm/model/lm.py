@@ -13,16 +13,15 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from ..comm import OneShotAllReduce
 from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK, ZAMBA, SSMConfig
 from ..ops.dispatch import add_rms_norm
-from ..ops.varlen import last_positions
+from ..ops.varlen import last_positions, validate_packed
 from ..parallel import TPContext, megatron_config
 from .attention import Attention
 from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
 from .context_parallel import ContextParallelSpans
-from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding
+from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding, project
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
@@ -149,6 +148,11 @@ class MambaLM(nn.Module):
             raise ValueError("this model's layers cannot take packed sequences (cu_seqlens)")
         if cu_seqlens is not None and cp is not None:
             raise ValueError("a context-parallel forward takes one range of sequences, not packed ones")
+        if cu_seqlens is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"packed sequences (cu_seqlens) come as one row of tokens, got {input_ids.shape[0]}")
+            rows = [t.shape[0] for st in (states or []) if st is not None for t in st.tensors().values()]
+            validate_packed(cu_seqlens, input_ids.shape[1], rows[0] if rows else None)
         if cp is not None:
             input_ids = cp.local(input_ids)
         stream, delta = self.embeddings(input_ids), None
@@ -173,7 +177,7 @@ class MambaLM(nn.Module):
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden.to(head.dtype), head).float()
+        logits = project(hidden.to(head.dtype), head).float()
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         logits = logits.masked_fill_(self.vocab_padding, float("-inf"))

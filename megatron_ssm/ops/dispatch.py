@@ -8,6 +8,11 @@ triton) runs the torch reference, which defines the numbers every kernel is test
 `MEGATRON_SSM_KERNELS=torch` forces the reference everywhere, for A/B checks; it is read at each
 call, so a test or a benchmark can flip it.
 
+`linear` takes our skinny-GEMM kernel only for decode-sized inputs (at most `GEMV_MAX_ROWS` rows of
+x: batch x tokens); batched and prefill GEMMs stay with cuBLAS. `MEGATRON_SSM_LINEAR=torch` sends
+just this op back to F.linear (the A/B of the kernel alone); `=triton` takes the kernel for CPU
+tensors too, which only Triton's interpreter (TRITON_INTERPRET=1) runs: the model tests' way in.
+
 mamba-ssm's scan is called below its autograd wrapper (`_mamba_chunk_scan_combined_fwd`): inference
 needs no saved tensors, and the wrapper's Python cost (~0.6 ms a layer on an H200's host) was most
 of a short prompt's prefill time.
@@ -26,12 +31,15 @@ from typing import Callable
 import torch
 
 # From the submodules, not the package, so that the package may itself export this module's ops.
-from . import conv1d as _conv, norm as _norm, ssd as _ssd
+from . import conv1d as _conv, decode as _decode, norm as _norm, ssd as _ssd
+from .linear import linear as _ref_linear
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
 from .varlen import check_packed, seq_index
 
 ENV = "MEGATRON_SSM_KERNELS"
+LINEAR_ENV = "MEGATRON_SSM_LINEAR"
+GEMV_MAX_ROWS = 16  # above this, cuBLAS's tiles beat a weight-streaming kernel (and tensor cores pay)
 
 _REFERENCE: dict[str, Callable] = {
     "causal_conv1d": _conv.causal_conv1d,
@@ -39,11 +47,23 @@ _REFERENCE: dict[str, Callable] = {
     "rms_norm": _norm.rms_norm,
     "add_rms_norm": _norm.add_rms_norm,
     "gated_rms_norm": _norm.gated_rms_norm,
+    "linear": _ref_linear,
     "selective_scan": _ref_selective_scan,
     "selective_state_update": _ref_selective_state_update,
     "ssd_chunk_scan": _ssd.ssd_chunk_scan,
     "ssd_state_update": _ssd.ssd_state_update,
+    "mamba1_decode_step": _decode.mamba1_decode_step,
+    "mamba2_decode_step": _decode.mamba2_decode_step,
 }
+
+# `MEGATRON_SSM_FUSED_DECODE=0` makes the mixers call the unfused chain of ops at decode instead of
+# the *_decode_step ops (an A/B switch for benchmarks); like ENV, read at each call.
+FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
+
+
+def fused_decode() -> bool:
+    """Whether the mixers take one *_decode_step op per decode token (the default)."""
+    return os.environ.get(FUSED_DECODE_ENV, "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,11 +127,24 @@ def _mamba_ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, init
 
 def backend(op: str, like: torch.Tensor) -> str:
     """Which implementation `op` runs for tensors like `like`: 'mamba_ssm', 'triton' or 'torch'."""
-    if not like.is_cuda or os.environ.get(ENV, "").lower() == "torch":
+    if os.environ.get(ENV, "").lower() == "torch":
+        return "torch"
+    if op == "linear" and os.environ.get(LINEAR_ENV, "").lower() == "triton" and _rows(like) <= GEMV_MAX_ROWS:
+        return "triton" if _triton_ops() is not None else "torch"  # CPU too: Triton's interpreter
+    if not like.is_cuda:
         return "torch"
     if op == "ssd_chunk_scan":
         return "mamba_ssm" if _mamba_chunk_scan_combined() is not None else "torch"
+    if op == "linear" and (os.environ.get(LINEAR_ENV, "").lower() == "torch" or _rows(like) > GEMV_MAX_ROWS):
+        return "torch"
     return "triton" if _triton_ops() is not None else "torch"
+
+
+def _rows(x: torch.Tensor) -> int:
+    rows = 1
+    for d in x.shape[:-1]:
+        rows *= d
+    return rows
 
 
 def implementation(op: str, like: torch.Tensor) -> Callable:
@@ -132,6 +165,10 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlen
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     return implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, silu)
+
+
+def linear(x, weight, bias=None):
+    return implementation("linear", x)(x, weight, bias)
 
 
 def rms_norm(x, weight, eps):
@@ -164,7 +201,18 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0,
     return implementation("ssd_state_update", x)(state, x, dt, A, B, C, D, dt_bias, dt_limit)
 
 
+def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D=None, dt_bias=None,
+                       dt_limit=(0.0, float("inf")), norm_weight=None, norm_eps=1e-5):
+    return implementation("mamba2_decode_step", xbc)(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A,
+                                                     D, dt_bias, dt_limit, norm_weight, norm_eps)
+
+
+def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
+    return implementation("mamba1_decode_step", u)(state, u, dt, A, B, C, D, z, dt_bias, norm_eps, dt_in)
+
+
 for _name, _ref in _REFERENCE.items():
     globals()[_name].__doc__ = _ref.__doc__
 
-__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV"]
+__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV", "FUSED_DECODE_ENV", "fused_decode", "LINEAR_ENV",
+                               "GEMV_MAX_ROWS"]

@@ -48,6 +48,24 @@ def check_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, initial_state) -> No
         raise ValueError("packed sequences start from zero states: initial_state must be None with cu_seqlens")
 
 
+def validate_packed(cu_seqlens: torch.Tensor, total: int, states: int | None = None) -> None:
+    """Refuse boundaries the kernels would index out of bounds with: not [0, ..., total] in
+    non-decreasing int32 order, an empty sequence, or more sequences than state rows. One host read;
+    skipped while a CUDA graph is captured (whose packs the engine builds itself)."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor [nseq + 1], got {tuple(cu_seqlens.shape)} "
+                         f"{cu_seqlens.dtype}")
+    nseq = cu_seqlens.shape[0] - 1
+    if states is not None and nseq != states:
+        raise ValueError(f"cu_seqlens holds {nseq} sequences for {states} state rows")
+    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != total or any(b <= a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must rise strictly from 0 to the {total} packed tokens, got {cu[:8]}"
+                         f"{'...' if len(cu) > 8 else ''}")
+
+
 def split_packed(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) per sequence, on the host: for the reference ops, which loop over sequences."""
     cu = cu_seqlens.tolist()

@@ -5,18 +5,23 @@ Both models run the same per-channel recurrence h_t = exp(dt_t A) h_{t-1} + dt_t
 Mamba-1 has a dt and a row of A per channel and one B/C for all channels; Mamba-2 shares dt, A and
 D across the `headdim` channels of a head and B/C across the heads of a group. So each kernel works
 on flat channels c, with head = c // HEADDIM (HEADDIM = 1 for Mamba-1) and group = head //
-heads_per_group; a program takes BLOCK_D channels of one group and keeps their [BLOCK_D, n] state
-in fp32 registers.
+heads_per_group; a program takes BLOCK_D channels of one group and keeps their state in fp32
+registers.
 
-Prefill (`_scan_kernel`) walks time in chunks of T steps: the chunk's recurrence is solved by a
-parallel associative scan over T, then joined to the state carried in. Decode
-(`_state_update_kernel`) reads each state element once and writes it once.
+Prefill (`_scan_kernel`) walks time one step at a time, as the recurrence does: its work per step
+is small (an exp2 and four multiply-adds per state), so the kernel is about keeping that at its
+instruction and SFU floor (no shuffles, the state in the thread), streaming x, dt, z and y through
+in coalesced rows with the next steps' loads in flight, and a grid that fills the GPU at batch 1
+too. Decode (`_state_update_kernel`) reads each state element once and writes it once.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..varlen import check_packed
 
@@ -32,6 +37,24 @@ def _softplus(x):
 
 
 @triton.jit
+def _softplus_fast(x, FAST_MATH: tl.constexpr):
+    # softplus in ~20 instructions instead of ~50 (the prefill scan pays it per channel per step).
+    # For e = exp(x) < 1/4, log1p(e) = 2 atanh(s) with s = e / (2 + e) <= 1/9, by its series to s^7
+    # (truncation below 3e-9 relative); above, log2(1 + e) ln 2, where lg2.approx's absolute error is
+    # small against the result. Past 20, torch's softplus is the identity. FAST_MATH picks the
+    # hardware log2 (and, in the kernel, divide) on CUDA; the interpreter has no libdevice.
+    e = tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634)
+    s = e / (2.0 + e)
+    s2 = s * s
+    small = 2.0 * s * (1.0 + s2 * (0.3333333333333333 + s2 * (0.2 + s2 * 0.14285714285714285)))
+    if FAST_MATH:
+        big = libdevice.fast_log2f(1.0 + e) * 0.6931471805599453
+    else:
+        big = tl.log2(1.0 + e) * 0.6931471805599453
+    return tl.where(x > 20.0, x, tl.where(e < 0.25, small, big))
+
+
+@triton.jit
 def _dt(dt, bias_ptr, heads, mask, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr):
     dt = dt.to(tl.float32)
     if HAS_DT_BIAS:
@@ -40,18 +63,46 @@ def _dt(dt, bias_ptr, heads, mask, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _linear_recurrence(a1, b1, a2, b2):
-    # Compose h -> a1 h + b1, then h -> a2 h + b2.
-    return a1 * a2, b1 * a2 + b2
+def _scan_step_inputs(x_p, dt_p, B_p, C_p, z_p, offs_c, offs_n, live, nchan, N_BOUND, HAS_Z: tl.constexpr,
+                      EVEN_N: tl.constexpr):
+    """One step's x, dt, B, C, z (z: x again without a gate) as stored; nothing when `live` is false.
+    No `other`: what a masked lane holds is never used (a channel past nchan is never stored, a
+    step past the end never computed), and zero-filling costs instructions every step. Only states
+    past n must read zeros, as they enter the sum y = C h."""
+    c_ok = offs_c < tl.where(live, nchan, 0)
+    n_ok = offs_n < tl.where(live, N_BOUND, 0)
+    x = tl.load(x_p, mask=c_ok)
+    dt = tl.load(dt_p, mask=c_ok)
+    if EVEN_N:
+        B = tl.load(B_p, mask=n_ok)
+        C = tl.load(C_p, mask=n_ok)
+    else:
+        B = tl.load(B_p, mask=n_ok, other=0.0)
+        C = tl.load(C_p, mask=n_ok, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_p, mask=c_ok)
+    else:
+        z = x
+    return x, dt, B, C, z
 
 
+# Layout. A program's channels are a [P, W] tile: W = 32 * num_warps lanes (or fewer: then a
+# channel's states split over 32 * num_warps / W lanes), each with P neighbouring channels (channel
+# w * P + p of the block: one vector load per lane). Its state is [n, P, W], n and P inside the
+# thread, so y = C h sums in registers and the conversion of each step's B and C (the same for
+# every channel) is shared by P channels. Triton gives a tensor the layout of the memory accesses
+# it meets, and breaks ties between dimensions differently across versions (3.6: the first
+# dimension fastest; 3.9: the last), so the kernel has no [n, P, W] memory access at all: A, h0
+# and hT move one state index at a time as [P, W] tiles (once per program), which leaves the state
+# the default layout (lanes along W) on every version; the per-step [P, W] accesses are contiguous
+# along P, so they too put lanes along W and P in the thread.
 @triton.jit
 def _scan_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h0_ptr, y_ptr, hT_ptr, cu_ptr,
     L, nchan, nstate, heads_per_group, dt_min, dt_max,
     sx_b, sx_l, sx_c,
     sdt_b, sdt_l, sdt_h,
-    sA_h, sA_n,
+    sA_h, sA_n, sD, sbias,
     sB_b, sB_l, sB_g, sB_n,
     sC_b, sC_l, sC_g, sC_n,
     sz_b, sz_l, sz_c,
@@ -60,81 +111,116 @@ def _scan_kernel(
     shT_b, shT_c, shT_n,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr, PACKED: tl.constexpr,
-    T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    P: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UNROLL: tl.constexpr,
+    AHEAD: tl.constexpr, FAST_MATH: tl.constexpr,
 ):
+    BLOCK_D: tl.constexpr = P * W
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)  # the batch row; packed: the sequence (all in row 0)
-    offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = pid_d * BLOCK_D + tl.arange(0, W)[None, :] * P + tl.arange(0, P)[:, None]  # [P, W]
     offs_n = tl.arange(0, BLOCK_N)
-    offs_t = tl.arange(0, T)
     if PACKED:  # a program per sequence, over its own time span: it starts from zeros and ends in hT[seq]
         row = 0
-        first = tl.load(cu_ptr + pid_b)
-        end = tl.load(cu_ptr + pid_b + 1)
+        first = tl.load(cu_ptr + pid_b).to(tl.int64)
+        end = tl.load(cu_ptr + pid_b + 1).to(tl.int64)
     else:
         row = pid_b
         first = 0
         end = L
     cmask = offs_c < nchan
-    nmask = offs_n < nstate
     heads = offs_c // HEADDIM
     group = (pid_d * BLOCK_D // HEADDIM) // heads_per_group
-    cn_mask = cmask[:, None] & nmask[None, :]
-
+    n3 = offs_n[:, None, None]
+    # A is kept as A log2(e): each step's decay is one exp2.
     if A_PER_HEAD:
-        A = tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
+        A = tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32)[None, :, :] * 1.4426950408889634
     else:
-        A = tl.load(A_ptr + heads[:, None] * sA_h + offs_n[None, :] * sA_n, mask=cn_mask,
-                    other=0.0).to(tl.float32)[None, :, :]
+        A = tl.zeros([BLOCK_N, P, W], dtype=tl.float32)
+        for k in tl.static_range(BLOCK_N):
+            a_k = tl.load(A_ptr + heads * sA_h + k * sA_n, mask=offs_c < tl.where(k < nstate, nchan, 0), other=0.0)
+            A = tl.where(n3 == k, a_k.to(tl.float32)[None, :, :] * 1.4426950408889634, A)
     if HAS_D:
-        Dv = tl.load(D_ptr + heads, mask=cmask, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + heads * sD, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        bias = tl.load(dt_bias_ptr + heads * sbias, mask=cmask, other=0.0).to(tl.float32)
+    h = tl.zeros([BLOCK_N, P, W], dtype=tl.float32)
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * sh0_b + offs_c[:, None] * sh0_c + offs_n[None, :] * sh0_n,
-                    mask=cn_mask, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        for k in tl.static_range(BLOCK_N):
+            h_k = tl.load(h0_ptr + pid_b * sh0_b + offs_c * sh0_c + k * sh0_n, mask=offs_c < tl.where(k < nstate, nchan, 0), other=0.0)
+            h = tl.where(n3 == k, h_k.to(tl.float32)[None, :, :], h)
 
-    x_base = x_ptr + row * sx_b + offs_c[None, :] * sx_c
-    dt_base = dt_ptr + row * sdt_b + heads[None, :] * sdt_h
-    B_base = B_ptr + row * sB_b + group * sB_g + offs_n[None, :] * sB_n
-    C_base = C_ptr + row * sC_b + group * sC_g + offs_n[None, :] * sC_n
-    z_base = z_ptr + row * sz_b + offs_c[None, :] * sz_c
-    y_base = y_ptr + row * sy_b + offs_c[None, :] * sy_c
-    for t0 in range(first, end, T):
-        ts = t0 + offs_t
-        tmask = ts < end
-        tc_mask = tmask[:, None] & cmask[None, :]
-        tn_mask = tmask[:, None] & nmask[None, :]
-        x = tl.load(x_base + ts[:, None] * sx_l, mask=tc_mask, other=0.0).to(tl.float32)  # [T, D]
-        dt = tl.load(dt_base + ts[:, None] * sdt_l, mask=tc_mask, other=0.0)
-        # Steps past the end must leave h alone: dt = 0 makes them the identity.
-        dt = tl.where(tc_mask, _dt(dt, dt_bias_ptr, heads[None, :], cmask[None, :], dt_min, dt_max,
-                                   HAS_DT_BIAS), 0.0)
-        Bt = tl.load(B_base + ts[:, None] * sB_l, mask=tn_mask, other=0.0).to(tl.float32)  # [T, N]
-        Ct = tl.load(C_base + ts[:, None] * sC_l, mask=tn_mask, other=0.0).to(tl.float32)
-        dA = tl.exp(dt[:, :, None] * A)  # [T, D, N] (or [T, D, 1] when A is per head)
-        dA = tl.broadcast_to(dA, [T, BLOCK_D, BLOCK_N])
-        dBx = (dt * x)[:, :, None] * Bt[:, None, :]
-        if T == 1:  # a plain step-by-step scan: no parallel work within the chunk
-            cum_a, cum_b = dA, dBx
-        else:
-            cum_a, cum_b = tl.associative_scan((dA, dBx), 0, _linear_recurrence)
-        hs = cum_a * h[None, :, :] + cum_b
-        y = tl.sum(hs * Ct[:, None, :], axis=2)  # [T, D]
-        h = tl.sum(tl.where((offs_t == T - 1)[:, None, None], hs, 0.0), axis=0)
-        if HAS_D:
-            y += x * Dv[None, :]
+    # Pointers at time `first`, advanced one step per iteration (64-bit: a packed row can hold more
+    # than 2^31 elements).
+    x_p = x_ptr + row * sx_b + first * sx_l + offs_c * sx_c
+    dt_p = dt_ptr + row * sdt_b + first * sdt_l + heads * sdt_h
+    B_p = B_ptr + row * sB_b + first * sB_l + group * sB_g + offs_n * sB_n
+    C_p = C_ptr + row * sC_b + first * sC_l + group * sC_g + offs_n * sC_n
+    z_p = z_ptr + row * sz_b + first * sz_l + offs_c * sz_c
+    y_p = y_ptr + row * sy_b + first * sy_l + offs_c * sy_c
+    # Software pipelining by hand: step t's inputs were loaded AHEAD steps earlier (1 or 2), so a
+    # load's latency hides behind that many steps of arithmetic even with few warps per SM (batch 1).
+    # (A step past the end loads nothing: its masks compare against zero channels and states. With
+    # n a power of two the bound on n is a constant, so B and C load as vectors.)
+    if EVEN_N:
+        N_BOUND: tl.constexpr = BLOCK_N
+    else:
+        N_BOUND = nstate
+    x_n, dt_n, B_n, C_n, z_n = _scan_step_inputs(x_p, dt_p, B_p, C_p, z_p, offs_c, offs_n, first < end, nchan,
+                                                 N_BOUND, HAS_Z, EVEN_N)
+    if AHEAD == 2:
+        x_n2, dt_n2, B_n2, C_n2, z_n2 = _scan_step_inputs(
+            x_p + sx_l, dt_p + sdt_l, B_p + sB_l, C_p + sC_l, z_p + sz_l, offs_c, offs_n, first + 1 < end, nchan,
+            N_BOUND, HAS_Z, EVEN_N)
+    for t in tl.range(first, end, loop_unroll_factor=UNROLL):
+        x = x_n.to(tl.float32)
+        dt = dt_n.to(tl.float32)
+        Bt = B_n.to(tl.float32)[:, None, None]
+        Ct = C_n.to(tl.float32)[:, None, None]
         if HAS_Z:
-            z = tl.load(z_base + ts[:, None] * sz_l, mask=tc_mask, other=0.0).to(tl.float32)
-            y *= z * tl.sigmoid(z)
-        tl.store(y_base + ts[:, None] * sy_l, y.to(y_ptr.dtype.element_ty), mask=tc_mask)
-    tl.store(hT_ptr + pid_b * shT_b + offs_c[:, None] * shT_c + offs_n[None, :] * shT_n, h, mask=cn_mask)
+            z = z_n.to(tl.float32)
+        if AHEAD == 2:
+            x_n, dt_n, B_n, C_n, z_n = x_n2, dt_n2, B_n2, C_n2, z_n2
+            x_n2, dt_n2, B_n2, C_n2, z_n2 = _scan_step_inputs(
+                x_p + 2 * sx_l, dt_p + 2 * sdt_l, B_p + 2 * sB_l, C_p + 2 * sC_l, z_p + 2 * sz_l, offs_c, offs_n,
+                t + 2 < end, nchan, N_BOUND, HAS_Z, EVEN_N)
+        else:
+            x_n, dt_n, B_n, C_n, z_n = _scan_step_inputs(x_p + sx_l, dt_p + sdt_l, B_p + sB_l, C_p + sC_l, z_p + sz_l,
+                                                         offs_c, offs_n, t + 1 < end, nchan, N_BOUND, HAS_Z, EVEN_N)
+        if HAS_DT_BIAS:
+            dt += bias
+        dt = tl.minimum(tl.maximum(_softplus_fast(dt, FAST_MATH), dt_min), dt_max)
+        h = tl.exp2(dt[None, :, :] * A) * h + (dt * x)[None, :, :] * Bt
+        y = tl.sum(h * Ct, axis=0)
+        if HAS_D:
+            y += x * Dv
+        if HAS_Z:  # y silu(z) = y z / (1 + exp(-z))
+            den = 1.0 + tl.exp2(z * -1.4426950408889634)
+            if FAST_MATH:
+                y = libdevice.fast_dividef(y * z, den)
+            else:
+                y = y * z / den
+        tl.store(y_p, y.to(y_ptr.dtype.element_ty), mask=cmask)
+        x_p += sx_l
+        dt_p += sdt_l
+        B_p += sB_l
+        C_p += sC_l
+        z_p += sz_l
+        y_p += sy_l
+    for k in tl.static_range(BLOCK_N):
+        h_k = tl.sum(tl.where(n3 == k, h, 0.0), axis=0)
+        tl.store(hT_ptr + pid_b * shT_b + offs_c * shT_c + k * shT_n, h_k, mask=offs_c < tl.where(k < nstate, nchan, 0))
+
+
+@triton.jit
+def _weightless_rms_norm(v, width, eps):
+    f = v.to(tl.float32)
+    return (f * tl.rsqrt(tl.sum(f * f, axis=0) / width + eps)).to(v.dtype)
 
 
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr,
-    nchan, nstate, heads_per_group, dt_min, dt_max,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr, dt_in_ptr,
+    nchan, nstate, heads_per_group, dt_min, dt_max, norm_eps, dt_in_width,
     ss_b, ss_c, ss_n,
     sx_b, sx_c,
     sdt_b, sdt_h,
@@ -143,8 +229,10 @@ def _state_update_kernel(
     sC_b, sC_g, sC_n,
     sz_b, sz_c,
     sy_b, sy_c,
+    sdi_b,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -159,10 +247,18 @@ def _state_update_kernel(
     s_ptrs = state_ptr + pid_b * ss_b + offs_c[:, None] * ss_c + offs_n[None, :] * ss_n
     s = tl.load(s_ptrs, mask=cn_mask, other=0.0)
     x = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(tl.float32)
-    dt = _dt(tl.load(dt_ptr + pid_b * sdt_b + heads * sdt_h, mask=cmask, other=0.0),
-             dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
-    Bv = tl.load(B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n, mask=nmask, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n, mask=nmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * sdt_b + heads * sdt_h, mask=cmask, other=0.0).to(tl.float32)
+    if DT_SCALE:  # dt = dt_proj(dt_in) of the raw dt_in: apply dt_in's (weightless) RMS norm now
+        offs_r = tl.arange(0, BLOCK_R)
+        di = tl.load(dt_in_ptr + pid_b * sdi_b + offs_r, mask=offs_r < dt_in_width, other=0.0).to(tl.float32)
+        dt = dt * tl.rsqrt(tl.sum(di * di, axis=0) / dt_in_width + norm_eps)
+    dt = _dt(dt, dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
+    Bv = tl.load(B_ptr + pid_b * sB_b + group * sB_g + offs_n * sB_n, mask=nmask, other=0.0)
+    Cv = tl.load(C_ptr + pid_b * sC_b + group * sC_g + offs_n * sC_n, mask=nmask, other=0.0)
+    if NORM_BC:  # Falcon-Mamba's weightless norms of B and C, rounded to their dtype as the reference's
+        Bv = _weightless_rms_norm(Bv, nstate, norm_eps)
+        Cv = _weightless_rms_norm(Cv, nstate, norm_eps)
+    Bv, Cv = Bv.to(tl.float32), Cv.to(tl.float32)
     if A_PER_HEAD:
         dA = tl.exp(dt * tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32))[:, None]
     else:
@@ -199,19 +295,42 @@ def _flat_channels(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.flatten(lead, lead + 1)
 
 
-# Tuning (T, BLOCK_D, num_warps) for the prefill scan, per state size, from a sweep on an H100 at
-# 2048 tokens (docs/benchmarks.md). T * BLOCK_D * n is the register tile the associative scan works
-# on: at n = 16 a 16-step scan pays; at n = 128 the tile is too big and stepping one token at a time
-# (T = 1) wins, though the dispatcher prefers a chunked matrix-form SSD scan there anyway.
-SCAN_CONFIG = {16: (16, 8, 4), 128: (1, 4, 1)}
+# Tuning for the prefill scan, per state size: (P, W, num_warps, AHEAD) candidates, widest first
+# (see the layout note at `_scan_kernel`: blocks of P * W channels; W < 32 * num_warps splits a
+# channel's states over lanes, for more programs; AHEAD steps of loads in flight). `_scan_block`
+# takes the widest candidate whose grid still gives SCAN_WARPS_PER_SM warps to every SM, else the
+# narrowest: long prompts at batch 1 get narrow blocks with loads two steps ahead, as there are
+# too few warps per SM to hide a load behind one step. SCAN_UNROLL is the time loop's unroll
+# factor. Chosen from the kernels compiled for sm_90 by Triton 3.6 (the GPU machine's) and 3.9, not
+# yet from timings (tools/scan_check.py --sweep times every candidate; tools/kernel_sass.py shows
+# these): per step under Triton 3.6, P = 4 is ~151 instructions per channel (217 registers), P = 2
+# ~169 (168), P = 1 ~236 (95), W = 16 / 8 ~210 / ~145 per 16 / 8 channels; every channel-step also
+# takes 21 MUFU ops (16 exp2 for the states), so from P = 2 on the SFU, not issue, is the limit.
+SCAN_CONFIG = {16: ((4, 32, 1, 1), (2, 32, 1, 1), (1, 32, 1, 1), (1, 16, 1, 2), (1, 8, 1, 2)),
+               128: ((1, 8, 1, 1), (1, 4, 1, 2))}
+SCAN_WARPS_PER_SM = 7
+SCAN_UNROLL = 1
 
 
-def _scan_config(n: int):
-    if n in SCAN_CONFIG:
-        return SCAN_CONFIG[n]
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the CPU interpreter: small, so that tiny tests take the narrow candidates too
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _scan_block(n: int, nchan: int, group_width: int, ngroups: int, rows: int, device) -> tuple[int, int, int, int]:
+    """(P, W, num_warps, AHEAD) for the prefill scan of `rows` rows (or packed sequences) of `nchan` channels."""
     bn = triton.next_power_of_2(n)
-    bd = 8 if bn <= 32 else 4
-    return max(2, 2048 // (bn * bd)), bd, 4
+    cands = SCAN_CONFIG.get(n) or ((1, 32, 1, 1), (1, max(1, 512 // bn), 1, 2))
+    want = _sm_count(device) * SCAN_WARPS_PER_SM
+    for i, (p, w, warps, ahead) in enumerate(cands):
+        bd = _block_d(nchan, group_width, ngroups, p * w)  # a block never straddles two B/C groups
+        p = max(1, bd // w)
+        w = bd // p
+        warps = max(1, min(warps, w * bn // 32))
+        if triton.cdiv(nchan, bd) * rows * warps >= want or i == len(cands) - 1:
+            return p, w, warps, ahead
 
 
 def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit, cu_seqlens=None):
@@ -220,28 +339,27 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
     b, L, nchan = x3.shape
     g, n = B4.shape[-2:]
     nheads = nchan // headdim
-    T, want_d, num_warps = _scan_config(n)
     bn = triton.next_power_of_2(n)
-    bd = _block_d(nchan, nchan // g, g, want_d)
     y = torch.empty(b, L, nchan, device=x3.device, dtype=x3.dtype)
     cu = A2  # placeholder, read only when packed
     rows = b
     if cu_seqlens is not None:
         check_packed(x3, cu_seqlens, h0)
         cu, rows = cu_seqlens, cu_seqlens.shape[0] - 1
+    p, w, num_warps, ahead = _scan_block(n, nchan, nchan // g, g, rows, x3.device)
     hT = torch.empty(rows, nchan, n, device=x3.device, dtype=torch.float32)
-    D, dt_bias = _vec(D), _vec(dt_bias)
     zs = z3.stride() if z3 is not None else (0, 0, 0)
     h0s = h0.stride() if h0 is not None else (0, 0, 0)
-    _scan_kernel[(triton.cdiv(nchan, bd), rows)](
+    _scan_kernel[(triton.cdiv(nchan, p * w), rows)](
         x3, dt3, A2, B4, C4, D if D is not None else x3, z3 if z3 is not None else x3,
         dt_bias if dt_bias is not None else x3, h0 if h0 is not None else hT, y, hT, cu,
         L, nchan, n, nheads // g, float(dt_limit[0]), float(dt_limit[1]),
-        *x3.stride(), *dt3.stride(), *A2.stride(), *B4.stride(), *C4.stride(), *zs, *y.stride(), *h0s,
-        *hT.stride(),
+        *x3.stride(), *dt3.stride(), *A2.stride(), D.stride(0) if D is not None else 0,
+        dt_bias.stride(0) if dt_bias is not None else 0,
+        *B4.stride(), *C4.stride(), *zs, *y.stride(), *h0s, *hT.stride(),
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
-        T=T, BLOCK_D=bd, BLOCK_N=bn,
+        P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, AHEAD=ahead, FAST_MATH=x3.is_cuda,
         num_warps=num_warps,
     )
     return y, hT
@@ -252,8 +370,10 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
 UPDATE_BLOCK = 2048
 
 
-def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_head, dt_limit):
-    """state3 [b, nchan, n] updated in place; x2, z2 [b, nchan]; dt2 [b, nheads]; B3, C3 [b, g, n]."""
+def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_head, dt_limit,
+                  norm_eps=None, dt_in=None):
+    """state3 [b, nchan, n] updated in place; x2, z2 [b, nchan]; dt2 [b, nheads]; B3, C3 [b, g, n].
+    norm_eps: B and C RMS-normalised first, and dt scaled by dt_in's [b, R] inverse RMS if given."""
     b, nchan, n = state3.shape
     g = B3.shape[1]
     nheads = nchan // headdim
@@ -262,14 +382,19 @@ def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_he
     y = torch.empty(b, nchan, device=x2.device, dtype=x2.dtype)
     D, dt_bias = _vec(D), _vec(dt_bias)
     zs = z2.stride() if z2 is not None else (0, 0)
+    scale_dt = norm_eps is not None and dt_in is not None
+    if scale_dt and dt_in.stride(-1) != 1:
+        dt_in = dt_in.contiguous()
     _state_update_kernel[(triton.cdiv(nchan, bd), b)](
         state3, x2, dt2, A2, B3, C3, D if D is not None else x2, z2 if z2 is not None else x2,
-        dt_bias if dt_bias is not None else x2, y,
+        dt_bias if dt_bias is not None else x2, y, dt_in if scale_dt else x2,
         nchan, n, nheads // g, float(dt_limit[0]), float(dt_limit[1]),
+        float(norm_eps) if norm_eps is not None else 0.0, dt_in.shape[-1] if scale_dt else 1,
         *state3.stride(), *x2.stride(), *dt2.stride(), *A2.stride(), *B3.stride(), *C3.stride(), *zs,
-        *y.stride(),
+        *y.stride(), dt_in.stride(0) if scale_dt else 0,
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z2 is not None,
-        HAS_DT_BIAS=dt_bias is not None, BLOCK_D=bd, BLOCK_N=bn, num_warps=4,
+        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt,
+        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=triton.next_power_of_2(dt_in.shape[-1]) if scale_dt else 1, num_warps=4,
     )
     return y
 
@@ -287,6 +412,12 @@ def selective_scan(u, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=N
 def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
     return _state_update(state, u, dt, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias,
                          headdim=1, a_per_head=False, dt_limit=_NO_LIMIT)
+
+
+def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
+    """selective_state_update with Falcon-Mamba's B/C/dt norms inside the same launch."""
+    return _state_update(state, u, dt, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias,
+                         headdim=1, a_per_head=False, dt_limit=_NO_LIMIT, norm_eps=norm_eps, dt_in=dt_in)
 
 
 # ---- Mamba-2 --------------------------------------------------------------------------------------

@@ -1,0 +1,369 @@
+"""Skinny GEMMs for decode: y = x @ W^T (+ bias) for a few rows of x, at the weights' read bandwidth.
+
+A decode step's projections have M = batch x tokens rows (1..16) against weights of megabytes: the
+time is the weight read. cuBLAS reaches ~80% of an H200's copy bandwidth on wide outputs and ~60% on
+narrow ones, where it splits K and reduces in a second kernel. Here one program reads a
+[BLOCK_N, BLOCK_K] weight tile per step and keeps fp32 partial products; narrow outputs split K over
+programs, and the last program to finish a column tile sums the other splits' partials and writes
+the output, all in one launch. Its arrival counter resets itself, so the launch can be captured in a
+CUDA graph and replayed without a memset (the counters are shared by every launch on the device:
+launches must not run concurrently on two streams, which the engine never does).
+
+The products go through tl.dot with the rows padded to 16 (Triton then pipelines the weight loads
+over `stages` buffers); for one row the tuner also tries elementwise products reduced once at the
+end. On an H200 the tuner took the dot path at M = 1 too on all but the narrowest output (2026-12-01,
+docs/benchmarks.md).
+
+Each (M bucket, N, K, dtype, bias) shape is timed once on its first call outside graph capture,
+among a few tile shapes and splits and cuBLAS itself; the fastest is kept (`tuned()` lists them).
+Captured before any eager call, a shape takes a heuristic configuration.
+
+With `MEGATRON_SSM_GEMV_PDL=1`, each launch in a captured graph (decode) is a programmatic
+dependent of the kernel before it (PDL, Hopper): its programs start, and read their first weight
+tile, while that kernel drains, and wait for it (griddepcontrol.wait) before touching anything else.
+Off by default until measured on a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+try:  # programmatic dependent launch (Hopper and later; Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - an older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
+# "1": launch as a programmatic dependent inside captured graphs. Off by default: written but not yet
+# measured on a GPU (tools/decode_check.sh with LINS=torch,kernel,kernel-pdl measures it).
+PDL_ENV = "MEGATRON_SSM_GEMV_PDL"
+_PDL_OK: dict[torch.device, bool] = {}
+
+# Triton 3.6's interpreter multiplies 16-bit floats' bit patterns in tl.dot: there, the tiles go
+# to fp32 first (the same products: a bf16 x bf16 product is exact in fp32).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any weight we hold
+
+
+@triton.jit
+def _weight_tile(w_rows, k0, k_hi, n_mask, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight rows' columns [k0, k0 + BLOCK_K), zeros past k_hi (a whole tile of them past the end)."""
+    offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
+    if EVEN_K:  # the tile is all in or all out: a scalar condition keeps the loads vectorised
+        inside = (tl.zeros([BLOCK_K], dtype=tl.int32) + k0) < k_hi  # constant along K
+        return tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & inside[None, :], other=0.0)
+    return tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < k_hi)[None, :], other=0.0)
+
+
+# M and the split count vary between calls of one shape (batch buckets, tuning): one compile for all.
+# k_per_split stays specialised: its divisibility is what lets the weight loads be 16-byte vectors.
+@triton.jit(do_not_specialize=["M", "splits"])
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
+    M, N, K, k_per_split, splits,
+    sxm, swn, sym,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PEEL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * swn
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sxm
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PEEL:
+        # Launched as a programmatic dependent of the kernel before it (PDL, in a captured graph):
+        # its first weight tile is read while that kernel drains. Weights are constant in the graph;
+        # everything else (x, outputs, partials, counters) only after the wait.
+        w_next = _weight_tile(w_rows, k_lo, k_hi, n_mask, EVEN_K, BLOCK_K)
+        if PDL:
+            gdc_wait()
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
+        if PEEL:
+            w = w_next
+            w_next = _weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, EVEN_K, BLOCK_K)
+        if EVEN_K:  # no mask along K: a mask of unknown alignment would split the loads into scalars
+            if not PEEL:
+                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+        else:
+            k_mask = offs_k < k_hi
+            if not PEEL:
+                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if USE_DOT:
+            if UPCAST:
+                acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc2 += w.to(tl.float32) * x.to(tl.float32)  # x is [1, BLOCK_K]
+    if PDL:
+        gdc_launch_dependents()  # the weights are read: the next kernel may start prefetching its own
+    if USE_DOT:
+        out = acc  # [BLOCK_N, BLOCK_M]
+    else:
+        out = tl.sum(acc2, axis=1)[:, None]  # [BLOCK_N, 1]
+    y_offs = offs_m.to(tl.int64)[None, :] * sym + offs_n[:, None]
+    y_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT:
+        # Partials [splits, M, N] in fp32; the last of the tile's `splits` programs to arrive reduces.
+        p_offs = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + p_offs, out, mask=y_mask)
+        tl.debug_barrier()  # every thread's partial stored before the release below
+        lock = lock_ptr + pid_n + pid_m * tl.num_programs(0)
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+        if arrived == splits - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(0, splits):
+                total += tl.load(part_ptr + s * M * N + p_offs, mask=y_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.atomic_xchg(lock, 0)  # ready for the next launch (or graph replay)
+    else:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch shape; block_n == 0 means cuBLAS (F.linear). dot: tl.dot over rows padded to 16
+    (else, for one row only, elementwise products); stages: the K loop's software pipelining depth."""
+
+    block_n: int
+    block_k: int
+    splits: int
+    num_warps: int
+    dot: bool = True
+    stages: int = 3
+
+    def __str__(self) -> str:
+        if self.block_n == 0:
+            return "cublas"
+        return (f"{'d' if self.dot else 'e'}n{self.block_n}k{self.block_k}s{self.splits}w{self.num_warps}"
+                f"p{self.stages}")
+
+
+CUBLAS = Config(0, 0, 1, 0)
+_TUNED: dict[tuple, Config] = {}
+_TUNE_LOG: dict[tuple, list[tuple[str, float]]] = {}
+TUNE_ENV = "MEGATRON_SSM_GEMV_TUNE"  # "0": skip timing, take the heuristic configuration
+
+# Tile shapes the tuner tries: (block_n, block_k, num_warps, dot, stages); elementwise ones for M == 1.
+_DOT_SHAPES = [(16, 256, 4, True, 3), (32, 128, 4, True, 3), (64, 128, 4, True, 3), (64, 128, 4, True, 5),
+               (128, 128, 8, True, 3), (128, 64, 4, True, 4)]
+_ELEMENTWISE_SHAPES = [(16, 512, 4, False, 3), (32, 256, 4, False, 3)]
+
+
+def tuned() -> dict[tuple, tuple[Config, list[tuple[str, float]]]]:
+    """Every tuned shape (M bucket, N, K, dtype, bias) -> (chosen config, [(config, us)] timed)."""
+    return {key: (cfg, _TUNE_LOG.get(key, [])) for key, cfg in _TUNED.items()}
+
+
+def _m_bucket(m: int) -> int:
+    return 1 if m == 1 else max(16, triton.next_power_of_2(m))
+
+
+def _block_m(m: int, cfg: Config) -> int:
+    return max(16, triton.next_power_of_2(m)) if cfg.dot or m > 1 else 1
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _fit(shape, n, k, m_blocks, sms, min_programs=None) -> Config:
+    """Splits of K so that about `min_programs` programs run (each split a whole number of blocks)."""
+    block_n, block_k, num_warps, dot, stages = shape
+    tiles = triton.cdiv(n, block_n) * m_blocks
+    k_blocks = triton.cdiv(k, block_k)
+    want = min_programs or 3 * sms
+    splits = max(1, min(k_blocks, 64, triton.cdiv(want, tiles)))
+    per = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, per)  # no empty split
+    return Config(block_n, block_k, splits, num_warps, dot, stages)
+
+
+def heuristic(m: int, n: int, k: int, device: torch.device) -> Config:
+    block_k = min(128, max(16, triton.next_power_of_2(k)))
+    m_blocks = triton.cdiv(m, max(16, triton.next_power_of_2(m)))
+    return _fit((64, block_k, 4, True, 3), n, k, m_blocks, _sm_count(device))
+
+
+def _candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
+    sms = _sm_count(device)
+    m_blocks = triton.cdiv(m, max(16, triton.next_power_of_2(m)))
+    out = {CUBLAS}
+    for shape in _DOT_SHAPES + (_ELEMENTWISE_SHAPES if m == 1 else []):
+        if shape[1] > max(16, triton.next_power_of_2(k)):
+            continue
+        for programs in (sms, 2 * sms, 4 * sms):
+            out.add(_fit(shape, n, k, m_blocks, sms, programs))
+        out.add(_fit(shape, n, k, m_blocks, sms, 1))
+    return sorted(out, key=str)
+
+
+def _locks(device: torch.device) -> torch.Tensor:
+    locks = _LOCKS.get(device)
+    if locks is None:
+        locks = _LOCKS[device] = torch.zeros(_LOCK_SLOTS, dtype=torch.int32, device=device)
+    return locks
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    """Whether launches on `device` can be programmatic dependents, found out once, eagerly: a
+    tiny launch with PDL, then one captured in a graph (a failure inside the engine's capture
+    could not be undone)."""
+    ok = _PDL_OK.get(device)
+    if ok is None:
+        ok = False
+        if (gdc_wait is not None and not _INTERPRETED and device.type == "cuda"
+                and torch.cuda.get_device_capability(device)[0] >= 9 and not torch.cuda.is_current_stream_capturing()):
+            try:
+                x = torch.randn(1, 64, device=device)
+                w = torch.randn(32, 64, device=device)
+                cfg = Config(32, 64, 1, 4)
+                eager = _launch(x, w, None, cfg, pdl=True)
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=side):
+                        captured = _launch(x, w, None, cfg, pdl=True)
+                    graph.replay()
+                torch.cuda.current_stream(device).wait_stream(side)
+                torch.cuda.synchronize(device)
+                ref = x @ w.t()
+                ok = bool(torch.allclose(eager, ref, atol=1e-4) and torch.allclose(captured, ref, atol=1e-4))
+            except Exception:  # noqa: BLE001 - any failure means: no PDL here
+                ok = False
+        _PDL_OK[device] = ok
+    return ok
+
+
+def _use_pdl(device: torch.device) -> bool:
+    """PDL only inside graph capture (and the tuner, which times what capture will run): eagerly, the
+    kernel before this one may be writing the weights (a checkpoint load), which the prefetch reads."""
+    return _pdl_requested() and _PDL_OK.get(device, False)
+
+
+def _pdl_requested() -> bool:
+    return os.environ.get(PDL_ENV) == "1"
+
+
+def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
+            pdl: bool = False, peel: bool | None = None) -> torch.Tensor:
+    """peel: read each weight tile one step ahead (as PDL does; None: when pdl), for tests."""
+    if cfg.block_n == 0:
+        return F.linear(x2, weight, bias)
+    m, k = x2.shape
+    n = weight.shape[0]
+    y2 = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    block_m = _block_m(m, cfg)
+    m_blocks = triton.cdiv(m, block_m)
+    per = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
+    splits = triton.cdiv(k, per)
+    grid_n = triton.cdiv(n, cfg.block_n)
+    split = splits > 1
+    part = torch.empty(splits, m, n, device=x2.device, dtype=torch.float32) if split else y2
+    locks = _locks(x2.device) if split else y2
+    assert not split or grid_n * m_blocks <= _LOCK_SLOTS, "more column tiles than arrival counters"
+    _gemv_kernel[(grid_n, splits, m_blocks)](
+        x2, weight, bias if bias is not None else weight, y2, part, locks,
+        m, n, k, per, splits,
+        x2.stride(0), weight.stride(0), y2.stride(0),
+        HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
+        UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
+        PEEL=pdl if peel is None else peel,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}),
+    )
+    return y2
+
+
+def _time(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
+    """GPU microseconds per call, the launches queued behind a sleep so host launch cost is hidden,
+    cycling over copies of the weight so that a small one is read from HBM as in the model."""
+    stream = torch.cuda.current_stream()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn(weights[0])  # compile
+    torch.cuda._sleep(10_000_000)  # ~5 ms: longer than the host takes to queue the reps
+    start.record(stream)
+    for i in range(reps):
+        fn(weights[i % len(weights)])
+    end.record(stream)
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def _tune(key, x2, weight, bias) -> Config:
+    m, k = x2.shape
+    n = weight.shape[0]
+    nbytes = weight.numel() * weight.element_size()
+    copies = [weight]
+    try:
+        copies += [weight.clone() for _ in range(min(31, math.ceil(160e6 / max(nbytes, 1)) - 1))]
+    except torch.OutOfMemoryError:
+        pass
+    candidates = _candidates(m, n, k, x2.device)
+    pdl = _use_pdl(x2.device)
+    times = [_time(lambda w, c=cfg: _launch(x2, w, bias, c, pdl), copies) for cfg in candidates]
+    del copies
+    _TUNE_LOG[key] = sorted(((str(c), t) for c, t in zip(candidates, times)), key=lambda e: e[1])
+    return candidates[min(range(len(times)), key=times.__getitem__)]
+
+
+def _config(x2, weight, bias) -> Config:
+    m, k = x2.shape
+    key = (_m_bucket(m), weight.shape[0], k, x2.dtype, bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if (not x2.is_cuda or os.environ.get(TUNE_ENV) == "0" or torch.cuda.is_current_stream_capturing()):
+        return heuristic(m, weight.shape[0], k, x2.device)  # not kept: an eager call may still tune
+    cfg = _TUNED[key] = _tune(key, x2, weight, bias)
+    return cfg
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           config: Config | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for few rows of x: weight [N, K] with unit stride along K."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if (x.dtype != weight.dtype or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)
+            or x.numel() == 0 or n == 0 or weight.dim() != 2):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+    if x2.is_cuda and not capturing and _pdl_requested():
+        _pdl_supported(x2.device)  # once per device, before any capture needs the answer
+    cfg = config or _config(x2, weight, bias)
+    pdl = capturing and _use_pdl(x2.device)
+    y2 = _launch(x2, weight, bias, cfg, pdl)
+    return y2.view(*x.shape[:-1], n)

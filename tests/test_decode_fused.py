@@ -1,0 +1,299 @@
+"""The fused decode ops (ops/decode.py): their references against the paths they replace, and the
+Triton kernels (ops/triton/decode.py, the Mamba-1 flags of ops/triton/scan.py) against the references
+under Triton's CPU interpreter (tests/interpreter.py), outputs and both states after the step.
+
+The input builders are shared with tests/test_kernels_gpu.py, which runs the kernels at model sizes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_ops import (TOL, _act, _dt_bias, _interpreted_kernels, _mamba2_params, check_op,
+                      rel_err, scan_update_inputs)
+
+from megatron_ssm import ops as ref_ops
+from megatron_ssm.ops import dispatch
+
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# Triton's interpreter casts fp32 to bf16 by truncation, twice the error of the GPU's round-to-nearest,
+# and y * silu(z) rounds three times: at these tiny widths that can just pass TOL. The GPU test holds
+# the kernels to TOL itself.
+INTERPRETED_TOL = {**TOL, torch.bfloat16: 2.5e-2}
+
+
+def mamba2_decode_inputs(b, h, p, g, n, K, dtype, device, gate="norm", conv_bias=True,
+                         dt_limit=(0.0, float("inf"))):
+    """gate: 'norm' (the gated RMS norm), 'silu' (y * silu(z)) or None (y alone)."""
+    channels = h * p
+    conv_ch = channels + 2 * g * n
+    return "mamba2_decode_step", dict(
+        xbc=_act(b, conv_ch, dtype=dtype, device=device),
+        z=_act(b, channels, dtype=dtype, device=device) if gate else None,
+        dt=_act(b, h, dtype=dtype, device=device, scale=0.5),
+        conv_state=_act(b, conv_ch, K - 1, dtype=dtype, device=device),
+        conv_weight=_act(conv_ch, K, dtype=dtype, device=device, scale=0.5),
+        conv_bias=_act(conv_ch, dtype=dtype, device=device) if conv_bias else None,
+        ssm_state=torch.randn(b, h, p, n, device=device), dt_limit=dt_limit,
+        norm_weight=_act(channels, dtype=dtype, device=device) if gate == "norm" else None, norm_eps=1e-5,
+        **_mamba2_params(h, dtype, device))
+
+
+def mamba1_decode_inputs(b, d, n, dtype, device, norms=True, dt_rank=8):
+    """Falcon-Mamba's norms (norms=True): B, C normalised and dt scaled by dt_in's inverse RMS."""
+    _, kw = scan_update_inputs(b, d, n, dtype, device)
+    if norms:
+        kw.update(norm_eps=1e-6, dt_in=_act(b, dt_rank, dtype=dtype, device=device, scale=3.0))
+    return "mamba1_decode_step", kw
+
+
+# ---- the references are the unfused paths --------------------------------------------------------
+
+def test_mamba2_reference_continues_a_prefill(seed):
+    """Prefill L tokens (conv, chunk scan, gated norm: the prompt path), then one decode step from the
+    states it left, equals the prefill of all L+1 tokens' last position: the decode op splits
+    x | B | C and groups the norm as the prompt path does."""
+    b, h, p, g, n, K, L = 2, 4, 3, 2, 5, 4, 6
+    channels, conv_ch = h * p, h * p + 2 * g * n
+    xbc = torch.randn(b, L + 1, conv_ch, dtype=torch.float64)
+    z = torch.randn(b, L + 1, channels, dtype=torch.float64)
+    dt = torch.randn(b, L + 1, h, dtype=torch.float64) * 0.5
+    w, cb = torch.randn(conv_ch, K, dtype=torch.float64), torch.randn(conv_ch, dtype=torch.float64)
+    A, D, bias = -(1 + torch.rand(h, dtype=torch.float64)), torch.randn(h, dtype=torch.float64), _dt_bias(h, torch.float64, "cpu")
+    nw = torch.randn(channels, dtype=torch.float64)
+
+    def prefill(T):
+        conv, conv_state = ref_ops.causal_conv1d(xbc[:, :T], w, cb)
+        x, B, C = conv.split([channels, g * n, g * n], -1)
+        y, ssm = ref_ops.ssd_chunk_scan(x.reshape(b, T, h, p), dt[:, :T], A, B.reshape(b, T, g, n),
+                                        C.reshape(b, T, g, n), 4, D, bias)
+        return ref_ops.gated_rms_norm(y.reshape(b, T, channels), z[:, :T], nw, 1e-5, channels // g), conv_state, ssm
+
+    full, _, _ = prefill(L + 1)
+    _, conv_state, ssm = prefill(L)
+    step = ref_ops.mamba2_decode_step(xbc[:, L], z[:, L], dt[:, L], conv_state, w, cb, ssm.double(), A, D, bias,
+                                      norm_weight=nw, norm_eps=1e-5)
+    assert rel_err(step, full[:, L]) < 1e-6, seed  # (the references take dt and states in fp32)
+
+
+def test_mamba1_reference_equals_the_norms_before_dt_proj(seed):
+    """Falcon-Mamba's unfused path normalises dt before dt_proj; the op takes dt_proj of the raw dt
+    and scales after: the same numbers, because the norm has no weight."""
+    b, d, n, R = 3, 6, 4, 5
+    _, kw = scan_update_inputs(b, d, n, torch.float64, "cpu")
+    dt_in, W = torch.randn(b, R, dtype=torch.float64) * 3, torch.randn(d, R, dtype=torch.float64)
+    eps = 1e-6
+    unfused_state = kw["state"].clone()
+    dt_n, B_n, C_n = (ref_ops.rms_norm(t, None, eps) for t in (dt_in, kw["B"], kw["C"]))
+    want = ref_ops.selective_state_update(unfused_state, kw["u"], dt_n @ W.T, kw["A"], B_n, C_n, kw["D"], kw["z"],
+                                          kw["dt_bias"])
+    got = ref_ops.mamba1_decode_step(**dict(kw, dt=dt_in @ W.T), norm_eps=eps, dt_in=dt_in)
+    # (the references take dt in fp32: dt_proj before or after the scale differs by its rounding)
+    assert rel_err(got, want) < 1e-6 and rel_err(kw["state"], unfused_state) < 1e-6, seed
+
+
+@pytest.mark.parametrize("case", [
+    lambda: mamba2_decode_inputs(2, 4, 3, 2, 5, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
+    lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu")], ids=["mamba2", "mamba1"])
+def test_dispatch_forwards_every_argument_in_order(seed, case):
+    op, kw = case()
+    check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
+
+
+def test_fused_decode_switch(monkeypatch):
+    monkeypatch.delenv(dispatch.FUSED_DECODE_ENV, raising=False)
+    assert dispatch.fused_decode()
+    monkeypatch.setenv(dispatch.FUSED_DECODE_ENV, "0")
+    assert not dispatch.fused_decode()
+
+
+# ---- the kernels, interpreted -----------------------------------------------------------------
+
+MAMBA2_CASES = [  # (b, h, p, g, n, K, gate, conv_bias, dt_limit)
+    (1, 4, 4, 1, 16, 4, "norm", True, (0.0, float("inf"))),    # one group (replicated across TP ranks)
+    (3, 8, 4, 2, 16, 4, "norm", True, (0.0, 0.1)),             # groups split across TP ranks; batch > 1
+    (2, 6, 2, 3, 8, 3, "norm", False, (0.0, float("inf"))),    # several programs a group, no conv bias
+    (2, 3, 5, 1, 6, 4, "silu", True, (0.0, float("inf"))),     # odd sizes; Falcon-H1's y * silu(z)
+    (2, 4, 4, 1, 16, 4, None, True, (0.0, float("inf"))),      # y alone: the norm group spans ranks
+]
+
+
+@DTYPES
+@pytest.mark.parametrize("b,h,p,g,n,K,gate,conv_bias,dt_limit", MAMBA2_CASES)
+def test_mamba2_kernel_interpreted(seed, monkeypatch, dtype, b, h, p, g, n, K, gate, conv_bias, dt_limit):
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import decode
+
+    monkeypatch.setattr(decode, "UPDATE_BLOCK", 64)  # several programs per group, as at model sizes
+    op, kw = mamba2_decode_inputs(b, h, p, g, n, K, dtype, "cpu", gate=gate, conv_bias=conv_bias, dt_limit=dt_limit)
+    check_op(kernels.mamba2_decode_step, op, kw, INTERPRETED_TOL[dtype], seed)
+
+
+def test_mamba2_kernel_steps_repeat(seed, monkeypatch):
+    """Three steps in a row from the kernel's own states, several programs per group: each step's
+    counters must be back at zero for the next, and B/C's conv state shifted once per step."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import decode
+
+    monkeypatch.setattr(decode, "UPDATE_BLOCK", 32)  # 2 channels x 16 states a program: 8 programs per group
+    _, kw = mamba2_decode_inputs(2, 8, 2, 2, 16, 4, torch.float32, "cpu")
+    ours = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    for step in range(3):
+        fresh = dict(xbc=torch.randn_like(kw["xbc"]), z=torch.randn_like(kw["z"]), dt=torch.randn_like(kw["dt"]))
+        kw.update(fresh), ours.update({k: v.clone() for k, v in fresh.items()})
+        want = ref_ops.mamba2_decode_step(**kw)
+        got = kernels.mamba2_decode_step(**ours)
+        where = f"step {step} (seed {seed})"
+        assert rel_err(got, want) < 1e-5, where
+        assert rel_err(ours["conv_state"], kw["conv_state"]) < 1e-6, where
+        assert rel_err(ours["ssm_state"], kw["ssm_state"]) < 1e-5, where
+        counters, _ = decode._workspaces[torch.device("cpu")]
+        assert counters.eq(0).all(), where
+
+
+def test_mamba2_kernel_strided_views(seed):
+    """The model passes column slices of in_proj's packed output and a cache row slice."""
+    kernels = _interpreted_kernels()
+    b, h, p, g, n, K = 2, 4, 4, 2, 8, 4
+    op, kw = mamba2_decode_inputs(b, h, p, g, n, K, torch.float32, "cpu")
+    channels, conv_ch = h * p, h * p + 2 * g * n
+    packed = torch.randn(b, channels + conv_ch + h)
+    cache_conv = torch.randn(b + 2, conv_ch, K - 1)
+    cache_ssm = torch.randn(b + 2, h, p, n)
+    views = dict(z=packed[:, :channels], xbc=packed[:, channels:channels + conv_ch], dt=packed[:, channels + conv_ch:],
+                 conv_state=cache_conv[1:1 + b], ssm_state=cache_ssm[1:1 + b])
+    ref_kw = dict(kw, **{k: v.clone() for k, v in views.items()})
+    want = ref_ops.mamba2_decode_step(**ref_kw)
+    got = kernels.mamba2_decode_step(**dict(kw, **views))
+    assert rel_err(got, want) < 1e-5, seed
+    assert rel_err(cache_conv[1:1 + b], ref_kw["conv_state"]) < 1e-6, seed
+    assert rel_err(cache_ssm[1:1 + b], ref_kw["ssm_state"]) < 1e-5, seed
+
+
+@DTYPES
+@pytest.mark.parametrize("b,d,n,norms", [(1, 12, 16, True), (3, 10, 5, True), (2, 12, 16, False)],
+                         ids=["falcon-b1", "falcon-odd", "plain-mamba1"])
+def test_mamba1_kernel_interpreted(seed, dtype, b, d, n, norms):
+    kernels = _interpreted_kernels()
+    check_op(kernels.mamba1_decode_step, *mamba1_decode_inputs(b, d, n, dtype, "cpu", norms=norms),
+             INTERPRETED_TOL[dtype], seed)
+
+
+def test_mamba1_kernel_norms_without_dt_in(seed):
+    """norm_eps alone normalises B and C only (dt already normalised by the caller)."""
+    kernels = _interpreted_kernels()
+    op, kw = mamba1_decode_inputs(2, 8, 16, torch.float32, "cpu", norms=False)
+    check_op(kernels.mamba1_decode_step, op, dict(kw, norm_eps=1e-6), TOL[torch.float32], seed)
+
+
+# ---- the model's decode with the kernels (interpreted) against its decode with the references ------
+
+def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hybrid: bool = False):
+    """(logits with the fused decode ops run by the interpreted Triton kernels, logits with the
+    references): the tensors are on CPU, so the ops are routed to the kernels by hand."""
+    from interpreter import interpreter_problem
+    if hybrid:
+        from test_hybrids import _rank_prefill_then_decode
+    else:
+        from test_model_vs_hf import _rank_prefill_then_decode
+
+    if problem := interpreter_problem():
+        return problem
+    real = dispatch.backend
+    fused = ("mamba1_decode_step", "mamba2_decode_step")
+    dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
+    try:
+        with_kernels = _rank_prefill_then_decode(ckpt, input_ids, split)
+    finally:
+        dispatch.backend = real
+    return with_kernels, _rank_prefill_then_decode(ckpt, input_ids, split)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from hf_models import converted_models, hf_config
+
+    return converted_models(tmp_path_factory, hf_config, tps=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def converted_hybrid(tmp_path_factory):
+    from hf_models import converted_models, hybrid_config
+
+    return converted_models(tmp_path_factory, hybrid_config, tps=(1, 2))
+
+
+@pytest.mark.parametrize("family,opts,tp", [
+    ("mamba2", dict(n_groups=2), 2),    # groups split: the norm inside the kernel
+    ("mamba2", dict(n_groups=1), 2),    # one group over two ranks: y from the kernel, the norm all-reduced
+    ("falcon_mamba", dict(), 2),
+    ("mamba", dict(), 1),
+    ("falcon_h1", dict(kv_heads=4, n_groups=1, mamba_norm=False, layers=1), 2),  # muP scales, y * silu(z)
+    ("nemotron_h", dict(pattern="M*-M"), 1),
+], ids=["mamba2-split", "mamba2-spanning", "falcon-tp2", "mamba1", "falcon-h1-nonorm-tp2", "nemotron-h"])
+def test_model_decode_with_kernels_matches_references(ranks, converted, converted_hybrid, seed, family, opts, tp):
+    hybrid = family in ("falcon_h1", "nemotron_h")
+    _, _, ckpts, _ = (converted_hybrid if hybrid else converted)(family, opts)
+    ids = torch.randint(0, 250, (2, 9))
+    got = ranks(tp).run(_rank_decode_with_kernels, ckpts[tp], ids, 5, hybrid)[0]
+    if isinstance(got, str):
+        pytest.skip(got)
+    with_kernels, refs = got
+    assert rel_err(with_kernels, refs) < 1e-4, seed
+
+
+# ---- the kernels compile for the GPU ------------------------------------------------------------
+
+def _compile_for_sm90() -> list[str]:
+    """Compile every variant of the fused kernels down to an sm_90 cubin, without a GPU (Triton's
+    own compiler and ptxas): catches what the interpreter lets through (loop-carried types, scalar
+    atomics, constexpr branches). Run outside the interpreter (see the test)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megatron_ssm.ops.triton import decode, scan
+
+    def compile_one(fn, types, constexprs):
+        names = fn.arg_names
+        sig = {a: "constexpr" if a in constexprs else types(a) for a in names}
+        consts = {(names.index(a),): v for a, v in constexprs.items()}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        return f"{fn.__name__} {constexprs}"
+
+    def m2_types(a):
+        if a.endswith("_ptr"):
+            return {"count_ptr": "*i32", "part_ptr": "*fp32", "st_ptr": "*fp32", "A_ptr": "*fp32"}.get(a, "*bf16")
+        return "fp32" if a in ("dt_min", "dt_max", "eps") else "i32"
+
+    def m1_types(a):
+        if a.endswith("_ptr"):
+            return {"state_ptr": "*fp32", "A_ptr": "*fp32"}.get(a, "*bf16")
+        return "fp32" if a in ("dt_min", "dt_max", "norm_eps") else "i32"
+
+    done = []
+    for gate in (0, 1, 2):
+        done.append(compile_one(decode._mamba2_decode_kernel, m2_types, dict(
+            HEADDIM=64, K=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_DT_BIAS=True, GATE=gate, BLOCK_D=16, BLOCK_N=128,
+            BLOCK_K=4, BLOCK_P=512, NORM_BLOCK=2048)))
+    for norm_bc, dt_scale in ((True, True), (True, False), (False, False)):
+        done.append(compile_one(scan._state_update_kernel, m1_types, dict(
+            HEADDIM=1, A_PER_HEAD=False, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, NORM_BC=norm_bc,
+            DT_SCALE=dt_scale, BLOCK_D=128, BLOCK_N=16, BLOCK_R=256 if dt_scale else 1)))
+    return done
+
+
+def test_fused_kernels_compile_for_sm90(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
+    run = subprocess.run([sys.executable, "-c", "import test_decode_fused as t; print('\\n'.join(t._compile_for_sm90()))"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode and ("ptxas" in run.stderr or "GPUTarget" in run.stderr) and "CompilationError" not in run.stderr:
+        pytest.skip(f"no Triton CUDA toolchain here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(run.stdout.strip().splitlines()) == 6, run.stdout
