@@ -712,7 +712,12 @@ def test_varlen_helpers_against_each_sequence_alone(seed, lengths):
     """cu_seqlens_of, seq_index and last_positions against the lengths written out; conv_final_states
     (the kernels' one-gather conv state) against the reference conv run on each sequence alone
     (zeros before a sequence shorter than K - 1)."""
-    from megatron_ssm.ops.varlen import conv_final_states, cu_seqlens_of, last_positions, seq_index
+    from megatron_ssm.ops.varlen import (
+        conv_final_states,
+        cu_seqlens_of,
+        last_positions,
+        seq_index,
+    )
 
     cu = cu_seqlens_of(list(lengths), "cpu")
     assert cu.dtype == torch.int32 and cu.tolist() == [0] + list(itertools.accumulate(lengths))

@@ -8,12 +8,12 @@ import json
 import threading
 
 import pytest
+from test_scheduling import CountingModel, _prompts, expected
 
 from megatron_ssm.inference.engine import Engine, EngineConfig
 from megatron_ssm.server.loop import ControlChannel, EngineLoop, Handle
 from megatron_ssm.server.metrics import Metrics
 from megatron_ssm.server.protocol import ApiError, Job, ModelInfo
-from test_scheduling import CountingModel, _prompts, expected
 
 V = 61
 
