@@ -330,3 +330,190 @@ def test_megatron_jobs_carry_each_field(codec):
         megatron_jobs(MegatronBody(prompts=["a"], add_BOS=True), _info(codec=codec, eos_id=None, bos_id=None))
     bos_only = megatron_jobs(MegatronBody(prompts=["a"], add_BOS=True, stop_token=7), _info(codec=codec, eos_id=None))
     assert bos_only.jobs[0].prompt[0] == 1 and bos_only.jobs[0].stop_ids == (7,)
+
+
+def test_megatron_jobs_boundaries(codec):
+    """The prompt limit admits exactly max_prompts; stop token 0 and vocab_size - 1 are kept, vocab_size
+    dropped; with no EOS and no stop_token nothing stops early; add_BOS without any document token is
+    refused naming add_BOS."""
+    from megatron_ssm.server.protocol import ApiError, MegatronBody, megatron_jobs
+
+    vocab = codec.tokenizer.vocab_size
+    info = _info(codec=codec, vocab_size=vocab)
+    assert len(megatron_jobs(MegatronBody(prompts=["a"] * 3), info).jobs) == 3  # max_prompts = 3
+    for stop, kept in ((0, (0,)), (vocab - 1, (vocab - 1,)), (vocab, ()), (-1, ())):
+        assert megatron_jobs(MegatronBody(prompts=["a"], stop_token=stop), info).jobs[0].stop_ids == kept, stop
+    no_eos = _info(codec=codec, vocab_size=vocab, eos_id=None)
+    assert megatron_jobs(MegatronBody(prompts=["a"]), no_eos).jobs[0].stop_ids == ()
+    with pytest.raises(ApiError) as e:
+        megatron_jobs(MegatronBody(prompts=["a"], add_BOS=True), _info(codec=codec, eos_id=None, bos_id=None))
+    assert (e.value.message, e.value.param, e.value.status) == (
+        "add_BOS: the tokenizer has neither an end-of-document nor a BOS token", "add_BOS", 400)
+
+
+NO_TOKENIZER = ("this server has no tokenizer, so it cannot take text prompts; start it with --tokenizer-model "
+                "or send token ids (OpenAI: prompt as a list of ints)")
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "megatron", "chat"])
+def test_text_without_a_tokenizer_is_refused_with_the_whole_message(endpoint):
+    from megatron_ssm.server.protocol import (ApiError, ChatBody, CompletionBody, MegatronBody, chat_jobs,
+                                              completion_jobs, megatron_jobs)
+
+    call, param = {"completions": (lambda: completion_jobs(CompletionBody(prompt="x"), _info()), "prompt"),
+                   "megatron": (lambda: megatron_jobs(MegatronBody(prompts=["x"]), _info()), "prompts"),
+                   "chat": (lambda: chat_jobs(ChatBody(messages=[{"role": "user", "content": "x"}]),
+                                              _info(chat_template="{{ messages }}")), "messages")}[endpoint]
+    with pytest.raises(ApiError) as e:
+        call()
+    assert (e.value.message, e.value.param, e.value.status) == (NO_TOKENIZER, param, 400)
+
+
+def test_a_lone_surrogate_is_refused_where_it_is():
+    from pydantic import ValidationError
+
+    from megatron_ssm.server.protocol import CompletionBody
+
+    with pytest.raises(ValidationError) as e:
+        CompletionBody(prompt="ab\udfffc")
+    messages = [err["msg"] for err in e.value.errors()]
+    assert "Value error, not valid text: surrogates not allowed at character 2" in messages, messages
+
+
+def test_an_unseeded_request_keeps_its_forks_consecutive(monkeypatch):
+    """Without a seed the server draws one; its forks sample with drawn + choice index, so the draw
+    leaves room below MAX_SEED for every fork (no wrap-around onto another request's seeds).
+    randbits is made to return the largest value it can."""
+    import secrets
+
+    from megatron_ssm.server.protocol import MAX_N, MAX_SEED, CompletionBody, completion_jobs
+
+    drawn = []
+    monkeypatch.setattr(secrets, "randbits", lambda k: drawn.append(2**k - 1) or 2**k - 1)
+    req = completion_jobs(CompletionBody(prompt=[[5], [6], [7]], n=MAX_N, temperature=0.5), _info())
+    assert len(drawn) == 3 and all(d + 2 * MAX_N < MAX_SEED for d in drawn), drawn
+    assert [j.sampling.seed for j in req.jobs] == [d + i * MAX_N for i, d in enumerate(drawn)]
+
+
+# ---- chat parsing (chat_prompt, chat_jobs) without a server -------------------------------------------
+
+# block tags on their own lines: the whitespace is what trim_blocks / lstrip_blocks decide
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}\n"
+                 "    {% if m['role'] == 'tool' %}{{ raise_exception('no tools in this chat') }}{% endif %}\n"
+                 "<|{{ m['role'] }}{% if m['name'] is defined %}:{{ m['name'] }}{% endif %}|>"
+                 "{{ m['content'] if m['content'] is not none else '(none)' }}{{ eos_token }}\n"
+                 "{% endfor %}\n"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}  # tokenizer_config
+
+
+@pytest.fixture(scope="module")
+def hf_tok():
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(ASSET)
+
+
+def _chat_info(codec, **kw):
+    return _info(codec=codec, vocab_size=codec.tokenizer.vocab_size, chat_template=CHAT_TEMPLATE,
+                 special_tokens=SPECIAL, **kw)
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_prompt_is_the_template_as_transformers_renders_it(codec, hf_tok, add_generation_prompt):
+    """Content as text parts joins them; a name is passed only when given; None content stays None;
+    the tokenizer's special tokens are the template's variables; trim_blocks and lstrip_blocks as in
+    transformers. Expected: written out by hand, and transformers' own apply_chat_template on the
+    shipped tokenizer."""
+    from megatron_ssm.server.protocol import ChatBody, chat_prompt
+
+    body = ChatBody(messages=[{"role": "system", "content": "be brief"},
+                              {"role": "user", "content": [{"type": "text", "text": "héllo "},
+                                                           {"type": "text", "text": "wörld"}], "name": "bob"},
+                              {"role": "assistant", "content": None},
+                              {"role": "user", "content": "again", "name": ""}],
+                    add_generation_prompt=add_generation_prompt)
+    got = chat_prompt(body, _chat_info(codec))
+    want = ("<s><|system|>be brief</s>\n<|user:bob|>héllo wörld</s>\n<|assistant|>(none)</s>\n"
+            "<|user|>again</s>\n" + ("<|assistant|>" if add_generation_prompt else ""))
+    assert got == want
+    # transformers drops a None content before rendering (the template sees it undefined), so its
+    # reference is the conversation without that message
+    del body.messages[2]
+    hf_messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo wörld", "name": "bob"},
+                   {"role": "user", "content": "again"}]
+    assert chat_prompt(body, _chat_info(codec)) == want.replace("<|assistant|>(none)</s>\n", "") == \
+        hf_tok.apply_chat_template(hf_messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+                                   add_generation_prompt=add_generation_prompt)
+
+
+@pytest.mark.parametrize("template,messages,message", [
+    (None, [{"role": "user", "content": "x"}],
+     "this model's tokenizer has no chat template (no chat_template in tokenizer_config.json): use "
+     "/v1/completions, or start the server with --chat-template"),
+    ("", [{"role": "user", "content": "x"}],
+     "this model's tokenizer has no chat template (no chat_template in tokenizer_config.json): use "
+     "/v1/completions, or start the server with --chat-template"),
+    (CHAT_TEMPLATE, [{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}],
+     "the chat template refused these messages: no tools in this chat"),
+])
+def test_chat_refusals_by_message(codec, template, messages, message):
+    from megatron_ssm.server.protocol import ApiError, ChatBody, chat_jobs, chat_prompt
+
+    for call in (chat_prompt, chat_jobs):
+        with pytest.raises(ApiError) as e:
+            call(ChatBody(messages=messages), _info(codec=codec, chat_template=template, special_tokens=SPECIAL))
+        assert (e.value.message, e.value.param, e.value.status) == (message, "messages", 400), call
+
+
+def test_chat_top_logprobs_needs_logprobs(codec):
+    from megatron_ssm.server.protocol import ApiError, ChatBody, chat_jobs
+
+    for logprobs in (None, False):
+        with pytest.raises(ApiError) as e:
+            chat_jobs(ChatBody(messages=[{"role": "user", "content": "x"}], top_logprobs=2, logprobs=logprobs),
+                      _chat_info(codec))
+        assert (e.value.message, e.value.param) == ("top_logprobs needs logprobs=true", "top_logprobs")
+
+
+def test_chat_jobs_carry_each_field(codec, hf_tok):
+    """One job of the rendered prompt's ids (the HF tokenizer's, without special tokens added); the
+    sampling fields as for completions; logprobs -> generated tokens' log-probs only (a chat does not
+    echo); max_completion_tokens over max_tokens over the context left (context - 1 - prompt, at
+    least 1), 4096 with no context limit."""
+    from megatron_ssm.inference.sampling import SamplingParams
+    from megatron_ssm.server.protocol import ChatBody, CompletionRequest, Job, chat_jobs
+
+    messages = [{"role": "user", "content": "héllo wörld"}]
+    prompt = "<s><|user|>héllo wörld</s>\n<|assistant|>"
+    ids = hf_tok(prompt, add_special_tokens=False).input_ids
+    info = _chat_info(codec)
+
+    req = chat_jobs(ChatBody(messages=messages, n=2, seed=40, temperature=0.7, top_p=0.5, top_k=5, stop=["x"],
+                             stop_token_ids=[9], max_tokens=7, logprobs=True, top_logprobs=3), info)
+    assert req.prompt == prompt
+    assert req.completion == CompletionRequest(
+        [prompt], [Job(ids, 7, SamplingParams(0.7, 5, 0.5, 40), (2, 9), logprobs=True, top_logprobs=3, n=2)],
+        2, 2, False, False, False, 3, ["x"], "m")
+
+    req = chat_jobs(ChatBody(messages=messages, logprobs=True, ignore_eos=True, model="other", stream=True,
+                             stream_options={"include_usage": True}, temperature=0), info).completion
+    assert req.jobs == [Job(ids, 4096, SamplingParams(), (), logprobs=True, top_logprobs=0)]
+    assert (req.logprobs, req.model, req.stream, req.include_usage, req.echo, req.stop) == \
+        (0, "other", True, True, False, [])
+    streamed = chat_jobs(ChatBody(messages=messages, stream=True, stream_options={"include_usage": False}), info)
+    assert streamed.completion.stream and not streamed.completion.include_usage
+    plain = chat_jobs(ChatBody(messages=messages, logprobs=False, top_logprobs=0), info).completion
+    assert plain.logprobs is None and not plain.jobs[0].logprobs and plain.jobs[0].top_logprobs == 0
+    assert not plain.stream and not plain.include_usage
+
+    def budget(**kw):
+        limits = {k: kw.pop(k) for k in ("max_sequence_length",) if k in kw}
+        return chat_jobs(ChatBody(messages=messages, **kw), _chat_info(codec, **limits)).completion.jobs[0].max_new_tokens
+
+    L = len(ids)
+    assert budget(max_completion_tokens=5, max_tokens=7) == 5 and budget(max_completion_tokens=5) == 5
+    assert budget(max_tokens=7, max_sequence_length=L + 3) == 7
+    assert budget(max_sequence_length=100) == 100 - 1 - L
+    assert budget(max_sequence_length=L + 3) == 2 and budget(max_sequence_length=L + 2) == 1
+    assert budget(max_sequence_length=L + 1) == 1 and budget(max_sequence_length=L - 5) == 1
+    assert budget() == 4096
