@@ -446,13 +446,15 @@ def test_chat_prompt_is_the_template_as_transformers_renders_it(codec, hf_tok, a
                                    add_generation_prompt=add_generation_prompt)
 
 
+NO_TEMPLATE = ("this model's tokenizer has no chat template (no chat_template in tokenizer_config.json): use "
+               "/v1/completions, or start the server with --chat-template")
+
+
 @pytest.mark.parametrize("template,messages,message", [
     (None, [{"role": "user", "content": "x"}],
-     "this model's tokenizer has no chat template (no chat_template in tokenizer_config.json): use "
-     "/v1/completions, or start the server with --chat-template"),
+     NO_TEMPLATE),
     ("", [{"role": "user", "content": "x"}],
-     "this model's tokenizer has no chat template (no chat_template in tokenizer_config.json): use "
-     "/v1/completions, or start the server with --chat-template"),
+     NO_TEMPLATE),
     (CHAT_TEMPLATE, [{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}],
      "the chat template refused these messages: no tools in this chat"),
 ])
