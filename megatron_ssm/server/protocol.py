@@ -339,8 +339,12 @@ def chat_prompt(body: ChatBody, info: ModelInfo) -> str:
     if not info.chat_template:
         raise ApiError("this model's tokenizer has no chat template (no chat_template in tokenizer_config.json): "
                        "use /v1/completions, or start the server with --chat-template", param="messages")
-    messages = [{"role": m.role, "content": m.content if not isinstance(m.content, list) else
-                 "".join(p.text for p in m.content), **({"name": m.name} if m.name else {})} for m in body.messages]
+    # A None content is left out, as transformers' apply_chat_template does (the template then sees
+    # it undefined), so a template renders the prompt HF would
+    messages = [{"role": m.role,
+                 **({} if m.content is None else
+                    {"content": m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)}),
+                 **({"name": m.name} if m.name else {})} for m in body.messages]
     return render(info.chat_template, messages, body.add_generation_prompt, info.special_tokens)
 
 
