@@ -15,17 +15,10 @@
 # the batches. Timeouts: T_CHECK, T_TESTS, T_M2, T_FM (seconds per step).
 set -uo pipefail
 OUT=${OUT:-out}
-WHL=${WHL:-.whl}
 STAGE=${STAGE:-check,m2,fm}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
+. "$(dirname "$0")/gpu_env.sh"
 J=$OUT/bench.jsonl
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
-has() { [[ ",$STAGE," == *",$1,"* ]]; }
-quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
 if has check; then
     echo "# $(date -u +%T) check"
     timeout ${T_CHECK:-120} python3 tools/gemv_check.py --json-out "$OUT/gemv.jsonl" ${CHECK_ARGS:-} 2>&1 | quiet \

@@ -9,17 +9,10 @@
 #   prof      tools/profile_step.py decode b1 of both models (the kernels a layer runs)
 set -uo pipefail
 OUT=${OUT:-out}
-WHL=${WHL:-.whl}
 STAGE=${STAGE:-check,bench}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
+. "$(dirname "$0")/gpu_env.sh"
 J=$OUT/bench.jsonl
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
-has() { [[ ",$STAGE," == *",$1,"* ]]; }
-quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
 stamp() { echo "[$(date +%s)] $*"; }
 bench() {  # $1: tag
     timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16} \

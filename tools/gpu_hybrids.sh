@@ -9,12 +9,8 @@
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export MEGATRON_SSM_DIST_TIMEOUT=120
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1 | tee "$OUT/env.txt"
+. "$(dirname "$0")/gpu_env.sh"
 J=$OUT/bench.jsonl
 timeout "${TEST_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly ${PYTEST_ARGS:-} ${TESTS:-tests} > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -25

@@ -11,17 +11,10 @@
 #   run(command="cd .gpu/NAME && WHL=../../.whl bash tools/scan_check.sh", carry=[".gpu/NAME", ".whl"])
 set -uo pipefail
 OUT=${OUT:-out}
-WHL=${WHL:-.whl}
 STAGE=${STAGE:-check,bench,model,prof}
 mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
-has() { [[ ",$STAGE," == *",$1,"* ]]; }
-quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
 rc=0
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+. "$(dirname "$0")/gpu_env.sh" "$OUT/env.txt"
 if has check; then
     timeout ${T_CHECK:-150} python3 tools/scan_check.py --check 2>&1 | quiet | tee "$OUT/check.log" || rc=1
     timeout ${T_PACKED:-40} python3 tools/check_packed_gpu.py 2>&1 | quiet | tee -a "$OUT/check.log" || rc=1

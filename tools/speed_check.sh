@@ -8,18 +8,11 @@
 # has its own timeout.
 set -uo pipefail
 OUT=${OUT:-out}
-WHL=${WHL:-.whl}
 STAGE=${STAGE:-tests,bench}
 mkdir -p "$OUT/logs"
 L=$OUT/logs
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl \
-    || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD
 J=$L/bench.jsonl
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$L/env.txt"
-has() { [[ ",$STAGE," == *",$1,"* ]]; }
-quiet() { grep -v -E "Warning|warnings.warn|Evict LRU|^W1|OMP_NUM_THREADS"; }
+. "$(dirname "$0")/gpu_env.sh" "$L/env.txt"
 if has tests; then
     timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_model_gpu.py \
         -k "${TESTS_K:-packed or model}" > "$L/pytest.txt" 2>&1
