@@ -120,6 +120,28 @@ def hf_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids, use_cache=False).logits.float()
 
 
+def assert_hf_round_trip(model, hf: Path, back: Path, dtype: torch.dtype, low_id: int = 0) -> None:
+    """`back` (converted from `hf`, `model`'s save, through our layouts and back to HF) holds the
+    same tensors bit for bit, the same config, and loads in transformers to the same logits."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_ssm.config import SSMConfig
+
+    original, again_tensors = load_file(hf / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(again_tensors) == sorted(original)
+    for k in original:
+        assert again_tensors[k].dtype == original[k].dtype and torch.equal(again_tensors[k], original[k]), k
+    assert SSMConfig.from_hf(json.loads((back / "config.json").read_text())) == \
+        SSMConfig.from_hf(json.loads((hf / "config.json").read_text()))
+    again, info = AutoModelForCausalLM.from_pretrained(back, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.randint(low_id, 250, (1, 9))
+    assert torch.equal(hf_logits(again.to(dtype).eval(), ids), hf_logits(model, ids))
+
+
 def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     model.generation_config.eos_token_id = None
     with torch.no_grad():

@@ -3,13 +3,11 @@ logits, cached decode, greedy generation, the engine's batching / chunking / pre
 converter's exact round trip."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from hf_models import build_hf_model, converted_models, fresh_seed, hf_greedy, hf_logits, hybrid_config, save_hf
+from hf_models import assert_hf_round_trip, build_hf_model, converted_models, fresh_seed, hf_greedy, hf_logits, hybrid_config, save_hf
 from megatron_ssm.checkpoint.convert import convert
 from megatron_ssm.config import ConfigError, SSMConfig
 from test_model_vs_hf import TOL, _rank_generate, _rank_logits
@@ -244,32 +242,17 @@ def test_request_past_the_kv_cache_is_refused(ranks, converted):
 
 # ---- checkpoints -------------------------------------------------------------------------------
 
-def _hf_tensors(path) -> dict[str, torch.Tensor]:
-    return load_file(path / "model.safetensors")
-
-
 @pytest.mark.parametrize("family,dtype,opts", [
     pytest.param("nemotron_h", torch.bfloat16, dict(pattern="M*-M"), id="nemotron-bf16"),
     pytest.param("falcon_h1", torch.float32, dict(), id="falcon-h1-fp32"),
 ])
 def test_hf_tp2_tp4_hf_is_bit_exact(tmp_path, family, dtype, opts):
-    from transformers import AutoModelForCausalLM
-
     model = build_hf_model(hybrid_config(family, **opts), fresh_seed()).to(dtype)
     hf = save_hf(model, tmp_path / "hf")
     convert(hf, tmp_path / "tp2", 2, progress=False)
     convert(tmp_path / "tp2", tmp_path / "tp4", 4, progress=False)
     convert(tmp_path / "tp4", tmp_path / "back", to_hf=True, progress=False)
-    original, back = _hf_tensors(hf), _hf_tensors(tmp_path / "back")
-    assert sorted(back) == sorted(original)
-    for k in original:
-        assert back[k].dtype == original[k].dtype and torch.equal(back[k], original[k]), k
-    assert SSMConfig.from_hf(json.loads((tmp_path / "back" / "config.json").read_text())) == \
-        SSMConfig.from_hf(json.loads((hf / "config.json").read_text()))
-    again, info = AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    ids = torch.randint(0, 250, (1, 9))
-    assert torch.equal(hf_logits(again.to(dtype).eval(), ids), hf_logits(model, ids))
+    assert_hf_round_trip(model, hf, tmp_path / "back", dtype)
 
 
 def test_moe_layers_and_bad_tp_degrees_are_refused(tmp_path):

@@ -151,8 +151,8 @@ class MambaLM(nn.Module):
         if cu_seqlens is not None:
             if input_ids.shape[0] != 1:
                 raise ValueError(f"packed sequences (cu_seqlens) come as one row of tokens, got {input_ids.shape[0]}")
-            rows = [t.shape[0] for st in (states or []) if st is not None for t in st.tensors().values()]
-            validate_packed(cu_seqlens, input_ids.shape[1], rows[0] if rows else None)
+            rows = next((t.shape[0] for st in (states or []) if st is not None for t in st.tensors().values()), None)
+            validate_packed(cu_seqlens, input_ids.shape[1], rows)
         if cp is not None:
             input_ids = cp.local(input_ids)
         stream, delta = self.embeddings(input_ids), None
