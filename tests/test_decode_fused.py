@@ -6,6 +6,8 @@ The input builders are shared with tests/test_kernels_gpu.py, which runs the ker
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -100,11 +102,23 @@ def test_dispatch_forwards_every_argument_in_order(seed, case):
     check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
 
 
-def test_fused_decode_switch(monkeypatch):
-    monkeypatch.delenv(dispatch.FUSED_DECODE_ENV, raising=False)
-    assert dispatch.fused_decode()
-    monkeypatch.setenv(dispatch.FUSED_DECODE_ENV, "0")
-    assert not dispatch.fused_decode()
+@pytest.mark.parametrize("value,mamba1,mamba2", [
+    (None, True, False), ("0", False, False), ("", False, False), ("1", True, True),
+    ("mamba2", False, True), ("mamba1, mamba2", True, True)])
+def test_fused_decode_switch(monkeypatch, value, mamba1, mamba2):
+    if value is None:
+        monkeypatch.delenv(dispatch.FUSED_DECODE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(dispatch.FUSED_DECODE_ENV, value)
+    assert (dispatch.fused_decode("mamba1"), dispatch.fused_decode("mamba2")) == (mamba1, mamba2)
+
+
+def test_fused_decode_switch_refuses_unknown_mixers(monkeypatch):
+    monkeypatch.setenv(dispatch.FUSED_DECODE_ENV, "mamba3")
+    with pytest.raises(ValueError, match="mamba3"):
+        dispatch.fused_decode("mamba1")
+    with pytest.raises(ValueError, match="unknown mixer"):
+        dispatch.fused_decode("attention")
 
 
 # ---- the kernels, interpreted -----------------------------------------------------------------
@@ -199,14 +213,23 @@ def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hy
 
     if problem := interpreter_problem():
         return problem
+    # both mixers' fused ops, whatever the default (these rank processes serve other tests after)
+    before = os.environ.get(dispatch.FUSED_DECODE_ENV)
+    os.environ[dispatch.FUSED_DECODE_ENV] = "1"
     real = dispatch.backend
     fused = ("mamba1_decode_step", "mamba2_decode_step")
-    dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
     try:
-        with_kernels = _rank_prefill_then_decode(ckpt, input_ids, split)
+        dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
+        try:
+            with_kernels = _rank_prefill_then_decode(ckpt, input_ids, split)
+        finally:
+            dispatch.backend = real
+        return with_kernels, _rank_prefill_then_decode(ckpt, input_ids, split)
     finally:
-        dispatch.backend = real
-    return with_kernels, _rank_prefill_then_decode(ckpt, input_ids, split)
+        if before is None:
+            os.environ.pop(dispatch.FUSED_DECODE_ENV)
+        else:
+            os.environ[dispatch.FUSED_DECODE_ENV] = before
 
 
 @pytest.fixture(scope="module")

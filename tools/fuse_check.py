@@ -9,7 +9,13 @@
    unfused (MEGATRON_SSM_FUSED_DECODE=0) and all-torch (MEGATRON_SSM_KERNELS=torch), then the
    graphed decode step timed fused and unfused in the same process (A/B on the same weights).
 
+4. with --time-kernels: Mamba-2's fused kernel alone against the unfused chain of our kernels
+   (conv update, state update, gated norm) at mamba2-2.7b's shape, each replayed from a CUDA graph
+   over copies of the states (read from HBM as in a 64-layer model), for several block sizes and
+   warp counts: which launch shape, if any, beats the chain it replaces.
+
     python3 tools/fuse_check.py [--models mamba2-2.7b,falcon-mamba-7b] [--batch-m2 1,16] [--batch-fm 1,32]
+                                [--time-kernels]
 """
 from __future__ import annotations
 
@@ -73,6 +79,57 @@ def check_graph_replay(steps=4):
     print(f"graph replay: {steps} steps ok, last relative errors {', '.join(f'{e:.1e}' for e in errs)}", flush=True)
 
 
+def _graph_time(fn, copies, replays=20):
+    """us per call of fn(i) for i over the state copies, from a graph of one pass over them."""
+    for i in range(len(copies)):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(len(copies)):
+            fn(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * len(copies))
+
+
+def time_kernels(batches=(1, 16), layers=48):
+    from megatron_ssm.ops.triton import decode as fused
+
+    for b in batches:
+        for gate in ("norm", "silu"):
+            _, kw = mamba2_decode_inputs(b, 80, 64, 1, 128, 4, torch.bfloat16, "cuda", gate=gate)
+            kw["ssm_state"] = kw["ssm_state"].to(torch.bfloat16)
+            copies = [(kw["conv_state"].clone(), kw["ssm_state"].clone()) for _ in range(layers)]
+            h, p, n = kw["ssm_state"].shape[1:]
+            ch = h * p
+
+            def chain(i):
+                xbc = kernels.causal_conv1d_update(kw["xbc"], copies[i][0], kw["conv_weight"], kw["conv_bias"])
+                x, B, C = xbc.split([ch, n, n], dim=-1)
+                y = kernels.ssd_state_update(copies[i][1], x.reshape(b, h, p), kw["dt"], kw["A"], B.reshape(b, 1, n),
+                                             C.reshape(b, 1, n), kw["D"], kw["dt_bias"], kw["dt_limit"]).reshape(b, ch)
+                if gate == "norm":
+                    return kernels.gated_rms_norm(y, kw["z"], kw["norm_weight"], 1e-5, ch)
+                return y * torch.nn.functional.silu(kw["z"])
+
+            line = [f"chain {_graph_time(chain, copies):.2f}"]
+            saved = fused.UPDATE_BLOCK, fused.NUM_WARPS
+            for block in (1024, 2048, 4096, 8192, 16384):
+                for warps in (4, 8):
+                    fused.UPDATE_BLOCK, fused.NUM_WARPS = block, warps
+                    t = _graph_time(lambda i: kernels.mamba2_decode_step(
+                        **dict(kw, conv_state=copies[i][0], ssm_state=copies[i][1])), copies)
+                    line.append(f"{block}/{warps}w {t:.2f}")
+            fused.UPDATE_BLOCK, fused.NUM_WARPS = saved
+            print(f"mamba2-2.7b b{b} {gate}: us per layer: {', '.join(line)}", flush=True)
+
+
 def _env(**values):
     for k, v in values.items():
         if v is None:
@@ -81,7 +138,7 @@ def _env(**values):
             os.environ[k] = v
 
 
-MODES = {"fused": dict(MEGATRON_SSM_FUSED_DECODE=None, MEGATRON_SSM_KERNELS=None),
+MODES = {"fused": dict(MEGATRON_SSM_FUSED_DECODE="1", MEGATRON_SSM_KERNELS=None),
          "unfused": dict(MEGATRON_SSM_FUSED_DECODE="0", MEGATRON_SSM_KERNELS=None),
          "torch": dict(MEGATRON_SSM_FUSED_DECODE=None, MEGATRON_SSM_KERNELS="torch")}
 
@@ -149,7 +206,7 @@ def check_model(config: str, batches: list[int], tp, prompt=64, replays=100):
         print(f"{name} b{b} graphed decode step: fused {best['fused']:.3f} ms, unfused {best['unfused']:.3f} ms "
               f"({100 * (1 - best['fused'] / best['unfused']):.1f}% less)", flush=True)
         del cache
-    _env(**MODES["fused"])
+    _env(MEGATRON_SSM_FUSED_DECODE=None, MEGATRON_SSM_KERNELS=None)
     del model
     torch.cuda.empty_cache()
 
@@ -160,8 +217,11 @@ def main():
     ap.add_argument("--batch-m2", default="1,16")
     ap.add_argument("--batch-fm", default="1,32")
     ap.add_argument("--skip-kernels", action="store_true")
+    ap.add_argument("--time-kernels", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    if args.time_kernels:
+        time_kernels()
     if not args.skip_kernels and torch.cuda.is_available():
         check_kernels()
         check_graph_replay()

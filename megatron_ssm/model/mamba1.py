@@ -53,7 +53,7 @@ class Mamba1Mixer(Mixer):
         x = self.conv1d(x, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, x, conv_state)
         dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         decode = ssm_state is not None and hidden.shape[1] == 1 and cu_seqlens is None and cp is None
-        if decode and fused_decode():
+        if decode and fused_decode("mamba1"):
             # Falcon-Mamba's norms inside the state update: the dt norm has no weight, so it is a
             # per-row scale that commutes with dt_proj (see ops/decode.py).
             falcon = cfg.family == FALCON_MAMBA

@@ -102,7 +102,7 @@ class Mamba2Mixer(Mixer):
             zxbcdt = zxbcdt * self.in_proj_scale
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
         if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
-                and fused_decode()):
+                and fused_decode("mamba2")):
             return self.out_proj.start(self._decode_step(xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state).unsqueeze(1))
         xbc = self.conv1d(xbc, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, xbc, conv_state)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)

@@ -56,14 +56,34 @@ _REFERENCE: dict[str, Callable] = {
     "mamba2_decode_step": _decode.mamba2_decode_step,
 }
 
-# `MEGATRON_SSM_FUSED_DECODE=0` makes the mixers call the unfused chain of ops at decode instead of
-# the *_decode_step ops (an A/B switch for benchmarks); like ENV, read at each call.
+# Which mixers call their *_decode_step op at decode instead of the unfused chain of ops, read at
+# each call. `MEGATRON_SSM_FUSED_DECODE` is a comma list of mixers ("mamba1,mamba2"), "1" for all or
+# "0" for none. The default is what measured faster on the H200 (docs/benchmarks.md, "Fused decode
+# steps"): Mamba-1's fused update (4.75 vs 5.03 ms a falcon-mamba-7b step at b1); not Mamba-2's kernel,
+# which was slower than the three kernels it replaces (2.69 vs 2.57 ms a mamba2-2.7b step at b1,
+# 5.84 vs 4.18 ms at b16).
 FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
+FUSED_DECODE_DEFAULT = ("mamba1",)
+MIXERS = ("mamba1", "mamba2")
 
 
-def fused_decode() -> bool:
-    """Whether the mixers take one *_decode_step op per decode token (the default)."""
-    return os.environ.get(FUSED_DECODE_ENV, "1") != "0"
+def fused_decode(mixer: str) -> bool:
+    """Whether this mixer ("mamba1" or "mamba2") takes its one *_decode_step op per decode token."""
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; expected one of {MIXERS}")
+    value = os.environ.get(FUSED_DECODE_ENV)
+    if value is None:
+        return mixer in FUSED_DECODE_DEFAULT
+    value = value.strip()
+    if value in ("0", ""):
+        return False
+    if value == "1":
+        return True
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in MIXERS]
+    if unknown:
+        raise ValueError(f"{FUSED_DECODE_ENV}={value!r}: unknown mixer(s) {unknown}; expected 0, 1 or a comma list of {MIXERS}")
+    return mixer in chosen
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,6 +29,7 @@ from .scan import _block_d, _dt
 # State elements per program, as for the plain state update (ops/triton/scan.py).
 UPDATE_BLOCK = 2048
 NORM_BLOCK = 2048  # channels the last program normalises per iteration
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -198,6 +199,6 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
         HAS_DT_BIAS=dt_bias is not None, GATE=gate,
         BLOCK_D=bd, BLOCK_N=bn, BLOCK_K=triton.next_power_of_2(K),
         BLOCK_P=triton.next_power_of_2(progs_per_group), NORM_BLOCK=min(NORM_BLOCK, triton.next_power_of_2(nchan // g)),
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
     return y
