@@ -1,11 +1,56 @@
 """Tiny random HF models (built here, never downloaded) and helpers to compare against them."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
 
+# transformers (5.x) binds its SSM models to mamba-ssm's kernels when that package imports, whatever
+# the device: where mamba-ssm is installed (the GPU machine), the HF reference would run mamba-ssm's
+# Triton kernels on CPU tensors, or its CUDA extension, which is not built there. The reference is HF's
+# own torch code, so its modeling modules are imported (or re-imported) here with mamba-ssm hidden.
+HF_SSM_MODELING = ["mamba.modeling_mamba", "falcon_mamba.modeling_falcon_mamba", "mamba2.modeling_mamba2",
+                   "nemotron_h.modeling_nemotron_h", "zamba.modeling_zamba", "zamba2.modeling_zamba2",
+                   "falcon_h1.modeling_falcon_h1"]
+KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
+
+
+def import_hf_modeling_without_kernels() -> list[str]:
+    """Import HF's SSM modeling modules with the kernel packages unimportable; returns the modules
+    (re)imported. A no-op where no kernel package is installed (CI)."""
+    if not any(importlib.util.find_spec(p) is not None for p in KERNEL_PACKAGES):
+        return []
+    saved = {p: sys.modules.get(p) for p in KERNEL_PACKAGES}
+    done = []
+    try:
+        for p in KERNEL_PACKAGES:
+            sys.modules[p] = None  # import_module(p) now raises ImportError
+        for name in HF_SSM_MODELING:
+            full = f"transformers.models.{name}"
+            try:
+                earlier = sys.modules.get(full)
+                if earlier is not None and getattr(earlier, "_megatron_ssm_torch_only", False):
+                    continue
+                # imported earlier with the kernels visible: import it again without them
+                module = importlib.reload(earlier) if earlier is not None else importlib.import_module(full)
+            except ImportError:
+                continue  # a transformers without this family
+            module._megatron_ssm_torch_only = True
+            done.append(full)
+    finally:
+        for p, m in saved.items():
+            if m is None:
+                sys.modules.pop(p, None)
+            else:
+                sys.modules[p] = m
+    return done
+
+
+import_hf_modeling_without_kernels()
 
 SEED_ENV = "MEGATRON_SSM_TEST_SEED"
 # Every seed drawn, with the test and phase that drew it (pytest's PYTEST_CURRENT_TEST, e.g.

@@ -1,6 +1,9 @@
 """Our model at TP 1, 2 and 4 against HF transformers' own Mamba / FalconMamba / Mamba2 code."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -173,3 +176,39 @@ def test_per_group_norm_patch_is_hf_at_this_transformers(seed, n_groups):
     assert torch.allclose(hf_logits(model, ids), ref, atol=1e-5), f"seed {seed}"
     per_group_gated_norm(model, groups=1)
     assert not torch.allclose(hf_logits(model, ids), ref, atol=1e-3), f"seed {seed}: one group equals {n_groups}"
+
+
+_KERNELS_CALLED = '''
+def _boom(*args, **kwargs):
+    raise RuntimeError("a mamba-ssm kernel ran inside the HF reference")
+selective_scan_fn = mamba_inner_fn = selective_state_update = _boom
+mamba_chunk_scan_combined = mamba_split_conv1d_scan_combined = _boom
+'''
+
+_BUILD_EVERY_FAMILY = '''
+import mamba_ssm, torch, hf_models
+hf_models.import_hf_modeling_without_kernels()  # again: a no-op once done
+configs = [hf_models.hf_config(f) for f in ("mamba", "falcon_mamba", "mamba2")]
+configs += [hf_models.hybrid_config(f) for f in ("nemotron_h", "falcon_h1")]
+configs += [hf_models.zamba_config(f) for f in ("zamba", "zamba2")]
+for config in configs:
+    logits = hf_models.hf_logits(hf_models.build_hf_model(config, 1), torch.randint(3, 250, (1, 7)))
+    assert torch.isfinite(logits).all(), config.model_type
+print("ok", len(configs))
+'''
+
+
+def test_hf_reference_is_hf_torch_code_where_mamba_ssm_is_installed(tmp_path):
+    """transformers binds its SSM models to mamba-ssm's kernels when that package imports (the GPU
+    machine has it, without its CUDA extension): hf_models imports HF's modeling with it hidden. Here
+    a stand-in mamba_ssm whose every kernel raises is importable; each family's HF model must not
+    call it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "mamba_ssm").mkdir()
+    (tmp_path / "mamba_ssm" / "__init__.py").write_text(_KERNELS_CALLED)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(Path(__file__).parent)]))
+    done = subprocess.run([sys.executable, "-c", _BUILD_EVERY_FAMILY], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["ok", "7"], done.stderr[-3000:]
