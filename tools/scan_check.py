@@ -136,7 +136,7 @@ def _bench_cases():
     return cases
 
 
-def bench(sweep: bool, rows: list) -> None:
+def bench(sweep: bool, rows: list, only: set[str] | None = None) -> None:
     a = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
     bb = torch.empty_like(a)
     tbps = 2 * a.nbytes / (_time(lambda: bb.copy_(a)) * 1e-6) / 1e12
@@ -155,6 +155,8 @@ def bench(sweep: bool, rows: list) -> None:
         print(f"{case:22s} {impl:34s} {us:9.1f} us  floor {floor:7.1f} us  ({floor / us:4.0%} of copy speed)", flush=True)
 
     for case, op, kw in _bench_cases():
+        if only and case.split()[-1] not in only:
+            continue
         new = getattr(kernels, op)
         if before[op] is not None:
             record(case, "before (main)", lambda: getattr(before[op], op)(**kw), kw)
@@ -171,7 +173,7 @@ def bench(sweep: bool, rows: list) -> None:
             scan.SCAN_CONFIG.update(scan_default[0])
             scan.SCAN_UNROLL = scan_default[1]
         else:
-            for blk in ((32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4), (64, 256, 8), (16, 256, 4)):
+            for blk in ((32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4), (64, 256, 8), (16, 256, 4), (128, 64, 4), (256, 128, 8), (128, 256, 8), (16, 512, 4), (8, 1024, 8)):
                 conv1d.CONV_BLOCK = blk
                 record(case, f"triton L,C,warps={blk}", lambda: new(**kw), kw)
             conv1d.CONV_BLOCK = conv_default
@@ -182,6 +184,7 @@ if __name__ == "__main__":
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--cases", help="comma list of shapes to bench (b1x2048, b8x512, b32x512, packed16x512, b1x16384)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     seed = int(os.environ.get("SEED", int.from_bytes(os.urandom(4), "little")))
@@ -191,7 +194,7 @@ if __name__ == "__main__":
         if args.check:
             bad = check(seed)
         if args.bench:
-            bench(args.sweep, rows)
+            bench(args.sweep, rows, set(args.cases.split(",")) if args.cases else None)
     if args.json_out and rows:
         with open(args.json_out, "w") as f:
             for r in rows:

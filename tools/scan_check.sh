@@ -29,7 +29,7 @@ if has prof; then
     head -14 "$OUT/prof_prefill_b8.txt"
 fi
 if has bench; then
-    timeout ${T_BENCH:-120} python3 tools/scan_check.py --bench ${SWEEP:+--sweep} --json-out "$OUT/kernels.jsonl" 2>&1 \
+    timeout ${T_BENCH:-120} python3 tools/scan_check.py --bench ${SWEEP:+--sweep} ${CASES:+--cases $CASES} --json-out "$OUT/kernels.jsonl" 2>&1 \
         | quiet | tee "$OUT/kernels.log" || rc=1
 fi
 exit $rc
