@@ -60,8 +60,10 @@ def _conv_fwd_kernel(
 
 # (BLOCK_L, BLOCK_C, num_warps) of the prefill conv. A program's weights are K strided loads per
 # channel (weight is [C, K]); a tall tile spreads them over many rows, and 256-byte rows keep
-# every load a full 16-byte vector per thread. From a sweep on the H200 (tools/scan_check.py).
-CONV_BLOCK = (64, 128, 8)
+# every load a full 16-byte vector per thread. From a sweep on the H200 (tools/scan_check.py
+# --sweep, falcon-mamba-7b's 8192 channels, docs/benchmarks.md): 207 us for 16 packed 512-token
+# prompts (372 us with the (64, 128, 8) tiles before) and 49 us for one 2048-token prompt (54 us).
+CONV_BLOCK = (64, 256, 8)
 
 
 def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlens=None):

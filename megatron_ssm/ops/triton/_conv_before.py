@@ -1,0 +1,134 @@
+"""Depthwise causal conv1d: prefill over [b, L, C] (channel-last, so a block of channels is one
+coalesced row) and the one-token decode step that shifts the [b, C, K-1] state in place."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..varlen import check_packed, conv_final_states, seq_index
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, seq_ptr, cu_ptr,
+    L, C,
+    sx_b, sx_l, sx_c,
+    sw_c, sw_k,
+    si_b, si_c, si_k,
+    sy_b, sy_l, sy_c,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+    PACKED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_l = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    acc = tl.zeros([BLOCK_L, BLOCK_C], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    x_base = x_ptr + pid_b * sx_b
+    first = tl.zeros([BLOCK_L], dtype=tl.int32)  # the first input time a tap may read
+    if PACKED:  # each packed sequence starts over: taps before its first token read zeros
+        lmask = offs_l < L
+        first = tl.load(cu_ptr + tl.load(seq_ptr + offs_l, mask=lmask, other=0), mask=lmask, other=0)
+    for k in tl.static_range(K):
+        w = tl.load(w_ptr + offs_c * sw_c + k * sw_k, mask=cmask, other=0.0).to(tl.float32)
+        src = offs_l + (k - (K - 1))  # input time of this tap; negative times live in the state
+        in_x = (src >= first) & (src < L)
+        xv = tl.load(x_base + src[:, None] * sx_l + offs_c[None, :] * sx_c,
+                     mask=in_x[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        if HAS_INIT:
+            in_s = src < 0
+            # The reference casts the state to x's dtype before convolving: round the same way.
+            sv = tl.load(init_ptr + pid_b * si_b + offs_c[None, :] * si_c + (src[:, None] + (K - 1)) * si_k,
+                         mask=in_s[:, None] & cmask[None, :], other=0.0)
+            xv += sv.to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += xv * w[None, :]
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + pid_b * sy_b + offs_l[:, None] * sy_l + offs_c[None, :] * sy_c,
+             acc.to(y_ptr.dtype.element_ty), mask=(offs_l < L)[:, None] & cmask[None, :])
+
+
+def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlens=None):
+    b, L, C = x.shape
+    K = weight.shape[-1]
+    y = torch.empty_like(x)
+    init = initial_state if initial_state is not None else x  # placeholder pointer, never read
+    seq = cu = weight  # placeholders, read only when packed
+    if cu_seqlens is not None:
+        check_packed(x, cu_seqlens, initial_state)
+        seq, cu = seq_index(cu_seqlens, L), cu_seqlens
+    BLOCK_L, BLOCK_C = 32, 64
+    grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(C, BLOCK_C), b)
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, init, y, seq, cu,
+        L, C,
+        *x.stride(), *weight.stride(),
+        *(init.stride() if initial_state is not None else (0, 0, 0)),
+        *y.stride(),
+        K=K, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, SILU=silu,
+        PACKED=cu_seqlens is not None, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, num_warps=4,
+    )
+    if cu_seqlens is not None:
+        return y, conv_final_states(x, cu_seqlens, K - 1)
+    # The last K-1 inputs (reaching into the initial state when L < K-1): a small copy, left to torch.
+    if L >= K - 1:
+        final = x[:, L - (K - 1):].transpose(1, 2).contiguous()
+    else:
+        prev = x.new_zeros(b, C, K - 1) if initial_state is None else initial_state.to(x.dtype)
+        final = torch.cat([prev, x.transpose(1, 2)], dim=-1)[:, :, L:].contiguous()
+    return y, final
+
+
+@triton.jit
+def _conv_update_kernel(
+    x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr,
+    C,
+    sx_b, sx_c,
+    ss_b, ss_c, ss_k,
+    sw_c, sw_k,
+    sy_b, sy_c,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    cmask = offs_c < C
+    s_ptrs = state_ptr + pid_b * ss_b + offs_c[:, None] * ss_c + offs_k[None, :] * ss_k
+    # The window [state | x] as one [BLOCK_C, BLOCK_K] tile, x in column K-1 (cast to the state's
+    # dtype, as the reference stores it).
+    xv = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(state_ptr.dtype.element_ty)
+    old = tl.load(s_ptrs, mask=cmask[:, None] & (offs_k < K - 1)[None, :], other=0.0)
+    window = tl.where((offs_k == K - 1)[None, :], xv[:, None], old)
+    w = tl.load(w_ptr + offs_c[:, None] * sw_c + offs_k[None, :] * sw_k,
+                mask=cmask[:, None] & (offs_k < K)[None, :], other=0.0)
+    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + pid_b * sy_b + offs_c * sy_c, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+    # Shift in place: column k takes column k+1. Another thread may own column k+1 of the same
+    # channel, so every read of the old state must finish before the first write.
+    tl.debug_barrier()
+    tl.store(s_ptrs - ss_k, window, mask=cmask[:, None] & ((offs_k >= 1) & (offs_k < K))[None, :])
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
+    b, C = x.shape
+    K = weight.shape[-1]
+    assert K >= 2, "a width-1 conv has no state"
+    y = torch.empty_like(x)
+    BLOCK_C = 128
+    _conv_update_kernel[(triton.cdiv(C, BLOCK_C), b)](
+        x, conv_state, weight, bias if bias is not None else weight, y,
+        C, *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
+        K=K, HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=BLOCK_C, BLOCK_K=triton.next_power_of_2(K),
+        num_warps=4,
+    )
+    return y
