@@ -20,7 +20,7 @@ from megatron_ssm.inference.engine import Engine, EngineConfig, Request
 from megatron_ssm.inference.prefix_cache import PrefixStateCache, prefix_keys
 from megatron_ssm.inference.sampling import SamplingParams
 from megatron_ssm.model.lm import LayerState
-from megatron_ssm.parallel import TPContext
+from megatron_ssm.parallel import CPContext, TPContext
 
 V = 61
 
@@ -401,3 +401,215 @@ def test_top_logprobs_and_score_only_requests_in_closed_form(seed):
     assert [top[0][0] for top in only.prompt_top_logprobs] == states[1:-1] and \
         all(len(top) == 2 for top in only.prompt_top_logprobs), f"seed {seed}"
     assert all(o.logprob is None and o.top_logprobs is None and o.prompt_logprobs is None for o in outs[plain])
+
+
+# ---- a model with attention-like KV state: KV rows, their copy bounds, the KV-cache budget ---------
+
+class KVModel(CountingModel):
+    """The stand-in with its whole context in an attention-like KV cache instead of the one-number state:
+    k[b, p] holds the token fed at position p (v a copy), `length` the positions filled, and every
+    step recomputes the state from all of a row's cached keys. So a copy that drops a key, a slot that
+    keeps a stale `length`, or a view too short for a step's writes changes or breaks the tokens,
+    while `expected` still gives them."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg.has_attention = True
+
+    def state_shapes(self, max_length: int = 0):
+        assert max_length >= 1, "the engine must size the KV cache"
+        kv = ((max_length, 1), None)
+        return [{"k": kv, "v": kv, "length": ((), torch.int64)}]
+
+    def forward(self, input_ids, states=None, last_only=False):
+        b, L = input_ids.shape
+        self.calls.append((b, L))
+        st = states[0]
+        logits = torch.zeros(b, L, V)
+        for row in range(b):
+            n = int(st.length[row])
+            assert n + L <= st.k.shape[1], f"a view of {st.k.shape[1]} positions for a write up to {n + L}"
+            st.k[row, n:n + L, 0] = input_ids[row].float()
+            st.v[row, n:n + L, 0] = input_ids[row].float()
+            s = 0
+            for p in range(n + L):
+                s = step_state(s, int(st.k[row, p, 0]))
+                if p >= n:
+                    logits[row, p - n, s] = 5.0
+        st.length += L
+        return logits[:, -1:] if last_only else logits
+
+
+def _recording_copies(eng: Engine) -> list[tuple[int, int, int | None, int]]:
+    """Wrap eng.cache.copy_slot: each call's (src, dst, kv_length, positions src held)."""
+    copies, real = [], eng.cache.copy_slot
+
+    def copy_slot(src, dst, kv_length=None):
+        copies.append((src, dst, kv_length, int(eng.cache.layers[0]["length"][src])))
+        real(src, dst, kv_length)
+
+    eng.cache.copy_slot = copy_slot
+    return copies
+
+
+def test_kv_rows_follow_their_sequences_through_forks_releases_and_prefix_hits(seed):
+    """Through a KV-cache model: forks (n = 3) copy their parent's keys, finished sequences hand their
+    slot to the last one (whose keys move with it), a prefix hit starts from the saved keys; every
+    request gets `expected`'s tokens. Each copy takes at least the positions its source holds and at
+    most one more (the one the next step writes), never the whole cache."""
+    eng = Engine(KVModel(), EngineConfig(max_batch=4, max_sequence_length=40, prefix_block=4,
+                                         prefix_cache_bytes=1 << 20, prefill_chunk=64))
+    copies = _recording_copies(eng)
+    shared = _prompts(seed, (9,))[0]
+    prompts = [shared + t for t in _prompts(seed + 1, (3, 1, 2))]
+    news = [6, 2, 9]
+    first = eng.add_request(Request(prompts[0], news[0], n=3))
+    rest = [eng.add_request(Request(p, n)) for p, n in zip(prompts[1:], news[1:])]
+    outs = _run(eng)
+    assert [[o.token for o in outs[first + i]] for i in range(3)] == [expected(prompts[0], 6)] * 3, f"seed {seed}"
+    for rid, p, n in zip(rest, prompts[1:], news[1:]):
+        assert [o.token for o in outs[rid]] == expected(p, n), f"seed {seed}"
+    assert eng.prefix.hits >= 1
+    # admitted with the second request (slot 1), the forks take slots 2 and 3: the 12-token prompt's
+    # keys and the position of its first token
+    assert copies[:2] == [(0, 2, 13, 12), (0, 3, 13, 12)], copies
+    assert len(copies) > 2, copies  # releases moved sequences too
+    for src, dst, kv_length, held in copies:
+        assert kv_length is not None and held <= kv_length <= held + 1, (copies, seed)
+
+
+def test_kv_cache_budget_is_refused_by_name():
+    """A model with attention layers: the refusal names the KV cache; without max_sequence_length its
+    cache holds 65536 positions, the budget then."""
+    eng = Engine(KVModel(), EngineConfig(max_batch=2, max_sequence_length=32))
+    eng.check_request(Request([1] * 16, 16))
+    with pytest.raises(ValueError, match=r"^prompt \(16 tokens\) \+ max_new_tokens \(17\) exceeds the context "
+                                         r"budget of 32 tokens \(the length of the attention layers' KV cache\)$"):
+        eng.add_request(Request([1] * 16, 17))
+    default = Engine(KVModel(), EngineConfig(max_batch=1))
+    default.check_request(Request([1], 65535))
+    with pytest.raises(ValueError, match=r"\(1 tokens\) \+ max_new_tokens \(65536\) exceeds the context budget "
+                                         r"of 65536 tokens \(the length of the attention layers' KV cache\)$"):
+        default.check_request(Request([1], 65536))
+    assert not eng.has_work() and not default.has_work()
+
+
+# ---- the context-parallel long prefill's scheduling, in one process -------------------------------
+
+class CPModel(CountingModel):
+    """The stand-in behind a context-parallel group: a forward given `cp` spans runs the whole range
+    (what every CP rank holds after the state passing) and records the split it was asked for, so
+    the engine's scheduling of long prompts is seen without a process group (the split numerics are
+    test_context_parallel.py's, on gloo ranks)."""
+
+    supports_context_parallel = True
+
+    def __init__(self):
+        super().__init__()
+        self.cfg.chunk_size, self.cfg.is_mamba2 = 8, False
+        self.spans: list[tuple[int, ...] | None] = []  # per forward: the CP split, None when not split
+
+    def forward(self, input_ids, states=None, last_only=False, cp=None):
+        self.spans.append(None if cp is None else cp.lengths)
+        return super().forward(input_ids, states, last_only)
+
+
+CP2 = CPContext(group=None, rank=0, size=2)
+
+
+def _cp_engine(**cfg) -> Engine:
+    # steps of 2 x 16 prompt tokens (16 a rank: the least a split span takes); prompts from 40 tokens split
+    return Engine(CPModel(), EngineConfig(**{"max_batch": 3, "prefill_chunk": 16, "context_parallel_min_tokens": 40,
+                                             **cfg}), cp=CP2)
+
+
+def test_a_long_prompt_is_prefilled_split_between_the_other_steps(seed):
+    """max_batch 3; a short request, a 70-token one (over the CP threshold of 40) and another short
+    one arrive together. The shorts are admitted at once, the long one starts its split prefill in
+    the last slot, held for it, and takes every other step: 32 tokens split 16 + 16, 32 more, then
+    its 6-token tail whole (too short to split); it then joins the batch and decodes with the others.
+    Every request gets `expected`'s tokens."""
+    short, long_, other, late = _prompts(seed, (4, 70, 5, 3))
+    eng = _cp_engine()
+    a = eng.add_request(Request(short, 6))
+    b = eng.add_request(Request(long_, 3))
+    c = eng.add_request(Request(other, 2))
+    per_step, log = [], []
+    outs: dict[int, list[int]] = {}
+
+    def step():
+        got = eng.step()
+        per_step.append(sorted(o.request_id for o in got))
+        log.append((eng.num_running, eng.num_waiting))
+        for o in got:
+            outs.setdefault(o.request_id, []).append(o.token)
+
+    step()
+    assert (eng.long.seq.id, eng.long.slot, [s.id for s in eng.running]) == (b, 2, [a, c])
+    d = eng.add_request(Request(late, 2))
+    while eng.has_work():
+        step()
+    # prefill a, c | b 0:32 | decode (c done) | b 32:64 | prefill d | b 64:70, done | decode a, b, d
+    assert per_step[:7] == [[a, c], [], [a, c], [], [d], [b], [a, b, d]], per_step
+    assert log[:6] == [(3, 0), (3, 1), (2, 1), (2, 1), (3, 0), (3, 0)], log
+    assert [s for s in eng.model.spans if s is not None] == [(16, 16), (16, 16)], eng.model.spans
+    assert [L for _, L in eng.model.calls if L > 1] == [4, 5, 32, 32, 3, 6], eng.model.calls
+    want = {a: expected(short, 6), b: expected(long_, 3), c: expected(other, 2), d: expected(late, 2)}
+    assert outs == want, f"seed {seed}"
+
+
+def test_one_split_prefill_at_a_time_and_its_forks_hold_their_slots(seed):
+    """max_batch 4: a long prompt x asking for n = 2 (its fork needs a second slot), a second long one
+    y and a short one z. x starts; y waits its turn (one split prefill at a time) while z goes past it.
+    When x is done it moves into the slot after z, forks into the next, and y starts; a short request
+    that arrived meanwhile waits for a free slot (three running, one held for y)."""
+    first, second, short = _prompts(seed, (45, 40, 6))
+    eng = _cp_engine(max_batch=4)
+    x = eng.add_request(Request(first, 3, SamplingParams(temperature=2.0, seed=seed), n=2))
+    y = eng.add_request(Request(second, 2))
+    z = eng.add_request(Request(short, 4))
+    trace, outs = [], {}
+
+    def step():
+        got = eng.step()
+        for o in got:
+            outs.setdefault(o.request_id, []).append(o.token)
+        trace.append((sorted(o.request_id for o in got), [s.id for s in eng.running], [s.id for s in eng.waiting],
+                      eng.long.seq.id if eng.long is not None else None))
+
+    step()
+    w = eng.add_request(Request(short, 9))
+    v = eng.add_request(Request(short, 1))
+    for _ in range(8):
+        step()
+    assert trace == [([z], [z], [y], x),  # x starts, y waits behind it, z is admitted past y
+                     ([], [z], [y, w, v], x),  # x 0:32, split
+                     ([z], [z], [y, w, v], x),  # decode
+                     ([x, x + 1], [z, x, x + 1], [y, w, v], None),  # x 32:45 whole: done, forked
+                     ([x, x + 1, z], [z, x, x + 1], [w, v], y),  # y starts; w has no slot: decode
+                     ([], [z, x, x + 1], [w, v], y),  # y 0:32, split
+                     ([x, x + 1, z], [], [w, v], y),  # decode: z, x and its fork finish
+                     ([y], [y], [w, v], None),  # y 32:40 whole: done, into slot 0
+                     ([w, v], [y, w], [], None)], trace  # w and v admitted (v done at once)
+    for rid, got in _run(eng).items():
+        outs.setdefault(rid, []).extend(o.token for o in got)
+    alone = [_engine().generate([Request(first, 3, SamplingParams(2.0, seed=seed + i))])[0] for i in range(2)]
+    assert [outs[x], outs[x + 1]] == alone, f"seed {seed}"
+    for rid, p, n in ((y, second, 2), (z, short, 4), (w, short, 9), (v, short, 1)):
+        assert outs[rid] == expected(p, n), f"seed {seed}"
+    assert [s for s in eng.model.spans if s is not None] == [(16, 16), (16, 16)], eng.model.spans
+
+
+def test_which_prompts_are_prefilled_split(seed):
+    """From context_parallel_min_tokens (40) on, and not when the prompt is scored (the split does not
+    gather every position's logits); without a CP group nothing is split."""
+    prompt = _prompts(seed, (40,))[0]
+    eng = _cp_engine()
+    assert eng.generate([Request(prompt[:39], 2)]) == [expected(prompt[:39], 2)]
+    eng.generate([Request(prompt, 0, prompt_logprobs=True)])
+    assert eng.model.spans == [None] * len(eng.model.spans), eng.model.spans
+    assert eng.generate([Request(prompt, 2)]) == [expected(prompt, 2)]
+    assert eng.model.spans[-3:] == [(16, 16), None, None], eng.model.spans  # 32 split, the 8 left, a decode
+    solo = Engine(CPModel(), EngineConfig(max_batch=3, prefill_chunk=16, context_parallel_min_tokens=40))
+    solo.generate([Request(prompt, 2)])
+    assert solo.model.spans == [None] * len(solo.model.spans), solo.model.spans
