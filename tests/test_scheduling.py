@@ -10,7 +10,9 @@ real model's scheduling at TP 1, 2, 4 is in test_engine.py).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 
 import pytest
 import torch
@@ -280,6 +282,64 @@ def test_prefix_keys_are_cumulative_digests():
     assert keys[0][1] == prefix_keys([1, 2, 9], 2)[0][1]
     assert keys[1][1] != prefix_keys([9, 9, 3, 4], 2)[1][1]  # the digest covers the whole prefix
     assert prefix_keys([1], 2) == []
+
+
+def test_prefix_keys_are_digests_of_the_whole_prefix(seed):
+    """Each key is BLAKE2b-128 of the prefix's tokens as int64 bytes, from the first token (hashed
+    here in one go, where prefix_keys streams it block by block)."""
+    tokens = _prompts(seed, (11,))[0]
+    want = [(end, hashlib.blake2b(struct.pack(f"={end}q", *tokens[:end]), digest_size=16).digest())
+            for end in (3, 6, 9)]
+    assert prefix_keys(tokens, 3) == want, seed
+    assert prefix_keys(tokens[:9], 3) == want and prefix_keys(tokens[:8], 3) == want[:2]
+    assert prefix_keys(tokens, 1)[-1] == (11, hashlib.blake2b(struct.pack("=11q", *tokens), digest_size=16).digest())
+
+
+def test_prefix_lookup_takes_the_longest_saved_prefix_short_of_the_prompt(seed):
+    """Entries at 2 and 4 tokens: a 6- or 5-token prompt starts from 4, a 4-token one from 2 (its last
+    token must run), a 2-token one from nothing; every lookup counts as one hit or one miss."""
+    tokens = _prompts(seed, (6,))[0]
+    cache = PrefixStateCache(block=2, capacity_bytes=10 * ENTRY_BYTES)
+    for (end, key), v in zip(prefix_keys(tokens, 2)[:2], (2.0, 4.0)):
+        cache.save(key, _state(v), 0)
+    for prompt, want in ((tokens, 4), (tokens[:5], 4), (tokens[:4], 2), (tokens[:3], 2), (tokens[:2], 0)):
+        length, state = cache.lookup(prompt)
+        assert length == want, (len(prompt), length, seed)
+        assert (state is None) if want == 0 else state[0].ssm.eq(float(want)).all()
+    assert (cache.hits, cache.misses) == (4, 1)
+
+
+def test_prefix_cache_keeps_one_row_with_its_keys_values_cut_to_the_prefix():
+    """A hybrid's entry: row `row` of a batch of 2, conv/ssm whole, keys/values cut to the prefix's
+    length; a copy (the batch may change afterwards); its bytes counted exactly."""
+    mamba = LayerState(torch.arange(12.0).view(2, 2, 3), torch.arange(8.0).view(2, 4))
+    attn = LayerState(k=torch.arange(40.0).view(2, 10, 1, 2), v=-torch.arange(40.0).view(2, 10, 1, 2),
+                      length=torch.tensor([6, 6]))
+    want_bytes = (2 * 3 + 4) * 4 + 2 * (6 * 2) * 4 + 8
+    cache = PrefixStateCache(block=2, capacity_bytes=want_bytes)  # exactly one entry fits
+    key = prefix_keys([5, 6], 2)[0][1]
+    cache.save(key, [mamba, attn], 0, 6)
+    assert cache.used == want_bytes
+    mamba.ssm += 100
+    attn.k += 100
+    _, (m, a) = cache.lookup([5, 6, 7])
+    assert m.conv.tolist() == [[[0, 1, 2], [3, 4, 5]]] and m.ssm.tolist() == [[0, 1, 2, 3]]
+    assert a.k.shape == (1, 6, 1, 2) and a.k.flatten().tolist() == list(range(12))
+    assert a.v.flatten().tolist() == [-float(i) for i in range(12)] and a.length.tolist() == [6]
+    cache.save(prefix_keys([9, 9], 2)[0][1], [mamba, attn], 1, 6)  # evicts the first
+    assert cache.used == want_bytes and cache.lookup([5, 6, 7]) == (0, None)
+    _, (m, a) = cache.lookup([9, 9, 7])
+    assert m.ssm.tolist() == [[104, 105, 106, 107]] and a.k.flatten().tolist() == [100.0 + i for i in range(20, 32)]
+
+
+def test_prefix_cache_sizes_at_their_bounds():
+    one = PrefixStateCache(block=1, capacity_bytes=1)
+    assert one.enabled and one.block == 1
+    with pytest.raises(ValueError, match=r"^prefix block must be >= 1 token, got 0$"):
+        PrefixStateCache(block=0, capacity_bytes=1)
+    exact = PrefixStateCache(block=2, capacity_bytes=ENTRY_BYTES)
+    exact.save(prefix_keys([1, 2], 2)[0][1], _state(1.0), 0)
+    assert exact.used == ENTRY_BYTES and exact.lookup([1, 2, 3])[0] == 2
 
 
 def test_sampled_requests_are_reproducible_per_seed(seed):
@@ -613,3 +673,16 @@ def test_which_prompts_are_prefilled_split(seed):
     solo = Engine(CPModel(), EngineConfig(max_batch=3, prefill_chunk=16, context_parallel_min_tokens=40))
     solo.generate([Request(prompt, 2)])
     assert solo.model.spans == [None] * len(solo.model.spans), solo.model.spans
+
+
+def test_token_zero_gets_its_log_probs():
+    """Token id 0 is a token like any other (the score-only marker is -1): prompt [58] moves the
+    stand-in's state to (58 + 3) mod 61 = 0, so 0 is the first token, with its log-prob and top 2."""
+    Z = math.log(math.exp(5.0) + V - 1)
+    assert expected([58], 1) == [0]
+    eng = _engine()
+    rid = eng.add_request(Request([58], 2, logprobs=True, top_logprobs=2))
+    first, second = _run(eng)[rid]
+    assert first.token == 0 and first.logprob == pytest.approx(5.0 - Z, abs=1e-5)
+    assert first.top_logprobs[0] == (0, pytest.approx(5.0 - Z, abs=1e-5)) and len(first.top_logprobs) == 2
+    assert second.token == expected([58], 2)[1] and second.top_logprobs[0][0] == second.token
