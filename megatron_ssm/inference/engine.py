@@ -20,7 +20,6 @@ requests keep decoding; every CP rank runs the same engine, and decode runs repl
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -117,7 +116,6 @@ class _Sequence:
     slot: int = -1
     generated: int = 0
     last_token: int = -1
-    arrived: float = field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -328,7 +326,7 @@ class Engine:
                 gen = None
                 if seq.generator is not None:
                     gen = torch.Generator(device=self.device).manual_seed(seq.req.sampling.seed + i)
-                child = _Sequence(seq.id + i, seq.req, gen, slot=len(self.running), arrived=seq.arrived)
+                child = _Sequence(seq.id + i, seq.req, gen, slot=len(self.running))
                 self.cache.copy_slot(seq.slot, child.slot, self._kv_bound([seq]))  # SSM states and KV rows
                 self.running.append(child)
                 forks.append(child)
