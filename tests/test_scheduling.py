@@ -660,6 +660,26 @@ def test_one_split_prefill_at_a_time_and_its_forks_hold_their_slots(seed):
     assert [s for s in eng.model.spans if s is not None] == [(16, 16), (16, 16)], eng.model.spans
 
 
+def test_abort_a_long_prompt_under_way(seed):
+    """Any id of the split prefill's request (n = 2: its own and its fork's) aborts it mid-prompt;
+    ids past its last do nothing. The short request running beside it goes on undisturbed."""
+    short, long_ = _prompts(seed, (5, 45))
+    eng = _cp_engine(max_batch=3)
+    s = eng.add_request(Request(short, 4))
+    x = eng.add_request(Request(long_, 3, n=2))
+    first = eng.step()  # s prefilled; x starts, holding the other two slots
+    assert [o.request_id for o in first] == [s] and eng.long.seq.id == x
+    assert eng.step() == []  # x 0:32
+    assert not eng.abort(x + 2) and eng.long is not None and eng.num_running == 2
+    assert eng.abort(x + 1) and eng.long is None and eng.num_running == 1 and eng.has_work()
+    outs = _run(eng)
+    assert list(outs) == [s] and [o.token for o in first + outs[s]] == expected(short, 4), f"seed {seed}"
+    y = eng.add_request(Request(long_, 2))
+    eng.step()
+    assert eng.long.seq.id == y and eng.has_work() and eng.abort(y) and not eng.has_work()
+    assert eng.step() == [] and eng.num_running == 0
+
+
 def test_which_prompts_are_prefilled_split(seed):
     """From context_parallel_min_tokens (40) on, and not when the prompt is scored (the split does not
     gather every position's logits); without a CP group nothing is split."""
