@@ -660,6 +660,25 @@ def test_one_split_prefill_at_a_time_and_its_forks_hold_their_slots(seed):
     assert [s for s in eng.model.spans if s is not None] == [(16, 16), (16, 16)], eng.model.spans
 
 
+def test_long_prompts_take_their_split_prefills_in_arrival_order(seed):
+    """Three long prompts and a short one behind them: the first starts, the other two keep their
+    order in the queue while the short one is admitted past both."""
+    prompts = _prompts(seed, (45, 40, 41, 3))
+    eng = _cp_engine(max_batch=4)
+    ids = [eng.add_request(Request(p, 2)) for p in prompts]
+    first = eng.step()
+    assert [o.request_id for o in first] == [ids[3]] and [s.id for s in eng.waiting] == ids[1:3]
+    order, outs = [], {ids[3]: [o.token for o in first]}
+    while eng.has_work():
+        if eng.long is not None and eng.long.seq.id not in order:
+            order.append(eng.long.seq.id)
+        for o in eng.step():
+            outs.setdefault(o.request_id, []).append(o.token)
+    assert order == ids[:3], order
+    assert [outs[i] for i in ids] == [expected(p, 2) for p in prompts], f"seed {seed}"
+    assert [s for s in eng.model.spans if s is not None] == [(16, 16)] * 3, eng.model.spans
+
+
 def test_abort_a_long_prompt_under_way(seed):
     """Any id of the split prefill's request (n = 2: its own and its fork's) aborts it mid-prompt;
     ids past its last do nothing. The short request running beside it goes on undisturbed."""
