@@ -312,12 +312,13 @@ def test_triton_three_steps_interpreted(interpreted_triton_quantize, fmt, dtype,
 
 def _symmetric_three_steps(ops, xs: list[torch.Tensor], fmt: str, block: int, capacity: int):
     """symmetric.py's steps for every rank in lockstep (where the barriers would be), each rank's
-    buffer a poisoned CPU tensor whose address is in `peers` as a peer's would be: each rank's result."""
+    buffer a poisoned tensor on xs' device whose address is in `peers` as a peer's would be: each
+    rank's result."""
     from megatron_ssm.comm import symmetric
 
-    world = len(xs)
-    local = [torch.full((capacity,), 0xAB, dtype=torch.uint8) for _ in xs]
-    peers = torch.tensor([b.data_ptr() for b in local], dtype=torch.int64)
+    world, device = len(xs), xs[0].device
+    local = [torch.full((capacity,), 0xAB, dtype=torch.uint8, device=device) for _ in xs]
+    peers = torch.tensor([b.data_ptr() for b in local], dtype=torch.int64, device=device)
     layouts = [symmetric.Layout.of(xs[0].numel(), fmt, block, world, r, capacity) for r in range(world)]
     assert all(lay.fits() for lay in layouts)
     for r in range(world):
