@@ -38,3 +38,37 @@ def interpreter_problem() -> str | None:
     if out.item() != 45.0:
         return f"Triton {triton.__version__}'s interpreter summed 0..9 to {out.item()}"
     return None
+
+
+def compile_for_sm90(fn, types, constexprs: dict) -> str:
+    """Compile a @triton.jit kernel down to an sm_90 cubin here, without a GPU (Triton's own compiler
+    and ptxas): catches what the interpreter lets through (loop-carried types, pointer casts, scalar
+    atomics, constexpr branches). types(arg name) -> Triton type string for the other arguments.
+    Must run with TRITON_INTERPRET unset (see run_without_interpreter)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {a: "constexpr" if a in constexprs else types(a) for a in names}
+    consts = {(names.index(a),): v for a, v in constexprs.items()}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    return f"{fn.__name__} {constexprs}"
+
+
+def run_without_interpreter(code: str, tmp_path, tests_dir: str, timeout: int = 300) -> list[str]:
+    """Run python `code` in a fresh process without TRITON_INTERPRET (so kernels compile for real),
+    with `tests_dir` importable; its stdout lines. Skips the test where Triton has no CUDA toolchain."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([tests_dir, *sys.path]))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    if run.returncode and ("ptxas" in run.stderr or "GPUTarget" in run.stderr) and "CompilationError" not in run.stderr:
+        pytest.skip(f"no Triton CUDA toolchain here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout.strip().splitlines()

@@ -308,6 +308,76 @@ def test_triton_three_steps_interpreted(interpreted_triton_quantize, fmt, dtype,
     check_steps_match(interpreted_triton_quantize, quantize, xs, fmt, 100, seed)
 
 
+# --- the two-shot over symmetric memory: every rank's buffer in one process -----------------------
+
+def _symmetric_three_steps(ops, xs: list[torch.Tensor], fmt: str, block: int, capacity: int):
+    """symmetric.py's steps for every rank in lockstep (where the barriers would be), each rank's
+    buffer a poisoned tensor on xs' device whose address is in `peers` as a peer's would be: each
+    rank's result."""
+    from megatron_ssm.comm import symmetric
+
+    world, device = len(xs), xs[0].device
+    local = [torch.full((capacity,), 0xAB, dtype=torch.uint8, device=device) for _ in xs]
+    peers = torch.tensor([b.data_ptr() for b in local], dtype=torch.int64, device=device)
+    layouts = [symmetric.Layout.of(xs[0].numel(), fmt, block, world, r, capacity) for r in range(world)]
+    assert all(lay.fits() for lay in layouts)
+    for r in range(world):
+        symmetric.pack(ops, xs[r], fmt, block, layouts[r], local[r])
+    for r in range(world):
+        symmetric.reduce(ops, peers, fmt, block, layouts[r], local[r])
+    return [symmetric.gather(ops, peers, fmt, block, layouts[r], local[r], xs[0].shape, xs[0].dtype)
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_symmetric_steps_interpreted_give_the_two_shot_bits(interpreted_triton_quantize, fmt, seed):
+    """Each rank reads its peers' parts in place (addresses, as over NVLink) and gets the bits of the
+    NCCL transport's steps (quantize.py in torch), on every rank; two calls of different sizes
+    through the same buffers, the larger after the smaller, as a layer's reductions follow each other."""
+    from megatron_ssm.comm import quantize
+
+    for world, shape, dtype in [(2, (4099,), torch.bfloat16), (3, (5, 1031), torch.float32), (8, (2, 700), torch.float16)]:
+        xs = _edge_inputs(seed, world, shape, dtype)
+        want = _three_steps(quantize, xs, fmt, 128)[2]
+        for r, got in enumerate(_symmetric_three_steps(interpreted_triton_quantize, xs, fmt, 128, 1 << 16)):
+            assert same_bits(got, want), f"seed {seed}: world {world} {shape}: rank {r} differs from the two-shot"
+
+
+def test_symmetric_layout_keeps_region_b_apart():
+    """Region B sits at a fixed offset past every region A that fits, so no call's parts overwrite
+    another call's reduced part; what does not fit is refused (it takes the NCCL transport)."""
+    from megatron_ssm.comm.symmetric import Layout
+
+    cap = 1 << 20
+    fitting = [Layout.of(n, fmt, 128, world, 0, cap) for n in (1, 4099, 60_000, 120_000) for fmt in FORMATS
+               for world in (2, 4, 8)]
+    for lay in filter(Layout.fits, fitting):
+        assert lay.world * lay.part_bytes <= lay.region_b == cap // 2 and lay.region_b % 16 == 0
+        assert lay.region_b + lay.part_bytes <= cap
+    # by hand: a part is n / world values rounded up to 512 (4 blocks), 1-byte codes and a 4-byte
+    # scale per 128 (int8, fp8) or 2-byte codes (fp16); region A is world parts, in half the buffer
+    for n, fmt, world in [(1, "int8", 8), (500_000, "int8", 2), (530_000, "int8", 2), (260_000, "fp16", 2),
+                          (262_144, "fp16", 4), (262_145, "fp16", 4), (1_000_000, "fp8", 8)]:
+        chunk = -(-n // (world * 512)) * 512
+        part = chunk * 2 if fmt == "fp16" else chunk + chunk // 128 * 4
+        assert Layout.of(n, fmt, 128, world, 0, cap).fits() == (world * part <= cap // 2), (n, fmt, world)
+
+
+def test_symmetric_transport_falls_back_to_nccl_off_cuda(ranks, seed):
+    """CPU tensors (gloo) take the NCCL transport's path: the same bits as QuantizedAllReduce."""
+    got = ranks(2).run(_symmetric_on_cpu, seed)
+    assert all(same for same in got), f"seed {seed}: {got}"
+
+
+def _symmetric_on_cpu(seed: int) -> bool:
+    from megatron_ssm.comm.symmetric import SymmetricQuantizedAllReduce
+
+    ctx = _rank()
+    x = _inputs(seed, ctx.size, (4099,))[ctx.rank]
+    return torch.equal(SymmetricQuantizedAllReduce("int8")(x.clone(), ctx.group),
+                       QuantizedAllReduce("int8")(x.clone(), ctx.group))
+
+
 # --- the two-shot all-reduce ----------------------------------------------------------------------
 
 def _check_two_shot(seed: int, fmt: str, block: int, cases) -> tuple[list[str], list[torch.Tensor]]:
@@ -526,9 +596,14 @@ def test_threshold_table_lookup():
 
 
 def test_make_allreduce_kinds():
-    assert ALLREDUCE_CHOICES == ("exact", "oneshot", "int8", "fp8", "fp16", "auto")
+    assert ALLREDUCE_CHOICES == ("exact", "oneshot", "int8", "fp8", "fp16", "int8-symm", "fp8-symm", "fp16-symm",
+                                 "auto")
     for kind in ALLREDUCE_CHOICES:
         assert make_allreduce(kind).name == kind
+    assert make_allreduce("fp8-symm").fmt == "fp8" and make_allreduce("int8-symm", capacity=4096).capacity == 4096
+    for bad in ("int4-symm", "exact-symm", "-symm"):
+        with pytest.raises(ValueError, match="unknown all-reduce kind"):
+            make_allreduce(bad)
     assert make_allreduce("int8", block=64).block == 64
     assert make_allreduce("auto", threshold=4096).threshold == 4096
     for bad in ("int4", "EXACT", "", "nccl"):
@@ -588,3 +663,44 @@ def test_qmax_and_code_dtype_are_each_formats_largest_code():
     for fn in (qmax, code_dtype):
         with pytest.raises(ValueError, match="unknown quantisation format 'int4'"):
             fn("int4")
+
+
+def _quantize_kernels_for_sm90() -> list[str]:
+    """Compile the three quantise kernels, local and peer-reading (int64 addresses cast to pointers),
+    for sm_90 without a GPU."""
+    from interpreter import compile_for_sm90
+
+    from megatron_ssm.comm import triton_quantize as tq
+
+    def types(codes):
+        def of(a):
+            if a == "peers_ptr":
+                return "*i64"
+            if a.endswith("scales_ptr"):
+                return "*fp32"
+            if a.endswith("codes_ptr") or a == "codes_ptr":
+                return codes
+            if a in ("x_ptr", "out_ptr"):
+                return "*bf16"
+            return "i64" if a == "offset" else "i32"
+        return of
+
+    done = []
+    for fmt, codes in (("int8", "*u8"), ("fp8", "*u8"), ("fp16", "*fp16")):
+        meta = tq._packed_meta(fmt, 128)
+        done.append(compile_for_sm90(tq._quantize_pack_kernel, types(codes), dict(meta, QMAX=tq._torch.qmax(fmt))))
+        for peers in (False, True):
+            done.append(compile_for_sm90(tq._reduce_requantise_kernel, types(codes),
+                                         dict(meta, QMAX=tq._torch.qmax(fmt), PARTS=4, PEERS=peers)))
+            done.append(compile_for_sm90(tq._unpack_dequantise_kernel, types(codes), dict(meta, PEERS=peers)))
+    return done
+
+
+def test_quantize_kernels_compile_for_sm90(tmp_path):
+    import os
+
+    from interpreter import run_without_interpreter
+
+    out = run_without_interpreter("import test_comm as t; print('\\n'.join(t._quantize_kernels_for_sm90()))",
+                                  tmp_path, os.path.dirname(__file__))
+    assert len(out) == 15, out

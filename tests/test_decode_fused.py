@@ -268,21 +268,10 @@ def test_model_decode_with_kernels_matches_references(ranks, converted, converte
 # ---- the kernels compile for the GPU ------------------------------------------------------------
 
 def _compile_for_sm90() -> list[str]:
-    """Compile every variant of the fused kernels down to an sm_90 cubin, without a GPU (Triton's
-    own compiler and ptxas): catches what the interpreter lets through (loop-carried types, scalar
-    atomics, constexpr branches). Run outside the interpreter (see the test)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Compile every variant of the fused kernels down to an sm_90 cubin, without a GPU."""
+    from interpreter import compile_for_sm90 as compile_one
 
     from megatron_ssm.ops.triton import decode, scan
-
-    def compile_one(fn, types, constexprs):
-        names = fn.arg_names
-        sig = {a: "constexpr" if a in constexprs else types(a) for a in names}
-        consts = {(names.index(a),): v for a, v in constexprs.items()}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-        return f"{fn.__name__} {constexprs}"
 
     def m2_types(a):
         if a.endswith("_ptr"):
@@ -307,16 +296,8 @@ def _compile_for_sm90() -> list[str]:
 
 
 def test_fused_kernels_compile_for_sm90(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from interpreter import run_without_interpreter
 
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), *sys.path]))
-    run = subprocess.run([sys.executable, "-c", "import test_decode_fused as t; print('\\n'.join(t._compile_for_sm90()))"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    if run.returncode and ("ptxas" in run.stderr or "GPUTarget" in run.stderr) and "CompilationError" not in run.stderr:
-        pytest.skip(f"no Triton CUDA toolchain here: {run.stderr.strip().splitlines()[-1]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert len(run.stdout.strip().splitlines()) == 6, run.stdout
+    out = run_without_interpreter("import test_decode_fused as t; print('\\n'.join(t._compile_for_sm90()))",
+                                  tmp_path, os.path.dirname(__file__))
+    assert len(out) == 6, out

@@ -26,7 +26,7 @@ from test_ops import (  # noqa: E402
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
-from test_comm import _edge_inputs, _three_steps, check_steps_match, same_bits  # noqa: E402
+from test_comm import _edge_inputs, _symmetric_three_steps, _three_steps, check_steps_match, same_bits  # noqa: E402
 
 from megatron_ssm import ops as ref_ops  # noqa: E402
 from megatron_ssm.ops import dispatch  # noqa: E402
@@ -354,6 +354,19 @@ def test_quantized_allreduce_steps_in_cuda_graph(seed, fmt):
         s.copy_(x)
     graph.replay()
     assert same_bits(out.cpu(), _three_steps(quantize, [x.cpu() for x in fresh], fmt, 128)[2]), seed
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "fp16"])
+@pytest.mark.parametrize("world,shape", [(2, (4099,)), (4, (64, 4099)), (8, (2048, 512))])
+def test_symmetric_allreduce_steps_read_peers_by_address(seed, fmt, world, shape):
+    """symmetric.py's three kernels with every "rank's" buffer on this GPU, read through their
+    addresses as peers' would be over NVLink: the two-shot's bits on every rank (torch on CPU)."""
+    from megatron_ssm.comm import quantize, triton_quantize
+
+    xs = [x.to(DEV) for x in _edge_inputs(seed, world, shape, torch.bfloat16)]
+    want = _three_steps(quantize, [x.cpu() for x in xs], fmt, 128)[2]
+    for r, got in enumerate(_symmetric_three_steps(triton_quantize, xs, fmt, 128, 1 << 26)):
+        assert same_bits(got.cpu(), want), f"seed {seed}: rank {r} of {world}"
 
 
 # ---- timings --------------------------------------------------------------------------------------

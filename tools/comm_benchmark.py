@@ -2,10 +2,11 @@
 """Latency and bus bandwidth of every all-reduce variant against message size, on GPUs.
 
     torchrun --nproc_per_node N tools/comm_benchmark.py [--sizes-kib 8,64,512,2048,8192,32768,131072]
-        [--variants exact,int8,fp8,fp16,auto,int8:torch]
+        [--variants exact,int8,fp8,fp16,auto,int8:torch,int8-symm]
 
 A variant is an `--allreduce` kind; FORMAT:torch is that quantised all-reduce on its plain torch
-steps instead of the fused Triton kernels (the numbers both must give). Before timing, every
+steps instead of the fused Triton kernels (the numbers both must give); FORMAT-symm moves the same
+parts over symmetric memory instead of NCCL (checked bit for bit against it). Before timing, every
 quantised format's fused result is checked bit for bit against the torch steps' at each size.
 Each variant is timed two ways: launched eagerly (CUDA events around one call; median of --iters,
 slowest rank), and replayed from a CUDA graph (as decode runs it: mean of --iters replays). Bus
@@ -119,6 +120,10 @@ def main():
         for fmt in ("int8", "fp8", "fp16"):
             if not fused_matches_torch(fmt, x, tp.group) and tp.is_first:
                 print(f"WARNING: {fmt} at {kib} KiB: the fused kernels and the torch steps differ", flush=True)
+        for v in (v for v in variants if v.endswith("-symm")):  # the same bits as the NCCL transport
+            same = torch.equal(ops[v](x.clone(), tp.group), QuantizedAllReduce(v.removesuffix("-symm"))(x.clone(), tp.group))
+            if not slowest(float(not same), dev) == 0.0 and tp.is_first:
+                print(f"WARNING: {v} at {kib} KiB differs from the NCCL two-shot's bits", flush=True)
         if "oneshot" in variants and (err := oneshot_error(x, tp.group)) > 1e-2 and tp.is_first:
             print(f"WARNING: oneshot at {kib} KiB differs from NCCL by {err:.2e} of the sum", flush=True)
         cells = []

@@ -3,6 +3,7 @@
 `make_allreduce(kind)` returns an object called as `allreduce(tensor, group) -> tensor`:
 - "exact": torch.distributed.all_reduce (NCCL on GPU, gloo on CPU), in place;
 - "int8" / "fp8" / "fp16": a two-shot block-quantised all-reduce (lossy, fewer bytes on the wire);
+- "int8-symm" / ...: the same bits, its parts moved through symmetric memory instead of NCCL;
 - "auto": exact for small messages (latency-bound: the extra kernels and collectives of the quantised
   path cost more than the bytes they save), quantised from a size threshold up.
 
@@ -27,7 +28,8 @@ import torch.distributed as dist
 from . import quantize
 from .quantize import FORMATS
 
-ALLREDUCE_CHOICES = ("exact", "oneshot", "int8", "fp8", "fp16", "auto")
+# "<fmt>-symm": the quantised two-shot over symmetric memory (symmetric.py), not NCCL.
+ALLREDUCE_CHOICES = ("exact", "oneshot", "int8", "fp8", "fp16", "int8-symm", "fp8-symm", "fp16-symm", "auto")
 
 # Message size (bytes) from which the quantised path is faster, by a substring of the CUDA device's
 # name, then by group size (a plain number: every size). A device or size not listed (and every
@@ -243,6 +245,10 @@ def make_allreduce(kind: str, **kw) -> AllReduce:
         return OneShotAllReduce(**kw)
     if kind in FORMATS:
         return QuantizedAllReduce(fmt=kind, **kw)
+    if kind.endswith("-symm") and kind.removesuffix("-symm") in FORMATS:
+        from .symmetric import SymmetricQuantizedAllReduce
+
+        return SymmetricQuantizedAllReduce(fmt=kind.removesuffix("-symm"), **kw)
     if kind == "auto":
         return AutoAllReduce(**kw)
     raise ValueError(f"unknown all-reduce kind {kind!r}; expected one of {ALLREDUCE_CHOICES}")

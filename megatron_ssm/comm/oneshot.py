@@ -76,21 +76,32 @@ class OneShotAllReduce(AllReduce):
 
 def symmetric_buffer(numel: int, dtype: torch.dtype, device: torch.device, group) -> torch.Tensor | None:
     """A buffer of `numel` values that every rank of `group` maps, or None on every rank if any rank
-    could not make one. Collective."""
-    buffer, why = None, ""
+    could not make one (or this torch has no one-shot all-reduce). Collective."""
+    made = symmetric_rendezvous(numel, dtype, device, group, needs_op="one_shot_all_reduce_copy_out")
+    return None if made is None else made[0]
+
+
+def symmetric_rendezvous(numel: int, dtype: torch.dtype, device: torch.device, group,
+                         needs_op: str | None = None) -> tuple[torch.Tensor, object] | None:
+    """(this rank's buffer of `numel` values that every rank of `group` maps, its symmetric-memory
+    handle), or None on every rank if any rank could not make one or lacks torch.ops.symm_mem.<needs_op>.
+    Collective."""
+    made, why = None, ""
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
-        if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
-            raise RuntimeError("this torch has no symm_mem.one_shot_all_reduce_copy_out")
+        if needs_op is not None and not hasattr(torch.ops.symm_mem, needs_op):
+            raise RuntimeError(f"this torch has no symm_mem.{needs_op}")
         buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-        if symm_mem.rendezvous(buffer, group.group_name) is None:
+        handle = symm_mem.rendezvous(buffer, group.group_name)
+        if handle is None:
             raise RuntimeError("rendezvous returned no handle")
+        made = (buffer, handle)
     except Exception as e:  # noqa: BLE001 - any failure means: use NCCL
-        buffer, why = None, f"{type(e).__name__}: {e}"
-    ok = torch.tensor([buffer is not None], dtype=torch.int32, device=device)
+        made, why = None, f"{type(e).__name__}: {e}"
+    ok = torch.tensor([made is not None], dtype=torch.int32, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     if not ok.item():
-        log.warning("one-shot all-reduce unavailable, using NCCL for every message%s", f" ({why})" if why else "")
+        log.warning("symmetric memory unavailable, using NCCL for every message%s", f" ({why})" if why else "")
         return None
-    return buffer
+    return made

@@ -107,21 +107,45 @@ def part_bytes(chunk: int, fmt: str, block: int) -> int:
     return chunk * code_dtype(fmt).itemsize + scale_bytes
 
 
+def part_chunk(nbytes: int, fmt: str, block: int) -> int:
+    """The chunk (values per part) of a packed part of `nbytes` bytes (the inverse of part_bytes)."""
+    per_block = block * code_dtype(fmt).itemsize + (4 if has_scales(fmt) else 0)
+    if nbytes % per_block:
+        raise ValueError(f"{nbytes} bytes are not a packed {fmt} part of block {block}")
+    return nbytes // per_block * block
+
+
 def packed_chunk(packed: torch.Tensor, fmt: str, block: int) -> int:
     """The chunk (values per part) of a packed (parts, bytes) uint8 buffer."""
-    per_block = block * code_dtype(fmt).itemsize + (4 if has_scales(fmt) else 0)
-    if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[1] % per_block:
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
         raise ValueError(f"not a packed {fmt} buffer of block {block}: {packed.dtype} {tuple(packed.shape)}")
-    return packed.shape[1] // per_block * block
+    try:
+        return part_chunk(packed.shape[1], fmt, block)
+    except ValueError:
+        raise ValueError(f"not a packed {fmt} buffer of block {block}: {packed.dtype} {tuple(packed.shape)}") from None
 
 
-def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int) -> torch.Tensor:
+def packed_out(out: torch.Tensor | None, parts: int, nbytes: int, device) -> torch.Tensor:
+    """`out` checked to be a (parts, nbytes) uint8 buffer on `device` (e.g. a view of a symmetric
+    buffer), or a new one."""
+    if out is None:
+        return torch.empty(parts, nbytes, dtype=torch.uint8, device=device)
+    if out.shape != (parts, nbytes) or out.dtype != torch.uint8 or out.device != torch.device(device):
+        raise ValueError(f"out must be ({parts}, {nbytes}) uint8 on {device}, got {tuple(out.shape)} {out.dtype} "
+                         f"on {out.device}")
+    return out
+
+
+def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Quantise x (any shape, read flat, padded with zeros to parts * chunk_values) and pack it:
-    (parts, part_bytes) uint8, part j = chunk j's codes then its scales."""
+    (parts, part_bytes) uint8, part j = chunk j's codes then its scales; into `out` if given."""
     n = x.numel()
     chunk = chunk_values(n, parts, block)
     flat = torch.nn.functional.pad(x.reshape(-1), (0, parts * chunk - n))
-    return _pack(*quantize_blocks(flat, fmt, block), parts)
+    packed = _pack(*quantize_blocks(flat, fmt, block), parts)
+    if out is None:
+        return packed
+    return packed_out(out, parts, packed.shape[1], x.device).copy_(packed)
 
 
 def reduce_requantise(got: torch.Tensor, fmt: str, block: int, out: torch.Tensor) -> torch.Tensor:

@@ -98,20 +98,31 @@ def _quantize_pack_kernel(x_ptr, codes_ptr, scales_ptr, n, nblocks, chunk, part_
 
 
 @triton.jit
-def _reduce_requantise_kernel(got_codes_ptr, got_scales_ptr, out_codes_ptr, out_scales_ptr, chunk, part_bytes,
-                              PARTS: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
+def _part_row(buf_ptr, peers_ptr, part, part_bytes, offset, PEERS: tl.constexpr):
+    """Byte address (a uint8 pointer, or a tensor of them for a tensor of parts) of packed part
+    `part`: row `part` of a local (parts, part_bytes) buffer, or, with PEERS, byte `offset` of rank
+    `part`'s symmetric buffer (peers_ptr: every rank's buffer address as int64, mapped here)."""
+    if PEERS:
+        return tl.load(peers_ptr + part).to(tl.pointer_type(tl.uint8)) + offset
+    return buf_ptr + part * part_bytes
+
+
+@triton.jit
+def _reduce_requantise_kernel(got_codes_ptr, got_scales_ptr, peers_ptr, offset, out_codes_ptr, out_scales_ptr, chunk,
+                              part_bytes, PARTS: tl.constexpr, QMAX: tl.constexpr, IS_INT8: tl.constexpr,
                               HAS_SCALES: tl.constexpr, CODE_BYTES: tl.constexpr, BLOCK: tl.constexpr,
-                              ROWS: tl.constexpr):
+                              ROWS: tl.constexpr, PEERS: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # block index within the chunk
     live = rows < chunk // BLOCK
     code_offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     stride = part_bytes.to(tl.int64)
+    got_bytes = got_codes_ptr.to(tl.pointer_type(tl.uint8))
     total = tl.zeros((ROWS, BLOCK), dtype=tl.float32)  # 0 + row 0 + row 1 ...: torch.sum's order
     for j in tl.static_range(PARTS):
-        base = j * stride
-        codes = tl.load(got_codes_ptr + base // CODE_BYTES + code_offs, mask=live[:, None], other=0)
+        row = _part_row(got_bytes, peers_ptr, j, stride, offset, PEERS)
+        codes = tl.load(row.to(got_codes_ptr.dtype) + code_offs, mask=live[:, None], other=0)
         if HAS_SCALES:
-            scale = tl.load(got_scales_ptr + (base + chunk) // 4 + rows, mask=live, other=1.0)
+            scale = tl.load((row + chunk).to(got_scales_ptr.dtype) + rows, mask=live, other=1.0)
             total += _dequantise_rows(codes, scale, IS_INT8)
         else:
             total += codes.to(tl.float32)
@@ -124,18 +135,18 @@ def _reduce_requantise_kernel(got_codes_ptr, got_scales_ptr, out_codes_ptr, out_
 
 
 @triton.jit
-def _unpack_dequantise_kernel(codes_ptr, scales_ptr, out_ptr, n, chunk, part_bytes, IS_INT8: tl.constexpr,
-                              HAS_SCALES: tl.constexpr, CODE_BYTES: tl.constexpr, BLOCK: tl.constexpr,
-                              ROWS: tl.constexpr):
+def _unpack_dequantise_kernel(codes_ptr, scales_ptr, peers_ptr, offset, out_ptr, n, chunk, part_bytes,
+                              IS_INT8: tl.constexpr, HAS_SCALES: tl.constexpr, CODE_BYTES: tl.constexpr,
+                              BLOCK: tl.constexpr, ROWS: tl.constexpr, PEERS: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # global block index
     offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
     live = offs < n
     part, inner = rows // (chunk // BLOCK), rows % (chunk // BLOCK)
-    base = part * (part_bytes // CODE_BYTES)
-    codes = tl.load(codes_ptr + base[:, None] + inner[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :],
+    row = _part_row(codes_ptr.to(tl.pointer_type(tl.uint8)), peers_ptr, part, part_bytes.to(tl.int64), offset, PEERS)
+    codes = tl.load(row[:, None].to(codes_ptr.dtype) + inner[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :],
                     mask=live, other=0)
     if HAS_SCALES:
-        scale = tl.load(scales_ptr + (part * part_bytes + chunk) // 4 + inner, mask=rows * BLOCK < n, other=1.0)
+        scale = tl.load((row + chunk).to(scales_ptr.dtype) + inner, mask=rows * BLOCK < n, other=1.0)
         x = _dequantise_rows(codes, scale, IS_INT8)
     else:
         x = codes.to(tl.float32)
@@ -164,13 +175,13 @@ def _views(buf: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, codes
 
 
-def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int) -> torch.Tensor:
+def quantize_pack(x: torch.Tensor, fmt: str, block: int, parts: int, out: torch.Tensor | None = None) -> torch.Tensor:
     if not _fused(x, block):
-        return _torch.quantize_pack(x, fmt, block, parts)
+        return _torch.quantize_pack(x, fmt, block, parts, out)
     x = x.contiguous()  # read flat in place: no padded copy
     chunk = _torch.chunk_values(x.numel(), parts, block)
     nbytes = _torch.part_bytes(chunk, fmt, block)
-    out = torch.empty(parts, nbytes, dtype=torch.uint8, device=x.device)
+    out = _torch.packed_out(out, parts, nbytes, x.device)
     nblocks = parts * chunk // block
     if nblocks:
         _quantize_pack_kernel[(triton.cdiv(nblocks, _rows(block)),)](
@@ -187,8 +198,21 @@ def reduce_requantise(got: torch.Tensor, fmt: str, block: int, out: torch.Tensor
     if chunk:
         # No fused multiply-add: dequantise (a product) and sum are rounded separately, as in torch.
         _reduce_requantise_kernel[(triton.cdiv(chunk // block, _rows(block)),)](
-            *_views(got, fmt), *_views(out, fmt), chunk, got.shape[1], PARTS=got.shape[0],
-            QMAX=_torch.qmax(fmt), **_packed_meta(fmt, block), enable_fp_fusion=False)
+            *_views(got, fmt), got, 0, *_views(out, fmt), chunk, got.shape[1], PARTS=got.shape[0],
+            QMAX=_torch.qmax(fmt), **_packed_meta(fmt, block), PEERS=False, enable_fp_fusion=False)
+    return out
+
+
+def reduce_requantise_peers(peers: torch.Tensor, offset: int, part_bytes: int, fmt: str, block: int,
+                            out: torch.Tensor) -> torch.Tensor:
+    """reduce_requantise with part j read where rank j holds it: `part_bytes` bytes from `offset` of
+    the symmetric buffer at address peers[j] (int64, one per rank, mapped on this device), instead
+    of row j of a received buffer. `out` (part_bytes uint8) gets the requantised sum."""
+    chunk = _torch.part_chunk(part_bytes, fmt, block)
+    if chunk:
+        _reduce_requantise_kernel[(triton.cdiv(chunk // block, _rows(block)),)](
+            *_views(out.view(1, -1), fmt), peers, offset, *_views(out, fmt), chunk, part_bytes, PARTS=peers.numel(),
+            QMAX=_torch.qmax(fmt), **_packed_meta(fmt, block), PEERS=True, enable_fp_fusion=False)
     return out
 
 
@@ -203,5 +227,22 @@ def unpack_dequantise(packed: torch.Tensor, fmt: str, block: int, shape, dtype: 
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     if n:
         _unpack_dequantise_kernel[(triton.cdiv(triton.cdiv(n, block), _rows(block)),)](
-            *_views(packed, fmt), out, n, chunk, packed.shape[1], **_packed_meta(fmt, block))
+            *_views(packed, fmt), packed, 0, out, n, chunk, packed.shape[1], **_packed_meta(fmt, block), PEERS=False)
+    return out
+
+
+def unpack_dequantise_peers(peers: torch.Tensor, offset: int, part_bytes: int, fmt: str, block: int, shape,
+                            dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+    """unpack_dequantise of the buffer whose row j is `part_bytes` bytes from `offset` of rank j's
+    symmetric buffer (address peers[j]); `like` is any uint8 tensor on the device (its dtype types
+    the kernel's pointers; it is not read)."""
+    chunk = _torch.part_chunk(part_bytes, fmt, block)
+    n = math.prod(shape)
+    if n > peers.numel() * chunk:
+        raise ValueError(f"{tuple(shape)} wants {n} values; the packed parts hold {peers.numel() * chunk}")
+    out = torch.empty(shape, dtype=dtype, device=peers.device)
+    if n:
+        _unpack_dequantise_kernel[(triton.cdiv(triton.cdiv(n, block), _rows(block)),)](
+            *_views(like, fmt), peers, offset, out, n, chunk, part_bytes,
+            **_packed_meta(fmt, block), PEERS=True)
     return out
