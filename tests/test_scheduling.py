@@ -561,11 +561,11 @@ def test_kv_cache_budget_is_refused_by_name():
 
 # ---- the context-parallel long prefill's scheduling, in one process -------------------------------
 
-class CPModel(CountingModel):
-    """The stand-in behind a context-parallel group: a forward given `cp` spans runs the whole range
-    (what every CP rank holds after the state passing) and records the split it was asked for, so
-    the engine's scheduling of long prompts is seen without a process group (the split numerics are
-    test_context_parallel.py's, on gloo ranks)."""
+class SplitRecording:
+    """Puts a stand-in behind a context-parallel group: a forward given `cp` spans runs the whole
+    range (what every CP rank holds after the state passing) and records the split it was asked for,
+    so the engine's scheduling of long prompts is seen without a process group (the split numerics
+    are test_context_parallel.py's, on gloo ranks)."""
 
     supports_context_parallel = True
 
@@ -577,6 +577,14 @@ class CPModel(CountingModel):
     def forward(self, input_ids, states=None, last_only=False, cp=None):
         self.spans.append(None if cp is None else cp.lengths)
         return super().forward(input_ids, states, last_only)
+
+
+class CPModel(SplitRecording, CountingModel):
+    pass
+
+
+class KVCPModel(SplitRecording, KVModel):
+    pass
 
 
 CP2 = CPContext(group=None, rank=0, size=2)
@@ -702,6 +710,46 @@ def test_abort_a_long_prompt_under_way(seed):
     eng.step()
     assert eng.long.seq.id == y and eng.has_work() and eng.abort(y) and not eng.has_work()
     assert eng.step() == [] and eng.num_running == 0
+
+
+def test_a_hybrids_long_prompt_saves_and_reuses_prefixes_and_moves_its_keys(seed):
+    """KV stand-in, prefix blocks of 16: a 70-token prompt (n = 2) is prefilled split in steps that end
+    on block boundaries (32, 64: both saved), then its 6-token tail; it moves from the held slot into
+    the one after the running request, keys and all, and forks. A later 74-token prompt sharing its
+    first 64 tokens starts from the saved state and runs only its last 10. Copies take the positions
+    their source holds (and at most the one the next step writes)."""
+    short, long_, tail = _prompts(seed, (5, 70, 10))
+    eng = Engine(KVCPModel(), EngineConfig(max_batch=3, prefill_chunk=16, context_parallel_min_tokens=40,
+                                           max_sequence_length=128, prefix_block=16, prefix_cache_bytes=1 << 20), cp=CP2)
+    copies = _recording_copies(eng)
+    a = eng.add_request(Request(short, 6))
+    x = eng.add_request(Request(long_, 3, n=2))
+    outs = _run(eng)
+    assert copies[:2] == [(2, 1, 70, 70), (1, 2, 71, 70)], copies  # into slot 1, then the fork into 2
+    assert eng.model.spans.count((16, 16)) == 2 and eng.prefix.hits == 0
+    shared = long_[:64] + tail
+    y = eng.add_request(Request(shared, 2))
+    outs |= _run(eng)
+    assert eng.prefix.hits == 1 and [L for _, L in eng.model.calls][-2:] == [10, 1], eng.model.calls
+    assert eng.model.spans.count((16, 16)) == 2  # the 10 tokens after the saved 64 run whole
+    got = {rid: [o.token for o in outs[rid]] for rid in (a, x, x + 1, y)}
+    assert got == {a: expected(short, 6), x: expected(long_, 3), x + 1: expected(long_, 3),
+                   y: expected(shared, 2)}, f"seed {seed}"
+    for src, dst, kv_length, held in copies:
+        assert kv_length is not None and held <= kv_length <= held + 1, (copies, seed)
+
+
+def test_split_prefill_at_the_smallest_settings(seed):
+    """context_parallel_min_tokens 0 still means prompts of at least one token; prefill_chunk 1 gives
+    steps of one token a CP rank (too few to split: each runs whole)."""
+    prompt = _prompts(seed, (5,))[0]
+    eng = _cp_engine(prefill_chunk=1, context_parallel_min_tokens=0)
+    rid = eng.add_request(Request(prompt[:1], 2))
+    assert eng.step() == [] and eng.long.seq.id == rid
+    assert [o.token for o in _run(eng)[rid]] == expected(prompt[:1], 2), f"seed {seed}"
+    eng = _cp_engine(prefill_chunk=1, context_parallel_min_tokens=5)
+    assert eng.generate([Request(prompt, 2)]) == [expected(prompt, 2)], f"seed {seed}"
+    assert [L for _, L in eng.model.calls] == [2, 2, 1, 1] and eng.model.spans == [None] * 4, eng.model.calls
 
 
 def test_which_prompts_are_prefilled_split(seed):
