@@ -311,7 +311,8 @@ def test_prefix_lookup_takes_the_longest_saved_prefix_short_of_the_prompt(seed):
         length, state = cache.lookup(prompt)
         assert length == want, (len(prompt), length, seed)
         assert (state is None) if want == 0 else state[0].ssm.eq(float(want)).all()
-    assert (cache.hits, cache.misses) == (4, 1)
+    assert cache.lookup([t + 1 for t in tokens]) == (0, None)
+    assert (cache.hits, cache.misses) == (4, 2)
 
 
 def test_prefix_cache_keeps_one_row_with_its_keys_values_cut_to_the_prefix():
