@@ -733,6 +733,19 @@ def test_varlen_helpers_against_each_sequence_alone(seed, lengths):
     assert finals.shape == (len(lengths), 6, 3) and torch.equal(finals, torch.cat(alone, 0)), seed
 
 
+def test_varlen_helpers_stay_on_the_inputs_device():
+    """Everything the packed kernels index by is built on cu_seqlens' (and x's) device, so a packed
+    forward needs no host copy and can be captured in a CUDA graph; the meta device stands in for
+    the GPU (an index built on the CPU by default would not mix with it)."""
+    from megatron_ssm.ops.varlen import conv_final_states, cu_seqlens_of, last_positions, seq_index
+
+    cu = cu_seqlens_of([3, 2, 4], "meta")
+    assert cu.device.type == "meta" and cu.dtype == torch.int32
+    assert seq_index(cu, 9).device.type == "meta" and last_positions(cu).device.type == "meta"
+    finals = conv_final_states(torch.empty(1, 9, 5, device="meta"), cu, 3)
+    assert finals.device.type == "meta" and finals.shape == (3, 5, 3)
+
+
 def _without(case, *names):
     op, kw = case
     return op, dict(kw, **{n: None for n in names})
