@@ -251,6 +251,30 @@ def test_three_steps_match_first_version(fmt, dtype, world, seed):
     assert same_bits(_three_steps(quantize, xs, fmt, 32)[2], _old_two_shot(xs, fmt, 32)), f"seed {seed}, block 32"
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantize_pack_into_a_given_buffer(fmt, seed):
+    """quantize_pack(out=...) writes the parts where the caller says (a view of a symmetric buffer)
+    and returns that buffer, the bytes of a fresh pack; a buffer of the wrong shape, dtype or device
+    is refused by name; part_chunk inverts part_bytes."""
+    from megatron_ssm.comm import quantize
+
+    x = _edge_inputs(seed, 1, (3, 1000), torch.bfloat16)[0]
+    fresh = quantize.quantize_pack(x, fmt, 128, 3)
+    chunk = quantize.chunk_values(x.numel(), 3, 128)
+    assert fresh.shape == (3, quantize.part_bytes(chunk, fmt, 128)) and quantize.part_chunk(fresh.shape[1], fmt, 128) == chunk
+    buf = torch.full((3, fresh.shape[1]), 0xAB, dtype=torch.uint8)
+    got = quantize.quantize_pack(x, fmt, 128, 3, out=buf)
+    assert got.data_ptr() == buf.data_ptr() and same_packed(buf, fresh, fmt), seed
+    for bad in (torch.zeros(3, fresh.shape[1] + 16, dtype=torch.uint8), torch.zeros(2, fresh.shape[1], dtype=torch.uint8),
+                torch.zeros(3, fresh.shape[1], dtype=torch.int8), torch.zeros(3, fresh.shape[1], dtype=torch.uint8, device="meta")):
+        with pytest.raises(ValueError, match=rf"out must be \(3, {fresh.shape[1]}\) uint8 on cpu"):
+            quantize.quantize_pack(x, fmt, 128, 3, out=bad)
+    per_block = 128 * quantize.code_dtype(fmt).itemsize + (4 if quantize.has_scales(fmt) else 0)
+    assert quantize.part_chunk(5 * per_block, fmt, 128) == 5 * 128
+    with pytest.raises(ValueError, match=f"{5 * per_block + 1} bytes are not a packed {fmt} part of block 128"):
+        quantize.part_chunk(5 * per_block + 1, fmt, 128)
+
+
 def test_three_steps_reject_mismatched_buffers():
     from megatron_ssm.comm import quantize
 
