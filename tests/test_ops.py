@@ -733,6 +733,32 @@ def test_varlen_helpers_against_each_sequence_alone(seed, lengths):
     assert finals.shape == (len(lengths), 6, 3) and torch.equal(finals, torch.cat(alone, 0)), seed
 
 
+def test_validate_packed_refuses_what_the_kernels_would_overrun():
+    """Each refusal by its message, at its boundary; good boundaries pass."""
+    from megatron_ssm.ops.varlen import validate_packed
+
+    def cu(*v, dtype=torch.int32):
+        return torch.tensor(v, dtype=dtype)
+
+    validate_packed(cu(0, 3, 5), 5)
+    validate_packed(cu(0, 3, 5), 5, states=2)
+    validate_packed(cu(0, 1), 1, states=1)
+    shape = r"cu_seqlens must be a 1-D int32 tensor \[nseq \+ 1\], got "
+    for bad, said in [(cu(0, 3, 5, dtype=torch.int64), shape + r"\(3,\) torch.int64"), (cu(0), shape + r"\(1,\) torch.int32"),
+                      (torch.zeros(1, 3, dtype=torch.int32), shape + r"\(1, 3\) torch.int32")]:
+        with pytest.raises(ValueError, match=said):
+            validate_packed(bad, 5)
+    with pytest.raises(ValueError, match="cu_seqlens holds 2 sequences for 3 state rows"):
+        validate_packed(cu(0, 3, 5), 5, states=3)
+    rises = "cu_seqlens must rise strictly from 0 to the 5 packed tokens, got "
+    for bad in [(1, 3, 5), (0, 3, 4), (0, 3, 6), (0, 3, 3, 5), (0, 4, 3, 5)]:
+        with pytest.raises(ValueError, match=rf"{rises}\[{', '.join(map(str, bad))}\]$"):
+            validate_packed(cu(*bad), 5)
+    long = tuple(range(11))  # more than 8 boundaries: the first 8, then an ellipsis
+    with pytest.raises(ValueError, match=r"got \[0, 1, 2, 3, 4, 5, 6, 7\]\.\.\.$"):
+        validate_packed(cu(*long), 11)
+
+
 def test_varlen_helpers_stay_on_the_inputs_device():
     """Everything the packed kernels index by is built on cu_seqlens' (and x's) device, so a packed
     forward needs no host copy and can be captured in a CUDA graph; the meta device stands in for

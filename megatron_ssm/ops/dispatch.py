@@ -75,7 +75,7 @@ def fused_decode(mixer: str) -> bool:
     if value is None:
         return mixer in FUSED_DECODE_DEFAULT
     value = value.strip()
-    if value in ("0", ""):
+    if value == "0":
         return False
     if value == "1":
         return True
