@@ -272,6 +272,7 @@ def test_quantize_pack_into_a_given_buffer(fmt, seed):
     made = quantize.packed_out(None, 3, 48, "cpu")  # what the kernels pack into when given no buffer
     assert made.shape == (3, 48) and made.dtype == torch.uint8 and made.device.type == "cpu"
     assert quantize.packed_out(buf, 3, fresh.shape[1], "cpu") is buf
+    assert quantize.packed_out(None, 2, 16, "meta").device.type == "meta"  # on the device asked for
     per_block = 128 * quantize.code_dtype(fmt).itemsize + (4 if quantize.has_scales(fmt) else 0)
     assert quantize.part_chunk(5 * per_block, fmt, 128) == 5 * 128
     with pytest.raises(ValueError, match=f"{5 * per_block + 1} bytes are not a packed {fmt} part of block 128"):

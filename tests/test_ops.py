@@ -754,9 +754,10 @@ def test_validate_packed_refuses_what_the_kernels_would_overrun():
     for bad in [(1, 3, 5), (0, 3, 4), (0, 3, 6), (0, 3, 3, 5), (0, 4, 3, 5)]:
         with pytest.raises(ValueError, match=rf"{rises}\[{', '.join(map(str, bad))}\]$"):
             validate_packed(cu(*bad), 5)
-    long = tuple(range(11))  # more than 8 boundaries: the first 8, then an ellipsis
-    with pytest.raises(ValueError, match=r"got \[0, 1, 2, 3, 4, 5, 6, 7\]\.\.\.$"):
-        validate_packed(cu(*long), 11)
+    # more than 8 boundaries: the first 8, then an ellipsis; 8 exactly: all of them
+    for n, tail in [(11, r"\.\.\."), (9, r"\.\.\."), (8, "")]:
+        with pytest.raises(ValueError, match=rf"got \[0, 1, 2, 3, 4, 5, 6, 7\]{tail}$"):
+            validate_packed(cu(*range(n)), 99)
 
 
 def test_varlen_helpers_stay_on_the_inputs_device():
