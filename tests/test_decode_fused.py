@@ -94,21 +94,24 @@ def test_mamba1_reference_equals_the_norms_before_dt_proj(seed):
     assert rel_err(got, want) < 1e-6 and rel_err(kw["state"], unfused_state) < 1e-6, seed
 
 
-def _without_norm_eps(case):
+def _edited(case, drop=(), **values):
     op, kw = case
-    return op, {k: v for k, v in kw.items() if k != "norm_eps"}
+    return op, {**{k: v for k, v in kw.items() if k not in drop}, **values}
+
+
+def _default_eps_case():
+    """norm_eps left out (the default), on a tiny group so that eps shows in the norm."""
+    op, kw = mamba2_decode_inputs(2, 4, 3, 1, 5, 4, torch.float32, "cpu")
+    return _edited((op, kw), drop=("norm_eps",), xbc=kw["xbc"] * 1e-3)
 
 
 @pytest.mark.parametrize("case", [
     lambda: mamba2_decode_inputs(2, 4, 3, 2, 5, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
-    # an eps far from the default, and the default itself (the argument left out)
-    lambda: (lambda op, kw: (op, dict(kw, norm_eps=0.25)))(*mamba2_decode_inputs(2, 4, 3, 1, 5, 4, torch.float32, "cpu")),
-    lambda: _without_norm_eps(mamba2_decode_inputs(2, 4, 3, 1, 5, 4, torch.float32, "cpu", gate="norm")),
+    lambda: _edited(mamba2_decode_inputs(2, 4, 3, 1, 5, 4, torch.float32, "cpu"), norm_eps=0.25),  # far from the default
+    _default_eps_case,
     lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu")], ids=["mamba2", "mamba2-eps", "mamba2-default-eps", "mamba1"])
 def test_dispatch_forwards_every_argument_in_order(seed, case):
     op, kw = case()
-    if "norm_eps" not in kw and op == "mamba2_decode_step":  # a tiny group, so eps shows in the norm
-        kw = dict(kw, xbc=kw["xbc"] * 1e-3)
     check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
 
 

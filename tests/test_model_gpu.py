@@ -18,6 +18,18 @@ def tp():
     return init_distributed(device=torch.device("cuda", 0))
 
 
+def _errors_torch_ops_and_kernels(model, ids, ref, monkeypatch) -> tuple[float, float]:
+    """The model's max error against HF's logits `ref` (relative to their largest), with the torch
+    reference ops on the GPU, then with the dispatch kernels."""
+    with torch.no_grad():
+        ours = model(ids.cuda())[..., :250].float().cpu()
+        monkeypatch.setenv("MEGATRON_SSM_KERNELS", "torch")
+        torch_ops = model(ids.cuda())[..., :250].float().cpu()
+        monkeypatch.delenv("MEGATRON_SSM_KERNELS")
+    scale = ref.abs().max().item()
+    return tuple((x - ref).abs().max().item() / scale for x in (torch_ops, ours))
+
+
 @pytest.mark.parametrize("family,opts", [("mamba", {}), ("falcon_mamba", {}), ("mamba2", {"n_groups": 2})])
 def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, family, opts):
     from megatron_ssm.inference.engine import Engine, EngineConfig, Request
@@ -34,13 +46,7 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
         per_group_gated_norm(hf)
     ref = hf_logits(hf, ids)
     model = load_model(tmp_path / "ckpt", tp)  # fp32, our kernels
-    with torch.no_grad():
-        ours = model(ids.cuda())[..., :250].float().cpu()
-        monkeypatch.setenv("MEGATRON_SSM_KERNELS", "torch")
-        torch_ops = model(ids.cuda())[..., :250].float().cpu()
-        monkeypatch.delenv("MEGATRON_SSM_KERNELS")
-    scale = ref.abs().max().item()
-    err_torch, err_ours = ((x - ref).abs().max().item() / scale for x in (torch_ops, ours))
+    err_torch, err_ours = _errors_torch_ops_and_kernels(model, ids, ref, monkeypatch)
     assert err_torch < 1e-3, f"torch reference ops vs HF: relative error {err_torch} (seed {seed})"
     assert err_ours < 5e-3, f"dispatch kernels vs HF: relative error {err_ours} (torch ops: {err_torch}, seed {seed})"  # tf32 in SSD
 
@@ -81,13 +87,7 @@ def test_gpu_hybrid_matches_hf_and_graphed_decode_covers_attention(tp, tmp_path,
     ids = torch.randint(3, 250, (2, 70))
     ref = hf_logits(hf, ids)
     model = load_model(tmp_path / "ckpt", tp)
-    with torch.no_grad():
-        ours = model(ids.cuda())[..., :250].float().cpu()
-        monkeypatch.setenv("MEGATRON_SSM_KERNELS", "torch")
-        torch_ops = model(ids.cuda())[..., :250].float().cpu()
-        monkeypatch.delenv("MEGATRON_SSM_KERNELS")
-    scale = ref.abs().max().item()
-    err_torch, err = ((x - ref).abs().max().item() / scale for x in (torch_ops, ours))
+    err_torch, err = _errors_torch_ops_and_kernels(model, ids, ref, monkeypatch)
     assert err_torch < 1e-3, f"torch reference ops on the GPU vs HF: relative error {err_torch}"
     # The kernels' error is most likely the SSD scan's tf32 dots (mamba-ssm's; not isolated): the
     # torch ops on the same GPU are within 2e-5 of HF. Zamba2's varied weights (std 1/sqrt(fan_in),

@@ -88,14 +88,20 @@ def _graph_time(fn, copies, replays=20):
     with torch.cuda.graph(graph):
         for i in range(len(copies)):
             fn(i)
-    graph.replay()
+    return _replay_ms(graph, replays, warmup=1) * 1e3 / len(copies)
+
+
+def _replay_ms(graph, replays: int, warmup: int) -> float:
+    """ms per replay of a captured graph, after `warmup` untimed replays."""
+    for _ in range(warmup):
+        graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (replays * len(copies))
+    return start.elapsed_time(end) / replays
 
 
 def time_kernels(batches=(1, 16), layers=48):
@@ -191,17 +197,8 @@ def check_model(config: str, batches: list[int], tp, prompt=64, replays=100):
         for mode in ("unfused", "fused", "unfused", "fused"):  # twice each, interleaved
             _env(**MODES[mode])
             graphed = GraphedDecode(model, cache, buckets=(b,))
-            graph = graphed.graphs[b]
-            for _ in range(5):
-                graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(replays):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.setdefault(mode, []).append(start.elapsed_time(end) / replays)
-            del graphed, graph
+            times.setdefault(mode, []).append(_replay_ms(graphed.graphs[b], replays, warmup=5))
+            del graphed
         best = {m: min(t) for m, t in times.items()}
         print(f"{name} b{b} graphed decode step: fused {best['fused']:.3f} ms, unfused {best['unfused']:.3f} ms "
               f"({100 * (1 - best['fused'] / best['unfused']):.1f}% less)", flush=True)

@@ -71,19 +71,25 @@ def fused_decode(mixer: str) -> bool:
     """Whether this mixer ("mamba1" or "mamba2") takes its one *_decode_step op per decode token."""
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}; expected one of {MIXERS}")
-    value = os.environ.get(FUSED_DECODE_ENV)
+    return mixer in _fused_mixers(os.environ.get(FUSED_DECODE_ENV))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_mixers(value: str | None) -> frozenset[str]:
+    """The mixers a value of FUSED_DECODE_ENV fuses; parsed once per value (eager decode asks per
+    layer and token)."""
     if value is None:
-        return mixer in FUSED_DECODE_DEFAULT
+        return frozenset(FUSED_DECODE_DEFAULT)
     value = value.strip()
     if value == "0":
-        return False
+        return frozenset()
     if value == "1":
-        return True
+        return frozenset(MIXERS)
     chosen = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in chosen if v not in MIXERS]
     if unknown:
         raise ValueError(f"{FUSED_DECODE_ENV}={value!r}: unknown mixer(s) {unknown}; expected 0, 1 or a comma list of {MIXERS}")
-    return mixer in chosen
+    return frozenset(chosen)
 
 
 @functools.lru_cache(maxsize=None)
