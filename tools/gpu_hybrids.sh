@@ -6,13 +6,14 @@
 # PYTEST_ARGS="-n 8" spreads the GPU tests over processes (pytest-xdist, carried in .whl): their time is
 # mostly Triton compiling and autotuning on the host, which parallelises.
 # Each step has its own timeout, so a failing step still leaves the others' numbers.
+# pytest gets SIGINT at its timeout, so a cut run still prints its failures and summary.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export MEGATRON_SSM_DIST_TIMEOUT=120
 . "$(dirname "$0")/gpu_env.sh"
 J=$OUT/bench.jsonl
-timeout "${TEST_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly ${PYTEST_ARGS:-} ${TESTS:-tests} > "$OUT/pytest_gpu.txt" 2>&1
+timeout -s INT "${TEST_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly ${PYTEST_ARGS:-} ${TESTS:-tests} > "$OUT/pytest_gpu.txt" 2>&1
 echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -25
 for cfg in ${CONFIGS:-nemotron-h-8b falcon-h1-7b zamba2-2.7b zamba-7b-v1}; do
     timeout "${BENCH_S:-50}" python3 tools/benchmark.py --config configs/$cfg.yaml --batch 1,16 --prompt ${PROMPT:-512} --new ${NEW:-64} \
