@@ -15,7 +15,10 @@
    warp counts: which launch shape, if any, beats the chain it replaces.
 
     python3 tools/fuse_check.py [--models mamba2-2.7b,falcon-mamba-7b] [--batch-m2 1,16] [--batch-fm 1,32]
-                                [--time-kernels]
+                                [--time-kernels] [--fused mamba1+norms --unfused mamba1]
+
+--fused / --unfused: the two sides' MEGATRON_SSM_FUSED_DECODE (default all fusions / none), so any
+one fusion can be measured against the same set without it.
 """
 from __future__ import annotations
 
@@ -210,12 +213,18 @@ def check_model(config: str, batches: list[int], tp, prompt=64, replays=100):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fused", default="1", help="MEGATRON_SSM_FUSED_DECODE of the 'fused' side ('+' for ',')")
+    ap.add_argument("--unfused", default="0", help="MEGATRON_SSM_FUSED_DECODE of the 'unfused' side")
     ap.add_argument("--models", default="mamba2-2.7b,falcon-mamba-7b")
     ap.add_argument("--batch-m2", default="1,16")
     ap.add_argument("--batch-fm", default="1,32")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--time-kernels", action="store_true")
     args = ap.parse_args()
+    MODES["fused"]["MEGATRON_SSM_FUSED_DECODE"] = args.fused.replace("+", ",")
+    MODES["unfused"]["MEGATRON_SSM_FUSED_DECODE"] = args.unfused.replace("+", ",")
+    print(f"fused: MEGATRON_SSM_FUSED_DECODE={MODES['fused']['MEGATRON_SSM_FUSED_DECODE']}, unfused: "
+          f"{MODES['unfused']['MEGATRON_SSM_FUSED_DECODE']}", flush=True)
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     if args.time_kernels:
         time_kernels()
@@ -229,6 +238,12 @@ def main():
     for m in filter(None, args.models.split(",")):
         path = m if m.endswith(".yaml") else str(ROOT / "configs" / f"{m}.yaml")
         check_model(path, [int(b) for b in batches.get(m, "1").split(",")], tp)
+    if torch.cuda.is_available():  # what the GEMV's tuner chose per shape (with a norm: its signature after bias)
+        from megatron_ssm.ops.triton import gemv
+
+        for key, (cfg, timed) in gemv.tuned().items():
+            print(f"gemv tuned {key}: {cfg}; fastest {', '.join(f'{c} {t:.1f}us' for c, t in timed[:3])}"
+                  f"{'; unfused/cublas ' + str(dict(timed).get('cublas')) if 'cublas' in dict(timed) else ''}", flush=True)
     print("fuse_check: all ok", flush=True)
 
 

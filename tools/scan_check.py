@@ -133,6 +133,12 @@ def _bench_cases():
         op, kw = conv_inputs(b, L, D_FM, 4, bf, DEV, state=False)
         kw["x"] = xz[..., :D_FM]
         cases.append((f"conv {label}", *(packed((op, kw), pack) if pack else (op, kw))))
+    # Mamba-2's conv: mamba2-2.7b's x | B | C (5376 channels) inside in_proj's rows [z | xBC | dt]
+    # (10576 wide), from the cache's state, as the 32k-prompt prefill runs it
+    for L in (2048, 32768):
+        op, kw = conv_inputs(1, L, 5376, 4, bf, DEV, state=True)
+        kw["x"] = torch.randn(1, L, 10576, device=DEV, dtype=bf)[..., 5120:5120 + 5376]
+        cases.append((f"conv m2-b1x{L}", op, kw))
     return cases
 
 
@@ -184,7 +190,8 @@ if __name__ == "__main__":
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--cases", help="comma list of shapes to bench (b1x2048, b8x512, b32x512, packed16x512, b1x16384)")
+    ap.add_argument("--cases", help="comma list of shapes to bench (b1x2048, b8x512, b32x512, packed16x512, b1x16384, "
+                                    "m2-b1x2048, m2-b1x32768)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     seed = int(os.environ.get("SEED", int.from_bytes(os.urandom(4), "little")))

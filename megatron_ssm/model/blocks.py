@@ -4,7 +4,9 @@ Every block has the same surface, which is all the model and the engine use:
 
 - `start(stream, delta, state, cu_seqlens=None, cp=None) -> (stream, pending)`: stream + delta is
   the block's input (delta None: the stream alone). The previous block's output is added to the
-  stream inside this block's norm kernel, so the stream is read and written once per block.
+  stream inside this block's norm kernel, so the stream is read and written once per block; where
+  the mixer's first reader is one linear (`Mixer.reads_deferred_norm`), the norm itself runs inside
+  that linear's kernel at decode sizes (layers.BlockEntry).
   `pending.wait()` gives this block's output, whose all-reduce may still be in flight (prefill
   overlaps it). cu_seqlens: the stream packs several sequences end to end (ops/varlen.py); only
   kinds with `packs = True` take it (attention has no varlen path yet: the engine then never packs).
@@ -24,8 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..config import SSMConfig
-from ..ops.dispatch import add_rms_norm
-from .layers import PendingOutput, RMSNorm, SummedOutput
+from .layers import BlockEntry, PendingOutput, RMSNorm, SummedOutput
 
 StateShapes = dict[str, tuple[tuple[int, ...], "torch.dtype | None"]]
 
@@ -68,9 +69,15 @@ class Block(nn.Module):
         self.residual_dtype = torch.float32 if cfg.residual_in_fp32 else dtype
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
 
-    def enter(self, stream: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normed input, updated stream)."""
-        return add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
+    def enter(self, stream: torch.Tensor, delta: torch.Tensor | None) -> BlockEntry:
+        """The block's input, its norm not computed yet: the mixer reads it, then `.stream` is the
+        updated stream."""
+        return BlockEntry(stream, delta, self.norm, self.residual_dtype)
+
+    @staticmethod
+    def input_for(mixer: nn.Module, entry: BlockEntry):
+        """The entry itself for a mixer that reads it through one linear, else its tensor."""
+        return entry if getattr(mixer, "reads_deferred_norm", False) else entry.tensor()
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return {}
@@ -93,9 +100,10 @@ class MambaBlock(Block):
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None,
               cp=None) -> tuple[torch.Tensor, PendingOutput]:
-        normed, stream = self.enter(stream, delta)
+        entry = self.enter(stream, delta)
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
-        return stream, self.mixer.start(normed, conv, ssm, cu_seqlens, cp=cp)
+        pending = self.mixer.start(self.input_for(self.mixer, entry), conv, ssm, cu_seqlens, cp=cp)
+        return entry.stream, pending
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return _mamba_shapes(self.mixer)
@@ -112,8 +120,9 @@ class AttentionBlock(Block):
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
         _refuse_packed(self, cu_seqlens)
-        normed, stream = self.enter(stream, delta)
-        return stream, self.mixer.start(normed, state, cp=cp)
+        entry = self.enter(stream, delta)
+        pending = self.mixer.start(self.input_for(self.mixer, entry), state, cp=cp)
+        return entry.stream, pending
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return self.mixer.state_shapes(max_length)
@@ -130,8 +139,9 @@ class MLPBlock(Block):
         self.mixer = mixer
 
     def start(self, stream, delta, state: LayerState | None = None, cu_seqlens=None, cp=None):
-        normed, stream = self.enter(stream, delta)  # per token: packed or a CP span runs as it is
-        return stream, self.mixer.start(normed)
+        entry = self.enter(stream, delta)  # per token: packed or a CP span runs as it is
+        pending = self.mixer.start(self.input_for(self.mixer, entry))
+        return entry.stream, pending
 
 
 class ParallelBlock(Block):
@@ -150,7 +160,8 @@ class ParallelBlock(Block):
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
         _refuse_packed(self, cu_seqlens)
-        normed, stream = self.enter(stream, delta)
+        entry = self.enter(stream, delta)
+        normed, stream = entry.tensor(), entry.stream  # two readers: the norm runs once, on its own
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
         mixed = self.mixer.start(normed, conv, ssm, cp=cp)
         mixed.scale *= self.mixer_scale
