@@ -127,7 +127,7 @@ def test_dispatch_forwards_every_argument_in_order(seed, case):
 
 
 @pytest.mark.parametrize("value,mamba1,mamba2,norms", [
-    (None, True, False, True), ("0", False, False, False), ("", False, False, False), ("1", True, True, True),
+    (None, True, False, False), ("0", False, False, False), ("", False, False, False), ("1", True, True, True),
     ("mamba2", False, True, False), ("mamba1, mamba2", True, True, False), ("norms", False, False, True)])
 def test_fused_decode_switch(monkeypatch, value, mamba1, mamba2, norms):
     if value is None:

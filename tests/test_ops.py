@@ -718,11 +718,19 @@ def test_norm_into_gemv_first_block_hands_back_the_stream_itself(seed):
     assert h.data_ptr() == kw["residual"].data_ptr(), seed
 
 
-def _compile_gemv_for_sm90() -> list[str]:
-    """The GEMV's variants with a norm on the way in (and the plain one), compiled for sm_90."""
+def _compile_for_sm90() -> list[str]:
+    """The GEMV's variants with a norm on the way in (and the plain one), and the prefill conv with
+    and without a state, compiled for sm_90."""
     from interpreter import compile_for_sm90
 
-    from megatron_ssm.ops.triton import gemv
+    from megatron_ssm.ops.triton import conv1d, gemv
+
+    def conv_types(a):
+        return "*bf16" if a.endswith("_ptr") and a not in ("seq_ptr", "cu_ptr") else "*i32" if a.endswith("_ptr") else "i32"
+
+    done = [compile_for_sm90(conv1d._conv_fwd_kernel, conv_types, dict(
+        K=4, HAS_BIAS=True, HAS_INIT=init, SILU=True, PACKED=not init, BLOCK_L=64, BLOCK_C=128, FAST_DIV=True))
+        for init in (True, False)]
 
     def types(stream):  # a block entry's stream may be fp32 under bf16 weights
         def of(a):
@@ -732,7 +740,6 @@ def _compile_gemv_for_sm90() -> list[str]:
             return "fp32" if a == "eps" else "i32"
         return of
 
-    done = []
     for norm, has_x2, write_h, split, dot in [(0, False, False, True, True), (1, True, True, True, True),
                                              (1, False, True, False, False), (2, True, False, True, True),
                                              (2, True, False, False, False)]:
@@ -742,17 +749,18 @@ def _compile_gemv_for_sm90() -> list[str]:
     return done
 
 
-def test_gemv_with_norms_compiles_for_sm90(tmp_path):
+def test_gemv_and_conv_compile_for_sm90(tmp_path):
     from interpreter import run_without_interpreter
 
-    out = run_without_interpreter("import test_ops as t; print('\\n'.join(t._compile_gemv_for_sm90()))",
+    out = run_without_interpreter("import test_ops as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 5, out
+    assert len(out) == 7, out
 
 
 def _tiny_cases(dtype):
     return [
         conv_inputs(2, 37, 70, 4, dtype, "cpu"), conv_inputs(1, 2, 5, 4, dtype, "cpu", bias=False),
+        conv_inputs(1, 150, 20, 4, dtype, "cpu"),  # tiles past the first, which do not read the state
         conv_inputs(2, 3, 9, 3, dtype, "cpu", state=False, silu=False),
         conv_update_inputs(2, 300, 4, dtype, "cpu"), conv_update_inputs(1, 5, 3, dtype, "cpu", bias=False, silu=False),
         scan_inputs(1, 19, 10, 16, dtype, "cpu"), scan_inputs(1, 3, 5, 3, dtype, "cpu", state=False, gate=False),

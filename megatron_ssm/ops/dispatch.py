@@ -62,11 +62,13 @@ _REFERENCE: dict[str, Callable] = {
 # "mamba1", "mamba2" (the mixer calls its one *_decode_step op at decode instead of the unfused chain
 # of ops) and "norms" (a norm whose only reader is a linear runs inside that linear's GEMV:
 # `add_rms_norm_linear`, `gated_rms_norm_linear`); "1" for all or "0" for none. The default is what
-# measured faster on the H200 (docs/benchmarks.md, "Fused decode steps"): Mamba-1's fused update
-# (4.75 vs 5.03 ms a falcon-mamba-7b step at b1); not Mamba-2's kernel, which was slower than the
-# three kernels it replaces (2.69 vs 2.57 ms a mamba2-2.7b step at b1, 5.84 vs 4.18 ms at b16).
+# measured faster on the H200 (docs/benchmarks.md, "Fused decode steps" and "Session 6"): Mamba-1's
+# fused update (4.75 vs 5.03 ms a falcon-mamba-7b step at b1); not Mamba-2's kernel, which was slower
+# than the three kernels it replaces (2.69 vs 2.57 ms a mamba2-2.7b step at b1, 5.84 vs 4.18 ms at
+# b16); not the norms, which changed no graphed step by more than 0.2% at TP=1 (the GEMV with a norm
+# on its way in is slower than the plain one by about what the norm's own kernel costs).
 FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
-FUSED_DECODE_DEFAULT = ("mamba1", "norms")
+FUSED_DECODE_DEFAULT = ("mamba1",)
 FUSIONS = ("mamba1", "mamba2", "norms")
 
 

@@ -41,13 +41,19 @@ def _conv_fwd_kernel(
         in_x = (src >= first) & (src < L)
         xv = tl.load(x_base + src[:, None] * sx_l + offs_c[None, :] * sx_c,
                      mask=in_x[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        if HAS_INIT:
-            in_s = src < 0
-            # The reference casts the state to x's dtype before convolving: round the same way.
-            sv = tl.load(init_ptr + pid_b * si_b + offs_c[None, :] * si_c + (src[:, None] + (K - 1)) * si_k,
-                         mask=in_s[:, None] & cmask[None, :], other=0.0)
-            xv += sv.to(x_ptr.dtype.element_ty).to(tl.float32)
         acc += xv * w[None, :]
+    if HAS_INIT:
+        # Only the first tile's first K-1 times reach into the state: the other tiles skip these loads
+        # (strided along channels, their pointers doubled the registers of a tile: at 128 rows the
+        # kernel spilled and ran 20x slower, docs/benchmarks.md).
+        if pid_l == 0:
+            for k in tl.static_range(K - 1):
+                w = tl.load(w_ptr + offs_c * sw_c + k * sw_k, mask=cmask, other=0.0).to(tl.float32)
+                src = offs_l + (k - (K - 1))
+                # The reference casts the state to x's dtype before convolving: round the same way.
+                sv = tl.load(init_ptr + pid_b * si_b + offs_c[None, :] * si_c + (src[:, None] + (K - 1)) * si_k,
+                             mask=(src < 0)[:, None] & cmask[None, :], other=0.0)
+                acc += sv.to(x_ptr.dtype.element_ty).to(tl.float32) * w[None, :]
     if SILU:  # x sigmoid(x) = x / (1 + exp(-x)), with the hardware's approximate divide on CUDA
         den = 1.0 + tl.exp2(acc * -1.4426950408889634)
         if FAST_DIV:
