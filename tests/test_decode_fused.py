@@ -41,16 +41,11 @@ def mamba2_decode_inputs(b, h, p, g, n, K, dtype, device, gate="norm", conv_bias
         **_mamba2_params(h, dtype, device))
 
 
-def mamba1_decode_inputs(b, d, n, dtype, device, norms=True, dt_rank=8, dt_proj=False):
-    """Falcon-Mamba's norms (norms=True): B, C normalised and dt scaled by dt_in's inverse RMS.
-    dt_proj: dt left to the op, from dt_in and dt_proj's weight."""
+def mamba1_decode_inputs(b, d, n, dtype, device, norms=True, dt_rank=8):
+    """Falcon-Mamba's norms (norms=True): B, C normalised and dt scaled by dt_in's inverse RMS."""
     _, kw = scan_update_inputs(b, d, n, dtype, device)
-    if norms or dt_proj:
-        kw.update(dt_in=_act(b, dt_rank, dtype=dtype, device=device, scale=3.0))
     if norms:
-        kw.update(norm_eps=1e-6)
-    if dt_proj:
-        kw.update(dt=None, dt_weight=_act(d, dt_rank, dtype=dtype, device=device, scale=dt_rank ** -0.5))
+        kw.update(norm_eps=1e-6, dt_in=_act(b, dt_rank, dtype=dtype, device=device, scale=3.0))
     return "mamba1_decode_step", kw
 
 
@@ -94,13 +89,9 @@ def test_mamba1_reference_equals_the_norms_before_dt_proj(seed):
     dt_n, B_n, C_n = (ref_ops.rms_norm(t, None, eps) for t in (dt_in, kw["B"], kw["C"]))
     want = ref_ops.selective_state_update(unfused_state, kw["u"], dt_n @ W.T, kw["A"], B_n, C_n, kw["D"], kw["z"],
                                           kw["dt_bias"])
-    proj_state = kw["state"].clone()
     got = ref_ops.mamba1_decode_step(**dict(kw, dt=dt_in @ W.T), norm_eps=eps, dt_in=dt_in)
     # (the references take dt in fp32: dt_proj before or after the scale differs by its rounding)
     assert rel_err(got, want) < 1e-6 and rel_err(kw["state"], unfused_state) < 1e-6, seed
-    # dt_proj inside the op: the same numbers
-    got = ref_ops.mamba1_decode_step(**dict(kw, state=proj_state, dt=None), norm_eps=eps, dt_in=dt_in, dt_weight=W)
-    assert rel_err(got, want) < 1e-6 and rel_err(proj_state, unfused_state) < 1e-6, seed
 
 
 def _edited(case, drop=(), **values):
@@ -118,9 +109,7 @@ def _default_eps_case():
     lambda: mamba2_decode_inputs(2, 4, 3, 2, 5, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
     lambda: _edited(mamba2_decode_inputs(2, 4, 3, 1, 5, 4, torch.float32, "cpu"), norm_eps=0.25),  # far from the default
     _default_eps_case,
-    lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu"),
-    lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu", dt_proj=True)],
-    ids=["mamba2", "mamba2-eps", "mamba2-default-eps", "mamba1", "mamba1-dt-proj"])
+    lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu")], ids=["mamba2", "mamba2-eps", "mamba2-default-eps", "mamba1"])
 def test_dispatch_forwards_every_argument_in_order(seed, case):
     op, kw = case()
     check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
@@ -210,16 +199,11 @@ def test_mamba2_kernel_strided_views(seed):
 
 
 @DTYPES
-@pytest.mark.parametrize("b,d,n,norms,dt_proj,rank", [
-    (1, 12, 16, True, False, 8), (3, 10, 5, True, False, 8), (2, 12, 16, False, False, 8),
-    (1, 12, 16, True, True, 100), (2, 10, 5, False, True, 8), (3, 12, 16, True, True, 8)],
-    ids=["falcon-b1", "falcon-odd", "plain-mamba1", "falcon-dtproj", "plain-dtproj", "falcon-dtproj-gemv"])
-def test_mamba1_kernel_interpreted(seed, dtype, b, d, n, norms, dt_proj, rank):
-    """dt_proj: inside the launch up to DT_PROJ_MAX_ROWS rows (a rank over two chunks of the weight's
-    rows, off the chunk), by the GEMV first past it (b = 3)."""
+@pytest.mark.parametrize("b,d,n,norms", [(1, 12, 16, True), (3, 10, 5, True), (2, 12, 16, False)],
+                         ids=["falcon-b1", "falcon-odd", "plain-mamba1"])
+def test_mamba1_kernel_interpreted(seed, dtype, b, d, n, norms):
     kernels = _interpreted_kernels()
-    check_op(kernels.mamba1_decode_step,
-             *mamba1_decode_inputs(b, d, n, dtype, "cpu", norms=norms, dt_proj=dt_proj, dt_rank=rank),
+    check_op(kernels.mamba1_decode_step, *mamba1_decode_inputs(b, d, n, dtype, "cpu", norms=norms),
              INTERPRETED_TOL[dtype], seed)
 
 
@@ -371,12 +355,10 @@ def _compile_for_sm90() -> list[str]:
         done.append(compile_one(decode._mamba2_decode_kernel, m2_types, dict(
             HEADDIM=64, K=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_DT_BIAS=True, GATE=gate, BLOCK_D=16, BLOCK_N=128,
             BLOCK_K=4, BLOCK_P=512, NORM_BLOCK=2048)))
-    for norm_bc, dt_scale, dt_proj in ((True, True, False), (True, False, False), (False, False, False),
-                                       (True, True, True), (False, False, True)):
+    for norm_bc, dt_scale in ((True, True), (True, False), (False, False)):
         done.append(compile_one(scan._state_update_kernel, m1_types, dict(
             HEADDIM=1, A_PER_HEAD=False, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, NORM_BC=norm_bc,
-            DT_SCALE=dt_scale, DT_PROJ=dt_proj, BLOCK_D=128, BLOCK_N=16, BLOCK_R=256 if dt_scale else 1,
-            CHUNK_R=64 if dt_proj else 1)))
+            DT_SCALE=dt_scale, BLOCK_D=128, BLOCK_N=16, BLOCK_R=256 if dt_scale else 1)))
     return done
 
 
@@ -385,4 +367,4 @@ def test_fused_kernels_compile_for_sm90(tmp_path):
 
     out = run_without_interpreter("import test_decode_fused as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 8, out
+    assert len(out) == 6, out

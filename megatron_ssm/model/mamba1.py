@@ -15,7 +15,7 @@ from ..ops.dispatch import fused_decode, mamba1_decode_step, rms_norm, selective
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
-                     decay_rates, local_param)
+                     decay_rates, local_param, project)
 
 
 class Mamba1Mixer(Mixer):
@@ -56,12 +56,12 @@ class Mamba1Mixer(Mixer):
         dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         decode = ssm_state is not None and hidden.shape[1] == 1 and cu_seqlens is None and cp is None
         if decode and fused_decode("mamba1"):
-            # dt_proj and Falcon-Mamba's norms inside the state update: the dt norm has no weight, so
-            # it is a per-row scale that commutes with dt_proj (see ops/decode.py).
+            # Falcon-Mamba's norms inside the state update: the dt norm has no weight, so it is a
+            # per-row scale that commutes with dt_proj (see ops/decode.py).
             falcon = cfg.family == FALCON_MAMBA
-            y = mamba1_decode_step(ssm_state, x[:, 0], None, decay_rates(self), B[:, 0], C[:, 0], self.D, z[:, 0],
-                                   self.dt_proj.bias, norm_eps=cfg.mixer_rms_eps if falcon else None, dt_in=dt[:, 0],
-                                   dt_weight=self.dt_proj.weight)
+            y = mamba1_decode_step(ssm_state, x[:, 0], project(dt[:, 0], self.dt_proj.weight), decay_rates(self), B[:, 0],
+                                   C[:, 0], self.D, z[:, 0], self.dt_proj.bias,
+                                   norm_eps=cfg.mixer_rms_eps if falcon else None, dt_in=dt[:, 0] if falcon else None)
             return self.out_proj.start(y.unsqueeze(1))
         if cfg.family == FALCON_MAMBA:
             dt, B, C = (rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt, B, C))

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from .conv1d import causal_conv1d_update
-from .linear import linear
 from .norm import gated_rms_norm, rms_norm
 from .selective_scan import selective_state_update
 from .ssd import ssd_state_update
@@ -60,7 +59,7 @@ def mamba2_decode_step(
 def mamba1_decode_step(
     state: torch.Tensor,
     u: torch.Tensor,
-    dt: torch.Tensor | None,
+    dt: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
@@ -69,22 +68,15 @@ def mamba1_decode_step(
     dt_bias: torch.Tensor | None = None,
     norm_eps: float | None = None,
     dt_in: torch.Tensor | None = None,
-    dt_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mamba-1's state update for one token with Falcon-Mamba's weightless RMS norms folded in, and
-    dt_proj too when dt_weight is given.
+    """Mamba-1's state update for one token with Falcon-Mamba's weightless RMS norms folded in.
 
     As `selective_state_update` (state [b, d, n] advanced in place; u, dt, z [b, d]; B, C [b, n]).
     With norm_eps, B and C are RMS-normalised first, and when dt_in (dt_proj's input [b, R]) is
     given, dt is dt_proj(dt_in) of the *raw* dt_in, scaled here by dt_in's inverse RMS: the norm has
     no weight, so it is a per-row scale that commutes with dt_proj (whose bias is dt_bias, added
     after). That leaves no norm kernel between x_proj and out_proj.
-
-    With dt_weight (dt_proj's weight [d, R]) dt is None: it is dt_proj(dt_in) computed here, so that a
-    kernel can compute it for its own channels (no dt_proj launch of its own).
     """
-    if dt_weight is not None:
-        dt = linear(dt_in, dt_weight)
     if norm_eps is not None:
         B, C = rms_norm(B, None, norm_eps), rms_norm(C, None, norm_eps)
         if dt_in is not None:

@@ -257,8 +257,8 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
                                                      D, dt_bias, dt_limit, norm_weight, norm_eps)
 
 
-def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None, dt_weight=None):
-    return implementation("mamba1_decode_step", u)(state, u, dt, A, B, C, D, z, dt_bias, norm_eps, dt_in, dt_weight)
+def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
+    return implementation("mamba1_decode_step", u)(state, u, dt, A, B, C, D, z, dt_bias, norm_eps, dt_in)
 
 
 for _name, _ref in _REFERENCE.items():

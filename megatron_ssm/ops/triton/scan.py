@@ -219,7 +219,7 @@ def _weightless_rms_norm(v, width, eps):
 
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr, dt_in_ptr, dt_w_ptr,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr, dt_in_ptr,
     nchan, nstate, heads_per_group, dt_min, dt_max, norm_eps, dt_in_width,
     ss_b, ss_c, ss_n,
     sx_b, sx_c,
@@ -229,10 +229,10 @@ def _state_update_kernel(
     sC_b, sC_g, sC_n,
     sz_b, sz_c,
     sy_b, sy_c,
-    sdi_b, sdw_c,
+    sdi_b,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr, DT_PROJ: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, CHUNK_R: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -247,17 +247,7 @@ def _state_update_kernel(
     s_ptrs = state_ptr + pid_b * ss_b + offs_c[:, None] * ss_c + offs_n[None, :] * ss_n
     s = tl.load(s_ptrs, mask=cn_mask, other=0.0)
     x = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(tl.float32)
-    if DT_PROJ:  # dt = dt_proj(dt_in) for this program's channels: its rows of the weight, CHUNK_R at a time
-        dt = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for r0 in range(0, dt_in_width, CHUNK_R):
-            offs_r = r0 + tl.arange(0, CHUNK_R)
-            r_ok = offs_r < dt_in_width
-            di = tl.load(dt_in_ptr + pid_b * sdi_b + offs_r, mask=r_ok, other=0.0).to(tl.float32)
-            w = tl.load(dt_w_ptr + offs_c[:, None] * sdw_c + offs_r[None, :], mask=cmask[:, None] & r_ok[None, :],
-                        other=0.0).to(tl.float32)
-            dt += tl.sum(w * di[None, :], axis=1)
-    else:
-        dt = tl.load(dt_ptr + pid_b * sdt_b + heads * sdt_h, mask=cmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * sdt_b + heads * sdt_h, mask=cmask, other=0.0).to(tl.float32)
     if DT_SCALE:  # dt = dt_proj(dt_in) of the raw dt_in: apply dt_in's (weightless) RMS norm now
         offs_r = tl.arange(0, BLOCK_R)
         di = tl.load(dt_in_ptr + pid_b * sdi_b + offs_r, mask=offs_r < dt_in_width, other=0.0).to(tl.float32)
@@ -378,26 +368,13 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
 # State elements per decode program: enough loads in flight per program, and enough programs to
 # cover every SM at batch 1 (Mamba2-2.7B: 5120 x 128 state elements a layer).
 UPDATE_BLOCK = 2048
-# Rows (batch) up to which Mamba-1's decode computes dt_proj inside the state update: each row's
-# programs read dt_proj's weight (4 MB for Falcon-Mamba-7B) once more, so past a few rows the GEMV,
-# which reads it once for all rows, is cheaper.
-DT_PROJ_MAX_ROWS = 2
 
 
 def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_head, dt_limit,
-                  norm_eps=None, dt_in=None, dt_weight=None):
+                  norm_eps=None, dt_in=None):
     """state3 [b, nchan, n] updated in place; x2, z2 [b, nchan]; dt2 [b, nheads]; B3, C3 [b, g, n].
-    norm_eps: B and C RMS-normalised first, and dt scaled by dt_in's [b, R] inverse RMS if given.
-    dt_weight [nchan, R] (headdim 1): dt2 is None, dt = dt_in @ dt_weight^T, inside the launch for
-    up to DT_PROJ_MAX_ROWS rows (each row's programs read the weight again), else by the GEMV first."""
+    norm_eps: B and C RMS-normalised first, and dt scaled by dt_in's [b, R] inverse RMS if given."""
     b, nchan, n = state3.shape
-    dt_proj = dt_weight is not None and b <= DT_PROJ_MAX_ROWS
-    if dt_weight is not None and not dt_proj:
-        from .gemv import linear
-
-        dt2 = linear(dt_in, dt_weight)
-    if dt_in is not None and dt_in.stride(-1) != 1:
-        dt_in = dt_in.contiguous()
     g = B3.shape[1]
     nheads = nchan // headdim
     bn = triton.next_power_of_2(n)
@@ -406,18 +383,18 @@ def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_he
     D, dt_bias = _vec(D), _vec(dt_bias)
     zs = z2.stride() if z2 is not None else (0, 0)
     scale_dt = norm_eps is not None and dt_in is not None
-    reads_dt_in = scale_dt or dt_proj
+    if scale_dt and dt_in.stride(-1) != 1:
+        dt_in = dt_in.contiguous()
     _state_update_kernel[(triton.cdiv(nchan, bd), b)](
-        state3, x2, dt2 if not dt_proj else x2, A2, B3, C3, D if D is not None else x2, z2 if z2 is not None else x2,
-        dt_bias if dt_bias is not None else x2, y, dt_in if reads_dt_in else x2, dt_weight if dt_proj else x2,
+        state3, x2, dt2, A2, B3, C3, D if D is not None else x2, z2 if z2 is not None else x2,
+        dt_bias if dt_bias is not None else x2, y, dt_in if scale_dt else x2,
         nchan, n, nheads // g, float(dt_limit[0]), float(dt_limit[1]),
-        float(norm_eps) if norm_eps is not None else 0.0, dt_in.shape[-1] if reads_dt_in else 1,
-        *state3.stride(), *x2.stride(), *(dt2.stride() if not dt_proj else (0, 0)), *A2.stride(), *B3.stride(),
-        *C3.stride(), *zs, *y.stride(), dt_in.stride(0) if reads_dt_in else 0, dt_weight.stride(0) if dt_proj else 0,
+        float(norm_eps) if norm_eps is not None else 0.0, dt_in.shape[-1] if scale_dt else 1,
+        *state3.stride(), *x2.stride(), *dt2.stride(), *A2.stride(), *B3.stride(), *C3.stride(), *zs,
+        *y.stride(), dt_in.stride(0) if scale_dt else 0,
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z2 is not None,
-        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt, DT_PROJ=dt_proj,
-        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=triton.next_power_of_2(dt_in.shape[-1]) if scale_dt else 1,
-        CHUNK_R=min(64, triton.next_power_of_2(dt_in.shape[-1])) if dt_proj else 1, num_warps=4,
+        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt,
+        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=triton.next_power_of_2(dt_in.shape[-1]) if scale_dt else 1, num_warps=4,
     )
     return y
 
@@ -437,12 +414,10 @@ def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
                          headdim=1, a_per_head=False, dt_limit=_NO_LIMIT)
 
 
-def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None,
-                       dt_weight=None):
-    """selective_state_update with Falcon-Mamba's B/C/dt norms (and dt_proj) inside the same launch."""
+def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
+    """selective_state_update with Falcon-Mamba's B/C/dt norms inside the same launch."""
     return _state_update(state, u, dt, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias,
-                         headdim=1, a_per_head=False, dt_limit=_NO_LIMIT, norm_eps=norm_eps, dt_in=dt_in,
-                         dt_weight=dt_weight)
+                         headdim=1, a_per_head=False, dt_limit=_NO_LIMIT, norm_eps=norm_eps, dt_in=dt_in)
 
 
 # ---- Mamba-2 --------------------------------------------------------------------------------------
