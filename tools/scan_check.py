@@ -151,7 +151,7 @@ def bench(sweep: bool, rows: list, only: set[str] | None = None) -> None:
           f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs", flush=True)
     before = {"selective_scan": _before("_scan_before"), "causal_conv1d": _before("_conv_before")}
     scan_default = (dict(scan.SCAN_CONFIG), scan.SCAN_UNROLL, scan.SCAN_WARPS_PER_SM)
-    conv_default = conv1d.CONV_BLOCK
+    conv_default = (conv1d.CONV_BLOCK, conv1d.CONV_BLOCK_PACKED)
 
     def record(case, impl, fn, kw):
         out = fn()
@@ -180,9 +180,9 @@ def bench(sweep: bool, rows: list, only: set[str] | None = None) -> None:
             scan.SCAN_UNROLL = scan_default[1]
         else:
             for blk in ((32, 64, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4), (64, 256, 8), (16, 256, 4), (128, 64, 4), (256, 128, 8), (128, 256, 8), (16, 512, 4), (8, 1024, 8)):
-                conv1d.CONV_BLOCK = blk
+                conv1d.CONV_BLOCK = conv1d.CONV_BLOCK_PACKED = blk
                 record(case, f"triton L,C,warps={blk}", lambda: new(**kw), kw)
-            conv1d.CONV_BLOCK = conv_default
+            conv1d.CONV_BLOCK, conv1d.CONV_BLOCK_PACKED = conv_default
 
 
 if __name__ == "__main__":

@@ -64,12 +64,17 @@ def _conv_fwd_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=(offs_l < L)[:, None] & cmask[None, :])
 
 
-# (BLOCK_L, BLOCK_C, num_warps) of the prefill conv. A program's weights are K strided loads per
-# channel (weight is [C, K]); a tall tile spreads them over many rows, and 256-byte rows keep
-# every load a full 16-byte vector per thread. From a sweep on the H200 (tools/scan_check.py
-# --sweep, falcon-mamba-7b's 8192 channels, docs/benchmarks.md): 207 us for 16 packed 512-token
-# prompts (372 us with the (64, 128, 8) tiles before) and 49 us for one 2048-token prompt (54 us).
-CONV_BLOCK = (64, 256, 8)
+# (BLOCK_L, BLOCK_C, num_warps) of the prefill conv, for separate sequences and for packed ones. A
+# program's weights are K strided loads per channel (weight is [C, K]). From a sweep on the H200
+# (tools/scan_check.py --sweep, docs/benchmarks.md "Session 6"), once only the first tile read the
+# state: (16, 256, 4) took 36 us for one 2048-token Falcon-Mamba prompt, 183 us for 32 x 512, 334 us
+# for a 32768-token Mamba-2 prompt (its x | B | C inside in_proj's rows) and 34 us for a 2048-token
+# one, the fastest or within 1% on each; packed prompts (each row's first tap masked by its
+# sequence's start) ran 2x slower with it, and fastest with taller, narrower tiles: (128, 64, 4)
+# took 172 us for 16 packed 512-token prompts (the best, (8, 1024, 8), 166 us, was 2x slower on
+# the Mamba-2 shapes).
+CONV_BLOCK = (16, 256, 4)
+CONV_BLOCK_PACKED = (128, 64, 4)
 
 
 def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlens=None):
@@ -81,7 +86,7 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlen
     if cu_seqlens is not None:
         check_packed(x, cu_seqlens, initial_state)
         seq, cu = seq_index(cu_seqlens, L), cu_seqlens
-    BLOCK_L, BLOCK_C, num_warps = CONV_BLOCK
+    BLOCK_L, BLOCK_C, num_warps = CONV_BLOCK_PACKED if cu_seqlens is not None else CONV_BLOCK
     grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(C, BLOCK_C), b)
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, init, y, seq, cu,
