@@ -21,8 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs, norm_linear_inputs,
-    packed, rel_err,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs, packed, rel_err,
     rms_norm_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
@@ -260,43 +259,6 @@ def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypa
             graph.replay()
             err = rel_err(out, F.linear(**kw))
             assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
-
-
-# (kind, N, K, stream dtype): mamba2-2.7b's in_proj after the block norm (an fp32 stream) and out_proj
-# after the gated norm; falcon-mamba-7b's in_proj (a bf16 stream) and LM head.
-NORM_GEMV_SHAPES = [("add", 10576, 2560, torch.float32), ("gated", 2560, 5120, None), ("add", 16384, 4096, None),
-                    ("add", 65024, 4096, torch.float32)]
-
-
-@pytest.mark.parametrize("kind,n,k,stream", NORM_GEMV_SHAPES, ids=["m2-in", "m2-out", "fm-in", "fm-head"])
-@pytest.mark.parametrize("m", [1, 16])
-def test_norm_into_the_gemv(seed, kind, n, k, stream, m):
-    """The norm computed inside the GEMV at model sizes: the tuned choice (which may be the unfused
-    pair), a split-K configuration and an unsplit one, then the split one replayed from a graph on
-    new inputs (its arrival counters and sums of squares renewed every replay)."""
-    from megatron_ssm.ops.triton import gemv
-
-    op, kw = norm_linear_inputs(kind, (m,), n, k, torch.bfloat16, DEV, bias=False, stream_dtype=stream)
-    impl = getattr(kernels(), op)
-    for cfg in (None, gemv.Config(32, 128, 8, 4), gemv.Config(64, 128, 1, 4)):
-        check_op(lambda **a: impl(**a, config=cfg), op, kw, TOL[torch.bfloat16], f"{cfg} (seed {seed})")
-    first = "residual" if kind == "add" else "y"
-    cfg = gemv.Config(32, 128, 8, 4)
-    impl(**kw, config=cfg)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    fresh = torch.empty_like(kw[first])
-    with torch.cuda.graph(graph):
-        kw[first].copy_(fresh)
-        out = impl(**kw, config=cfg)
-    ref_op = getattr(ref_ops, op)
-    for step in range(3):
-        fresh.copy_(torch.randn_like(fresh))
-        graph.replay()
-        ref = ref_op(**kw)
-        for o, r in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
-            err = rel_err(o, r)
-            assert err < TOL[torch.bfloat16], f"{kind} {cfg} replay {step}: relative error {err:.2e} (seed {seed})"
 
 
 # ---- the fused decode steps (ops/decode.py) --------------------------------------------------------

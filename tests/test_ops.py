@@ -12,7 +12,6 @@ conftest.py; triton is in the `test` extra), on tiny shapes; where the interpret
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import math
@@ -123,23 +122,6 @@ def linear_inputs(lead, n, k, dtype, device, bias=True):
     return "linear", dict(x=_act(*lead, k, dtype=dtype, device=device),
                           weight=_act(n, k, dtype=dtype, device=device, scale=k ** -0.5),
                           bias=_act(n, dtype=dtype, device=device) if bias else None)
-
-
-def norm_linear_inputs(kind, lead, n, k, dtype, device, bias=True, stream_dtype=None, delta=True):
-    """A norm straight into a linear: kind "add" (a block's entry; the stream in stream_dtype, the
-    last block's output `delta` in dtype, or none for the first block) or "gated" (Mamba-2's gated
-    norm of y by z over the row)."""
-    _, lin = linear_inputs(lead, n, k, dtype, device, bias=bias)
-    norm_weight = (1 + 0.3 * torch.randn(k, device=device)).to(dtype)
-    if kind == "add":
-        stream_dtype = stream_dtype or dtype
-        return "add_rms_norm_linear", dict(
-            residual=_act(*lead, k, dtype=stream_dtype, device=device, scale=3.0),
-            delta=_act(*lead, k, dtype=dtype, device=device) if delta else None,
-            norm_weight=norm_weight, eps=1e-5, residual_dtype=stream_dtype, weight=lin["weight"], bias=lin["bias"])
-    return "gated_rms_norm_linear", dict(
-        y=_act(*lead, k, dtype=dtype, device=device), gate=_act(*lead, k, dtype=dtype, device=device, scale=2.0),
-        norm_weight=norm_weight, eps=1e-6, weight=lin["weight"], bias=lin["bias"])
 
 
 def packed(case, lengths):
@@ -684,77 +666,27 @@ def _interpreted_kernels():
     return kernels
 
 
-def test_norm_into_gemv_every_configuration_interpreted(seed):
-    """The GEMV computing a norm on its way in (block entry: stream + delta, RMS-normed, the stream
-    written back; Mamba-2's gated norm) against the norm op then F.linear: fp32 and bf16, an fp32
-    stream under bf16 weights, the first block (no delta), M = 1 / 3 / 16, K off and on the tiles, for
-    configurations with and without split K (whose reducing program sums the splits' sums of squares)
-    and the unfused candidate the tuner may keep. Counters back at zero after each launch."""
-    kernels = _interpreted_kernels()
-    from megatron_ssm.ops.triton import gemv
-
-    variants = [("add", torch.float32, None, True), ("add", torch.bfloat16, None, True),
-                ("add", torch.bfloat16, torch.float32, True), ("add", torch.bfloat16, None, False),
-                ("add", torch.bfloat16, torch.float32, False),
-                ("gated", torch.float32, None, True), ("gated", torch.bfloat16, None, True)]
-    for (kind, dtype, stream_dtype, delta), (n, k), m in itertools.product(variants, [(45, 200), (40, 256)], (1, 3, 16)):
-        op, kw = norm_linear_inputs(kind, (m,), n, k, dtype, "cpu", bias=m != 3, stream_dtype=stream_dtype, delta=delta)
-        configs = [None, gemv.CUBLAS, gemv.Config(32, 64, 4, 4), gemv.Config(16, 128, 1, 4)]
-        if m == 1:
-            configs += [gemv.Config(16, 64, 3, 4, dot=False), gemv.Config(32, 256, 1, 4, dot=False)]
-        for cfg in configs:
-            where = f"{kind} {m}x{k} @ {n}x{k} {dtype} stream {stream_dtype} delta {delta} config {cfg} (seed {seed})"
-            check_op(functools.partial(getattr(kernels, op), config=cfg), op, kw, TOL[dtype], seed=where)
-            locks = gemv._LOCKS.get(torch.device("cpu"))
-            assert locks is None or not locks.any(), f"{where}: arrival counters left non-zero"
-
-
-def test_norm_into_gemv_first_block_hands_back_the_stream_itself(seed):
-    """With no delta and the stream already in its dtype, the updated stream is the input tensor (as
-    the reference's .to() returns it): nothing is copied."""
-    kernels = _interpreted_kernels()
-    _, kw = norm_linear_inputs("add", (2,), 24, 64, torch.float32, "cpu", delta=False)
-    _, h = kernels.add_rms_norm_linear(**kw)
-    assert h.data_ptr() == kw["residual"].data_ptr(), seed
-
-
 def _compile_for_sm90() -> list[str]:
-    """The GEMV's variants with a norm on the way in (and the plain one), and the prefill conv with
-    and without a state, compiled for sm_90."""
+    """The prefill conv with and without a state (only its first tile reads the state), compiled for
+    sm_90."""
     from interpreter import compile_for_sm90
 
-    from megatron_ssm.ops.triton import conv1d, gemv
+    from megatron_ssm.ops.triton import conv1d
 
     def conv_types(a):
         return "*bf16" if a.endswith("_ptr") and a not in ("seq_ptr", "cu_ptr") else "*i32" if a.endswith("_ptr") else "i32"
 
-    done = [compile_for_sm90(conv1d._conv_fwd_kernel, conv_types, dict(
+    return [compile_for_sm90(conv1d._conv_fwd_kernel, conv_types, dict(
         K=4, HAS_BIAS=True, HAS_INIT=init, SILU=True, PACKED=not init, BLOCK_L=64, BLOCK_C=128, FAST_DIV=True))
         for init in (True, False)]
 
-    def types(stream):  # a block entry's stream may be fp32 under bf16 weights
-        def of(a):
-            if a.endswith("_ptr"):
-                return {"part_ptr": "*fp32", "ss_ptr": "*fp32", "lock_ptr": "*i32", "x_ptr": stream,
-                        "h_ptr": stream}.get(a, "*bf16")
-            return "fp32" if a == "eps" else "i32"
-        return of
 
-    for norm, has_x2, write_h, split, dot in [(0, False, False, True, True), (1, True, True, True, True),
-                                             (1, False, True, False, False), (2, True, False, True, True),
-                                             (2, True, False, False, False)]:
-        done.append(compile_for_sm90(gemv._gemv_kernel, types("*fp32" if norm == 1 else "*bf16"), dict(
-            HAS_BIAS=True, SPLIT=split, USE_DOT=dot, IEEE=False, UPCAST=False, EVEN_K=True, PDL=False, PEEL=False,
-            NORM=norm, HAS_X2=has_x2, WRITE_H=write_h, BLOCK_M=16 if dot else 1, BLOCK_N=64, BLOCK_K=128)))
-    return done
-
-
-def test_gemv_and_conv_compile_for_sm90(tmp_path):
+def test_conv_compiles_for_sm90(tmp_path):
     from interpreter import run_without_interpreter
 
     out = run_without_interpreter("import test_ops as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 7, out
+    assert len(out) == 2, out
 
 
 def _tiny_cases(dtype):

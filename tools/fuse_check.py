@@ -15,9 +15,9 @@
    warp counts: which launch shape, if any, beats the chain it replaces.
 
     python3 tools/fuse_check.py [--models mamba2-2.7b,falcon-mamba-7b] [--batch-m2 1,16] [--batch-fm 1,32]
-                                [--time-kernels] [--fused mamba1+norms --unfused mamba1]
+                                [--time-kernels] [--fused mamba1 --unfused 0]
 
---fused / --unfused: the two sides' MEGATRON_SSM_FUSED_DECODE (default all fusions / none), so any
+--fused / --unfused: the two sides' MEGATRON_SSM_FUSED_DECODE (default both mixers / neither), so
 one fusion can be measured against the same set without it.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from ..config import SSMConfig
 from ..parallel import TPContext
-from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear, as_tensor
+from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
 
 
 def local_kv_heads(cfg: SSMConfig, tp_size: int) -> int:
@@ -52,8 +52,6 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: i
 
 
 class Attention(Mixer):
-    reads_deferred_norm = True  # through qkv_proj alone
-
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
                  allreduce: AllReduceFn | None = None):
         super().__init__()
@@ -88,9 +86,8 @@ class Attention(Mixer):
         b, L, _ = hidden.shape
         d = self.head_dim
         if self.input_scale != 1.0:
-            hidden = as_tensor(hidden) * self.input_scale
+            hidden = hidden * self.input_scale
         qkv = self.qkv_proj(hidden)
-        device = qkv.device
         if qkv_delta is not None:  # a per-use adapter's addition to this rank's [q_r | k_r | v_r] (Zamba2)
             qkv = qkv + qkv_delta
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
@@ -99,7 +96,7 @@ class Attention(Mixer):
         v = v.view(b, L, self.kv_heads, d)
         if self.key_scale != 1.0:
             k = k * self.key_scale
-        steps = torch.arange(L, device=device) + (0 if cp is None else cp.start)
+        steps = torch.arange(L, device=hidden.device) + (0 if cp is None else cp.start)
         positions = steps.expand(b, L) if state is None else state.length[:, None] + steps
         if self.cfg.rope_theta is not None:
             q = rotate(q, positions, self.cfg.rope_theta, self.rotary_dim)
@@ -132,7 +129,7 @@ class Attention(Mixer):
             state.v.scatter_(1, where, v.to(state.v.dtype))
             state.length += L
             # query at position p sees keys 0..p; positions past a sequence's length are stale
-            visible = torch.arange(state.k.shape[1], device=device) <= positions[:, :, None]
+            visible = torch.arange(state.k.shape[1], device=hidden.device) <= positions[:, :, None]
             out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
                                                  attn_mask=visible[:, None], enable_gqa=gqa, scale=self.softmax_scale)
         return self.o_proj.start(out.transpose(1, 2).reshape(b, L, self.heads * d), out_scale)

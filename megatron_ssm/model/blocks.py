@@ -4,9 +4,7 @@ Every block has the same surface, which is all the model and the engine use:
 
 - `start(stream, delta, state, cu_seqlens=None, cp=None) -> (stream, pending)`: stream + delta is
   the block's input (delta None: the stream alone). The previous block's output is added to the
-  stream inside this block's norm kernel, so the stream is read and written once per block; where
-  the mixer's first reader is one linear (`Mixer.reads_deferred_norm`), the norm itself runs inside
-  that linear's kernel at decode sizes (layers.BlockEntry).
+  stream inside this block's norm kernel, so the stream is read and written once per block.
   `pending.wait()` gives this block's output, whose all-reduce may still be in flight (prefill
   overlaps it). cu_seqlens: the stream packs several sequences end to end (ops/varlen.py); only
   kinds with `packs = True` take it (attention has no varlen path yet: the engine then never packs).
@@ -26,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from ..config import SSMConfig
-from .layers import BlockEntry, PendingOutput, RMSNorm, SummedOutput
+from ..ops.dispatch import add_rms_norm
+from .layers import PendingOutput, RMSNorm, SummedOutput
 
 StateShapes = dict[str, tuple[tuple[int, ...], "torch.dtype | None"]]
 
@@ -69,15 +68,9 @@ class Block(nn.Module):
         self.residual_dtype = torch.float32 if cfg.residual_in_fp32 else dtype
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype=dtype, device=device)
 
-    def enter(self, stream: torch.Tensor, delta: torch.Tensor | None) -> BlockEntry:
-        """The block's input, its norm not computed yet: the mixer reads it, then `.stream` is the
-        updated stream."""
-        return BlockEntry(stream, delta, self.norm, self.residual_dtype)
-
-    @staticmethod
-    def input_for(mixer: nn.Module, entry: BlockEntry):
-        """The entry itself for a mixer that reads it through one linear, else its tensor."""
-        return entry if getattr(mixer, "reads_deferred_norm", False) else entry.tensor()
+    def enter(self, stream: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed input, updated stream)."""
+        return add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return {}
@@ -100,10 +93,9 @@ class MambaBlock(Block):
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None,
               cp=None) -> tuple[torch.Tensor, PendingOutput]:
-        entry = self.enter(stream, delta)
+        normed, stream = self.enter(stream, delta)
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
-        pending = self.mixer.start(self.input_for(self.mixer, entry), conv, ssm, cu_seqlens, cp=cp)
-        return entry.stream, pending
+        return stream, self.mixer.start(normed, conv, ssm, cu_seqlens, cp=cp)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return _mamba_shapes(self.mixer)
@@ -120,9 +112,8 @@ class AttentionBlock(Block):
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
         _refuse_packed(self, cu_seqlens)
-        entry = self.enter(stream, delta)
-        pending = self.mixer.start(self.input_for(self.mixer, entry), state, cp=cp)
-        return entry.stream, pending
+        normed, stream = self.enter(stream, delta)
+        return stream, self.mixer.start(normed, state, cp=cp)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return self.mixer.state_shapes(max_length)
@@ -139,9 +130,8 @@ class MLPBlock(Block):
         self.mixer = mixer
 
     def start(self, stream, delta, state: LayerState | None = None, cu_seqlens=None, cp=None):
-        entry = self.enter(stream, delta)  # per token: packed or a CP span runs as it is
-        pending = self.mixer.start(self.input_for(self.mixer, entry))
-        return entry.stream, pending
+        normed, stream = self.enter(stream, delta)  # per token: packed or a CP span runs as it is
+        return stream, self.mixer.start(normed)
 
 
 class ParallelBlock(Block):
@@ -160,8 +150,7 @@ class ParallelBlock(Block):
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
         _refuse_packed(self, cu_seqlens)
-        entry = self.enter(stream, delta)
-        normed, stream = entry.tensor(), entry.stream  # two readers: the norm runs once, on its own
+        normed, stream = self.enter(stream, delta)
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
         mixed = self.mixer.start(normed, conv, ssm, cp=cp)
         mixed.scale *= self.mixer_scale

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
-from ..ops.dispatch import (add_rms_norm, add_rms_norm_linear, causal_conv1d, causal_conv1d_update, gated_rms_norm,
-                            gated_rms_norm_linear, linear)
+from ..ops.dispatch import causal_conv1d, causal_conv1d_update, linear
 from ..parallel import TPContext
 
 AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor
@@ -36,85 +35,12 @@ def differentiable(param: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and param.requires_grad
 
 
-def _backward_possible(weight: torch.Tensor, *inputs: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and (weight.requires_grad or any(t is not None and t.requires_grad for t in inputs))
-
-
-def project(x: "torch.Tensor | DeferredNorm", weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias); x may be a norm not computed yet (DeferredNorm). The dispatch layer's
-    kernels have no backward, so while one may run (grad mode on and either side requiring grad)
-    this is F.linear itself."""
-    if isinstance(x, DeferredNorm):
-        return x.project(weight, bias)
-    if _backward_possible(weight, x):
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias). The dispatch layer's kernel has no backward, so while one may run
+    (grad mode on and either side requiring grad) this is F.linear itself."""
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
         return F.linear(x, weight, bias)
     return linear(x, weight, bias)
-
-
-class DeferredNorm:
-    """A linear layer's input that is a norm's output not computed yet. Passed to the parallel linears
-    (`project`), the norm runs inside the product (ops/norm_linear.py: at decode sizes the GEMV
-    computes it on the way in, so it costs no kernel and no graph gap of its own); any other reader
-    asks for `tensor()`. `shape` is the normed tensor's."""
-
-    shape: torch.Size
-
-    def tensor(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def project(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-
-def as_tensor(x: "torch.Tensor | DeferredNorm") -> torch.Tensor:
-    return x.tensor() if isinstance(x, DeferredNorm) else x
-
-
-class BlockEntry(DeferredNorm):
-    """A pre-norm block's input, RMSNorm(stream + delta) (delta: the last block's output, None for the
-    first block). `stream`, the updated residual stream, exists once the input has been read."""
-
-    def __init__(self, stream: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNorm",
-                 residual_dtype: torch.dtype):
-        self.shape = stream.shape
-        self._inputs = (stream, delta, norm.weight, norm.eps, residual_dtype)
-        self._normed: torch.Tensor | None = None
-        self._stream: torch.Tensor | None = None
-
-    def tensor(self) -> torch.Tensor:
-        if self._normed is None:
-            self._normed, self._stream = add_rms_norm(*self._inputs)
-        return self._normed
-
-    def project(self, weight, bias=None):
-        stream, delta, norm_weight = self._inputs[:3]
-        if self._normed is not None or _backward_possible(weight, stream, delta, norm_weight):
-            return project(self.tensor(), weight, bias)
-        y, self._stream = add_rms_norm_linear(*self._inputs, weight, bias)
-        return y
-
-    @property
-    def stream(self) -> torch.Tensor:
-        if self._stream is None:
-            self.tensor()
-        return self._stream
-
-
-class GatedNorm(DeferredNorm):
-    """Mamba-2's gated norm of y by z with one group over the row (this rank's channels), times weight."""
-
-    def __init__(self, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float):
-        self.shape = y.shape
-        self._inputs = (y, z, weight, eps)
-
-    def tensor(self) -> torch.Tensor:
-        y, z, weight, eps = self._inputs
-        return gated_rms_norm(y, z, weight, eps, y.shape[-1])
-
-    def project(self, weight, bias=None):
-        if _backward_possible(weight, *self._inputs[:3]):
-            return project(self.tensor(), weight, bias)
-        return gated_rms_norm_linear(*self._inputs, weight, bias)
 
 
 def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
@@ -140,7 +66,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if differentiable(self.weight) and self.tp_size > 1:  # checked per call: cheap test first
-            x = tensor_parallel.copy_to_tensor_model_parallel_region(as_tensor(x), group=self.tp_group)
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
         return project(x, self.weight, self.bias)
 
     @property
@@ -268,17 +194,13 @@ def local_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Par
 
 
 class Mixer(nn.Module):
-    """A mixer whose output ends in a row-parallel all-reduce. `hidden` may be a DeferredNorm (the
-    block's norm, not computed yet) where the class says `reads_deferred_norm`: such a mixer reads
-    it once, through one parallel linear, or asks for its tensor(). Subclasses define `start`, which
+    """A mixer whose output ends in a row-parallel all-reduce. Subclasses define `start`, which
     returns while that all-reduce is in flight (so prefill can overlap it). hidden [b, L, hidden];
     states (if given) hold the context before `hidden` and are advanced in place; L == 1 with
     states takes the single-step path. With cu_seqlens (ops/varlen.py), hidden [1, T, hidden] packs
     sequences that each start from zero states; the states [nseq, ...] then receive each sequence's
     final state (what they held before is not read). cp (a ContextParallelSpans): hidden is this
     rank's span of a range split over the context-parallel group."""
-
-    reads_deferred_norm = False
 
     def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
               ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,

@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 from ..comm import OneShotAllReduce
 from ..config import ATTENTION_BLOCK, MAMBA_BLOCK, MLP_BLOCK, PARALLEL_BLOCK, SHARED_BLOCK, ZAMBA, SSMConfig
+from ..ops.dispatch import add_rms_norm
 from ..ops.varlen import last_positions, validate_packed
 from ..parallel import TPContext, megatron_config
 from .attention import Attention
 from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
 from .context_parallel import ContextParallelSpans
-from .layers import (AllReduceFn, BlockEntry, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding,
-                     project)
+from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding, project
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
@@ -175,9 +175,9 @@ class MambaLM(nn.Module):
             delta = None if delta is None else delta[0].index_select(0, last).unsqueeze(1)
         elif last_only:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
-        final = BlockEntry(stream, delta, self.norm_f, self.residual_dtype)  # the norm inside the head's GEMV
+        hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = project(final if self.norm_f.weight.dtype == head.dtype else final.tensor().to(head.dtype), head).float()
+        logits = project(hidden.to(head.dtype), head).float()
         if self.logit_scale != 1.0:
             logits = logits * self.logit_scale
         logits = logits.masked_fill_(self.vocab_padding, float("-inf"))

@@ -19,8 +19,6 @@ from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, Pen
 
 
 class Mamba1Mixer(Mixer):
-    reads_deferred_norm = True  # through in_proj alone
-
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
                  allreduce: AllReduceFn | None = None):
         super().__init__()

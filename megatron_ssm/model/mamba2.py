@@ -23,8 +23,9 @@ from ..config import SSMConfig
 from ..ops.dispatch import fused_decode, gated_rms_norm, mamba2_decode_step, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
-from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, GatedNorm, Mixer, PendingOutput,
-                     RowParallelLinear, all_reduce_with_grad, as_tensor, decay_rates, differentiable, local_param)
+from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
+                     all_reduce_with_grad, differentiable,
+                     decay_rates, local_param)
 
 
 def local_groups(cfg: SSMConfig, tp_size: int) -> int:
@@ -33,8 +34,6 @@ def local_groups(cfg: SSMConfig, tp_size: int) -> int:
 
 
 class Mamba2Mixer(Mixer):
-    reads_deferred_norm = True  # through in_proj alone
-
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
                  allreduce: AllReduceFn | None = None, small_allreduce: AllReduceFn | None = None):
         """allreduce: out_proj's (maybe lossy); small_allreduce: the exact one for the gated norm's
@@ -97,7 +96,7 @@ class Mamba2Mixer(Mixer):
         cfg = self.cfg
         b, L, _ = hidden.shape
         if self.input_scale != 1.0:
-            hidden = as_tensor(hidden) * self.input_scale
+            hidden = hidden * self.input_scale
         zxbcdt = self.in_proj(hidden)
         if self.in_proj_scale is not None:
             zxbcdt = zxbcdt * self.in_proj_scale
@@ -126,8 +125,6 @@ class Mamba2Mixer(Mixer):
         y = y.reshape(b, L, self.channels)
         if self.norm is None:
             y = y * F.silu(z)
-        elif self.groups == 1 and self.shared_group is None:  # one group, all here: out_proj computes it
-            y = GatedNorm(y, z, self.norm.weight, cfg.norm_eps)
         else:
             y = gated_rms_norm(y, z, self.norm.weight, cfg.norm_eps, group_size=cfg.intermediate_size // cfg.n_groups,
                                reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)

@@ -15,8 +15,6 @@ from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, Row
 
 
 class MLP(Mixer):
-    reads_deferred_norm = True  # through gate_up_proj or up_proj alone
-
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
                  allreduce: AllReduceFn | None = None):
         super().__init__()

@@ -8,12 +8,11 @@ from .conv1d import causal_conv1d, causal_conv1d_update
 from .decode import mamba1_decode_step, mamba2_decode_step
 from .linear import linear
 from .norm import add_rms_norm, gated_rms_norm, rms_norm
-from .norm_linear import add_rms_norm_linear, gated_rms_norm_linear
 from .selective_scan import selective_scan, selective_state_update
 from .ssd import ssd_chunk_scan, ssd_state_update
 
 __all__ = [
-    "add_rms_norm", "add_rms_norm_linear", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "gated_rms_norm_linear", "linear", "rms_norm",
+    "add_rms_norm", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "linear", "rms_norm",
     "selective_scan", "selective_state_update", "ssd_chunk_scan", "ssd_state_update",
     "mamba1_decode_step", "mamba2_decode_step",
 ]

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 # From the submodules, not the package, so that the package may itself export this module's ops.
-from . import conv1d as _conv, decode as _decode, norm as _norm, norm_linear as _norm_linear, ssd as _ssd
+from . import conv1d as _conv, decode as _decode, norm as _norm, ssd as _ssd
 from .linear import linear as _ref_linear
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
@@ -47,8 +47,6 @@ _REFERENCE: dict[str, Callable] = {
     "rms_norm": _norm.rms_norm,
     "add_rms_norm": _norm.add_rms_norm,
     "gated_rms_norm": _norm.gated_rms_norm,
-    "add_rms_norm_linear": _norm_linear.add_rms_norm_linear,
-    "gated_rms_norm_linear": _norm_linear.gated_rms_norm_linear,
     "linear": _ref_linear,
     "selective_scan": _ref_selective_scan,
     "selective_state_update": _ref_selective_state_update,
@@ -58,26 +56,22 @@ _REFERENCE: dict[str, Callable] = {
     "mamba2_decode_step": _decode.mamba2_decode_step,
 }
 
-# Which decode fusions run, read at each call. `MEGATRON_SSM_FUSED_DECODE` is a comma list of
-# "mamba1", "mamba2" (the mixer calls its one *_decode_step op at decode instead of the unfused chain
-# of ops) and "norms" (a norm whose only reader is a linear runs inside that linear's GEMV:
-# `add_rms_norm_linear`, `gated_rms_norm_linear`); "1" for all or "0" for none. The default is what
-# measured faster on the H200 (docs/benchmarks.md, "Fused decode steps" and "Session 6"): Mamba-1's
-# fused update (4.75 vs 5.03 ms a falcon-mamba-7b step at b1); not Mamba-2's kernel, which was slower
-# than the three kernels it replaces (2.69 vs 2.57 ms a mamba2-2.7b step at b1, 5.84 vs 4.18 ms at
-# b16); not the norms, which changed no graphed step by more than 0.2% at TP=1 (the GEMV with a norm
-# on its way in is slower than the plain one by about what the norm's own kernel costs).
+# Which mixers call their *_decode_step op at decode instead of the unfused chain of ops, read at
+# each call. `MEGATRON_SSM_FUSED_DECODE` is a comma list of mixers ("mamba1,mamba2"), "1" for all or
+# "0" for none. The default is what measured faster on the H200 (docs/benchmarks.md, "Fused decode
+# steps"): Mamba-1's fused update (4.75 vs 5.03 ms a falcon-mamba-7b step at b1); not Mamba-2's kernel,
+# which was slower than the three kernels it replaces (2.69 vs 2.57 ms a mamba2-2.7b step at b1,
+# 5.84 vs 4.18 ms at b16).
 FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
 FUSED_DECODE_DEFAULT = ("mamba1",)
-FUSIONS = ("mamba1", "mamba2", "norms")
+MIXERS = ("mamba1", "mamba2")
 
 
-def fused_decode(what: str) -> bool:
-    """Whether a decode fusion ("mamba1", "mamba2": the mixer's one *_decode_step op; "norms": norms
-    inside the next linear's GEMV) is on."""
-    if what not in FUSIONS:
-        raise ValueError(f"unknown fusion {what!r}; expected one of {FUSIONS}")
-    return what in _fused_mixers(os.environ.get(FUSED_DECODE_ENV))
+def fused_decode(mixer: str) -> bool:
+    """Whether this mixer ("mamba1" or "mamba2") takes its one *_decode_step op per decode token."""
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; expected one of {MIXERS}")
+    return mixer in _fused_mixers(os.environ.get(FUSED_DECODE_ENV))
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,11 +84,11 @@ def _fused_mixers(value: str | None) -> frozenset[str]:
     if value == "0":
         return frozenset()
     if value == "1":
-        return frozenset(FUSIONS)
+        return frozenset(MIXERS)
     chosen = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [v for v in chosen if v not in FUSIONS]
+    unknown = [v for v in chosen if v not in MIXERS]
     if unknown:
-        raise ValueError(f"{FUSED_DECODE_ENV}={value!r}: unknown fusion(s) {unknown}; expected 0, 1 or a comma list of {FUSIONS}")
+        raise ValueError(f"{FUSED_DECODE_ENV}={value!r}: unknown mixer(s) {unknown}; expected 0, 1 or a comma list of {MIXERS}")
     return frozenset(chosen)
 
 
@@ -161,8 +155,6 @@ def backend(op: str, like: torch.Tensor) -> str:
     """Which implementation `op` runs for tensors like `like`: 'mamba_ssm', 'triton' or 'torch'."""
     if os.environ.get(ENV, "").lower() == "torch":
         return "torch"
-    if op in _NORM_LINEAR_OPS:  # the GEMV with a norm on its input, where the GEMV runs
-        return backend("linear", like) if fused_decode("norms") else "torch"
     if op == "linear" and os.environ.get(LINEAR_ENV, "").lower() == "triton" and _rows(like) <= GEMV_MAX_ROWS:
         return "triton" if _triton_ops() is not None else "torch"  # CPU too: Triton's interpreter
     if not like.is_cuda:
@@ -172,9 +164,6 @@ def backend(op: str, like: torch.Tensor) -> str:
     if op == "linear" and (os.environ.get(LINEAR_ENV, "").lower() == "torch" or _rows(like) > GEMV_MAX_ROWS):
         return "torch"
     return "triton" if _triton_ops() is not None else "torch"
-
-
-_NORM_LINEAR_OPS = ("add_rms_norm_linear", "gated_rms_norm_linear")
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -206,19 +195,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
 
 def linear(x, weight, bias=None):
     return implementation("linear", x)(x, weight, bias)
-
-
-def add_rms_norm_linear(residual, delta, norm_weight, eps, residual_dtype, weight, bias=None):
-    if backend("add_rms_norm_linear", residual) == "triton":
-        return _triton_ops().add_rms_norm_linear(residual, delta, norm_weight, eps, residual_dtype, weight, bias)
-    normed, h = add_rms_norm(residual, delta, norm_weight, eps, residual_dtype)  # each op where it runs best
-    return linear(normed, weight, bias), h
-
-
-def gated_rms_norm_linear(y, gate, norm_weight, eps, weight, bias=None):
-    if backend("gated_rms_norm_linear", y) == "triton":
-        return _triton_ops().gated_rms_norm_linear(y, gate, norm_weight, eps, weight, bias)
-    return linear(gated_rms_norm(y, gate, norm_weight, eps, y.shape[-1]), weight, bias)
 
 
 def rms_norm(x, weight, eps):
@@ -264,5 +240,5 @@ def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm
 for _name, _ref in _REFERENCE.items():
     globals()[_name].__doc__ = _ref.__doc__
 
-__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV", "FUSED_DECODE_ENV", "FUSIONS", "fused_decode", "LINEAR_ENV",
+__all__ = list(_REFERENCE) + ["backend", "implementation", "ENV", "FUSED_DECODE_ENV", "fused_decode", "LINEAR_ENV",
                                "GEMV_MAX_ROWS"]

@@ -65,18 +65,12 @@ def _weight_tile(w_rows, k0, k_hi, n_mask, EVEN_K: tl.constexpr, BLOCK_K: tl.con
 @triton.jit(do_not_specialize=["M", "splits"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
-    x2_ptr, nw_ptr, h_ptr, ss_ptr,
-    M, N, K, k_per_split, splits, eps,
-    sxm, swn, sym, sx2m, shm,
+    M, N, K, k_per_split, splits,
+    sxm, swn, sym,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PEEL: tl.constexpr,
-    NORM: tl.constexpr, HAS_X2: tl.constexpr, WRITE_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """NORM: the input is a norm's that only this product reads (see `NormInput`), computed here on
-    the way in. The norm's scale rsqrt(mean(h^2) + eps) is one number per row, so it multiplies the
-    product instead of the input: each program scales its K-slice of h by the norm weight only and
-    sums h^2 over that slice; a split tile's reducing program adds the splits' sums up."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -88,9 +82,6 @@ def _gemv_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * swn
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * sxm
-    x2_rows = x2_ptr + offs_m.to(tl.int64)[:, None] * sx2m
-    h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * shm
-    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -110,30 +101,12 @@ def _gemv_kernel(
         if EVEN_K:  # no mask along K: a mask of unknown alignment would split the loads into scalars
             if not PEEL:
                 w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
-            x_mask = m_mask[:, None]
-            x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         else:
             k_mask = offs_k < k_hi
             if not PEEL:
                 w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            x_mask = m_mask[:, None] & k_mask[None, :]
-            x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
-        if NORM != 0:
-            h = x.to(tl.float32)
-            if NORM == 1:  # a block's entry: the stream plus the last block's output, RMS-normed
-                if HAS_X2:
-                    h += tl.load(x2_rows + offs_k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                    h = h.to(h_ptr.dtype.element_ty).to(tl.float32)  # the stream's own rounding
-                if WRITE_H:
-                    if pid_n == 0:  # the updated stream, by the programs of the first column tile
-                        tl.store(h_rows + offs_k[None, :], h.to(h_ptr.dtype.element_ty), mask=x_mask)
-                h = h.to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm reads it in the weight's dtype
-            else:  # Mamba-2's gated norm of y (x) by z (x2) over the whole row
-                g = tl.load(x2_rows + offs_k[None, :], mask=x_mask, other=0.0).to(tl.float32)
-                h = h * g * tl.sigmoid(g)
-            ss += tl.sum(h * h, axis=1)
-            nw = tl.load(nw_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
-            x = (h * nw[None, :]).to(w_ptr.dtype.element_ty)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_DOT:
             if UPCAST:
                 acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
@@ -155,8 +128,6 @@ def _gemv_kernel(
         # Partials [splits, M, N] in fp32; the last of the tile's `splits` programs to arrive reduces.
         p_offs = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
         tl.store(part_ptr + pid_k.to(tl.int64) * M * N + p_offs, out, mask=y_mask)
-        if NORM != 0:  # every column tile stores the same sum for its split: any one of them will do
-            tl.store(ss_ptr + pid_k * M + offs_m, ss, mask=m_mask)
         tl.debug_barrier()  # every thread's partial stored before the release below
         lock = lock_ptr + pid_n + pid_m * tl.num_programs(0)
         arrived = tl.atomic_add(lock, 1, sem="acq_rel")
@@ -164,18 +135,11 @@ def _gemv_kernel(
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(0, splits):
                 total += tl.load(part_ptr + s * M * N + p_offs, mask=y_mask, other=0.0, cache_modifier=".cg")
-            if NORM != 0:
-                ss_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
-                for s in range(0, splits):
-                    ss_all += tl.load(ss_ptr + s * M + offs_m, mask=m_mask, other=0.0, cache_modifier=".cg")
-                total = total * tl.rsqrt(ss_all / K + eps)[None, :]
             if HAS_BIAS:
                 total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
             tl.atomic_xchg(lock, 0)  # ready for the next launch (or graph replay)
     else:
-        if NORM != 0:
-            out = out * tl.rsqrt(ss / K + eps)[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
@@ -309,49 +273,14 @@ def _pdl_requested() -> bool:
     return os.environ.get(PDL_ENV) == "1"
 
 
-@dataclass(frozen=True)
-class NormInput:
-    """The norm that makes the product's input out of x, computed inside the kernel. kind "add": a
-    pre-norm block's entry, h = x + other (the last block's output; None for the first block) rounded
-    to `stream_dtype`, then RMS-normed by weight; h is returned too (the updated stream). kind
-    "gated": Mamba-2's gated norm of y = x by z = other over the whole row."""
-
-    kind: str
-    other: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-    stream_dtype: torch.dtype | None = None
-
-    def signature(self) -> tuple:
-        return (self.kind, self.other is not None and self.other.dtype, self.stream_dtype)
-
-
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
             pdl: bool = False, peel: bool | None = None) -> torch.Tensor:
     """peel: read each weight tile one step ahead (as PDL does; None: when pdl), for tests."""
     if cfg.block_n == 0:
         return F.linear(x2, weight, bias)
-    return _run(x2, weight, bias, cfg, pdl, pdl if peel is None else peel, None)[0]
-
-
-def _launch_normed(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
-                   norm: NormInput, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(product of the normed x, the updated stream for kind "add"); cfg CUBLAS: the norm's own kernel,
-    then the product as `linear` runs it (what the fusion replaces, so the tuner can keep it)."""
-    if cfg.block_n == 0:
-        from .norm import add_rms_norm, gated_rms_norm
-
-        if norm.kind == "add":
-            normed, h = add_rms_norm(x2, norm.other, norm.weight, norm.eps, norm.stream_dtype)
-            return linear(normed, weight, bias), h
-        return linear(gated_rms_norm(x2, norm.other, norm.weight, norm.eps, x2.shape[-1]), weight, bias), None
-    return _run(x2, weight, bias, cfg, pdl, pdl, norm)
-
-
-def _run(x2, weight, bias, cfg: Config, pdl: bool, peel: bool, norm: NormInput | None):
     m, k = x2.shape
     n = weight.shape[0]
-    y2 = torch.empty(m, n, device=x2.device, dtype=weight.dtype if norm is not None else x2.dtype)
+    y2 = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
     block_m = _block_m(m, cfg)
     m_blocks = triton.cdiv(m, block_m)
     per = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
@@ -361,29 +290,17 @@ def _run(x2, weight, bias, cfg: Config, pdl: bool, peel: bool, norm: NormInput |
     part = torch.empty(splits, m, n, device=x2.device, dtype=torch.float32) if split else y2
     locks = _locks(x2.device) if split else y2
     assert not split or grid_n * m_blocks <= _LOCK_SLOTS, "more column tiles than arrival counters"
-    other = norm.other if norm is not None else None
-    # kind "add" writes the updated stream unless it is x itself (the first block, already in its dtype)
-    h = None
-    if norm is not None and norm.kind == "add" and (other is not None or x2.dtype != norm.stream_dtype):
-        h = torch.empty(m, k, device=x2.device, dtype=norm.stream_dtype)
-    ss = torch.empty(splits, m, device=x2.device, dtype=torch.float32) if norm is not None and split else part
     _gemv_kernel[(grid_n, splits, m_blocks)](
         x2, weight, bias if bias is not None else weight, y2, part, locks,
-        other if other is not None else x2, norm.weight if norm is not None else weight,
-        h if h is not None else y2, ss,
-        m, n, k, per, splits, norm.eps if norm is not None else 0.0,
-        x2.stride(0), weight.stride(0), y2.stride(0), other.stride(0) if other is not None else 0,
-        h.stride(0) if h is not None else 0,
-        HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
-        UPCAST=_INTERPRETED and weight.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
-        PEEL=peel, NORM=0 if norm is None else (1 if norm.kind == "add" else 2), HAS_X2=other is not None,
-        WRITE_H=h is not None,
+        m, n, k, per, splits,
+        x2.stride(0), weight.stride(0), y2.stride(0),
+        HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
+        UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
+        PEEL=pdl if peel is None else peel,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}),
     )
-    if norm is not None and norm.kind == "add" and h is None:
-        h = x2
-    return y2, h
+    return y2
 
 
 def _time(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
@@ -401,8 +318,7 @@ def _time(fn, weights: list[torch.Tensor], reps: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / reps
 
 
-def _tune(key, x2, weight, bias, launch) -> Config:
-    """The fastest of the candidate configurations; launch(x2, w, bias, cfg, pdl) runs one."""
+def _tune(key, x2, weight, bias) -> Config:
     m, k = x2.shape
     n = weight.shape[0]
     nbytes = weight.numel() * weight.element_size()
@@ -413,94 +329,41 @@ def _tune(key, x2, weight, bias, launch) -> Config:
         pass
     candidates = _candidates(m, n, k, x2.device)
     pdl = _use_pdl(x2.device)
-    times = [_time(lambda w, c=cfg: launch(x2, w, bias, c, pdl), copies) for cfg in candidates]
+    times = [_time(lambda w, c=cfg: _launch(x2, w, bias, c, pdl), copies) for cfg in candidates]
     del copies
     _TUNE_LOG[key] = sorted(((str(c), t) for c, t in zip(candidates, times)), key=lambda e: e[1])
     return candidates[min(range(len(times)), key=times.__getitem__)]
 
 
-def _config(x2, weight, bias, norm: NormInput | None = None) -> Config:
+def _config(x2, weight, bias) -> Config:
     m, k = x2.shape
     key = (_m_bucket(m), weight.shape[0], k, x2.dtype, bias is not None)
-    if norm is not None:
-        key += norm.signature()
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
     if (not x2.is_cuda or os.environ.get(TUNE_ENV) == "0" or torch.cuda.is_current_stream_capturing()):
         return heuristic(m, weight.shape[0], k, x2.device)  # not kept: an eager call may still tune
-    if norm is None:
-        launch = _launch
-    else:
-        def launch(x2, w, b, c, pdl):
-            return _launch_normed(x2, w, b, c, norm, pdl)
-    cfg = _TUNED[key] = _tune(key, x2, weight, bias, launch)
+    cfg = _TUNED[key] = _tune(key, x2, weight, bias)
     return cfg
-
-
-def _usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (weight.dim() == 2 and weight.stride(-1) == 1 and (bias is None or bias.dtype == weight.dtype)
-            and x.numel() > 0 and weight.shape[0] > 0)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def _pdl_now(x2: torch.Tensor) -> bool:
-    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
-    if x2.is_cuda and not capturing and _pdl_requested():
-        _pdl_supported(x2.device)  # once per device, before any capture needs the answer
-    return capturing and _use_pdl(x2.device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            config: Config | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for few rows of x: weight [N, K] with unit stride along K."""
+    k = x.shape[-1]
     n = weight.shape[0]
-    if x.dtype != weight.dtype or not _usable(x, weight, bias):
+    if (x.dtype != weight.dtype or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)
+            or x.numel() == 0 or n == 0 or weight.dim() != 2):
         return F.linear(x, weight, bias)
-    x2 = _rows(x)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
+    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+    if x2.is_cuda and not capturing and _pdl_requested():
+        _pdl_supported(x2.device)  # once per device, before any capture needs the answer
     cfg = config or _config(x2, weight, bias)
-    y2 = _launch(x2, weight, bias, cfg, _pdl_now(x2))
+    pdl = capturing and _use_pdl(x2.device)
+    y2 = _launch(x2, weight, bias, cfg, pdl)
     return y2.view(*x.shape[:-1], n)
-
-
-def add_rms_norm_linear(residual: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                        residual_dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                        config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """linear(add_rms_norm(residual, delta, ...)'s normed output), and its updated stream, in one launch."""
-    from .norm import add_rms_norm
-
-    k = residual.shape[-1]
-    if (not _usable(residual, weight, bias) or norm_weight.dtype != weight.dtype or norm_weight.stride(0) != 1
-            or (delta is not None and delta.shape != residual.shape)):
-        normed, h = add_rms_norm(residual, delta, norm_weight, eps, residual_dtype)
-        return F.linear(normed, weight, bias), h
-    x2 = _rows(residual)
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
-    norm = NormInput("add", _rows(delta) if delta is not None else None, norm_weight, eps, residual_dtype)
-    cfg = config or _config(x2, weight, bias, norm)
-    y2, h = _launch_normed(x2, weight, bias, cfg, norm, _pdl_now(x2))
-    return y2.view(*residual.shape[:-1], weight.shape[0]), h.view(*residual.shape[:-1], k)
-
-
-def gated_rms_norm_linear(y: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                          weight: torch.Tensor, bias: torch.Tensor | None = None,
-                          config: Config | None = None) -> torch.Tensor:
-    """linear(gated_rms_norm(y, gate, norm_weight, eps, one group of the whole row)) in one launch."""
-    from .norm import gated_rms_norm
-
-    if (not _usable(y, weight, bias) or norm_weight.dtype != weight.dtype or norm_weight.stride(0) != 1
-            or y.dtype != weight.dtype or gate.shape != y.shape):
-        return F.linear(gated_rms_norm(y, gate, norm_weight, eps, y.shape[-1]), weight, bias)
-    x2 = _rows(y)
-    if bias is not None and bias.stride(0) != 1:
-        bias = bias.contiguous()
-    norm = NormInput("gated", _rows(gate), norm_weight, eps)
-    cfg = config or _config(x2, weight, bias, norm)
-    return _launch_normed(x2, weight, bias, cfg, norm, _pdl_now(x2))[0].view(*y.shape[:-1], weight.shape[0])
