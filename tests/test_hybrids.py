@@ -3,6 +3,7 @@ logits, cached decode, greedy generation, the engine's batching / chunking / pre
 converter's exact round trip."""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -158,7 +159,64 @@ def _rank_too_long(ckpt: str):
     return None
 
 
+def _rank_packed_vs_alone(ckpt: str, lengths: tuple[int, ...], seed: int):
+    """Prompts of these lengths packed in one forward (cu_seqlens) beside each run alone from an empty
+    slot: max |difference| of the last logits, of every position's logits (no state), of the states
+    left (conv, SSM, keys/values at the filled positions, lengths), and of the next decode step's
+    logits from each cache."""
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.ops.varlen import cu_seqlens_of
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in lengths]
+    n, cap = len(prompts), max(lengths) + 2
+    packed = StateCache(model.state_shapes(cap), n, dtype=model.dtype, device=torch.device("cpu"))
+    for layer in packed.layers:  # what the rows held before is never read
+        for t in layer.values():
+            t.normal_() if t.is_floating_point() else t.fill_(3)
+    alone = StateCache(model.state_shapes(cap), n, dtype=model.dtype, device=torch.device("cpu"))
+    ids = torch.tensor([t for p in prompts for t in p]).view(1, -1)
+    cu = cu_seqlens_of(list(lengths), "cpu")
+    with torch.no_grad():
+        last = model(ids, packed.rows(0, n), last_only=True, cu_seqlens=cu)[:, -1]
+        every = model(ids, None, cu_seqlens=cu)[0]
+        alone_last = torch.stack([model(torch.tensor([p]), alone.rows(i, i + 1), last_only=True)[0, -1]
+                                  for i, p in enumerate(prompts)])
+        alone_every = torch.cat([model(torch.tensor([p]))[0] for p in prompts])
+        states = 0.0
+        for a, b in zip(packed.layers, alone.layers):
+            for name in a:
+                if name in ("k", "v"):
+                    for i, L in enumerate(lengths):
+                        states = max(states, (a[name][i, :L] - b[name][i, :L]).abs().max().item())
+                else:
+                    states = max(states, (a[name].double() - b[name].double()).abs().max().item())
+        nxt = torch.randint(3, 250, (n, 1), generator=g)
+        step_packed, step_alone = model(nxt, packed.rows(0, n)), model(nxt, alone.rows(0, n))
+
+    def diff(x, y):  # this rank's slice of the logits; the padded vocabulary's -inf must match too
+        finite = torch.isfinite(y)
+        return (x[finite] - y[finite]).abs().max().item() if torch.equal(torch.isfinite(x), finite) else math.inf
+
+    return diff(last, alone_last), diff(every, alone_every), states, diff(step_packed, step_alone)
+
+
 # ---- tests -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family,opts", [CASES[0], CASES[1], CASES[2]])
+def test_packed_prefill_equals_each_prompt_alone(ranks, converted, family, opts, tp):
+    """Prompts of different lengths in one packed forward (attention block-diagonal and from position
+    0 in each; Falcon-H1's parallel blocks too) give each one's logits and leave the states, keys,
+    values and lengths a lone prefill leaves: the next decode step agrees."""
+    _, _, ckpts = converted(family, opts)
+    seed = fresh_seed()
+    for last, every, states, step in ranks(tp).run(_rank_packed_vs_alone, ckpts[tp], (7, 1, 2, 13), seed):
+        assert max(last, every, states, step) < 1e-4, (seed, last, every, states, step)
+
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("family,opts", CASES)

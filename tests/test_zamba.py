@@ -40,6 +40,29 @@ def converted(tmp_path_factory):
     return lambda family, opts: get(family, opts)[:3]
 
 
+def _rank_packed_refusal(ckpt: str):
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.model.load import load_model
+    from megatron_ssm.ops.varlen import cu_seqlens_of
+    from megatron_ssm.parallel import tp_context
+
+    model = load_model(ckpt, tp_context(torch.device("cpu")))
+    cache = StateCache(model.state_shapes(8), 2, dtype=model.dtype, device=torch.device("cpu"))
+    try:
+        model(torch.randint(3, 250, (1, 7)), cache.rows(0, 2), last_only=True, cu_seqlens=cu_seqlens_of([3, 4], "cpu"))
+    except ValueError as e:
+        return model.packs_sequences, str(e)
+    return model.packs_sequences, None
+
+
+def test_shared_blocks_refuse_packed_sequences(ranks, converted):
+    """Zamba's shared blocks have no packed path: the model says so (the engine then prefills each
+    length on its own) and a packed forward is refused with a clear error, not run wrong."""
+    _, _, ckpts = converted(*CASES[2].values)
+    packs, error = ranks(1).run(_rank_packed_refusal, ckpts[1])[0]
+    assert packs is False and error is not None and "packed" in error, error
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("family,opts", CASES)
 def test_prefill_logits_match_hf(ranks, converted, family, opts, tp):

@@ -12,6 +12,10 @@ the cache's fixed capacity (or any prefix of it the caller slices), and position
 sequence's length are masked, not sliced. A prefill whose rows all hold the same number of
 positions says so (`LayerState.filled`, known to the engine) and runs causal SDPA (flash kernels)
 over the chunk, or lower-right causal over the prefix plus the chunk, instead of a full mask.
+
+Packed prompts (cu_seqlens: several sequences end to end in one row, ops/varlen.py) attend within
+their own sequence, from position 0: a block-diagonal causal mask over the pack, each sequence's
+keys/values written to its own row of the state from its start, its `length` set to its own.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from ..config import SSMConfig
+from ..ops.varlen import seq_index
 from ..parallel import TPContext
 from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
 
@@ -77,12 +82,14 @@ class Attention(Mixer):
         return {"k": (kv, None), "v": (kv, None), "length": ((), torch.int64)}
 
     def start(self, hidden: torch.Tensor, state=None, out_scale: float = 1.0,
-              qkv_delta: torch.Tensor | None = None, cp=None) -> PendingOutput:
+              qkv_delta: torch.Tensor | None = None, cp=None, cu_seqlens: torch.Tensor | None = None) -> PendingOutput:
         """hidden [b, L, hidden]. `state` (a LayerState with k, v, length) holds the sequences'
         earlier positions: the new keys/values are written after them and `length` advances; None
         attends within `hidden` alone and keeps nothing. cp (a ContextParallelSpans): hidden is this
         rank's span of a range split over the CP group; every span's keys/values are gathered, so
-        each rank's queries see the earlier spans and every rank's cache holds the whole range."""
+        each rank's queries see the earlier spans and every rank's cache holds the whole range.
+        cu_seqlens: hidden [1, T, hidden] packs sequences that each start at position 0; `state`
+        (if given) has one row per sequence, whose earlier contents are not read."""
         b, L, _ = hidden.shape
         d = self.head_dim
         if self.input_scale != 1.0:
@@ -97,12 +104,18 @@ class Attention(Mixer):
         if self.key_scale != 1.0:
             k = k * self.key_scale
         steps = torch.arange(L, device=hidden.device) + (0 if cp is None else cp.start)
-        positions = steps.expand(b, L) if state is None else state.length[:, None] + steps
+        if cu_seqlens is not None:  # each packed token's sequence, and its position in it
+            seq = seq_index(cu_seqlens, L).long()
+            positions = (steps - cu_seqlens.long()[seq])[None]
+        else:
+            positions = steps.expand(b, L) if state is None else state.length[:, None] + steps
         if self.cfg.rope_theta is not None:
             q = rotate(q, positions, self.cfg.rope_theta, self.rotary_dim)
             k = rotate(k, positions, self.cfg.rope_theta, self.rotary_dim)
         if cp is not None:
             return self.o_proj.start(self._context_parallel(q, k, v, positions, state, cp), out_scale)
+        if cu_seqlens is not None:
+            return self.o_proj.start(self._packed(q, k, v, seq, positions[0], cu_seqlens, state), out_scale)
         gqa = self.heads != self.kv_heads
         if state is None or state.filled == 0:
             if state is not None:
@@ -133,6 +146,28 @@ class Attention(Mixer):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
                                                  attn_mask=visible[:, None], enable_gqa=gqa, scale=self.softmax_scale)
         return self.o_proj.start(out.transpose(1, 2).reshape(b, L, self.heads * d), out_scale)
+
+    def _packed(self, q, k, v, seq, positions, cu_seqlens, state) -> torch.Tensor:
+        """Attention of packed sequences [1, T, ...], each within itself; returns [1, T, heads * head_dim].
+        seq, positions [T]: each token's sequence and position in it."""
+        T = q.shape[1]
+        if state is not None:
+            # A CUDA graph's padding sequence may run past the cache: clamp its writes into the row
+            # (a real prompt never does: the engine admits prompt + new within the capacity).
+            where = positions.clamp(max=state.k.shape[1] - 1)
+            state.k[seq, where] = k[0].to(state.k.dtype)
+            state.v[seq, where] = v[0].to(state.v.dtype)
+            state.length.copy_(cu_seqlens[1:] - cu_seqlens[:-1])
+        tokens = torch.arange(T, device=q.device)
+        visible = (seq[:, None] == seq[None, :]) & (tokens[None, :] <= tokens[:, None])  # [T, T]
+        if self.heads != self.kv_heads:
+            # keys/values per query head, so that a mask-taking fused kernel qualifies whatever its
+            # enable_gqa support in this torch: the math fallback would hold [heads, T, T] fp32 scores
+            # (not measured on a GPU yet)
+            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=2) for t in (k, v))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=visible[None, None], scale=self.softmax_scale)
+        return out.transpose(1, 2).reshape(1, T, self.heads * self.head_dim)
 
     def _context_parallel(self, q, k, v, positions, state, cp) -> torch.Tensor:
         """Attention of this span's queries (at `positions`) over the cached positions and every span

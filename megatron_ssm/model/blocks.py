@@ -7,7 +7,7 @@ Every block has the same surface, which is all the model and the engine use:
   stream inside this block's norm kernel, so the stream is read and written once per block.
   `pending.wait()` gives this block's output, whose all-reduce may still be in flight (prefill
   overlaps it). cu_seqlens: the stream packs several sequences end to end (ops/varlen.py); only
-  kinds with `packs = True` take it (attention has no varlen path yet: the engine then never packs).
+  kinds with `packs = True` take it (Zamba's shared blocks do not: the engine then never packs).
   cp: a ContextParallelSpans, the stream is this rank's span of a range split over the
   context-parallel group (context_parallel.py).
 - `state_shapes(max_length)`: the per-sequence state on this rank, name -> (shape, dtype; None
@@ -105,15 +105,15 @@ class AttentionBlock(Block):
     """`*`: causal self-attention over the sequence's KV cache."""
 
     kind = "*"
+    packs = True  # each packed sequence attends within itself, from position 0
 
     def __init__(self, cfg: SSMConfig, mixer: nn.Module, *, dtype, device):
         super().__init__(cfg, dtype=dtype, device=device)
         self.mixer = mixer
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
-        _refuse_packed(self, cu_seqlens)
         normed, stream = self.enter(stream, delta)
-        return stream, self.mixer.start(normed, state, cp=cp)
+        return stream, self.mixer.start(normed, state, cp=cp, cu_seqlens=cu_seqlens)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return self.mixer.state_shapes(max_length)
@@ -140,6 +140,7 @@ class ParallelBlock(Block):
     together."""
 
     kind = "P"
+    packs = True
 
     def __init__(self, cfg: SSMConfig, mixer: nn.Module, attention: nn.Module, *, dtype, device):
         super().__init__(cfg, dtype=dtype, device=device)
@@ -149,12 +150,11 @@ class ParallelBlock(Block):
         self.attention_scale = cfg.multiplier("attention_out")
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
-        _refuse_packed(self, cu_seqlens)
         normed, stream = self.enter(stream, delta)
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
-        mixed = self.mixer.start(normed, conv, ssm, cp=cp)
+        mixed = self.mixer.start(normed, conv, ssm, cu_seqlens, cp=cp)
         mixed.scale *= self.mixer_scale
-        attended = self.attention.start(normed, state, self.attention_scale, cp=cp)
+        attended = self.attention.start(normed, state, self.attention_scale, cp=cp, cu_seqlens=cu_seqlens)
         return stream, SummedOutput(mixed, attended)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
