@@ -72,9 +72,10 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
 
 @pytest.mark.parametrize("family", ["nemotron_h", "falcon_h1", "zamba", "zamba2"])
 def test_gpu_hybrid_matches_hf_and_graphed_decode_covers_attention(tp, tmp_path, monkeypatch, family):
-    """A hybrid on the GPU: prefill against HF, and CUDA-graph decode (attention over the fixed-size
-    KV cache, lengths as tensors) against eager decode (attention over the used prefix), with
-    prefix reuse on so a graphed step also follows a restored KV prefix."""
+    """A hybrid on the GPU: prefill against HF, the packed forward against each prompt alone (where the
+    family packs), and CUDA graphs (the packed prefill of fresh prompts, decode with attention over the
+    fixed-size KV cache, lengths as tensors) against eager runs, with prefix reuse on so a graphed step
+    also follows a restored KV prefix."""
     from hf_models import build_varied_hf_model, hybrid_config, zamba_config
     from megatron_ssm.inference.engine import Engine, EngineConfig, Request
     from megatron_ssm.model.load import load_model
@@ -96,6 +97,15 @@ def test_gpu_hybrid_matches_hf_and_graphed_decode_covers_attention(tp, tmp_path,
     bound = 2e-2 if family == "zamba2" else 5e-3
     assert err < bound, f"GPU hybrid (kernels) vs HF: relative error {err} (torch ops: {err_torch})"
     prompts = [ids[0, :9].tolist(), ids[1, :3].tolist(), ids[0, :21].tolist()]
+    if model.packs_sequences:  # Nemotron-H, Falcon-H1: attention within each packed sequence
+        from megatron_ssm.ops.varlen import cu_seqlens_of
+
+        with torch.no_grad():
+            packed = model(torch.tensor([sum(prompts, [])]).cuda(),
+                           cu_seqlens=cu_seqlens_of([len(p) for p in prompts], "cuda"))[..., :250]
+            alone = torch.cat([model(torch.tensor([p]).cuda()) for p in prompts], 1)[..., :250]
+        rel = (packed - alone).abs().max().item() / alone.abs().max().item()
+        assert rel < 5e-3, f"packed forward vs each prompt alone: relative error {rel}"
     runs = {}
     for graphs in (True, False):
         eng = Engine(model, EngineConfig(max_batch=4, cuda_graphs=graphs, max_sequence_length=64, prefix_block=8,
