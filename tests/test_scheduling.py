@@ -338,6 +338,34 @@ def test_prefix_cache_keeps_one_row_with_its_keys_values_cut_to_the_prefix():
     assert m.ssm.tolist() == [[104, 105, 106, 107]] and a.k.flatten().tolist() == [100.0 + i for i in range(20, 32)]
 
 
+def test_state_cache_gathers_keys_values_up_to_a_length_and_scatters_them_back():
+    """A packed prefill of scattered slots copies only the positions it can write: keys/values cut to
+    kv_length, the other states whole; scatter writes that prefix back and leaves the rest."""
+    from megatron_ssm.inference.cache import StateCache
+
+    shapes = [{"conv": ((2, 3), None), "ssm": ((4,), torch.float32)},
+              {"k": ((10, 1, 2), None), "v": ((10, 1, 2), None), "length": ((), torch.int64)}]
+    cache = StateCache(shapes, 4, dtype=torch.float32, device=torch.device("cpu"))
+    for layer in cache.layers:
+        for t in layer.values():
+            t.copy_(torch.arange(t.numel()).view_as(t))
+    before = [{n: t.clone() for n, t in layer.items()} for layer in cache.layers]
+    slots = torch.tensor([3, 1])
+    mamba, attn = cache.gather(slots, kv_length=4)
+    assert mamba.conv.shape == (2, 2, 3) and mamba.ssm.shape == (2, 4) and attn.length.shape == (2,)
+    assert attn.k.shape == (2, 4, 1, 2) and torch.equal(attn.k, before[1]["k"][[3, 1], :4])
+    assert torch.equal(mamba.ssm, before[0]["ssm"][[3, 1]])
+    assert cache.gather(slots)[1].k.shape == (2, 10, 1, 2)  # no length: every position
+    for st in (mamba, attn):
+        for t in st.tensors().values():
+            t.neg_()
+    cache.scatter(slots, [mamba, attn])
+    k = cache.layers[1]["k"]
+    assert torch.equal(k[[3, 1], :4], -before[1]["k"][[3, 1], :4])
+    assert torch.equal(k[[3, 1], 4:], before[1]["k"][[3, 1], 4:]) and torch.equal(k[[0, 2]], before[1]["k"][[0, 2]])
+    assert torch.equal(cache.layers[0]["ssm"][[3, 1]], -before[0]["ssm"][[3, 1]])
+
+
 def test_prefix_cache_sizes_at_their_bounds():
     one = PrefixStateCache(block=1, capacity_bytes=1)
     assert one.enabled and one.block == 1

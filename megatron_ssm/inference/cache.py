@@ -58,9 +58,11 @@ class StateCache:
         cuts keys/values to the positions a step may touch (None: all of them)."""
         return [LayerState(**{n: t[start:end] for n, t in layer.items()}).upto(kv_length) for layer in self.layers]
 
-    def gather(self, slots: torch.Tensor) -> list[LayerState]:
-        """Copies of arbitrary slots, to be written back with `scatter`."""
-        return [LayerState(**{n: t.index_select(0, slots) for n, t in layer.items()}) for layer in self.layers]
+    def gather(self, slots: torch.Tensor, kv_length: int | None = None) -> list[LayerState]:
+        """Copies of arbitrary slots, to be written back with `scatter`; keys/values cut to their first
+        kv_length positions (None: all of them)."""
+        return [LayerState(**{n: kv_upto(n, t, kv_length).index_select(0, slots) for n, t in layer.items()})
+                for layer in self.layers]
 
     def scatter(self, slots: torch.Tensor, states: list[LayerState]) -> None:
         for layer, st in zip(self.layers, states):
@@ -88,6 +90,11 @@ class StateCache:
         for layer, st in zip(self.layers, saved):
             for n, t in st.tensors().items():
                 _time_prefix(layer[n][slot:slot + 1], t).copy_(t)
+
+
+def kv_upto(name: str, t: torch.Tensor, kv_length: int | None) -> torch.Tensor:
+    """Keys/values cut to their first kv_length positions; any other state as it is."""
+    return t[:, :kv_length] if kv_length is not None and name in ("k", "v") else t
 
 
 def _time_prefix(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

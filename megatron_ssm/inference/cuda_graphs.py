@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..model.lm import LayerState, MambaLM
-from .cache import StateCache
+from .cache import StateCache, kv_upto
 
 log = logging.getLogger(__name__)
 
@@ -156,13 +156,14 @@ class GraphedPrefill:
                   slots=torch.full((S,), cache.scratch, dtype=torch.long, device=device))
         def forward():
             # The packed forward reads no initial state: its states start out as scratch and are
-            # then copied to the slots (padding sequences' to the scratch row).
-            states = [LayerState(**{n: torch.empty(S, *t.shape[1:], dtype=t.dtype, device=device)
+            # then copied to the slots (padding sequences' to the scratch row). A hybrid's keys and
+            # values: only the T positions a pack of T tokens can fill, not the cache's capacity.
+            states = [LayerState(**{n: torch.empty(S, *kv_upto(n, t, T).shape[1:], dtype=t.dtype, device=device)
                                     for n, t in layer.items()}) for layer in cache.layers]
             logits = model(io["tokens"], states, last_only=True, cu_seqlens=io["cu_seqlens"])[:, -1]
             for layer, st in zip(cache.layers, states):
                 for n, t in st.tensors().items():
-                    layer[n].index_copy_(0, io["slots"], t)
+                    kv_upto(n, layer[n], T).index_copy_(0, io["slots"], t)
             return logits
 
         side = torch.cuda.Stream(device)

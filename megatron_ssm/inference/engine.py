@@ -398,7 +398,9 @@ class Engine:
         first = pack[0].slot
         contiguous = [s.slot for s in pack] == list(range(first, first + len(pack)))
         slots = None if contiguous else torch.tensor([s.slot for s in pack], device=self.device)
-        states = self.cache.rows(first, first + len(pack)) if contiguous else self.cache.gather(slots)
+        longest = max(lengths)  # the keys/values a pack writes: none past its longest prompt
+        states = (self.cache.rows(first, first + len(pack), longest) if contiguous
+                  else self.cache.gather(slots, longest))
         ids = torch.tensor(tokens, device=self.device).view(1, -1)
         logits = self.model(ids, states, last_only=True, cu_seqlens=cu_seqlens_of(lengths, self.device))[:, -1]
         if not contiguous:
