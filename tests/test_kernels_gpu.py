@@ -21,7 +21,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs, packed, rel_err,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs,
+    packed, packed_attention_inputs, rel_err,
     rms_norm_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
@@ -259,6 +260,22 @@ def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypa
             graph.replay()
             err = rel_err(out, F.linear(**kw))
             assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
+
+
+# ---- packed causal attention (a hybrid's packed prefill) ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("lengths,heads,kv_heads,scale", [((37, 1, 200, 64), 8, 2, None), ((512,) * 4, 4, 4, 0.05)],
+                         ids=["gqa-mixed", "mha-scaled"])
+def test_packed_causal_attention_flash(seed, dtype, lengths, heads, kv_heads, scale):
+    """torch's flash varlen kernel, as dispatch takes it, against the masked reference."""
+    from megatron_ssm.ops import attention
+
+    if attention.flash_varlen() is None:
+        pytest.skip("this torch has no flash varlen attention with causal windows")
+    op, kw = packed_attention_inputs(lengths, heads, kv_heads, 128, dtype, DEV, scale)
+    assert dispatch.backend(op, kw["q"]) == "flash"
+    check_op(dispatch.implementation(op, kw["q"]), op, kw, TOL[dtype], seed)
 
 
 # ---- the fused decode steps (ops/decode.py) --------------------------------------------------------

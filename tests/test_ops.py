@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ssm import ops as ref_ops
+from megatron_ssm.ops import attention as attention_ops
 from megatron_ssm.ops import dispatch
 
 OPS = list(ref_ops.__all__)
@@ -547,9 +548,11 @@ def test_dispatch_forwards_every_argument_in_order(seed):
 
 
 class _CudaLike:
-    """Stands in for a CUDA tensor: `backend` looks only at `is_cuda` (and, for linear, the shape)."""
+    """Stands in for a CUDA tensor: `backend` looks only at `is_cuda` (and, for linear, the shape;
+    for packed attention, the dtype)."""
 
     is_cuda = True
+    dtype = torch.bfloat16
 
     def __init__(self, *shape):
         self.shape = shape or (1, 8)
@@ -573,8 +576,9 @@ def fake_kernels(monkeypatch):
 def test_dispatch_routes_cuda_to_kernels_unless_forced_to_torch(monkeypatch, fake_kernels):
     kernels, _ = fake_kernels
     cuda = _CudaLike()
+    flash = "flash" if attention_ops.flash_varlen() is not None else "torch"  # torch's own kernel
     for op in OPS:
-        want = "mamba_ssm" if op == "ssd_chunk_scan" else "triton"
+        want = {"ssd_chunk_scan": "mamba_ssm", "packed_causal_attention": flash}.get(op, "triton")
         assert dispatch.backend(op, cuda) == want, op
         assert dispatch.backend(op, torch.zeros(1)) == "torch", op
     assert dispatch.implementation("rms_norm", cuda) is kernels.rms_norm
@@ -635,7 +639,7 @@ def test_dispatch_without_triton_or_mamba_ssm_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(dispatch, "_triton_ops", lambda: None)
     monkeypatch.setattr(dispatch, "_mamba_chunk_scan_combined", lambda: None)
     monkeypatch.delenv(dispatch.ENV, raising=False)
-    assert all(dispatch.backend(op, _CudaLike()) == "torch" for op in OPS)
+    assert all(dispatch.backend(op, _CudaLike()) == "torch" for op in OPS if op != "packed_causal_attention")
 
 
 def test_mamba_ssm_scan_gets_our_arguments_under_its_names(fake_kernels):
@@ -664,6 +668,53 @@ def _interpreted_kernels():
         pytest.skip(problem)
     from megatron_ssm.ops import triton as kernels
     return kernels
+
+
+def packed_attention_inputs(lengths, heads, kv_heads, d, dtype, device, scale=None):
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=device)
+    T = sum(lengths)
+    return "packed_causal_attention", dict(q=_act(T, heads, d, dtype=dtype, device=device),
+                                           k=_act(T, kv_heads, d, dtype=dtype, device=device),
+                                           v=_act(T, kv_heads, d, dtype=dtype, device=device), cu_seqlens=cu, scale=scale)
+
+
+@pytest.mark.parametrize("lengths,heads,kv_heads,scale", [((5, 1, 9), 4, 2, None), ((3, 3), 2, 2, 0.3),
+                                                          ((12,), 6, 1, None)], ids=["gqa", "scaled", "one-mqa"])
+def test_packed_causal_attention_is_each_sequence_alone(seed, lengths, heads, kv_heads, scale):
+    """The reference: each packed sequence's causal attention on its own (SDPA per sequence, keys and
+    values repeated per query head), grouped-query and a custom scale included."""
+    _, kw = packed_attention_inputs(lengths, heads, kv_heads, 8, torch.float64, "cpu", scale)
+    out = ref_ops.packed_causal_attention(**kw)
+    want, start = [], 0
+    for n in lengths:
+        q, k, v = (kw[x][start:start + n].transpose(0, 1) for x in "qkv")
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))
+        want.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1))
+        start += n
+    assert out.shape == (sum(lengths), heads, 8) and _close(out, torch.cat(want), 1e-10), seed
+
+
+def test_packed_attention_takes_torch_flash_only_for_16_bit_cuda(monkeypatch):
+    """On CUDA in fp16/bf16, where this torch has flash varlen: torch's kernel; in fp32, on CPU, without
+    it, or forced to the references: the masked reference."""
+    class Cuda(_CudaLike):
+        def __init__(self, dtype):
+            super().__init__()
+            self.dtype = dtype
+
+    has = attention_ops.flash_varlen() is not None
+    assert dispatch.backend("packed_causal_attention", Cuda(torch.bfloat16)) == ("flash" if has else "torch")
+    assert dispatch.backend("packed_causal_attention", Cuda(torch.float16)) == ("flash" if has else "torch")
+    assert dispatch.backend("packed_causal_attention", Cuda(torch.float32)) == "torch"
+    assert dispatch.backend("packed_causal_attention", torch.zeros(2, dtype=torch.bfloat16)) == "torch"
+    if has:
+        assert dispatch.implementation("packed_causal_attention", Cuda(torch.bfloat16)) is \
+            attention_ops.packed_causal_attention_flash
+    monkeypatch.setenv(dispatch.ENV, "torch")
+    assert dispatch.backend("packed_causal_attention", Cuda(torch.bfloat16)) == "torch"
+    monkeypatch.delenv(dispatch.ENV)
+    monkeypatch.setattr(attention_ops, "flash_varlen", lambda: None)
+    assert dispatch.backend("packed_causal_attention", Cuda(torch.bfloat16)) == "torch"
 
 
 def _compile_for_sm90() -> list[str]:

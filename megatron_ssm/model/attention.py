@@ -14,8 +14,8 @@ positions says so (`LayerState.filled`, known to the engine) and runs causal SDP
 over the chunk, or lower-right causal over the prefix plus the chunk, instead of a full mask.
 
 Packed prompts (cu_seqlens: several sequences end to end in one row, ops/varlen.py) attend within
-their own sequence, from position 0: a block-diagonal causal mask over the pack, each sequence's
-keys/values written to its own row of the state from its start, its `length` set to its own.
+their own sequence, from position 0 (ops/attention.py: torch's flash varlen kernel on a GPU), each
+sequence's keys/values written to its own row of the state from its start, its `length` set.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from ..config import SSMConfig
+from ..ops.dispatch import packed_causal_attention
 from ..ops.varlen import seq_index
 from ..parallel import TPContext
 from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
@@ -158,16 +159,8 @@ class Attention(Mixer):
             state.k[seq, where] = k[0].to(state.k.dtype)
             state.v[seq, where] = v[0].to(state.v.dtype)
             state.length.copy_(cu_seqlens[1:] - cu_seqlens[:-1])
-        tokens = torch.arange(T, device=q.device)
-        visible = (seq[:, None] == seq[None, :]) & (tokens[None, :] <= tokens[:, None])  # [T, T]
-        if self.heads != self.kv_heads:
-            # keys/values per query head, so that a mask-taking fused kernel qualifies whatever its
-            # enable_gqa support in this torch: the math fallback would hold [heads, T, T] fp32 scores
-            # (not measured on a GPU yet)
-            k, v = (t.repeat_interleave(self.heads // self.kv_heads, dim=2) for t in (k, v))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=visible[None, None], scale=self.softmax_scale)
-        return out.transpose(1, 2).reshape(1, T, self.heads * self.head_dim)
+        out = packed_causal_attention(q[0], k[0], v[0], cu_seqlens, self.softmax_scale)
+        return out.reshape(1, T, self.heads * self.head_dim)
 
     def _context_parallel(self, q, k, v, positions, state, cp) -> torch.Tensor:
         """Attention of this span's queries (at `positions`) over the cached positions and every span

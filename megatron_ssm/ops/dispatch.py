@@ -3,7 +3,9 @@
 CUDA tensors go to our Triton kernels (`megatron_ssm.ops.triton`), except Mamba-2's chunked scan:
 that takes mamba-ssm's Triton `mamba_chunk_scan_combined` when installed, else the torch reference,
 whose chunked matrix form beat our Triton recurrence at n = 128 on an H100 (2.9 ms vs 4.5 ms for
-2048 tokens of Mamba2-2.7B; mamba-ssm 0.76 ms; docs/benchmarks.md). Anything else (CPU tensors, no
+2048 tokens of Mamba2-2.7B; mamba-ssm 0.76 ms; docs/benchmarks.md); and packed causal attention
+(a hybrid's packed prefill), which takes torch's own flash varlen kernel in fp16/bf16 where torch
+has it (ops/attention.py). Anything else (CPU tensors, no
 triton) runs the torch reference, which defines the numbers every kernel is tested against.
 `MEGATRON_SSM_KERNELS=torch` forces the reference everywhere, for A/B checks; it is read at each
 call, so a test or a benchmark can flip it.
@@ -31,7 +33,7 @@ from typing import Callable
 import torch
 
 # From the submodules, not the package, so that the package may itself export this module's ops.
-from . import conv1d as _conv, decode as _decode, norm as _norm, ssd as _ssd
+from . import attention as _attention, conv1d as _conv, decode as _decode, norm as _norm, ssd as _ssd
 from .linear import linear as _ref_linear
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
@@ -54,6 +56,7 @@ _REFERENCE: dict[str, Callable] = {
     "ssd_state_update": _ssd.ssd_state_update,
     "mamba1_decode_step": _decode.mamba1_decode_step,
     "mamba2_decode_step": _decode.mamba2_decode_step,
+    "packed_causal_attention": _attention.packed_causal_attention,
 }
 
 # Which mixers call their *_decode_step op at decode instead of the unfused chain of ops, read at
@@ -152,13 +155,17 @@ def _mamba_ssd_chunk_scan(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, init
 
 
 def backend(op: str, like: torch.Tensor) -> str:
-    """Which implementation `op` runs for tensors like `like`: 'mamba_ssm', 'triton' or 'torch'."""
+    """Which implementation `op` runs for tensors like `like`: 'mamba_ssm', 'triton', 'flash' (torch's
+    own flash varlen attention) or 'torch'."""
     if os.environ.get(ENV, "").lower() == "torch":
         return "torch"
     if op == "linear" and os.environ.get(LINEAR_ENV, "").lower() == "triton" and _rows(like) <= GEMV_MAX_ROWS:
         return "triton" if _triton_ops() is not None else "torch"  # CPU too: Triton's interpreter
     if not like.is_cuda:
         return "torch"
+    if op == "packed_causal_attention":  # torch's own flash varlen kernel, not ours
+        ok = like.dtype in (torch.float16, torch.bfloat16) and _attention.flash_varlen() is not None
+        return "flash" if ok else "torch"
     if op == "ssd_chunk_scan":
         return "mamba_ssm" if _mamba_chunk_scan_combined() is not None else "torch"
     if op == "linear" and (os.environ.get(LINEAR_ENV, "").lower() == "torch" or _rows(like) > GEMV_MAX_ROWS):
@@ -178,6 +185,8 @@ def implementation(op: str, like: torch.Tensor) -> Callable:
     which = backend(op, like)
     if which == "mamba_ssm":
         return _mamba_ssd_chunk_scan
+    if which == "flash":
+        return _attention.packed_causal_attention_flash
     if which == "triton":
         return getattr(_triton_ops(), op)
     return _REFERENCE[op]
@@ -231,6 +240,10 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
                        dt_limit=(0.0, float("inf")), norm_weight=None, norm_eps=1e-5):
     return implementation("mamba2_decode_step", xbc)(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A,
                                                      D, dt_bias, dt_limit, norm_weight, norm_eps)
+
+
+def packed_causal_attention(q, k, v, cu_seqlens, scale=None):
+    return implementation("packed_causal_attention", q)(q, k, v, cu_seqlens, scale)
 
 
 def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):

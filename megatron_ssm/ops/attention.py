@@ -1,0 +1,65 @@
+"""Causal attention over packed sequences (ops/varlen.py: several sequences end to end in one row),
+each sequence attending within itself from its own start.
+
+The reference is SDPA with a block-diagonal causal mask over the pack: it runs anywhere, but costs
+T^2 for a pack of T tokens. On a GPU, torch's flash varlen attention (`torch.nn.attention.varlen`,
+torch >= 2.10) costs the sum of each sequence's L^2 and holds no mask (dispatch.py picks it).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .varlen import seq_index
+
+
+def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Keys/values [T, kv_heads, d] repeated to `heads` (grouped-query attention)."""
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            scale: float | None = None) -> torch.Tensor:
+    """q [T, heads, d], k and v [T, kv_heads, d] (heads a multiple of kv_heads), cu_seqlens [nseq + 1]
+    int32 -> [T, heads, d]: token t of sequence s attends to the tokens of s up to t."""
+    T, heads = q.shape[:2]
+    seq = seq_index(cu_seqlens, T)
+    tokens = torch.arange(T, device=q.device)
+    visible = (seq[:, None] == seq[None, :]) & (tokens[None, :] <= tokens[:, None])  # [T, T]
+    # keys/values per query head rather than enable_gqa: a mask-taking fused kernel then qualifies
+    # whatever this torch's enable_gqa support (the math fallback holds [heads, T, T] fp32 scores)
+    k, v = (_per_query_head(t, heads) for t in (k, v))
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         attn_mask=visible[None, None], scale=scale)
+    return out[0].transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def flash_varlen() -> Callable | None:
+    """torch's flash varlen attention where this torch has it with causal windows and a scale
+    (torch >= 2.10), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" not in params or "scale" not in params:
+        return None
+    return varlen_attn
+
+
+def packed_causal_attention_flash(q, k, v, cu_seqlens, scale=None):
+    """packed_causal_attention through torch's flash varlen kernel (CUDA, fp16/bf16). The longest
+    sequence is bounded by the pack's length, which keeps the call free of host syncs (a CUDA graph
+    replays it for any lengths)."""
+    varlen_attn = flash_varlen()
+    T, heads = q.shape[:2]
+    gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    if not gqa:
+        k, v = (_per_query_head(t, heads) for t in (k, v))
+    extra = {"enable_gqa": True} if gqa and k.shape[1] != heads else {}
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, T, T, scale=scale, window_size=(-1, 0), **extra)
