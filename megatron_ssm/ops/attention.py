@@ -62,4 +62,5 @@ def packed_causal_attention_flash(q, k, v, cu_seqlens, scale=None):
     if not gqa:
         k, v = (_per_query_head(t, heads) for t in (k, v))
     extra = {"enable_gqa": True} if gqa and k.shape[1] != heads else {}
+    q, k, v = (t.contiguous() for t in (q, k, v))  # views of the qkv projection: its rows are wider
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, T, T, scale=scale, window_size=(-1, 0), **extra)
