@@ -206,7 +206,7 @@ def _rank_packed_vs_alone(ckpt: str, lengths: tuple[int, ...], seed: int):
 
 # ---- tests -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])  # kv heads split at TP 2, replicated at TP 4
 @pytest.mark.parametrize("family,opts", [CASES[0], CASES[1], CASES[2]])
 def test_packed_prefill_equals_each_prompt_alone(ranks, converted, family, opts, tp):
     """Prompts of different lengths in one packed forward (attention block-diagonal and from position
