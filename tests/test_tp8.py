@@ -14,6 +14,7 @@ import torch
 from hf_models import (build_hf_model, converted_models, fresh_seed, hf_config, hf_forward_greedy, hf_greedy, hf_logits, hybrid_config,
                        save_hf)
 from megatron_ssm.checkpoint.convert import convert
+from test_hybrids import _rank_packed_vs_alone
 from test_hybrids import _rank_prefill_then_decode as _hybrid_prefill_then_decode
 from test_model_vs_hf import _rank_generate, _rank_prefill_then_decode
 
@@ -75,6 +76,9 @@ def test_tp8_prefill_decode_and_greedy_match_hf(ranks, converted, family, opts):
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (7, 1)]
     expected = [hf_greedy(model, p, 6) for p in prompts]
     assert pool.run(_rank_generate, ckpt, prompts, 6) == [expected] * TP, f"seed={seed}"
+    if greedy_ref == "generate":  # Nemotron-H and Falcon-H1 prefill packed (Zamba's shared blocks do not)
+        for diffs in pool.run(_rank_packed_vs_alone, ckpt, (7, 1, 2, 13), seed):
+            assert max(diffs) < 1e-4, (seed, diffs)
 
 
 def test_tp8_quantised_allreduce_close_to_exact(ranks, converted):
@@ -134,3 +138,6 @@ def test_tp8_hybrids_match_hf(ranks, tmp_path, make_config, greedy_ref):
     # Zamba2's HF cached decode skips the dt clamp its prefill applies: full forwards are the reference
     expected = [(hf_greedy if greedy_ref == "generate" else hf_forward_greedy)(model, p, 6) for p in prompts]
     assert pool.run(_rank_generate, ckpt, prompts, 6) == [expected] * TP, f"seed={seed}"
+    if greedy_ref == "generate":  # Nemotron-H and Falcon-H1 prefill packed (Zamba's shared blocks do not)
+        for diffs in pool.run(_rank_packed_vs_alone, ckpt, (7, 1, 2, 13), seed):
+            assert max(diffs) < 1e-4, (seed, diffs)
