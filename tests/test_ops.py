@@ -635,6 +635,15 @@ def test_layers_project_through_dispatch_only_without_a_backward(monkeypatch, se
     assert layers.project(x.requires_grad_(), w.detach(), b).grad_fn is not None and len(calls) == 2
 
 
+def test_linear_switched_to_triton_without_triton_stays_torch(monkeypatch):
+    """MEGATRON_SSM_LINEAR=triton (the interpreter's way in) where triton is not installed: the
+    reference, not a backend that is not there."""
+    monkeypatch.setattr(dispatch, "_triton_ops", lambda: None)
+    monkeypatch.setenv(dispatch.LINEAR_ENV, "triton")
+    assert dispatch.backend("linear", torch.zeros(1, 64)) == "torch"
+    assert dispatch.implementation("linear", torch.zeros(1, 64)) is ref_ops.linear
+
+
 def test_dispatch_without_triton_or_mamba_ssm_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(dispatch, "_triton_ops", lambda: None)
     monkeypatch.setattr(dispatch, "_mamba_chunk_scan_combined", lambda: None)
