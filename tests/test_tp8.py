@@ -76,9 +76,6 @@ def test_tp8_prefill_decode_and_greedy_match_hf(ranks, converted, family, opts):
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (7, 1)]
     expected = [hf_greedy(model, p, 6) for p in prompts]
     assert pool.run(_rank_generate, ckpt, prompts, 6) == [expected] * TP, f"seed={seed}"
-    if greedy_ref == "generate":  # Nemotron-H and Falcon-H1 prefill packed (Zamba's shared blocks do not)
-        for diffs in pool.run(_rank_packed_vs_alone, ckpt, (7, 1, 2, 13), seed):
-            assert max(diffs) < 1e-4, (seed, diffs)
 
 
 def test_tp8_quantised_allreduce_close_to_exact(ranks, converted):
