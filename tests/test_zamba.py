@@ -21,7 +21,7 @@ TOL = 1e-4
 
 
 # run on every rank: the same helpers as the other hybrids
-from test_hybrids import _rank_engine_runs, _rank_forks, _rank_prefill_then_decode  # noqa: E402
+from test_hybrids import _rank_engine_runs, _rank_forks, _rank_packed_vs_alone, _rank_prefill_then_decode  # noqa: E402
 from test_model_vs_hf import _rank_generate, _rank_logits  # noqa: E402
 
 
@@ -40,27 +40,16 @@ def converted(tmp_path_factory):
     return lambda family, opts: get(family, opts)[:3]
 
 
-def _rank_packed_refusal(ckpt: str):
-    from megatron_ssm.inference.cache import StateCache
-    from megatron_ssm.model.load import load_model
-    from megatron_ssm.ops.varlen import cu_seqlens_of
-    from megatron_ssm.parallel import tp_context
-
-    model = load_model(ckpt, tp_context(torch.device("cpu")))
-    cache = StateCache(model.state_shapes(8), 2, dtype=model.dtype, device=torch.device("cpu"))
-    try:
-        model(torch.randint(3, 250, (1, 7)), cache.rows(0, 2), last_only=True, cu_seqlens=cu_seqlens_of([3, 4], "cpu"))
-    except ValueError as e:
-        return model.packs_sequences, str(e)
-    return model.packs_sequences, None
-
-
-def test_shared_blocks_refuse_packed_sequences(ranks, converted):
-    """Zamba's shared blocks have no packed path: the model says so (the engine then prefills each
-    length on its own) and a packed forward is refused with a clear error, not run wrong."""
-    _, _, ckpts = converted(*CASES[2].values)
-    packs, error = ranks(1).run(_rank_packed_refusal, ckpts[1])[0]
-    assert packs is False and error is not None and "packed" in error, error
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("family,opts", [CASES[1], CASES[2]])
+def test_packed_prefill_equals_each_prompt_alone(ranks, converted, family, opts, tp):
+    """Prompts of different lengths in one packed forward: the shared blocks' attention (with its
+    adapters and, in Zamba2, RoPE from each prompt's position 0) stays within each prompt, and every
+    application's keys/values, the Mamba states and the next decode step are a lone prefill's."""
+    _, _, ckpts = converted(family, opts)
+    seed = fresh_seed()
+    for diffs in ranks(tp).run(_rank_packed_vs_alone, ckpts[tp], (7, 1, 2, 13), seed):
+        assert max(diffs) < 1e-4, (seed, diffs)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])

@@ -7,7 +7,8 @@ Every block has the same surface, which is all the model and the engine use:
   stream inside this block's norm kernel, so the stream is read and written once per block.
   `pending.wait()` gives this block's output, whose all-reduce may still be in flight (prefill
   overlaps it). cu_seqlens: the stream packs several sequences end to end (ops/varlen.py); only
-  kinds with `packs = True` take it (Zamba's shared blocks do not: the engine then never packs).
+  kinds with `packs = True` take it (every kind here; a model with a kind that does not is never
+  packed by the engine).
   cp: a ContextParallelSpans, the stream is this rank's span of a range split over the
   context-parallel group (context_parallel.py).
 - `state_shapes(max_length)`: the per-sequence state on this rank, name -> (shape, dtype; None
@@ -159,8 +160,3 @@ class ParallelBlock(Block):
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return {**_mamba_shapes(self.mixer), **self.attention.state_shapes(max_length)}
-
-
-def _refuse_packed(block: Block, cu_seqlens) -> None:
-    if cu_seqlens is not None:
-        raise ValueError(f"a {type(block).__name__} ({block.kind!r}) cannot take packed sequences (cu_seqlens)")

@@ -124,8 +124,8 @@ class MambaLM(nn.Module):
     @property
     def packs_sequences(self) -> bool:
         """Whether forward takes packed sequences (cu_seqlens): every block kind in the stack restarts
-        at packed sequence boundaries (Mamba, attention, MLP and parallel blocks; not Zamba's shared
-        blocks, so a Zamba engine prefills unpacked)."""
+        at packed sequence boundaries (all of ours do: Mamba, attention, MLP, parallel and Zamba's
+        shared blocks)."""
         return all(getattr(layer, "packs", False) for layer in self.layers)
 
     def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None,

@@ -27,7 +27,7 @@ from ..config import SSMConfig
 from ..ops.dispatch import add_rms_norm, rms_norm
 from ..parallel import TPContext
 from .attention import Attention
-from .blocks import Block, LayerState, StateShapes, _mamba_shapes, _refuse_packed
+from .blocks import Block, LayerState, StateShapes, _mamba_shapes
 from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, local_param
 from .mlp import MLP
 
@@ -93,6 +93,7 @@ class SharedHybridBlock(Block):
 
     kind = "S"
     uses_embeddings = True
+    packs = True  # the shared attention within each packed sequence, the Mamba layer restarting at each
 
     def __init__(self, cfg: SSMConfig, mixer: nn.Module, application: SharedApplication,
                  shared: SharedTransformer, *, dtype, device):
@@ -105,12 +106,13 @@ class SharedHybridBlock(Block):
     def shared(self) -> SharedTransformer:
         return self._shared[0]
 
-    def transformer(self, hidden: torch.Tensor, embeddings: torch.Tensor, state: LayerState | None) -> torch.Tensor:
+    def transformer(self, hidden: torch.Tensor, embeddings: torch.Tensor, state: LayerState | None,
+                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """t = linear_j(shared block at this position): what this position adds to the Mamba norm's input."""
         shared, app = self.shared, self.application
         x = torch.cat([hidden.to(embeddings.dtype), embeddings], dim=-1)
         x = rms_norm(x, shared.input_layernorm.weight, shared.input_layernorm.eps)
-        a = shared.attention.start(x, state, qkv_delta=app.qkv_delta(x)).wait()
+        a = shared.attention.start(x, state, qkv_delta=app.qkv_delta(x), cu_seqlens=cu_seqlens).wait()
         n = rms_norm(a, shared.pre_ff_layernorm.weight, shared.pre_ff_layernorm.eps)
         f = shared.mlp.start(n, gate_up_delta=app.gate_up_delta(n)).wait()
         return F.linear(f, app.linear.weight)
@@ -119,13 +121,12 @@ class SharedHybridBlock(Block):
               embeddings: torch.Tensor) -> tuple[torch.Tensor, PendingOutput]:
         if cp is not None:
             raise NotImplementedError("context-parallel prefill does not cover Zamba's shared blocks yet")
-        _refuse_packed(self, cu_seqlens)
         if delta is not None:
             stream = (stream.to(self.residual_dtype) + delta.to(self.residual_dtype))
-        t = self.transformer(stream, embeddings, state)
+        t = self.transformer(stream, embeddings, state, cu_seqlens)
         normed, _ = add_rms_norm(stream, t, self.norm.weight, self.norm.eps, self.residual_dtype)
-        states = (state.conv, state.ssm) if state is not None else ()
-        return stream, self.mixer.start(normed, *states)
+        conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
+        return stream, self.mixer.start(normed, conv, ssm, cu_seqlens)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:
         return {**_mamba_shapes(self.mixer), **self.shared.attention.state_shapes(max_length)}
