@@ -553,6 +553,7 @@ class _CudaLike:
 
     is_cuda = True
     dtype = torch.bfloat16
+    device = torch.device("meta")  # what flash_works is asked about (tests replace it)
 
     def __init__(self, *shape):
         self.shape = shape or (1, 8)
@@ -576,9 +577,9 @@ def fake_kernels(monkeypatch):
 def test_dispatch_routes_cuda_to_kernels_unless_forced_to_torch(monkeypatch, fake_kernels):
     kernels, _ = fake_kernels
     cuda = _CudaLike()
-    flash = "flash" if attention_ops.flash_varlen() is not None else "torch"  # torch's own kernel
+    monkeypatch.setattr(attention_ops, "flash_works", lambda device: True)  # torch's own kernel, probed
     for op in OPS:
-        want = {"ssd_chunk_scan": "mamba_ssm", "packed_causal_attention": flash}.get(op, "triton")
+        want = {"ssd_chunk_scan": "mamba_ssm", "packed_causal_attention": "flash"}.get(op, "triton")
         assert dispatch.backend(op, cuda) == want, op
         assert dispatch.backend(op, torch.zeros(1)) == "torch", op
     assert dispatch.implementation("rms_norm", cuda) is kernels.rms_norm
@@ -704,26 +705,58 @@ def test_packed_causal_attention_is_each_sequence_alone(seed, lengths, heads, kv
 
 
 def test_packed_attention_takes_torch_flash_only_for_16_bit_cuda(monkeypatch):
-    """On CUDA in fp16/bf16, where this torch has flash varlen: torch's kernel; in fp32, on CPU, without
-    it, or forced to the references: the masked reference."""
+    """On CUDA in fp16/bf16, where torch's flash varlen kernel passed its probe on that device: torch's
+    kernel; in fp32, on CPU, where the probe failed, or forced to the references: the masked reference."""
     class Cuda(_CudaLike):
         def __init__(self, dtype):
             super().__init__()
             self.dtype = dtype
 
-    has = attention_ops.flash_varlen() is not None
-    assert dispatch.backend("packed_causal_attention", Cuda(torch.bfloat16)) == ("flash" if has else "torch")
-    assert dispatch.backend("packed_causal_attention", Cuda(torch.float16)) == ("flash" if has else "torch")
+    asked = []
+    monkeypatch.setattr(attention_ops, "flash_works", lambda device: asked.append(device) or True)
+    assert dispatch.backend("packed_causal_attention", Cuda(torch.bfloat16)) == "flash"
+    assert dispatch.backend("packed_causal_attention", Cuda(torch.float16)) == "flash"
+    assert asked == [torch.device("meta")] * 2
     assert dispatch.backend("packed_causal_attention", Cuda(torch.float32)) == "torch"
     assert dispatch.backend("packed_causal_attention", torch.zeros(2, dtype=torch.bfloat16)) == "torch"
-    if has:
-        assert dispatch.implementation("packed_causal_attention", Cuda(torch.bfloat16)) is \
-            attention_ops.packed_causal_attention_flash
+    assert dispatch.implementation("packed_causal_attention", Cuda(torch.bfloat16)) is \
+        attention_ops.packed_causal_attention_flash
     monkeypatch.setenv(dispatch.ENV, "torch")
     assert dispatch.backend("packed_causal_attention", Cuda(torch.bfloat16)) == "torch"
     monkeypatch.delenv(dispatch.ENV)
-    monkeypatch.setattr(attention_ops, "flash_varlen", lambda: None)
+    monkeypatch.setattr(attention_ops, "flash_works", lambda device: False)
     assert dispatch.backend("packed_causal_attention", Cuda(torch.bfloat16)) == "torch"
+
+
+def test_flash_probe_keeps_the_reference_unless_the_kernel_runs_and_agrees(monkeypatch, caplog):
+    """flash_works, with stand-ins for torch's kernel on the CPU: one that agrees (the reference itself)
+    passes; one that is wrong, one that raises and a torch without it do not, with a warning naming
+    why; each answer is kept per device (no second probe)."""
+    cpu = torch.device("cpu")
+    calls = []
+
+    def agrees(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        calls.append((max_q, max_k, window_size))
+        return attention_ops.packed_causal_attention(q, k, v, cu_q, scale)
+
+    def wrong(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return torch.zeros_like(q)
+
+    def raises(*a, **kw):
+        raise RuntimeError("no kernel image for this device")
+
+    for kernel, want, says in [(agrees, True, None), (wrong, False, "disagrees"), (raises, False, "no kernel image")]:
+        monkeypatch.setattr(attention_ops, "_FLASH_WORKS", {})
+        monkeypatch.setattr(attention_ops, "flash_varlen", lambda k=kernel: k)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=attention_ops.__name__):
+            assert attention_ops.flash_works(cpu) is want, kernel.__name__
+            assert attention_ops.flash_works(cpu) is want  # kept
+        assert (says is None) == (not caplog.records) and (says is None or says in caplog.text), caplog.text
+    assert calls == [(24, 24, (-1, 0))]  # causal, bounded by the pack's length; probed once
+    monkeypatch.setattr(attention_ops, "_FLASH_WORKS", {})
+    monkeypatch.setattr(attention_ops, "flash_varlen", lambda: None)
+    assert attention_ops.flash_works(cpu) is False and attention_ops._FLASH_WORKS == {}
 
 
 def _compile_for_sm90() -> list[str]:

@@ -3,18 +3,23 @@ each sequence attending within itself from its own start.
 
 The reference is SDPA with a block-diagonal causal mask over the pack: it runs anywhere, but costs
 T^2 for a pack of T tokens. On a GPU, torch's flash varlen attention (`torch.nn.attention.varlen`,
-torch >= 2.10) costs the sum of each sequence's L^2 and holds no mask (dispatch.py picks it).
+torch >= 2.10) costs the sum of each sequence's L^2 and holds no mask (dispatch.py picks it, once a
+probe on the device has seen it run and agree with the reference).
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .varlen import seq_index
+
+log = logging.getLogger(__name__)
+_FLASH_WORKS: dict[torch.device, bool] = {}
 
 
 def _per_query_head(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -50,6 +55,33 @@ def flash_varlen() -> Callable | None:
     if "window_size" not in params or "scale" not in params:
         return None
     return varlen_attn
+
+
+def flash_works(device: torch.device) -> bool:
+    """Whether torch's flash varlen kernel runs on `device` and matches the reference, found out once
+    per device on a tiny pack (grouped-query, two sequences). Never during CUDA graph capture, which
+    a failing kernel would leave broken: a first call there takes the reference, and asks again later."""
+    ok = _FLASH_WORKS.get(device)
+    if ok is not None:
+        return ok
+    if flash_varlen() is None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(24, h, 64, generator=g, device=device, dtype=torch.bfloat16) for h in (4, 2, 2))
+        cu = torch.tensor([0, 5, 24], dtype=torch.int32, device=device)
+        got = packed_causal_attention_flash(q, k, v, cu).float()
+        want = packed_causal_attention(q.float(), k.float(), v.float(), cu)
+        ok = bool(torch.allclose(got, want, atol=3e-2, rtol=3e-2))
+        if not ok:
+            log.warning("torch's flash varlen attention disagrees with the reference here (max |diff| %.3g): "
+                        "packed prefill takes the masked reference", (got - want).abs().max().item())
+    except Exception as e:  # noqa: BLE001 - any refusal of the kernel means: use the reference
+        log.warning("torch's flash varlen attention does not run here (%s): packed prefill takes the masked "
+                    "reference", e)
+        ok = False
+    _FLASH_WORKS[device] = ok
+    return ok
 
 
 def packed_causal_attention_flash(q, k, v, cu_seqlens, scale=None):

@@ -164,7 +164,7 @@ def backend(op: str, like: torch.Tensor) -> str:
     if not like.is_cuda:
         return "torch"
     if op == "packed_causal_attention":  # torch's own flash varlen kernel, not ours
-        ok = like.dtype in (torch.float16, torch.bfloat16) and _attention.flash_varlen() is not None
+        ok = like.dtype in (torch.float16, torch.bfloat16) and _attention.flash_works(like.device)
         return "flash" if ok else "torch"
     if op == "ssd_chunk_scan":
         return "mamba_ssm" if _mamba_chunk_scan_combined() is not None else "torch"
