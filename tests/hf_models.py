@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,15 @@ SEED_ENV = "MEGATRON_SSM_TEST_SEED"
 # Every seed drawn, with the test and phase that drew it (pytest's PYTEST_CURRENT_TEST, e.g.
 # "tests/test_ops.py::test_x[a] (call)"); conftest.py prints a failing test's seeds under its report.
 DRAWN: list[tuple[str, int, bool]] = []
+
+
+def finite_max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x - y| where y is finite; the non-finite places (a padded vocabulary's -inf) must match
+    (else inf). A rank's logits slice that is all padding (TP 4 and up) differs by 0."""
+    finite = torch.isfinite(y)
+    if not torch.equal(torch.isfinite(x), finite):
+        return math.inf
+    return (x[finite] - y[finite]).abs().max().item() if finite.any() else 0.0
 
 
 def fresh_seed(per_test: bool = False) -> int:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hf_models import build_hf_model, fresh_seed, hf_config, save_hf
+from hf_models import build_hf_model, finite_max_diff, fresh_seed, hf_config, save_hf
 from megatron_ssm.checkpoint.convert import convert
 
 
@@ -202,10 +202,7 @@ def _rank_packed_forward(ckpt, lengths):
     for i, p in enumerate(prompts):
         alone_last.append(model(torch.tensor([p]), alone_cache.rows(i, i + 1), last_only=True)[0, -1])
         alone_every.append(model(torch.tensor([p]))[0])
-    def diff(a, b):  # the padded vocabulary's -inf must match too
-        finite = torch.isfinite(b)
-        return (a[finite] - b[finite]).abs().max().item() if torch.equal(torch.isfinite(a), finite) else math.inf
-
+    diff = finite_max_diff  # the padded vocabulary's -inf must match too
     return (diff(last, torch.stack(alone_last)), diff(every, torch.cat(alone_every)),
             max(diff(a.conv[:n], b.conv[:n]) + diff(a.ssm[:n], b.ssm[:n])
                 for a, b in zip(packed_cache.rows(0, n), alone_cache.rows(0, n))))

@@ -3,12 +3,11 @@ logits, cached decode, greedy generation, the engine's batching / chunking / pre
 converter's exact round trip."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from hf_models import assert_hf_round_trip, build_hf_model, converted_models, fresh_seed, hf_greedy, hf_logits, hybrid_config, save_hf
+from hf_models import (assert_hf_round_trip, build_hf_model, converted_models, finite_max_diff, fresh_seed, hf_greedy, hf_logits,
+                       hybrid_config, save_hf)
 from megatron_ssm.checkpoint.convert import convert
 from megatron_ssm.config import ConfigError, SSMConfig
 from test_model_vs_hf import TOL, _rank_generate, _rank_logits
@@ -197,12 +196,7 @@ def _rank_packed_vs_alone(ckpt: str, lengths: tuple[int, ...], seed: int):
         nxt = torch.randint(3, 250, (n, 1), generator=g)
         step_packed, step_alone = model(nxt, packed.rows(0, n)), model(nxt, alone.rows(0, n))
 
-    def diff(x, y):  # this rank's slice of the logits (at TP 4 maybe all padding, -inf, which must match)
-        finite = torch.isfinite(y)
-        if not torch.equal(torch.isfinite(x), finite):
-            return math.inf
-        return (x[finite] - y[finite]).abs().max().item() if finite.any() else 0.0
-
+    diff = finite_max_diff  # this rank's slice of the logits
     return diff(last, alone_last), diff(every, alone_every), states, diff(step_packed, step_alone)
 
 

@@ -57,6 +57,13 @@ def flash_varlen() -> Callable | None:
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_gqa(varlen_attn: Callable) -> bool:
+    """Whether this varlen kernel takes fewer key/value heads itself (enable_gqa, torch >= 2.12); asked
+    once per kernel, not per layer of every prefill."""
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
 def flash_works(device: torch.device) -> bool:
     """Whether torch's flash varlen kernel runs on `device` and matches the reference, found out once
     per device on a tiny pack (grouped-query, two sequences). Never during CUDA graph capture, which
@@ -90,7 +97,7 @@ def packed_causal_attention_flash(q, k, v, cu_seqlens, scale=None):
     replays it for any lengths)."""
     varlen_attn = flash_varlen()
     T, heads = q.shape[:2]
-    gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    gqa = _takes_gqa(varlen_attn)
     if not gqa:
         k, v = (_per_query_head(t, heads) for t in (k, v))
     extra = {"enable_gqa": True} if gqa and k.shape[1] != heads else {}
