@@ -18,7 +18,9 @@
                                 [--time-kernels] [--fused mamba1 --unfused 0]
 
 --fused / --unfused: the two sides' MEGATRON_SSM_FUSED_DECODE (default both mixers / neither), so
-one fusion can be measured against the same set without it.
+one fusion can be measured against the same set without it. --fused-env / --unfused-env: more
+variables for one side ("NAME=VALUE+NAME=VALUE"; unset on the other), for an A/B of another switch:
+    --fused mamba1 --unfused mamba1 --fused-env MEGATRON_SSM_PREFETCH=bulk
 """
 from __future__ import annotations
 
@@ -206,7 +208,7 @@ def check_model(config: str, batches: list[int], tp, prompt=64, replays=100):
         print(f"{name} b{b} graphed decode step: fused {best['fused']:.3f} ms, unfused {best['unfused']:.3f} ms "
               f"({100 * (1 - best['fused'] / best['unfused']):.1f}% less)", flush=True)
         del cache
-    _env(MEGATRON_SSM_FUSED_DECODE=None, MEGATRON_SSM_KERNELS=None)
+    _env(**{name: None for name in MODES["fused"]})
     del model
     torch.cuda.empty_cache()
 
@@ -220,11 +222,17 @@ def main():
     ap.add_argument("--batch-fm", default="1,32")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--time-kernels", action="store_true")
+    ap.add_argument("--fused-env", default="", help="NAME=VALUE+... set on the 'fused' side only")
+    ap.add_argument("--unfused-env", default="", help="NAME=VALUE+... set on the 'unfused' side only")
     args = ap.parse_args()
     MODES["fused"]["MEGATRON_SSM_FUSED_DECODE"] = args.fused.replace("+", ",")
     MODES["unfused"]["MEGATRON_SSM_FUSED_DECODE"] = args.unfused.replace("+", ",")
-    print(f"fused: MEGATRON_SSM_FUSED_DECODE={MODES['fused']['MEGATRON_SSM_FUSED_DECODE']}, unfused: "
-          f"{MODES['unfused']['MEGATRON_SSM_FUSED_DECODE']}", flush=True)
+    for side, other, extra in (("fused", "unfused", args.fused_env), ("unfused", "fused", args.unfused_env)):
+        for name, value in (item.split("=", 1) for item in filter(None, extra.split("+"))):
+            MODES[side][name] = value
+            MODES[other].setdefault(name, None)
+            MODES["torch"].setdefault(name, None)
+    print(f"fused: {MODES['fused']}, unfused: {MODES['unfused']}", flush=True)
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     if args.time_kernels:
         time_kernels()
