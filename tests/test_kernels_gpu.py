@@ -354,8 +354,12 @@ def test_l2_prefetch_in_a_captured_graph(seed, mode, monkeypatch):
 def test_dispatch_choices(monkeypatch):
     x = torch.zeros(1, device=DEV)
     expect_ssd = "mamba_ssm" if dispatch._mamba_chunk_scan_combined() is not None else "torch"
+    expect = {"ssd_chunk_scan": expect_ssd, "packed_causal_attention": "torch"}  # (flash: 16-bit only)
     for op in ref_ops.__all__:
-        assert dispatch.backend(op, x) == (expect_ssd if op == "ssd_chunk_scan" else "triton"), op
+        assert dispatch.backend(op, x) == expect.get(op, "triton"), op
+    from megatron_ssm.ops import attention
+    expect_flash = "flash" if attention.flash_varlen() is not None else "torch"
+    assert dispatch.backend("packed_causal_attention", x.bfloat16()) == expect_flash
     assert dispatch.backend("selective_scan", x.cpu()) == "torch"
     assert dispatch.backend("linear", torch.zeros(dispatch.GEMV_MAX_ROWS + 1, 8, device=DEV)) == "torch"
     monkeypatch.setenv(dispatch.ENV, "torch")
