@@ -311,44 +311,6 @@ def test_mamba2_decode_step_replayed_from_a_graph(seed):
     check_graph_replay()
 
 
-@pytest.mark.parametrize("mode", ["bulk", "loads"])
-def test_l2_prefetch_in_a_captured_graph(seed, mode, monkeypatch):
-    """A prefetch branch forked and joined inside a capture, beside the kernels of its block: the
-    replayed results are the eager ones, every replay; the loads kernel's checksums are the words'."""
-    import numpy
-
-    from megatron_ssm.ops import prefetch
-    from megatron_ssm.ops.triton import prefetch as prefetch_kernels
-
-    monkeypatch.setenv(prefetch.PREFETCH_ENV, mode)
-    w = torch.randn(4096 + 8, 1536, device=DEV, dtype=torch.bfloat16)  # ~12.6 MB: several programs
-    x = torch.randn(1, 1536, device=DEV, dtype=torch.bfloat16)
-    with prefetch.l2_prefetch(w):  # eager: makes the side stream and sink, prefetches nothing
-        want = dispatch.linear(torch.tanh(x), w)
-    _, sink = prefetch._SIDE[w.device]
-    sink.zero_()  # (the other mode's test may have run first in this process)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        with prefetch.l2_prefetch(w):
-            y = torch.tanh(x)
-        out = dispatch.linear(y, w)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        want = dispatch.linear(torch.tanh(x), w)
-        torch.testing.assert_close(out, want, rtol=0, atol=0)
-    nbytes = prefetch.prefetch_bytes(w)
-    if mode == "loads":
-        words = w.view(-1).view(torch.int32)[:nbytes // 4].cpu()
-        per = prefetch_kernels.LOADS_BLOCK * prefetch_kernels.LOADS_ITERS
-        pad = torch.zeros(-words.numel() % per, dtype=torch.int32)
-        blocks = torch.cat([words, pad]).view(-1, per).numpy()
-        want_sums = numpy.bitwise_xor.reduce(blocks, axis=1)
-        assert sink[:blocks.shape[0]].cpu().tolist() == want_sums.tolist()
-    else:
-        assert not sink.any(), "the bulk prefetch wrote its sink"
-
-
 # ---- dispatch -------------------------------------------------------------------------------------
 
 def test_dispatch_choices(monkeypatch):

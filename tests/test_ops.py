@@ -12,11 +12,9 @@ conftest.py; triton is in the `test` extra), on tiny shapes; where the interpret
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import math
-import operator
 import os
 
 import pytest
@@ -971,43 +969,3 @@ def test_gemv_every_configuration_interpreted(seed):
                     assert err < TOL[dtype], f"{where}, peeled: relative error {err:.2e}"
                 locks = gemv._LOCKS.get(torch.device("cpu"))
                 assert locks is None or not locks.any(), f"{where}: arrival counters left non-zero"
-
-
-# ---- the L2 prefetch hint -------------------------------------------------------------------------
-
-def test_l2_prefetch_is_a_no_op_off_cuda_and_validates_its_switch(monkeypatch):
-    """Off CUDA (and with the switch unset or 0) the block just runs; a wrong switch value is named."""
-    from megatron_ssm.ops import prefetch
-
-    w, ran = torch.randn(8, 8), []
-    for value in (None, "0", "bulk", "loads"):
-        if value is None:
-            monkeypatch.delenv(prefetch.PREFETCH_ENV, raising=False)
-        else:
-            monkeypatch.setenv(prefetch.PREFETCH_ENV, value)
-        with prefetch.l2_prefetch(w):
-            ran.append(value)
-        with prefetch.l2_prefetch(w, enabled=False):
-            ran.append(value)
-    assert ran == [None, None, "0", "0", "bulk", "bulk", "loads", "loads"] and not prefetch._SIDE
-    monkeypatch.setenv(prefetch.PREFETCH_ENV, "l2")
-    with pytest.raises(ValueError, match="MEGATRON_SSM_PREFETCH='l2'"):
-        with prefetch.l2_prefetch(w):
-            pass
-
-
-def test_loads_prefetch_kernel_reads_exactly_its_bytes_interpreted(seed):
-    """The plain-loads prefetch folds every 32-bit word of the first `nbytes` into its programs'
-    checksums, and nothing past them (a partial last block included)."""
-    _interpreted_kernels()
-    from megatron_ssm.ops.triton import prefetch as kernels
-
-    w = torch.randint(-2**31, 2**31 - 1, (3 * kernels.LOADS_BLOCK * kernels.LOADS_ITERS // 2 + 40,), dtype=torch.int32)
-    nbytes = (w.numel() - 24) * 4  # stop short of the end: the words past it must not be read
-    sink = torch.zeros(kernels.sink_size(nbytes, "loads") + 1, dtype=torch.int32)
-    kernels.prefetch(w.view(torch.bfloat16), nbytes, "loads", sink)
-    per = kernels.LOADS_BLOCK * kernels.LOADS_ITERS
-    want = [functools.reduce(operator.xor, w[i:min(i + per, nbytes // 4)].tolist()) for i in range(0, nbytes // 4, per)]
-    assert sink[:-1].tolist() == want and sink[-1].item() == 0
-    with pytest.raises(ValueError, match="unknown prefetch mode"):
-        kernels.prefetch(w, 64, "all", sink)

@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from ..config import FALCON_MAMBA, SSMConfig
 from ..ops.dispatch import fused_decode, mamba1_decode_step, rms_norm, selective_scan, selective_state_update
-from ..ops.prefetch import l2_prefetch
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
@@ -49,17 +48,11 @@ class Mamba1Mixer(Mixer):
               cp: ContextParallelSpans | None = None) -> PendingOutput:
         """cp: this forward's tokens are one span of a range split over the CP group (see
         model/context_parallel.py); the states then hold the context before the whole range."""
-        x, z = self.in_proj(hidden).split(self.channels, dim=-1)
-        decode = ssm_state is not None and hidden.shape[1] == 1 and cu_seqlens is None and cp is None
-        with l2_prefetch(self.out_proj.weight, decode):  # read while the latency-bound chain runs
-            y = self._mix(x, z, conv_state, ssm_state, cu_seqlens, cp, decode)
-        return self.out_proj.start(y)
-
-    def _mix(self, x, z, conv_state, ssm_state, cu_seqlens, cp, decode):
-        """in_proj's output to out_proj's input: conv, x_proj, dt_proj and the scan (or state update)."""
         cfg = self.cfg
+        x, z = self.in_proj(hidden).split(self.channels, dim=-1)
         x = self.conv1d(x, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, x, conv_state)
         dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
+        decode = ssm_state is not None and hidden.shape[1] == 1 and cu_seqlens is None and cp is None
         if decode and fused_decode("mamba1"):
             # Falcon-Mamba's norms inside the state update: the dt norm has no weight, so it is a
             # per-row scale that commutes with dt_proj (see ops/decode.py).
@@ -67,7 +60,7 @@ class Mamba1Mixer(Mixer):
             y = mamba1_decode_step(ssm_state, x[:, 0], project(dt[:, 0], self.dt_proj.weight), decay_rates(self), B[:, 0],
                                    C[:, 0], self.D, z[:, 0], self.dt_proj.bias,
                                    norm_eps=cfg.mixer_rms_eps if falcon else None, dt_in=dt[:, 0] if falcon else None)
-            return y.unsqueeze(1)
+            return self.out_proj.start(y.unsqueeze(1))
         if cfg.family == FALCON_MAMBA:
             dt, B, C = (rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt, B, C))
         dt = dt @ self.dt_proj.weight.t()  # the bias is added in fp32 inside the scan
@@ -84,4 +77,4 @@ class Mamba1Mixer(Mixer):
                 y = cp.join_selective_scan(y, final, z, dt, A, C, self.dt_proj.bias, ssm_state)
             elif ssm_state is not None:
                 ssm_state.copy_(final)
-        return y
+        return self.out_proj.start(y)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from ..comm import ExactAllReduce
 from ..config import SSMConfig
 from ..ops.dispatch import fused_decode, gated_rms_norm, mamba2_decode_step, ssd_chunk_scan, ssd_state_update
-from ..ops.prefetch import l2_prefetch
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
@@ -94,25 +93,17 @@ class Mamba2Mixer(Mixer):
               cp: ContextParallelSpans | None = None) -> PendingOutput:
         """cp: this forward's tokens are one span of a range split over the CP group (see
         model/context_parallel.py); the states then hold the context before the whole range."""
-        L = hidden.shape[1]
+        cfg = self.cfg
+        b, L, _ = hidden.shape
         if self.input_scale != 1.0:
             hidden = hidden * self.input_scale
         zxbcdt = self.in_proj(hidden)
         if self.in_proj_scale is not None:
             zxbcdt = zxbcdt * self.in_proj_scale
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
-        decode = L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
-        with l2_prefetch(self.out_proj.weight, decode):  # read while the latency-bound chain runs
-            if decode and fused_decode("mamba2"):
-                y = self._decode_step(xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state).unsqueeze(1)
-            else:
-                y = self._mix(z, xbc, dt, conv_state, ssm_state, cu_seqlens, cp)
-        return self.out_proj.start(y)
-
-    def _mix(self, z, xbc, dt, conv_state, ssm_state, cu_seqlens, cp):
-        """in_proj's output to out_proj's input: conv, scan (or state update) and gated norm."""
-        cfg = self.cfg
-        b, L, _ = xbc.shape
+        if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
+                and fused_decode("mamba2")):
+            return self.out_proj.start(self._decode_step(xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state).unsqueeze(1))
         xbc = self.conv1d(xbc, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, xbc, conv_state)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
         x = x.reshape(b, L, self.heads, cfg.head_dim)
@@ -137,7 +128,7 @@ class Mamba2Mixer(Mixer):
         else:
             y = gated_rms_norm(y, z, self.norm.weight, cfg.norm_eps, group_size=cfg.intermediate_size // cfg.n_groups,
                                reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
-        return y
+        return self.out_proj.start(y)
 
     def _decode_step(self, xbc, z, dt, conv_state, ssm_state):
         """One token from in_proj's output to out_proj's input in one op (conv, state update and,
