@@ -241,10 +241,10 @@ def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypa
     """Split-K launches captured once and replayed on new inputs: the arrival counters reset
     themselves, so every replay reduces all splits. With PDL, the captured launches are
     programmatic dependents of the copy that writes x (so a read of x before the wait would fail)."""
-    from megatron_ssm.ops.triton import gemv
+    from megatron_ssm.ops.triton import gemv, pdl as pdl_mod
 
-    monkeypatch.setenv(gemv.PDL_ENV, "1" if pdl else "")
-    if pdl and not gemv._pdl_supported(torch.device(DEV)):
+    monkeypatch.setenv(pdl_mod.ENV, "1" if pdl else "")
+    if pdl and not pdl_mod.supported(torch.device(DEV)):
         pytest.skip("no programmatic dependent launch here")
     _, kw = linear_inputs((m,), n, k, torch.bfloat16, DEV, bias=bias)
     for cfg in [gemv.Config(32, 64, 8, 4), gemv.Config(32, 256, 8, 4, dot=False)]:

@@ -969,3 +969,19 @@ def test_gemv_every_configuration_interpreted(seed):
                     assert err < TOL[dtype], f"{where}, peeled: relative error {err:.2e}"
                 locks = gemv._LOCKS.get(torch.device("cpu"))
                 assert locks is None or not locks.any(), f"{where}: arrival counters left non-zero"
+
+
+def test_pdl_only_inside_capture_on_cuda(monkeypatch):
+    """Programmatic dependent launch is never asked for off CUDA, requested or not (the kernels'
+    interpreted tests all run with it off), and its launch argument is Triton's."""
+    from interpreter import interpreter_problem
+
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
+    from megatron_ssm.ops.triton import pdl
+
+    for value in ("", "1"):
+        monkeypatch.setenv(pdl.ENV, value)
+        assert pdl.requested() == (value == "1") and not pdl.use(torch.device("cpu"))
+    assert not pdl.supported(torch.device("cpu"))
+    assert pdl.kwargs(True) == {"launch_pdl": True} and pdl.kwargs(False) == {}

@@ -158,7 +158,7 @@ def linear_variants(spec: str):
     yields None once and changes nothing."""
     from megatron_ssm.ops.dispatch import LINEAR_ENV
 
-    pdl_env = "MEGATRON_SSM_GEMV_PDL"  # megatron_ssm.ops.triton.gemv.PDL_ENV (that module imports triton)
+    pdl_env = "MEGATRON_SSM_PDL"  # megatron_ssm.ops.triton.pdl.ENV (that module imports triton)
     variants = {"torch": {LINEAR_ENV: "torch", pdl_env: ""}, "kernel": {LINEAR_ENV: "", pdl_env: ""},
                 "kernel-pdl": {LINEAR_ENV: "", pdl_env: "1"}}
     names = [v for v in spec.split(",") if v]
@@ -203,7 +203,7 @@ def main() -> int:
                          "prompt, when CP > 1)")
     ap.add_argument("--linear", default="", help="A/B of the decode linears in one process: a list of 'kernel' "
                     "(the dispatch layer's choice), 'torch' (MEGATRON_SSM_LINEAR=torch: cuBLAS only) and "
-                    "'kernel-pdl' (the kernel launched as a programmatic dependent in graphs), e.g. torch,kernel; each "
+                    "'kernel-pdl' (every decode kernel launched as a programmatic dependent in graphs), e.g. torch,kernel; each "
                     "builds its own engine (graphs captured with that choice)")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--tag", default="")

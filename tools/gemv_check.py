@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from megatron_ssm.ops.triton import gemv
+from megatron_ssm.ops.triton import gemv, pdl
 
 # (model, layer, N, K, bias)
 SHAPES = [
@@ -103,9 +103,9 @@ def main() -> int:
             t_ours = graph_time_us(lambda wt: gemv.linear(x, wt, b), copies)
             t_cublas = graph_time_us(lambda wt: F.linear(x, wt, b), copies)
             t_pdl = float("nan")
-            os.environ[gemv.PDL_ENV] = "1"
+            os.environ[pdl.ENV] = "1"
             try:  # the same graph with programmatic dependent launches (each call overlaps the one before)
-                if gemv._pdl_supported(dev):
+                if pdl.supported(dev):
                     t_pdl = graph_time_us(lambda wt: gemv.linear(x, wt, b), copies)
                     with torch.cuda.graph(g := torch.cuda.CUDAGraph()):
                         xs.copy_(x)
@@ -113,7 +113,7 @@ def main() -> int:
                     g.replay()
                     errs["pdl graph"] = rel_err(yp, ref)
             finally:
-                os.environ.pop(gemv.PDL_ENV)
+                os.environ.pop(pdl.ENV)
             bad = {c: e for c, e in errs.items() if not e < (2e-5 if c == "fp32" else 1e-2)}
             failures += bool(bad)
             row = dict(model=model, layer=layer, m=m, n=n, k=k, bias=has_bias, config=str(cfg), us=round(t_ours, 2),
@@ -132,7 +132,7 @@ def main() -> int:
         with open(args.json_out, "a") as f:
             for row in rows_out:
                 f.write(json.dumps(row) + "\n")
-    print("programmatic dependent launch in graphs:", gemv._PDL_OK.get(dev, "not requested (MEGATRON_SSM_GEMV_PDL=1)"))
+    print("programmatic dependent launch in graphs:", pdl._OK.get(dev, "not probed"))
     print("FAILURES" if failures else "all correct", failures)
     return 1 if failures else 0
 

@@ -8,6 +8,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..varlen import check_packed, conv_final_states, seq_index
+from . import pdl
+from .pdl import enter as pdl_enter
 
 
 @triton.jit
@@ -117,8 +119,10 @@ def _conv_update_kernel(
     ss_b, ss_c, ss_k,
     sw_c, sw_k,
     sy_b, sy_c,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -150,10 +154,11 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     assert K >= 2, "a width-1 conv has no state"
     y = torch.empty_like(x)
     BLOCK_C = 128
+    on = pdl.use(x.device)
     _conv_update_kernel[(triton.cdiv(C, BLOCK_C), b)](
         x, conv_state, weight, bias if bias is not None else weight, y,
         C, *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
-        K=K, HAS_BIAS=bias is not None, SILU=silu, BLOCK_C=BLOCK_C, BLOCK_K=triton.next_power_of_2(K),
-        num_warps=4,
+        K=K, HAS_BIAS=bias is not None, SILU=silu, PDL=on, BLOCK_C=BLOCK_C, BLOCK_K=triton.next_power_of_2(K),
+        num_warps=4, **pdl.kwargs(on),
     )
     return y

@@ -18,10 +18,9 @@ Each (M bucket, N, K, dtype, bias) shape is timed once on its first call outside
 among a few tile shapes and splits and cuBLAS itself; the fastest is kept (`tuned()` lists them).
 Captured before any eager call, a shape takes a heuristic configuration.
 
-With `MEGATRON_SSM_GEMV_PDL=1`, each launch in a captured graph (decode) is a programmatic
-dependent of the kernel before it (PDL, Hopper): its programs start, and read their first weight
-tile, while that kernel drains, and wait for it (griddepcontrol.wait) before touching anything else.
-Off by default until measured on a GPU.
+With `MEGATRON_SSM_PDL=1` (ops/triton/pdl.py), each launch in a captured graph (decode) is a
+programmatic dependent of the kernel before it (Hopper): its programs start, and read their first
+weight tile, while that kernel drains, and wait for it before touching anything else.
 """
 from __future__ import annotations
 
@@ -34,19 +33,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-try:  # programmatic dependent launch (Hopper and later; Triton >= 3.4)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - an older Triton: PDL stays off
-    gdc_launch_dependents = gdc_wait = None
-# "1": launch as a programmatic dependent inside captured graphs. Off by default: written but not yet
-# measured on a GPU (tools/decode_check.sh with LINS=torch,kernel,kernel-pdl measures it).
-PDL_ENV = "MEGATRON_SSM_GEMV_PDL"
-_PDL_OK: dict[torch.device, bool] = {}
+from . import pdl as _pdl
+from .pdl import enter as _pdl_enter
 
 # Triton 3.6's interpreter multiplies 16-bit floats' bit patterns in tl.dot: there, the tiles go
 # to fp32 first (the same products: a bf16 x bf16 product is exact in fp32).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCKS: dict[torch.device, torch.Tensor] = {}
+PEEL_ENV = "MEGATRON_SSM_GEMV_PEEL"  # "0": under PDL, wait before the first weight tile too (an A/B)
 _LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any weight we hold
 
 
@@ -91,8 +85,7 @@ def _gemv_kernel(
         # its first weight tile is read while that kernel drains. Weights are constant in the graph;
         # everything else (x, outputs, partials, counters) only after the wait.
         w_next = _weight_tile(w_rows, k_lo, k_hi, n_mask, EVEN_K, BLOCK_K)
-        if PDL:
-            gdc_wait()
+    _pdl_enter(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
         if PEEL:
@@ -116,8 +109,6 @@ def _gemv_kernel(
                 acc = tl.dot(w, tl.trans(x), acc)
         else:
             acc2 += w.to(tl.float32) * x.to(tl.float32)  # x is [1, BLOCK_K]
-    if PDL:
-        gdc_launch_dependents()  # the weights are read: the next kernel may start prefetching its own
     if USE_DOT:
         out = acc  # [BLOCK_N, BLOCK_M]
     else:
@@ -232,47 +223,6 @@ def _locks(device: torch.device) -> torch.Tensor:
     return locks
 
 
-def _pdl_supported(device: torch.device) -> bool:
-    """Whether launches on `device` can be programmatic dependents, found out once, eagerly: a
-    tiny launch with PDL, then one captured in a graph (a failure inside the engine's capture
-    could not be undone)."""
-    ok = _PDL_OK.get(device)
-    if ok is None:
-        ok = False
-        if (gdc_wait is not None and not _INTERPRETED and device.type == "cuda"
-                and torch.cuda.get_device_capability(device)[0] >= 9 and not torch.cuda.is_current_stream_capturing()):
-            try:
-                x = torch.randn(1, 64, device=device)
-                w = torch.randn(32, 64, device=device)
-                cfg = Config(32, 64, 1, 4)
-                eager = _launch(x, w, None, cfg, pdl=True)
-                side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, stream=side):
-                        captured = _launch(x, w, None, cfg, pdl=True)
-                    graph.replay()
-                torch.cuda.current_stream(device).wait_stream(side)
-                torch.cuda.synchronize(device)
-                ref = x @ w.t()
-                ok = bool(torch.allclose(eager, ref, atol=1e-4) and torch.allclose(captured, ref, atol=1e-4))
-            except Exception:  # noqa: BLE001 - any failure means: no PDL here
-                ok = False
-        _PDL_OK[device] = ok
-    return ok
-
-
-def _use_pdl(device: torch.device) -> bool:
-    """PDL only inside graph capture (and the tuner, which times what capture will run): eagerly, the
-    kernel before this one may be writing the weights (a checkpoint load), which the prefetch reads."""
-    return _pdl_requested() and _PDL_OK.get(device, False)
-
-
-def _pdl_requested() -> bool:
-    return os.environ.get(PDL_ENV) == "1"
-
-
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
             pdl: bool = False, peel: bool | None = None) -> torch.Tensor:
     """peel: read each weight tile one step ahead (as PDL does; None: when pdl), for tests."""
@@ -296,9 +246,9 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         x2.stride(0), weight.stride(0), y2.stride(0),
         HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
         UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
-        PEEL=pdl if peel is None else peel,
+        PEEL=(pdl and os.environ.get(PEEL_ENV) != "0") if peel is None else peel,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.stages, **({"launch_pdl": True} if pdl else {}),
+        num_stages=cfg.stages, **_pdl.kwargs(pdl),
     )
     return y2
 
@@ -328,7 +278,7 @@ def _tune(key, x2, weight, bias) -> Config:
     except torch.OutOfMemoryError:
         pass
     candidates = _candidates(m, n, k, x2.device)
-    pdl = _use_pdl(x2.device)
+    pdl = _pdl.requested() and _pdl.supported(x2.device)  # time what capture will run
     times = [_time(lambda w, c=cfg: _launch(x2, w, bias, c, pdl), copies) for cfg in candidates]
     del copies
     _TUNE_LOG[key] = sorted(((str(c), t) for c, t in zip(candidates, times)), key=lambda e: e[1])
@@ -360,10 +310,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2 = x2.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
-    capturing = x2.is_cuda and torch.cuda.is_current_stream_capturing()
-    if x2.is_cuda and not capturing and _pdl_requested():
-        _pdl_supported(x2.device)  # once per device, before any capture needs the answer
     cfg = config or _config(x2, weight, bias)
-    pdl = capturing and _use_pdl(x2.device)
-    y2 = _launch(x2, weight, bias, cfg, pdl)
+    y2 = _launch(x2, weight, bias, cfg, _pdl.use(x2.device))
     return y2.view(*x.shape[:-1], n)

@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import enter as pdl_enter
+
 _MAX_BLOCK = 32768  # one span in registers; wider rows are not a shape these models have
 
 # What a launch does with the sum of squares.
@@ -21,8 +24,9 @@ def _rms_norm_kernel(
     x_ptr, g_ptr, w_ptr, y_ptr, ss_ptr,
     span, divisor, eps,
     sx_row, sg_row, sy_row,
-    HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_WEIGHT: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * span + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < span
@@ -46,7 +50,8 @@ def _rms_norm_kernel(
 
 @triton.jit
 def _add_rms_norm_kernel(r_ptr, d_ptr, w_ptr, h_ptr, y_ptr, width, eps, sr_row, sd_row,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < width
@@ -69,9 +74,10 @@ def add_rms_norm(residual, delta, weight, eps, residual_dtype):
     assert block <= _MAX_BLOCK, f"norm width {width} is wider than one program holds"
     h = torch.empty(rows, width, device=residual.device, dtype=residual_dtype)
     y = torch.empty(rows, width, device=residual.device, dtype=weight.dtype)
+    on = pdl.use(residual.device)
     _add_rms_norm_kernel[(rows,)](r2, d2, weight, h, y, width, float(eps), r2.stride(0), d2.stride(0),
-                                  HAS_DELTA=delta is not None, BLOCK=block,
-                                  num_warps=min(16, max(1, block // 512)))
+                                  HAS_DELTA=delta is not None, PDL=on, BLOCK=block,
+                                  num_warps=min(16, max(1, block // 512)), **pdl.kwargs(on))
     shape = residual.shape
     return y.view(shape), h.view(shape)
 
@@ -89,6 +95,7 @@ def _launch(x, gate, weight, eps, span, divisor, mode, ss=None):
     block = triton.next_power_of_2(span)
     assert block <= _MAX_BLOCK, f"norm span {span} is wider than one program holds"
     num_warps = min(16, max(1, block // 512))
+    on = pdl.use(x.device)
     if mode == _WRITE_SS:
         ss = torch.empty(rows, device=x.device, dtype=torch.float32)
         y2 = x2  # not written
@@ -98,8 +105,8 @@ def _launch(x, gate, weight, eps, span, divisor, mode, ss=None):
         x2, g2, weight if weight is not None else x2, y2, ss if ss is not None else x2,
         span, float(divisor), float(eps),
         x2.stride(0), g2.stride(0), y2.stride(0),
-        HAS_GATE=gate is not None, HAS_WEIGHT=weight is not None, MODE=mode, BLOCK=block,
-        num_warps=num_warps,
+        HAS_GATE=gate is not None, HAS_WEIGHT=weight is not None, MODE=mode, PDL=on, BLOCK=block,
+        num_warps=num_warps, **pdl.kwargs(on),
     )
     return ss if mode == _WRITE_SS else y2.view(*x.shape[:-1], width)
 

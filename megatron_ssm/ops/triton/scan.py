@@ -24,6 +24,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..varlen import check_packed
+from . import pdl
+from .pdl import enter as pdl_enter
 
 
 @triton.jit
@@ -231,9 +233,10 @@ def _state_update_kernel(
     sy_b, sy_c,
     sdi_b,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr, PDL: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -385,6 +388,7 @@ def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_he
     scale_dt = norm_eps is not None and dt_in is not None
     if scale_dt and dt_in.stride(-1) != 1:
         dt_in = dt_in.contiguous()
+    on = pdl.use(x2.device)
     _state_update_kernel[(triton.cdiv(nchan, bd), b)](
         state3, x2, dt2, A2, B3, C3, D if D is not None else x2, z2 if z2 is not None else x2,
         dt_bias if dt_bias is not None else x2, y, dt_in if scale_dt else x2,
@@ -393,8 +397,9 @@ def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_he
         *state3.stride(), *x2.stride(), *dt2.stride(), *A2.stride(), *B3.stride(), *C3.stride(), *zs,
         *y.stride(), dt_in.stride(0) if scale_dt else 0,
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z2 is not None,
-        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt,
+        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt, PDL=on,
         BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=triton.next_power_of_2(dt_in.shape[-1]) if scale_dt else 1, num_warps=4,
+        **pdl.kwargs(on),
     )
     return y
 
