@@ -243,7 +243,7 @@ def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypa
     programmatic dependents of the copy that writes x (so a read of x before the wait would fail)."""
     from megatron_ssm.ops.triton import gemv, pdl as pdl_mod
 
-    monkeypatch.setenv(pdl_mod.ENV, "1" if pdl else "")
+    monkeypatch.setenv(pdl_mod.ENV, "1" if pdl else "0")
     if pdl and not pdl_mod.supported(torch.device(DEV)):
         pytest.skip("no programmatic dependent launch here")
     _, kw = linear_inputs((m,), n, k, torch.bfloat16, DEV, bias=bias)

@@ -159,7 +159,7 @@ def linear_variants(spec: str):
     from megatron_ssm.ops.dispatch import LINEAR_ENV
 
     pdl_env = "MEGATRON_SSM_PDL"  # megatron_ssm.ops.triton.pdl.ENV (that module imports triton)
-    variants = {"torch": {LINEAR_ENV: "torch", pdl_env: ""}, "kernel": {LINEAR_ENV: "", pdl_env: ""},
+    variants = {"torch": {LINEAR_ENV: "torch", pdl_env: "0"}, "kernel": {LINEAR_ENV: "", pdl_env: "0"},
                 "kernel-pdl": {LINEAR_ENV: "", pdl_env: "1"}}
     names = [v for v in spec.split(",") if v]
     if not names:

@@ -19,8 +19,8 @@ among a few tile shapes and splits and cuBLAS itself; the fastest is kept (`tune
 Captured before any eager call, a shape takes a heuristic configuration.
 
 With `MEGATRON_SSM_PDL=1` (ops/triton/pdl.py), each launch in a captured graph (decode) is a
-programmatic dependent of the kernel before it (Hopper): its programs start, and read their first
-weight tile, while that kernel drains, and wait for it before touching anything else.
+programmatic dependent of the kernel before it (Hopper): its programs are scheduled while that
+kernel drains and wait for it to end.
 """
 from __future__ import annotations
 
@@ -40,18 +40,7 @@ from .pdl import enter as _pdl_enter
 # to fp32 first (the same products: a bf16 x bf16 product is exact in fp32).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCKS: dict[torch.device, torch.Tensor] = {}
-PEEL_ENV = "MEGATRON_SSM_GEMV_PEEL"  # "0": under PDL, wait before the first weight tile too (an A/B)
 _LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any weight we hold
-
-
-@triton.jit
-def _weight_tile(w_rows, k0, k_hi, n_mask, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight rows' columns [k0, k0 + BLOCK_K), zeros past k_hi (a whole tile of them past the end)."""
-    offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
-    if EVEN_K:  # the tile is all in or all out: a scalar condition keeps the loads vectorised
-        inside = (tl.zeros([BLOCK_K], dtype=tl.int32) + k0) < k_hi  # constant along K
-        return tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & inside[None, :], other=0.0)
-    return tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & (offs_k < k_hi)[None, :], other=0.0)
 
 
 # M and the split count vary between calls of one shape (batch buckets, tuning): one compile for all.
@@ -62,7 +51,7 @@ def _gemv_kernel(
     M, N, K, k_per_split, splits,
     sxm, swn, sym,
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PEEL: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -80,25 +69,18 @@ def _gemv_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if PEEL:
-        # Launched as a programmatic dependent of the kernel before it (PDL, in a captured graph):
-        # its first weight tile is read while that kernel drains. Weights are constant in the graph;
-        # everything else (x, outputs, partials, counters) only after the wait.
-        w_next = _weight_tile(w_rows, k_lo, k_hi, n_mask, EVEN_K, BLOCK_K)
+    # Under PDL everything waits, the weights too: reading the first weight tile before the wait (it
+    # is constant in the graph) measured 7-11% slower a decode step, as that peeled loop loses
+    # Triton's own pipelining of the loads (docs/benchmarks.md, session 7).
     _pdl_enter(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
-        if PEEL:
-            w = w_next
-            w_next = _weight_tile(w_rows, k0 + BLOCK_K, k_hi, n_mask, EVEN_K, BLOCK_K)
         if EVEN_K:  # no mask along K: a mask of unknown alignment would split the loads into scalars
-            if not PEEL:
-                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         else:
             k_mask = offs_k < k_hi
-            if not PEEL:
-                w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if USE_DOT:
             if UPCAST:
@@ -224,8 +206,7 @@ def _locks(device: torch.device) -> torch.Tensor:
 
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
-            pdl: bool = False, peel: bool | None = None) -> torch.Tensor:
-    """peel: read each weight tile one step ahead (as PDL does; None: when pdl), for tests."""
+            pdl: bool = False) -> torch.Tensor:
     if cfg.block_n == 0:
         return F.linear(x2, weight, bias)
     m, k = x2.shape
@@ -246,7 +227,6 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         x2.stride(0), weight.stride(0), y2.stride(0),
         HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
         UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
-        PEEL=(pdl and os.environ.get(PEEL_ENV) != "0") if peel is None else peel,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.stages, **_pdl.kwargs(pdl),
     )

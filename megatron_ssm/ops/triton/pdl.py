@@ -6,13 +6,14 @@ its programs' scheduling and its first loads' latency after the kernel before ha
 PDL, a kernel's programs are scheduled as soon as the kernel before calls
 griddepcontrol.launch_dependents (ours do, first thing), wait in griddepcontrol.wait until that
 kernel has ended and its writes are visible, and only then read anything another kernel writes, so
-the waiting replaces the launch gap. What may come before the wait is only what no kernel in the
-graph writes (the GEMV's first weight tile). A kernel after one not launched this way (cuBLAS, a
+the waiting replaces the launch gap. A kernel after one not launched this way (cuBLAS, a
 torch op) starts when that one ends, as without PDL; transitively, every kernel still sees all the
 writes of every kernel before it.
 
-`MEGATRON_SSM_PDL=1` turns it on inside CUDA-graph capture only (eager launches gain nothing from
-it). The first request on a device probes it eagerly: two chained PDL launches, then the same
+It is on by default inside CUDA-graph capture only (eager launches gain nothing from it);
+`MEGATRON_SSM_PDL=0` turns it off. On the H200 it made a graphed decode step 9-16% shorter at batch 1
+(mamba2-2.7b, falcon-mamba-7b) and 0-4% at b16/b32 (docs/benchmarks.md, session 7). The first use on
+a Hopper device probes it eagerly: two chained PDL launches, then the same
 captured in a graph and replayed, must give the right values; otherwise it stays off there (a
 failure inside the engine's capture could not be undone).
 """
@@ -43,7 +44,7 @@ def enter(PDL: tl.constexpr):
 
 
 def requested() -> bool:
-    return os.environ.get(ENV) == "1"
+    return os.environ.get(ENV, "1") != "0"
 
 
 def use(device: torch.device) -> bool:
