@@ -66,6 +66,44 @@ def _rank_arrivals(ckpt, prompts, new):
     return [out[i] for i in ids]
 
 
+def _rank_decode_ahead(ckpt, prompts, new):
+    """The same workload with decode steps launched ahead and without: requests arriving mid-run,
+    uneven lengths (slots reshuffled), a stop token met mid-run, log-probs with alternatives, a
+    sampled request among greedy ones (no step runs ahead while it runs) and an abort. Returns, per
+    side, each request's outputs and how many steps ran ahead."""
+    from megatron_ssm.inference.engine import Request
+    from megatron_ssm.inference.sampling import SamplingParams
+
+    def requests(stop):
+        reqs = [Request(p, new + 2 * (i % 3), logprobs=i == 1, top_logprobs=2 if i == 1 else 0)
+                for i, p in enumerate(prompts)]
+        reqs[2].stop_ids = stop
+        reqs[0].sampling = SamplingParams(temperature=0.8, seed=7)  # no step runs ahead beside it
+        reqs[0].max_new_tokens = 3
+        return reqs
+
+    def run(ahead, stop=()):
+        eng = _engine(ckpt, max_batch=3, decode_ahead=ahead)
+        out, ids = {}, []
+        for i, r in enumerate(requests(stop)):
+            ids.append(eng.add_request(r))
+            out[ids[-1]] = []
+            for _ in range(i % 4):
+                for o in eng.step():
+                    out[o.request_id].append((o.token, o.logprob, o.top_logprobs, o.finish_reason))
+            if i == 4:
+                eng.abort(ids[3])  # running or waiting, by now
+        while eng.has_work():
+            for o in eng.step():
+                out[o.request_id].append((o.token, o.logprob, o.top_logprobs, o.finish_reason))
+        return [out[i] for i in ids], eng.steps_ahead
+
+    reference, _ = run(False)
+    toks = [o[0] for o in reference[2]]  # request 2 stops at its first new token from the third on
+    stop = next(((t,) for j, t in enumerate(toks) if j >= 2 and t not in toks[:j]), ())
+    return run(False, stop), run(True, stop), bool(stop)
+
+
 def _rank_single(ckpt, prompt, new, **cfg):
     from megatron_ssm.inference.engine import Request
 
@@ -168,6 +206,27 @@ def test_requests_arriving_mid_generation_match_running_alone(ranks, ckpts, tp):
     alone = ranks(tp).run(_rank_alone_vs_batched, ckpts["mamba2"][tp], prompts, 11)[0][0]
     for i, (g, a) in enumerate(zip(got, alone)):
         assert g == a[: len(g)], f"request {i}"
+
+
+@pytest.mark.parametrize("family,tp", [("mamba2", 1), ("mamba", 1), ("mamba2", 2)])
+def test_decode_ahead_delivers_what_the_plain_loop_does(ranks, ckpts, family, tp):
+    """Greedy decode steps launched before the previous step is delivered: every request gets the
+    same tokens, log-probs, alternatives and finish reasons as without, through arrivals, a stop
+    token, a sampled request and an abort; steps did run ahead."""
+    prompts = _prompts(fresh_seed(), (4, 11, 3, 8, 6, 2, 13))
+    (plain, none_ahead), (ahead, steps_ahead), stops = ranks(tp).run(_rank_decode_ahead, ckpts[family][tp], prompts, 5)[0]
+    assert none_ahead == 0 and steps_ahead > 0
+    for i, (a, p) in enumerate(zip(ahead, plain)):
+        if i == 3:  # aborted: by then each side had delivered some of the same tokens
+            assert [o[0] for o in a] == [o[0] for o in p][:len(a)] or [o[0] for o in p] == [o[0] for o in a][:len(p)]
+            continue
+        assert [(o[0], o[3]) for o in a] == [(o[0], o[3]) for o in p], f"request {i}"
+        for (_, lp_a, top_a, _), (_, lp_p, top_p, _) in zip(a, p):
+            assert (lp_a is None) == (lp_p is None) and (lp_a is None or abs(lp_a - lp_p) < 1e-5), f"request {i}"
+            assert (top_a is None) == (top_p is None), f"request {i}"
+            if top_a is not None:
+                assert [t for t, _ in top_a] == [t for t, _ in top_p], f"request {i}"
+    assert not stops or (plain[2][-1][3] == "stop" and len(plain[2]) >= 3)
 
 
 @pytest.mark.parametrize("family", ["mamba2", "mamba"])

@@ -96,6 +96,13 @@ def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
 
     alone = [run([Request(p, new)], max_batch=1)[1][0] for p in prompts]
     queued = run(max_batch=2)[1]
+    # Decode steps launched ahead, request 0 stopping on a token mid-run: its slot takes the last
+    # sequence's state and K/V while a step is in flight.
+    toks = alone[0]
+    stop = next(((j, t) for j, t in enumerate(toks) if j >= 2 and t not in toks[:j]), (len(toks) - 1, -1))
+    reqs = [Request(p, new - i % 3, stop_ids=(stop[1],) if i == 0 else ()) for i, p in enumerate(prompts)]
+    ahead_eng, ahead = run(reqs, max_batch=4, decode_ahead=True)
+    queued = (queued, ahead, ahead_eng.steps_ahead, stop[0])
     chunked = run(max_batch=4, prefill_chunk=5)[1]
     eng = Engine(model, EngineConfig(max_batch=4, max_sequence_length=longest, prefix_block=4,
                                      prefix_cache_bytes=1 << 26))
@@ -268,16 +275,19 @@ def test_greedy_generation_matches_hf_generate(ranks, converted, family, opts, t
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("family,opts", [CASES[0], CASES[2]])
 def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, family, opts, tp):
-    """Continuous batching with slot moves, chunked prefill continuing from cached K/V, prefix hits
-    (SSM states + KV prefix) and n > 1 forks all give the tokens a lone request gets, which are HF's."""
+    """Continuous batching with slot moves, decode steps launched ahead, chunked prefill continuing
+    from cached K/V, prefix hits (SSM states + KV prefix) and n > 1 forks all give the tokens a lone
+    request gets, which are HF's."""
     model, _, ckpts = converted(family, opts)
     g = torch.Generator().manual_seed(fresh_seed())
     shared = torch.randint(3, 250, (9,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
-    alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    alone, (queued, ahead, steps_ahead, stop_at), chunked, first, again, hits = ranks(tp).run(
+        _rank_engine_runs, ckpts[tp], prompts, 6)[0]
     forked = ranks(tp).run(_rank_forks, ckpts[tp], prompts, 6)[0]
     assert alone == [hf_greedy(model, p, 6) for p in prompts]
     assert queued == alone and chunked == alone and first == alone and again == alone
+    assert ahead == [alone[0][:stop_at + 1]] + [a[:6 - i % 3] for i, a in enumerate(alone)][1:] and steps_ahead > 0
     assert hits >= 3
     assert forked == [alone[2]] * 3 + [alone[1]]
 

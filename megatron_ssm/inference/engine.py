@@ -9,6 +9,14 @@ also score prompts (`Request.prompt_logprobs`), vocab-parallel, in the same forw
 sequences always occupy slots [0, n_running): a sequence that finishes hands its slot to the last
 one, so decode works on a view of the cache and never copies states.
 
+A greedy decode step is launched before the step before it is delivered (`EngineConfig.decode_ahead`,
+on with CUDA graphs): its input tokens are that step's argmax, still on the device, so the GPU
+computes step t+1 while the host reads step t's tokens and does its bookkeeping, where it would
+otherwise wait on the host between replays. It is launched only when step t+1 would be the next step
+anyway (no request waiting, no context-parallel prefill) and no sequence can finish by length at t; a
+sequence that stops on a stop token or is aborted meanwhile has its step-t+1 token dropped (its
+slot, given away, held its advanced state only until the copy that frees it).
+
 Every TP rank runs an engine and must see the same calls in the same order (the server broadcasts
 them); all its decisions are functions of those calls, so the ranks stay in step.
 
@@ -77,6 +85,10 @@ class EngineConfig:
     # default, not a measurement: where the split starts to pay must be measured on multi-GPU
     # machines (issue #16; tools/gpu_sweep.sh SWEEP=cp).
     context_parallel_min_tokens: int = 8192
+    # Launch each greedy decode step before delivering the one before (see the module's docstring).
+    # None: with CUDA graphs, where the host time it hides is ~10% of a batch-1 step on an H200;
+    # True also runs it eagerly (the same results; what the CPU tests check it with).
+    decode_ahead: bool | None = None
 
 
 @dataclass
@@ -106,6 +118,35 @@ class TokenOutput:
     prompt_logprobs: list[float] | None = None  # first output only, when the request asked for them
     top_logprobs: list[tuple[int, float]] | None = None  # (token, log-prob), best first
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None  # per prompt token 1.., with prompt_logprobs
+
+
+@dataclass
+class _Ahead:
+    """A decode step launched before the one before it was delivered: its rows are `seqs` (the
+    running sequences at launch) and its logits stay valid until the next forward."""
+
+    seqs: list[_Sequence]
+    logits: torch.Tensor
+
+
+def _to_host(*tensors: torch.Tensor | None):
+    """Start copying tensors to the host without waiting for the device; returns a function that
+    waits for the copies and returns them as lists (None for None). Device work queued after this
+    call does not delay the copies."""
+    if not any(t is not None and t.is_cuda for t in tensors):
+        return lambda: [None if t is None else t.tolist() for t in tensors]
+    copies = []
+    for t in tensors:
+        if t is not None:
+            t = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+        copies.append(t)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait():
+        done.synchronize()
+        return [None if t is None else t.tolist() for t in copies]
+    return wait
 
 
 @dataclass
@@ -154,6 +195,9 @@ class Engine:
         self.running: list[_Sequence] = []  # running[i] occupies slot i
         self._next_id = 0
         self._prefilled_last = False
+        self.decode_ahead = cfg.decode_ahead if cfg.decode_ahead is not None else self.graphed is not None
+        self._ahead: _Ahead | None = None
+        self.steps_ahead = 0  # decode steps launched ahead so far (a statistic)
         log.info("state cache: %.2f MiB per sequence on this rank, %d sequence slots",
                  self.bytes_per_sequence / 2**20, slots)
 
@@ -227,7 +271,10 @@ class Engine:
     def step(self) -> list[TokenOutput]:
         """Prefill newly admitted requests (giving their first tokens) if any were admitted;
         otherwise advance every running sequence by one token. A context-parallel prefill under
-        way takes every other step (every step when nothing else runs)."""
+        way takes every other step (every step when nothing else runs). A decode step launched ahead
+        is delivered first."""
+        if self._ahead is not None:
+            return self._decode(len(self.running))
         if self.long is not None and (self._long_turn or not self.running):
             self._long_turn = False
             return self._advance_long()
@@ -456,29 +503,57 @@ class Engine:
         return logits[:, -1], scored, scored_top
 
     def _decode(self, n: int) -> list[TokenOutput]:
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            rows = [i for i, s in enumerate(ahead.seqs) if s.slot >= 0]  # not stopped or aborted since
+            if not rows:
+                return []
+            logits = ahead.logits if len(rows) == len(ahead.seqs) else ahead.logits[rows]
+            return self._emit([ahead.seqs[i] for i in rows], logits, decode=True)
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
+        return self._emit(list(self.running), self._decode_logits(tokens, n), decode=True)
+
+    def _decode_logits(self, tokens: torch.Tensor, n: int, ahead: int = 0) -> torch.Tensor:
+        """One decode step of running[:n] fed tokens [n, 1]; ahead: 1 when the step before it is not
+        yet delivered (the sequences' counts are one token behind)."""
         # A graph steps every row of its bucket, [0, bucket): one reaching the slot of a context-parallel
         # prefill under way would advance that prompt's half-built states, so such steps run eagerly.
         graphed = self.graphed is not None and (self.long is None or (self.graphed.bucket(n) or 0) <= self.long.slot)
         logits = self.graphed(tokens, n) if graphed else None
         if logits is None:
-            logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running)))[:, -1]
-        return self._emit(list(self.running), logits)
+            logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running, ahead)))[:, -1]
+        return logits
+
+    def _can_run_ahead(self, seqs: list[_Sequence]) -> bool:
+        """Whether the step after the one being delivered may start now: it would be the engine's
+        next step (the same sequences, nothing to admit, no context-parallel prefill), every row is
+        greedy (its token is on the device; sampled ones are drawn on the host), and no row finishes
+        by length now."""
+        return (self.decode_ahead and bool(seqs) and len(seqs) == len(self.running)
+                and all(s is r for s, r in zip(seqs, self.running)) and self.long is None and not self.waiting
+                and all(s.generator is None and s.generated + 1 < s.req.max_new_tokens for s in seqs))
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor, prompt_lps: dict[int, list[float]] | None = None,
-              prompt_top: dict[int, list] | None = None) -> list[TokenOutput]:
+              prompt_top: dict[int, list] | None = None, decode: bool = False) -> list[TokenOutput]:
         """One token per sequence from its logits (row i for seqs[i]); prompt_lps (prompt_top): row ->
-        the prompt log-probs (top alternatives) to deliver with that row's first output."""
+        the prompt log-probs (top alternatives) to deliver with that row's first output. decode: a
+        decode step's, after which the next one may be launched ahead."""
         tokens, logprobs = choose_tokens(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs],
                                          [s.req.logprobs for s in seqs], self.shard)
-        tokens = tokens.tolist()
-        logprobs = logprobs.tolist() if logprobs is not None else [None] * len(seqs)
         k = max((s.req.top_logprobs for s in seqs if s.req.logprobs and s.req.max_new_tokens), default=0)
-        tops = [None] * len(seqs)
+        vals = ids = None
         if k:
             vals, ids = vocab_parallel_topk(logits, k, self.shard)
-            tops = [list(zip(i, v))[:s.req.top_logprobs] or None
-                    for s, i, v in zip(seqs, ids.tolist(), vals.tolist())]
+        # Everything read from these logits is queued before the next step may overwrite them.
+        delivered = _to_host(tokens, logprobs, ids, vals)
+        if decode and self._can_run_ahead(seqs):
+            self._ahead = _Ahead(list(seqs), self._decode_logits(tokens.view(-1, 1), len(seqs), ahead=1))
+            self.steps_ahead += 1
+        tokens, logprobs, ids, vals = delivered()
+        logprobs = logprobs if logprobs is not None else [None] * len(seqs)
+        tops = [None] * len(seqs)
+        if k:
+            tops = [list(zip(i, v))[:s.req.top_logprobs] or None for s, i, v in zip(seqs, ids, vals)]
         prompt_lps, prompt_top = prompt_lps or {}, prompt_top or {}
         outputs = []
         for row, (seq, tok, lp) in enumerate(zip(seqs, tokens, logprobs)):
@@ -499,20 +574,24 @@ class Engine:
         return outputs
 
     def _release(self, seq: _Sequence) -> None:
-        """Free seq's slot by moving the last running sequence into it (one sequence's state copy)."""
+        """Free seq's slot by moving the last running sequence into it (one sequence's state copy,
+        queued after any step launched ahead, so the state moved is the advanced one)."""
         last = self.running.pop()
         if last is not seq:
-            self.cache.copy_slot(last.slot, seq.slot, self._kv_bound([last]))
+            self.cache.copy_slot(last.slot, seq.slot, self._kv_bound([last], int(self._ahead is not None)))
             last.slot = seq.slot
             self.running[seq.slot] = last
         seq.slot = -1
+        if not self.running:
+            self._ahead = None
 
-    def _kv_bound(self, seqs: list[_Sequence]) -> int | None:
+    def _kv_bound(self, seqs: list[_Sequence], ahead: int = 0) -> int | None:
         """Positions the next decode step of `seqs` touches: its cached tokens plus the one it feeds
-        (known on the host, so no sync). None for models without attention."""
+        (known on the host, so no sync), plus `ahead` steps not yet counted. None for models
+        without attention."""
         if not self.has_kv:
             return None
-        return max(len(s.req.prompt) + max(s.generated, 1) for s in seqs)
+        return min(max(len(s.req.prompt) + max(s.generated, 1) for s in seqs) + ahead, self.max_length)
 
     # ---- convenience ---------------------------------------------------------------------------
 
