@@ -102,13 +102,12 @@ def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
     stop = next(((j, t) for j, t in enumerate(toks) if j >= 2 and t not in toks[:j]), (len(toks) - 1, -1))
     reqs = [Request(p, new - i % 3, stop_ids=(stop[1],) if i == 0 else ()) for i, p in enumerate(prompts)]
     ahead_eng, ahead = run(reqs, max_batch=4, decode_ahead=True)
-    queued = (queued, ahead, ahead_eng.steps_ahead, stop[0])
     chunked = run(max_batch=4, prefill_chunk=5)[1]
     eng = Engine(model, EngineConfig(max_batch=4, max_sequence_length=longest, prefix_block=4,
                                      prefix_cache_bytes=1 << 26))
     first = eng.generate([Request(p, new) for p in prompts])
     again = eng.generate([Request(p, new) for p in prompts])
-    return alone, queued, chunked, first, again, eng.prefix.hits
+    return alone, queued, chunked, first, again, eng.prefix.hits, (ahead, ahead_eng.steps_ahead, stop[0])
 
 
 def _rank_forks(ckpt: str, prompts: list[list[int]], new: int):
@@ -282,7 +281,7 @@ def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, famil
     g = torch.Generator().manual_seed(fresh_seed())
     shared = torch.randint(3, 250, (9,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
-    alone, (queued, ahead, steps_ahead, stop_at), chunked, first, again, hits = ranks(tp).run(
+    alone, queued, chunked, first, again, hits, (ahead, steps_ahead, stop_at) = ranks(tp).run(
         _rank_engine_runs, ckpts[tp], prompts, 6)[0]
     forked = ranks(tp).run(_rank_forks, ckpts[tp], prompts, 6)[0]
     assert alone == [hf_greedy(model, p, 6) for p in prompts]

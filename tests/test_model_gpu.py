@@ -54,6 +54,8 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
     graphed = Engine(model, EngineConfig(max_batch=4, cuda_graphs=True)).generate([Request(p, 12) for p in prompts])
     eager = Engine(model, EngineConfig(max_batch=4, cuda_graphs=False)).generate([Request(p, 12) for p in prompts])
     assert graphed == eager, f"seed {seed}: CUDA-graph prefill and decode {graphed} != eager {eager}"
+    ahead = Engine(model, EngineConfig(max_batch=4, decode_ahead=True)).generate([Request(p, 12) for p in prompts])
+    assert ahead == eager, f"seed {seed}: graphed decode steps launched ahead {ahead} != eager {eager}"
     # The graphs above chain their kernels by programmatic dependent launch (on by default on
     # Hopper, ops/triton/pdl.py); without it, the same tokens.
     from megatron_ssm.ops.triton import pdl

@@ -118,11 +118,15 @@ def test_engine_batching_chunking_and_prefix_reuse_agree(ranks, converted, famil
     g = torch.Generator().manual_seed(seed)
     shared = torch.randint(3, 250, (9,), generator=g).tolist()
     prompts = [shared + torch.randint(3, 250, (n,), generator=g).tolist() for n in (3, 0, 7)] + [shared[:2]]
-    alone, queued, chunked, first, again, hits = ranks(tp).run(_rank_engine_runs, ckpts[tp], prompts, 6)[0]
+    alone, queued, chunked, first, again, hits, (ahead, steps_ahead, stop_at) = ranks(tp).run(
+        _rank_engine_runs, ckpts[tp], prompts, 6)[0]
     forked = ranks(tp).run(_rank_forks, ckpts[tp], prompts, 6)[0]
     assert alone == [hf_forward_greedy(model, p, 6) for p in prompts], f"seed {seed}"
     assert queued == alone and chunked == alone and first == alone and again == alone, f"seed {seed}"
     assert hits >= 3
+    # decode steps launched ahead, request 0 stopping mid-run (its slot takes another's KV meanwhile)
+    assert ahead == [alone[0][:stop_at + 1]] + [a[:6 - i % 3] for i, a in enumerate(alone)][1:], f"seed {seed}"
+    assert steps_ahead > 0
     assert forked == [alone[2]] * 3 + [alone[1]], f"seed {seed}"  # n > 1 copies every position's KV too
 
 

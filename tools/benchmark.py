@@ -120,7 +120,7 @@ def make_engine(model, batch: int, prompt: int, args, cp=None):
     return Engine(model, EngineConfig(max_batch=batch, prefill_chunk=chunk, max_prefill_tokens=batch * prompt,
                                       max_sequence_length=prompt + max(args.new), cuda_graphs=not args.no_graphs,
                                       pack_tokens=0 if args.no_pack else 8192,
-                                      decode_ahead=False if args.no_decode_ahead else None,
+                                      decode_ahead=args.decode_ahead,
                                       context_parallel_min_tokens=args.context_parallel_min_tokens), cp=cp)
 
 
@@ -190,8 +190,8 @@ def main() -> int:
     ap.add_argument("--allreduce", default="oneshot",
                     help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
     ap.add_argument("--no-graphs", action="store_true", help="eager prefill and decode (no CUDA graphs)")
-    ap.add_argument("--no-decode-ahead", action="store_true",
-                    help="deliver each decode step before launching the next (EngineConfig.decode_ahead=False)")
+    ap.add_argument("--decode-ahead", action="store_true",
+                    help="launch each greedy decode step before delivering the one before (EngineConfig.decode_ahead)")
     ap.add_argument("--no-pack", action="store_true",
                     help="prefill equal-length prompts together, unpacked and eager (the pre-packing path)")
     ap.add_argument("--overlap-min-tokens", type=ints, default=[0],
@@ -281,7 +281,7 @@ def report(r, name, cfg, model, tp, args, bw, weight_bytes, state_bytes, reducti
     per_call = allreduce_latency(tp, (batch, cfg.hidden_size), model.dtype, tp.device, row_parallel.allreduce)
     comm = per_call * reductions
     r.update(model=name, tp=tp.size, cp=cp.size, dtype=args.dtype, allreduce=args.allreduce, graphs=not args.no_graphs,
-             packed=not args.no_pack, decode_ahead=not args.no_decode_ahead,
+             packed=not args.no_pack, decode_ahead=args.decode_ahead,
              overlap_min_tokens=model.overlap_min_tokens, hbm_floor_ms=floor * 1e3,
              floor_fraction=floor * 1e3 / r["step_ms"], comm_est_ms=comm * 1e3,
              peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9, copy_bw_tbs=bw / 1e12,

@@ -9,8 +9,8 @@ also score prompts (`Request.prompt_logprobs`), vocab-parallel, in the same forw
 sequences always occupy slots [0, n_running): a sequence that finishes hands its slot to the last
 one, so decode works on a view of the cache and never copies states.
 
-A greedy decode step is launched before the step before it is delivered (`EngineConfig.decode_ahead`,
-on with CUDA graphs): its input tokens are that step's argmax, still on the device, so the GPU
+With `EngineConfig.decode_ahead`, a greedy decode step is launched before the step before it is
+delivered: its input tokens are that step's argmax, still on the device, so the GPU
 computes step t+1 while the host reads step t's tokens and does its bookkeeping, where it would
 otherwise wait on the host between replays. It is launched only when step t+1 would be the next step
 anyway (no request waiting, no context-parallel prefill) and no sequence can finish by length at t; a
@@ -86,9 +86,10 @@ class EngineConfig:
     # machines (issue #16; tools/gpu_sweep.sh SWEEP=cp).
     context_parallel_min_tokens: int = 8192
     # Launch each greedy decode step before delivering the one before (see the module's docstring).
-    # None: with CUDA graphs, where the host time it hides is ~10% of a batch-1 step on an H200;
-    # True also runs it eagerly (the same results; what the CPU tests check it with).
-    decode_ahead: bool | None = None
+    # Meant for CUDA graphs, where the host time between replays is ~10% of a batch-1 step on an
+    # H200 (docs/benchmarks.md, session 7); eagerly it gives the same results (what the CPU tests
+    # check). Off until measured on a GPU (tools/benchmark.py --decode-ahead).
+    decode_ahead: bool = False
 
 
 @dataclass
@@ -195,7 +196,6 @@ class Engine:
         self.running: list[_Sequence] = []  # running[i] occupies slot i
         self._next_id = 0
         self._prefilled_last = False
-        self.decode_ahead = cfg.decode_ahead if cfg.decode_ahead is not None else self.graphed is not None
         self._ahead: _Ahead | None = None
         self.steps_ahead = 0  # decode steps launched ahead so far (a statistic)
         log.info("state cache: %.2f MiB per sequence on this rank, %d sequence slots",
@@ -529,7 +529,7 @@ class Engine:
         next step (the same sequences, nothing to admit, no context-parallel prefill), every row is
         greedy (its token is on the device; sampled ones are drawn on the host), and no row finishes
         by length now."""
-        return (self.decode_ahead and bool(seqs) and len(seqs) == len(self.running)
+        return (self.config.decode_ahead and bool(seqs) and len(seqs) == len(self.running)
                 and all(s is r for s, r in zip(seqs, self.running)) and self.long is None and not self.waiting
                 and all(s.generator is None and s.generated + 1 < s.req.max_new_tokens for s in seqs))
 
