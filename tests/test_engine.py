@@ -68,9 +68,9 @@ def _rank_arrivals(ckpt, prompts, new):
 
 def _rank_decode_ahead(ckpt, prompts, new):
     """The same workload with decode steps launched ahead and without: requests arriving mid-run,
-    uneven lengths (slots reshuffled), a stop token met mid-run, log-probs with alternatives, a
-    sampled request among greedy ones (no step runs ahead while it runs) and an abort. Returns, per
-    side, each request's outputs and how many steps ran ahead."""
+    uneven lengths (slots reshuffled), a stop token met mid-run, log-probs with alternatives, seeded
+    sampled requests among greedy ones and an abort. Returns, per side, each request's outputs and
+    how many steps ran ahead."""
     from megatron_ssm.inference.engine import Request
     from megatron_ssm.inference.sampling import SamplingParams
 
@@ -78,12 +78,16 @@ def _rank_decode_ahead(ckpt, prompts, new):
         reqs = [Request(p, new + 2 * (i % 3), logprobs=i == 1, top_logprobs=2 if i == 1 else 0)
                 for i, p in enumerate(prompts)]
         reqs[2].stop_ids = stop
-        reqs[0].sampling = SamplingParams(temperature=0.8, seed=7)  # no step runs ahead beside it
+        reqs[0].sampling = SamplingParams(temperature=0.8, seed=7)
         reqs[0].max_new_tokens = 3
+        reqs[-1].sampling = SamplingParams(temperature=1.1, top_k=20, top_p=0.9, seed=11)  # runs to the end
+        reqs[-1].logprobs = True
         return reqs
 
     def run(ahead, stop=()):
         eng = _engine(ckpt, max_batch=3, decode_ahead=ahead)
+        can, sampled_ahead = eng._can_run_ahead, []
+        eng._can_run_ahead = lambda seqs: can(seqs) and (sampled_ahead.append(any(s.generator for s in seqs)) or True)
         out, ids = {}, []
         for i, r in enumerate(requests(stop)):
             ids.append(eng.add_request(r))
@@ -96,7 +100,7 @@ def _rank_decode_ahead(ckpt, prompts, new):
         while eng.has_work():
             for o in eng.step():
                 out[o.request_id].append((o.token, o.logprob, o.top_logprobs, o.finish_reason))
-        return [out[i] for i in ids], eng.steps_ahead
+        return [out[i] for i in ids], (eng.steps_ahead, any(sampled_ahead))
 
     reference, _ = run(False)
     toks = [o[0] for o in reference[2]]  # request 2 stops at its first new token from the third on
@@ -210,12 +214,13 @@ def test_requests_arriving_mid_generation_match_running_alone(ranks, ckpts, tp):
 
 @pytest.mark.parametrize("family,tp", [("mamba2", 1), ("mamba", 1), ("mamba2", 2)])
 def test_decode_ahead_delivers_what_the_plain_loop_does(ranks, ckpts, family, tp):
-    """Greedy decode steps launched before the previous step is delivered: every request gets the
-    same tokens, log-probs, alternatives and finish reasons as without, through arrivals, a stop
-    token, a sampled request and an abort; steps did run ahead."""
+    """Decode steps launched before the previous step is delivered: every request gets the same
+    tokens, log-probs, alternatives and finish reasons as without, through arrivals, a stop token,
+    seeded sampled requests beside greedy ones and an abort; steps did run ahead."""
     prompts = _prompts(fresh_seed(), (4, 11, 3, 8, 6, 2, 13))
-    (plain, none_ahead), (ahead, steps_ahead), stops = ranks(tp).run(_rank_decode_ahead, ckpts[family][tp], prompts, 5)[0]
-    assert none_ahead == 0 and steps_ahead > 0
+    (plain, none_ahead), (ahead, (steps_ahead, beside_sampled)), stops = ranks(tp).run(
+        _rank_decode_ahead, ckpts[family][tp], prompts, 5)[0]
+    assert none_ahead == (0, False) and steps_ahead > 0 and beside_sampled
     for i, (a, p) in enumerate(zip(ahead, plain)):
         if i == 3:  # aborted: by then each side had delivered some of the same tokens
             assert [o[0] for o in a] == [o[0] for o in p][:len(a)] or [o[0] for o in p] == [o[0] for o in a][:len(p)]

@@ -9,8 +9,8 @@ also score prompts (`Request.prompt_logprobs`), vocab-parallel, in the same forw
 sequences always occupy slots [0, n_running): a sequence that finishes hands its slot to the last
 one, so decode works on a view of the cache and never copies states.
 
-With `EngineConfig.decode_ahead`, a greedy decode step is launched before the step before it is
-delivered: its input tokens are that step's argmax, still on the device, so the GPU
+With `EngineConfig.decode_ahead`, a decode step is launched before the step before it is
+delivered: its input tokens are that step's choice (argmax or draw), still on the device, so the GPU
 computes step t+1 while the host reads step t's tokens and does its bookkeeping, where it would
 otherwise wait on the host between replays. It is launched only when step t+1 would be the next step
 anyway (no request waiting, no context-parallel prefill) and no sequence can finish by length at t; a
@@ -85,7 +85,7 @@ class EngineConfig:
     # default, not a measurement: where the split starts to pay must be measured on multi-GPU
     # machines (issue #16; tools/gpu_sweep.sh SWEEP=cp).
     context_parallel_min_tokens: int = 8192
-    # Launch each greedy decode step before delivering the one before (see the module's docstring).
+    # Launch each decode step before delivering the one before (see the module's docstring).
     # Meant for CUDA graphs, where the host time between replays is ~10% of a batch-1 step on an
     # H200 (docs/benchmarks.md, session 7); eagerly it gives the same results (what the CPU tests
     # check). Off until measured on a GPU (tools/benchmark.py --decode-ahead).
@@ -526,12 +526,12 @@ class Engine:
 
     def _can_run_ahead(self, seqs: list[_Sequence]) -> bool:
         """Whether the step after the one being delivered may start now: it would be the engine's
-        next step (the same sequences, nothing to admit, no context-parallel prefill), every row is
-        greedy (its token is on the device; sampled ones are drawn on the host), and no row finishes
-        by length now."""
+        next step (the same sequences, nothing to admit, no context-parallel prefill) and no row
+        finishes by length now. Its tokens, greedy or sampled, are already on the device (a sampled
+        row's generator is drawn in step order either way)."""
         return (self.config.decode_ahead and bool(seqs) and len(seqs) == len(self.running)
                 and all(s is r for s, r in zip(seqs, self.running)) and self.long is None and not self.waiting
-                and all(s.generator is None and s.generated + 1 < s.req.max_new_tokens for s in seqs))
+                and all(s.generated + 1 < s.req.max_new_tokens for s in seqs))
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor, prompt_lps: dict[int, list[float]] | None = None,
               prompt_top: dict[int, list] | None = None, decode: bool = False) -> list[TokenOutput]:

@@ -133,17 +133,24 @@ def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return shifted / max(temperature, torch.finfo(torch.float32).tiny)
 
 
-def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token from full logits [V] by inverse CDF on one uniform draw."""
+def draw_on_device(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """One token from full logits [V] by inverse CDF on one uniform draw, as a 0-d tensor on the
+    logits' device: nothing waits for the device, so a decode step can be queued behind it."""
     probs = torch.softmax(filter_logits(scale_logits(logits, params.temperature), params.top_k, params.top_p), dim=-1)
     u = torch.rand((), generator=generator, device=probs.device)
     cdf = probs.cumsum(-1)
-    return int(torch.searchsorted(cdf, (u * cdf[-1]).unsqueeze(0)).clamp(max=probs.shape[-1] - 1))
+    return torch.searchsorted(cdf, (u * cdf[-1]).unsqueeze(0)).clamp(max=probs.shape[-1] - 1)[0]
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """draw_on_device's token as an int."""
+    return int(draw_on_device(logits, params, generator))
 
 
 def choose_tokens(local: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                   want_logprobs: list[bool], shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """local [b, V/tp] -> (tokens [b], log-probs [b] or None). Row i follows params[i].
+    """local [b, V/tp] -> (tokens [b], log-probs [b] or None) on local's device, without waiting
+    for it. Row i follows params[i].
 
     Every rank must call this with the same params: the collectives it issues depend on them."""
     sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -153,8 +160,11 @@ def choose_tokens(local: torch.Tensor, params: list[SamplingParams], generators:
         tokens = torch.empty(local.shape[0], dtype=torch.long, device=local.device)
     if sampled:
         full = gather_logits(local[sampled], shard.vocab_size, shard.tp)
-        picks = [draw(full[j], params[i], generators[i]) for j, i in enumerate(sampled)]
-        tokens[sampled] = torch.tensor(picks, device=tokens.device)
+        picks = torch.stack([draw_on_device(full[j], params[i], generators[i]) for j, i in enumerate(sampled)])
+        if len(sampled) == len(params):
+            tokens = picks
+        else:
+            tokens[sampled] = picks
     logprobs = vocab_parallel_logprob(local, tokens, shard) if any(want_logprobs) else None
     return tokens, logprobs
 
