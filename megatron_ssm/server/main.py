@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="capture each packed-prefill CUDA graph when a pack first needs it, instead of all at "
                          "start (a capture stalls running requests for ~0.5 s; start-up is that much faster)")
     ap.add_argument("--prefix-cache-bytes", type=int, default=0, help="reuse states of shared prompt prefixes (0: off)")
+    ap.add_argument("--decode-ahead", action="store_true",
+                    help="launch each decode step before the one before is delivered, so the host's per-step work "
+                         "overlaps the GPU's (EngineConfig.decode_ahead; off until measured on a GPU)")
     ap.add_argument("--allreduce", default="oneshot", choices=ALLREDUCE_CHOICES,
                     help="row-parallel all-reduce: exact (NCCL) | oneshot (exact; one kernel for small GPU "
                          "messages, else NCCL) | int8|fp8|fp16 (lossy) | auto (oneshot, int8 where measured faster)")
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                                             prefill_chunk=args.prefill_chunk, max_prefill_tokens=args.max_prefill_tokens,
                                             prefix_cache_bytes=args.prefix_cache_bytes,
                                             context_parallel_min_tokens=args.context_parallel_min_tokens,
-                                            prefill_graphs_at_start=not args.lazy_prefill_graphs), cp=cp)
+                                            prefill_graphs_at_start=not args.lazy_prefill_graphs,
+                                            decode_ahead=args.decode_ahead), cp=cp)
         if rank == 0:
             from .app import LOOPBACK, HttpServer, ServerConfig, ServerContext, build_app
             from .chat import check_template, load_tokenizer_config
