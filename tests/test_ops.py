@@ -119,10 +119,16 @@ def gated_norm_inputs(lead, width, group_size, dtype, device):
         weight=_act(width, dtype=dtype, device=device), eps=1e-5, group_size=group_size)
 
 
-def linear_inputs(lead, n, k, dtype, device, bias=True):
-    return "linear", dict(x=_act(*lead, k, dtype=dtype, device=device),
-                          weight=_act(n, k, dtype=dtype, device=device, scale=k ** -0.5),
-                          bias=_act(n, dtype=dtype, device=device) if bias else None)
+def linear_inputs(lead, n, k, dtype, device, bias=True, scale=None):
+    """scale: None, "float" (one factor) or "vector" (one per output feature, fp32 as the model's)."""
+    kw = dict(x=_act(*lead, k, dtype=dtype, device=device),
+              weight=_act(n, k, dtype=dtype, device=device, scale=k ** -0.5),
+              bias=_act(n, dtype=dtype, device=device) if bias else None)
+    if scale == "float":
+        kw["scale"] = 0.5 + torch.rand(()).item()
+    elif scale == "vector":
+        kw["scale"] = 0.5 + torch.rand(n, device=device)
+    return "linear", kw
 
 
 def packed(case, lengths):
@@ -985,3 +991,30 @@ def test_pdl_only_inside_capture_on_cuda(monkeypatch):
         assert pdl.requested() == (value != "0") and not pdl.use(torch.device("cpu"))
     assert not pdl.supported(torch.device("cpu"))
     assert pdl.kwargs(True) == {"launch_pdl": True} and pdl.kwargs(False) == {}
+
+
+def test_linear_scale_is_the_output_times_it(seed):
+    """The reference's scale: after the bias, per output feature or one float, in the output's dtype."""
+    for scale in ("float", "vector"):
+        _, kw = linear_inputs((2, 3), 7, 5, torch.float64, "cpu", scale=scale)
+        out = ref_ops.linear(**kw)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, F.linear(kw["x"], kw["weight"], kw["bias"]) * kw["scale"], rtol=1e-12, atol=0)
+    _, kw = linear_inputs((4,), 6, 8, torch.bfloat16, "cpu", scale="vector")
+    assert ref_ops.linear(**kw).dtype == torch.bfloat16  # an fp32 scale keeps the activations' dtype
+
+
+def test_gemv_scale_epilogue_interpreted(seed):
+    """The skinny-GEMM kernel's scale (one float or one factor per output feature, after the bias)
+    against the reference, split K and not, tl.dot and elementwise, at odd sizes."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import gemv
+
+    configs = [gemv.Config(16, 64, 1, 4), gemv.Config(16, 64, 3, 4), gemv.Config(16, 64, 3, 4, dot=False)]
+    for (m, bias, scale), cfg in itertools.product([(1, True, "vector"), (1, False, "float"), (3, True, "float"),
+                                                     (16, False, "vector")], configs):
+        if m > 1 and not cfg.dot:
+            continue
+        _, kw = linear_inputs((m,), 45, 200, torch.float32, "cpu", bias=bias, scale=scale)
+        err = rel_err(kernels.linear(**kw, config=cfg), ref_ops.linear(**kw))
+        assert err < TOL[torch.float32], f"m {m} bias {bias} {scale} scale, {cfg}: relative error {err:.2e} (seed {seed})"

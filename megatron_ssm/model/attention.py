@@ -25,6 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from ..config import SSMConfig
 from ..ops.dispatch import packed_causal_attention
+from ..ops.linear import scale_output
 from ..ops.varlen import seq_index
 from ..parallel import TPContext
 from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
@@ -67,8 +68,6 @@ class Attention(Mixer):
         self.kv_heads = local_kv_heads(cfg, tp.size)
         self.head_dim = d = cfg.attention_head_dim
         self.rotary_dim = cfg.rotary_dim or d
-        self.input_scale = cfg.multiplier("attention_in")
-        self.key_scale = cfg.multiplier("key")
         local_rows = (self.heads + 2 * self.kv_heads) * d
         self.softmax_scale = cfg.attention_softmax_scale
         self.qkv_proj = ColumnParallelLinear(cfg.attention_input_size or cfg.hidden_size, tp.size * local_rows,
@@ -76,6 +75,19 @@ class Attention(Mixer):
                                              bias=cfg.attention_bias)
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, config=mp_config,
                                         bias=cfg.attention_bias, tp=tp, allreduce=allreduce)
+        # Falcon-H1's multipliers on the input (attention_in) and the keys (key) go into qkv_proj as
+        # one factor per output row (its kernel's epilogue at decode); the input's only without a
+        # bias, where it is the output's.
+        input_scale = cfg.multiplier("attention_in")
+        self.hidden_scale = input_scale if cfg.attention_bias else 1.0
+        folded = 1.0 if cfg.attention_bias else input_scale
+        key_scale = cfg.multiplier("key")
+        widths = (self.heads * d, self.kv_heads * d, self.kv_heads * d)
+        keys = torch.cat([torch.full((w,), f) for w, f in zip(widths, (1.0, key_scale, 1.0))]).to(device)
+        # (a per-use adapter's delta takes the key factors too)
+        self.register_buffer("key_factors", keys if key_scale != 1.0 else None, persistent=False)
+        self.register_buffer("qkv_scale", keys * folded if key_scale != 1.0 or folded != 1.0 else None,
+                             persistent=False)
 
     def state_shapes(self, max_length: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         """Per-sequence state on this rank: name -> (shape, dtype; None: the model's dtype)."""
@@ -93,17 +105,15 @@ class Attention(Mixer):
         (if given) has one row per sequence, whose earlier contents are not read."""
         b, L, _ = hidden.shape
         d = self.head_dim
-        if self.input_scale != 1.0:
-            hidden = hidden * self.input_scale
-        qkv = self.qkv_proj(hidden)
+        if self.hidden_scale != 1.0:
+            hidden = hidden * self.hidden_scale
+        qkv = self.qkv_proj(hidden, scale=self.qkv_scale)
         if qkv_delta is not None:  # a per-use adapter's addition to this rank's [q_r | k_r | v_r] (Zamba2)
-            qkv = qkv + qkv_delta
+            qkv = qkv + scale_output(qkv_delta, self.key_factors)
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q = q.view(b, L, self.heads, d)
         k = k.view(b, L, self.kv_heads, d)
         v = v.view(b, L, self.kv_heads, d)
-        if self.key_scale != 1.0:
-            k = k * self.key_scale
         steps = torch.arange(L, device=hidden.device) + (0 if cp is None else cp.start)
         if cu_seqlens is not None:  # each packed token's sequence, and its position in it
             seq = seq_index(cu_seqlens, L).long()

@@ -147,14 +147,12 @@ class ParallelBlock(Block):
         super().__init__(cfg, dtype=dtype, device=device)
         self.mixer = mixer
         self.attention = attention
-        self.mixer_scale = cfg.multiplier("ssm_out")
-        self.attention_scale = cfg.multiplier("attention_out")
+        self.attention_scale = cfg.multiplier("attention_out")  # (the mixer applies ssm_out itself)
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None, cp=None):
         normed, stream = self.enter(stream, delta)
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
         mixed = self.mixer.start(normed, conv, ssm, cu_seqlens, cp=cp)
-        mixed.scale *= self.mixer_scale
         attended = self.attention.start(normed, state, self.attention_scale, cp=cp, cu_seqlens=cu_seqlens)
         return stream, SummedOutput(mixed, attended)
 

@@ -21,6 +21,7 @@ from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
 from ..ops.dispatch import causal_conv1d, causal_conv1d_update, linear
+from ..ops.linear import scale_output
 from ..parallel import TPContext
 
 AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor
@@ -35,12 +36,13 @@ def differentiable(param: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and param.requires_grad
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ bias). The dispatch layer's kernel has no backward, so while one may run
-    (grad mode on and either side requiring grad) this is F.linear itself."""
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              scale: float | torch.Tensor | None = None) -> torch.Tensor:
+    """(x @ weight^T + bias) * scale (ops/linear.py). The dispatch layer's kernel has no backward,
+    so while one may run (grad mode on and either side requiring grad) this is F.linear itself."""
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-        return F.linear(x, weight, bias)
-    return linear(x, weight, bias)
+        return scale_output(F.linear(x, weight, bias), scale)
+    return linear(x, weight, bias, scale)
 
 
 def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
@@ -64,10 +66,11 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         super().__init__(input_size, output_size, config=config, init_method=_no_init, bias=bias,
                          gather_output=False, skip_bias_add=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """scale: this rank's output features' factors (or one float), applied after the bias."""
         if differentiable(self.weight) and self.tp_size > 1:  # checked per call: cheap test first
             x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
-        return project(x, self.weight, self.bias)
+        return project(x, self.weight, self.bias, scale)
 
     @property
     def tp_size(self) -> int:
@@ -101,10 +104,14 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         return all_reduce_with_grad(y, self.tp.group)
 
     def start(self, x: torch.Tensor, scale: float = 1.0) -> PendingOutput:
-        """forward, returning before the reduction completes (see PendingOutput). The reduction runs
-        on the TP group's second communicator, so the synchronous collectives that the next
-        micro-chunk issues on the first one do not queue behind it."""
-        y = project(x, self.weight)
+        """forward times `scale`, returning before the reduction completes (see PendingOutput). The
+        reduction runs on the TP group's second communicator, so the synchronous collectives that
+        the next micro-chunk issues on the first one do not queue behind it. Without a bias the
+        scale goes into the projection (a sum of scaled parts is the scaled sum)."""
+        if self.bias is None and scale != 1.0:
+            y, scale = project(x, self.weight, scale=scale), 1.0
+        else:
+            y = project(x, self.weight)
         if differentiable(self.weight):  # training: the differentiable reduction, nothing left in flight
             return PendingOutput(PendingAllReduce(self._reduce_with_grad(y)), self.bias, scale)
         group = self.tp.overlap_group or self.tp.group

@@ -177,9 +177,8 @@ class MambaLM(nn.Module):
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
-        logits = project(hidden.to(head.dtype), head).float()
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
+        # Falcon-H1's lm_head multiplier inside the projection (its kernel's epilogue at decode)
+        logits = project(hidden.to(head.dtype), head, scale=self.logit_scale if self.logit_scale != 1.0 else None).float()
         logits = logits.masked_fill_(self.vocab_padding, float("-inf"))
         if cp is not None:
             logits = cp.last_logits(logits) if last_only else cp.gather_positions(logits)

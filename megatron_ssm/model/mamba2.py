@@ -64,13 +64,21 @@ class Mamba2Mixer(Mixer):
         self.out_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, config=mp_config,
                                           bias=cfg.out_proj_bias, tp=tp, allreduce=allreduce)
         self.small_allreduce = small_allreduce or ExactAllReduce()
-        self.input_scale = cfg.multiplier("ssm_in")
-        scale = None
+        # Falcon-H1's multipliers: on the input (ssm_in), per segment of in_proj's output, and on the
+        # output (ssm_out). Without a bias the input's is in_proj's output's, so both go into the
+        # projection (its kernel's epilogue at decode) as one factor per output row.
+        input_scale = cfg.multiplier("ssm_in")
+        self.hidden_scale = input_scale if cfg.use_bias else 1.0
+        segments = None
         if cfg.ssm_multipliers and any(m != 1.0 for m in cfg.ssm_multipliers):
             widths = (self.channels, self.channels, self.bc_width, self.bc_width, self.heads)
-            scale = torch.cat([torch.full((w,), float(m)) for w, m in zip(widths, cfg.ssm_multipliers)])
-            scale = scale.to(device=device, dtype=dtype)
-        self.register_buffer("in_proj_scale", scale, persistent=False)
+            segments = torch.cat([torch.full((w,), float(m)) for w, m in zip(widths, cfg.ssm_multipliers)])
+        folded = 1.0 if cfg.use_bias else input_scale
+        if segments is None and folded != 1.0:
+            segments = torch.ones(local_rows)
+        self.register_buffer("in_proj_scale", None if segments is None else (segments * folded).to(device),
+                             persistent=False)
+        self.output_scale = cfg.multiplier("ssm_out")
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-sequence (conv state, SSM state) shapes on this rank."""
@@ -95,15 +103,14 @@ class Mamba2Mixer(Mixer):
         model/context_parallel.py); the states then hold the context before the whole range."""
         cfg = self.cfg
         b, L, _ = hidden.shape
-        if self.input_scale != 1.0:
-            hidden = hidden * self.input_scale
-        zxbcdt = self.in_proj(hidden)
-        if self.in_proj_scale is not None:
-            zxbcdt = zxbcdt * self.in_proj_scale
+        if self.hidden_scale != 1.0:
+            hidden = hidden * self.hidden_scale
+        zxbcdt = self.in_proj(hidden, scale=self.in_proj_scale)
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
         if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
                 and fused_decode("mamba2")):
-            return self.out_proj.start(self._decode_step(xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state).unsqueeze(1))
+            return self.out_proj.start(self._decode_step(xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state).unsqueeze(1),
+                                       self.output_scale)
         xbc = self.conv1d(xbc, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, xbc, conv_state)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
         x = x.reshape(b, L, self.heads, cfg.head_dim)
@@ -128,7 +135,7 @@ class Mamba2Mixer(Mixer):
         else:
             y = gated_rms_norm(y, z, self.norm.weight, cfg.norm_eps, group_size=cfg.intermediate_size // cfg.n_groups,
                                reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
-        return self.out_proj.start(y)
+        return self.out_proj.start(y, self.output_scale)
 
     def _decode_step(self, xbc, z, dt, conv_state, ssm_state):
         """One token from in_proj's output to out_proj's input in one op (conv, state update and,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import GEGLU, RELU2, SWIGLU, ConfigError, SSMConfig
+from ..ops.linear import scale_output
 from ..parallel import TPContext
 from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
 
@@ -30,18 +31,22 @@ class MLP(Mixer):
             self.up_proj = ColumnParallelLinear(cfg.hidden_size, I, config=mp_config, bias=cfg.mlp_bias)
         self.down_proj = RowParallelLinear(I, cfg.hidden_size, config=mp_config, bias=cfg.mlp_bias, tp=tp,
                                            allreduce=allreduce)
-        self.gate_scale = cfg.multiplier("mlp_gate")
+        # Falcon-H1's multiplier on the gate goes into gate_up_proj as a factor per output row (its
+        # kernel's epilogue at decode); the one on the output into down_proj.
+        gate_scale = cfg.multiplier("mlp_gate")
+        factors = None
+        if gate_scale != 1.0 and self.kind in (SWIGLU, GEGLU):
+            factors = torch.cat([torch.full((self.width,), gate_scale), torch.ones(self.width)]).to(device)
+        self.register_buffer("gate_up_scale", factors, persistent=False)
         self.down_scale = cfg.multiplier("mlp_down")
 
     def start(self, hidden: torch.Tensor, gate_up_delta: torch.Tensor | None = None) -> PendingOutput:
         """gate_up_delta: a per-use adapter's addition to this rank's [gate_r | up_r] rows (Zamba2)."""
         if self.kind in (SWIGLU, GEGLU):
-            gate_up = self.gate_up_proj(hidden)
+            gate_up = self.gate_up_proj(hidden, scale=self.gate_up_scale)
             if gate_up_delta is not None:
-                gate_up = gate_up + gate_up_delta
+                gate_up = gate_up + scale_output(gate_up_delta, self.gate_up_scale)
             gate, up = gate_up.split(self.width, dim=-1)
-            if self.gate_scale != 1.0:
-                gate = gate * self.gate_scale
             y = up * (F.silu(gate) if self.kind == SWIGLU else F.gelu(gate))
         else:
             y = torch.square(F.relu(self.up_proj(hidden)))

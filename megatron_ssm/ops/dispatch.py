@@ -202,8 +202,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     return implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, silu)
 
 
-def linear(x, weight, bias=None):
-    return implementation("linear", x)(x, weight, bias)
+def linear(x, weight, bias=None, scale=None):
+    return implementation("linear", x)(x, weight, bias, scale)
 
 
 def rms_norm(x, weight, eps):

@@ -1,4 +1,4 @@
-"""Skinny GEMMs for decode: y = x @ W^T (+ bias) for a few rows of x, at the weights' read bandwidth.
+"""Skinny GEMMs for decode: y = (x @ W^T + bias) * scale for a few rows of x, at the weights' read bandwidth.
 
 A decode step's projections have M = batch x tokens rows (1..16) against weights of megabytes: the
 time is the weight read. cuBLAS reaches ~80% of an H200's copy bandwidth on wide outputs and ~60% on
@@ -29,10 +29,10 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..linear import linear as ref_linear
 from . import pdl as _pdl
 from .pdl import enter as _pdl_enter
 
@@ -47,10 +47,10 @@ _LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any w
 # k_per_split stays specialised: its divisibility is what lets the weight loads be 16-byte vectors.
 @triton.jit(do_not_specialize=["M", "splits"])
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, lock_ptr,
-    M, N, K, k_per_split, splits,
+    x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, part_ptr, lock_ptr,
+    M, N, K, k_per_split, splits, alpha,
     sxm, swn, sym,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -108,14 +108,25 @@ def _gemv_kernel(
             total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for s in range(0, splits):
                 total += tl.load(part_ptr + s * M * N + p_offs, mask=y_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            total = _epilogue(total, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS, SCALE)
             tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
             tl.atomic_xchg(lock, 0)  # ready for the next launch (or graph replay)
     else:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        out = _epilogue(out, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS, SCALE)
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _epilogue(v, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):
+    """(v + bias) * scale in fp32 for a [BLOCK_N, BLOCK_M] tile; SCALE 1: the float alpha, 2: one
+    factor per output feature."""
+    if HAS_BIAS:
+        v += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if SCALE == 1:
+        v = v * alpha
+    if SCALE == 2:
+        v = v * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    return v
 
 
 @dataclass(frozen=True)
@@ -206,9 +217,9 @@ def _locks(device: torch.device) -> torch.Tensor:
 
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
-            pdl: bool = False) -> torch.Tensor:
+            pdl: bool = False, scale: float | torch.Tensor | None = None) -> torch.Tensor:
     if cfg.block_n == 0:
-        return F.linear(x2, weight, bias)
+        return ref_linear(x2, weight, bias, scale)
     m, k = x2.shape
     n = weight.shape[0]
     y2 = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
@@ -221,11 +232,12 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     part = torch.empty(splits, m, n, device=x2.device, dtype=torch.float32) if split else y2
     locks = _locks(x2.device) if split else y2
     assert not split or grid_n * m_blocks <= _LOCK_SLOTS, "more column tiles than arrival counters"
+    vector = isinstance(scale, torch.Tensor)
     _gemv_kernel[(grid_n, splits, m_blocks)](
-        x2, weight, bias if bias is not None else weight, y2, part, locks,
-        m, n, k, per, splits,
+        x2, weight, bias if bias is not None else weight, scale if vector else weight, y2, part, locks,
+        m, n, k, per, splits, 1.0 if scale is None or vector else float(scale),
         x2.stride(0), weight.stride(0), y2.stride(0),
-        HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
+        HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None), SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
         UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.stages, **_pdl.kwargs(pdl),
@@ -278,18 +290,22 @@ def _config(x2, weight, bias) -> Config:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           config: Config | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for few rows of x: weight [N, K] with unit stride along K."""
+           scale: float | torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """ops.linear's (x @ weight^T + bias) * scale for few rows of x: weight [N, K] with unit stride
+    along K; scale a float or [N]."""
     k = x.shape[-1]
     n = weight.shape[0]
     if (x.dtype != weight.dtype or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)
-            or x.numel() == 0 or n == 0 or weight.dim() != 2):
-        return F.linear(x, weight, bias)
+            or x.numel() == 0 or n == 0 or weight.dim() != 2
+            or (isinstance(scale, torch.Tensor) and tuple(scale.shape) != (n,))):
+        return ref_linear(x, weight, bias, scale)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
+    if isinstance(scale, torch.Tensor) and scale.stride(0) != 1:
+        scale = scale.contiguous()
     cfg = config or _config(x2, weight, bias)
-    y2 = _launch(x2, weight, bias, cfg, _pdl.use(x2.device))
+    y2 = _launch(x2, weight, bias, cfg, _pdl.use(x2.device), scale)
     return y2.view(*x.shape[:-1], n)
