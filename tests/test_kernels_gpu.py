@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_ops import (  # noqa: E402
     TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs,
     packed, packed_attention_inputs, rel_err,
-    rms_norm_inputs,
+    rms_norm_inputs, rope_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
@@ -312,6 +312,13 @@ def test_mamba2_decode_step_replayed_from_a_graph(seed):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     from fuse_check import check_graph_replay
     check_graph_replay()
+
+
+@DTYPES
+@pytest.mark.parametrize("b,L,heads,d,rotary_dim", [(1, 1, 32, 128, 128), (16, 1, 8, 64, 32), (1, 512, 4, 128, 128)],
+                         ids=["decode-b1", "decode-b16-partial", "prefill"])
+def test_rotary_embedding(seed, dtype, b, L, heads, d, rotary_dim):
+    check_op(kernels().rotary_embedding, *rope_inputs(b, L, heads, d, rotary_dim, dtype, DEV, start=4000), TOL[dtype], seed)
 
 
 # ---- dispatch -------------------------------------------------------------------------------------

@@ -131,6 +131,17 @@ def linear_inputs(lead, n, k, dtype, device, bias=True, scale=None):
     return "linear", kw
 
 
+def rope_inputs(b, L, heads, d, rotary_dim, dtype, device, theta=10000.0, start=0):
+    """x [b, L, heads, d] as a view of a wider projection (as the model's q and k are), positions
+    from `start` on per row (rows at different lengths), HF's frequencies."""
+    from megatron_ssm.ops.rope import rope_frequencies
+
+    wide = _act(b, L, heads * d + 8, dtype=dtype, device=device)
+    x = wide[..., 4:4 + heads * d].view(b, L, heads, d)
+    positions = start + torch.arange(L, device=device)[None, :] + 3 * torch.arange(b, device=device)[:, None]
+    return "rotary_embedding", dict(x=x, positions=positions, inv_freq=rope_frequencies(theta, rotary_dim, device))
+
+
 def packed(case, lengths):
     """An op's inputs (built at batch 1, total length sum(lengths), no initial state) as sequences of
     `lengths` packed in one row: cu_seqlens added (ops/varlen.py)."""
@@ -539,6 +550,7 @@ def test_dispatch_forwards_every_argument_in_order(seed):
                    ssd_update_inputs(2, 2, 3, 1, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
                    rms_norm_inputs((2,), 8, torch.float32, "cpu"), gated_norm_inputs((2,), 8, 4, torch.float32, "cpu"),
                    add_norm_inputs((2,), 8, torch.float32, "cpu"), linear_inputs((2, 3), 5, 7, torch.float32, "cpu"),
+                   rope_inputs(2, 3, 2, 8, 4, torch.float32, "cpu"),
                    # every trailing argument away from its default: silu off, packed rows, both dt bounds
                    # biting, a bf16 stream, a sum-of-squares callback
                    conv_inputs(2, 5, 6, 4, torch.float32, "cpu", silu=False),
@@ -632,7 +644,7 @@ def test_layers_project_through_dispatch_only_without_a_backward(monkeypatch, se
     from megatron_ssm.model import layers
 
     calls = []
-    monkeypatch.setattr(layers, "linear", lambda x, w, b=None: calls.append(x.shape) or F.linear(x, w, b))
+    monkeypatch.setattr(layers, "linear", lambda x, w, b=None, s=None: calls.append(x.shape) or ref_ops.linear(x, w, b, s))
     x, w, b = torch.randn(2, 5), torch.randn(3, 5), torch.randn(3)
     ref = F.linear(x, w, b)
     assert torch.equal(layers.project(x, w, b), ref) and calls == [(2, 5)], seed
@@ -640,6 +652,11 @@ def test_layers_project_through_dispatch_only_without_a_backward(monkeypatch, se
         assert torch.equal(layers.project(x, w.requires_grad_(), b), ref) and len(calls) == 2, seed
     assert layers.project(x, w, b).grad_fn is not None and len(calls) == 2
     assert layers.project(x.requires_grad_(), w.detach(), b).grad_fn is not None and len(calls) == 2
+    # an output scale goes through both paths, after the bias
+    s = torch.rand(3) + 0.5
+    with torch.no_grad():
+        assert torch.equal(layers.project(x, w, b, s), ref * s) and len(calls) == 3, seed
+    assert torch.equal(layers.project(x, w, b, 2.0), ref * 2.0) and len(calls) == 3, seed
 
 
 def test_linear_switched_to_triton_without_triton_stays_torch(monkeypatch):
@@ -1018,3 +1035,25 @@ def test_gemv_scale_epilogue_interpreted(seed):
         _, kw = linear_inputs((m,), 45, 200, torch.float32, "cpu", bias=bias, scale=scale)
         err = rel_err(kernels.linear(**kw, config=cfg), ref_ops.linear(**kw))
         assert err < TOL[torch.float32], f"m {m} bias {bias} {scale} scale, {cfg}: relative error {err:.2e} (seed {seed})"
+
+
+def test_rotary_embedding_rotates_pairs_by_position(seed):
+    """The reference: channel j < half and j + half turn by position * inv_freq[j] (a rotation:
+    norms kept, position 0 the identity), channels past rotary_dim pass through."""
+    _, kw = rope_inputs(2, 5, 3, 12, 8, torch.float64, "cpu")
+    kw["positions"][0, 0] = 0
+    out = ref_ops.rotary_embedding(**kw)
+    x, pos, f = kw["x"], kw["positions"], kw["inv_freq"].double()
+    angle = pos[..., None, None].double() * f  # [b, L, 1, half]
+    x1, x2 = x[..., :4], x[..., 4:8]
+    torch.testing.assert_close(out[..., :4], x1 * angle.cos() - x2 * angle.sin())
+    torch.testing.assert_close(out[..., 4:8], x2 * angle.cos() + x1 * angle.sin())
+    assert torch.equal(out[..., 8:], x[..., 8:]) and torch.allclose(out[0, 0], x[0, 0])
+
+
+@pytest.mark.parametrize("d,rotary_dim", [(8, 8), (12, 8), (64, 32)], ids=["full", "partial", "partial-wide"])
+def test_rotary_embedding_kernel_interpreted(seed, d, rotary_dim):
+    """The kernel against the reference: strided views, rows at different positions, partial rotary."""
+    kernels = _interpreted_kernels()
+    for dtype in (torch.float32, torch.bfloat16):
+        check_op(kernels.rotary_embedding, *rope_inputs(2, 3, 3, d, rotary_dim, dtype, "cpu", start=1000), TOL[dtype], seed)

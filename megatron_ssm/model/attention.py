@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from ..config import SSMConfig
-from ..ops.dispatch import packed_causal_attention
+from ..ops.dispatch import packed_causal_attention, rotary_embedding
 from ..ops.linear import scale_output
+from ..ops.rope import rope_frequencies
 from ..ops.varlen import seq_index
 from ..parallel import TPContext
 from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
@@ -44,20 +45,6 @@ def kv_head_owner(cfg: SSMConfig, tp_size: int, rank: int) -> tuple[int, int]:
     return rank // (tp_size // cfg.num_kv_heads), 1
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, rotary_dim: int) -> torch.Tensor:
-    """HF's rotate-half rotary embedding of x [b, L, heads, d] at positions [b, L] over its first
-    `rotary_dim` channels (the rest pass through)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=x.device, dtype=torch.float32) / rotary_dim))
-    freqs = positions.to(torch.float32)[..., None] * inv_freq  # [b, L, rotary_dim / 2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated * sin
-    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
-
-
 class Attention(Mixer):
     def __init__(self, cfg: SSMConfig, tp: TPContext, mp_config, *, dtype: torch.dtype, device: torch.device,
                  allreduce: AllReduceFn | None = None):
@@ -67,7 +54,8 @@ class Attention(Mixer):
         self.heads = cfg.num_attention_heads // tp.size
         self.kv_heads = local_kv_heads(cfg, tp.size)
         self.head_dim = d = cfg.attention_head_dim
-        self.rotary_dim = cfg.rotary_dim or d
+        inv_freq = rope_frequencies(cfg.rope_theta, cfg.rotary_dim or d, device) if cfg.rope_theta is not None else None
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         local_rows = (self.heads + 2 * self.kv_heads) * d
         self.softmax_scale = cfg.attention_softmax_scale
         self.qkv_proj = ColumnParallelLinear(cfg.attention_input_size or cfg.hidden_size, tp.size * local_rows,
@@ -120,9 +108,9 @@ class Attention(Mixer):
             positions = (steps - cu_seqlens.long()[seq])[None]
         else:
             positions = steps.expand(b, L) if state is None else state.length[:, None] + steps
-        if self.cfg.rope_theta is not None:
-            q = rotate(q, positions, self.cfg.rope_theta, self.rotary_dim)
-            k = rotate(k, positions, self.cfg.rope_theta, self.rotary_dim)
+        if self.inv_freq is not None:
+            q = rotary_embedding(q, positions, self.inv_freq)
+            k = rotary_embedding(k, positions, self.inv_freq)
         if cp is not None:
             return self.o_proj.start(self._context_parallel(q, k, v, positions, state, cp), out_scale)
         if cu_seqlens is not None:

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 # From the submodules, not the package, so that the package may itself export this module's ops.
-from . import attention as _attention, conv1d as _conv, decode as _decode, norm as _norm, ssd as _ssd
+from . import attention as _attention, conv1d as _conv, decode as _decode, norm as _norm, rope as _rope, ssd as _ssd
 from .linear import linear as _ref_linear
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
@@ -57,6 +57,7 @@ _REFERENCE: dict[str, Callable] = {
     "mamba1_decode_step": _decode.mamba1_decode_step,
     "mamba2_decode_step": _decode.mamba2_decode_step,
     "packed_causal_attention": _attention.packed_causal_attention,
+    "rotary_embedding": _rope.rotary_embedding,
 }
 
 # Which mixers call their *_decode_step op at decode instead of the unfused chain of ops, read at
@@ -244,6 +245,10 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
 
 def packed_causal_attention(q, k, v, cu_seqlens, scale=None):
     return implementation("packed_causal_attention", q)(q, k, v, cu_seqlens, scale)
+
+
+def rotary_embedding(x, positions, inv_freq):
+    return implementation("rotary_embedding", x)(x, positions, inv_freq)
 
 
 def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
