@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_ops import (  # noqa: E402
     TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs,
     packed, packed_attention_inputs, rel_err,
-    rms_norm_inputs, rope_inputs,
+    rms_norm_inputs, rope_inputs, decode_attention_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
 )
 
@@ -319,6 +319,16 @@ def test_mamba2_decode_step_replayed_from_a_graph(seed):
                          ids=["decode-b1", "decode-b16-partial", "prefill"])
 def test_rotary_embedding(seed, dtype, b, L, heads, d, rotary_dim):
     check_op(kernels().rotary_embedding, *rope_inputs(b, L, heads, d, rotary_dim, dtype, DEV, start=4000), TOL[dtype], seed)
+
+
+@DTYPES
+@pytest.mark.parametrize("b,S,heads,kv_heads,d", [(1, 576, 32, 8, 128), (16, 8192, 12, 2, 64), (3, 100, 4, 4, 128)],
+                         ids=["nemotron-b1", "long-b16-gqa6", "mha"])
+def test_decode_attention(seed, dtype, b, S, heads, kv_heads, d):
+    positions = torch.randint(0, S, (b,)).tolist()
+    positions[0] = S + 3  # a graph's free row, past the cache
+    check_op(kernels().decode_attention,
+             *decode_attention_inputs(b, S, heads, kv_heads, d, dtype, DEV, positions), TOL[dtype], seed)
 
 
 # ---- dispatch -------------------------------------------------------------------------------------

@@ -551,6 +551,7 @@ def test_dispatch_forwards_every_argument_in_order(seed):
                    rms_norm_inputs((2,), 8, torch.float32, "cpu"), gated_norm_inputs((2,), 8, 4, torch.float32, "cpu"),
                    add_norm_inputs((2,), 8, torch.float32, "cpu"), linear_inputs((2, 3), 5, 7, torch.float32, "cpu"),
                    rope_inputs(2, 3, 2, 8, 4, torch.float32, "cpu"),
+                   decode_attention_inputs(3, 6, 4, 2, 8, torch.float32, "cpu", [0, 2, 9], scale=0.4),
                    # every trailing argument away from its default: silu off, packed rows, both dt bounds
                    # biting, a bf16 stream, a sum-of-squares callback
                    conv_inputs(2, 5, 6, 4, torch.float32, "cpu", silu=False),
@@ -1057,3 +1058,34 @@ def test_rotary_embedding_kernel_interpreted(seed, d, rotary_dim):
     kernels = _interpreted_kernels()
     for dtype in (torch.float32, torch.bfloat16):
         check_op(kernels.rotary_embedding, *rope_inputs(2, 3, 3, d, rotary_dim, dtype, "cpu", start=1000), TOL[dtype], seed)
+
+
+def decode_attention_inputs(b, S, heads, kv_heads, d, dtype, device, positions, scale=None):
+    return "decode_attention", dict(q=_act(b, heads, d, dtype=dtype, device=device),
+                                    k_cache=_act(b, S, kv_heads, d, dtype=dtype, device=device),
+                                    v_cache=_act(b, S, kv_heads, d, dtype=dtype, device=device),
+                                    positions=torch.tensor(positions, device=device), scale=scale)
+
+
+def test_decode_attention_is_each_row_over_its_keys(seed):
+    """The reference: row i's query over keys 0..positions[i] alone (all of them past the cache),
+    keys and values repeated per query head."""
+    _, kw = decode_attention_inputs(4, 9, 4, 2, 8, torch.float64, "cpu", [0, 3, 8, 20], scale=0.3)
+    out = ref_ops.decode_attention(**kw)
+    for i, p in enumerate([0, 3, 8, 20]):
+        k = kw["k_cache"][i, :p + 1].repeat_interleave(2, dim=1)  # [n, heads, d]
+        v = kw["v_cache"][i, :p + 1].repeat_interleave(2, dim=1)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", kw["q"][i], k) * 0.3, dim=-1)
+        torch.testing.assert_close(out[i], torch.einsum("hn,nhd->hd", w, v))
+
+
+@pytest.mark.parametrize("S,heads,kv_heads,d", [(9, 4, 2, 8), (700, 6, 1, 16), (40, 3, 3, 12)],
+                         ids=["gqa", "mqa-splits", "mha-odd"])
+def test_decode_attention_kernel_interpreted(seed, S, heads, kv_heads, d):
+    """The kernel against the reference: positions at 0, mid-cache, the last and past the cache, a
+    cache long enough for several splits, head dims off the tiles."""
+    kernels = _interpreted_kernels()
+    positions = [0, S // 2, S - 1, S + 5]
+    for dtype in (torch.float32, torch.bfloat16):
+        check_op(kernels.decode_attention, *decode_attention_inputs(4, S, heads, kv_heads, d, dtype, "cpu", positions),
+                 TOL[dtype], seed)

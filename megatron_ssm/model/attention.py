@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from ..config import SSMConfig
-from ..ops.dispatch import packed_causal_attention, rotary_embedding
+from ..ops.dispatch import decode_attention, packed_causal_attention, rotary_embedding
 from ..ops.linear import scale_output
 from ..ops.rope import rope_frequencies
 from ..ops.varlen import seq_index
@@ -141,9 +141,12 @@ class Attention(Mixer):
             state.v.scatter_(1, where, v.to(state.v.dtype))
             state.length += L
             # query at position p sees keys 0..p; positions past a sequence's length are stale
-            visible = torch.arange(state.k.shape[1], device=hidden.device) <= positions[:, :, None]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
-                                                 attn_mask=visible[:, None], enable_gqa=gqa, scale=self.softmax_scale)
+            if L == 1:  # a decode step: each row reads its keys up to its position only
+                out = decode_attention(q[:, 0], state.k, state.v, positions[:, 0], self.softmax_scale)[:, :, None]
+            else:
+                visible = torch.arange(state.k.shape[1], device=hidden.device) <= positions[:, :, None]
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), state.k.transpose(1, 2), state.v.transpose(1, 2),
+                                                     attn_mask=visible[:, None], enable_gqa=gqa, scale=self.softmax_scale)
         return self.o_proj.start(out.transpose(1, 2).reshape(b, L, self.heads * d), out_scale)
 
     def _packed(self, q, k, v, seq, positions, cu_seqlens, state) -> torch.Tensor:

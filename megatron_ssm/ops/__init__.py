@@ -4,7 +4,7 @@ These define the numbers: they run anywhere (CPU included) and every GPU kernel 
 signature is tested against them. All take sequence-major activations ([batch, seqlen, channels])
 and carry state in float32.
 """
-from .attention import packed_causal_attention
+from .attention import decode_attention, packed_causal_attention
 from .conv1d import causal_conv1d, causal_conv1d_update
 from .decode import mamba1_decode_step, mamba2_decode_step
 from .linear import linear
@@ -17,4 +17,5 @@ __all__ = [
     "add_rms_norm", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "linear", "rms_norm",
     "selective_scan", "selective_state_update", "ssd_chunk_scan", "ssd_state_update",
     "mamba1_decode_step", "mamba2_decode_step", "packed_causal_attention", "rotary_embedding",
+    "decode_attention",
 ]

@@ -1,5 +1,6 @@
 """Causal attention over packed sequences (ops/varlen.py: several sequences end to end in one row),
-each sequence attending within itself from its own start.
+each sequence attending within itself from its own start; and decode attention, one query per row
+against that row's cached keys.
 
 The reference is SDPA with a block-diagonal causal mask over the pack: it runs anywhere, but costs
 T^2 for a pack of T tokens. On a GPU, torch's flash varlen attention (`torch.nn.attention.varlen`,
@@ -41,6 +42,20 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                          attn_mask=visible[None, None], scale=scale)
     return out[0].transpose(0, 1)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """q [b, heads, d], k_cache and v_cache [b, S, kv_heads, d] (heads a multiple of kv_heads),
+    positions [b] -> [b, heads, d]: row i's query attends to its keys 0..positions[i] (all S when
+    that is past the cache: a CUDA graph's free rows). The reference masks the whole cache; the
+    kernel behind it reads each row's keys up to its position only."""
+    S = k_cache.shape[1]
+    visible = torch.arange(S, device=q.device)[None, :] <= positions[:, None]  # [b, S]
+    out = F.scaled_dot_product_attention(q[:, :, None], k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                         attn_mask=visible[:, None, None], enable_gqa=q.shape[1] != k_cache.shape[2],
+                                         scale=scale)
+    return out[:, :, 0]
 
 
 @functools.lru_cache(maxsize=None)

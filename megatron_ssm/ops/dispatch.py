@@ -58,6 +58,7 @@ _REFERENCE: dict[str, Callable] = {
     "mamba2_decode_step": _decode.mamba2_decode_step,
     "packed_causal_attention": _attention.packed_causal_attention,
     "rotary_embedding": _rope.rotary_embedding,
+    "decode_attention": _attention.decode_attention,
 }
 
 # Which mixers call their *_decode_step op at decode instead of the unfused chain of ops, read at
@@ -245,6 +246,10 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
 
 def packed_causal_attention(q, k, v, cu_seqlens, scale=None):
     return implementation("packed_causal_attention", q)(q, k, v, cu_seqlens, scale)
+
+
+def decode_attention(q, k_cache, v_cache, positions, scale=None):
+    return implementation("decode_attention", q)(q, k_cache, v_cache, positions, scale)
 
 
 def rotary_embedding(x, positions, inv_freq):

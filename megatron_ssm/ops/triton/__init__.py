@@ -4,6 +4,7 @@ Importing this package imports triton; `megatron_ssm.ops.dispatch` imports it la
 the project runs where triton is absent. The kernels accept any strides the model produces (views
 from splitting packed projections) and keep states in fp32 as the references do.
 """
+from .attention import decode_attention
 from .conv1d import causal_conv1d, causal_conv1d_update
 from .decode import mamba2_decode_step
 from .gemv import linear
@@ -14,5 +15,5 @@ from .scan import mamba1_decode_step, selective_scan, selective_state_update, ss
 __all__ = [
     "add_rms_norm", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "linear", "rms_norm",
     "selective_scan", "selective_state_update", "ssd_chunk_scan", "ssd_state_update",
-    "mamba1_decode_step", "mamba2_decode_step", "rotary_embedding",
+    "mamba1_decode_step", "mamba2_decode_step", "rotary_embedding", "decode_attention",
 ]
