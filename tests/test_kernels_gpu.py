@@ -318,7 +318,17 @@ def test_mamba2_decode_step_replayed_from_a_graph(seed):
 @pytest.mark.parametrize("b,L,heads,d,rotary_dim", [(1, 1, 32, 128, 128), (16, 1, 8, 64, 32), (1, 512, 4, 128, 128)],
                          ids=["decode-b1", "decode-b16-partial", "prefill"])
 def test_rotary_embedding(seed, dtype, b, L, heads, d, rotary_dim):
-    check_op(kernels().rotary_embedding, *rope_inputs(b, L, heads, d, rotary_dim, dtype, DEV, start=4000), TOL[dtype], seed)
+    op, kw = rope_inputs(b, L, heads, d, rotary_dim, dtype, DEV, start=4000)
+    check_op(kernels().rotary_embedding, op, kw, TOL[dtype], seed)
+    _check_verified(op, kw)
+
+
+def _check_verified(op, kw):
+    """Through dispatch, the kernel passes its first-call check against the reference (VERIFY_FIRST)."""
+    dispatch._VERIFIED.clear()
+    getattr(dispatch, op)(**kw)
+    decisions = [ok for key, ok in dispatch._VERIFIED.items() if key[0] == op]
+    assert decisions == [True], f"{op}: the dispatch check refused the kernel ({decisions})"
 
 
 @DTYPES
@@ -327,8 +337,9 @@ def test_rotary_embedding(seed, dtype, b, L, heads, d, rotary_dim):
 def test_decode_attention(seed, dtype, b, S, heads, kv_heads, d):
     positions = torch.randint(0, S, (b,)).tolist()
     positions[0] = S + 3  # a graph's free row, past the cache
-    check_op(kernels().decode_attention,
-             *decode_attention_inputs(b, S, heads, kv_heads, d, dtype, DEV, positions), TOL[dtype], seed)
+    op, kw = decode_attention_inputs(b, S, heads, kv_heads, d, dtype, DEV, positions)
+    check_op(kernels().decode_attention, op, kw, TOL[dtype], seed)
+    _check_verified(op, kw)
 
 
 # ---- dispatch -------------------------------------------------------------------------------------

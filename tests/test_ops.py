@@ -1089,3 +1089,41 @@ def test_decode_attention_kernel_interpreted(seed, S, heads, kv_heads, d):
     for dtype in (torch.float32, torch.bfloat16):
         check_op(kernels.decode_attention, *decode_attention_inputs(4, S, heads, kv_heads, d, dtype, "cpu", positions),
                  TOL[dtype], seed)
+
+
+def test_unvalidated_kernels_are_checked_against_the_reference_first(seed, caplog):
+    """A kernel in VERIFY_FIRST runs beside the reference on its first call per input signature:
+    kept when it agrees, replaced by the reference (one warning) when it disagrees or raises; the
+    decision is kept, so later calls run one implementation only."""
+    _, kw = rope_inputs(2, 3, 2, 8, 8, torch.float32, "cpu")
+    args = (kw["x"], kw["positions"], kw["inv_freq"])
+    want = ref_ops.rotary_embedding(*args)
+    calls = []
+
+    def agreeing(*a):
+        calls.append("agreeing")
+        return ref_ops.rotary_embedding(*a) * (1 + 1e-4)
+
+    def wrong(*a):
+        calls.append("wrong")
+        return ref_ops.rotary_embedding(*a).flip(-1)
+
+    def raising(*a):
+        calls.append("raising")
+        raise RuntimeError("no kernel here")
+
+    assert "rotary_embedding" in dispatch.VERIFY_FIRST and "decode_attention" in dispatch.VERIFY_FIRST
+    for kernel, kept in ((agreeing, True), (wrong, False), (raising, False)):
+        dispatch._VERIFIED.clear()
+        calls.clear()
+        with caplog.at_level("WARNING", logger="megatron_ssm.ops.dispatch"):
+            caplog.clear()
+            first = dispatch._verified("rotary_embedding", kernel, *args)
+            second = dispatch._verified("rotary_embedding", kernel, *args)
+        for out in (first, second):
+            torch.testing.assert_close(out, want * (1 + 1e-4) if kept else want)
+        assert calls == [kernel.__name__] * (2 if kept else 1), calls  # a refused kernel is not called again
+        assert (len(caplog.records) == 0) == kept
+        if not kept:
+            assert "the reference runs there instead" in caplog.records[0].getMessage()
+    dispatch._VERIFIED.clear()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from typing import Callable
@@ -38,6 +39,8 @@ from .linear import linear as _ref_linear
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
 from .varlen import check_packed, seq_index
+
+log = logging.getLogger(__name__)
 
 ENV = "MEGATRON_SSM_KERNELS"
 LINEAR_ENV = "MEGATRON_SSM_LINEAR"
@@ -190,8 +193,44 @@ def implementation(op: str, like: torch.Tensor) -> Callable:
     if which == "flash":
         return _attention.packed_causal_attention_flash
     if which == "triton":
-        return getattr(_triton_ops(), op)
+        kernel = getattr(_triton_ops(), op)
+        return functools.partial(_verified, op, kernel) if op in VERIFY_FIRST else kernel
     return _REFERENCE[op]
+
+
+# Kernels not yet run on a GPU: each one's first call per (device, input shapes and dtypes) runs
+# eagerly beside the reference, and a kernel that raises or disagrees is replaced by the reference
+# there, with one warning, so that an unvalidated kernel cannot break a model that worked without it.
+# An op leaves this set once the GPU suite has passed it (tests/test_kernels_gpu.py).
+VERIFY_FIRST = {"rotary_embedding", "decode_attention"}
+VERIFY_RTOL = 2e-2  # of the reference's largest magnitude: bf16's rounding, not a wrong result
+_VERIFIED: dict[tuple, bool] = {}
+
+
+def _signature(args) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a) for a in args)
+
+
+def _verified(op: str, kernel: Callable, *args):
+    key = (op, _signature(args))
+    ok = _VERIFIED.get(key)
+    if ok is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return _REFERENCE[op](*args)  # never checked inside a capture (the engine's warm-up comes first)
+        want = _REFERENCE[op](*args)
+        try:
+            got = kernel(*args)
+            err = (got.float() - want.float()).abs().max().item()
+            ok = bool(err <= VERIFY_RTOL * max(want.float().abs().max().item(), 1e-6))
+            why = f"differs from the reference by {err:.3g}"
+        except Exception as e:  # noqa: BLE001 - any failure: the reference keeps the model running
+            ok, why = False, f"raised {type(e).__name__}: {e}"
+        _VERIFIED[key] = ok
+        if not ok:
+            log.warning("the %s kernel %s for inputs %s: the reference runs there instead", op, why, key[1])
+            return want
+        return got
+    return kernel(*args) if ok else _REFERENCE[op](*args)
 
 
 # ---- the ops, with the references' signatures and docs ----------------------------------------
