@@ -19,6 +19,9 @@ mamba-ssm's scan is called below its autograd wrapper (`_mamba_chunk_scan_combin
 needs no saved tensors, and the wrapper's Python cost (~0.6 ms a layer on an H200's host) was most
 of a short prompt's prefill time.
 
+A kernel not yet run on a GPU (`VERIFY_FIRST`) is checked against the reference on its first call
+per input signature and replaced by it where it fails.
+
 Nothing here imports triton or mamba-ssm until a CUDA tensor arrives.
 """
 from __future__ import annotations
