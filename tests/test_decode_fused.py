@@ -153,7 +153,11 @@ def test_mamba2_kernel_interpreted(seed, monkeypatch, dtype, b, h, p, g, n, K, g
 
     monkeypatch.setattr(decode, "UPDATE_BLOCK", 64)  # several programs per group, as at model sizes
     op, kw = mamba2_decode_inputs(b, h, p, g, n, K, dtype, "cpu", gate=gate, conv_bias=conv_bias, dt_limit=dt_limit)
-    check_op(kernels.mamba2_decode_step, op, kw, INTERPRETED_TOL[dtype], seed)
+    # bf16 against the float64 answer for the same inputs: the bf16 reference rounds at every op, and
+    # its gated norm over groups of 4 channels once erred by 4.4% where the kernel erred by 0.8%
+    # (seed 2825863907)
+    check_op(kernels.mamba2_decode_step, op, kw, INTERPRETED_TOL[dtype], seed,
+             reference_dtype=torch.float64 if dtype == torch.bfloat16 else None)
 
 
 def test_mamba2_kernel_steps_repeat(seed, monkeypatch):

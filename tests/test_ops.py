@@ -179,17 +179,23 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def check_op(impl, op, kwargs, tol, seed=None):
+def check_op(impl, op, kwargs, tol, seed=None, reference_dtype=None):
     """Run `impl` and the reference on copies of the same inputs; every output (and in-place state)
-    must be finite where the reference is, of the same shape and dtype, and within `tol`."""
+    must be finite where the reference is, of the same shape and dtype, and within `tol`.
+    reference_dtype: the reference runs on the inputs' values cast to it (float64: the exact answer
+    for those inputs, where a 16-bit reference's own rounding would be compared instead)."""
     ref_kwargs, impl_kwargs = _clone(kwargs), _clone(kwargs)
+    if reference_dtype is not None:
+        ref_kwargs = {k: v.to(reference_dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                      for k, v in ref_kwargs.items()}
     ref = _outputs(op, getattr(ref_ops, op)(**ref_kwargs), ref_kwargs)
     _poison(ref)
     out = _outputs(op, impl(**impl_kwargs), impl_kwargs)
     errs = []
     for i, (o, r) in enumerate(zip(out, ref)):
         where = f"{op} output {i} (seed {seed})"
-        assert o.shape == r.shape and o.dtype == r.dtype, f"{where}: {o.shape}/{o.dtype} vs {r.shape}/{r.dtype}"
+        same_dtype = reference_dtype is not None or o.dtype == r.dtype
+        assert o.shape == r.shape and same_dtype, f"{where}: {o.shape}/{o.dtype} vs {r.shape}/{r.dtype}"
         assert torch.isfinite(o).eq(torch.isfinite(r)).all(), f"{where}: non-finite values (unwritten?)"
         err = rel_err(o, r)
         assert err < tol, f"{where}: relative error {err:.2e} >= {tol:.0e}"
