@@ -1102,16 +1102,20 @@ def test_unvalidated_kernels_are_checked_against_the_reference_first(seed, caplo
     kept when it agrees, replaced by the reference (one warning) when it disagrees or raises; the
     decision is kept, so later calls run one implementation only."""
     _, kw = rope_inputs(2, 3, 2, 8, 8, torch.float32, "cpu")
-    args = (kw["x"], kw["positions"], kw["inv_freq"])
-    want = ref_ops.rotary_embedding(*args)
     calls = []
 
-    def agreeing(*a):
-        calls.append("agreeing")
-        return ref_ops.rotary_embedding(*a) * (1 + 1e-4)
+    def off_by(factor):  # a kernel whose every value is the reference's times factor
+        def kernel(*a):
+            calls.append(factor)
+            return ref_ops.rotary_embedding(*a) * factor
+        kernel.factor = factor
+        return kernel
 
-    def wrong(*a):
-        calls.append("wrong")
+    def kernel_factor(kernel):
+        return kernel.factor
+
+    def flipped(*a):
+        calls.append("flipped")
         return ref_ops.rotary_embedding(*a).flip(-1)
 
     def raising(*a):
@@ -1119,17 +1123,36 @@ def test_unvalidated_kernels_are_checked_against_the_reference_first(seed, caplo
         raise RuntimeError("no kernel here")
 
     assert "rotary_embedding" in dispatch.VERIFY_FIRST and "decode_attention" in dispatch.VERIFY_FIRST
-    for kernel, kept in ((agreeing, True), (wrong, False), (raising, False)):
+    tiny = (kw["x"] * 1e-3, kw["positions"], kw["inv_freq"])  # outputs far below 1: the bound is relative
+    args = (kw["x"], kw["positions"], kw["inv_freq"])
+    for kernel, inputs, kept, why in ((off_by(1 + 1e-4), args, True, None), (off_by(1.01), args, True, None),
+                                      (off_by(1.03), args, False, "differs from the reference by"),
+                                      (off_by(1.5), tiny, False, "differs from the reference by"),
+                                      (flipped, args, False, "differs from the reference by"),
+                                      (raising, args, False, "raised RuntimeError: no kernel here")):
         dispatch._VERIFIED.clear()
+        want = ref_ops.rotary_embedding(*inputs)
+        expect = want * kernel_factor(kernel) if kept else want
         calls.clear()
         with caplog.at_level("WARNING", logger="megatron_ssm.ops.dispatch"):
             caplog.clear()
-            first = dispatch._verified("rotary_embedding", kernel, *args)
-            second = dispatch._verified("rotary_embedding", kernel, *args)
+            first = dispatch._verified("rotary_embedding", kernel, *inputs)
+            second = dispatch._verified("rotary_embedding", kernel, *inputs)
         for out in (first, second):
-            torch.testing.assert_close(out, want * (1 + 1e-4) if kept else want)
-        assert calls == [kernel.__name__] * (2 if kept else 1), calls  # a refused kernel is not called again
+            torch.testing.assert_close(out, expect)
+        assert len(calls) == (2 if kept else 1), calls  # a refused kernel is not called again
         assert (len(caplog.records) == 0) == kept
         if not kept:
-            assert "the reference runs there instead" in caplog.records[0].getMessage()
+            message = caplog.records[0].getMessage()
+            assert message.startswith(f"the rotary_embedding kernel {why}") and "(2, 3, 2, 8)" in message, message
+            assert message.endswith(": the reference runs there instead"), message
     dispatch._VERIFIED.clear()
+
+
+def test_rope_frequencies_are_hfs():
+    """theta^(-2j / rotary_dim): 10000 over 8 channels gives 1, 0.1, 0.01, 0.001."""
+    from megatron_ssm.ops.rope import rope_frequencies
+
+    f = rope_frequencies(10000.0, 8)
+    assert f.dtype == torch.float32
+    torch.testing.assert_close(f, torch.tensor([1.0, 0.1, 0.01, 0.001]), rtol=1e-6, atol=0)
