@@ -130,11 +130,11 @@ class _Ahead:
     logits: torch.Tensor
 
 
-def _to_host(*tensors: torch.Tensor | None):
-    """Start copying tensors to the host without waiting for the device; returns a function that
-    waits for the copies and returns them as lists (None for None). Device work queued after this
-    call does not delay the copies."""
-    if not any(t is not None and t.is_cuda for t in tensors):
+def _to_host(*tensors: torch.Tensor | None, overlap: bool = True):
+    """A function that returns the tensors as lists (None for None). overlap: device work queued
+    after this call (a step launched ahead) must not delay them, so their copies start now, to pinned
+    memory behind an event; otherwise the lists are read when asked for."""
+    if not overlap or not any(t is not None and t.is_cuda for t in tensors):
         return lambda: [None if t is None else t.tolist() for t in tensors]
     copies = []
     for t in tensors:
@@ -545,8 +545,9 @@ class Engine:
         if k:
             vals, ids = vocab_parallel_topk(logits, k, self.shard)
         # Everything read from these logits is queued before the next step may overwrite them.
-        delivered = _to_host(tokens, logprobs, ids, vals)
-        if decode and self._can_run_ahead(seqs):
+        ahead = decode and self._can_run_ahead(seqs)
+        delivered = _to_host(tokens, logprobs, ids, vals, overlap=ahead)
+        if ahead:
             self._ahead = _Ahead(list(seqs), self._decode_logits(tokens.view(-1, 1), len(seqs), ahead=1))
             self.steps_ahead += 1
         tokens, logprobs, ids, vals = delivered()

@@ -29,7 +29,8 @@ from ..ops.linear import scale_output
 from ..ops.rope import rope_frequencies
 from ..ops.varlen import seq_index
 from ..parallel import TPContext
-from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
+from .layers import (AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear, fold_input_scale,
+                     output_factors)
 
 
 def local_kv_heads(cfg: SSMConfig, tp_size: int) -> int:
@@ -66,15 +67,12 @@ class Attention(Mixer):
         # Falcon-H1's multipliers on the input (attention_in) and the keys (key) go into qkv_proj as
         # one factor per output row (its kernel's epilogue at decode); the input's only without a
         # bias, where it is the output's.
-        input_scale = cfg.multiplier("attention_in")
-        self.hidden_scale = input_scale if cfg.attention_bias else 1.0
-        folded = 1.0 if cfg.attention_bias else input_scale
-        key_scale = cfg.multiplier("key")
+        self.hidden_scale, folded = fold_input_scale(cfg.multiplier("attention_in"), cfg.attention_bias)
+        key = cfg.multiplier("key")
         widths = (self.heads * d, self.kv_heads * d, self.kv_heads * d)
-        keys = torch.cat([torch.full((w,), f) for w, f in zip(widths, (1.0, key_scale, 1.0))]).to(device)
         # (a per-use adapter's delta takes the key factors too)
-        self.register_buffer("key_factors", keys if key_scale != 1.0 else None, persistent=False)
-        self.register_buffer("qkv_scale", keys * folded if key_scale != 1.0 or folded != 1.0 else None,
+        self.register_buffer("key_factors", output_factors(widths, (1.0, key, 1.0), device), persistent=False)
+        self.register_buffer("qkv_scale", output_factors(widths, (folded, key * folded, folded), device),
                              persistent=False)
 
     def state_shapes(self, max_length: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:

@@ -196,6 +196,20 @@ class CausalConv1d(nn.Module):
         return y
 
 
+def fold_input_scale(input_scale: float, has_bias: bool) -> tuple[float, float]:
+    """A multiplier on a projection's input as (what still multiplies the input, what moves to the
+    output): all of it moves where the projection has no bias (W(sx) = s(Wx)), none where it has."""
+    return (input_scale, 1.0) if has_bias else (1.0, input_scale)
+
+
+def output_factors(widths, factors, device) -> torch.Tensor | None:
+    """One fp32 factor per output row of a projection whose output is segments of `widths`, segment
+    i times factors[i] (a family's multipliers, for the projection's `scale`); None when all are 1."""
+    if all(f == 1.0 for f in factors):
+        return None
+    return torch.cat([torch.full((w,), float(f)) for w, f in zip(widths, factors)]).to(device)
+
+
 def local_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 

@@ -24,8 +24,7 @@ from ..ops.dispatch import fused_decode, gated_rms_norm, mamba2_decode_step, ssd
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
-                     all_reduce_with_grad, differentiable,
-                     decay_rates, local_param)
+                     all_reduce_with_grad, decay_rates, differentiable, fold_input_scale, local_param, output_factors)
 
 
 def local_groups(cfg: SSMConfig, tp_size: int) -> int:
@@ -67,16 +66,10 @@ class Mamba2Mixer(Mixer):
         # Falcon-H1's multipliers: on the input (ssm_in), per segment of in_proj's output, and on the
         # output (ssm_out). Without a bias the input's is in_proj's output's, so both go into the
         # projection (its kernel's epilogue at decode) as one factor per output row.
-        input_scale = cfg.multiplier("ssm_in")
-        self.hidden_scale = input_scale if cfg.use_bias else 1.0
-        segments = None
-        if cfg.ssm_multipliers and any(m != 1.0 for m in cfg.ssm_multipliers):
-            widths = (self.channels, self.channels, self.bc_width, self.bc_width, self.heads)
-            segments = torch.cat([torch.full((w,), float(m)) for w, m in zip(widths, cfg.ssm_multipliers)])
-        folded = 1.0 if cfg.use_bias else input_scale
-        if segments is None and folded != 1.0:
-            segments = torch.ones(local_rows)
-        self.register_buffer("in_proj_scale", None if segments is None else (segments * folded).to(device),
+        self.hidden_scale, folded = fold_input_scale(cfg.multiplier("ssm_in"), cfg.use_bias)
+        widths = (self.channels, self.channels, self.bc_width, self.bc_width, self.heads)
+        segments = cfg.ssm_multipliers or (1.0,) * len(widths)
+        self.register_buffer("in_proj_scale", output_factors(widths, [m * folded for m in segments], device),
                              persistent=False)
         self.output_scale = cfg.multiplier("ssm_out")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..config import GEGLU, RELU2, SWIGLU, ConfigError, SSMConfig
 from ..ops.linear import scale_output
 from ..parallel import TPContext
-from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear
+from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear, output_factors
 
 
 class MLP(Mixer):
@@ -33,10 +33,8 @@ class MLP(Mixer):
                                            allreduce=allreduce)
         # Falcon-H1's multiplier on the gate goes into gate_up_proj as a factor per output row (its
         # kernel's epilogue at decode); the one on the output into down_proj.
-        gate_scale = cfg.multiplier("mlp_gate")
-        factors = None
-        if gate_scale != 1.0 and self.kind in (SWIGLU, GEGLU):
-            factors = torch.cat([torch.full((self.width,), gate_scale), torch.ones(self.width)]).to(device)
+        gated = self.kind in (SWIGLU, GEGLU)
+        factors = output_factors((self.width, self.width), (cfg.multiplier("mlp_gate"), 1.0), device) if gated else None
         self.register_buffer("gate_up_scale", factors, persistent=False)
         self.down_scale = cfg.multiplier("mlp_down")
 

@@ -18,8 +18,8 @@ Each (M bucket, N, K, dtype, bias) shape is timed once on its first call outside
 among a few tile shapes and splits and cuBLAS itself; the fastest is kept (`tuned()` lists them).
 Captured before any eager call, a shape takes a heuristic configuration.
 
-With `MEGATRON_SSM_PDL=1` (ops/triton/pdl.py), each launch in a captured graph (decode) is a
-programmatic dependent of the kernel before it (Hopper): its programs are scheduled while that
+In a captured graph (decode) on Hopper each launch is a programmatic dependent of the kernel before
+it (ops/triton/pdl.py; `MEGATRON_SSM_PDL=0` turns it off): its programs are scheduled while that
 kernel drains and wait for it to end.
 """
 from __future__ import annotations
