@@ -4,7 +4,8 @@
 # STAGE picks what runs: tests (the GPU tests of the packed/graphed paths), bench (mamba2-2.7b and
 # falcon-mamba-7b TTFT and decode), suite (every GPU test, pytest-xdist -n $XDIST), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
 # generate on the same workloads), serve (tools/serving_benchmark.py: ours, ours unpacked, mamba-ssm),
-# prof (where an eager prefill and a decode step spend their time); default: tests,bench. Each step
+# prof (where an eager prefill and a decode step spend their time), ahead (bench's rows
+# with --decode-ahead), hybrids (nemotron-h-8b and falcon-h1-7b, plain and ahead); default: tests,bench. Each step
 # has its own timeout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -12,10 +13,11 @@ STAGE=${STAGE:-tests,bench}
 mkdir -p "$OUT/logs"
 L=$OUT/logs
 J=$L/bench.jsonl
+FM_BATCH=${FM_BATCH-1,32}
 . "$(dirname "$0")/gpu_env.sh" "$L/env.txt"
 if has tests; then
-    timeout ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_model_gpu.py \
-        -k "${TESTS_K:-packed or model}" > "$L/pytest.txt" 2>&1
+    timeout -s INT ${T_TESTS:-90} python3 -m pytest -q -p no:cacheprovider -m gpu ${XDIST:+-n $XDIST} \
+        tests/test_kernels_gpu.py tests/test_model_gpu.py -k "${TESTS_K:-packed or model}" > "$L/pytest.txt" 2>&1
     grep -E "^(FAILED|ERROR|E  )|passed|failed" "$L/pytest.txt" | tail -20
 fi
 if has suite; then  # every GPU-marked test (make test-gpu), spread over processes: most of its time is compiling
@@ -26,9 +28,22 @@ fi
 if has bench; then
     timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16,64} \
         --prompt 512 --new ${NEW:-128} --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
-    FM_BATCH=${FM_BATCH-1,32}
     [ -n "$FM_BATCH" ] && timeout ${T_FM:-60} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml \
         --batch $FM_BATCH --prompt 512 --new 64 --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
+fi
+if has ahead; then  # the same rows with each decode step launched before the last one's tokens are read
+    timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16,64} \
+        --prompt 512 --new ${NEW:-128} --decode-ahead --json-out "$J" --tag "${TAG:-speed}-ahead" 2>&1 | quiet | tee -a "$L/bench.txt"
+    [ -n "$FM_BATCH" ] && timeout ${T_FM:-60} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml \
+        --batch $FM_BATCH --prompt 512 --new 64 --decode-ahead --json-out "$J" --tag "${TAG:-speed}-ahead" 2>&1 | quiet | tee -a "$L/bench.txt"
+fi
+if has hybrids; then  # nemotron-h-8b and falcon-h1-7b, plain then ahead
+    for cfg in ${HYBRIDS:-nemotron-h-8b falcon-h1-7b}; do
+        for ahead in "" --decode-ahead; do
+            timeout ${T_HY:-60} python3 tools/benchmark.py --config configs/$cfg.yaml --batch 1,16 --prompt 512 --new 64 \
+                $ahead --json-out "$J" --tag "${TAG:-speed}${ahead:+-ahead}" 2>&1 | quiet | tee -a "$L/bench.txt"
+        done
+    done
 fi
 if has nopack; then
     timeout 50 python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch 1,16 --prompt 512 --new 32 \
