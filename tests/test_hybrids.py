@@ -94,7 +94,7 @@ def _rank_engine_runs(ckpt: str, prompts: list[list[int]], new: int):
         eng = Engine(model, EngineConfig(max_sequence_length=longest, **cfg))
         return eng, eng.generate(reqs or [Request(p, new) for p in prompts])
 
-    alone = [run([Request(p, new)], max_batch=1)[1][0] for p in prompts]
+    alone = [run([Request(p, new)], max_batch=1, decode_ahead=False)[1][0] for p in prompts]
     queued = run(max_batch=2)[1]
     # Decode steps launched ahead, request 0 stopping on a token mid-run: its slot takes the last
     # sequence's state and K/V while a step is in flight.

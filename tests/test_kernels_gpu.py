@@ -324,9 +324,16 @@ def test_rotary_embedding(seed, dtype, b, L, heads, d, rotary_dim):
 
 
 def _check_verified(op, kw):
-    """Through dispatch, the kernel passes its first-call check against the reference (VERIFY_FIRST)."""
+    """Through dispatch, the kernel passes the first-call check a kernel gets while in VERIFY_FIRST
+    (the check's own path on a GPU, with a real kernel)."""
     dispatch._VERIFIED.clear()
-    getattr(dispatch, op)(**kw)
+    added = op not in dispatch.VERIFY_FIRST
+    dispatch.VERIFY_FIRST.add(op)
+    try:
+        getattr(dispatch, op)(**kw)
+    finally:
+        if added:
+            dispatch.VERIFY_FIRST.discard(op)
     decisions = [ok for key, ok in dispatch._VERIFIED.items() if key[0] == op]
     assert decisions == [True], f"{op}: the dispatch check refused the kernel ({decisions})"
 

@@ -51,8 +51,10 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
     assert err_ours < 5e-3, f"dispatch kernels vs HF: relative error {err_ours} (torch ops: {err_torch}, seed {seed})"  # tf32 in SSD
 
     prompts = [ids[0, :9].tolist(), ids[1, :3].tolist(), ids[0, 20:41].tolist()]
-    graphed = Engine(model, EngineConfig(max_batch=4, cuda_graphs=True)).generate([Request(p, 12) for p in prompts])
-    eager = Engine(model, EngineConfig(max_batch=4, cuda_graphs=False)).generate([Request(p, 12) for p in prompts])
+    graphed = Engine(model, EngineConfig(max_batch=4, cuda_graphs=True, decode_ahead=False)).generate(
+        [Request(p, 12) for p in prompts])
+    eager = Engine(model, EngineConfig(max_batch=4, cuda_graphs=False, decode_ahead=False)).generate(
+        [Request(p, 12) for p in prompts])
     assert graphed == eager, f"seed {seed}: CUDA-graph prefill and decode {graphed} != eager {eager}"
     ahead = Engine(model, EngineConfig(max_batch=4, decode_ahead=True)).generate([Request(p, 12) for p in prompts])
     assert ahead == eager, f"seed {seed}: graphed decode steps launched ahead {ahead} != eager {eager}"

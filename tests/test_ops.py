@@ -1122,7 +1122,6 @@ def test_unvalidated_kernels_are_checked_against_the_reference_first(seed, caplo
         calls.append("raising")
         raise RuntimeError("no kernel here")
 
-    assert "rotary_embedding" in dispatch.VERIFY_FIRST and "decode_attention" in dispatch.VERIFY_FIRST
     tiny = (kw["x"] * 1e-3, kw["positions"], kw["inv_freq"])  # outputs far below 1: the bound is relative
     args = (kw["x"], kw["positions"], kw["inv_freq"])
     for kernel, inputs, kept, why in ((off_by(1 + 1e-4), args, True, None), (off_by(1.01), args, True, None),

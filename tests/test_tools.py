@@ -176,6 +176,17 @@ def test_profile_step_on_cpu(tiny_ckpts):
     assert calls.get("aten::mm") == 3 * (2 * layers + 1), calls
 
 
+def test_profile_step_packed_prefill_on_cpu(tiny_ckpts):
+    """--pack: 3 prompts of 8 tokens in packs of at most 16 tokens are two forwards a step (2 prompts,
+    then 1), each with in_proj and out_proj per layer and one LM head over the packs' last positions."""
+    out = _run(sys.executable, "tools/profile_step.py", "--load", str(tiny_ckpts[1]), "--phase", "prefill", "--batch", "3",
+               "--prompt", "8", "--pack", "16", "--steps", "3", "--dtype", "float32", "--top", "60")
+    assert re.search(r"prefill, batch 3, packs of 2 prompts, TP=1, 3 steps: [\d.]+ ms self time per step", out), out[:2000]
+    layers = json.loads((ASSET / "config.json").read_text())["num_hidden_layers"]
+    calls = {m.group(1): int(m.group(2)) for m in re.finditer(r"^\s*(aten::\w+)\s.*?\s(\d+)\s*$", out, re.M)}
+    assert calls.get("aten::mm") == 3 * 2 * (2 * layers + 1), calls
+
+
 def _hf_perplexity(window: int, windows: int) -> float:
     from transformers import AutoModelForCausalLM
 

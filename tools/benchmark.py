@@ -190,8 +190,9 @@ def main() -> int:
     ap.add_argument("--allreduce", default="oneshot",
                     help="exact|oneshot|int8|fp8|fp16|auto|auto:BYTES (quantise from BYTES up)")
     ap.add_argument("--no-graphs", action="store_true", help="eager prefill and decode (no CUDA graphs)")
-    ap.add_argument("--decode-ahead", action="store_true",
-                    help="launch each greedy decode step before delivering the one before (EngineConfig.decode_ahead)")
+    ap.add_argument("--decode-ahead", action=argparse.BooleanOptionalAction, default=True,
+                    help="launch each decode step before delivering the one before (EngineConfig.decode_ahead; "
+                         "on by default, --no-decode-ahead for the plain loop)")
     ap.add_argument("--no-pack", action="store_true",
                     help="prefill equal-length prompts together, unpacked and eager (the pre-packing path)")
     ap.add_argument("--overlap-min-tokens", type=ints, default=[0],

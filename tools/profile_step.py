@@ -27,6 +27,9 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode")
     ap.add_argument("--prompt", type=int, default=512, help="prefill length (and the context decode starts from)")
+    ap.add_argument("--pack", type=int, default=0,
+                    help="prefill as the engine packs it: the prompts end to end in forwards of at most this many "
+                         "tokens (cu_seqlens), each sequence's state written to its own row (0: [batch, prompt])")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--top", type=int, default=25)
@@ -59,10 +62,20 @@ def main():
     token = prompt[:, -1:]
     sync = torch.cuda.synchronize if tp.device.type == "cuda" else (lambda: None)
 
+    from megatron_ssm.ops.varlen import cu_seqlens_of
+
+    per_pack = max(1, args.pack // args.prompt) if args.pack else 0
+
     def step():
         if args.phase == "prefill":
             cache.reset(0, args.batch)
-            model(prompt, states, last_only=True)
+            if not per_pack:
+                model(prompt, states, last_only=True)
+            for first in range(0, args.batch if per_pack else 0, per_pack):
+                last = min(first + per_pack, args.batch)
+                ids = prompt[first:last].reshape(1, -1)
+                model(ids, cache.rows(first, last), last_only=True,
+                      cu_seqlens=cu_seqlens_of([args.prompt] * (last - first), tp.device))
         else:
             model(token, states)
 
@@ -82,7 +95,8 @@ def main():
         total = sum(getattr(e, key) for e in events)
         comm = sum(getattr(e, key) for e in events if any(s in e.key.lower() for s in ("nccl", "all_reduce",
                                                                                         "allreduce", "all_gather", "gloo")))
-        print(f"{args.phase}, batch {args.batch}, TP={tp.size}, {args.steps} steps: "
+        packed = f", packs of {per_pack} prompts" if per_pack and args.phase == "prefill" else ""
+        print(f"{args.phase}, batch {args.batch}{packed}, TP={tp.size}, {args.steps} steps: "
               f"{total / args.steps / 1e3:.3f} ms self time per step, {100 * comm / max(total, 1):.1f}% in collectives")
         print(events.table(sort_by=key, row_limit=args.top))
         if args.trace:

@@ -4,8 +4,8 @@
 # STAGE picks what runs: tests (the GPU tests of the packed/graphed paths), bench (mamba2-2.7b and
 # falcon-mamba-7b TTFT and decode), suite (every GPU test, pytest-xdist -n $XDIST), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
 # generate on the same workloads), serve (tools/serving_benchmark.py: ours, ours unpacked, mamba-ssm),
-# prof (where an eager prefill and a decode step spend their time), ahead (bench's rows
-# with --decode-ahead), hybrids (nemotron-h-8b and falcon-h1-7b, plain and ahead); default: tests,bench. Each step
+# prof (where an eager prefill and a decode step spend their time), plain (bench's rows
+# with --no-decode-ahead), hybrids (nemotron-h-8b and falcon-h1-7b, plain and ahead); default: tests,bench. Each step
 # has its own timeout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -31,17 +31,17 @@ if has bench; then
     [ -n "$FM_BATCH" ] && timeout ${T_FM:-60} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml \
         --batch $FM_BATCH --prompt 512 --new 64 --json-out "$J" --tag "${TAG:-speed}" 2>&1 | quiet | tee -a "$L/bench.txt"
 fi
-if has ahead; then  # the same rows with each decode step launched before the last one's tokens are read
+if has plain; then  # the same rows without decode steps launched ahead (the engine's default since session 8)
     timeout ${T_M2:-80} python3 tools/benchmark.py --config configs/mamba2-2.7b.yaml --batch ${M2_BATCH:-1,16,64} \
-        --prompt 512 --new ${NEW:-128} --decode-ahead --json-out "$J" --tag "${TAG:-speed}-ahead" 2>&1 | quiet | tee -a "$L/bench.txt"
+        --prompt 512 --new ${NEW:-128} --no-decode-ahead --json-out "$J" --tag "${TAG:-speed}-plain" 2>&1 | quiet | tee -a "$L/bench.txt"
     [ -n "$FM_BATCH" ] && timeout ${T_FM:-60} python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml \
-        --batch $FM_BATCH --prompt 512 --new 64 --decode-ahead --json-out "$J" --tag "${TAG:-speed}-ahead" 2>&1 | quiet | tee -a "$L/bench.txt"
+        --batch $FM_BATCH --prompt 512 --new 64 --no-decode-ahead --json-out "$J" --tag "${TAG:-speed}-plain" 2>&1 | quiet | tee -a "$L/bench.txt"
 fi
 if has hybrids; then  # nemotron-h-8b and falcon-h1-7b, plain then ahead
     for cfg in ${HYBRIDS:-nemotron-h-8b falcon-h1-7b}; do
-        for ahead in "" --decode-ahead; do
+        for ahead in --no-decode-ahead --decode-ahead; do
             timeout ${T_HY:-60} python3 tools/benchmark.py --config configs/$cfg.yaml --batch 1,16 --prompt 512 --new 64 \
-                $ahead --json-out "$J" --tag "${TAG:-speed}${ahead:+-ahead}" 2>&1 | quiet | tee -a "$L/bench.txt"
+                $ahead --json-out "$J" --tag "${TAG:-speed}${ahead#-}" 2>&1 | quiet | tee -a "$L/bench.txt"
         done
     done
 fi

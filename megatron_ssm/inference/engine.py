@@ -85,11 +85,11 @@ class EngineConfig:
     # default, not a measurement: where the split starts to pay must be measured on multi-GPU
     # machines (issue #16; tools/gpu_sweep.sh SWEEP=cp).
     context_parallel_min_tokens: int = 8192
-    # Launch each decode step before delivering the one before (see the module's docstring).
-    # Meant for CUDA graphs, where the host time between replays is ~10% of a batch-1 step on an
-    # H200 (docs/benchmarks.md, session 7); eagerly it gives the same results (what the CPU tests
-    # check). Off until measured on a GPU (tools/benchmark.py --decode-ahead).
-    decode_ahead: bool = False
+    # Launch each decode step before delivering the one before (see the module's docstring). With
+    # CUDA graphs it hides the host's time between replays: -8% a step for mamba2-2.7b at batch 1,
+    # -6% for falcon-mamba-7b at batch 32, -6% for nemotron-h-8b on an H200 (docs/benchmarks.md,
+    # session 8). Eagerly (CPU) it gives the same tokens, which the tests check, and gains nothing.
+    decode_ahead: bool = True
 
 
 @dataclass
@@ -197,6 +197,7 @@ class Engine:
         self._next_id = 0
         self._prefilled_last = False
         self._ahead: _Ahead | None = None
+        self._ahead_error: BaseException | None = None  # a step launched ahead that raised: the next step's
         self.steps_ahead = 0  # decode steps launched ahead so far (a statistic)
         log.info("state cache: %.2f MiB per sequence on this rank, %d sequence slots",
                  self.bytes_per_sequence / 2**20, slots)
@@ -273,6 +274,9 @@ class Engine:
         otherwise advance every running sequence by one token. A context-parallel prefill under
         way takes every other step (every step when nothing else runs). A decode step launched ahead
         is delivered first."""
+        if self._ahead_error is not None:
+            error, self._ahead_error = self._ahead_error, None
+            raise error
         if self._ahead is not None:
             return self._decode(len(self.running))
         if self.long is not None and (self._long_turn or not self.running):
@@ -548,8 +552,11 @@ class Engine:
         ahead = decode and self._can_run_ahead(seqs)
         delivered = _to_host(tokens, logprobs, ids, vals, overlap=ahead)
         if ahead:
-            self._ahead = _Ahead(list(seqs), self._decode_logits(tokens.view(-1, 1), len(seqs), ahead=1))
-            self.steps_ahead += 1
+            try:
+                self._ahead = _Ahead(list(seqs), self._decode_logits(tokens.view(-1, 1), len(seqs), ahead=1))
+                self.steps_ahead += 1
+            except Exception as e:  # noqa: BLE001 - this step's tokens are computed: deliver them, then raise
+                self._ahead_error = e
         tokens, logprobs, ids, vals = delivered()
         logprobs = logprobs if logprobs is not None else [None] * len(seqs)
         tops = [None] * len(seqs)

@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="capture each packed-prefill CUDA graph when a pack first needs it, instead of all at "
                          "start (a capture stalls running requests for ~0.5 s; start-up is that much faster)")
     ap.add_argument("--prefix-cache-bytes", type=int, default=0, help="reuse states of shared prompt prefixes (0: off)")
-    ap.add_argument("--decode-ahead", action="store_true",
+    ap.add_argument("--decode-ahead", action=argparse.BooleanOptionalAction, default=True,
                     help="launch each decode step before the one before is delivered, so the host's per-step work "
-                         "overlaps the GPU's (EngineConfig.decode_ahead; off until measured on a GPU)")
+                         "overlaps the GPU's (EngineConfig.decode_ahead; on by default)")
     ap.add_argument("--allreduce", default="oneshot", choices=ALLREDUCE_CHOICES,
                     help="row-parallel all-reduce: exact (NCCL) | oneshot (exact; one kernel for small GPU "
                          "messages, else NCCL) | int8|fp8|fp16 (lossy) | auto (oneshot, int8 where measured faster)")
