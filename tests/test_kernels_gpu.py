@@ -227,12 +227,12 @@ GEMV_SHAPES = [(10576, 2560, False), (2560, 5120, False), (4096, 8192, False), (
 @pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "heuristic"])
 def test_linear(seed, dtype, n, k, bias, m, tuned):
     """The tuned choice (which may be cuBLAS) and the heuristic configuration (always the kernel),
-    with an output scale (one float, then one factor per feature) on the last two shapes."""
+    with an output scale (one float, one factor per feature, the model's Factors) on the last two shapes."""
     from megatron_ssm.ops.triton import gemv
 
     impl = kernels().linear if tuned else (
         lambda x, weight, bias, scale=None: gemv.linear(x, weight, bias, scale, config=gemv.heuristic(m, n, k, x.device)))
-    scales = [None] + (["float", "vector"] if (n, k, bias) in GEMV_SHAPES[-2:] else [])
+    scales = [None] + (["float", "vector", "segments"] if (n, k, bias) in GEMV_SHAPES[-2:] else [])
     for scale in scales:
         check_op(impl, *linear_inputs((m,), n, k, dtype, DEV, bias=bias, scale=scale), TOL[dtype], seed)
 

@@ -120,7 +120,8 @@ def gated_norm_inputs(lead, width, group_size, dtype, device):
 
 
 def linear_inputs(lead, n, k, dtype, device, bias=True, scale=None):
-    """scale: None, "float" (one factor) or "vector" (one per output feature, fp32 as the model's)."""
+    """scale: None, "float" (one factor), "vector" (one per output feature, fp32) or "segments" (the
+    model's Factors: runs of equal factor, one of them 1, with the per-feature tensor they make)."""
     kw = dict(x=_act(*lead, k, dtype=dtype, device=device),
               weight=_act(n, k, dtype=dtype, device=device, scale=k ** -0.5),
               bias=_act(n, dtype=dtype, device=device) if bias else None)
@@ -128,6 +129,12 @@ def linear_inputs(lead, n, k, dtype, device, bias=True, scale=None):
         kw["scale"] = 0.5 + torch.rand(()).item()
     elif scale == "vector":
         kw["scale"] = 0.5 + torch.rand(n, device=device)
+    elif scale == "segments":
+        from megatron_ssm.model.layers import OutputFactors
+
+        cut = sorted(torch.randperm(n - 1)[:2].add(1).tolist())
+        widths = (cut[0], cut[1] - cut[0], n - cut[1])
+        kw["scale"] = OutputFactors(widths, (0.5 + torch.rand(()).item(), 1.0, 0.5 + torch.rand(()).item()), device).scale
     return "linear", kw
 
 
@@ -1028,6 +1035,25 @@ def test_linear_scale_is_the_output_times_it(seed):
     assert ref_ops.linear(**kw).dtype == torch.bfloat16  # an fp32 scale keeps the activations' dtype
 
 
+def test_linear_segment_factors_are_the_per_feature_ones(seed):
+    """Factors' runs, each multiplied by its scalar, give exactly what its per-feature tensor gives
+    (the product in fp32, rounded once to bf16), in place on the projection's output or on a copy
+    of an input the caller keeps (an adapter's delta); the run whose factor is 1 is not among them."""
+    from megatron_ssm.ops.linear import scale_output
+
+    for dtype in (torch.float32, torch.bfloat16):
+        _, kw = linear_inputs((3, 5), 41, 16, dtype, "cpu", scale="segments")
+        factors = kw["scale"]
+        (start0, end0, f0), (start1, end1, f1) = factors.segments
+        assert start0 == 0 and end1 == 41 and start1 > end0 and f0 != 1.0 and f1 != 1.0  # the middle run (1) left out
+        unscaled = F.linear(kw["x"], kw["weight"], kw["bias"])
+        want = (unscaled.float() * factors.per_feature).to(dtype)
+        assert torch.equal(ref_ops.linear(**kw), want), dtype
+        assert torch.equal(ref_ops.linear(**{**kw, "scale": factors.per_feature}), want), dtype
+        kept = unscaled.clone()
+        assert torch.equal(scale_output(kept, factors), want) and torch.equal(kept, unscaled)  # not in place
+
+
 def test_gemv_scale_epilogue_interpreted(seed):
     """The skinny-GEMM kernel's scale (one float or one factor per output feature, after the bias)
     against the reference, split K and not, tl.dot and elementwise, at odd sizes."""
@@ -1036,7 +1062,7 @@ def test_gemv_scale_epilogue_interpreted(seed):
 
     configs = [gemv.Config(16, 64, 1, 4), gemv.Config(16, 64, 3, 4), gemv.Config(16, 64, 3, 4, dot=False)]
     for (m, bias, scale), cfg in itertools.product([(1, True, "vector"), (1, False, "float"), (3, True, "float"),
-                                                     (16, False, "vector")], configs):
+                                                     (16, False, "vector"), (2, True, "segments")], configs):
         if m > 1 and not cfg.dot:
             continue
         _, kw = linear_inputs((m,), 45, 200, torch.float32, "cpu", bias=bias, scale=scale)

@@ -29,8 +29,8 @@ from ..ops.linear import scale_output
 from ..ops.rope import rope_frequencies
 from ..ops.varlen import seq_index
 from ..parallel import TPContext
-from .layers import (AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear, fold_input_scale,
-                     output_factors)
+from .layers import (AllReduceFn, ColumnParallelLinear, Mixer, OutputFactors, PendingOutput, RowParallelLinear,
+                     fold_input_scale)
 
 
 def local_kv_heads(cfg: SSMConfig, tp_size: int) -> int:
@@ -71,9 +71,8 @@ class Attention(Mixer):
         key = cfg.multiplier("key")
         widths = (self.heads * d, self.kv_heads * d, self.kv_heads * d)
         # (a per-use adapter's delta takes the key factors too)
-        self.register_buffer("key_factors", output_factors(widths, (1.0, key, 1.0), device), persistent=False)
-        self.register_buffer("qkv_scale", output_factors(widths, (folded, key * folded, folded), device),
-                             persistent=False)
+        self.key_factors = OutputFactors(widths, (1.0, key, 1.0), device)
+        self.qkv_factors = OutputFactors(widths, (folded, key * folded, folded), device)
 
     def state_shapes(self, max_length: int) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         """Per-sequence state on this rank: name -> (shape, dtype; None: the model's dtype)."""
@@ -93,9 +92,9 @@ class Attention(Mixer):
         d = self.head_dim
         if self.hidden_scale != 1.0:
             hidden = hidden * self.hidden_scale
-        qkv = self.qkv_proj(hidden, scale=self.qkv_scale)
+        qkv = self.qkv_proj(hidden, scale=self.qkv_factors.scale)
         if qkv_delta is not None:  # a per-use adapter's addition to this rank's [q_r | k_r | v_r] (Zamba2)
-            qkv = qkv + scale_output(qkv_delta, self.key_factors)
+            qkv = qkv + scale_output(qkv_delta, self.key_factors.scale)
         q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
         q = q.view(b, L, self.heads, d)
         k = k.view(b, L, self.kv_heads, d)

@@ -14,6 +14,8 @@ own channels (Mamba-1's x_proj output, Mamba-2's norm statistics across ranks).
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,7 +23,7 @@ from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
 from ..ops.dispatch import causal_conv1d, causal_conv1d_update, linear
-from ..ops.linear import scale_output
+from ..ops.linear import Factors, scale_output
 from ..parallel import TPContext
 
 AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor
@@ -202,12 +204,23 @@ def fold_input_scale(input_scale: float, has_bias: bool) -> tuple[float, float]:
     return (input_scale, 1.0) if has_bias else (1.0, input_scale)
 
 
-def output_factors(widths, factors, device) -> torch.Tensor | None:
-    """One fp32 factor per output row of a projection whose output is segments of `widths`, segment
-    i times factors[i] (a family's multipliers, for the projection's `scale`); None when all are 1."""
-    if all(f == 1.0 for f in factors):
-        return None
-    return torch.cat([torch.full((w,), float(f)) for w, f in zip(widths, factors)]).to(device)
+class OutputFactors(nn.Module):
+    """A projection's output factors (a family's multipliers, for its `scale`) for an output made of
+    segments of `widths`, segment i times factors[i]: the per-feature tensor is a buffer, so it moves
+    with the model; `scale` pairs it with the runs it is made of (ops/linear.py's Factors), or is
+    None when every factor is 1."""
+
+    def __init__(self, widths, factors, device):
+        super().__init__()
+        trivial = all(f == 1.0 for f in factors)
+        per_feature = None if trivial else torch.cat([torch.full((w,), float(f)) for w, f in zip(widths, factors)])
+        self.register_buffer("per_feature", None if trivial else per_feature.to(device), persistent=False)
+        ends = list(itertools.accumulate(widths))
+        self.segments = tuple((end - w, end, float(f)) for w, end, f in zip(widths, ends, factors) if f != 1.0 and w)
+
+    @property
+    def scale(self) -> Factors | None:
+        return None if self.per_feature is None else Factors(self.per_feature, self.segments)
 
 
 def local_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:

@@ -23,8 +23,9 @@ from ..config import SSMConfig
 from ..ops.dispatch import fused_decode, gated_rms_norm, mamba2_decode_step, ssd_chunk_scan, ssd_state_update
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
-from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
-                     all_reduce_with_grad, decay_rates, differentiable, fold_input_scale, local_param, output_factors)
+from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, OutputFactors, PendingOutput,
+                     RowParallelLinear, all_reduce_with_grad, decay_rates, differentiable, fold_input_scale,
+                     local_param)
 
 
 def local_groups(cfg: SSMConfig, tp_size: int) -> int:
@@ -69,8 +70,7 @@ class Mamba2Mixer(Mixer):
         self.hidden_scale, folded = fold_input_scale(cfg.multiplier("ssm_in"), cfg.use_bias)
         widths = (self.channels, self.channels, self.bc_width, self.bc_width, self.heads)
         segments = cfg.ssm_multipliers or (1.0,) * len(widths)
-        self.register_buffer("in_proj_scale", output_factors(widths, [m * folded for m in segments], device),
-                             persistent=False)
+        self.in_proj_factors = OutputFactors(widths, [m * folded for m in segments], device)
         self.output_scale = cfg.multiplier("ssm_out")
 
     def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -98,7 +98,7 @@ class Mamba2Mixer(Mixer):
         b, L, _ = hidden.shape
         if self.hidden_scale != 1.0:
             hidden = hidden * self.hidden_scale
-        zxbcdt = self.in_proj(hidden, scale=self.in_proj_scale)
+        zxbcdt = self.in_proj(hidden, scale=self.in_proj_factors.scale)
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
         if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
                 and fused_decode("mamba2")):

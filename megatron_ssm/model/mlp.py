@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..config import GEGLU, RELU2, SWIGLU, ConfigError, SSMConfig
 from ..ops.linear import scale_output
 from ..parallel import TPContext
-from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear, output_factors
+from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear, OutputFactors
 
 
 class MLP(Mixer):
@@ -34,16 +34,17 @@ class MLP(Mixer):
         # Falcon-H1's multiplier on the gate goes into gate_up_proj as a factor per output row (its
         # kernel's epilogue at decode); the one on the output into down_proj.
         gated = self.kind in (SWIGLU, GEGLU)
-        factors = output_factors((self.width, self.width), (cfg.multiplier("mlp_gate"), 1.0), device) if gated else None
-        self.register_buffer("gate_up_scale", factors, persistent=False)
+        gate = cfg.multiplier("mlp_gate") if gated else 1.0
+        self.gate_up_factors = OutputFactors((self.width, self.width), (gate, 1.0), device)
         self.down_scale = cfg.multiplier("mlp_down")
 
     def start(self, hidden: torch.Tensor, gate_up_delta: torch.Tensor | None = None) -> PendingOutput:
         """gate_up_delta: a per-use adapter's addition to this rank's [gate_r | up_r] rows (Zamba2)."""
         if self.kind in (SWIGLU, GEGLU):
-            gate_up = self.gate_up_proj(hidden, scale=self.gate_up_scale)
+            scale = self.gate_up_factors.scale
+            gate_up = self.gate_up_proj(hidden, scale=scale)
             if gate_up_delta is not None:
-                gate_up = gate_up + scale_output(gate_up_delta, self.gate_up_scale)
+                gate_up = gate_up + scale_output(gate_up_delta, scale)
             gate, up = gate_up.split(self.width, dim=-1)
             y = up * (F.silu(gate) if self.kind == SWIGLU else F.gelu(gate))
         else:

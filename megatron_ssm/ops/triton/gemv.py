@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear import linear as ref_linear
+from ..linear import Factors, linear as ref_linear
 from . import pdl as _pdl
 from .pdl import enter as _pdl_enter
 
@@ -290,15 +290,16 @@ def _config(x2, weight, bias) -> Config:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: float | torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+           scale: float | torch.Tensor | Factors | None = None, config: Config | None = None) -> torch.Tensor:
     """ops.linear's (x @ weight^T + bias) * scale for few rows of x: weight [N, K] with unit stride
-    along K; scale a float or [N]."""
+    along K; scale a float, [N] or Factors (its per-feature tensor)."""
     k = x.shape[-1]
     n = weight.shape[0]
+    given, scale = scale, scale.per_feature if isinstance(scale, Factors) else scale
     if (x.dtype != weight.dtype or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)
             or x.numel() == 0 or n == 0 or weight.dim() != 2
             or (isinstance(scale, torch.Tensor) and tuple(scale.shape) != (n,))):
-        return ref_linear(x, weight, bias, scale)
+        return ref_linear(x, weight, bias, given)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
