@@ -104,11 +104,13 @@ def test_gpu_hybrid_matches_hf_and_graphed_decode_covers_attention(tp, tmp_path,
     model = load_model(tmp_path / "ckpt", tp)
     err_torch, err = _errors_torch_ops_and_kernels(model, ids, ref, monkeypatch)
     assert err_torch < 1e-3, f"torch reference ops on the GPU vs HF: relative error {err_torch}"
-    # The kernels' error is most likely the SSD scan's tf32 dots (mamba-ssm's; not isolated): the
-    # torch ops on the same GPU are within 2e-5 of HF. Zamba2's varied weights (std 1/sqrt(fan_in),
-    # build_varied_hf_model) make it larger: 9.3e-3 and 1.2e-2 on the H200 for two seeds
-    # (2026-12-01), against < 5e-3 for the other families.
-    bound = 2e-2 if family == "zamba2" else 5e-3
+    # The kernels' error is the SSD scan's tf32 dots (mamba-ssm's): the torch ops on the same GPU
+    # are within 2e-5 of HF. Zamba2's varied weights (std 1/sqrt(fan_in), build_varied_hf_model)
+    # make it larger: 9.3e-3, 1.2e-2 and 2.4e-2 on the H200 for three seeds (2026-12-01), against
+    # < 5e-3 for the other families. At the third (3000416144) the same run with only the chunk scan
+    # on the torch reference passed this check, and with only the rotary embedding on it did not
+    # (2.4e-2 again): the scan, not our kernels (session 8, docs/benchmarks.md).
+    bound = 3e-2 if family == "zamba2" else 5e-3
     assert err < bound, f"GPU hybrid (kernels) vs HF: relative error {err} (torch ops: {err_torch})"
     prompts = [ids[0, :9].tolist(), ids[1, :3].tolist(), ids[0, :21].tolist()]
     if model.packs_sequences:  # Nemotron-H, Falcon-H1: attention within each packed sequence
