@@ -234,6 +234,41 @@ def test_decode_ahead_delivers_what_the_plain_loop_does(ranks, ckpts, family, tp
     assert not stops or (plain[2][-1][3] == "stop" and len(plain[2]) >= 3)
 
 
+def _rank_ahead_failure(ckpt, prompt, fail_at):
+    """Greedy decode of one prompt, plain, then ahead with the model raising on forward `fail_at`."""
+    from megatron_ssm.inference.engine import Request
+
+    plain = _engine(ckpt, max_batch=1, decode_ahead=False).generate([Request(prompt, 8)])[0]
+    eng = _engine(ckpt, max_batch=1)
+    forward, calls = eng.model.forward, []
+
+    def failing(*a, **k):
+        calls.append(len(calls))
+        if len(calls) == fail_at:
+            raise RuntimeError("stand-in device failure")
+        return forward(*a, **k)
+
+    eng.model.forward = failing
+    eng.add_request(Request(prompt, 8))
+    got, error = [], None
+    try:
+        for _ in range(20):
+            got += [o.token for o in eng.step()]
+    except RuntimeError as e:
+        error = str(e)
+    return plain, got, error, eng.steps_ahead
+
+
+def test_a_step_launched_ahead_that_fails_loses_nothing_before_it(ranks, ckpts):
+    """The model fails on a step launched ahead. Forward 1 is the prefill (token 0), 2 a plain step
+    (token 1, launching 3 ahead), 3 delivers token 2 and launches 4, which fails: token 2 is still
+    delivered, each token the plain loop's, and the error comes from the next step."""
+    prompt = _prompts(fresh_seed(), (6,))[0]
+    plain, got, error, steps_ahead = ranks(1).run(_rank_ahead_failure, ckpts["mamba2"][1], prompt, 4)[0]
+    assert steps_ahead == 1 and error == "stand-in device failure"
+    assert got == plain[:3], (got, plain)
+
+
 @pytest.mark.parametrize("family", ["mamba2", "mamba"])
 def test_chunked_prefill_equals_one_shot(ranks, ckpts, family):
     prompt = _prompts(fresh_seed(), (45,))[0]
