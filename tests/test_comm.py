@@ -319,7 +319,7 @@ def interpreted_triton_quantize(monkeypatch):
     monkeypatch.setattr(interpreter, "_convert_float", convert)
     from megatron_ssm.comm import triton_quantize
 
-    assert triton_quantize._INTERPRETED
+    assert triton_quantize.INTERPRETED
     return triton_quantize
 
 

@@ -18,12 +18,12 @@ float16 view of the buffer), quantising is a clamped cast and there are no scale
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ..ops.triton.runtime import INTERPRETED
 from . import quantize as _torch
 
 _FP32_MAX: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).max)
@@ -31,7 +31,6 @@ _INT8_NAN: tl.constexpr = tl.constexpr(-128)
 _ROUNDER: tl.constexpr = tl.constexpr(12582912.0)  # 1.5 * 2^23: fp32 values past it are integers
 # Values per program: enough work per program to hide memory latency at any block size.
 _VALUES_PER_PROGRAM = 2048
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -154,7 +153,7 @@ def _unpack_dequantise_kernel(codes_ptr, scales_ptr, peers_ptr, offset, out_ptr,
 
 
 def _fused(x: torch.Tensor, block: int) -> bool:
-    return (x.is_cuda or _INTERPRETED) and block & (block - 1) == 0
+    return (x.is_cuda or INTERPRETED) and block & (block - 1) == 0
 
 
 def _rows(block: int) -> int:

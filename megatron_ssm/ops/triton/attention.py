@@ -10,7 +10,6 @@ heads padded to 16 rows.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -18,13 +17,11 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import enter as pdl_enter
+from .runtime import INTERPRETED
 
 BLOCK_S = 32  # keys per step
 SPLIT_KEYS = 256  # cache positions per split, at least
 MAX_SPLITS = 16
-# Triton 3.6's interpreter multiplies 16-bit floats' bit patterns in tl.dot (see gemv.py): there the
-# tiles go to fp32 first.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -124,7 +121,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         G=G, D=d, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=BLOCK_S,
-        UPCAST=_INTERPRETED and q.dtype != torch.float32, IEEE=q.dtype == torch.float32, PDL=on,
+        UPCAST=INTERPRETED and q.dtype != torch.float32, IEEE=q.dtype == torch.float32, PDL=on,
         num_warps=4, **pdl.kwargs(on),
     )
     _merge_kernel[(b, kv_heads)](acc, ml, out, splits, out.stride(0), out.stride(1),

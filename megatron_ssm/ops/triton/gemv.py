@@ -35,10 +35,8 @@ import triton.language as tl
 from ..linear import Factors, linear as ref_linear
 from . import pdl as _pdl
 from .pdl import enter as _pdl_enter
+from .runtime import INTERPRETED
 
-# Triton 3.6's interpreter multiplies 16-bit floats' bit patterns in tl.dot: there, the tiles go
-# to fp32 first (the same products: a bf16 x bf16 product is exact in fp32).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 _LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any weight we hold
 
@@ -238,7 +236,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         m, n, k, per, splits, 1.0 if scale is None or vector else float(scale),
         x2.stride(0), weight.stride(0), y2.stride(0),
         HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None), SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
-        UPCAST=_INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
+        UPCAST=INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
         num_stages=cfg.stages, **_pdl.kwargs(pdl),
     )

@@ -30,9 +30,10 @@ try:  # Triton >= 3.4
 except ImportError:  # pragma: no cover - an older Triton: PDL stays off
     gdc_launch_dependents = gdc_wait = None
 
+from .runtime import INTERPRETED
+
 ENV = "MEGATRON_SSM_PDL"
 _OK: dict[torch.device, bool] = {}
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -83,7 +84,7 @@ def supported(device: torch.device) -> bool:
     ok = _OK.get(device)
     if ok is None:
         ok = False
-        if (gdc_wait is not None and not _INTERPRETED and device.type == "cuda"
+        if (gdc_wait is not None and not INTERPRETED and device.type == "cuda"
                 and torch.cuda.get_device_capability(device)[0] >= 9 and not torch.cuda.is_current_stream_capturing()):
             try:
                 x = torch.randint(-1000, 1000, (1 << 16,), device=device).float()  # exact in fp32
