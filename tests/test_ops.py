@@ -1050,8 +1050,13 @@ def test_linear_segment_factors_are_the_per_feature_ones(seed):
         want = (unscaled.float() * factors.per_feature).to(dtype)
         assert torch.equal(ref_ops.linear(**kw), want), dtype
         assert torch.equal(ref_ops.linear(**{**kw, "scale": factors.per_feature}), want), dtype
-        kept = unscaled.clone()
-        assert torch.equal(scale_output(kept, factors), want) and torch.equal(kept, unscaled)  # not in place
+        for scale in (factors, factors.per_feature):  # not in place: the caller's tensor is left as it was
+            kept = unscaled.clone()
+            assert torch.equal(scale_output(kept, scale), want) and torch.equal(kept, unscaled), (dtype, type(scale))
+        # training (out= has no backward): the same values, in the output's dtype, with a gradient
+        grad = unscaled.clone().requires_grad_()
+        out = scale_output(grad, factors.per_feature)
+        assert out.dtype == dtype and out.requires_grad and torch.equal(out.detach(), want), dtype
 
 
 def test_gemv_scale_epilogue_interpreted(seed):
