@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+from .pdl import enter as pdl_enter
 from .scan import _block_d, _dt
 
 # State elements per program, as for the plain state update (ops/triton/scan.py).
@@ -72,8 +74,11 @@ def _mamba2_decode_kernel(
     HEADDIM: tl.constexpr, K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, GATE: tl.constexpr,  # 0: y; 1: y * silu(z); 2: gated RMS norm
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    NORM_BLOCK: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    # A programmatic dependent (ops/triton/pdl.py) like the kernels it replaces: the next kernel's
+    # griddepcontrol.wait still waits for this whole grid, the last program's normalisation included.
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     group = pid // progs_per_group
@@ -188,6 +193,7 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
     if norm_weight is not None:
         norm_weight = norm_weight.contiguous()
     zs = z.stride() if z is not None else (0, 0)
+    on = pdl.use(xbc.device)
     _mamba2_decode_kernel[(g * progs_per_group, b)](
         xbc, z if z is not None else xbc, dt, conv_state, conv_weight, conv_bias if conv_bias is not None else xbc,
         ssm_state, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
@@ -199,6 +205,6 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
         HAS_DT_BIAS=dt_bias is not None, GATE=gate,
         BLOCK_D=bd, BLOCK_N=bn, BLOCK_K=triton.next_power_of_2(K),
         BLOCK_P=triton.next_power_of_2(progs_per_group), NORM_BLOCK=min(NORM_BLOCK, triton.next_power_of_2(nchan // g)),
-        num_warps=NUM_WARPS,
+        PDL=on, num_warps=NUM_WARPS, **pdl.kwargs(on),
     )
     return y
