@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..config import GEGLU, RELU2, SWIGLU, ConfigError, SSMConfig
 from ..ops.linear import scale_output
 from ..parallel import TPContext
-from .layers import AllReduceFn, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear, OutputFactors
+from .layers import AllReduceFn, ColumnParallelLinear, Mixer, OutputFactors, PendingOutput, RowParallelLinear
 
 
 class MLP(Mixer):
