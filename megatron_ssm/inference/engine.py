@@ -197,7 +197,7 @@ class Engine:
         self._next_id = 0
         self._prefilled_last = False
         self._ahead: _Ahead | None = None
-        self._ahead_error: BaseException | None = None  # a step launched ahead that raised: the next step's
+        self._ahead_error: BaseException | None = None  # raised by a step launched ahead; step() re-raises it
         self.steps_ahead = 0  # decode steps launched ahead so far (a statistic)
         log.info("state cache: %.2f MiB per sequence on this rank, %d sequence slots",
                  self.bytes_per_sequence / 2**20, slots)

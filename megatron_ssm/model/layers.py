@@ -23,7 +23,7 @@ from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
 from ..ops.dispatch import causal_conv1d, causal_conv1d_update, linear
-from ..ops.linear import Factors, scale_output
+from ..ops.linear import Factors, linear as reference_linear
 from ..parallel import TPContext
 
 AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor
@@ -39,11 +39,11 @@ def differentiable(param: torch.Tensor) -> bool:
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-              scale: float | torch.Tensor | None = None) -> torch.Tensor:
+            scale: float | torch.Tensor | Factors | None = None) -> torch.Tensor:
     """(x @ weight^T + bias) * scale (ops/linear.py). The dispatch layer's kernel has no backward,
-    so while one may run (grad mode on and either side requiring grad) this is F.linear itself."""
+    so while one may run (grad mode on and either side requiring grad) this is the reference."""
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-        return scale_output(F.linear(x, weight, bias), scale)
+        return reference_linear(x, weight, bias, scale)
     return linear(x, weight, bias, scale)
 
 
@@ -68,7 +68,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         super().__init__(input_size, output_size, config=config, init_method=_no_init, bias=bias,
                          gather_output=False, skip_bias_add=False)
 
-    def forward(self, x: torch.Tensor, scale: float | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, scale: float | torch.Tensor | Factors | None = None) -> torch.Tensor:  # type: ignore[override]
         """scale: this rank's output features' factors (or one float), applied after the bias."""
         if differentiable(self.weight) and self.tp_size > 1:  # checked per call: cheap test first
             x = tensor_parallel.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
@@ -212,11 +212,11 @@ class OutputFactors(nn.Module):
 
     def __init__(self, widths, factors, device):
         super().__init__()
-        trivial = all(f == 1.0 for f in factors)
-        per_feature = None if trivial else torch.cat([torch.full((w,), float(f)) for w, f in zip(widths, factors)])
-        self.register_buffer("per_feature", None if trivial else per_feature.to(device), persistent=False)
-        ends = list(itertools.accumulate(widths))
+        ends = itertools.accumulate(widths)
         self.segments = tuple((end - w, end, float(f)) for w, end, f in zip(widths, ends, factors) if f != 1.0 and w)
+        per_feature = (torch.cat([torch.full((w,), float(f)) for w, f in zip(widths, factors)]).to(device)
+                       if self.segments else None)
+        self.register_buffer("per_feature", per_feature, persistent=False)
 
     @property
     def scale(self) -> Factors | None:
