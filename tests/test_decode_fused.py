@@ -41,10 +41,20 @@ def mamba2_decode_inputs(b, h, p, g, n, K, dtype, device, gate="norm", conv_bias
         **_mamba2_params(h, dtype, device))
 
 
-def mamba1_decode_inputs(b, d, n, dtype, device, norms=True, dt_rank=8):
-    """Falcon-Mamba's norms (norms=True): B, C normalised and dt scaled by dt_in's inverse RMS."""
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def mamba1_decode_inputs(b, d, n, dtype, device, norms=True, dt_rank=8, dt_proj=False):
+    """Falcon-Mamba's norms (norms=True): B, C normalised and dt scaled by dt_in's inverse RMS.
+    dt_proj: dt is dt_proj's input [b, dt_rank] (and Falcon's dt_in that same tensor), with dt_weight."""
     _, kw = scan_update_inputs(b, d, n, dtype, device)
-    if norms:
+    if dt_proj:
+        low = _act(b, dt_rank, dtype=dtype, device=device, scale=3.0)
+        kw.update(dt=low, dt_weight=_act(d, dt_rank, dtype=dtype, device=device, scale=0.5 / dt_rank ** 0.5))
+        if norms:
+            kw.update(norm_eps=1e-6, dt_in=low)
+    elif norms:
         kw.update(norm_eps=1e-6, dt_in=_act(b, dt_rank, dtype=dtype, device=device, scale=3.0))
     return "mamba1_decode_step", kw
 
@@ -109,7 +119,9 @@ def _default_eps_case():
     lambda: mamba2_decode_inputs(2, 4, 3, 2, 5, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
     lambda: _edited(mamba2_decode_inputs(2, 4, 3, 1, 5, 4, torch.float32, "cpu"), norm_eps=0.25),  # far from the default
     _default_eps_case,
-    lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu")], ids=["mamba2", "mamba2-eps", "mamba2-default-eps", "mamba1"])
+    lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu"),
+    lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu", dt_proj=True)],
+    ids=["mamba2", "mamba2-eps", "mamba2-default-eps", "mamba1", "mamba1-dt-proj"])
 def test_dispatch_forwards_every_argument_in_order(seed, case):
     op, kw = case()
     check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
@@ -202,11 +214,19 @@ def test_mamba2_kernel_strided_views(seed):
 
 
 @DTYPES
-@pytest.mark.parametrize("b,d,n,norms", [(1, 12, 16, True), (3, 10, 5, True), (2, 12, 16, False)],
-                         ids=["falcon-b1", "falcon-odd", "plain-mamba1"])
-def test_mamba1_kernel_interpreted(seed, dtype, b, d, n, norms):
+@pytest.mark.parametrize("b,d,n,norms,dt_proj,dt_rank", [
+    (1, 12, 16, True, False, 8), (3, 10, 5, True, False, 8), (2, 12, 16, False, False, 8),
+    (1, 12, 16, True, True, 8), (3, 70, 5, True, True, 100), (2, 12, 16, False, True, 5)],
+    ids=["falcon-b1", "falcon-odd", "plain-mamba1", "falcon-dt-proj", "falcon-dt-proj-odd", "plain-dt-proj"])
+def test_mamba1_kernel_interpreted(seed, dtype, b, d, n, norms, dt_proj, dt_rank, monkeypatch):
+    """dt-proj cases: dt_proj inside the kernel; the odd one's rank spans two of its blocks of a row
+    (DT_PROJ_BLOCK_R) with a partial one, and its channels three programs with a partial one."""
     kernels = _interpreted_kernels()
-    check_op(kernels.mamba1_decode_step, *mamba1_decode_inputs(b, d, n, dtype, "cpu", norms=norms),
+    from megatron_ssm.ops.triton import scan
+
+    monkeypatch.setattr(scan, "UPDATE_BLOCK_DT_PROJ", 32 * triton_next_pow2(n))
+    check_op(kernels.mamba1_decode_step,
+             *mamba1_decode_inputs(b, d, n, dtype, "cpu", norms=norms, dt_proj=dt_proj, dt_rank=dt_rank),
              INTERPRETED_TOL[dtype], seed)
 
 
@@ -234,7 +254,7 @@ def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hy
     before = os.environ.get(dispatch.FUSED_DECODE_ENV)
     os.environ[dispatch.FUSED_DECODE_ENV] = "1"
     real = dispatch.backend
-    fused = ("mamba1_decode_step", "mamba2_decode_step")
+    fused = ("mamba1_decode_step", "mamba2_decode_step", "causal_conv1d_update_project")
     try:
         dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
         try:
@@ -305,10 +325,11 @@ def _compile_for_sm90() -> list[str]:
         done.append(compile_one(decode._mamba2_decode_kernel, m2_types, dict(
             HEADDIM=64, K=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_DT_BIAS=True, GATE=gate, BLOCK_D=16, BLOCK_N=128,
             BLOCK_K=4, BLOCK_P=512, NORM_BLOCK=2048)))
-    for norm_bc, dt_scale in ((True, True), (True, False), (False, False)):
+    for norm_bc, dt_scale, dt_proj in ((True, True, False), (True, False, False), (False, False, False),
+                                       (True, True, True), (False, False, True)):
         done.append(compile_one(scan._state_update_kernel, m1_types, dict(
             HEADDIM=1, A_PER_HEAD=False, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, NORM_BC=norm_bc,
-            DT_SCALE=dt_scale, BLOCK_D=128, BLOCK_N=16, BLOCK_R=256 if dt_scale else 1)))
+            DT_SCALE=dt_scale, DT_PROJ=dt_proj, BLOCK_D=128, BLOCK_N=16, BLOCK_R=256 if dt_scale else 1, BLOCK_RP=64)))
     return done
 
 
@@ -317,4 +338,4 @@ def test_fused_kernels_compile_for_sm90(tmp_path):
 
     out = run_without_interpreter("import test_decode_fused as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 6, out
+    assert len(out) == 8, out

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from ..config import FALCON_MAMBA, SSMConfig
-from ..ops.dispatch import fused_decode, mamba1_decode_step, rms_norm, selective_scan, selective_state_update
+from ..ops.dispatch import (causal_conv1d_update_project, fold_rows, fused_decode, mamba1_decode_step, rms_norm,
+                            selective_scan, selective_state_update)
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
@@ -50,17 +51,11 @@ class Mamba1Mixer(Mixer):
         model/context_parallel.py); the states then hold the context before the whole range."""
         cfg = self.cfg
         x, z = self.in_proj(hidden).split(self.channels, dim=-1)
-        x = self.conv1d(x, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, x, conv_state)
-        dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         decode = ssm_state is not None and hidden.shape[1] == 1 and cu_seqlens is None and cp is None
         if decode and fused_decode("mamba1"):
-            # Falcon-Mamba's norms inside the state update: the dt norm has no weight, so it is a
-            # per-row scale that commutes with dt_proj (see ops/decode.py).
-            falcon = cfg.family == FALCON_MAMBA
-            y = mamba1_decode_step(ssm_state, x[:, 0], project(dt[:, 0], self.dt_proj.weight), decay_rates(self), B[:, 0],
-                                   C[:, 0], self.D, z[:, 0], self.dt_proj.bias,
-                                   norm_eps=cfg.mixer_rms_eps if falcon else None, dt_in=dt[:, 0] if falcon else None)
-            return self.out_proj.start(y.unsqueeze(1))
+            return self.out_proj.start(self._decode_step(x[:, 0], z[:, 0], conv_state, ssm_state).unsqueeze(1))
+        x = self.conv1d(x, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, x, conv_state)
+        dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         if cfg.family == FALCON_MAMBA:
             dt, B, C = (rms_norm(t, None, cfg.mixer_rms_eps) for t in (dt, B, C))
         dt = dt @ self.dt_proj.weight.t()  # the bias is added in fp32 inside the scan
@@ -78,3 +73,24 @@ class Mamba1Mixer(Mixer):
             elif ssm_state is not None:
                 ssm_state.copy_(final)
         return self.out_proj.start(y)
+
+    def _decode_step(self, x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor,
+                     ssm_state: torch.Tensor) -> torch.Tensor:
+        """One token [b, channels] from in_proj to out_proj through the fused ops: Falcon-Mamba's norms
+        inside the state update (the dt norm has no weight, so it is a per-row scale that commutes
+        with dt_proj: ops/decode.py); at few rows x_proj inside the conv update and dt_proj inside the
+        state update too, which leaves two kernels between the projections."""
+        cfg = self.cfg
+        fold = x.shape[0] <= fold_rows()
+        conv_weight = self.conv1d.weight.squeeze(1)
+        if fold:
+            x, xdbc = causal_conv1d_update_project(x, conv_state, conv_weight, self.conv1d.bias, self.x_proj.weight)
+            xdbc = self.x_proj.reduce(xdbc)
+        else:
+            x = self.conv1d(x.unsqueeze(1), conv_state)[:, 0]
+            xdbc = self.x_proj(x)
+        dt, B, C = xdbc.split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
+        falcon = cfg.family == FALCON_MAMBA
+        return mamba1_decode_step(ssm_state, x, dt if fold else project(dt, self.dt_proj.weight), decay_rates(self),
+                                  B, C, self.D, z, self.dt_proj.bias, norm_eps=cfg.mixer_rms_eps if falcon else None,
+                                  dt_in=dt if falcon else None, dt_weight=self.dt_proj.weight if fold else None)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .conv1d import causal_conv1d_update
+from .linear import linear
 from .norm import gated_rms_norm, rms_norm
 from .selective_scan import selective_state_update
 from .ssd import ssd_state_update
@@ -68,6 +69,7 @@ def mamba1_decode_step(
     dt_bias: torch.Tensor | None = None,
     norm_eps: float | None = None,
     dt_in: torch.Tensor | None = None,
+    dt_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mamba-1's state update for one token with Falcon-Mamba's weightless RMS norms folded in.
 
@@ -76,7 +78,11 @@ def mamba1_decode_step(
     given, dt is dt_proj(dt_in) of the *raw* dt_in, scaled here by dt_in's inverse RMS: the norm has
     no weight, so it is a per-row scale that commutes with dt_proj (whose bias is dt_bias, added
     after). That leaves no norm kernel between x_proj and out_proj.
+    With dt_weight [d, R] (dt_proj's weight), dt is dt_proj's input [b, R] and dt_proj runs here
+    (its output rounded to dt's dtype, as the unfused projection's): no projection kernel either.
     """
+    if dt_weight is not None:
+        dt = linear(dt, dt_weight)
     if norm_eps is not None:
         B, C = rms_norm(B, None, norm_eps), rms_norm(C, None, norm_eps)
         if dt_in is not None:

@@ -52,6 +52,7 @@ GEMV_MAX_ROWS = 16  # above this, cuBLAS's tiles beat a weight-streaming kernel 
 _REFERENCE: dict[str, Callable] = {
     "causal_conv1d": _conv.causal_conv1d,
     "causal_conv1d_update": _conv.causal_conv1d_update,
+    "causal_conv1d_update_project": _conv.causal_conv1d_update_project,
     "rms_norm": _norm.rms_norm,
     "add_rms_norm": _norm.add_rms_norm,
     "gated_rms_norm": _norm.gated_rms_norm,
@@ -76,6 +77,26 @@ _REFERENCE: dict[str, Callable] = {
 FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
 FUSED_DECODE_DEFAULT = ("mamba1",)
 MIXERS = ("mamba1", "mamba2")
+
+# Up to how many batch rows Mamba-1's fused decode also takes x_proj into the conv update's launch
+# (causal_conv1d_update_project) and dt_proj into the state update's: each program then reads its
+# channels' share of those weights once per row, which beats a projection kernel's launch only while
+# rows are few (docs/benchmarks.md, session 9). `MEGATRON_SSM_FOLD_ROWS` overrides it; 0 turns it off.
+FOLD_ROWS_ENV = "MEGATRON_SSM_FOLD_ROWS"
+FOLD_ROWS_DEFAULT = 4
+
+
+def fold_rows() -> int:
+    value = os.environ.get(FOLD_ROWS_ENV)
+    if value is None or not value.strip():
+        return FOLD_ROWS_DEFAULT
+    try:
+        rows = int(value)
+    except ValueError:
+        raise ValueError(f"{FOLD_ROWS_ENV}={value!r}: expected a whole number of rows (0: never)") from None
+    if rows < 0:
+        raise ValueError(f"{FOLD_ROWS_ENV}={value!r}: expected a whole number of rows (0: never)")
+    return rows
 
 
 def fused_decode(mixer: str) -> bool:
@@ -247,6 +268,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     return implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, silu)
 
 
+def causal_conv1d_update_project(x, conv_state, weight, bias, proj_weight, silu=True):
+    return implementation("causal_conv1d_update_project", x)(x, conv_state, weight, bias, proj_weight, silu)
+
+
 def linear(x, weight, bias=None, scale=None):
     return implementation("linear", x)(x, weight, bias, scale)
 
@@ -299,8 +324,9 @@ def rotary_embedding(x, positions, inv_freq):
     return implementation("rotary_embedding", x)(x, positions, inv_freq)
 
 
-def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
-    return implementation("mamba1_decode_step", u)(state, u, dt, A, B, C, D, z, dt_bias, norm_eps, dt_in)
+def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None,
+                       dt_weight=None):
+    return implementation("mamba1_decode_step", u)(state, u, dt, A, B, C, D, z, dt_bias, norm_eps, dt_in, dt_weight)
 
 
 for _name, _ref in _REFERENCE.items():

@@ -221,11 +221,11 @@ def _weightless_rms_norm(v, width, eps):
 
 @triton.jit
 def _state_update_kernel(
-    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr, dt_in_ptr,
-    nchan, nstate, heads_per_group, dt_min, dt_max, norm_eps, dt_in_width,
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, y_ptr, dt_in_ptr, dtw_ptr,
+    nchan, nstate, heads_per_group, dt_min, dt_max, norm_eps, dt_in_width, dt_rank,
     ss_b, ss_c, ss_n,
     sx_b, sx_c,
-    sdt_b, sdt_h,
+    sdt_b, sdt_h, sdw_c,
     sA_h, sA_n,
     sB_b, sB_g, sB_n,
     sC_b, sC_g, sC_n,
@@ -233,8 +233,8 @@ def _state_update_kernel(
     sy_b, sy_c,
     sdi_b,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr, DT_PROJ: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RP: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_d = tl.program_id(0)
@@ -250,7 +250,17 @@ def _state_update_kernel(
     s_ptrs = state_ptr + pid_b * ss_b + offs_c[:, None] * ss_c + offs_n[None, :] * ss_n
     s = tl.load(s_ptrs, mask=cn_mask, other=0.0)
     x = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + pid_b * sdt_b + heads * sdt_h, mask=cmask, other=0.0).to(tl.float32)
+    if DT_PROJ:  # dt is dt_proj's input [b, dt_rank]: this block's rows of dt_proj, rounded as its output
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for r0 in range(0, dt_rank, BLOCK_RP):
+            offs_rp = r0 + tl.arange(0, BLOCK_RP)
+            r_ok = offs_rp < dt_rank
+            w = tl.load(dtw_ptr + offs_c[:, None] * sdw_c + offs_rp[None, :], mask=cmask[:, None] & r_ok[None, :], other=0.0)
+            v = tl.load(dt_ptr + pid_b * sdt_b + offs_rp * sdt_h, mask=r_ok, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * v.to(tl.float32)[None, :], axis=1)
+        dt = acc.to(dt_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        dt = tl.load(dt_ptr + pid_b * sdt_b + heads * sdt_h, mask=cmask, other=0.0).to(tl.float32)
     if DT_SCALE:  # dt = dt_proj(dt_in) of the raw dt_in: apply dt_in's (weightless) RMS norm now
         offs_r = tl.arange(0, BLOCK_R)
         di = tl.load(dt_in_ptr + pid_b * sdi_b + offs_r, mask=offs_r < dt_in_width, other=0.0).to(tl.float32)
@@ -313,6 +323,10 @@ SCAN_CONFIG = {16: ((4, 32, 1, 1), (2, 32, 1, 1), (1, 32, 1, 1), (1, 16, 1, 2), 
                128: ((1, 8, 1, 1), (1, 4, 1, 2))}
 SCAN_WARPS_PER_SM = 7
 SCAN_UNROLL = 1
+# A register cap for the prefill scan (None: Triton's choice, ~217 at P = 4): fewer registers let
+# more warps share an SM, which Nsight Compute says is what the kernel lacks (2 warps a scheduler,
+# 0.77 of them ready per cycle; docs/benchmarks.md, session 9). For measuring; spills past a point.
+SCAN_MAXNREG: int | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -363,25 +377,33 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
         P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, AHEAD=ahead, FAST_MATH=x3.is_cuda,
-        num_warps=num_warps,
+        num_warps=num_warps, **({"maxnreg": SCAN_MAXNREG} if SCAN_MAXNREG and x3.is_cuda else {}),
     )
     return y, hT
 
 
 # State elements per decode program: enough loads in flight per program, and enough programs to
-# cover every SM at batch 1 (Mamba2-2.7B: 5120 x 128 state elements a layer).
+# cover every SM at batch 1 (Mamba2-2.7B: 5120 x 128 state elements a layer). Projecting dt too,
+# a program also reads its channels' rows of dt_proj (falcon-mamba-7b: 8192 x 256), so it takes
+# fewer channels; DT_PROJ_BLOCK_R of a row at a time.
 UPDATE_BLOCK = 2048
+UPDATE_BLOCK_DT_PROJ = 1024
+DT_PROJ_BLOCK_R = 64
 
 
 def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_head, dt_limit,
-                  norm_eps=None, dt_in=None):
+                  norm_eps=None, dt_in=None, dt_weight=None):
     """state3 [b, nchan, n] updated in place; x2, z2 [b, nchan]; dt2 [b, nheads]; B3, C3 [b, g, n].
-    norm_eps: B and C RMS-normalised first, and dt scaled by dt_in's [b, R] inverse RMS if given."""
+    norm_eps: B and C RMS-normalised first, and dt scaled by dt_in's [b, R] inverse RMS if given.
+    dt_weight [nchan, R] (Mamba-1): dt2 [b, R] is dt_proj's input, projected here."""
     b, nchan, n = state3.shape
     g = B3.shape[1]
     nheads = nchan // headdim
     bn = triton.next_power_of_2(n)
-    bd = _block_d(nchan, nchan // g, g, max(1, UPDATE_BLOCK // bn))
+    dt_proj = dt_weight is not None
+    bd = _block_d(nchan, nchan // g, g, max(1, (UPDATE_BLOCK_DT_PROJ if dt_proj else UPDATE_BLOCK) // bn))
+    if dt_proj and dt_weight.stride(-1) != 1:
+        dt_weight = dt_weight.contiguous()
     y = torch.empty(b, nchan, device=x2.device, dtype=x2.dtype)
     D, dt_bias = _vec(D), _vec(dt_bias)
     zs = z2.stride() if z2 is not None else (0, 0)
@@ -391,15 +413,16 @@ def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_he
     on = pdl.use(x2.device)
     _state_update_kernel[(triton.cdiv(nchan, bd), b)](
         state3, x2, dt2, A2, B3, C3, D if D is not None else x2, z2 if z2 is not None else x2,
-        dt_bias if dt_bias is not None else x2, y, dt_in if scale_dt else x2,
+        dt_bias if dt_bias is not None else x2, y, dt_in if scale_dt else x2, dt_weight if dt_proj else x2,
         nchan, n, nheads // g, float(dt_limit[0]), float(dt_limit[1]),
         float(norm_eps) if norm_eps is not None else 0.0, dt_in.shape[-1] if scale_dt else 1,
-        *state3.stride(), *x2.stride(), *dt2.stride(), *A2.stride(), *B3.stride(), *C3.stride(), *zs,
-        *y.stride(), dt_in.stride(0) if scale_dt else 0,
+        dt_weight.shape[1] if dt_proj else 0,
+        *state3.stride(), *x2.stride(), *dt2.stride(), dt_weight.stride(0) if dt_proj else 0,
+        *A2.stride(), *B3.stride(), *C3.stride(), *zs, *y.stride(), dt_in.stride(0) if scale_dt else 0,
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z2 is not None,
-        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt, PDL=on,
-        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=triton.next_power_of_2(dt_in.shape[-1]) if scale_dt else 1, num_warps=4,
-        **pdl.kwargs(on),
+        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt, DT_PROJ=dt_proj, PDL=on,
+        BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=triton.next_power_of_2(dt_in.shape[-1]) if scale_dt else 1,
+        BLOCK_RP=DT_PROJ_BLOCK_R, num_warps=4, **pdl.kwargs(on),
     )
     return y
 
@@ -419,10 +442,13 @@ def selective_state_update(state, u, dt, A, B, C, D=None, z=None, dt_bias=None):
                          headdim=1, a_per_head=False, dt_limit=_NO_LIMIT)
 
 
-def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None):
-    """selective_state_update with Falcon-Mamba's B/C/dt norms inside the same launch."""
+def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None,
+                       dt_weight=None):
+    """selective_state_update with Falcon-Mamba's B/C/dt norms, and dt_proj if dt_weight is given,
+    inside the same launch."""
     return _state_update(state, u, dt, A, B.unsqueeze(1), C.unsqueeze(1), D, z, dt_bias,
-                         headdim=1, a_per_head=False, dt_limit=_NO_LIMIT, norm_eps=norm_eps, dt_in=dt_in)
+                         headdim=1, a_per_head=False, dt_limit=_NO_LIMIT, norm_eps=norm_eps, dt_in=dt_in,
+                         dt_weight=dt_weight)
 
 
 # ---- Mamba-2 --------------------------------------------------------------------------------------
