@@ -165,11 +165,16 @@ def _conv_update_kernel(
         # The last of the row's programs to finish an output tile sums that tile's partials (as
         # ops/triton/gemv.py's split K: in a fixed order, so the result does not depend on which
         # program came last), so the reductions spread over programs instead of queueing on one.
+        # One release per program, not one per tile (each is a memory fence): in PTX's model a
+        # release followed in program order by a strong write to another counter is a release
+        # pattern on that counter too, so the tiles' increments after the first can be relaxed; the
+        # reducing program's acquire is its reset of the counter.
         offs_s = tl.arange(0, BLOCK_S)
         for j in tl.static_range(N_TILES):
             lock = lock_ptr + pid_b * N_TILES + j
-            arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+            arrived = tl.atomic_add(lock, 1, sem="release" if j == 0 else "relaxed")
             if arrived == progs - 1:
+                tl.atomic_xchg(lock, 0, sem="acquire")  # ready for the next launch (or graph replay)
                 offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for s0 in range(0, progs, BLOCK_S):
@@ -179,7 +184,6 @@ def _conv_update_kernel(
                                      cache_modifier=".cg")
                     total += tl.sum(shares, axis=0)
                 tl.store(p_ptr + pid_b * sp_b + offs_n, total.to(p_ptr.dtype.element_ty), mask=offs_n < N)
-                tl.atomic_xchg(lock, 0)  # ready for the next launch (or graph replay)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
