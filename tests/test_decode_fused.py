@@ -219,8 +219,8 @@ def test_mamba2_kernel_strided_views(seed):
     (1, 12, 16, True, True, 8), (3, 70, 5, True, True, 100), (2, 12, 16, False, True, 5)],
     ids=["falcon-b1", "falcon-odd", "plain-mamba1", "falcon-dt-proj", "falcon-dt-proj-odd", "plain-dt-proj"])
 def test_mamba1_kernel_interpreted(seed, dtype, b, d, n, norms, dt_proj, dt_rank, monkeypatch):
-    """dt-proj cases: dt_proj inside the kernel; the odd one's rank spans two of its blocks of a row
-    (DT_PROJ_BLOCK_R) with a partial one, and its channels three programs with a partial one."""
+    """dt-proj cases: dt_proj inside the kernel; the odd one's rank is not a power of two and its
+    channels span three programs, the last one partial."""
     kernels = _interpreted_kernels()
     from megatron_ssm.ops.triton import scan
 
@@ -254,7 +254,7 @@ def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hy
     before = os.environ.get(dispatch.FUSED_DECODE_ENV)
     os.environ[dispatch.FUSED_DECODE_ENV] = "1"
     real = dispatch.backend
-    fused = ("mamba1_decode_step", "mamba2_decode_step", "causal_conv1d_update_project")
+    fused = ("mamba1_decode_step", "mamba2_decode_step")
     try:
         dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
         try:
@@ -329,7 +329,8 @@ def _compile_for_sm90() -> list[str]:
                                        (True, True, True), (False, False, True)):
         done.append(compile_one(scan._state_update_kernel, m1_types, dict(
             HEADDIM=1, A_PER_HEAD=False, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, NORM_BC=norm_bc,
-            DT_SCALE=dt_scale, DT_PROJ=dt_proj, BLOCK_D=128, BLOCK_N=16, BLOCK_R=256 if dt_scale else 1, BLOCK_RP=64)))
+            DT_SCALE=dt_scale, DT_PROJ=dt_proj, BLOCK_D=32 if dt_proj else 128, BLOCK_N=16, BLOCK_R=256 if dt_scale else 1,
+            BLOCK_RP=256 if dt_proj else 1)))
     return done
 
 

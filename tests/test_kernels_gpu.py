@@ -21,8 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, conv_update_project_inputs, gated_norm_inputs,
-    linear_inputs,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs,
     packed, packed_attention_inputs, rel_err,
     rms_norm_inputs, rope_inputs, decode_attention_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
@@ -308,33 +307,6 @@ def test_mamba1_decode_step(seed, dtype, b, d, norms, dt_proj, rank):
     from test_decode_fused import mamba1_decode_inputs
     check_op(kernels().mamba1_decode_step,
              *mamba1_decode_inputs(b, d, 16, dtype, DEV, norms=norms, dt_rank=rank, dt_proj=dt_proj), TOL[dtype], seed)
-
-
-@DTYPES
-@pytest.mark.parametrize("b,C,N", [(1, 8192, 288), (4, 8192, 288), (2, 5120, 192)],
-                         ids=["falcon-7B-b1", "falcon-7B-b4", "mamba-2.8B-b2"])
-def test_conv1d_update_project(seed, dtype, b, C, N):
-    check_op(kernels().causal_conv1d_update_project, *conv_update_project_inputs(b, C, 4, N, dtype, DEV), TOL[dtype],
-             seed)
-
-
-def test_conv1d_update_project_replayed_from_a_graph(seed):
-    """Steps replayed from one captured launch: every output tile's arrival counter is back at zero
-    after each (else the next replay's reductions would never run, or run early)."""
-    _, kw = conv_update_project_inputs(2, 8192, 4, 288, torch.bfloat16, DEV)
-    ref_state = kw["conv_state"].clone()
-    k = kernels()
-    k.causal_conv1d_update_project(**dict(kw, conv_state=kw["conv_state"].clone()))  # compile outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y, p = k.causal_conv1d_update_project(**kw)
-    for step in range(4):
-        kw["x"].copy_(torch.randn_like(kw["x"], dtype=torch.float32))
-        graph.replay()
-        want_y, want_p = ref_ops.causal_conv1d_update_project(**dict(kw, conv_state=ref_state))
-        errs = [rel_err(y, want_y), rel_err(p, want_p), rel_err(kw["conv_state"], ref_state)]
-        assert max(errs) < TOL[torch.bfloat16], (step, errs, seed)
 
 
 def test_mamba2_decode_step_replayed_from_a_graph(seed):

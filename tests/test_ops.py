@@ -26,7 +26,7 @@ from megatron_ssm.ops import attention as attention_ops
 from megatron_ssm.ops import dispatch
 
 OPS = list(ref_ops.__all__)
-INPLACE = {"causal_conv1d_update": ("conv_state",), "causal_conv1d_update_project": ("conv_state",), "selective_state_update": ("state",), "ssd_state_update": ("state",),
+INPLACE = {"causal_conv1d_update": ("conv_state",), "selective_state_update": ("state",), "ssd_state_update": ("state",),
            "mamba1_decode_step": ("state",), "mamba2_decode_step": ("conv_state", "ssm_state")}
 # ‖out - ref‖ / ‖ref‖ allowed per activation dtype: fp32 math on both sides for fp32; one extra
 # rounding of intermediates for the 16-bit types.
@@ -57,13 +57,6 @@ def conv_update_inputs(b, C, K, dtype, device, bias=True, silu=True):
         x=_act(b, C, dtype=dtype, device=device), conv_state=_act(b, C, K - 1, dtype=dtype, device=device),
         weight=_act(C, K, dtype=dtype, device=device, scale=0.5),
         bias=_act(C, dtype=dtype, device=device) if bias else None, silu=silu)
-
-
-def conv_update_project_inputs(b, C, K, N, dtype, device, bias=True):
-    """Mamba-1's conv update and x_proj (proj_weight [N, C]) as one op."""
-    _, kw = conv_update_inputs(b, C, K, dtype, device, bias=bias)
-    return "causal_conv1d_update_project", dict(kw, proj_weight=_act(N, C, dtype=dtype, device=device,
-                                                                     scale=C ** -0.5))
 
 
 def _mamba1_params(d, n, dtype, device):
@@ -576,8 +569,6 @@ def test_dispatch_forwards_every_argument_in_order(seed):
                    # biting, a bf16 stream, a sum-of-squares callback
                    conv_inputs(2, 5, 6, 4, torch.float32, "cpu", silu=False),
                    conv_update_inputs(2, 6, 4, torch.float32, "cpu", silu=False),
-                   ("causal_conv1d_update_project", dict(conv_update_project_inputs(2, 6, 4, 3, torch.float32, "cpu")[1],
-                                                         silu=False)),
                    packed(conv_inputs(1, 7, 6, 4, torch.float32, "cpu", state=False), (3, 4)),
                    packed(scan_inputs(1, 7, 4, 3, torch.float32, "cpu", state=False), (3, 4)),
                    packed(ssd_inputs(1, 7, 2, 3, 1, 4, 4, torch.float32, "cpu", state=False), (3, 4)),
@@ -815,14 +806,9 @@ def _compile_for_sm90() -> list[str]:
     def conv_types(a):
         return "*bf16" if a.endswith("_ptr") and a not in ("seq_ptr", "cu_ptr") else "*i32" if a.endswith("_ptr") else "i32"
 
-    def update_types(a):
-        return {"part_ptr": "*fp32", "lock_ptr": "*i32"}.get(a, "*bf16") if a.endswith("_ptr") else "i32"
-
     return [compile_for_sm90(conv1d._conv_fwd_kernel, conv_types, dict(
         K=4, HAS_BIAS=True, HAS_INIT=init, SILU=True, PACKED=not init, BLOCK_L=64, BLOCK_C=128, FAST_DIV=True))
-        for init in (True, False)] + [compile_for_sm90(conv1d._conv_update_kernel, update_types, dict(
-            K=4, HAS_BIAS=True, SILU=True, PDL=True, BLOCK_C=64, BLOCK_K=4, PROJECT=project, BLOCK_N=32,
-            N_TILES=9 if project else 1, BLOCK_S=128)) for project in (True, False)]
+        for init in (True, False)]
 
 
 def test_conv_compiles_for_sm90(tmp_path):
@@ -830,7 +816,7 @@ def test_conv_compiles_for_sm90(tmp_path):
 
     out = run_without_interpreter("import test_ops as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 4, out
+    assert len(out) == 2, out
 
 
 def _tiny_cases(dtype):
@@ -839,8 +825,6 @@ def _tiny_cases(dtype):
         conv_inputs(1, 150, 20, 4, dtype, "cpu"),  # tiles past the first, which do not read the state
         conv_inputs(2, 3, 9, 3, dtype, "cpu", state=False, silu=False),
         conv_update_inputs(2, 300, 4, dtype, "cpu"), conv_update_inputs(1, 5, 3, dtype, "cpu", bias=False, silu=False),
-        # several programs and output tiles, partial ones of each; one program, one partial tile
-        conv_update_project_inputs(2, 300, 4, 70, dtype, "cpu"), conv_update_project_inputs(1, 5, 3, 7, dtype, "cpu", bias=False),
         scan_inputs(1, 19, 10, 16, dtype, "cpu"), scan_inputs(1, 3, 5, 3, dtype, "cpu", state=False, gate=False),
         scan_update_inputs(2, 12, 16, dtype, "cpu"), scan_update_inputs(1, 5, 3, dtype, "cpu", gate=False),
         ssd_inputs(1, 19, 4, 4, 2, 16, 8, dtype, "cpu"), ssd_inputs(1, 5, 3, 4, 1, 6, 4, dtype, "cpu", state=False,

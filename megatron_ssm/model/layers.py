@@ -93,11 +93,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         self.replicated_output = replicated_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.reduce(project(x, self.weight))
-
-    def reduce(self, y: torch.Tensor) -> torch.Tensor:
-        """The rest of forward for this rank's x @ weight^T computed elsewhere (a fused kernel's):
-        the sum over the TP group, then the bias."""
+        y = project(x, self.weight)
         if self.tp.size > 1:
             y = self._reduce_with_grad(y) if differentiable(self.weight) else self.allreduce(y, self.tp.group)
         return y if self.bias is None else y + self.bias

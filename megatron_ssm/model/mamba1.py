@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import FALCON_MAMBA, SSMConfig
-from ..ops.dispatch import (causal_conv1d_update_project, fold_rows, fused_decode, mamba1_decode_step, rms_norm,
-                            selective_scan, selective_state_update)
+from ..ops.dispatch import fold_rows, fused_decode, mamba1_decode_step, rms_norm, selective_scan, selective_state_update
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
@@ -76,20 +75,13 @@ class Mamba1Mixer(Mixer):
 
     def _decode_step(self, x: torch.Tensor, z: torch.Tensor, conv_state: torch.Tensor,
                      ssm_state: torch.Tensor) -> torch.Tensor:
-        """One token [b, channels] from in_proj to out_proj through the fused ops: Falcon-Mamba's norms
+        """One token [b, channels] from in_proj's output to out_proj's input: Falcon-Mamba's norms
         inside the state update (the dt norm has no weight, so it is a per-row scale that commutes
-        with dt_proj: ops/decode.py); at few rows x_proj inside the conv update and dt_proj inside the
-        state update too, which leaves two kernels between the projections."""
+        with dt_proj: ops/decode.py), and at few rows dt_proj inside it too."""
         cfg = self.cfg
+        x = self.conv1d(x.unsqueeze(1), conv_state)[:, 0]
+        dt, B, C = self.x_proj(x).split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         fold = x.shape[0] <= fold_rows()
-        conv_weight = self.conv1d.weight.squeeze(1)
-        if fold:
-            x, xdbc = causal_conv1d_update_project(x, conv_state, conv_weight, self.conv1d.bias, self.x_proj.weight)
-            xdbc = self.x_proj.reduce(xdbc)
-        else:
-            x = self.conv1d(x.unsqueeze(1), conv_state)[:, 0]
-            xdbc = self.x_proj(x)
-        dt, B, C = xdbc.split([cfg.time_step_rank, cfg.state_size, cfg.state_size], dim=-1)
         falcon = cfg.family == FALCON_MAMBA
         return mamba1_decode_step(ssm_state, x, dt if fold else project(dt, self.dt_proj.weight), decay_rates(self),
                                   B, C, self.D, z, self.dt_proj.bias, norm_eps=cfg.mixer_rms_eps if falcon else None,

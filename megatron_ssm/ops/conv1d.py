@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear import linear
 from .varlen import check_packed, split_packed
 
 
@@ -56,19 +55,3 @@ def causal_conv1d_update(
     if silu:
         y = F.silu(y)
     return y.to(x.dtype)
-
-
-def causal_conv1d_update_project(
-    x: torch.Tensor,
-    conv_state: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    proj_weight: torch.Tensor,
-    silu: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """causal_conv1d_update, then its output through a bias-free projection: Mamba-1's conv and
-    x_proj at decode as one op, so that a kernel can take x_proj's share of a block of channels
-    while it holds their conv output. proj_weight [N, C]. Returns (y [b, C], y @ proj_weight^T
-    [b, N]), both in x's dtype (at TP > 1 the second is this rank's part of x_proj's sum)."""
-    y = causal_conv1d_update(x, conv_state, weight, bias, silu)
-    return y, linear(y, proj_weight)

@@ -52,7 +52,6 @@ GEMV_MAX_ROWS = 16  # above this, cuBLAS's tiles beat a weight-streaming kernel 
 _REFERENCE: dict[str, Callable] = {
     "causal_conv1d": _conv.causal_conv1d,
     "causal_conv1d_update": _conv.causal_conv1d_update,
-    "causal_conv1d_update_project": _conv.causal_conv1d_update_project,
     "rms_norm": _norm.rms_norm,
     "add_rms_norm": _norm.add_rms_norm,
     "gated_rms_norm": _norm.gated_rms_norm,
@@ -78,10 +77,10 @@ FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
 FUSED_DECODE_DEFAULT = ("mamba1",)
 MIXERS = ("mamba1", "mamba2")
 
-# Up to how many batch rows Mamba-1's fused decode also takes x_proj into the conv update's launch
-# (causal_conv1d_update_project) and dt_proj into the state update's: each program then reads its
-# channels' share of those weights once per row, which beats a projection kernel's launch only while
-# rows are few (docs/benchmarks.md, session 9). `MEGATRON_SSM_FOLD_ROWS` overrides it; 0 turns it off.
+# Up to how many batch rows Mamba-1's fused decode also runs dt_proj inside the state update's launch
+# (mamba1_decode_step's dt_weight): each program then reads its channels' rows of dt_proj once per
+# batch row, which can beat a projection kernel's launch only while rows are few (docs/benchmarks.md,
+# session 9). `MEGATRON_SSM_FOLD_ROWS` overrides it; 0 turns it off.
 FOLD_ROWS_ENV = "MEGATRON_SSM_FOLD_ROWS"
 FOLD_ROWS_DEFAULT = 4
 
@@ -266,10 +265,6 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlen
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     return implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, silu)
-
-
-def causal_conv1d_update_project(x, conv_state, weight, bias, proj_weight, silu=True):
-    return implementation("causal_conv1d_update_project", x)(x, conv_state, weight, bias, proj_weight, silu)
 
 
 def linear(x, weight, bias=None, scale=None):

@@ -113,16 +113,14 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlen
 
 @triton.jit
 def _conv_update_kernel(
-    x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr, pw_ptr, part_ptr, lock_ptr, p_ptr,
-    C, N,
+    x_ptr, state_ptr, w_ptr, bias_ptr, y_ptr,
+    C,
     sx_b, sx_c,
     ss_b, ss_c, ss_k,
     sw_c, sw_k,
     sy_b, sy_c,
-    spw_n, sp_b,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, PROJECT: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pdl_enter(PDL)
     pid_c = tl.program_id(0)
@@ -143,98 +141,24 @@ def _conv_update_kernel(
         acc += tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + pid_b * sy_b + offs_c * sy_c, y, mask=cmask)
-    if PROJECT:
-        # This block's share of y @ pw^T (fp32, from y as stored): one partial sum per output tile,
-        # kept in part [b, programs, N] for the reduction below.
-        yv = tl.where(cmask, y.to(tl.float32), 0.0)
-        progs = tl.num_programs(0)
-        for j in tl.static_range(N_TILES):
-            offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            pw = tl.load(pw_ptr + offs_n[:, None] * spw_n + offs_c[None, :], mask=(offs_n < N)[:, None] & cmask[None, :],
-                         other=0.0)
-            share = tl.sum(pw.to(tl.float32) * yv[None, :], axis=1)
-            tl.store(part_ptr + (pid_b * progs + pid_c) * N + offs_n, share, mask=offs_n < N)
+    tl.store(y_ptr + pid_b * sy_b + offs_c * sy_c, acc.to(y_ptr.dtype.element_ty), mask=cmask)
     # Shift in place: column k takes column k+1. Another thread may own column k+1 of the same
-    # channel, so every read of the old state must finish before the first write (and, projecting,
-    # every partial is stored before the release below).
+    # channel, so every read of the old state must finish before the first write.
     tl.debug_barrier()
     tl.store(s_ptrs - ss_k, window, mask=cmask[:, None] & ((offs_k >= 1) & (offs_k < K))[None, :])
-    if PROJECT:
-        # The last of the row's programs to finish an output tile sums that tile's partials (as
-        # ops/triton/gemv.py's split K: in a fixed order, so the result does not depend on which
-        # program came last), so the reductions spread over programs instead of queueing on one.
-        # One release per program, not one per tile (each is a memory fence): in PTX's model a
-        # release followed in program order by a strong write to another counter is a release
-        # pattern on that counter too, so the tiles' increments after the first can be relaxed; the
-        # reducing program's acquire is its reset of the counter.
-        offs_s = tl.arange(0, BLOCK_S)
-        for j in tl.static_range(N_TILES):
-            lock = lock_ptr + pid_b * N_TILES + j
-            arrived = tl.atomic_add(lock, 1, sem="release" if j == 0 else "relaxed")
-            if arrived == progs - 1:
-                tl.atomic_xchg(lock, 0, sem="acquire")  # ready for the next launch (or graph replay)
-                offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-                total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                for s0 in range(0, progs, BLOCK_S):
-                    rows = s0 + offs_s
-                    shares = tl.load(part_ptr + (pid_b * progs + rows[:, None]) * N + offs_n[None, :],
-                                     mask=(rows < progs)[:, None] & (offs_n < N)[None, :], other=0.0,
-                                     cache_modifier=".cg")
-                    total += tl.sum(shares, axis=0)
-                tl.store(p_ptr + pid_b * sp_b + offs_n, total.to(p_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
-    return _update(x, conv_state, weight, bias, None, silu)[0]
-
-
-# Channels per program of the projecting update: at batch 1, enough programs to read x_proj's
-# weights (falcon-mamba-7b: 288 x 8192) at the bandwidth of most SMs, few enough that each output
-# tile's reduction over the programs' partials stays short.
-PROJECT_BLOCK_C = 64
-PROJECT_BLOCK_N = 32
-_LOCKS: dict[torch.device, torch.Tensor] = {}
-
-
-def causal_conv1d_update_project(x, conv_state, weight, bias, proj_weight, silu=True):
-    if proj_weight.stride(-1) != 1:
-        proj_weight = proj_weight.contiguous()
-    return _update(x, conv_state, weight, bias, proj_weight, silu)
-
-
-def _locks(device: torch.device, n: int) -> torch.Tensor:
-    """Arrival counters, zero between launches (each launch leaves them so); grown as needed."""
-    locks = _LOCKS.get(device)
-    if locks is None or locks.numel() < n:
-        locks = _LOCKS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return locks
-
-
-def _update(x, conv_state, weight, bias, proj_weight, silu):
     b, C = x.shape
     K = weight.shape[-1]
     assert K >= 2, "a width-1 conv has no state"
     y = torch.empty_like(x)
-    project = proj_weight is not None
-    block_c = PROJECT_BLOCK_C if project else 128
-    programs = triton.cdiv(C, block_c)
-    if project:
-        N = proj_weight.shape[0]
-        tiles = triton.cdiv(N, PROJECT_BLOCK_N)
-        p = torch.empty(b, N, device=x.device, dtype=x.dtype)
-        part = torch.empty(b, programs, N, device=x.device, dtype=torch.float32)
-        locks = _locks(x.device, b * tiles)
-        pw, spw = proj_weight, proj_weight.stride(0)
-    else:
-        N, tiles, p, part, locks, pw, spw = 0, 1, None, y, y, weight, 0
+    BLOCK_C = 128
     on = pdl.use(x.device)
-    _conv_update_kernel[(programs, b)](
-        x, conv_state, weight, bias if bias is not None else weight, y, pw, part, locks, p if project else y,
-        C, N, *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(), spw, p.stride(0) if project else 0,
-        K=K, HAS_BIAS=bias is not None, SILU=silu, PDL=on, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(K),
-        PROJECT=project, BLOCK_N=PROJECT_BLOCK_N, N_TILES=tiles, BLOCK_S=min(256, triton.next_power_of_2(programs)),
+    _conv_update_kernel[(triton.cdiv(C, BLOCK_C), b)](
+        x, conv_state, weight, bias if bias is not None else weight, y,
+        C, *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
+        K=K, HAS_BIAS=bias is not None, SILU=silu, PDL=on, BLOCK_C=BLOCK_C, BLOCK_K=triton.next_power_of_2(K),
         num_warps=4, **pdl.kwargs(on),
     )
-    return y, p
+    return y
