@@ -146,6 +146,23 @@ def test_fused_decode_switch_refuses_unknown_mixers(monkeypatch):
         dispatch.fused_decode("attention")
 
 
+@pytest.mark.parametrize("value,rows", [(None, dispatch.FOLD_ROWS_DEFAULT), ("", dispatch.FOLD_ROWS_DEFAULT),
+                                        ("0", 0), (" 8 ", 8)])
+def test_fold_rows_switch(monkeypatch, value, rows):
+    if value is None:
+        monkeypatch.delenv(dispatch.FOLD_ROWS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(dispatch.FOLD_ROWS_ENV, value)
+    assert dispatch.fold_rows() == rows
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_fold_rows_switch_refuses_what_is_not_a_row_count(monkeypatch, value):
+    monkeypatch.setenv(dispatch.FOLD_ROWS_ENV, value)
+    with pytest.raises(ValueError, match="FOLD_ROWS"):
+        dispatch.fold_rows()
+
+
 # ---- the kernels, interpreted -----------------------------------------------------------------
 
 MAMBA2_CASES = [  # (b, h, p, g, n, K, gate, conv_bias, dt_limit)
@@ -239,9 +256,12 @@ def test_mamba1_kernel_norms_without_dt_in(seed):
 
 # ---- the model's decode with the kernels (interpreted) against its decode with the references ------
 
-def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hybrid: bool = False):
+def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hybrid: bool = False,
+                              fold_rows: int | None = None):
     """(logits with the fused decode ops run by the interpreted Triton kernels, logits with the
-    references): the tensors are on CPU, so the ops are routed to the kernels by hand."""
+    references): the tensors are on CPU, so the ops are routed to the kernels by hand. fold_rows:
+    FOLD_ROWS_ENV for both runs (None: the default); then also how many of Mamba-1's decode steps
+    were handed dt_proj's weight."""
     from interpreter import interpreter_problem
     if hybrid:
         from test_hybrids import _rank_prefill_then_decode
@@ -251,22 +271,31 @@ def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hy
     if problem := interpreter_problem():
         return problem
     # both mixers' fused ops, whatever the default (these rank processes serve other tests after)
-    before = os.environ.get(dispatch.FUSED_DECODE_ENV)
+    before = {k: os.environ.get(k) for k in (dispatch.FUSED_DECODE_ENV, dispatch.FOLD_ROWS_ENV)}
     os.environ[dispatch.FUSED_DECODE_ENV] = "1"
-    real = dispatch.backend
+    if fold_rows is not None:
+        os.environ[dispatch.FOLD_ROWS_ENV] = str(fold_rows)
+    from megatron_ssm.model import mamba1
+
+    real, real_step = dispatch.backend, mamba1.mamba1_decode_step
     fused = ("mamba1_decode_step", "mamba2_decode_step")
+    folded = []
+    mamba1.mamba1_decode_step = lambda *a, **k: folded.append(k.get("dt_weight") is not None) or real_step(*a, **k)
     try:
         dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
         try:
             with_kernels = _rank_prefill_then_decode(ckpt, input_ids, split)
         finally:
             dispatch.backend = real
-        return with_kernels, _rank_prefill_then_decode(ckpt, input_ids, split)
+        out = with_kernels, _rank_prefill_then_decode(ckpt, input_ids, split)
+        return out if fold_rows is None else (*out, sum(folded))
     finally:
-        if before is None:
-            os.environ.pop(dispatch.FUSED_DECODE_ENV)
-        else:
-            os.environ[dispatch.FUSED_DECODE_ENV] = before
+        mamba1.mamba1_decode_step = real_step
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +329,21 @@ def test_model_decode_with_kernels_matches_references(ranks, converted, converte
         pytest.skip(got)
     with_kernels, refs = got
     assert rel_err(with_kernels, refs) < 1e-4, seed
+
+
+@pytest.mark.parametrize("family,tp", [("falcon_mamba", 2), ("mamba", 1)], ids=["falcon-tp2", "mamba1"])
+def test_mamba1_decode_with_dt_proj_folded(ranks, converted, seed, family, tp):
+    """dt_proj inside the state update (every row folded): the kernels match the references, and the
+    references match the model with dt_proj as its own projection (no row folded)."""
+    _, _, ckpts, _ = converted(family, {})
+    ids = torch.randint(0, 250, (2, 9))
+    folded = ranks(tp).run(_rank_decode_with_kernels, ckpts[tp], ids, 5, False, 8)[0]
+    if isinstance(folded, str):
+        pytest.skip(folded)
+    apart = ranks(tp).run(_rank_decode_with_kernels, ckpts[tp], ids, 5, False, 0)[0]
+    assert folded[2] > 0 and apart[2] == 0, (folded[2], apart[2])  # each run's decode steps, both runs
+    assert rel_err(folded[0], folded[1]) < 1e-4, seed
+    assert rel_err(folded[1], apart[1]) < 1e-6 and rel_err(apart[0], apart[1]) < 1e-4, seed
 
 
 # ---- the kernels compile for the GPU ------------------------------------------------------------

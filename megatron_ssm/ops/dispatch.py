@@ -72,17 +72,19 @@ _REFERENCE: dict[str, Callable] = {
 # "0" for none. The default is what measured faster on the H200 (docs/benchmarks.md, "Fused decode
 # steps"): Mamba-1's fused update (4.75 vs 5.03 ms a falcon-mamba-7b step at b1); not Mamba-2's kernel,
 # which was slower than the three kernels it replaces (2.69 vs 2.57 ms a mamba2-2.7b step at b1,
-# 5.84 vs 4.18 ms at b16).
+# 5.84 vs 4.18 ms at b16), and still is with PDL (2.537 vs 2.343 ms at b1, 5.867 vs 3.908 at b16,
+# session 9).
 FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
 FUSED_DECODE_DEFAULT = ("mamba1",)
 MIXERS = ("mamba1", "mamba2")
 
 # Up to how many batch rows Mamba-1's fused decode also runs dt_proj inside the state update's launch
 # (mamba1_decode_step's dt_weight): each program then reads its channels' rows of dt_proj once per
-# batch row, which can beat a projection kernel's launch only while rows are few (docs/benchmarks.md,
+# batch row, which beats a projection kernel's launch only while rows are few. On the H200, a
+# falcon-mamba-7b graphed step: 4.404 vs 4.477 ms at b1, 4.803 vs 4.578 at b4 (docs/benchmarks.md,
 # session 9). `MEGATRON_SSM_FOLD_ROWS` overrides it; 0 turns it off.
 FOLD_ROWS_ENV = "MEGATRON_SSM_FOLD_ROWS"
-FOLD_ROWS_DEFAULT = 4
+FOLD_ROWS_DEFAULT = 1
 
 
 def fold_rows() -> int:
