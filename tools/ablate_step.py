@@ -108,6 +108,8 @@ def main():
     ap.add_argument("--replays", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=2, help="each variant timed this many times, interleaved")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("ablate_step.py needs CUDA (it times CUDA graphs)")
     tp = init_distributed()
     name, cfg = load_config(args.config)
     model = MambaLM(cfg, tp, dtype=torch.bfloat16).eval()
