@@ -318,14 +318,13 @@ def _flat_channels(t: torch.Tensor, lead: int) -> torch.Tensor:
 # these): per step under Triton 3.6, P = 4 is ~151 instructions per channel (217 registers), P = 2
 # ~169 (168), P = 1 ~236 (95), W = 16 / 8 ~210 / ~145 per 16 / 8 channels; every channel-step also
 # takes 21 MUFU ops (16 exp2 for the states), so from P = 2 on the SFU, not issue, is the limit.
+# Nsight Compute on the H200 (docs/benchmarks.md, session 9) finds P = 4 at b32 x 512 latency-bound
+# at 2 warps a scheduler (54% of issue slots, the SFU at 61%); capping registers for more warps
+# spilled and measured slower (a launch's maxnreg of 192, 168, 128).
 SCAN_CONFIG = {16: ((4, 32, 1, 1), (2, 32, 1, 1), (1, 32, 1, 1), (1, 16, 1, 2), (1, 8, 1, 2)),
                128: ((1, 8, 1, 1), (1, 4, 1, 2))}
 SCAN_WARPS_PER_SM = 7
 SCAN_UNROLL = 1
-# A register cap for the prefill scan (None: Triton's choice, ~217 at P = 4): fewer registers let
-# more warps share an SM, which Nsight Compute says is what the kernel lacks (2 warps a scheduler,
-# 0.77 of them ready per cycle; docs/benchmarks.md, session 9). For measuring; spills past a point.
-SCAN_MAXNREG: int | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -376,7 +375,7 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
         P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, AHEAD=ahead, FAST_MATH=x3.is_cuda,
-        num_warps=num_warps, **({"maxnreg": SCAN_MAXNREG} if SCAN_MAXNREG and x3.is_cuda else {}),
+        num_warps=num_warps,
     )
     return y, hT
 
