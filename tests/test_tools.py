@@ -252,3 +252,62 @@ def test_serving_benchmark_on_cpu(tiny_ckpts, tmp_path):
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and r["throughput_tok_s"] > 0, r
     best = max(r["throughput_tok_s"] for r in rows)
     assert re.search(rf"<= 1000000000 ms \| {best:.0f}\b", out), out
+
+
+
+def _rank_ablate_step_patches() -> list[str]:
+    """ablate_step.py's variants on tiny Mamba-1 and Mamba-2 models: each changes the step (its
+    stand-ins replace ops the decode step really calls, else a GPU run would time the whole step
+    under a stage's name), and leaving it restores the model (a step from the same states then
+    equals the step before any patching)."""
+    import contextlib
+    import dataclasses
+
+    from megatron_ssm.inference.cache import StateCache
+    from megatron_ssm.model.lm import MambaLM
+    from megatron_ssm.parallel import tp_context
+
+    ablate = _tool("ablate_step")
+    tp = tp_context(torch.device("cpu"))
+    tiny = {"falcon-mamba-7b": dict(hidden_size=16, intermediate_size=32, num_layers=2, time_step_rank=4,
+                                    vocab_size=64),
+            "mamba2-2.7b": dict(hidden_size=16, intermediate_size=32, num_layers=2, vocab_size=64, head_dim=8,
+                                num_heads=4)}
+    variants = {"falcon-mamba-7b": ["in_proj", "conv", "x_proj", "dt_proj", "update", "out_proj", "x_proj+dt_proj"],
+                "mamba2-2.7b": ["in_proj", "conv", "update", "norm", "out_proj", "conv+update+norm"]}
+    done = []
+    for name, sizes in tiny.items():
+        _, cfg = ablate.load_config(str(ROOT / "configs" / f"{name}.yaml"))
+        cfg = dataclasses.replace(cfg, **sizes, pattern="M" * 2)
+        torch.manual_seed(0)
+        model = MambaLM(cfg, tp, dtype=torch.float32).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+        ids = torch.randint(0, 64, (2, 1))
+
+        def step(states):
+            cache = StateCache(model.state_shapes(8), 2, dtype=model.dtype, device=tp.device)
+            for layer, saved in zip(cache.layers, states):
+                for k, t in layer.items():
+                    t.copy_(saved[k])
+            return model(ids, cache.rows(0, 2))
+
+        states = [{k: torch.randn_like(t) for k, t in layer.items()}
+                  for layer in StateCache(model.state_shapes(8), 2, dtype=model.dtype, device=tp.device).layers]
+        with torch.no_grad():
+            whole = step(states)
+            for variant in variants[name]:
+                with contextlib.ExitStack() as stack:
+                    for stage in variant.split("+"):
+                        ablate._patches(model, stage, stack)
+                    cut = step(states)
+                assert not torch.equal(cut, whole), f"{name} {variant}: the step did not change"
+                assert torch.equal(step(states), whole), f"{name} {variant}: not restored"
+                done.append(f"{name} {variant}")
+    return done
+
+
+def test_ablate_step_leaves_out_what_the_step_calls(ranks):
+    done = ranks(1).run(_rank_ablate_step_patches)[0]
+    assert len(done) == 13, done
