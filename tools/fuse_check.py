@@ -130,14 +130,17 @@ def time_kernels(batches=(1, 16), layers=48):
                 return y * torch.nn.functional.silu(kw["z"])
 
             line = [f"chain {_graph_time(chain, copies):.2f}"]
-            saved = fused.UPDATE_BLOCK, fused.NUM_WARPS
+            saved = fused.UPDATE_BLOCK, fused.NUM_WARPS, fused.NORM_BLOCK
+            # NORM_BLOCK: the last program normalises the group's y this many channels at a time
+            # (mamba2-2.7b's one group is 5120 wide: 3 rounds at 2048, 1 at 8192)
             for block in (1024, 2048, 4096, 8192, 16384):
                 for warps in (4, 8):
-                    fused.UPDATE_BLOCK, fused.NUM_WARPS = block, warps
-                    t = _graph_time(lambda i: kernels.mamba2_decode_step(
-                        **dict(kw, conv_state=copies[i][0], ssm_state=copies[i][1])), copies)
-                    line.append(f"{block}/{warps}w {t:.2f}")
-            fused.UPDATE_BLOCK, fused.NUM_WARPS = saved
+                    for norm_block in ((2048, 8192) if gate == "norm" else (saved[2],)):
+                        fused.UPDATE_BLOCK, fused.NUM_WARPS, fused.NORM_BLOCK = block, warps, norm_block
+                        t = _graph_time(lambda i: kernels.mamba2_decode_step(
+                            **dict(kw, conv_state=copies[i][0], ssm_state=copies[i][1])), copies)
+                        line.append(f"{block}/{warps}w{f'/norm{norm_block}' if gate == 'norm' else ''} {t:.2f}")
+            fused.UPDATE_BLOCK, fused.NUM_WARPS, fused.NORM_BLOCK = saved
             print(f"mamba2-2.7b b{b} {gate}: us per layer: {', '.join(line)}", flush=True)
 
 
