@@ -5,8 +5,9 @@
 # falcon-mamba-7b TTFT and decode), suite (every GPU test, pytest-xdist -n $XDIST), nopack (the pre-packing prefill path, for A/B), base (mamba-ssm's
 # generate on the same workloads), serve (tools/serving_benchmark.py: ours, ours unpacked, mamba-ssm),
 # prof (where an eager prefill and a decode step spend their time), plain (bench's rows
-# with --no-decode-ahead), hybrids (nemotron-h-8b and falcon-h1-7b, plain and ahead); default: tests,bench. Each step
-# has its own timeout.
+# with --no-decode-ahead), hybrids (nemotron-h-8b and falcon-h1-7b, plain and ahead), ablate (each decode
+# stage's cost, tools/ablate_step.py), ncu (Nsight Compute on single decode kernels, tools/ncu_targets.py);
+# default: tests,bench. Each step has its own timeout.
 set -uo pipefail
 OUT=${OUT:-out}
 STAGE=${STAGE:-tests,bench}
@@ -66,5 +67,23 @@ if has prof; then
         --steps 3 --top 30 > "$L/profile_prefill_b1.txt" 2>&1; head -4 "$L/profile_prefill_b1.txt"
     timeout 40 python3 tools/profile_step.py --config configs/mamba2-2.7b.yaml --batch 1 --top 30 \
         > "$L/profile_decode_b1.txt" 2>&1; head -3 "$L/profile_decode_b1.txt"
+fi
+if has ablate; then  # what each decode stage costs inside the graphed step (tools/ablate_step.py)
+    timeout ${T_AB:-150} python3 tools/ablate_step.py --config configs/falcon-mamba-7b.yaml --batch ${AB_BATCH:-1,16} \
+        --skip x_proj,dt_proj,conv,update,in_proj,out_proj 2>&1 | quiet | tee -a "$L/ablate.txt"
+    timeout ${T_AB:-150} python3 tools/ablate_step.py --config configs/mamba2-2.7b.yaml --batch ${AB_BATCH:-1,16} \
+        --skip conv,update,norm,conv+update+norm,in_proj,out_proj 2>&1 | quiet | tee -a "$L/ablate.txt"
+fi
+if has ncu; then  # Nsight Compute on single decode kernels (tools/ncu_targets.py); report pages as text
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    for t in ${NCU_TARGETS:-gemv-fm-out-proj:_gemv_kernel gemv-fm-x-proj:_gemv_kernel mamba2-fused:_mamba2_decode_kernel}; do
+        name=${t%%:*}; kernel=${t#*:}
+        timeout 120 $NCU --clock-control none -k regex:$kernel -s 2 -c 1 --set full --import-source yes -f \
+            -o "$L/ncu-$name" python3 tools/ncu_targets.py $name > "$L/ncu-$name-run.txt" 2>&1
+        timeout 60 $NCU -i "$L/ncu-$name.ncu-rep" --page details > "$L/ncu-$name.txt" 2>&1
+        timeout 60 $NCU -i "$L/ncu-$name.ncu-rep" --page raw --csv > "$L/ncu-$name-raw.csv" 2>&1
+        rm -f "$L/ncu-$name.ncu-rep"
+        grep -E "Duration|Registers Per|Memory Throughput|Issue Slots Busy|Achieved Occupancy" "$L/ncu-$name.txt" | sed "s/^/$name /"
+    done
 fi
 tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$L"
