@@ -797,26 +797,36 @@ def test_flash_probe_keeps_the_reference_unless_the_kernel_runs_and_agrees(monke
 
 
 def _compile_for_sm90() -> list[str]:
-    """The prefill conv with and without a state (only its first tile reads the state), compiled for
-    sm_90."""
+    """The prefill conv with and without a state (only its first tile reads the state), and decode
+    attention's two kernels as a graphed step launches them (PDL), compiled for sm_90."""
     from interpreter import compile_for_sm90
 
-    from megatron_ssm.ops.triton import conv1d
+    from megatron_ssm.ops.triton import attention, conv1d
+
+    def attention_types(a):
+        if a.endswith("_ptr"):
+            return {"pos_ptr": "*i64", "acc_ptr": "*fp32", "ml_ptr": "*fp32"}.get(a, "*bf16")
+        return "fp32" if a == "scale_log2e" else "i32"
+
+    decode = [compile_for_sm90(attention._split_kernel, attention_types, dict(
+                  G=4, D=128, BLOCK_G=16, BLOCK_D=128, BLOCK_S=64, UPCAST=False, IEEE=False, PDL=True)),
+              compile_for_sm90(attention._merge_kernel, attention_types, dict(
+                  G=4, D=128, BLOCK_G=16, BLOCK_D=128, BLOCK_SPLITS=8, PDL=True))]
 
     def conv_types(a):
         return "*bf16" if a.endswith("_ptr") and a not in ("seq_ptr", "cu_ptr") else "*i32" if a.endswith("_ptr") else "i32"
 
     return [compile_for_sm90(conv1d._conv_fwd_kernel, conv_types, dict(
         K=4, HAS_BIAS=True, HAS_INIT=init, SILU=True, PACKED=not init, BLOCK_L=64, BLOCK_C=128, FAST_DIV=True))
-        for init in (True, False)]
+        for init in (True, False)] + decode
 
 
-def test_conv_compiles_for_sm90(tmp_path):
+def test_conv_and_decode_attention_compile_for_sm90(tmp_path):
     from interpreter import run_without_interpreter
 
     out = run_without_interpreter("import test_ops as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 2, out
+    assert len(out) == 4, out
 
 
 def _tiny_cases(dtype):

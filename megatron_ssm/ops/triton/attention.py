@@ -79,7 +79,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, acc_ptr, ml_ptr, S, per_split, s
 @triton.jit
 def _merge_kernel(acc_ptr, ml_ptr, o_ptr, splits, so_b, so_h,
                   G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_SPLITS: tl.constexpr):
+                  BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)  # scheduled while the split kernel drains; reads its partials only after it ends
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1)
     sp = tl.arange(0, BLOCK_SPLITS)
@@ -126,5 +127,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     )
     _merge_kernel[(b, kv_heads)](acc, ml, out, splits, out.stride(0), out.stride(1),
                                  G=G, D=d, BLOCK_G=block_g, BLOCK_D=block_d,
-                                 BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=4)
+                                 BLOCK_SPLITS=triton.next_power_of_2(splits), PDL=on, num_warps=4, **pdl.kwargs(on))
     return out
