@@ -41,10 +41,6 @@ def mamba2_decode_inputs(b, h, p, g, n, K, dtype, device, gate="norm", conv_bias
         **_mamba2_params(h, dtype, device))
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def mamba1_decode_inputs(b, d, n, dtype, device, norms=True, dt_rank=8, dt_proj=False):
     """Falcon-Mamba's norms (norms=True): B, C normalised and dt scaled by dt_in's inverse RMS.
     dt_proj: dt is dt_proj's input [b, dt_rank] (and Falcon's dt_in that same tensor), with dt_weight."""
@@ -239,9 +235,11 @@ def test_mamba1_kernel_interpreted(seed, dtype, b, d, n, norms, dt_proj, dt_rank
     """dt-proj cases: dt_proj inside the kernel; the odd one's rank is not a power of two and its
     channels span three programs, the last one partial."""
     kernels = _interpreted_kernels()
+    import triton
+
     from megatron_ssm.ops.triton import scan
 
-    monkeypatch.setattr(scan, "UPDATE_BLOCK_DT_PROJ", 32 * triton_next_pow2(n))
+    monkeypatch.setattr(scan, "UPDATE_BLOCK_DT_PROJ", 32 * triton.next_power_of_2(n))
     check_op(kernels.mamba1_decode_step,
              *mamba1_decode_inputs(b, d, n, dtype, "cpu", norms=norms, dt_proj=dt_proj, dt_rank=dt_rank),
              INTERPRETED_TOL[dtype], seed)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from benchmark import load_config, random_weights_  # noqa: E402
 from fuse_check import _replay_ms  # noqa: E402
 
+from megatron_ssm.comm import PendingAllReduce  # noqa: E402
 from megatron_ssm.inference.cache import StateCache  # noqa: E402
 from megatron_ssm.inference.cuda_graphs import GraphedDecode  # noqa: E402
 from megatron_ssm.model import layers, mamba1, mamba2  # noqa: E402
@@ -42,16 +43,6 @@ def _constant(shape, like: torch.Tensor) -> torch.Tensor:
     if key not in _CONSTANTS:
         _CONSTANTS[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
     return _CONSTANTS[key]
-
-
-class _Done:
-    """A finished PendingOutput: out_proj left out."""
-
-    def __init__(self, y):
-        self.y = y
-
-    def wait(self):
-        return self.y
 
 
 def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
@@ -84,7 +75,8 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
     elif stage == "out_proj":
         for m in mixers:
             stack.callback(m.out_proj.__dict__.pop, "start", None)
-            m.out_proj.start = lambda x, *a, **k: _Done(_constant((*x.shape[:-1], model.cfg.hidden_size), x))
+            m.out_proj.start = lambda x, *a, **k: layers.PendingOutput(
+                PendingAllReduce(_constant((*x.shape[:-1], model.cfg.hidden_size), x)), None)
     else:
         raise SystemExit(f"unknown stage {stage!r}")
 

@@ -88,16 +88,17 @@ FOLD_ROWS_DEFAULT = 1
 
 
 def fold_rows() -> int:
-    value = os.environ.get(FOLD_ROWS_ENV)
+    return _fold_rows(os.environ.get(FOLD_ROWS_ENV))
+
+
+@functools.lru_cache(maxsize=None)
+def _fold_rows(value: str | None) -> int:
+    """FOLD_ROWS_ENV's value as a row count; parsed once per value (eager decode asks per layer)."""
     if value is None or not value.strip():
         return FOLD_ROWS_DEFAULT
-    try:
-        rows = int(value)
-    except ValueError:
-        raise ValueError(f"{FOLD_ROWS_ENV}={value!r}: expected a whole number of rows (0: never)") from None
-    if rows < 0:
+    if not value.strip().isdigit():
         raise ValueError(f"{FOLD_ROWS_ENV}={value!r}: expected a whole number of rows (0: never)")
-    return rows
+    return int(value)
 
 
 def fused_decode(mixer: str) -> bool:
