@@ -11,6 +11,7 @@ tools/gpu_kernel_check.sh.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, gated_norm_inputs, linear_inputs,
+    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, entry_linear_inputs, gated_norm_inputs, linear_inputs,
     packed, packed_attention_inputs, rel_err,
     rms_norm_inputs, rope_inputs, decode_attention_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
@@ -262,6 +263,53 @@ def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypa
             fresh.copy_(torch.randn_like(fresh))
             graph.replay()
             err = rel_err(out, F.linear(**kw))
+            assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
+
+
+# (N, K, bias, stream dtype): falcon-mamba-7b's in_proj (fp32 stream) and LM head, mamba2-2.7b's in_proj
+# (where linear's tuner takes cuBLAS: the entry then takes our kernel's fastest), odd sizes
+ENTRY_SHAPES = [(16384, 4096, False, torch.float32), (65024, 4096, False, torch.float32),
+                (10576, 2560, False, torch.float32), (1000, 999, True, None)]
+
+
+@DTYPES
+@pytest.mark.parametrize("n,k,bias,stream", ENTRY_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("tuned", [True, False], ids=["tuned", "heuristic"])
+def test_add_rms_norm_linear(seed, dtype, n, k, bias, stream, m, tuned):
+    """A block's entry inside its first projection's launch, against add_rms_norm then linear: the
+    tuned configuration and the heuristic one, the first block (no delta) on the odd shape."""
+    from megatron_ssm.ops.triton import gemv
+
+    impl = kernels().add_rms_norm_linear if tuned else functools.partial(
+        gemv.add_rms_norm_linear, config=gemv.heuristic(m, n, k, torch.device(DEV)))
+    for delta in (True, False) if stream is None else (True,):
+        check_op(impl, *entry_linear_inputs((m,), n, k, dtype, DEV, residual_dtype=stream or dtype, delta=delta,
+                                            bias=bias), TOL[dtype], seed)
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_add_rms_norm_linear_replayed_from_a_graph(seed, m, monkeypatch):
+    """The entry captured once (PDL on, behind the copy that writes the stream) and replayed on new
+    streams: each replay's output and stream are the new inputs', split K and not."""
+    from megatron_ssm.ops.triton import gemv, pdl as pdl_mod
+
+    monkeypatch.setenv(pdl_mod.ENV, "1")
+    _, kw = entry_linear_inputs((m,), 2560, 5120, torch.bfloat16, DEV)
+    for cfg in [gemv.Config(32, 64, 8, 4), gemv.Config(64, 128, 1, 4)]:
+        gemv.add_rms_norm_linear(**kw, config=cfg)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        fresh = torch.empty_like(kw["residual"])
+        with torch.cuda.graph(graph):
+            kw["residual"].copy_(fresh)
+            out, stream = gemv.add_rms_norm_linear(**kw, config=cfg)
+        for step in range(3):
+            fresh.copy_(torch.randn_like(fresh) * 3)
+            graph.replay()
+            want, want_stream = ref_ops.add_rms_norm_linear(**kw)
+            err = rel_err(out, want)
+            assert torch.equal(stream, want_stream), f"{cfg} replay {step}: the stream differs (seed {seed})"
             assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
 
 

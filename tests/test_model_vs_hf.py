@@ -55,13 +55,14 @@ def _rank_decode_through_gemv(ckpt: str, input_ids: torch.Tensor, split: int):
     kernel (Triton's interpreter, on CPU)."""
     import os
 
-    from megatron_ssm.ops.dispatch import LINEAR_ENV
+    from megatron_ssm.ops.dispatch import ENTRY_ROWS_ENV, LINEAR_ENV
 
-    os.environ[LINEAR_ENV] = "triton"
+    # every decode row's block entry inside its first projection's launch too (add_rms_norm_linear)
+    os.environ.update({LINEAR_ENV: "triton", ENTRY_ROWS_ENV: "16"})
     try:
         return _rank_prefill_then_decode(ckpt, input_ids, split)
     finally:
-        del os.environ[LINEAR_ENV]
+        del os.environ[LINEAR_ENV], os.environ[ENTRY_ROWS_ENV]
 
 
 def _rank_generate(ckpt: str, prompts: list[list[int]], new_tokens: int):

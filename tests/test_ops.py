@@ -138,6 +138,15 @@ def linear_inputs(lead, n, k, dtype, device, bias=True, scale=None):
     return "linear", kw
 
 
+def entry_linear_inputs(lead, n, k, dtype, device, residual_dtype=torch.float32, delta=True, bias=False, scale=None):
+    """A block's entry (add_norm_inputs) and the projection that reads it (linear_inputs)."""
+    _, norm = add_norm_inputs(lead, k, dtype, device, residual_dtype=residual_dtype, delta=delta)
+    _, lin = linear_inputs(lead, n, k, dtype, device, bias=bias, scale=scale)
+    return "add_rms_norm_linear", dict(residual=norm["residual"], delta=norm["delta"], norm_weight=norm["weight"],
+                                       eps=norm["eps"], residual_dtype=residual_dtype, weight=lin["weight"],
+                                       bias=lin["bias"], scale=lin.get("scale"))
+
+
 def rope_inputs(b, L, heads, d, rotary_dim, dtype, device, theta=10000.0, start=0):
     """x [b, L, heads, d] as a view of a wider projection (as the model's q and k are), positions
     from `start` on per row (rows at different lengths), HF's frequencies."""
@@ -829,6 +838,36 @@ def test_conv_and_decode_attention_compile_for_sm90(tmp_path):
     assert len(out) == 4, out
 
 
+def _gemv_compile_for_sm90() -> list[str]:
+    """The skinny GEMM's split-K launches as decode captures them (PDL, tl.dot over padded rows),
+    reducing one row and sixteen, plain and as a block's entry (an fp32 stream), compiled for sm_90:
+    the partials' 3-D tile is a shape the interpreter runs whatever Triton's compiler would make of it."""
+    from interpreter import compile_for_sm90
+
+    from megatron_ssm.ops.triton import gemv
+
+    def types(entry):
+        fp32 = {"part_ptr", "s_ptr"} | ({"x_ptr", "h_ptr"} if entry else set())
+        return lambda a: ("*fp32" if a in fp32 else "*i32" if a == "lock_ptr" else "*bf16") if a.endswith("_ptr") \
+            else "fp32" if a in ("alpha", "eps") else "i32"
+
+    out = []
+    for rows, splits, entry in ((1, 16, False), (16, 8, False), (1, 16, True)):
+        out.append(compile_for_sm90(gemv._gemv_kernel, types(entry), dict(
+            NORM=entry, HAS_DELTA=entry, NORM_ROWS=rows, NORM_BLOCK=4096, HAS_BIAS=False, SCALE=0, SPLIT=True,
+            USE_DOT=True, IEEE=False, UPCAST=False, EVEN_K=True, PDL=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128,
+            RED_ROWS=rows, RED_SPLITS=splits)))
+    return out
+
+
+def test_gemv_compiles_for_sm90(tmp_path):
+    from interpreter import run_without_interpreter
+
+    out = run_without_interpreter("import test_ops as t; print('\\n'.join(t._gemv_compile_for_sm90()))",
+                                  tmp_path, os.path.dirname(__file__))
+    assert len(out) == 3, out
+
+
 def _tiny_cases(dtype):
     return [
         conv_inputs(2, 37, 70, 4, dtype, "cpu"), conv_inputs(1, 2, 5, 4, dtype, "cpu", bias=False),
@@ -1005,7 +1044,8 @@ def test_gemv_every_configuration_interpreted(seed):
         for m, bias in [(1, True), (3, False), (16, True)]:
             _, kw = linear_inputs((m,), n, k, dtype, "cpu", bias=bias)
             ref = F.linear(**kw)
-            for cfg in configs if m == 1 else configs[:3] + [gemv.Config(64, 32, 2, 4)]:
+            # Config(64, 16, 7, 4): more splits than the reducing program loads at once at 16 rows
+            for cfg in configs if m == 1 else configs[:3] + [gemv.Config(64, 32, 2, 4), gemv.Config(64, 16, 7, 4)]:
                 where = f"{m}x{k} @ {n}x{k} bias {bias} {dtype} config {cfg} (seed {seed})"
                 out = kernels.linear(**kw, config=cfg)
                 assert out.shape == ref.shape and out.dtype == ref.dtype, where
@@ -1067,6 +1107,33 @@ def test_linear_segment_factors_are_the_per_feature_ones(seed):
         grad = unscaled.clone().requires_grad_()
         out = scale_output(grad, factors.per_feature)
         assert out.dtype == dtype and out.requires_grad and torch.equal(out.detach(), want), dtype
+
+
+def test_add_rms_norm_linear_interpreted(seed):
+    """A block's entry inside the skinny GEMM (add_rms_norm_linear) against the reference ops it is
+    made of: an fp32 stream exactly, the output within the dtype's tolerance. fp32 and bf16 weights, an
+    fp32 and a bf16 stream, the first block (no delta), bias and scale; one row (tl.dot and
+    elementwise), 3 and 16 rows (the norm's sums over several tiles of K at 16); split K, where only
+    the first column tile's programs write the stream; K off the tiles; the heuristic configuration."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import gemv
+
+    bf, f32 = torch.bfloat16, torch.float32
+    cases = [(1, False, True, "vector"), (1, True, False, None), (3, False, False, "float"), (16, False, True, None)]
+    for (dtype, stream), (m, first, bias, scale), (n, k) in itertools.product(
+            [(f32, f32), (bf, f32), (bf, bf)], cases, [(45, 200), (40, 512)]):
+        _, kw = entry_linear_inputs((m,), n, k, dtype, "cpu", residual_dtype=stream, delta=not first, bias=bias,
+                                    scale=scale)
+        want_y, want_h = ref_ops.add_rms_norm_linear(**kw)
+        configs = [None, gemv.Config(16, 64, 3, 4), gemv.Config(32, 128, 1, 4)] + \
+            ([gemv.Config(16, 64, 3, 4, dot=False)] if m == 1 else [])
+        for cfg in configs:
+            where = f"{m} rows, {n}x{k}, {dtype} stream {stream}, first {first}, bias {bias}, scale {scale}, {cfg} (seed {seed})"
+            y, h = kernels.add_rms_norm_linear(**kw, config=cfg)
+            # exact in fp32; a bf16 stream one rounding apart (the interpreter's fp32 -> bf16 truncates)
+            assert h.dtype == stream, where
+            torch.testing.assert_close(h, want_h, rtol=0 if stream == f32 else 2 ** -7, atol=0, msg=lambda e: f"{where}: {e}")
+            assert y.dtype == dtype and rel_err(y, want_y) < TOL[dtype], f"{where}: relative error {rel_err(y, want_y):.2e}"
 
 
 def test_gemv_scale_epilogue_interpreted(seed):

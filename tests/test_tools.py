@@ -273,8 +273,9 @@ def _rank_ablate_step_patches() -> list[str]:
                                     vocab_size=64),
             "mamba2-2.7b": dict(hidden_size=16, intermediate_size=32, num_layers=2, vocab_size=64, head_dim=8,
                                 num_heads=4)}
-    variants = {"falcon-mamba-7b": ["in_proj", "conv", "x_proj", "dt_proj", "update", "out_proj", "x_proj+dt_proj"],
-                "mamba2-2.7b": ["in_proj", "conv", "update", "norm", "out_proj", "conv+update+norm"]}
+    variants = {"falcon-mamba-7b": ["in_proj", "conv", "x_proj", "dt_proj", "update", "out_proj", "x_proj+dt_proj",
+                                    "add_norm"],
+                "mamba2-2.7b": ["in_proj", "conv", "update", "norm", "out_proj", "conv+update+norm", "add_norm"]}
     done = []
     for name, sizes in tiny.items():
         _, cfg = ablate.load_config(str(ROOT / "configs" / f"{name}.yaml"))
@@ -310,4 +311,4 @@ def _rank_ablate_step_patches() -> list[str]:
 
 def test_ablate_step_leaves_out_what_the_step_calls(ranks):
     done = ranks(1).run(_rank_ablate_step_patches)[0]
-    assert len(done) == 13, done
+    assert len(done) == 15, done

@@ -10,7 +10,7 @@ stage out ... and take differences"). One GPU, synthetic weights as tools/benchm
 
 Stages (a '+' joins several into one variant): in_proj, conv, x_proj, dt_proj (Mamba-1), update
 (the state update, or Mamba-1's fused update), norm (Mamba-2's gated norm), out_proj (the mixer's
-output projection: its all-reduce too).
+output projection: its all-reduce too), add_norm (each block's residual add and RMS norm).
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ from fuse_check import _replay_ms  # noqa: E402
 from megatron_ssm.comm import PendingAllReduce  # noqa: E402
 from megatron_ssm.inference.cache import StateCache  # noqa: E402
 from megatron_ssm.inference.cuda_graphs import GraphedDecode  # noqa: E402
-from megatron_ssm.model import layers, mamba1, mamba2  # noqa: E402
+from megatron_ssm.model import blocks, layers, mamba1, mamba2  # noqa: E402
 from megatron_ssm.model.lm import MambaLM  # noqa: E402
+from megatron_ssm.ops.dispatch import add_rms_norm  # noqa: E402
 from megatron_ssm.parallel import init_distributed  # noqa: E402
 
 _CONSTANTS: dict = {}
@@ -57,8 +58,12 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
     def on_module(module, name, fake):
         stack.enter_context(_swap(module, name, fake))
 
-    if stage == "in_proj":
+    if stage == "in_proj":  # where the block's entry runs inside in_proj's launch, the entry stays alone
         on_instances("in_proj", lambda sub: lambda x, *a, **k: _constant((*x.shape[:-1], sub.weight.shape[0]), x))
+        for module in (mamba1, mamba2):
+            on_module(module, "project_entry", lambda stream, delta, norm, dtype, weight, *a, **k: (
+                _constant((*stream.shape[:-1], weight.shape[0]), weight),
+                add_rms_norm(stream, delta, norm.weight, norm.eps, dtype)[1]))
     elif stage == "conv":
         stack.enter_context(_swap(layers.CausalConv1d, "forward", lambda self, x, *a, **k: x))
     elif stage == "x_proj":
@@ -72,6 +77,11 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
         on_module(mamba2, "mamba2_decode_step", lambda xbc, z, *a, **k: xbc[:, : z.shape[-1]])
     elif stage == "norm":
         on_module(mamba2, "gated_rms_norm", lambda y, *a, **k: y)
+    elif stage == "add_norm":  # each block's entry (residual add + RMS norm), alone or in in_proj's launch
+        on_module(blocks, "add_rms_norm", lambda stream, delta, weight, *a: (_constant(stream.shape, weight), stream))
+        for module in (mamba1, mamba2):
+            on_module(module, "project_entry", lambda stream, delta, norm, dtype, weight, bias=None, scale=None: (
+                layers.project(_constant(stream.shape, weight), weight, bias, scale), stream))
     elif stage == "out_proj":
         for m in mixers:
             stack.callback(m.out_proj.__dict__.pop, "start", None)

@@ -70,9 +70,9 @@ if has prof; then
 fi
 if has ablate; then  # what each decode stage costs inside the graphed step (tools/ablate_step.py)
     timeout ${T_AB:-150} python3 tools/ablate_step.py --config configs/falcon-mamba-7b.yaml --batch ${AB_BATCH:-1,16} \
-        --skip x_proj,dt_proj,conv,update,in_proj,out_proj 2>&1 | quiet | tee -a "$L/ablate.txt"
+        --skip ${AB_FM_SKIP:-x_proj,dt_proj,conv,update,in_proj,out_proj,add_norm} 2>&1 | quiet | tee -a "$L/ablate.txt"
     timeout ${T_AB:-150} python3 tools/ablate_step.py --config configs/mamba2-2.7b.yaml --batch ${AB_BATCH:-1,16} \
-        --skip conv,update,norm,conv+update+norm,in_proj,out_proj 2>&1 | quiet | tee -a "$L/ablate.txt"
+        --skip ${AB_M2_SKIP:-conv,update,norm,conv+update+norm,in_proj,out_proj,add_norm} 2>&1 | quiet | tee -a "$L/ablate.txt"
 fi
 if has ncu; then  # Nsight Compute on single decode kernels (tools/ncu_targets.py); report pages as text
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -94,8 +94,13 @@ class MambaBlock(Block):
 
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None,
               cp=None) -> tuple[torch.Tensor, PendingOutput]:
-        normed, stream = self.enter(stream, delta)
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
+        # The entry inside in_proj's launch where the mixer takes it (decode's few rows: ops' dispatch)
+        entry = self.mixer.project_entry(stream, delta, self.norm, self.residual_dtype)
+        if entry is not None:
+            projected, stream = entry
+            return stream, self.mixer.start(None, conv, ssm, cu_seqlens, cp=cp, projected=projected)
+        normed, stream = self.enter(stream, delta)
         return stream, self.mixer.start(normed, conv, ssm, cu_seqlens, cp=cp)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:

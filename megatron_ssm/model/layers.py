@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
-from ..ops.dispatch import causal_conv1d, causal_conv1d_update, linear
+from ..ops.dispatch import add_rms_norm_linear, causal_conv1d, causal_conv1d_update, linear
 from ..ops.linear import Factors, linear as reference_linear
 from ..parallel import TPContext
 
@@ -45,6 +45,18 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
         return reference_linear(x, weight, bias, scale)
     return linear(x, weight, bias, scale)
+
+
+def project_entry(stream: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNorm", residual_dtype: torch.dtype,
+                  weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  scale: float | torch.Tensor | Factors | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(project(normed), stream + delta) for a pre-norm block's entry (ops' add_rms_norm) and the
+    projection that reads it, as one op (one kernel at decode); None while gradients may flow,
+    where the block's own entry and the layer's forward keep their differentiable paths."""
+    if torch.is_grad_enabled() and (weight.requires_grad or norm.weight.requires_grad or stream.requires_grad
+                                    or (delta is not None and delta.requires_grad)):
+        return None
+    return add_rms_norm_linear(stream, delta, norm.weight, norm.eps, residual_dtype, weight, bias, scale)
 
 
 def all_reduce_with_grad(x: torch.Tensor, group) -> torch.Tensor:
@@ -240,6 +252,12 @@ class Mixer(nn.Module):
               ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
               cp=None) -> PendingOutput:
         raise NotImplementedError
+
+    def project_entry(self, stream: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNorm",
+                      residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the first projection of norm(stream + delta), stream + delta) in one op, for `start`'s
+        `projected`; None where this mixer does not take it (the block then runs its entry alone)."""
+        return None
 
 
 def decay_rates(mixer: nn.Module) -> torch.Tensor:

@@ -21,7 +21,8 @@ from ..parallel import TPContext, megatron_config
 from .attention import Attention
 from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
 from .context_parallel import ContextParallelSpans
-from .layers import AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding, project
+from .layers import (AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding, project,
+                     project_entry)
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
 from .mlp import MLP
@@ -175,10 +176,15 @@ class MambaLM(nn.Module):
             delta = None if delta is None else delta[0].index_select(0, last).unsqueeze(1)
         elif last_only:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
-        hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         # Falcon-H1's lm_head multiplier inside the projection (its kernel's epilogue at decode)
-        logits = project(hidden.to(head.dtype), head, scale=self.logit_scale if self.logit_scale != 1.0 else None).float()
+        scale = self.logit_scale if self.logit_scale != 1.0 else None
+        entry = (project_entry(stream, delta, self.norm_f, self.residual_dtype, head, scale=scale)
+                 if self.norm_f.weight.dtype == head.dtype else None)  # the final norm inside the head's launch
+        if entry is None:
+            hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
+            entry = project(hidden.to(head.dtype), head, scale=scale), None
+        logits = entry[0].float()
         logits = logits.masked_fill_(self.vocab_padding, float("-inf"))
         if cp is not None:
             logits = cp.last_logits(logits) if last_only else cp.gather_positions(logits)

@@ -15,7 +15,7 @@ from ..ops.dispatch import fold_rows, fused_decode, mamba1_decode_step, rms_norm
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, PendingOutput, RowParallelLinear,
-                     decay_rates, local_param, project)
+                     decay_rates, local_param, project, project_entry)
 
 
 class Mamba1Mixer(Mixer):
@@ -43,14 +43,18 @@ class Mamba1Mixer(Mixer):
         """Per-sequence (conv state, SSM state) shapes on this rank."""
         return (self.channels, self.cfg.conv_kernel - 1), (self.channels, self.cfg.state_size)
 
-    def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
+    def project_entry(self, stream, delta, norm, residual_dtype):
+        return project_entry(stream, delta, norm, residual_dtype, self.in_proj.weight, self.in_proj.bias)
+
+    def start(self, hidden: torch.Tensor | None, conv_state: torch.Tensor | None = None,
               ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-              cp: ContextParallelSpans | None = None) -> PendingOutput:
+              cp: ContextParallelSpans | None = None, projected: torch.Tensor | None = None) -> PendingOutput:
         """cp: this forward's tokens are one span of a range split over the CP group (see
-        model/context_parallel.py); the states then hold the context before the whole range."""
+        model/context_parallel.py); the states then hold the context before the whole range.
+        projected: in_proj's output, from project_entry (hidden is then None)."""
         cfg = self.cfg
-        x, z = self.in_proj(hidden).split(self.channels, dim=-1)
-        decode = ssm_state is not None and hidden.shape[1] == 1 and cu_seqlens is None and cp is None
+        x, z = (self.in_proj(hidden) if projected is None else projected).split(self.channels, dim=-1)
+        decode = ssm_state is not None and x.shape[1] == 1 and cu_seqlens is None and cp is None
         if decode and fused_decode("mamba1"):
             return self.out_proj.start(self._decode_step(x[:, 0], z[:, 0], conv_state, ssm_state).unsqueeze(1))
         x = self.conv1d(x, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, x, conv_state)

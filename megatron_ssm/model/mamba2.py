@@ -25,7 +25,7 @@ from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, OutputFactors, PendingOutput,
                      RowParallelLinear, all_reduce_with_grad, decay_rates, differentiable, fold_input_scale,
-                     local_param)
+                     local_param, project_entry)
 
 
 def local_groups(cfg: SSMConfig, tp_size: int) -> int:
@@ -89,16 +89,25 @@ class Mamba2Mixer(Mixer):
             slots = self.small_allreduce(slots, self.tp.group)
         return slots[..., self.shared_group:self.shared_group + 1]
 
-    def start(self, hidden: torch.Tensor, conv_state: torch.Tensor | None = None,
+    def project_entry(self, stream, delta, norm, residual_dtype):
+        if self.hidden_scale != 1.0:  # a multiplier on in_proj's input that its bias keeps there
+            return None
+        return project_entry(stream, delta, norm, residual_dtype, self.in_proj.weight, self.in_proj.bias,
+                             self.in_proj_factors.scale)
+
+    def start(self, hidden: torch.Tensor | None, conv_state: torch.Tensor | None = None,
               ssm_state: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-              cp: ContextParallelSpans | None = None) -> PendingOutput:
+              cp: ContextParallelSpans | None = None, projected: torch.Tensor | None = None) -> PendingOutput:
         """cp: this forward's tokens are one span of a range split over the CP group (see
-        model/context_parallel.py); the states then hold the context before the whole range."""
+        model/context_parallel.py); the states then hold the context before the whole range.
+        projected: in_proj's output, from project_entry (hidden is then None)."""
         cfg = self.cfg
-        b, L, _ = hidden.shape
-        if self.hidden_scale != 1.0:
-            hidden = hidden * self.hidden_scale
-        zxbcdt = self.in_proj(hidden, scale=self.in_proj_factors.scale)
+        if projected is None:
+            if self.hidden_scale != 1.0:
+                hidden = hidden * self.hidden_scale
+            projected = self.in_proj(hidden, scale=self.in_proj_factors.scale)
+        zxbcdt = projected
+        b, L, _ = zxbcdt.shape
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
         if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
                 and fused_decode("mamba2")):

@@ -54,6 +54,7 @@ _REFERENCE: dict[str, Callable] = {
     "causal_conv1d_update": _conv.causal_conv1d_update,
     "rms_norm": _norm.rms_norm,
     "add_rms_norm": _norm.add_rms_norm,
+    "add_rms_norm_linear": _norm.add_rms_norm_linear,
     "gated_rms_norm": _norm.gated_rms_norm,
     "linear": _ref_linear,
     "selective_scan": _ref_selective_scan,
@@ -87,17 +88,28 @@ FOLD_ROWS_ENV = "MEGATRON_SSM_FOLD_ROWS"
 FOLD_ROWS_DEFAULT = 1
 
 
+# Up to how many rows a block's entry (residual add + RMS norm) runs inside its first projection's
+# skinny-GEMM launch (add_rms_norm_linear): every program of that launch then reads its rows' whole
+# stream once for the norm's scale. `MEGATRON_SSM_ENTRY_ROWS` overrides it; 0 turns it off.
+ENTRY_ROWS_ENV = "MEGATRON_SSM_ENTRY_ROWS"
+ENTRY_ROWS_DEFAULT = 1
+
+
 def fold_rows() -> int:
-    return _fold_rows(os.environ.get(FOLD_ROWS_ENV))
+    return _row_count(FOLD_ROWS_ENV, os.environ.get(FOLD_ROWS_ENV), FOLD_ROWS_DEFAULT)
+
+
+def entry_rows() -> int:
+    return _row_count(ENTRY_ROWS_ENV, os.environ.get(ENTRY_ROWS_ENV), ENTRY_ROWS_DEFAULT)
 
 
 @functools.lru_cache(maxsize=None)
-def _fold_rows(value: str | None) -> int:
-    """FOLD_ROWS_ENV's value as a row count; parsed once per value (eager decode asks per layer)."""
+def _row_count(env: str, value: str | None, default: int) -> int:
+    """A row-count variable's value; parsed once per value (eager decode asks per layer)."""
     if value is None or not value.strip():
-        return FOLD_ROWS_DEFAULT
+        return default
     if not value.strip().isdigit():
-        raise ValueError(f"{FOLD_ROWS_ENV}={value!r}: expected a whole number of rows (0: never)")
+        raise ValueError(f"{env}={value!r}: expected a whole number of rows (0: never)")
     return int(value)
 
 
@@ -190,7 +202,7 @@ def backend(op: str, like: torch.Tensor) -> str:
     own flash varlen attention) or 'torch'."""
     if os.environ.get(ENV, "").lower() == "torch":
         return "torch"
-    if op == "linear" and os.environ.get(LINEAR_ENV, "").lower() == "triton" and _rows(like) <= GEMV_MAX_ROWS:
+    if op in _GEMV_OPS and os.environ.get(LINEAR_ENV, "").lower() == "triton" and _rows(like) <= GEMV_MAX_ROWS:
         return "triton" if _triton_ops() is not None else "torch"  # CPU too: Triton's interpreter
     if not like.is_cuda:
         return "torch"
@@ -199,9 +211,12 @@ def backend(op: str, like: torch.Tensor) -> str:
         return "flash" if ok else "torch"
     if op == "ssd_chunk_scan":
         return "mamba_ssm" if _mamba_chunk_scan_combined() is not None else "torch"
-    if op == "linear" and (os.environ.get(LINEAR_ENV, "").lower() == "torch" or _rows(like) > GEMV_MAX_ROWS):
+    if op in _GEMV_OPS and (os.environ.get(LINEAR_ENV, "").lower() == "torch" or _rows(like) > GEMV_MAX_ROWS):
         return "torch"
     return "triton" if _triton_ops() is not None else "torch"
+
+
+_GEMV_OPS = ("linear", "add_rms_norm_linear")  # what LINEAR_ENV and GEMV_MAX_ROWS route
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -276,6 +291,15 @@ def linear(x, weight, bias=None, scale=None):
 
 def rms_norm(x, weight, eps):
     return implementation("rms_norm", x)(x, weight, eps)
+
+
+def add_rms_norm_linear(residual, delta, norm_weight, eps, residual_dtype, weight, bias=None, scale=None):
+    """One kernel up to entry_rows() rows; above, the two ops it is made of (each its own kernel)."""
+    if _rows(residual) > entry_rows():
+        normed, h = add_rms_norm(residual, delta, norm_weight, eps, residual_dtype)
+        return linear(normed, weight, bias, scale), h
+    return implementation("add_rms_norm_linear", residual)(residual, delta, norm_weight, eps, residual_dtype,
+                                                           weight, bias, scale)
 
 
 def add_rms_norm(residual, delta, weight, eps, residual_dtype):

@@ -6,6 +6,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .linear import linear
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """HF's MambaRMSNorm: normalise in fp32, cast back, then scale (weightless when weight is None)."""
@@ -29,6 +31,24 @@ def add_rms_norm(
         h = h + delta
         h = h.to(residual_dtype)
     return rms_norm(h.to(weight.dtype), weight, eps), h
+
+
+def add_rms_norm_linear(
+    residual: torch.Tensor,
+    delta: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    residual_dtype: torch.dtype,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's entry and its first projection: (linear(normed, weight, bias, scale), h) for
+    add_rms_norm's (normed, h). One op so that a decode step runs both in one kernel."""
+    from .linear import linear
+
+    normed, h = add_rms_norm(residual, delta, norm_weight, eps, residual_dtype)
+    return linear(normed, weight, bias, scale), h
 
 
 def gated_rms_norm(

@@ -4,8 +4,8 @@ A decode step's projections have M = batch x tokens rows (1..16) against weights
 time is the weight read. cuBLAS reaches ~80% of an H200's copy bandwidth on wide outputs and ~60% on
 narrow ones, where it splits K and reduces in a second kernel. Here one program reads a
 [BLOCK_N, BLOCK_K] weight tile per step and keeps fp32 partial products; narrow outputs split K over
-programs, and the last program to finish a column tile sums the other splits' partials and writes
-the output, all in one launch. Its arrival counter resets itself, so the launch can be captured in a
+programs, and the last program to finish a column tile sums the other splits' partials (loaded
+together, not one split after another) and writes the output, all in one launch. Its arrival counter resets itself, so the launch can be captured in a
 CUDA graph and replayed without a memset (the counters are shared by every launch on the device:
 launches must not run concurrently on two streams, which the engine never does).
 
@@ -39,18 +39,22 @@ from .runtime import INTERPRETED
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 _LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any weight we hold
+_REDUCE_TILE = 4096  # fp32 partials the reducing program loads at once (32 a thread at 4 warps)
+_NORM_TILE = 4096  # stream elements an entry's program loads at once for its rows' sums of squares
 
 
 # M and the split count vary between calls of one shape (batch buckets, tuning): one compile for all.
 # k_per_split stays specialised: its divisibility is what lets the weight loads be 16-byte vectors.
 @triton.jit(do_not_specialize=["M", "splits"])
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, part_ptr, lock_ptr,
-    M, N, K, k_per_split, splits, alpha,
-    sxm, swn, sym,
+    x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, d_ptr, nw_ptr, h_ptr,
+    M, N, K, k_per_split, splits, alpha, eps,
+    sxm, swn, sym, sdm, shm,
+    NORM: tl.constexpr, HAS_DELTA: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    RED_ROWS: tl.constexpr, RED_SPLITS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -71,15 +75,42 @@ def _gemv_kernel(
     # is constant in the graph) measured 7-11% slower a decode step, as that peeled loop loses
     # Triton's own pipelining of the loads (docs/benchmarks.md, session 7).
     _pdl_enter(PDL)
+    if NORM:
+        # x is the block's entry: norm(residual + delta), the stream written by the first column
+        # tile's programs. The norm's scale needs each row's whole sum of squares, so every program
+        # reads its rows once before its K slice (from L2: the previous kernel just wrote them).
+        d_rows = d_ptr + offs_m.to(tl.int64)[:, None] * sdm
+        h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * shm
+        offs_q = pid_m * BLOCK_M + tl.arange(0, NORM_ROWS)  # one row, or the tile's rows
+        ss = tl.zeros((NORM_ROWS,), dtype=tl.float32)
+        for q0 in range(0, K, NORM_BLOCK):
+            offs_qk = q0 + tl.arange(0, NORM_BLOCK)
+            q_mask = (offs_q < M)[:, None] & (offs_qk < K)[None, :]
+            hq = _stream(x_ptr + offs_q.to(tl.int64)[:, None] * sxm + offs_qk[None, :],
+                         d_ptr + offs_q.to(tl.int64)[:, None] * sdm + offs_qk[None, :], q_mask, HAS_DELTA,
+                         h_ptr.dtype.element_ty).to(w_ptr.dtype.element_ty).to(tl.float32)
+            ss += tl.sum(hq * hq, axis=1)
+        rstd = tl.rsqrt(ss / K + eps)[:, None]
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
         if EVEN_K:  # no mask along K: a mask of unknown alignment would split the loads into scalars
+            x_mask = m_mask[:, None]
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None], other=0.0)
-            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         else:
             k_mask = offs_k < k_hi
+            x_mask = m_mask[:, None] & k_mask[None, :]
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            x = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if NORM:  # as the add_rms_norm kernel: the stream rounded, then normed in the weight's dtype
+            h = _stream(x_rows + offs_k[None, :], d_rows + offs_k[None, :], x_mask, HAS_DELTA, h_ptr.dtype.element_ty)
+            tl.store(h_rows + offs_k[None, :], h, mask=x_mask & (offs_m * 0 + pid_n == 0)[:, None])
+            xn = (h.to(w_ptr.dtype.element_ty).to(tl.float32) * rstd).to(w_ptr.dtype.element_ty).to(tl.float32)
+            if EVEN_K:
+                nw = tl.load(nw_ptr + offs_k).to(tl.float32)
+            else:
+                nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x = (xn * nw[None, :]).to(w_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
         if USE_DOT:
             if UPCAST:
                 acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
@@ -103,15 +134,35 @@ def _gemv_kernel(
         lock = lock_ptr + pid_n + pid_m * tl.num_programs(0)
         arrived = tl.atomic_add(lock, 1, sem="acq_rel")
         if arrived == splits - 1:
-            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            for s in range(0, splits):
-                total += tl.load(part_ptr + s * M * N + p_offs, mask=y_mask, other=0.0, cache_modifier=".cg")
+            # The partials load RED_SPLITS at a time in one [splits, BLOCK_N, rows] tile: a load a
+            # split, each waiting on L2, was half of x_proj's 7.5 us (Nsight Compute, session 10).
+            # RED_ROWS is 1 at one row, where the dot path's other 15 padded rows hold nothing.
+            offs_r = pid_m * BLOCK_M + tl.arange(0, RED_ROWS)
+            r_offs = offs_r.to(tl.int64)[None, :] * N + offs_n[:, None]
+            r_mask = n_mask[:, None] & (offs_r < M)[None, :]
+            total = tl.zeros((BLOCK_N, RED_ROWS), dtype=tl.float32)
+            for s0 in range(0, splits, RED_SPLITS):
+                offs_s = s0 + tl.arange(0, RED_SPLITS)
+                tile = tl.load(part_ptr + offs_s.to(tl.int64)[:, None, None] * M * N + r_offs[None, :, :],
+                               mask=(offs_s < splits)[:, None, None] & r_mask[None, :, :], other=0.0,
+                               cache_modifier=".cg")
+                total += tl.sum(tile, axis=0)
             total = _epilogue(total, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS, SCALE)
-            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=y_mask)
+            tl.store(y_ptr + offs_r.to(tl.int64)[None, :] * sym + offs_n[:, None], total.to(y_ptr.dtype.element_ty),
+                     mask=r_mask)
             tl.atomic_xchg(lock, 0)  # ready for the next launch (or graph replay)
     else:
         out = _epilogue(out, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS, SCALE)
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _stream(r_ptrs, d_ptrs, mask, HAS_DELTA: tl.constexpr, dtype: tl.constexpr):
+    """residual + delta in fp32, rounded to the stream's dtype (as torch's add does it)."""
+    h = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        h += tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return h.to(dtype)
 
 
 @triton.jit
@@ -149,6 +200,7 @@ class Config:
 CUBLAS = Config(0, 0, 1, 0)
 _TUNED: dict[tuple, Config] = {}
 _TUNE_LOG: dict[tuple, list[tuple[str, float]]] = {}
+_TUNED_KERNEL: dict[tuple, Config] = {}  # the fastest of our own configurations, where cuBLAS won
 TUNE_ENV = "MEGATRON_SSM_GEMV_TUNE"  # "0": skip timing, take the heuristic configuration
 
 # Tile shapes the tuner tries: (block_n, block_k, num_warps, dot, stages); elementwise ones for M == 1.
@@ -214,13 +266,24 @@ def _locks(device: torch.device) -> torch.Tensor:
     return locks
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A launch's x as a block's entry (see add_rms_norm_linear): x2 is then the residual, and the
+    kernel writes the stream residual + delta to `stream` ([M, K], its dtype the stream's)."""
+
+    delta: torch.Tensor | None
+    norm_weight: torch.Tensor
+    eps: float
+    stream: torch.Tensor
+
+
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
-            pdl: bool = False, scale: float | torch.Tensor | None = None) -> torch.Tensor:
+            pdl: bool = False, scale: float | torch.Tensor | None = None, entry: Entry | None = None) -> torch.Tensor:
     if cfg.block_n == 0:
         return ref_linear(x2, weight, bias, scale)
     m, k = x2.shape
     n = weight.shape[0]
-    y2 = torch.empty(m, n, device=x2.device, dtype=x2.dtype)
+    y2 = torch.empty(m, n, device=x2.device, dtype=weight.dtype)
     block_m = _block_m(m, cfg)
     m_blocks = triton.cdiv(m, block_m)
     per = triton.cdiv(triton.cdiv(k, cfg.block_k), cfg.splits) * cfg.block_k
@@ -231,13 +294,20 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     locks = _locks(x2.device) if split else y2
     assert not split or grid_n * m_blocks <= _LOCK_SLOTS, "more column tiles than arrival counters"
     vector = isinstance(scale, torch.Tensor)
+    red_rows = 1 if m == 1 else block_m
+    norm_block = min(triton.next_power_of_2(k), max(16, _NORM_TILE // red_rows))
+    delta = entry.delta if entry is not None and entry.delta is not None else x2
+    red_splits = min(triton.next_power_of_2(splits), max(1, _REDUCE_TILE // (cfg.block_n * red_rows)))
     _gemv_kernel[(grid_n, splits, m_blocks)](
         x2, weight, bias if bias is not None else weight, scale if vector else weight, y2, part, locks,
-        m, n, k, per, splits, 1.0 if scale is None or vector else float(scale),
-        x2.stride(0), weight.stride(0), y2.stride(0),
-        HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None), SPLIT=split, USE_DOT=block_m > 1, IEEE=x2.dtype == torch.float32,
-        UPCAST=INTERPRETED and x2.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        delta, entry.norm_weight if entry else weight, entry.stream if entry else y2,
+        m, n, k, per, splits, 1.0 if scale is None or vector else float(scale), entry.eps if entry else 0.0,
+        x2.stride(0), weight.stride(0), y2.stride(0), delta.stride(0), entry.stream.stride(0) if entry else 0,
+        NORM=entry is not None, HAS_DELTA=entry is not None and entry.delta is not None, NORM_ROWS=red_rows,
+        NORM_BLOCK=norm_block, HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None), SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
+        UPCAST=INTERPRETED and weight.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RED_ROWS=red_rows, RED_SPLITS=red_splits,
+        num_warps=cfg.num_warps,
         num_stages=cfg.stages, **_pdl.kwargs(pdl),
     )
     return y2
@@ -272,6 +342,8 @@ def _tune(key, x2, weight, bias) -> Config:
     times = [_time(lambda w, c=cfg: _launch(x2, w, bias, c, pdl), copies) for cfg in candidates]
     del copies
     _TUNE_LOG[key] = sorted(((str(c), t) for c, t in zip(candidates, times)), key=lambda e: e[1])
+    ours = [i for i, c in enumerate(candidates) if c.block_n]
+    _TUNED_KERNEL[key] = candidates[min(ours, key=times.__getitem__)]
     return candidates[min(range(len(times)), key=times.__getitem__)]
 
 
@@ -308,3 +380,53 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     cfg = config or _config(x2, weight, bias)
     y2 = _launch(x2, weight, bias, cfg, _pdl.use(x2.device), scale)
     return y2.view(*x.shape[:-1], n)
+
+
+def _kernel_config(m: int, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> Config:
+    """linear's configuration for this shape, tuned as linear's (on a probe of x) where it was not
+    yet; our kernel's fastest where cuBLAS won: the entry's norm needs our kernel."""
+    key = (_m_bucket(m), weight.shape[0], k, weight.dtype, bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        cfg = _config(torch.zeros(m, k, device=weight.device, dtype=weight.dtype), weight, bias)
+    if cfg.block_n == 0:
+        cfg = _TUNED_KERNEL.get(key) or heuristic(m, weight.shape[0], k, weight.device)
+    return cfg
+
+
+def add_rms_norm_linear(residual: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                        residual_dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        scale: float | torch.Tensor | Factors | None = None,
+                        config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops.norm.add_rms_norm_linear's (linear(norm(residual + delta)), residual + delta) in one
+    launch: the block's entry kernel and its first projection's, whose boundary cost ~1.9 us a
+    layer of a graphed decode step on an H200 (tools/ablate_step.py, session 10)."""
+    k = residual.shape[-1]
+    n = weight.shape[0]
+    per_feature = scale.per_feature if isinstance(scale, Factors) else scale
+    fits = (weight.dim() == 2 and weight.stride(-1) == 1 and norm_weight.dtype == weight.dtype
+            and tuple(norm_weight.shape) == (k,) and norm_weight.stride(0) == 1 and weight.shape[1] == k
+            and residual.numel() > 0 and n > 0 and (bias is None or bias.dtype == weight.dtype)
+            and (delta is None or delta.shape == residual.shape)
+            and (not isinstance(per_feature, torch.Tensor) or tuple(per_feature.shape) == (n,)))
+    if not fits:
+        from .norm import add_rms_norm
+
+        normed, stream = add_rms_norm(residual, delta, norm_weight, eps, residual_dtype)
+        return linear(normed, weight, bias, scale), stream
+    r2 = _rows(residual)
+    d2 = _rows(delta) if delta is not None else None
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    if isinstance(per_feature, torch.Tensor) and per_feature.stride(0) != 1:
+        per_feature = per_feature.contiguous()
+    m = r2.shape[0]
+    stream = torch.empty(m, k, device=residual.device, dtype=residual_dtype)
+    cfg = config or _kernel_config(m, k, weight, bias)
+    y2 = _launch(r2, weight, bias, cfg, _pdl.use(r2.device), per_feature, Entry(d2, norm_weight, float(eps), stream))
+    return y2.view(*residual.shape[:-1], n), stream.view(residual.shape)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
