@@ -76,19 +76,25 @@ def _gemv_kernel(
     # Triton's own pipelining of the loads (docs/benchmarks.md, session 7).
     _pdl_enter(PDL)
     if NORM:
-        # x is the block's entry: norm(residual + delta), the stream written by the first column
-        # tile's programs. The norm's scale needs each row's whole sum of squares, so every program
-        # reads its rows once before its K slice (from L2: the previous kernel just wrote them).
+        # x is the block's entry: norm(residual + delta). The norm's scale needs each row's whole
+        # sum of squares, so every program reads its rows once before its K slice (from L2: the
+        # previous kernel just wrote them); the first column tile's programs write the stream of
+        # their slice here. Not in the K loop: a store there, which the loads might alias, keeps
+        # Triton from loading the next weight tiles ahead (the loop then waits on HBM each step:
+        # 2.4x a falcon-mamba-7b decode step, session 10).
         d_rows = d_ptr + offs_m.to(tl.int64)[:, None] * sdm
-        h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * shm
         offs_q = pid_m * BLOCK_M + tl.arange(0, NORM_ROWS)  # one row, or the tile's rows
+        first_tile = (tl.arange(0, NORM_BLOCK) * 0 + pid_n) == 0
         ss = tl.zeros((NORM_ROWS,), dtype=tl.float32)
         for q0 in range(0, K, NORM_BLOCK):
             offs_qk = q0 + tl.arange(0, NORM_BLOCK)
             q_mask = (offs_q < M)[:, None] & (offs_qk < K)[None, :]
-            hq = _stream(x_ptr + offs_q.to(tl.int64)[:, None] * sxm + offs_qk[None, :],
+            hs = _stream(x_ptr + offs_q.to(tl.int64)[:, None] * sxm + offs_qk[None, :],
                          d_ptr + offs_q.to(tl.int64)[:, None] * sdm + offs_qk[None, :], q_mask, HAS_DELTA,
-                         h_ptr.dtype.element_ty).to(w_ptr.dtype.element_ty).to(tl.float32)
+                         h_ptr.dtype.element_ty)
+            own = first_tile & (offs_qk >= k_lo) & (offs_qk < k_hi)
+            tl.store(h_ptr + offs_q.to(tl.int64)[:, None] * shm + offs_qk[None, :], hs, mask=q_mask & own[None, :])
+            hq = hs.to(w_ptr.dtype.element_ty).to(tl.float32)
             ss += tl.sum(hq * hq, axis=1)
         rstd = tl.rsqrt(ss / K + eps)[:, None]
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -102,7 +108,6 @@ def _gemv_kernel(
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         if NORM:  # as the add_rms_norm kernel: the stream rounded, then normed in the weight's dtype
             h = _stream(x_rows + offs_k[None, :], d_rows + offs_k[None, :], x_mask, HAS_DELTA, h_ptr.dtype.element_ty)
-            tl.store(h_rows + offs_k[None, :], h, mask=x_mask & (offs_m * 0 + pid_n == 0)[:, None])
             xn = (h.to(w_ptr.dtype.element_ty).to(tl.float32) * rstd).to(w_ptr.dtype.element_ty).to(tl.float32)
             if EVEN_K:
                 nw = tl.load(nw_ptr + offs_k).to(tl.float32)
