@@ -47,7 +47,7 @@ _NORM_TILE = 4096  # stream elements an entry's program loads at once for its ro
 # k_per_split stays specialised: its divisibility is what lets the weight loads be 16-byte vectors.
 @triton.jit(do_not_specialize=["M", "splits"])
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, d_ptr, nw_ptr, h_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, d_ptr, nw_ptr, h_ptr, xs_ptr,
     M, N, K, k_per_split, splits, alpha, eps,
     sxm, swn, sym, sdm, shm,
     NORM: tl.constexpr, HAS_DELTA: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_BLOCK: tl.constexpr,
@@ -79,10 +79,7 @@ def _gemv_kernel(
         # x is the block's entry: norm(residual + delta). The norm's scale needs each row's whole
         # sum of squares, so every program reads its rows once before its K slice (from L2: the
         # previous kernel just wrote them); the first column tile's programs write the stream of
-        # their slice here. Not in the K loop: a store there, which the loads might alias, keeps
-        # Triton from loading the next weight tiles ahead (the loop then waits on HBM each step:
-        # 2.4x a falcon-mamba-7b decode step, session 10).
-        d_rows = d_ptr + offs_m.to(tl.int64)[:, None] * sdm
+        # their slice.
         offs_q = pid_m * BLOCK_M + tl.arange(0, NORM_ROWS)  # one row, or the tile's rows
         first_tile = (tl.arange(0, NORM_BLOCK) * 0 + pid_n) == 0
         ss = tl.zeros((NORM_ROWS,), dtype=tl.float32)
@@ -97,6 +94,23 @@ def _gemv_kernel(
             hq = hs.to(w_ptr.dtype.element_ty).to(tl.float32)
             ss += tl.sum(hq * hq, axis=1)
         rstd = tl.rsqrt(ss / K + eps)[:, None]
+        # The slice's x, normed as the add_rms_norm kernel norms it, into xs, for the K loop to load
+        # as it loads a plain x: loads that reach tl.dot through arithmetic are not loaded ahead by
+        # Triton's pipeliner, so the loop waited on them each step (2.5x a falcon-mamba-7b decode
+        # step, session 10). Other column tiles' programs write the same values to the same places.
+        for q0 in range(k_lo, k_hi, NORM_BLOCK):
+            offs_qk = q0 + tl.arange(0, NORM_BLOCK)
+            in_slice = offs_qk < k_hi
+            q_mask = (offs_q < M)[:, None] & in_slice[None, :]
+            hs = _stream(x_ptr + offs_q.to(tl.int64)[:, None] * sxm + offs_qk[None, :],
+                         d_ptr + offs_q.to(tl.int64)[:, None] * sdm + offs_qk[None, :], q_mask, HAS_DELTA,
+                         h_ptr.dtype.element_ty)
+            xn = (hs.to(w_ptr.dtype.element_ty).to(tl.float32) * rstd).to(w_ptr.dtype.element_ty).to(tl.float32)
+            xn = xn * tl.load(nw_ptr + offs_qk, mask=in_slice, other=0.0).to(tl.float32)[None, :]
+            tl.store(xs_ptr + offs_q.to(tl.int64)[:, None] * K + offs_qk[None, :], xn.to(w_ptr.dtype.element_ty),
+                     mask=q_mask)
+        tl.debug_barrier()  # the program's own stores, read back by other threads in the loop
+        x_rows = xs_ptr + offs_m.to(tl.int64)[:, None] * K
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = tl.multiple_of(k0, 16) + tl.arange(0, BLOCK_K)
         if EVEN_K:  # no mask along K: a mask of unknown alignment would split the loads into scalars
@@ -106,16 +120,7 @@ def _gemv_kernel(
             k_mask = offs_k < k_hi
             x_mask = m_mask[:, None] & k_mask[None, :]
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        if NORM:  # as the add_rms_norm kernel: the stream rounded, then normed in the weight's dtype
-            h = _stream(x_rows + offs_k[None, :], d_rows + offs_k[None, :], x_mask, HAS_DELTA, h_ptr.dtype.element_ty)
-            xn = (h.to(w_ptr.dtype.element_ty).to(tl.float32) * rstd).to(w_ptr.dtype.element_ty).to(tl.float32)
-            if EVEN_K:
-                nw = tl.load(nw_ptr + offs_k).to(tl.float32)
-            else:
-                nw = tl.load(nw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            x = (xn * nw[None, :]).to(w_ptr.dtype.element_ty)
-        else:
-            x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_rows + offs_k[None, :], mask=x_mask, other=0.0)
         if USE_DOT:
             if UPCAST:
                 acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
@@ -306,6 +311,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     _gemv_kernel[(grid_n, splits, m_blocks)](
         x2, weight, bias if bias is not None else weight, scale if vector else weight, y2, part, locks,
         delta, entry.norm_weight if entry else weight, entry.stream if entry else y2,
+        torch.empty(m, k, device=x2.device, dtype=weight.dtype) if entry else y2,
         m, n, k, per, splits, 1.0 if scale is None or vector else float(scale), entry.eps if entry else 0.0,
         x2.stride(0), weight.stride(0), y2.stride(0), delta.stride(0), entry.stream.stride(0) if entry else 0,
         NORM=entry is not None, HAS_DELTA=entry is not None and entry.delta is not None, NORM_ROWS=red_rows,
