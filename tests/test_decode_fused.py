@@ -142,21 +142,27 @@ def test_fused_decode_switch_refuses_unknown_mixers(monkeypatch):
         dispatch.fused_decode("attention")
 
 
-@pytest.mark.parametrize("value,rows", [(None, dispatch.FOLD_ROWS_DEFAULT), ("", dispatch.FOLD_ROWS_DEFAULT),
-                                        ("0", 0), (" 8 ", 8)])
-def test_fold_rows_switch(monkeypatch, value, rows):
+ROW_SWITCHES = pytest.mark.parametrize("env,read,default", [
+    (dispatch.FOLD_ROWS_ENV, dispatch.fold_rows, dispatch.FOLD_ROWS_DEFAULT),
+    (dispatch.ENTRY_ROWS_ENV, dispatch.entry_rows, dispatch.ENTRY_ROWS_DEFAULT)], ids=["fold", "entry"])
+
+
+@ROW_SWITCHES
+@pytest.mark.parametrize("value,rows", [(None, None), ("", None), ("0", 0), (" 8 ", 8)])
+def test_row_count_switches(monkeypatch, env, read, default, value, rows):
     if value is None:
-        monkeypatch.delenv(dispatch.FOLD_ROWS_ENV, raising=False)
+        monkeypatch.delenv(env, raising=False)
     else:
-        monkeypatch.setenv(dispatch.FOLD_ROWS_ENV, value)
-    assert dispatch.fold_rows() == rows
+        monkeypatch.setenv(env, value)
+    assert read() == (default if rows is None else rows)
 
 
+@ROW_SWITCHES
 @pytest.mark.parametrize("value", ["-1", "two", "1.5"])
-def test_fold_rows_switch_refuses_what_is_not_a_row_count(monkeypatch, value):
-    monkeypatch.setenv(dispatch.FOLD_ROWS_ENV, value)
-    with pytest.raises(ValueError, match="FOLD_ROWS"):
-        dispatch.fold_rows()
+def test_row_count_switches_refuse_what_is_not_a_row_count(monkeypatch, env, read, default, value):
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=env):
+        read()
 
 
 # ---- the kernels, interpreted -----------------------------------------------------------------

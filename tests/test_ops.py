@@ -661,6 +661,28 @@ def test_dispatch_takes_the_gemv_kernel_only_for_decode_sized_inputs(monkeypatch
         monkeypatch.delenv(env)
 
 
+def test_dispatch_runs_a_blocks_entry_in_one_kernel_only_up_to_entry_rows(monkeypatch, fake_kernels):
+    """add_rms_norm_linear: up to MEGATRON_SSM_ENTRY_ROWS rows its own kernel; above, and by default
+    (0: slower on the H200), the two ops it is made of, each dispatched as it would be alone."""
+    calls = []
+    monkeypatch.setattr(dispatch, "add_rms_norm", lambda *a: calls.append("add_rms_norm") or ("normed", "stream"))
+    monkeypatch.setattr(dispatch, "linear", lambda x, *a: calls.append(("linear", x)) or "y")
+    rest = (None, torch.ones(4), 1e-5, torch.float32, torch.ones(3, 4))
+    monkeypatch.delenv(dispatch.ENTRY_ROWS_ENV, raising=False)
+    assert dispatch.entry_rows() == 0
+    assert dispatch.add_rms_norm_linear(_CudaLike(1, 4), *rest) == ("y", "stream")
+    assert calls == ["add_rms_norm", ("linear", "normed")]
+    monkeypatch.setenv(dispatch.ENTRY_ROWS_ENV, "4")
+    for rows in (1, 4):
+        assert dispatch.add_rms_norm_linear(_CudaLike(rows, 4), *rest)[:2] == ("triton", "add_rms_norm_linear"), rows
+    assert len(calls) == 2
+    assert dispatch.add_rms_norm_linear(_CudaLike(5, 4), *rest) == ("y", "stream") and len(calls) == 4
+    monkeypatch.setenv(dispatch.ENV, "torch")  # forced to the references: the reference op, on CPU tensors
+    stream, w = torch.randn(1, 4), torch.randn(3, 4)
+    y, h = dispatch.add_rms_norm_linear(stream, None, torch.ones(4), 1e-5, torch.float32, w)
+    assert torch.equal(h, stream) and torch.equal(y, F.linear(ref_ops.rms_norm(stream, torch.ones(4), 1e-5), w))
+
+
 def test_layers_project_through_dispatch_only_without_a_backward(monkeypatch, seed):
     """The parallel linears' forward goes to the dispatch layer's linear, except while a backward may
     run through it (the kernel has none): then F.linear, whose result carries a grad_fn."""

@@ -90,9 +90,12 @@ FOLD_ROWS_DEFAULT = 1
 
 # Up to how many rows a block's entry (residual add + RMS norm) runs inside its first projection's
 # skinny-GEMM launch (add_rms_norm_linear): every program of that launch then reads its rows' whole
-# stream once for the norm's scale. `MEGATRON_SSM_ENTRY_ROWS` overrides it; 0 turns it off.
+# stream once for the norm's scale and writes its slice of the normed x before its K loop. Off by
+# default: on the H200 that costs each program more than the entry's own launch costs the step
+# (graphed, same process: falcon-mamba-7b b1 4.682 vs 4.286 ms, mamba2-2.7b b1 2.766 vs 2.310;
+# docs/benchmarks.md, session 10). `MEGATRON_SSM_ENTRY_ROWS=N` turns it on up to N rows.
 ENTRY_ROWS_ENV = "MEGATRON_SSM_ENTRY_ROWS"
-ENTRY_ROWS_DEFAULT = 1
+ENTRY_ROWS_DEFAULT = 0
 
 
 def fold_rows() -> int:
