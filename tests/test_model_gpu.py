@@ -13,9 +13,12 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def tp():
-    from megatron_ssm.parallel import init_distributed
+    from megatron_ssm.parallel import init_distributed, shutdown
 
-    return init_distributed(device=torch.device("cuda", 0))
+    yield init_distributed(device=torch.device("cuda", 0))
+    # NCCL's process group left to the interpreter's exit printed "destroy_process_group() was not
+    # called" and an xdist worker then hung past its last test (session 10, call 1)
+    shutdown()
 
 
 def _errors_torch_ops_and_kernels(model, ids, ref, monkeypatch) -> tuple[float, float]:

@@ -1158,6 +1158,23 @@ def test_add_rms_norm_linear_interpreted(seed):
             assert y.dtype == dtype and rel_err(y, want_y) < TOL[dtype], f"{where}: relative error {rel_err(y, want_y):.2e}"
 
 
+def test_gemv_tuner_where_only_cublas_fits(monkeypatch):
+    """K below every tile (the GPU model tests' 4-wide projections): the tuner has only cuBLAS to
+    time, and a block's entry, which needs our kernel, then takes the heuristic configuration (the
+    tuner raised there on the H200, session 10's call 5). Times stand in for the GPU's."""
+    from megatron_ssm.ops.triton import gemv
+
+    monkeypatch.setattr(gemv, "_time", lambda fn, weights, reps=20: 1.0)
+    for table in ("_TUNED", "_TUNED_KERNEL", "_TUNE_LOG"):
+        monkeypatch.setattr(gemv, table, {})
+    x, w = torch.randn(4, 4), torch.randn(128, 4)
+    key = (16, 128, 4, torch.float32, False)
+    assert gemv._candidates(4, 128, 4, x.device) == [gemv.CUBLAS]
+    assert gemv._tune(key, x, w, None) == gemv.CUBLAS and key not in gemv._TUNED_KERNEL
+    gemv._TUNED[key] = gemv.CUBLAS
+    assert gemv._kernel_config(4, 4, w, None) == gemv.heuristic(4, 128, 4, x.device)
+
+
 def test_gemv_scale_epilogue_interpreted(seed):
     """The skinny-GEMM kernel's scale (one float or one factor per output feature, after the bias)
     against the reference, split K and not, tl.dot and elementwise, at odd sizes."""

@@ -6,6 +6,8 @@
 
 Targets (bf16, batch 1): gemv-fm-out-proj (falcon-mamba-7b's out_proj, 8192 -> 4096, in the tuned
 configuration of session 9: 3.4 TB/s against in_proj's 4.2), gemv-fm-x-proj (its x_proj, 8192 -> 288),
+entry-fm-in-proj (its in_proj with the block's entry inside, add_rms_norm_linear: fp32 stream, the
+tuned n64 k128 configuration),
 mamba2-fused (the fused Mamba-2 decode kernel at mamba2-2.7b's size), mamba2-update (the plain SSD state
 update there). Each runs five times: skip two with -s 2.
 """
@@ -26,7 +28,14 @@ def main(target: str) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("ncu_targets.py needs CUDA")
     bf = torch.bfloat16
-    if target in CONFIGS:
+    if target == "entry-fm-in-proj":
+        from test_ops import entry_linear_inputs
+
+        from megatron_ssm.ops.triton import gemv
+
+        _, kw = entry_linear_inputs((1,), 16384, 4096, bf, "cuda")
+        run = lambda: gemv.add_rms_norm_linear(**kw, config=gemv.Config(64, 128, 1, 4, True, 5))  # noqa: E731
+    elif target in CONFIGS:
         from megatron_ssm.ops.triton import gemv
 
         n, k, cfg = CONFIGS[target]
@@ -46,7 +55,8 @@ def main(target: str) -> None:
             _, kw = ssd_update_inputs(1, 80, 64, 1, 128, bf, "cuda")
             run = lambda: kernels.ssd_state_update(**kw)  # noqa: E731
     else:
-        raise SystemExit(f"unknown target {target!r}; expected one of {sorted(CONFIGS) + ['mamba2-fused', 'mamba2-update']}")
+        raise SystemExit(f"unknown target {target!r}; expected one of "
+                         f"{sorted(CONFIGS) + ['entry-fm-in-proj', 'mamba2-fused', 'mamba2-update']}")
     for _ in range(5):
         run()
     torch.cuda.synchronize()
