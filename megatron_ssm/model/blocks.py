@@ -95,7 +95,7 @@ class MambaBlock(Block):
     def start(self, stream, delta, state: LayerState | None, cu_seqlens=None,
               cp=None) -> tuple[torch.Tensor, PendingOutput]:
         conv, ssm = (state.conv, state.ssm) if state is not None else (None, None)
-        # The entry inside in_proj's launch where the mixer takes it (decode's few rows: ops' dispatch)
+        # One op for the entry and in_proj where the mixer takes it: one launch up to dispatch's entry_rows()
         entry = self.mixer.project_entry(stream, delta, self.norm, self.residual_dtype)
         if entry is not None:
             projected, stream = entry

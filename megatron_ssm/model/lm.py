@@ -180,7 +180,7 @@ class MambaLM(nn.Module):
         # Falcon-H1's lm_head multiplier inside the projection (its kernel's epilogue at decode)
         scale = self.logit_scale if self.logit_scale != 1.0 else None
         entry = (project_entry(stream, delta, self.norm_f, self.residual_dtype, head, scale=scale)
-                 if self.norm_f.weight.dtype == head.dtype else None)  # the final norm inside the head's launch
+                 if self.norm_f.weight.dtype == head.dtype else None)  # one launch up to entry_rows()
         if entry is None:
             hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
             entry = project(hidden.to(head.dtype), head, scale=scale), None
