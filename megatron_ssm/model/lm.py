@@ -181,10 +181,12 @@ class MambaLM(nn.Module):
         scale = self.logit_scale if self.logit_scale != 1.0 else None
         entry = (project_entry(stream, delta, self.norm_f, self.residual_dtype, head, scale=scale)
                  if self.norm_f.weight.dtype == head.dtype else None)  # one launch up to entry_rows()
-        if entry is None:
+        if entry is not None:
+            logits = entry[0]
+        else:
             hidden, _ = add_rms_norm(stream, delta, self.norm_f.weight, self.norm_f.eps, self.residual_dtype)
-            entry = project(hidden.to(head.dtype), head, scale=scale), None
-        logits = entry[0].float()
+            logits = project(hidden.to(head.dtype), head, scale=scale)
+        logits = logits.float()
         logits = logits.masked_fill_(self.vocab_padding, float("-inf"))
         if cp is not None:
             logits = cp.last_logits(logits) if last_only else cp.gather_positions(logits)

@@ -102,11 +102,11 @@ class Mamba2Mixer(Mixer):
         model/context_parallel.py); the states then hold the context before the whole range.
         projected: in_proj's output, from project_entry (hidden is then None)."""
         cfg = self.cfg
-        if projected is None:
+        zxbcdt = projected
+        if zxbcdt is None:
             if self.hidden_scale != 1.0:
                 hidden = hidden * self.hidden_scale
-            projected = self.in_proj(hidden, scale=self.in_proj_factors.scale)
-        zxbcdt = projected
+            zxbcdt = self.in_proj(hidden, scale=self.in_proj_factors.scale)
         b, L, _ = zxbcdt.shape
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
         if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None

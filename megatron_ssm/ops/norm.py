@@ -45,8 +45,6 @@ def add_rms_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A block's entry and its first projection: (linear(normed, weight, bias, scale), h) for
     add_rms_norm's (normed, h). One op so that a decode step runs both in one kernel."""
-    from .linear import linear
-
     normed, h = add_rms_norm(residual, delta, norm_weight, eps, residual_dtype)
     return linear(normed, weight, bias, scale), h
 

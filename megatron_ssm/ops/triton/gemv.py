@@ -5,8 +5,8 @@ time is the weight read. cuBLAS reaches ~80% of an H200's copy bandwidth on wide
 narrow ones, where it splits K and reduces in a second kernel. Here one program reads a
 [BLOCK_N, BLOCK_K] weight tile per step and keeps fp32 partial products; narrow outputs split K over
 programs, and the last program to finish a column tile sums the other splits' partials (loaded
-together, not one split after another) and writes the output, all in one launch. Its arrival counter resets itself, so the launch can be captured in a
-CUDA graph and replayed without a memset (the counters are shared by every launch on the device:
+together, not one split after another) and writes the output, all in one launch. Its arrival
+counter resets itself, so the launch can be captured in a CUDA graph and replayed without a memset (the counters are shared by every launch on the device:
 launches must not run concurrently on two streams, which the engine never does).
 
 The products go through tl.dot with the rows padded to 16 (Triton then pipelines the weight loads
@@ -34,6 +34,7 @@ import triton.language as tl
 
 from ..linear import Factors, linear as ref_linear
 from . import pdl as _pdl
+from .norm import _rows, add_rms_norm
 from .pdl import enter as _pdl_enter
 from .runtime import INTERPRETED
 
@@ -86,9 +87,7 @@ def _gemv_kernel(
         for q0 in range(0, K, NORM_BLOCK):
             offs_qk = q0 + tl.arange(0, NORM_BLOCK)
             q_mask = (offs_q < M)[:, None] & (offs_qk < K)[None, :]
-            hs = _stream(x_ptr + offs_q.to(tl.int64)[:, None] * sxm + offs_qk[None, :],
-                         d_ptr + offs_q.to(tl.int64)[:, None] * sdm + offs_qk[None, :], q_mask, HAS_DELTA,
-                         h_ptr.dtype.element_ty)
+            hs = _stream(x_ptr, d_ptr, offs_q, offs_qk, sxm, sdm, q_mask, HAS_DELTA, h_ptr.dtype.element_ty)
             own = first_tile & (offs_qk >= k_lo) & (offs_qk < k_hi)
             tl.store(h_ptr + offs_q.to(tl.int64)[:, None] * shm + offs_qk[None, :], hs, mask=q_mask & own[None, :])
             hq = hs.to(w_ptr.dtype.element_ty).to(tl.float32)
@@ -102,9 +101,7 @@ def _gemv_kernel(
             offs_qk = q0 + tl.arange(0, NORM_BLOCK)
             in_slice = offs_qk < k_hi
             q_mask = (offs_q < M)[:, None] & in_slice[None, :]
-            hs = _stream(x_ptr + offs_q.to(tl.int64)[:, None] * sxm + offs_qk[None, :],
-                         d_ptr + offs_q.to(tl.int64)[:, None] * sdm + offs_qk[None, :], q_mask, HAS_DELTA,
-                         h_ptr.dtype.element_ty)
+            hs = _stream(x_ptr, d_ptr, offs_q, offs_qk, sxm, sdm, q_mask, HAS_DELTA, h_ptr.dtype.element_ty)
             xn = (hs.to(w_ptr.dtype.element_ty).to(tl.float32) * rstd).to(w_ptr.dtype.element_ty).to(tl.float32)
             xn = xn * tl.load(nw_ptr + offs_qk, mask=in_slice, other=0.0).to(tl.float32)[None, :]
             tl.store(xs_ptr + offs_q.to(tl.int64)[:, None] * K + offs_qk[None, :], xn.to(w_ptr.dtype.element_ty),
@@ -167,11 +164,11 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _stream(r_ptrs, d_ptrs, mask, HAS_DELTA: tl.constexpr, dtype: tl.constexpr):
-    """residual + delta in fp32, rounded to the stream's dtype (as torch's add does it)."""
-    h = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+def _stream(r_ptr, d_ptr, rows, cols, srm, sdm, mask, HAS_DELTA: tl.constexpr, dtype: tl.constexpr):
+    """residual + delta at [rows, cols] in fp32, rounded to the stream's dtype (as torch's add does it)."""
+    h = tl.load(r_ptr + rows.to(tl.int64)[:, None] * srm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA:
-        h += tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
+        h += tl.load(d_ptr + rows.to(tl.int64)[:, None] * sdm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     return h.to(dtype)
 
 
@@ -422,8 +419,6 @@ def add_rms_norm_linear(residual: torch.Tensor, delta: torch.Tensor | None, norm
             and (delta is None or delta.shape == residual.shape)
             and (not isinstance(per_feature, torch.Tensor) or tuple(per_feature.shape) == (n,)))
     if not fits:
-        from .norm import add_rms_norm
-
         normed, stream = add_rms_norm(residual, delta, norm_weight, eps, residual_dtype)
         return linear(normed, weight, bias, scale), stream
     r2 = _rows(residual)
@@ -437,8 +432,3 @@ def add_rms_norm_linear(residual: torch.Tensor, delta: torch.Tensor | None, norm
     cfg = config or _kernel_config(m, k, weight, bias)
     y2 = _launch(r2, weight, bias, cfg, _pdl.use(r2.device), per_feature, Entry(d2, norm_weight, float(eps), stream))
     return y2.view(*residual.shape[:-1], n), stream.view(residual.shape)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
