@@ -40,11 +40,11 @@ def interpreter_problem() -> str | None:
     return None
 
 
-def compile_for_sm90(fn, types, constexprs: dict) -> str:
+def compile_for_sm90(fn, types, constexprs: dict, ptx_has: str = "") -> str:
     """Compile a @triton.jit kernel down to an sm_90 cubin here, without a GPU (Triton's own compiler
     and ptxas): catches what the interpreter lets through (loop-carried types, pointer casts, scalar
-    atomics, constexpr branches). types(arg name) -> Triton type string for the other arguments.
-    Must run with TRITON_INTERPRET unset (see run_without_interpreter)."""
+    atomics, constexpr branches). types(arg name) -> Triton type string for the other arguments;
+    `ptx_has`: text the PTX must hold (an inline instruction the compiler might have dropped). Must run with TRITON_INTERPRET unset (see run_without_interpreter)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -52,7 +52,8 @@ def compile_for_sm90(fn, types, constexprs: dict) -> str:
     names = fn.arg_names
     sig = {a: "constexpr" if a in constexprs else types(a) for a in names}
     consts = {(names.index(a),): v for a, v in constexprs.items()}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    assert ptx_has in compiled.asm["ptx"], f"{ptx_has!r} not in the PTX of {fn.__name__} {constexprs}"
     return f"{fn.__name__} {constexprs}"
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_ops import (  # noqa: E402
-    TOL, add_norm_inputs, check_op, conv_inputs, conv_update_inputs, entry_linear_inputs, gated_norm_inputs, linear_inputs,
+    TOL, add_norm_inputs, check_op, check_row_max, conv_inputs, conv_update_inputs, entry_linear_inputs, gated_norm_inputs, linear_inputs,
     packed, packed_attention_inputs, rel_err,
     rms_norm_inputs, rope_inputs, decode_attention_inputs,
     scan_inputs, scan_update_inputs, ssd_inputs, ssd_update_inputs,
@@ -220,6 +220,26 @@ def test_rms_norm(seed, dtype, lead, width, weight):
 # (N, K, bias): mamba2-2.7b in_proj / out_proj, falcon-mamba-7b out_proj / x_proj / dt_proj, odd sizes
 GEMV_SHAPES = [(10576, 2560, False), (2560, 5120, False), (4096, 8192, False), (288, 8192, False), (8192, 256, True),
                (1000, 999, True)]
+
+
+@DTYPES
+@pytest.mark.parametrize("rows,v", [(1, 65024), (1, 50288), (64, 65024), (3, 100), (2, 131072)])
+def test_row_max(seed, dtype, rows, v):
+    check_row_max(kernels().row_max, rows, v, dtype, DEV, seed)
+    assert dispatch.backend("row_max", torch.empty(1, device=DEV)) == "triton"
+
+
+def test_row_max_replayed_from_a_graph(seed):
+    """Captured once, replayed on new logits: the row counters reset themselves."""
+    x = torch.randn(4, 65024, device=DEV)
+    kernels().row_max(x)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, idx = kernels().row_max(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert torch.equal(idx, x.argmax(-1)), f"seed {seed}"
 
 
 @DTYPES

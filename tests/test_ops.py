@@ -862,7 +862,8 @@ def test_conv_and_decode_attention_compile_for_sm90(tmp_path):
 
 def _gemv_compile_for_sm90() -> list[str]:
     """The skinny GEMM's split-K launches as decode captures them (PDL, tl.dot over padded rows),
-    reducing one row and sixteen, plain and as a block's entry (an fp32 stream), compiled for sm_90:
+    reducing one row and sixteen, plain and as a block's entry (an fp32 stream), with and without
+    the weights' L2 hints before the wait (which must reach the PTX), compiled for sm_90:
     the partials' 3-D tile is a shape the interpreter runs whatever Triton's compiler would make of it."""
     from interpreter import compile_for_sm90
 
@@ -874,11 +875,12 @@ def _gemv_compile_for_sm90() -> list[str]:
             else "fp32" if a in ("alpha", "eps") else "i32"
 
     out = []
-    for rows, splits, entry in ((1, 16, False), (16, 8, False), (1, 16, True)):
+    for rows, splits, entry, lines in ((1, 16, False, 0), (16, 8, False, 8), (1, 16, True, 4)):
         out.append(compile_for_sm90(gemv._gemv_kernel, types(entry), dict(
             NORM=entry, HAS_DELTA=entry, NORM_ROWS=rows, NORM_BLOCK=4096, HAS_BIAS=False, SCALE=0, SPLIT=True,
-            USE_DOT=True, IEEE=False, UPCAST=False, EVEN_K=True, PDL=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128,
-            RED_ROWS=rows, RED_SPLITS=splits)))
+            USE_DOT=True, IEEE=False, UPCAST=False, EVEN_K=True, PDL=True, PREFETCH_LINES=lines, LINE=64,
+            BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RED_ROWS=rows, RED_SPLITS=splits),
+            ptx_has="prefetch.global.L2" if lines else ""))
     return out
 
 
@@ -1156,6 +1158,59 @@ def test_add_rms_norm_linear_interpreted(seed):
             assert h.dtype == stream, where
             torch.testing.assert_close(h, want_h, rtol=0 if stream == f32 else 2 ** -7, atol=0, msg=lambda e: f"{where}: {e}")
             assert y.dtype == dtype and rel_err(y, want_y) < TOL[dtype], f"{where}: relative error {rel_err(y, want_y):.2e}"
+
+
+def row_max_inputs(rows, v, dtype, device):
+    """Logits-like rows with the cases an argmax gets wrong: the max repeated in two blocks (the
+    first index must win), a row all -inf (a rank holding only vocabulary padding: index 0), a row
+    with +inf, and a max in the last, partial block."""
+    x = torch.randn(rows, v, device=device).to(dtype)
+    top = x.float().abs().max().item() + 1.0
+    for r in range(rows):
+        i = torch.randint(0, max(1, v // 2), ()).item()
+        j = torch.randint(v // 2, v, ()).item()  # another block, where v spans several
+        x[r, j] = top
+        if r:
+            x[r, i] = top
+    if rows > 1:
+        x[1] = float("-inf")
+    if rows > 2:
+        x[2, v // 3] = float("inf")
+    if rows > 3:
+        x[3, v - 1] = top + 1
+    return x
+
+
+def check_row_max(impl, rows, v, dtype, device, seed=None):
+    x = row_max_inputs(rows, v, dtype, device)
+    val, idx = impl(x.clone())
+    want_val, want_idx = ref_ops.row_max(x)
+    where = f"row_max {rows} x {v} {dtype} (seed {seed})"
+    assert idx.dtype == torch.long and val.dtype == x.dtype, where
+    assert torch.equal(idx, want_idx), f"{where}: indices {idx.tolist()[:8]} vs {want_idx.tolist()[:8]}"
+    assert torch.equal(val, want_val), where
+
+
+@pytest.mark.parametrize("rows,v", [(1, 5000), (5, 5000), (4, 37)])
+def test_row_max_interpreted(seed, rows, v):
+    """The logits' argmax kernel (blocks of 2048, the last program to arrive reducing) against torch,
+    ties across blocks included; interpreted on CPU."""
+    kernels = _interpreted_kernels()
+    check_row_max(kernels.row_max, rows, v, torch.float32, "cpu", seed)
+
+
+def test_gemv_prefetch_lines(monkeypatch):
+    """How many 128-byte lines of each weight row a program hints to L2 before its PDL wait: the
+    environment's bytes, never past the program's K slice, a power of two for tl.arange; 0 turns it off."""
+    from megatron_ssm.ops.triton import gemv
+
+    monkeypatch.setattr(gemv, "INTERPRETED", False)
+    monkeypatch.delenv(gemv.PREFETCH_ENV, raising=False)
+    assert gemv._prefetch_lines(1024, 2) == gemv.PREFETCH_DEFAULT // 128
+    for env, per, size, want in [("0", 1024, 2, 0), ("300", 1024, 2, 4), ("4096", 128, 2, 2), ("4096", 96, 2, 2),
+                                 ("1", 8, 4, 1), ("65536", 5120, 2, 128)]:
+        monkeypatch.setenv(gemv.PREFETCH_ENV, env)
+        assert gemv._prefetch_lines(per, size) == want, (env, per, size)
 
 
 def test_gemv_tuner_where_only_cublas_fits(monkeypatch):

@@ -11,11 +11,16 @@ stage out ... and take differences"). One GPU, synthetic weights as tools/benchm
 Stages (a '+' joins several into one variant): in_proj, conv, x_proj, dt_proj (Mamba-1), update
 (the state update, or Mamba-1's fused update), norm (Mamba-2's gated norm), out_proj (the mixer's
 output projection: its all-reduce too), add_norm (each block's residual add and RMS norm).
+A stage of the form NAME=VALUE is no stage but an environment switch set while that variant is
+captured (an A/B of a switch read at launch, beside the whole step without it):
+
+    python3 tools/ablate_step.py --config configs/mamba2-2.7b.yaml --skip MEGATRON_SSM_GEMV_PREFETCH=2048
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +52,11 @@ def _constant(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
+    if "=" in stage:
+        name, value = stage.split("=", 1)
+        stack.callback(_restore, name, os.environ.get(name))
+        os.environ[name] = value
+        return
     mixers = [m for m in model.modules() if isinstance(m, (mamba1.Mamba1Mixer, mamba2.Mamba2Mixer))]
 
     def on_instances(attr, fake):
@@ -89,6 +99,13 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
                 PendingAllReduce(_constant((*x.shape[:-1], model.cfg.hidden_size), x)), None)
     else:
         raise SystemExit(f"unknown stage {stage!r}")
+
+
+def _restore(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..ops.dispatch import row_max
 from ..parallel import TPContext
 
 
@@ -52,7 +53,7 @@ def _all_gather(t: torch.Tensor, tp: TPContext) -> torch.Tensor:
 
 def vocab_parallel_argmax(local: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """local [b, V/tp] -> global argmax [b] (ties go to the lowest token id, as torch.argmax does)."""
-    val, idx = local.max(dim=-1)
+    val, idx = row_max(local)
     if shard.tp.size == 1:
         return idx
     # value and index travel together as fp32 (indices are exact below 2**24)

@@ -9,6 +9,7 @@ from .conv1d import causal_conv1d, causal_conv1d_update
 from .decode import mamba1_decode_step, mamba2_decode_step
 from .linear import linear
 from .norm import add_rms_norm, add_rms_norm_linear, gated_rms_norm, rms_norm
+from .reduce import row_max
 from .rope import rotary_embedding
 from .selective_scan import selective_scan, selective_state_update
 from .ssd import ssd_chunk_scan, ssd_state_update
@@ -17,5 +18,5 @@ __all__ = [
     "add_rms_norm", "add_rms_norm_linear", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "linear", "rms_norm",
     "selective_scan", "selective_state_update", "ssd_chunk_scan", "ssd_state_update",
     "mamba1_decode_step", "mamba2_decode_step", "packed_causal_attention", "rotary_embedding",
-    "decode_attention",
+    "decode_attention", "row_max",
 ]

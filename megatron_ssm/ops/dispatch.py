@@ -37,7 +37,8 @@ from typing import Callable
 import torch
 
 # From the submodules, not the package, so that the package may itself export this module's ops.
-from . import attention as _attention, conv1d as _conv, decode as _decode, norm as _norm, rope as _rope, ssd as _ssd
+from . import attention as _attention, conv1d as _conv, decode as _decode, norm as _norm, reduce as _reduce, rope as _rope
+from . import ssd as _ssd
 from .linear import linear as _ref_linear
 from .selective_scan import selective_scan as _ref_selective_scan
 from .selective_scan import selective_state_update as _ref_selective_state_update
@@ -66,6 +67,7 @@ _REFERENCE: dict[str, Callable] = {
     "packed_causal_attention": _attention.packed_causal_attention,
     "rotary_embedding": _rope.rotary_embedding,
     "decode_attention": _attention.decode_attention,
+    "row_max": _reduce.row_max,
 }
 
 # Which mixers call their *_decode_step op at decode instead of the unfused chain of ops, read at
@@ -352,6 +354,10 @@ def rotary_embedding(x, positions, inv_freq):
 def mamba1_decode_step(state, u, dt, A, B, C, D=None, z=None, dt_bias=None, norm_eps=None, dt_in=None,
                        dt_weight=None):
     return implementation("mamba1_decode_step", u)(state, u, dt, A, B, C, D, z, dt_bias, norm_eps, dt_in, dt_weight)
+
+
+def row_max(x):
+    return implementation("row_max", x)(x)
 
 
 for _name, _ref in _REFERENCE.items():

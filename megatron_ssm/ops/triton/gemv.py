@@ -20,7 +20,8 @@ Captured before any eager call, a shape takes a heuristic configuration.
 
 In a captured graph (decode) on Hopper each launch is a programmatic dependent of the kernel before
 it (ops/triton/pdl.py; `MEGATRON_SSM_PDL=0` turns it off): its programs are scheduled while that
-kernel drains and wait for it to end.
+kernel drains and wait for it to end. While they wait, each asks L2 for the first lines of its
+weight rows (`MEGATRON_SSM_GEMV_PREFETCH` bytes a row, 0: none), which the graph never changes.
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ _LOCKS: dict[torch.device, torch.Tensor] = {}
 _LOCK_SLOTS = 1 << 16  # column tiles per launch, at most: N / BLOCK_N for any weight we hold
 _REDUCE_TILE = 4096  # fp32 partials the reducing program loads at once (32 a thread at 4 warps)
 _NORM_TILE = 4096  # stream elements an entry's program loads at once for its rows' sums of squares
+_LINE = 128  # bytes of an L2 line
+# Bytes of each weight row of its slice that a program of a PDL launch hints to L2 before its wait.
+# 256 measured best on the H200 (graphed steps, session 11): mamba2-2.7b b1 2.317 -> 2.300 ms, b16
+# 3.935 -> 3.860; falcon-mamba-7b b1 4.280 -> 4.216, b32 unchanged. More is slower (4096: +8%,
+# the whole slice: +13-24%): the hints then compete with the kernel before and with the loop's own loads.
+PREFETCH_ENV = "MEGATRON_SSM_GEMV_PREFETCH"
+PREFETCH_DEFAULT = 256
 
 
 # M and the split count vary between calls of one shape (batch buckets, tuning): one compile for all.
@@ -53,7 +61,7 @@ def _gemv_kernel(
     sxm, swn, sym, sdm, shm,
     NORM: tl.constexpr, HAS_DELTA: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     RED_ROWS: tl.constexpr, RED_SPLITS: tl.constexpr,
 ):
@@ -74,7 +82,12 @@ def _gemv_kernel(
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     # Under PDL everything waits, the weights too: reading the first weight tile before the wait (it
     # is constant in the graph) measured 7-11% slower a decode step, as that peeled loop loses
-    # Triton's own pipelining of the loads (docs/benchmarks.md, session 7).
+    # Triton's own pipelining of the loads (docs/benchmarks.md, session 7). A hint to L2 holds no
+    # register and changes no loop: the program's first PREFETCH_LINES lines of each weight row
+    # stream from HBM while the kernel before still runs.
+    if PREFETCH_LINES > 0:
+        offs_l = tl.minimum(k_lo + tl.arange(0, PREFETCH_LINES) * LINE, k_hi - 1)
+        _prefetch_l2(w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * swn + offs_l[None, :])
     _pdl_enter(PDL)
     if NORM:
         # x is the block's entry: norm(residual + delta). The norm's scale needs each row's whole
@@ -161,6 +174,13 @@ def _gemv_kernel(
     else:
         out = _epilogue(out, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS, SCALE)
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 to fetch the lines at `ptrs` (a hint: nothing is loaded into registers, nothing waits)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -266,6 +286,16 @@ def _candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     return sorted(out, key=str)
 
 
+def _prefetch_lines(k_per_split: int, element_size: int) -> int:
+    """Lines of each weight row of its slice that a program hints to L2 before its PDL wait: the
+    environment's byte count, at most the slice, as a power of two (0: none)."""
+    want = int(os.environ.get(PREFETCH_ENV, PREFETCH_DEFAULT) or 0)
+    if want <= 0 or INTERPRETED:
+        return 0
+    lines = min(triton.cdiv(want, _LINE), triton.cdiv(k_per_split * element_size, _LINE))
+    return triton.next_power_of_2(lines)
+
+
 def _locks(device: torch.device) -> torch.Tensor:
     locks = _LOCKS.get(device)
     if locks is None:
@@ -314,6 +344,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         NORM=entry is not None, HAS_DELTA=entry is not None and entry.delta is not None, NORM_ROWS=red_rows,
         NORM_BLOCK=norm_block, HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None), SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
         UPCAST=INTERPRETED and weight.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
+        PREFETCH_LINES=_prefetch_lines(per, weight.element_size()) if pdl else 0, LINE=_LINE // weight.element_size(),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RED_ROWS=red_rows, RED_SPLITS=red_splits,
         num_warps=cfg.num_warps,
         num_stages=cfg.stages, **_pdl.kwargs(pdl),
