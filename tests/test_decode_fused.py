@@ -26,7 +26,8 @@ INTERPRETED_TOL = {**TOL, torch.bfloat16: 2.5e-2}
 
 def mamba2_decode_inputs(b, h, p, g, n, K, dtype, device, gate="norm", conv_bias=True,
                          dt_limit=(0.0, float("inf"))):
-    """gate: 'norm' (the gated RMS norm), 'silu' (y * silu(z)) or None (y alone)."""
+    """gate: 'norm' (the gated RMS norm), 'deferred' (that norm's 1/rms returned for out_proj),
+    'silu' (y * silu(z)) or None (y alone)."""
     channels = h * p
     conv_ch = channels + 2 * g * n
     return "mamba2_decode_step", dict(
@@ -37,8 +38,8 @@ def mamba2_decode_inputs(b, h, p, g, n, K, dtype, device, gate="norm", conv_bias
         conv_weight=_act(conv_ch, K, dtype=dtype, device=device, scale=0.5),
         conv_bias=_act(conv_ch, dtype=dtype, device=device) if conv_bias else None,
         ssm_state=torch.randn(b, h, p, n, device=device), dt_limit=dt_limit,
-        norm_weight=_act(channels, dtype=dtype, device=device) if gate == "norm" else None, norm_eps=1e-5,
-        **_mamba2_params(h, dtype, device))
+        norm_weight=_act(channels, dtype=dtype, device=device) if gate in ("norm", "deferred") else None, norm_eps=1e-5,
+        **({"defer_norm": True} if gate == "deferred" else {}), **_mamba2_params(h, dtype, device))
 
 
 def mamba1_decode_inputs(b, d, n, dtype, device, norms=True, dt_rank=8, dt_proj=False):
@@ -84,6 +85,27 @@ def test_mamba2_reference_continues_a_prefill(seed):
     assert rel_err(step, full[:, L]) < 1e-6, seed  # (the references take dt and states in fp32)
 
 
+@pytest.mark.parametrize("g", [1, 3])
+def test_mamba2_reference_deferred_norm_is_the_norm(seed, g):
+    """The deferred norm's output times its 1/rms per group is the gated norm's output, and with one
+    group out_proj with that row scale is out_proj of the norm; a group spanning ranks divides the
+    reduced sum by the whole group's size."""
+    op, kw = mamba2_decode_inputs(2, 6, 4, g, 8, 4, torch.float64, "cpu")
+    states = {k: kw[k].clone() for k in ("conv_state", "ssm_state")}
+    more = {k: kw[k].clone() for k in ("conv_state", "ssm_state")}
+    normed = ref_ops.mamba2_decode_step(**kw)
+    y, rstd = ref_ops.mamba2_decode_step(**dict(kw, **states, defer_norm=True))
+    assert rstd.shape == (2, g) and rstd.dtype == torch.float32
+    assert rel_err((y.view(2, g, -1) * rstd[..., None]).view(2, -1), normed) < 1e-6, seed
+    assert rel_err(states["ssm_state"], kw["ssm_state"]) == 0, seed
+    if g == 1:
+        w = torch.randn(7, 24, dtype=torch.float64)
+        assert rel_err(ref_ops.linear(y, w, row_scale=rstd[:, 0]), ref_ops.linear(normed, w)) < 1e-6, seed
+    _, spanning = ref_ops.mamba2_decode_step(**dict(kw, **more, defer_norm=True, group_size=2 * 24 // g,
+                                                   reduce_sum_of_squares=lambda ss: 2 * ss))
+    assert rel_err(spanning, rstd) < 1e-6, seed
+
+
 def test_mamba1_reference_equals_the_norms_before_dt_proj(seed):
     """Falcon-Mamba's unfused path normalises dt before dt_proj; the op takes dt_proj of the raw dt
     and scales after: the same numbers, because the norm has no weight."""
@@ -115,16 +137,18 @@ def _default_eps_case():
     lambda: mamba2_decode_inputs(2, 4, 3, 2, 5, 4, torch.float32, "cpu", dt_limit=(0.0, 0.1)),
     lambda: _edited(mamba2_decode_inputs(2, 4, 3, 1, 5, 4, torch.float32, "cpu"), norm_eps=0.25),  # far from the default
     _default_eps_case,
+    lambda: _edited(mamba2_decode_inputs(2, 4, 3, 1, 5, 4, torch.float32, "cpu", gate="deferred"), group_size=24,
+                    reduce_sum_of_squares=lambda ss: 2 * ss),
     lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu"),
     lambda: mamba1_decode_inputs(2, 4, 3, torch.float32, "cpu", dt_proj=True)],
-    ids=["mamba2", "mamba2-eps", "mamba2-default-eps", "mamba1", "mamba1-dt-proj"])
+    ids=["mamba2", "mamba2-eps", "mamba2-default-eps", "mamba2-deferred-spanning", "mamba1", "mamba1-dt-proj"])
 def test_dispatch_forwards_every_argument_in_order(seed, case):
     op, kw = case()
     check_op(getattr(dispatch, op), op, kw, tol=1e-12, seed=seed)
 
 
 @pytest.mark.parametrize("value,mamba1,mamba2", [
-    (None, True, False), ("0", False, False), ("", False, False), ("1", True, True),
+    (None, True, True), ("0", False, False), ("", False, False), ("1", True, True),
     ("mamba2", False, True), ("mamba1, mamba2", True, True)])
 def test_fused_decode_switch(monkeypatch, value, mamba1, mamba2):
     if value is None:
@@ -144,7 +168,9 @@ def test_fused_decode_switch_refuses_unknown_mixers(monkeypatch):
 
 ROW_SWITCHES = pytest.mark.parametrize("env,read,default", [
     (dispatch.FOLD_ROWS_ENV, dispatch.fold_rows, dispatch.FOLD_ROWS_DEFAULT),
-    (dispatch.ENTRY_ROWS_ENV, dispatch.entry_rows, dispatch.ENTRY_ROWS_DEFAULT)], ids=["fold", "entry"])
+    (dispatch.ENTRY_ROWS_ENV, dispatch.entry_rows, dispatch.ENTRY_ROWS_DEFAULT),
+    (dispatch.MAMBA2_FUSED_ROWS_ENV, dispatch.mamba2_fused_rows, dispatch.MAMBA2_FUSED_ROWS_DEFAULT)],
+    ids=["fold", "entry", "mamba2-fused"])
 
 
 @ROW_SWITCHES
@@ -173,6 +199,8 @@ MAMBA2_CASES = [  # (b, h, p, g, n, K, gate, conv_bias, dt_limit)
     (2, 6, 2, 3, 8, 3, "norm", False, (0.0, float("inf"))),    # several programs a group, no conv bias
     (2, 3, 5, 1, 6, 4, "silu", True, (0.0, float("inf"))),     # odd sizes; Falcon-H1's y * silu(z)
     (2, 4, 4, 1, 16, 4, None, True, (0.0, float("inf"))),      # y alone: the norm group spans ranks
+    (3, 4, 4, 1, 16, 4, "deferred", True, (0.0, 0.1)),         # the norm's 1/rms left for out_proj
+    (2, 6, 2, 3, 8, 3, "deferred", False, (0.0, float("inf"))),  # ... per group, several programs a group
 ]
 
 
@@ -189,6 +217,20 @@ def test_mamba2_kernel_interpreted(seed, monkeypatch, dtype, b, h, p, g, n, K, g
     # (seed 2825863907)
     check_op(kernels.mamba2_decode_step, op, kw, INTERPRETED_TOL[dtype], seed,
              reference_dtype=torch.float64 if dtype == torch.bfloat16 else None)
+
+
+def test_mamba2_kernel_deferred_norm_spanning_ranks(seed, monkeypatch):
+    """A norm group wider than the rank's channels: the kernel hands its sum of squares to the
+    reduction and divides by the whole group's width, as the reference."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import decode
+
+    monkeypatch.setattr(decode, "UPDATE_BLOCK", 64)
+    op, kw = mamba2_decode_inputs(2, 4, 4, 1, 16, 4, torch.float32, "cpu", gate="deferred")
+    seen = []
+    kw.update(group_size=48, reduce_sum_of_squares=lambda ss: seen.append(ss.shape) or ss * 3.0)
+    check_op(kernels.mamba2_decode_step, op, kw, INTERPRETED_TOL[torch.float32], seed)
+    assert seen == [(2, 1), (2, 1)], seen  # the reference's call and the kernel's
 
 
 def test_mamba2_kernel_steps_repeat(seed, monkeypatch):
@@ -275,8 +317,10 @@ def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hy
     if problem := interpreter_problem():
         return problem
     # both mixers' fused ops, whatever the default (these rank processes serve other tests after)
-    before = {k: os.environ.get(k) for k in (dispatch.FUSED_DECODE_ENV, dispatch.FOLD_ROWS_ENV)}
+    before = {k: os.environ.get(k) for k in (dispatch.FUSED_DECODE_ENV, dispatch.FOLD_ROWS_ENV,
+                                             dispatch.MAMBA2_FUSED_ROWS_ENV)}
     os.environ[dispatch.FUSED_DECODE_ENV] = "1"
+    os.environ[dispatch.MAMBA2_FUSED_ROWS_ENV] = "64"
     if fold_rows is not None:
         os.environ[dispatch.FOLD_ROWS_ENV] = str(fold_rows)
     from megatron_ssm.model import mamba1
@@ -335,6 +379,47 @@ def test_model_decode_with_kernels_matches_references(ranks, converted, converte
     assert rel_err(with_kernels, refs) < 1e-4, seed
 
 
+def _rank_mamba2_fused_and_chain(ckpt: str, input_ids: torch.Tensor, split: int, hybrid: bool):
+    """Decode logits (references only) with Mamba-2's fused step, its norm deferred and not, and
+    with the chain of unfused ops."""
+    if hybrid:
+        from test_hybrids import _rank_prefill_then_decode
+    else:
+        from test_model_vs_hf import _rank_prefill_then_decode
+
+    before = {k: os.environ.get(k) for k in (dispatch.FUSED_DECODE_ENV, dispatch.DEFER_NORM_ENV,
+                                             dispatch.MAMBA2_FUSED_ROWS_ENV)}
+    out = []
+    try:
+        os.environ[dispatch.MAMBA2_FUSED_ROWS_ENV] = "64"  # the tests' two rows
+        for fused, deferred in (("mamba2", "1"), ("mamba2", "0"), ("0", "1")):
+            os.environ[dispatch.FUSED_DECODE_ENV], os.environ[dispatch.DEFER_NORM_ENV] = fused, deferred
+            out.append(_rank_prefill_then_decode(ckpt, input_ids, split))
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out
+
+
+@pytest.mark.parametrize("family,opts,tp", [
+    ("mamba2", dict(n_groups=2), 2),    # one group a rank: its 1/rms from the step
+    ("mamba2", dict(n_groups=1), 2),    # one group over two ranks: the sums of squares all-reduced first
+    ("mamba2", dict(n_groups=2), 1),    # two groups on the rank: the norm stays inside the step
+    ("nemotron_h", dict(pattern="M*-M"), 1),
+], ids=["mamba2-split", "mamba2-spanning", "mamba2-two-groups", "nemotron-h"])
+def test_mamba2_fused_decode_matches_the_chain(ranks, converted, converted_hybrid, seed, family, opts, tp):
+    """The fused step with its norm deferred to out_proj (a factor per row after the product) and
+    inside the step both give the unfused chain's logits."""
+    hybrid = family == "nemotron_h"
+    _, _, ckpts, _ = (converted_hybrid if hybrid else converted)(family, opts)
+    ids = torch.randint(0, 250, (2, 9))
+    deferred, inside, chain = ranks(tp).run(_rank_mamba2_fused_and_chain, ckpts[tp], ids, 5, hybrid)[0]
+    assert rel_err(deferred, chain) < 1e-5 and rel_err(inside, chain) < 1e-5, seed
+
+
 @pytest.mark.parametrize("family,tp", [("falcon_mamba", 2), ("mamba", 1)], ids=["falcon-tp2", "mamba1"])
 def test_mamba1_decode_with_dt_proj_folded(ranks, converted, seed, family, tp):
     """dt_proj inside the state update (every row folded): the kernels match the references, and the
@@ -360,7 +445,8 @@ def _compile_for_sm90() -> list[str]:
 
     def m2_types(a):
         if a.endswith("_ptr"):
-            return {"count_ptr": "*i32", "part_ptr": "*fp32", "st_ptr": "*fp32", "A_ptr": "*fp32"}.get(a, "*bf16")
+            return {"count_ptr": "*i32", "part_ptr": "*fp32", "st_ptr": "*fp32", "A_ptr": "*fp32",
+                    "norm_out_ptr": "*fp32"}.get(a, "*bf16")
         return "fp32" if a in ("dt_min", "dt_max", "eps") else "i32"
 
     def m1_types(a):
@@ -369,10 +455,10 @@ def _compile_for_sm90() -> list[str]:
         return "fp32" if a in ("dt_min", "dt_max", "norm_eps") else "i32"
 
     done = []
-    for gate in (0, 1, 2):
+    for gate, out_sum in ((0, False), (1, False), (2, False), (3, False), (3, True)):
         done.append(compile_one(decode._mamba2_decode_kernel, m2_types, dict(
-            HEADDIM=64, K=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_DT_BIAS=True, GATE=gate, BLOCK_D=16, BLOCK_N=128,
-            BLOCK_K=4, BLOCK_P=512, NORM_BLOCK=2048)))
+            HEADDIM=64, K=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_DT_BIAS=True, GATE=gate, OUT_SUM=out_sum, BLOCK_D=16,
+            BLOCK_N=128, BLOCK_K=4, BLOCK_P=512, NORM_BLOCK=2048)))
     for norm_bc, dt_scale, dt_proj in ((True, True, False), (True, False, False), (False, False, False),
                                        (True, True, True), (False, False, True)):
         done.append(compile_one(scan._state_update_kernel, m1_types, dict(
@@ -387,4 +473,4 @@ def test_fused_kernels_compile_for_sm90(tmp_path):
 
     out = run_without_interpreter("import test_decode_fused as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 8, out
+    assert len(out) == 10, out

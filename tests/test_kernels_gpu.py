@@ -258,6 +258,17 @@ def test_linear(seed, dtype, n, k, bias, m, tuned):
         check_op(impl, *linear_inputs((m,), n, k, dtype, DEV, bias=bias, scale=scale), TOL[dtype], seed)
 
 
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_linear_row_scale(seed, m):
+    """A factor per row of x after the product (Mamba-2's deferred norm into out_proj), tuned shape."""
+    _, kw = linear_inputs((m, 1), 2560, 5120, torch.bfloat16, DEV, bias=False)
+    rows = torch.rand(m, 1, device=DEV) + 0.5
+    want = ref_ops.linear(**kw, row_scale=rows)
+    assert rel_err(dispatch.linear(**kw, row_scale=rows), want) < TOL[torch.bfloat16], seed
+    assert rel_err(kernels().linear(**kw, row_scale=rows, config=kernels().gemv.heuristic(m, 2560, 5120, kw["x"].device)),
+                   want) < TOL[torch.bfloat16], seed
+
+
 @pytest.mark.parametrize("n,k,bias", [(2560, 5120, False), (288, 8192, False), (8192, 256, True)])
 @pytest.mark.parametrize("m", [1, 16])
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
@@ -359,7 +370,10 @@ def test_packed_causal_attention_flash(seed, dtype, lengths, heads, kv_heads, sc
     (4, 64, 64, 4, 128, "norm", (0.0, 0.1)),             # Codestral's 8 groups split over TP 2
     (2, 80, 64, 1, 128, "silu", (0.0, float("inf"))),    # Falcon-H1 sizes without the gated norm
     (2, 80, 64, 1, 128, None, (0.0, float("inf"))),      # the norm group spans ranks: y alone
-], ids=["2.7B-b1", "2.7B-b16", "grouped", "silu", "y"])
+    (1, 80, 64, 1, 128, "deferred", (0.0, float("inf"))),  # the norm's 1/rms left for out_proj
+    (16, 80, 64, 1, 128, "deferred", (0.0, float("inf"))),
+    (4, 64, 64, 4, 128, "deferred", (0.0, 0.1)),
+], ids=["2.7B-b1", "2.7B-b16", "grouped", "silu", "y", "deferred-b1", "deferred-b16", "deferred-grouped"])
 def test_mamba2_decode_step(seed, dtype, b, h, p, g, n, gate, limit):
     from test_decode_fused import mamba2_decode_inputs
     check_op(kernels().mamba2_decode_step, *mamba2_decode_inputs(b, h, p, g, n, 4, dtype, DEV, gate=gate, dt_limit=limit),
@@ -377,11 +391,12 @@ def test_mamba1_decode_step(seed, dtype, b, d, norms, dt_proj, rank):
              *mamba1_decode_inputs(b, d, 16, dtype, DEV, norms=norms, dt_rank=rank, dt_proj=dt_proj), TOL[dtype], seed)
 
 
-def test_mamba2_decode_step_replayed_from_a_graph(seed):
+@pytest.mark.parametrize("gate", ["norm", "deferred"])
+def test_mamba2_decode_step_replayed_from_a_graph(seed, gate):
     """Several steps replayed from one captured launch: the group counters reset every time."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     from fuse_check import check_graph_replay
-    check_graph_replay()
+    check_graph_replay(gate=gate)
 
 
 @DTYPES

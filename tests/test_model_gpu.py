@@ -71,13 +71,15 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
     unchained = Engine(model, EngineConfig(max_batch=4, cuda_graphs=True)).generate([Request(p, 12) for p in prompts])
     monkeypatch.delenv(pdl.ENV)
     assert unchained == eager, f"seed {seed}: CUDA graphs without PDL {unchained} != eager {eager}"
-    if family == "mamba2":  # the opt-in fused decode step (one kernel from conv to gated norm), chained by PDL too
-        from megatron_ssm.ops.dispatch import FUSED_DECODE_ENV
+    if family == "mamba2":  # the fused decode step (one kernel from conv to gated norm) at every batch, chained by PDL too
+        from megatron_ssm.ops.dispatch import FUSED_DECODE_ENV, MAMBA2_FUSED_ROWS_ENV
 
         monkeypatch.setenv(FUSED_DECODE_ENV, "1")
+        monkeypatch.setenv(MAMBA2_FUSED_ROWS_ENV, "64")
         fused = [Engine(model, EngineConfig(max_batch=4, cuda_graphs=graphs)).generate([Request(p, 12) for p in prompts])
                  for graphs in (True, False)]
         monkeypatch.delenv(FUSED_DECODE_ENV)
+        monkeypatch.delenv(MAMBA2_FUSED_ROWS_ENV)
         assert fused[0] == fused[1], f"seed {seed}: fused Mamba-2 decode, graphed {fused[0]} != eager {fused[1]}"
     # The packed forward (the engine's prefill, also what the graphs replay) against each prompt alone:
     # logits, not greedy tokens, since tf32 in the SSD kernels may flip a near-tie.

@@ -689,7 +689,8 @@ def test_layers_project_through_dispatch_only_without_a_backward(monkeypatch, se
     from megatron_ssm.model import layers
 
     calls = []
-    monkeypatch.setattr(layers, "linear", lambda x, w, b=None, s=None: calls.append(x.shape) or ref_ops.linear(x, w, b, s))
+    monkeypatch.setattr(layers, "linear", lambda x, w, b=None, s=None, r=None: calls.append(x.shape)
+                        or ref_ops.linear(x, w, b, s, r))
     x, w, b = torch.randn(2, 5), torch.randn(3, 5), torch.randn(3)
     ref = F.linear(x, w, b)
     assert torch.equal(layers.project(x, w, b), ref) and calls == [(2, 5)], seed
@@ -702,6 +703,12 @@ def test_layers_project_through_dispatch_only_without_a_backward(monkeypatch, se
     with torch.no_grad():
         assert torch.equal(layers.project(x, w, b, s), ref * s) and len(calls) == 3, seed
     assert torch.equal(layers.project(x, w, b, 2.0), ref * 2.0) and len(calls) == 3, seed
+    # a factor per row of x, before the bias, through both paths
+    r = torch.rand(2) + 0.5
+    want = F.linear(x, w) * r[:, None] + b
+    assert torch.allclose(layers.project(x, w, b, row_scale=r), want) and len(calls) == 3, seed
+    with torch.no_grad():
+        assert torch.allclose(layers.project(x, w, b, row_scale=r), want) and len(calls) == 4, seed
 
 
 def test_linear_switched_to_triton_without_triton_stays_torch(monkeypatch):
@@ -1228,6 +1235,21 @@ def test_gemv_tuner_where_only_cublas_fits(monkeypatch):
     assert gemv._tune(key, x, w, None) == gemv.CUBLAS and key not in gemv._TUNED_KERNEL
     gemv._TUNED[key] = gemv.CUBLAS
     assert gemv._kernel_config(4, 4, w, None) == gemv.heuristic(4, 128, 4, x.device)
+
+
+def test_gemv_row_scale_interpreted(seed):
+    """One factor per row of x (a deferred norm's 1/rms), before the bias and the output scale,
+    split K and not, against the reference."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import gemv
+
+    for m, cfg, bias in itertools.product((1, 3), [gemv.Config(16, 64, 1, 4), gemv.Config(16, 64, 3, 4)], (False, True)):
+        _, kw = linear_inputs((m, 1), 45, 200, torch.float32, "cpu", bias=bias, scale="vector")
+        rows = torch.rand(m, 1) * 3 + 0.1
+        want = ref_ops.linear(**kw, row_scale=rows)
+        assert rel_err(want, ref_ops.linear(**kw)) > 0.05  # the factors show
+        err = rel_err(kernels.linear(**kw, row_scale=rows, config=cfg), want)
+        assert err < TOL[torch.float32], f"m {m} bias {bias} {cfg}: relative error {err:.2e} (seed {seed})"
 
 
 def test_gemv_scale_epilogue_interpreted(seed):

@@ -84,7 +84,9 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
         on_module(mamba1, "mamba1_decode_step", lambda state, u, *a, **k: u)
         on_module(mamba1, "selective_state_update", lambda state, u, *a, **k: u)
         on_module(mamba2, "ssd_state_update", lambda state, x, *a, **k: x)
-        on_module(mamba2, "mamba2_decode_step", lambda xbc, z, *a, **k: xbc[:, : z.shape[-1]])
+        on_module(mamba2, "mamba2_decode_step", lambda xbc, z, *a, **k: (
+            (xbc[:, : z.shape[-1]], _constant((xbc.shape[0], 1), xbc.new_empty(0, dtype=torch.float32))) if k.get("defer_norm")
+            else xbc[:, : z.shape[-1]]))
     elif stage == "norm":
         on_module(mamba2, "gated_rms_norm", lambda y, *a, **k: y)
     elif stage == "add_norm":  # each block's entry (residual add + RMS norm), alone or in in_proj's launch

@@ -39,12 +39,12 @@ def differentiable(param: torch.Tensor) -> bool:
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-            scale: float | torch.Tensor | Factors | None = None) -> torch.Tensor:
-    """(x @ weight^T + bias) * scale (ops/linear.py). The dispatch layer's kernel has no backward,
-    so while one may run (grad mode on and either side requiring grad) this is the reference."""
+            scale: float | torch.Tensor | Factors | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(x @ weight^T * row_scale + bias) * scale (ops/linear.py). The dispatch layer's kernel has no
+    backward, so while one may run (grad mode on and either side requiring grad) this is the reference."""
     if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-        return reference_linear(x, weight, bias, scale)
-    return linear(x, weight, bias, scale)
+        return reference_linear(x, weight, bias, scale, row_scale)
+    return linear(x, weight, bias, scale, row_scale)
 
 
 def project_entry(stream: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNorm", residual_dtype: torch.dtype,
@@ -117,15 +117,17 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
             return tensor_parallel.reduce_from_tensor_model_parallel_region(y, group=self.tp.group)
         return all_reduce_with_grad(y, self.tp.group)
 
-    def start(self, x: torch.Tensor, scale: float = 1.0) -> PendingOutput:
+    def start(self, x: torch.Tensor, scale: float = 1.0, row_scale: torch.Tensor | None = None) -> PendingOutput:
         """forward times `scale`, returning before the reduction completes (see PendingOutput). The
         reduction runs on the TP group's second communicator, so the synchronous collectives that
         the next micro-chunk issues on the first one do not queue behind it. Without a bias the
-        scale goes into the projection (a sum of scaled parts is the scaled sum)."""
+        scale goes into the projection (a sum of scaled parts is the scaled sum). row_scale (fp32,
+        x.shape[:-1]) multiplies each row of this rank's part before the reduction: the same on
+        every rank, it too commutes with the sum."""
         if self.bias is None and scale != 1.0:
-            y, scale = project(x, self.weight, scale=scale), 1.0
+            y, scale = project(x, self.weight, scale=scale, row_scale=row_scale), 1.0
         else:
-            y = project(x, self.weight)
+            y = project(x, self.weight, row_scale=row_scale)
         if differentiable(self.weight):  # training: the differentiable reduction, nothing left in flight
             return PendingOutput(PendingAllReduce(self._reduce_with_grad(y)), self.bias, scale)
         group = self.tp.overlap_group or self.tp.group

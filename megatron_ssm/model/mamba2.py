@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from ..comm import ExactAllReduce
 from ..config import SSMConfig
-from ..ops.dispatch import fused_decode, gated_rms_norm, mamba2_decode_step, ssd_chunk_scan, ssd_state_update
+from ..ops.dispatch import (defer_norm, fused_decode, gated_rms_norm, mamba2_decode_step, mamba2_fused_rows, ssd_chunk_scan,
+                             ssd_state_update)
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
 from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, OutputFactors, PendingOutput,
@@ -110,9 +111,9 @@ class Mamba2Mixer(Mixer):
         b, L, _ = zxbcdt.shape
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
         if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
-                and fused_decode("mamba2")):
-            return self.out_proj.start(self._decode_step(xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state).unsqueeze(1),
-                                       self.output_scale)
+                and fused_decode("mamba2") and b <= mamba2_fused_rows()):
+            y, row_scale = self._decode_step(xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state)
+            return self.out_proj.start(y.unsqueeze(1), self.output_scale, row_scale)
         xbc = self.conv1d(xbc, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, xbc, conv_state)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
         x = x.reshape(b, L, self.heads, cfg.head_dim)
@@ -140,9 +141,17 @@ class Mamba2Mixer(Mixer):
         return self.out_proj.start(y, self.output_scale)
 
     def _decode_step(self, xbc, z, dt, conv_state, ssm_state):
-        """One token from in_proj's output to out_proj's input in one op (conv, state update and,
-        unless a norm group spans ranks and needs its all-reduce in between, the gated norm)."""
+        """One token from in_proj's output to out_proj's input in one op (conv, state update and the
+        gated norm), and the factor per row ([b, 1], or None) that out_proj applies after its product:
+        the norm's 1/rms where this rank's channels are one norm group (whole or spanning ranks, its
+        sum of squares then all-reduced), so that nothing walks the whole group in between."""
         cfg = self.cfg
+        if self.norm is not None and self.groups == 1 and defer_norm():
+            return mamba2_decode_step(
+                xbc, z, dt, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, ssm_state, decay_rates(self),
+                self.D, self.dt_bias, cfg.time_step_limit, self.norm.weight, cfg.norm_eps, defer_norm=True,
+                group_size=cfg.intermediate_size // cfg.n_groups,
+                reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
         local_norm = self.norm is not None and self.shared_group is None
         y = mamba2_decode_step(xbc, z if self.norm is None or local_norm else None, dt, conv_state,
                                self.conv1d.weight.squeeze(1), self.conv1d.bias, ssm_state, decay_rates(self), self.D,
@@ -150,4 +159,4 @@ class Mamba2Mixer(Mixer):
         if self.norm is not None and not local_norm:
             y = gated_rms_norm(y, z, self.norm.weight, cfg.norm_eps, group_size=cfg.intermediate_size // cfg.n_groups,
                                reduce_sum_of_squares=self._group_sum_of_squares)
-        return y
+        return y, None

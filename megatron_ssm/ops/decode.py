@@ -32,7 +32,10 @@ def mamba2_decode_step(
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-5,
-) -> torch.Tensor:
+    defer_norm: bool = False,
+    group_size: int | None = None,
+    reduce_sum_of_squares=None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Mamba-2's mixer for one token, from in_proj's output to out_proj's input.
 
     xbc [b, channels + 2 g n] (x | B | C, before the conv); z [b, channels]; dt [b, h];
@@ -41,6 +44,13 @@ def mamba2_decode_step(
     the widths. Returns [b, channels] in xbc's dtype: the gated norm of y by z over groups of
     channels/g channels (norm_weight given), else y * silu(z) (z given), else y itself (for a
     caller whose norm group spans ranks and needs an all-reduce in between).
+
+    defer_norm (norm_weight and z given): the gated norm's 1/rms is left for out_proj to apply
+    after its product (one factor per row commutes with it, ops.linear's row_scale), so that no
+    kernel between the state update and out_proj needs the whole group. Returns (y * silu(z) *
+    norm_weight [b, channels] in xbc's dtype, 1/rms [b, g] fp32) over groups of `group_size`
+    channels (default channels/g); reduce_sum_of_squares maps the local sums of squares [b, g] to
+    the whole group's where a group spans ranks (as gated_rms_norm's).
     """
     b = xbc.shape[0]
     h, p, n = ssm_state.shape[1:]
@@ -50,6 +60,13 @@ def mamba2_decode_step(
     x, B, C = xbc.split([channels, g * n, g * n], dim=-1)
     y = ssd_state_update(ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, g, n), C.reshape(b, g, n), D, dt_bias,
                          dt_limit).reshape(b, channels)
+    if norm_weight is not None and defer_norm:
+        gated = y.float() * F.silu(z.float())
+        ss = gated.pow(2).view(b, g, channels // g).sum(-1)
+        if reduce_sum_of_squares is not None:
+            ss = reduce_sum_of_squares(ss)
+        rstd = torch.rsqrt(ss / (group_size or channels // g) + norm_eps)
+        return (gated * norm_weight.float()).to(y.dtype), rstd
     if norm_weight is not None:
         return gated_rms_norm(y, z, norm_weight, norm_eps, channels // g)
     if z is not None:

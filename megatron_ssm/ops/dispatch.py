@@ -73,12 +73,12 @@ _REFERENCE: dict[str, Callable] = {
 # Which mixers call their *_decode_step op at decode instead of the unfused chain of ops, read at
 # each call. `MEGATRON_SSM_FUSED_DECODE` is a comma list of mixers ("mamba1,mamba2"), "1" for all or
 # "0" for none. The default is what measured faster on the H200 (docs/benchmarks.md, "Fused decode
-# steps"): Mamba-1's fused update (4.75 vs 5.03 ms a falcon-mamba-7b step at b1); not Mamba-2's kernel,
-# which was slower than the three kernels it replaces (2.69 vs 2.57 ms a mamba2-2.7b step at b1,
-# 5.84 vs 4.18 ms at b16), and still is with PDL (2.537 vs 2.343 ms at b1, 5.867 vs 3.908 at b16,
-# session 9).
+# steps"): Mamba-1's fused update (4.75 vs 5.03 ms a falcon-mamba-7b step at b1), and Mamba-2's kernel
+# up to MAMBA2_FUSED_ROWS rows: with its loads first and its norm deferred to out_proj it beats the
+# three kernels it replaces at b1 (a mamba2-2.7b step 2.252 vs 2.286 ms, session 11; before, 2.537 vs
+# 2.343), not at b16 (6.38 vs 3.85 ms: each of a row's programs convolves the group's B and C again).
 FUSED_DECODE_ENV = "MEGATRON_SSM_FUSED_DECODE"
-FUSED_DECODE_DEFAULT = ("mamba1",)
+FUSED_DECODE_DEFAULT = ("mamba1", "mamba2")
 MIXERS = ("mamba1", "mamba2")
 
 # Up to how many batch rows Mamba-1's fused decode also runs dt_proj inside the state update's launch
@@ -88,6 +88,11 @@ MIXERS = ("mamba1", "mamba2")
 # session 9). `MEGATRON_SSM_FOLD_ROWS` overrides it; 0 turns it off.
 FOLD_ROWS_ENV = "MEGATRON_SSM_FOLD_ROWS"
 FOLD_ROWS_DEFAULT = 1
+
+# Up to how many batch rows Mamba-2 takes its fused step where FUSED_DECODE selects it (above: why 1).
+# `MEGATRON_SSM_MAMBA2_FUSED_ROWS` overrides it; 0 turns the fused step off.
+MAMBA2_FUSED_ROWS_ENV = "MEGATRON_SSM_MAMBA2_FUSED_ROWS"
+MAMBA2_FUSED_ROWS_DEFAULT = 1
 
 
 # Up to how many rows a block's entry (residual add + RMS norm) runs inside its first projection's
@@ -99,6 +104,16 @@ FOLD_ROWS_DEFAULT = 1
 ENTRY_ROWS_ENV = "MEGATRON_SSM_ENTRY_ROWS"
 ENTRY_ROWS_DEFAULT = 0
 
+# Whether Mamba-2's fused decode step leaves its gated norm's 1/rms to out_proj (one factor per row,
+# applied after the product: mamba2_decode_step's defer_norm), where a rank's channels form one norm
+# group; else the step's last program normalises the whole group itself. `MEGATRON_SSM_DEFER_NORM=0`
+# turns it off.
+DEFER_NORM_ENV = "MEGATRON_SSM_DEFER_NORM"
+
+
+def defer_norm() -> bool:
+    return os.environ.get(DEFER_NORM_ENV, "1").strip() != "0"
+
 
 def fold_rows() -> int:
     return _row_count(FOLD_ROWS_ENV, os.environ.get(FOLD_ROWS_ENV), FOLD_ROWS_DEFAULT)
@@ -106,6 +121,10 @@ def fold_rows() -> int:
 
 def entry_rows() -> int:
     return _row_count(ENTRY_ROWS_ENV, os.environ.get(ENTRY_ROWS_ENV), ENTRY_ROWS_DEFAULT)
+
+
+def mamba2_fused_rows() -> int:
+    return _row_count(MAMBA2_FUSED_ROWS_ENV, os.environ.get(MAMBA2_FUSED_ROWS_ENV), MAMBA2_FUSED_ROWS_DEFAULT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -290,8 +309,8 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     return implementation("causal_conv1d_update", x)(x, conv_state, weight, bias, silu)
 
 
-def linear(x, weight, bias=None, scale=None):
-    return implementation("linear", x)(x, weight, bias, scale)
+def linear(x, weight, bias=None, scale=None, row_scale=None):
+    return implementation("linear", x)(x, weight, bias, scale, row_scale)
 
 
 def rms_norm(x, weight, eps):
@@ -334,9 +353,11 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, dt_bias=None, dt_limit=(0.0,
 
 
 def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D=None, dt_bias=None,
-                       dt_limit=(0.0, float("inf")), norm_weight=None, norm_eps=1e-5):
+                       dt_limit=(0.0, float("inf")), norm_weight=None, norm_eps=1e-5, defer_norm=False,
+                       group_size=None, reduce_sum_of_squares=None):
     return implementation("mamba2_decode_step", xbc)(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A,
-                                                     D, dt_bias, dt_limit, norm_weight, norm_eps)
+                                                     D, dt_bias, dt_limit, norm_weight, norm_eps, defer_norm,
+                                                     group_size, reduce_sum_of_squares)
 
 
 def packed_causal_attention(q, k, v, cu_seqlens, scale=None):

@@ -44,7 +44,12 @@ def scale_output(y: torch.Tensor, scale: float | torch.Tensor | Factors | None, 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: float | torch.Tensor | Factors | None = None) -> torch.Tensor:
-    """y = (x @ weight^T + bias) * scale: x [..., K], weight [N, K], bias [N] or None, scale a float,
-    [N], Factors or None -> [..., N]."""
-    return scale_output(F.linear(x, weight, bias), scale, in_place=True)  # F.linear's output is ours
+           scale: float | torch.Tensor | Factors | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y = (x @ weight^T * row_scale + bias) * scale: x [..., K], weight [N, K], bias [N] or None,
+    scale a float, [N], Factors or None, row_scale fp32 [...] (one factor per row of x: a norm's
+    1/rms applied after the projection, see ops.decode.mamba2_decode_step's defer_norm) or None
+    -> [..., N]."""
+    if row_scale is None:
+        return scale_output(F.linear(x, weight, bias), scale, in_place=True)  # F.linear's output is ours
+    y = (F.linear(x, weight).float() * row_scale.unsqueeze(-1)).to(x.dtype)
+    return scale_output(y if bias is None else y + bias, scale, in_place=True)

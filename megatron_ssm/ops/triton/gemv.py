@@ -56,11 +56,11 @@ PREFETCH_DEFAULT = 256
 # k_per_split stays specialised: its divisibility is what lets the weight loads be 16-byte vectors.
 @triton.jit(do_not_specialize=["M", "splits"])
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, d_ptr, nw_ptr, h_ptr, xs_ptr,
+    x_ptr, w_ptr, b_ptr, s_ptr, r_ptr, y_ptr, part_ptr, lock_ptr, d_ptr, nw_ptr, h_ptr, xs_ptr,
     M, N, K, k_per_split, splits, alpha, eps,
     sxm, swn, sym, sdm, shm,
     NORM: tl.constexpr, HAS_DELTA: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_BLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     RED_ROWS: tl.constexpr, RED_SPLITS: tl.constexpr,
@@ -167,12 +167,13 @@ def _gemv_kernel(
                                mask=(offs_s < splits)[:, None, None] & r_mask[None, :, :], other=0.0,
                                cache_modifier=".cg")
                 total += tl.sum(tile, axis=0)
-            total = _epilogue(total, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS, SCALE)
+            total = _epilogue(total, b_ptr, s_ptr, r_ptr, alpha, offs_n, n_mask, offs_r, offs_r < M, HAS_BIAS, SCALE,
+                              ROW_SCALE)
             tl.store(y_ptr + offs_r.to(tl.int64)[None, :] * sym + offs_n[:, None], total.to(y_ptr.dtype.element_ty),
                      mask=r_mask)
             tl.atomic_xchg(lock, 0)  # ready for the next launch (or graph replay)
     else:
-        out = _epilogue(out, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS, SCALE)
+        out = _epilogue(out, b_ptr, s_ptr, r_ptr, alpha, offs_n, n_mask, offs_m, m_mask, HAS_BIAS, SCALE, ROW_SCALE)
         tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -193,9 +194,13 @@ def _stream(r_ptr, d_ptr, rows, cols, srm, sdm, mask, HAS_DELTA: tl.constexpr, d
 
 
 @triton.jit
-def _epilogue(v, b_ptr, s_ptr, alpha, offs_n, n_mask, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):
-    """(v + bias) * scale in fp32 for a [BLOCK_N, BLOCK_M] tile; SCALE 1: the float alpha, 2: one
-    factor per output feature."""
+def _epilogue(v, b_ptr, s_ptr, r_ptr, alpha, offs_n, n_mask, offs_rows, row_mask, HAS_BIAS: tl.constexpr,
+              SCALE: tl.constexpr, ROW_SCALE: tl.constexpr):
+    """(v * row scale + bias) * scale in fp32 for a [BLOCK_N, rows] tile; SCALE 1: the float alpha,
+    2: one factor per output feature; ROW_SCALE: one fp32 factor per row of x (a norm's 1/rms,
+    which commutes with the projection)."""
+    if ROW_SCALE:
+        v = v * tl.load(r_ptr + offs_rows, mask=row_mask, other=0.0)[None, :]
     if HAS_BIAS:
         v += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     if SCALE == 1:
@@ -315,9 +320,10 @@ class Entry:
 
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
-            pdl: bool = False, scale: float | torch.Tensor | None = None, entry: Entry | None = None) -> torch.Tensor:
+            pdl: bool = False, scale: float | torch.Tensor | None = None, entry: Entry | None = None,
+            row_scale: torch.Tensor | None = None) -> torch.Tensor:
     if cfg.block_n == 0:
-        return ref_linear(x2, weight, bias, scale)
+        return ref_linear(x2, weight, bias, scale, row_scale)
     m, k = x2.shape
     n = weight.shape[0]
     y2 = torch.empty(m, n, device=x2.device, dtype=weight.dtype)
@@ -336,13 +342,15 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     delta = entry.delta if entry is not None and entry.delta is not None else x2
     red_splits = min(triton.next_power_of_2(splits), max(1, _REDUCE_TILE // (cfg.block_n * red_rows)))
     _gemv_kernel[(grid_n, splits, m_blocks)](
-        x2, weight, bias if bias is not None else weight, scale if vector else weight, y2, part, locks,
+        x2, weight, bias if bias is not None else weight, scale if vector else weight,
+        row_scale if row_scale is not None else weight, y2, part, locks,
         delta, entry.norm_weight if entry else weight, entry.stream if entry else y2,
         torch.empty(m, k, device=x2.device, dtype=weight.dtype) if entry else y2,
         m, n, k, per, splits, 1.0 if scale is None or vector else float(scale), entry.eps if entry else 0.0,
         x2.stride(0), weight.stride(0), y2.stride(0), delta.stride(0), entry.stream.stride(0) if entry else 0,
         NORM=entry is not None, HAS_DELTA=entry is not None and entry.delta is not None, NORM_ROWS=red_rows,
-        NORM_BLOCK=norm_block, HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None), SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
+        NORM_BLOCK=norm_block, HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None),
+        ROW_SCALE=row_scale is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
         UPCAST=INTERPRETED and weight.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
         PREFETCH_LINES=_prefetch_lines(per, weight.element_size()) if pdl else 0, LINE=_LINE // weight.element_size(),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RED_ROWS=red_rows, RED_SPLITS=red_splits,
@@ -400,16 +408,21 @@ def _config(x2, weight, bias) -> Config:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: float | torch.Tensor | Factors | None = None, config: Config | None = None) -> torch.Tensor:
-    """ops.linear's (x @ weight^T + bias) * scale for few rows of x: weight [N, K] with unit stride
-    along K; scale a float, [N] or Factors (its per-feature tensor)."""
+           scale: float | torch.Tensor | Factors | None = None, row_scale: torch.Tensor | None = None,
+           config: Config | None = None) -> torch.Tensor:
+    """ops.linear's (x @ weight^T * row_scale + bias) * scale for few rows of x: weight [N, K] with
+    unit stride along K; scale a float, [N] or Factors (its per-feature tensor); row_scale fp32
+    x.shape[:-1]."""
     k = x.shape[-1]
     n = weight.shape[0]
     given, scale = scale, scale.per_feature if isinstance(scale, Factors) else scale
     if (x.dtype != weight.dtype or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)
             or x.numel() == 0 or n == 0 or weight.dim() != 2
-            or (isinstance(scale, torch.Tensor) and tuple(scale.shape) != (n,))):
-        return ref_linear(x, weight, bias, given)
+            or (isinstance(scale, torch.Tensor) and tuple(scale.shape) != (n,))
+            or (row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.shape != x.shape[:-1]))):
+        return ref_linear(x, weight, bias, given, row_scale)
+    if row_scale is not None:
+        row_scale = row_scale.reshape(-1).contiguous()
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -418,7 +431,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if isinstance(scale, torch.Tensor) and scale.stride(0) != 1:
         scale = scale.contiguous()
     cfg = config or _config(x2, weight, bias)
-    y2 = _launch(x2, weight, bias, cfg, _pdl.use(x2.device), scale)
+    y2 = _launch(x2, weight, bias, cfg, _pdl.use(x2.device), scale, row_scale=row_scale)
     return y2.view(*x.shape[:-1], n)
 
 
