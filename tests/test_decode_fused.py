@@ -7,6 +7,7 @@ The input builders are shared with tests/test_kernels_gpu.py, which runs the ker
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -317,12 +318,9 @@ def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hy
     if problem := interpreter_problem():
         return problem
     # both mixers' fused ops, whatever the default (these rank processes serve other tests after)
-    before = {k: os.environ.get(k) for k in (dispatch.FUSED_DECODE_ENV, dispatch.FOLD_ROWS_ENV,
-                                             dispatch.MAMBA2_FUSED_ROWS_ENV)}
-    os.environ[dispatch.FUSED_DECODE_ENV] = "1"
-    os.environ[dispatch.MAMBA2_FUSED_ROWS_ENV] = "64"
+    env = {dispatch.FUSED_DECODE_ENV: "1", dispatch.MAMBA2_FUSED_ROWS_ENV: "64"}
     if fold_rows is not None:
-        os.environ[dispatch.FOLD_ROWS_ENV] = str(fold_rows)
+        env[dispatch.FOLD_ROWS_ENV] = str(fold_rows)
     from megatron_ssm.model import mamba1
 
     real, real_step = dispatch.backend, mamba1.mamba1_decode_step
@@ -330,20 +328,16 @@ def _rank_decode_with_kernels(ckpt: str, input_ids: torch.Tensor, split: int, hy
     folded = []
     mamba1.mamba1_decode_step = lambda *a, **k: folded.append(k.get("dt_weight") is not None) or real_step(*a, **k)
     try:
-        dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
-        try:
-            with_kernels = _rank_prefill_then_decode(ckpt, input_ids, split)
-        finally:
-            dispatch.backend = real
-        out = with_kernels, _rank_prefill_then_decode(ckpt, input_ids, split)
+        with mock.patch.dict(os.environ, env):
+            dispatch.backend = lambda op, like: "triton" if op in fused else real(op, like)
+            try:
+                with_kernels = _rank_prefill_then_decode(ckpt, input_ids, split)
+            finally:
+                dispatch.backend = real
+            out = with_kernels, _rank_prefill_then_decode(ckpt, input_ids, split)
         return out if fold_rows is None else (*out, sum(folded))
     finally:
         mamba1.mamba1_decode_step = real_step
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -387,20 +381,11 @@ def _rank_mamba2_fused_and_chain(ckpt: str, input_ids: torch.Tensor, split: int,
     else:
         from test_model_vs_hf import _rank_prefill_then_decode
 
-    before = {k: os.environ.get(k) for k in (dispatch.FUSED_DECODE_ENV, dispatch.DEFER_NORM_ENV,
-                                             dispatch.MAMBA2_FUSED_ROWS_ENV)}
     out = []
-    try:
-        os.environ[dispatch.MAMBA2_FUSED_ROWS_ENV] = "64"  # the tests' two rows
-        for fused, deferred in (("mamba2", "1"), ("mamba2", "0"), ("0", "1")):
-            os.environ[dispatch.FUSED_DECODE_ENV], os.environ[dispatch.DEFER_NORM_ENV] = fused, deferred
+    for fused, deferred in (("mamba2", "1"), ("mamba2", "0"), ("0", "1")):
+        with mock.patch.dict(os.environ, {dispatch.FUSED_DECODE_ENV: fused, dispatch.DEFER_NORM_ENV: deferred,
+                                          dispatch.MAMBA2_FUSED_ROWS_ENV: "64"}):  # 64: the tests' two rows
             out.append(_rank_prefill_then_decode(ckpt, input_ids, split))
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return out
 
 

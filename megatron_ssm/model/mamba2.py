@@ -146,17 +146,17 @@ class Mamba2Mixer(Mixer):
         the norm's 1/rms where this rank's channels are one norm group (whole or spanning ranks, its
         sum of squares then all-reduced), so that nothing walks the whole group in between."""
         cfg = self.cfg
+        group_size = cfg.intermediate_size // cfg.n_groups
+        state = (dt, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, ssm_state, decay_rates(self), self.D,
+                 self.dt_bias, cfg.time_step_limit)
         if self.norm is not None and self.groups == 1 and defer_norm():
             return mamba2_decode_step(
-                xbc, z, dt, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, ssm_state, decay_rates(self),
-                self.D, self.dt_bias, cfg.time_step_limit, self.norm.weight, cfg.norm_eps, defer_norm=True,
-                group_size=cfg.intermediate_size // cfg.n_groups,
+                xbc, z, *state, self.norm.weight, cfg.norm_eps, defer_norm=True, group_size=group_size,
                 reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
         local_norm = self.norm is not None and self.shared_group is None
-        y = mamba2_decode_step(xbc, z if self.norm is None or local_norm else None, dt, conv_state,
-                               self.conv1d.weight.squeeze(1), self.conv1d.bias, ssm_state, decay_rates(self), self.D,
-                               self.dt_bias, cfg.time_step_limit, self.norm.weight if local_norm else None, cfg.norm_eps)
+        y = mamba2_decode_step(xbc, z if self.norm is None or local_norm else None, *state,
+                               self.norm.weight if local_norm else None, cfg.norm_eps)
         if self.norm is not None and not local_norm:
-            y = gated_rms_norm(y, z, self.norm.weight, cfg.norm_eps, group_size=cfg.intermediate_size // cfg.n_groups,
+            y = gated_rms_norm(y, z, self.norm.weight, cfg.norm_eps, group_size=group_size,
                                reduce_sum_of_squares=self._group_sum_of_squares)
         return y, None

@@ -138,18 +138,17 @@ def _mamba2_decode_kernel(
     y = y.to(y_ptr.dtype.element_ty)  # the state update's output dtype, which the norm then reads
 
     y_ptrs = y_ptr + row * sy_b + offs_c
+    if GATE >= 2:
+        g = y.to(tl.float32) * zv * tl.sigmoid(zv)
     if GATE == 1:  # y * silu(z), each rounded as torch rounds them
         gate = (zv * tl.sigmoid(zv)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptrs, (y.to(tl.float32) * gate.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=cmask)
     elif GATE == 3:
-        g = y.to(tl.float32) * zv * tl.sigmoid(zv)
         tl.store(y_ptrs, (g * nw).to(y_ptr.dtype.element_ty), mask=cmask)
     else:
         tl.store(y_ptrs, y, mask=cmask)
     slot = row * ngroups + group
     if GATE >= 2:
-        if GATE == 2:
-            g = y.to(tl.float32) * zv * tl.sigmoid(zv)
         tl.store(part_ptr + slot * progs_per_group + pid % progs_per_group, tl.sum(g * g, axis=0))
 
     # x's conv state is this program's alone; another thread may hold column k+1 of a channel, so
@@ -223,6 +222,7 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
     y = torch.empty(b, nchan, device=xbc.device, dtype=xbc.dtype)
     norm_out = torch.empty(b, g, device=xbc.device, dtype=torch.float32) if deferred else y
     out_sum = deferred and reduce_sum_of_squares is not None
+    norm_width = (group_size or nchan // g) if deferred else nchan // g  # what the norm's mean divides by
     D, dt_bias = (None if t is None else t.contiguous() for t in (D, dt_bias))
     A = A.contiguous()
     if norm_weight is not None:
@@ -234,7 +234,7 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
         ssm_state, A, D if D is not None else A, dt_bias if dt_bias is not None else A,
         norm_weight if norm_weight is not None else A, y, counters, partials, norm_out,
         nchan, n, g, progs_per_group, float(dt_limit[0]), float(dt_limit[1]), float(norm_eps),
-        (group_size or nchan // g) if deferred else nchan // g,
+        norm_width,
         *xbc.stride(), *zs, *dt.stride(), *conv_state.stride(), *conv_weight.stride(), *ssm_state.stride(),
         y.stride(0),
         HEADDIM=p, K=K, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None,
@@ -246,5 +246,5 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
     if not deferred:
         return y
     if out_sum:  # the group spans ranks: its whole sum of squares first
-        norm_out = torch.rsqrt(reduce_sum_of_squares(norm_out) / (group_size or nchan // g) + norm_eps)
+        norm_out = torch.rsqrt(reduce_sum_of_squares(norm_out) / norm_width + norm_eps)
     return y, norm_out
