@@ -26,8 +26,12 @@ demo: venv
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(TP) examples/generate.py --load $(DEMO_CKPT) \
 		--prompt '$(DEMO_PROMPT)' --max-new-tokens 64 --temperature 0
 
+# Two workers: a test spends much of its time in processes it starts (ranks, torchrun, the server)
+# and waiting on them, so two workers keep both of CI's 2 cores busy. loadfile keeps a module's
+# tests (and its module-scoped server and checkpoints) on one worker.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -m 'not gpu' tests
+	$(PY) -m pytest -q -m 'not gpu' -n $(TEST_WORKERS) --dist loadfile tests
 
 GPU_WORKERS ?= 8
 test-gpu: venv

@@ -19,6 +19,19 @@ def _no_cuda() -> bool:
 if _no_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist's workers (make test runs 2) share the cores: each takes its share of torch's threads
+# instead of every worker starting one per core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+# The modules that take longest on CI's 2 cores (serial: test_server 130 s, the rest 40-80 s each),
+# collected first: `--dist loadfile` hands modules to workers in collection order, so the last one to
+# start is short and the two workers finish together.
+LONGEST_FIRST = ("test_server.py", "test_zamba.py", "test_tools.py", "test_cli.py", "test_ops.py",
+                 "test_checkpoint.py", "test_tp8.py", "test_context_parallel.py", "test_server_hf.py")
+
 from distributed import RankPool  # noqa: E402
 from hf_models import SEED_ENV, fresh_seed, seeds_drawn_for  # noqa: E402
 
@@ -70,6 +83,9 @@ def pytest_collection_modifyitems(config, items):
         keep = [i for i in items if "ranks" not in getattr(i, "fixturenames", ()) and "interpreted" not in i.name]
         config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep
+
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
 
     if torch.cuda.is_available():
         return

