@@ -28,10 +28,11 @@ demo: venv
 
 # Two workers: a test spends much of its time in processes it starts (ranks, torchrun, the server)
 # and waiting on them, so two workers keep both of CI's 2 cores busy. loadfile keeps a module's
-# tests (and its module-scoped server and checkpoints) on one worker.
+# tests (and its module-scoped server and checkpoints) on one worker, and --no-loadscope-reorder hands
+# modules out in conftest's order (longest first) instead of by their number of tests.
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -m 'not gpu' -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -m 'not gpu' -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 GPU_WORKERS ?= 8
 test-gpu: venv

@@ -68,6 +68,13 @@ def finite_max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return (x[finite] - y[finite]).abs().max().item() if finite.any() else 0.0
 
 
+def scaled_max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x - y| over max(1, max |y|): a state's own scale (a random model's SSM states reach ~10,
+    where fp32 in another summation order, a packed scan's, differs by ~1e-4)."""
+    x, y = x.double(), y.double()
+    return (x - y).abs().max().item() / max(1.0, y.abs().max().item())
+
+
 def fresh_seed(per_test: bool = False) -> int:
     """A new seed every run, so tests see new inputs. A failing test's report lists the seeds it drew
     (and those its module's fixtures drew); MEGATRON_SSM_TEST_SEED=N makes every draw N, which replays

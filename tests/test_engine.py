@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hf_models import build_hf_model, finite_max_diff, fresh_seed, hf_config, save_hf
+from hf_models import build_hf_model, finite_max_diff, fresh_seed, hf_config, save_hf, scaled_max_diff
 from megatron_ssm.checkpoint.convert import convert
 
 
@@ -303,7 +303,7 @@ def _rank_packed_forward(ckpt, lengths):
         alone_every.append(model(torch.tensor([p]))[0])
     diff = finite_max_diff  # the padded vocabulary's -inf must match too
     return (diff(last, torch.stack(alone_last)), diff(every, torch.cat(alone_every)),
-            max(diff(a.conv[:n], b.conv[:n]) + diff(a.ssm[:n], b.ssm[:n])
+            max(scaled_max_diff(a.conv[:n], b.conv[:n]) + scaled_max_diff(a.ssm[:n], b.ssm[:n])
                 for a, b in zip(packed_cache.rows(0, n), alone_cache.rows(0, n))))
 
 
