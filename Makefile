@@ -32,7 +32,7 @@ demo: venv
 # modules out in conftest's order (longest first) instead of by their number of tests.
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -m 'not gpu' -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -m 'not gpu' -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 tests
 
 GPU_WORKERS ?= 8
 test-gpu: venv
