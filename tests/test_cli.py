@@ -36,23 +36,28 @@ def mamba2_hf(tmp_path_factory):
     return model, save_hf(model, tmp_path_factory.mktemp("cli") / "hf")
 
 
-def test_convert_then_torchrun_generate_matches_hf(mamba2_hf, tmp_path):
-    model, hf_dir = mamba2_hf
+@pytest.fixture(scope="module")
+def mamba2_tp2(mamba2_hf, tmp_path_factory):
+    """mamba2_hf through the converter CLI at TP 2 (each convert_hf.py run imports torch afresh)."""
+    out = tmp_path_factory.mktemp("cli") / "tp2"
+    res = convert(mamba2_hf[1], out, 2)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_convert_then_torchrun_generate_matches_hf(mamba2_hf, mamba2_tp2, tmp_path):
+    model, _ = mamba2_hf
     g = torch.Generator().manual_seed(fresh_seed())
     prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (7, 3)]
-    res = convert(hf_dir, tmp_path / "tp2", 2)
-    assert res.returncode == 0, res.stderr
     out = tmp_path / "out.json"
-    res = torchrun(2, "--load", str(tmp_path / "tp2"), *sum((["--prompt-ids", ",".join(map(str, p))] for p in prompts), []),
+    res = torchrun(2, "--load", str(mamba2_tp2), *sum((["--prompt-ids", ",".join(map(str, p))] for p in prompts), []),
                    "--max-new-tokens", "6", "--temperature", "0", "--output-json", str(out))
     assert res.returncode == 0, res.stderr
     assert json.loads(out.read_text())["tokens"] == [hf_greedy(model, p, 6) for p in prompts]
 
 
-def test_checkpoint_at_wrong_world_size_is_refused(mamba2_hf, tmp_path):
-    _, hf_dir = mamba2_hf
-    assert convert(hf_dir, tmp_path / "tp2", 2).returncode == 0
-    res = torchrun(1, "--load", str(tmp_path / "tp2"), "--prompt-ids", "5,6", "--max-new-tokens", "2")
+def test_checkpoint_at_wrong_world_size_is_refused(mamba2_tp2):
+    res = torchrun(1, "--load", str(mamba2_tp2), "--prompt-ids", "5,6", "--max-new-tokens", "2")
     assert res.returncode != 0
     assert "tensor-parallel degree 2" in res.stderr and "1 ranks" in res.stderr
 
