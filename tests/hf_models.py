@@ -60,11 +60,10 @@ DRAWN: list[tuple[str, int, bool]] = []
 
 
 def scaled_max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    """max |x - y| over max(1, max |y|), where y is finite: each tensor's own scale (a tiny random
-    Zamba2's conv states reach 3-4 and its logits more, where fp32 in a packed scan's summation order
-    differs by 1e-5 to 1e-4; one CI run's absolute 1.1e-4 failed a 1e-4 bound). The non-finite places
-    (a padded vocabulary's -inf) must match (else inf); a rank's logits slice that is all padding (TP 4
-    and up) differs by 0."""
+    """max |x - y| over max(1, max |y|) where y is finite: relative to the tensor's own scale (a tiny
+    random Zamba2's conv states reach 3-4, where fp32 in a packed scan's summation order differs by
+    1e-5 to 1e-4). The non-finite places (a padded vocabulary's -inf) must match (else inf); a rank's
+    logits slice that is all padding (TP 4 and up) differs by 0."""
     x, y = x.double(), y.double()
     finite = torch.isfinite(y)
     if not torch.equal(torch.isfinite(x), finite):

@@ -192,14 +192,14 @@ def _rank_packed_vs_alone(ckpt: str, lengths: tuple[int, ...], seed: int):
         alone_last = torch.stack([model(torch.tensor([p]), alone.rows(i, i + 1), last_only=True)[0, -1]
                                   for i, p in enumerate(prompts)])
         alone_every = torch.cat([model(torch.tensor([p]))[0] for p in prompts])
-        states = 0.0
+        pairs = []  # keys/values only at the positions each prompt filled
         for a, b in zip(packed.layers, alone.layers):
             for name in a:
                 if name in ("k", "v"):
-                    pairs = [(a[name][i, :L], b[name][i, :L]) for i, L in enumerate(lengths)]
+                    pairs += [(a[name][i, :L], b[name][i, :L]) for i, L in enumerate(lengths)]
                 else:
-                    pairs = [(a[name], b[name])]
-                states = max([states] + [scaled_max_diff(x, y) for x, y in pairs])
+                    pairs.append((a[name], b[name]))
+        states = max(scaled_max_diff(x, y) for x, y in pairs)
         nxt = torch.randint(3, 250, (n, 1), generator=g)
         step_packed, step_alone = model(nxt, packed.rows(0, n)), model(nxt, alone.rows(0, n))
 

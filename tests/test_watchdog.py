@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch.distributed as dist
-from distributed import preloaded_context
 
+from distributed import preloaded_context
 from megatron_ssm.parallel import free_port
 from megatron_ssm.watchdog import EXIT_CODE, RankWatchdog
 
