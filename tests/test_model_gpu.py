@@ -61,6 +61,18 @@ def test_gpu_model_matches_hf_and_reference_ops(tp, tmp_path, monkeypatch, famil
     assert graphed == eager, f"seed {seed}: CUDA-graph prefill and decode {graphed} != eager {eager}"
     ahead = Engine(model, EngineConfig(max_batch=4, decode_ahead=True)).generate([Request(p, 12) for p in prompts])
     assert ahead == eager, f"seed {seed}: graphed decode steps launched ahead {ahead} != eager {eager}"
+    # Rows finishing at different steps (the graph's bucket goes 4 -> 2 -> 1) and a sampled row among
+    # greedy ones: a graph feeds its own greedy tokens back only while they are the step's tokens.
+    from megatron_ssm.inference.sampling import SamplingParams
+
+    def mixed(**cfg):
+        reqs = [Request(prompts[0], 5), Request(prompts[1], 14, SamplingParams(temperature=1.0, seed=seed)),
+                Request(prompts[2], 9)]
+        return Engine(model, EngineConfig(max_batch=4, **cfg)).generate(reqs)
+
+    mixed_eager = mixed(cuda_graphs=False, decode_ahead=False)
+    for cfg in ({"decode_ahead": True}, {"decode_ahead": False}):
+        assert mixed(cuda_graphs=True, **cfg) == mixed_eager, f"seed {seed}: graphed {cfg} != eager, mixed rows"
     # The graphs above chain their kernels by programmatic dependent launch (on by default on
     # Hopper, ops/triton/pdl.py); without it, the same tokens.
     from megatron_ssm.ops.triton import pdl

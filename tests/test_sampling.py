@@ -237,6 +237,17 @@ def test_choose_tokens_one_rank(seed):
     gens = [torch.Generator().manual_seed(s) for s in seeds[2::2]]
     sampled, _ = choose_tokens(full[[2, 4]], [params[2], params[4]], gens, [False, False], VocabShard(0, vocab, tp))
     assert sampled.tolist() == tokens[[2, 4]].tolist(), seed
+    # a decode graph's argmax, given: returned as it is when every row is greedy (the graph's input
+    # already holds it), copied, never written, when a sampled row replaces its entry
+    given = torch.randint(0, vocab, (5,))
+    kept = given.clone()
+    gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
+    mixed, lps = choose_tokens(full, params, gens, [True] * 5, VocabShard(0, vocab, tp), greedy=given)
+    assert torch.equal(given, kept) and mixed.data_ptr() != given.data_ptr(), seed
+    assert mixed[[0, 1, 3]].tolist() == given[[0, 1, 3]].tolist() and mixed[[2, 4]].tolist() == tokens[[2, 4]].tolist()
+    same, _ = choose_tokens(full[[0, 1]], params[:2], gens[:2], [False, False], VocabShard(0, vocab, tp),
+                            greedy=given[:2])
+    assert same.data_ptr() == given.data_ptr(), seed
 
 
 @pytest.mark.parametrize("tp", [2, 4])

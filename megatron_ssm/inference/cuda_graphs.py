@@ -20,6 +20,7 @@ import torch
 
 from ..model.lm import LayerState, MambaLM
 from .cache import StateCache, kv_upto
+from .sampling import VocabShard, vocab_parallel_argmax
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,18 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 class GraphedDecode:
-    def __init__(self, model: MambaLM, cache: StateCache, buckets=DEFAULT_BUCKETS):
+    def __init__(self, model: MambaLM, cache: StateCache, buckets=DEFAULT_BUCKETS, shard: VocabShard | None = None):
+        """shard: also capture each row's greedy token (the argmax over the vocabulary) after the
+        logits and feed it back as the graph's next input, so an all-greedy step launched ahead
+        needs no kernel of its own between two replays (session 11 measured ~18 us of them a step
+        at batch 1: the argmax, the copy into the graph's input, and their launch gaps). Only at
+        TP 1: a vocab-parallel argmax would capture an all-gather, not yet run on GPUs."""
         # every bucket that fits the cache, plus the cache size itself so a full batch is graphed
         self.buckets = sorted({b for b in buckets if b < cache.slots} | {min(cache.slots, max(buckets))})
         self.tokens: dict[int, torch.Tensor] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        self.greedy: dict[int, torch.Tensor] = {}
+        shard = shard if shard is not None and shard.tp.size == 1 else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         device = model.embeddings.weight.device
         pool = None
@@ -42,11 +50,16 @@ class GraphedDecode:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):  # warm-up: compiles kernels, creates communicators and handles
                 for _ in range(2):
-                    model(tokens, states)
+                    logits = model(tokens, states)[:, -1]
+                    if shard is not None:
+                        vocab_parallel_argmax(logits, shard)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[b] = model(tokens, states)[:, -1]
+                if shard is not None:
+                    self.greedy[b] = vocab_parallel_argmax(self.logits[b], shard)
+                    tokens.copy_(self.greedy[b].view(b, 1))
             pool = graph.pool()
             self.tokens[b], self.graphs[b] = tokens, graph
         cache.reset(0, cache.slots)
@@ -55,15 +68,20 @@ class GraphedDecode:
         i = bisect.bisect_left(self.buckets, n)
         return self.buckets[i] if i < len(self.buckets) else None
 
-    def __call__(self, tokens: torch.Tensor, n: int) -> torch.Tensor | None:
-        """tokens [n, 1] -> this rank's logits [n, V/tp], or None when n exceeds every bucket."""
+    def __call__(self, tokens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """tokens [n, 1] -> (this rank's logits [n, V/tp], the greedy tokens [n] or None when not
+        captured), or None when n exceeds every bucket. Tokens that are this bucket's own greedy
+        output are already in its input (the graph wrote them there), as is a valid token in
+        each padding row."""
         b = self.bucket(n)
         if b is None:
             return None
-        self.tokens[b][:n].copy_(tokens)
-        self.tokens[b][n:].zero_()
+        greedy = self.greedy.get(b)
+        if greedy is None or tokens.data_ptr() != greedy.data_ptr():
+            self.tokens[b][:n].copy_(tokens)
+            self.tokens[b][n:].zero_()
         self.graphs[b].replay()
-        return self.logits[b][:n]
+        return self.logits[b][:n], (greedy[:n] if greedy is not None else None)
 
 
 # Packed prefill graphs: total-token and sequence-count buckets. A pack's tokens are padded up to the

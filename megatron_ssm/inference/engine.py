@@ -128,6 +128,7 @@ class _Ahead:
 
     seqs: list[_Sequence]
     logits: torch.Tensor
+    greedy: torch.Tensor | None  # each row's argmax, when the step's graph computed it
 
 
 def _to_host(*tensors: torch.Tensor | None, overlap: bool = True):
@@ -184,7 +185,7 @@ class Engine:
         if graphs:
             from .cuda_graphs import PREFILL_SEQ_BUCKETS, PREFILL_TOKEN_BUCKETS, GraphedDecode, GraphedPrefill
 
-            self.graphed = GraphedDecode(model, self.cache)
+            self.graphed = GraphedDecode(model, self.cache, shard=self.shard)
             tokens = [t for t in PREFILL_TOKEN_BUCKETS if t <= self._pack_limit()]
             seqs = [s for s in PREFILL_SEQ_BUCKETS if s < cfg.graph_prefill_seqs] + [cfg.graph_prefill_seqs]
             if self.packs and tokens and cfg.graph_prefill_seqs > 0:
@@ -512,21 +513,25 @@ class Engine:
             rows = [i for i, s in enumerate(ahead.seqs) if s.slot >= 0]  # not stopped or aborted since
             if not rows:
                 return []
-            logits = ahead.logits if len(rows) == len(ahead.seqs) else ahead.logits[rows]
-            return self._emit([ahead.seqs[i] for i in rows], logits, decode=True)
+            logits, greedy = ahead.logits, ahead.greedy
+            if len(rows) < len(ahead.seqs):
+                logits, greedy = logits[rows], (greedy[rows] if greedy is not None else None)
+            return self._emit([ahead.seqs[i] for i in rows], logits, decode=True, greedy=greedy)
         tokens = torch.tensor([s.last_token for s in self.running], device=self.device).view(n, 1)
-        return self._emit(list(self.running), self._decode_logits(tokens, n), decode=True)
+        logits, greedy = self._decode_logits(tokens, n)
+        return self._emit(list(self.running), logits, decode=True, greedy=greedy)
 
-    def _decode_logits(self, tokens: torch.Tensor, n: int, ahead: int = 0) -> torch.Tensor:
-        """One decode step of running[:n] fed tokens [n, 1]; ahead: 1 when the step before it is not
-        yet delivered (the sequences' counts are one token behind)."""
+    def _decode_logits(self, tokens: torch.Tensor, n: int, ahead: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode step of running[:n] fed tokens [n, 1] -> (local logits, each row's greedy
+        token where the step's graph computed it, else None); ahead: 1 when the step before it is
+        not yet delivered (the sequences' counts are one token behind)."""
         # A graph steps every row of its bucket, [0, bucket): one reaching the slot of a context-parallel
         # prefill under way would advance that prompt's half-built states, so such steps run eagerly.
         graphed = self.graphed is not None and (self.long is None or (self.graphed.bucket(n) or 0) <= self.long.slot)
-        logits = self.graphed(tokens, n) if graphed else None
-        if logits is None:
-            logits = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running, ahead)))[:, -1]
-        return logits
+        out = self.graphed(tokens, n) if graphed else None
+        if out is None:
+            out = self.model(tokens, self.cache.rows(0, n, self._kv_bound(self.running, ahead)))[:, -1], None
+        return out
 
     def _can_run_ahead(self, seqs: list[_Sequence]) -> bool:
         """Whether the step after the one being delivered may start now: it would be the engine's
@@ -538,12 +543,14 @@ class Engine:
                 and all(s.generated + 1 < s.req.max_new_tokens for s in seqs))
 
     def _emit(self, seqs: list[_Sequence], logits: torch.Tensor, prompt_lps: dict[int, list[float]] | None = None,
-              prompt_top: dict[int, list] | None = None, decode: bool = False) -> list[TokenOutput]:
+              prompt_top: dict[int, list] | None = None, decode: bool = False,
+              greedy: torch.Tensor | None = None) -> list[TokenOutput]:
         """One token per sequence from its logits (row i for seqs[i]); prompt_lps (prompt_top): row ->
         the prompt log-probs (top alternatives) to deliver with that row's first output. decode: a
-        decode step's, after which the next one may be launched ahead."""
+        decode step's, after which the next one may be launched ahead. greedy: the rows' argmax
+        when the step computed it."""
         tokens, logprobs = choose_tokens(logits, [s.req.sampling for s in seqs], [s.generator for s in seqs],
-                                         [s.req.logprobs for s in seqs], self.shard)
+                                         [s.req.logprobs for s in seqs], self.shard, greedy)
         k = max((s.req.top_logprobs for s in seqs if s.req.logprobs and s.req.max_new_tokens), default=0)
         vals = ids = None
         if k:
@@ -553,7 +560,7 @@ class Engine:
         delivered = _to_host(tokens, logprobs, ids, vals, overlap=ahead)
         if ahead:
             try:
-                self._ahead = _Ahead(list(seqs), self._decode_logits(tokens.view(-1, 1), len(seqs), ahead=1))
+                self._ahead = _Ahead(list(seqs), *self._decode_logits(tokens.view(-1, 1), len(seqs), ahead=1))
                 self.steps_ahead += 1
             except Exception as e:  # noqa: BLE001 - this step's tokens are computed: deliver them, then raise
                 self._ahead_error = e

@@ -149,14 +149,18 @@ def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
 
 
 def choose_tokens(local: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                  want_logprobs: list[bool], shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  want_logprobs: list[bool], shard: VocabShard,
+                  greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """local [b, V/tp] -> (tokens [b], log-probs [b] or None) on local's device, without waiting
-    for it. Row i follows params[i].
+    for it. Row i follows params[i]. greedy: each row's argmax when already computed (a decode
+    graph's); returned as it is when every row is greedy, never written.
 
     Every rank must call this with the same params: the collectives it issues depend on them."""
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if len(sampled) < len(params):
-        tokens = vocab_parallel_argmax(local, shard)
+        tokens = vocab_parallel_argmax(local, shard) if greedy is None else greedy
+        if sampled and greedy is not None:
+            tokens = tokens.clone()
     else:
         tokens = torch.empty(local.shape[0], dtype=torch.long, device=local.device)
     if sampled:
