@@ -147,7 +147,7 @@ def shard_by_rule(rule: Rule, name: str, full: torch.Tensor, cfg, tp: int, rank:
     if rule.head_channels is not None:
         return _split_head_channels(full, rule.head_channels, rule.heads, tp, rank)
     if rule.pad_rows_to is not None and full.shape[0] < rule.pad_rows_to:
-        full = torch.cat([full, full.new_zeros(rule.pad_rows_to - full.shape[0], *full.shape[1:])])
+        full = _cat([full, full.new_zeros(rule.pad_rows_to - full.shape[0], *full.shape[1:])])
     if rule.packed is not None:
         pieces, start = [], 0
         for kind, rows in rule.packed.segments:
@@ -162,7 +162,7 @@ def shard_by_rule(rule: Rule, name: str, full: torch.Tensor, cfg, tp: int, rank:
                 pieces.append(seg.narrow(0, first * gsize, count * gsize))
         if start != full.shape[0]:
             raise ValueError(f"{name}: expected {start} rows, found {full.shape[0]}")
-        return torch.cat(pieces).contiguous()
+        return _cat(pieces).contiguous()
     if rule.dim is None:
         return full.contiguous()
     if full.shape[rule.dim] % tp:
@@ -193,17 +193,17 @@ def merge_by_rule(rule: Rule, name: str, shards: list[torch.Tensor], cfg) -> tor
         segments = []
         for i, (kind, rows) in enumerate(rule.packed.segments):
             if kind == SPLIT:
-                segments.append(torch.cat([parts[i] for parts in split]))
+                segments.append(_cat([parts[i] for parts in split]))
             else:
                 # each group from the first rank that holds it
                 owners = {}
                 for r in range(tp):
                     owners.setdefault(_group_owner(_group_count(kind, cfg), tp, r)[0], r)
-                segments.append(torch.cat([split[owners[g]][i] for g in sorted(owners)]))
-        return torch.cat(segments)
+                segments.append(_cat([split[owners[g]][i] for g in sorted(owners)]))
+        return _cat(segments)
     if rule.dim is None:
         return shards[0]
-    full = torch.cat(shards, dim=rule.dim)
+    full = _cat(shards, dim=rule.dim)
     if rule.pad_rows_to is not None:
         full = full[: cfg.vocab_size]
     return full
@@ -308,6 +308,18 @@ def hf_shapes(cfg: SSMConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _cat(parts, dim: int = 0) -> torch.Tensor:
+    """torch.cat, except that meta tensors' result is built here: torch's meta cat imports
+    torch._dynamo, 1-3 s once a process, which every convert paid for shard_shape's dry runs."""
+    parts = list(parts)
+    if not parts[0].is_meta:
+        return torch.cat(parts, dim)
+    shape = list(parts[0].shape)
+    dim %= len(shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return torch.empty(shape, dtype=parts[0].dtype, device="meta")
+
+
 def shard_shape(name: str, shape: tuple[int, ...], cfg: SSMConfig, tp: int, rank: int) -> tuple[int, ...]:
     """Shape of `shard` without data: the same code run on a meta tensor, so the two cannot disagree."""
     return tuple(shard(name, torch.empty(shape, device="meta"), cfg, tp, rank).shape)
@@ -329,7 +341,7 @@ def _deinterleave(full: torch.Tensor, segments: int, tp: int, rank: int) -> torc
 
 def _interleave(shards: list[torch.Tensor], segments: int) -> torch.Tensor:
     parts = [s.reshape(segments, -1, *s.shape[1:]).transpose(0, 1) for s in shards]
-    full = torch.cat(parts, dim=0)
+    full = _cat(parts, dim=0)
     return full.reshape(-1, *full.shape[2:]).contiguous()
 
 
@@ -356,5 +368,5 @@ def _split_head_channels(full: torch.Tensor, axis: int, heads: int, tp: int, ran
 def _merge_head_channels(shards: list[torch.Tensor], axis: int, heads: int) -> torch.Tensor:
     flat = [s.movedim(axis, 1) for s in shards]  # [pieces, width, rest...]
     rest = flat[0].shape[2:]
-    full = torch.cat([f.reshape(-1, *rest) for f in flat], dim=0)
+    full = _cat([f.reshape(-1, *rest) for f in flat], dim=0)
     return full.reshape(heads, -1, *rest).movedim(1, axis).contiguous()
