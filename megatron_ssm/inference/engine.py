@@ -181,6 +181,7 @@ class Engine:
         graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self.cache = StateCache(shapes, slots, dtype=model.dtype, device=self.device, scratch=graphs and self.packs)
         self.prefix = PrefixStateCache(cfg.prefix_block, cfg.prefix_cache_bytes)
+        self.shard = VocabShard(model.vocab_start, model.cfg.vocab_size, model.tp)
         self.graphed = self.graphed_prefill = None
         if graphs:
             from .cuda_graphs import PREFILL_SEQ_BUCKETS, PREFILL_TOKEN_BUCKETS, GraphedDecode, GraphedPrefill
@@ -192,7 +193,6 @@ class Engine:
                 self.graphed_prefill = GraphedPrefill(model, self.cache, tokens, seqs)
                 if cfg.prefill_graphs_at_start:
                     self.graphed_prefill.capture_all()
-        self.shard = VocabShard(model.vocab_start, model.cfg.vocab_size, model.tp)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []  # running[i] occupies slot i
         self._next_id = 0
