@@ -423,10 +423,14 @@ def test_mamba1_decode_with_dt_proj_folded(ranks, converted, seed, family, tp):
 # ---- the kernels compile for the GPU ------------------------------------------------------------
 
 def _compile_for_sm90() -> list[str]:
-    """Compile every variant of the fused kernels down to an sm_90 cubin, without a GPU."""
+    """Compile every variant of the fused kernels down to an sm_90 cubin, without a GPU: as the
+    decode graph launches them (PDL, the states and weights loaded before its wait), and once each
+    with every load after the wait."""
     from interpreter import compile_for_sm90 as compile_one
 
-    from megatron_ssm.ops.triton import decode, scan
+    from megatron_ssm.ops.triton import conv1d, decode, scan
+
+    wait = "griddepcontrol.wait"
 
     def m2_types(a):
         if a.endswith("_ptr"):
@@ -440,16 +444,21 @@ def _compile_for_sm90() -> list[str]:
         return "fp32" if a in ("dt_min", "dt_max", "norm_eps") else "i32"
 
     done = []
-    for gate, out_sum in ((0, False), (1, False), (2, False), (3, False), (3, True)):
+    for gate, out_sum, early in ((0, False, True), (1, False, True), (2, False, True), (3, False, True),
+                                 (3, True, True), (3, False, False)):
         done.append(compile_one(decode._mamba2_decode_kernel, m2_types, dict(
             HEADDIM=64, K=4, HAS_CONV_BIAS=True, HAS_D=True, HAS_DT_BIAS=True, GATE=gate, OUT_SUM=out_sum, BLOCK_D=16,
-            BLOCK_N=128, BLOCK_K=4, BLOCK_P=512, NORM_BLOCK=2048)))
-    for norm_bc, dt_scale, dt_proj in ((True, True, False), (True, False, False), (False, False, False),
-                                       (True, True, True), (False, False, True)):
+            BLOCK_N=128, BLOCK_K=4, BLOCK_P=512, NORM_BLOCK=2048, PDL=True, EARLY=early), wait))
+    for norm_bc, dt_scale, dt_proj, early in ((True, True, False, True), (True, False, False, True),
+                                              (False, False, False, True), (True, True, True, True),
+                                              (False, False, True, True), (True, True, True, False)):
         done.append(compile_one(scan._state_update_kernel, m1_types, dict(
             HEADDIM=1, A_PER_HEAD=False, HAS_D=True, HAS_Z=True, HAS_DT_BIAS=True, NORM_BC=norm_bc,
             DT_SCALE=dt_scale, DT_PROJ=dt_proj, BLOCK_D=32 if dt_proj else 128, BLOCK_N=16, BLOCK_R=256 if dt_scale else 1,
-            BLOCK_RP=256 if dt_proj else 1)))
+            BLOCK_RP=256 if dt_proj else 1, PDL=True, EARLY=early), wait))
+    for early in (True, False):
+        done.append(compile_one(conv1d._conv_update_kernel, lambda a: "*bf16" if a.endswith("_ptr") else "i32", dict(
+            K=4, HAS_BIAS=True, SILU=True, PDL=True, EARLY=early, BLOCK_C=128, BLOCK_K=4), wait))
     return done
 
 
@@ -458,4 +467,4 @@ def test_fused_kernels_compile_for_sm90(tmp_path):
 
     out = run_without_interpreter("import test_decode_fused as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 10, out
+    assert len(out) == 14, out

@@ -119,10 +119,12 @@ def _conv_update_kernel(
     ss_b, ss_c, ss_k,
     sw_c, sw_k,
     sy_b, sy_c,
-    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    # EARLY (ops/triton/pdl.py): the conv state and weights, which in_proj does not write, before the wait
+    if not EARLY:
+        pdl_enter(PDL)
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -131,14 +133,18 @@ def _conv_update_kernel(
     s_ptrs = state_ptr + pid_b * ss_b + offs_c[:, None] * ss_c + offs_k[None, :] * ss_k
     # The window [state | x] as one [BLOCK_C, BLOCK_K] tile, x in column K-1 (cast to the state's
     # dtype, as the reference stores it).
-    xv = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(state_ptr.dtype.element_ty)
     old = tl.load(s_ptrs, mask=cmask[:, None] & (offs_k < K - 1)[None, :], other=0.0)
-    window = tl.where((offs_k == K - 1)[None, :], xv[:, None], old)
     w = tl.load(w_ptr + offs_c[:, None] * sw_c + offs_k[None, :] * sw_k,
                 mask=cmask[:, None] & (offs_k < K)[None, :], other=0.0)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    if EARLY:
+        pdl_enter(PDL)
+    xv = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(state_ptr.dtype.element_ty)
+    window = tl.where((offs_k == K - 1)[None, :], xv[:, None], old)
     acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+        acc += bias
     if SILU:
         acc = acc * tl.sigmoid(acc)
     tl.store(y_ptr + pid_b * sy_b + offs_c * sy_c, acc.to(y_ptr.dtype.element_ty), mask=cmask)
@@ -158,7 +164,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, silu=True):
     _conv_update_kernel[(triton.cdiv(C, BLOCK_C), b)](
         x, conv_state, weight, bias if bias is not None else weight, y,
         C, *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(),
-        K=K, HAS_BIAS=bias is not None, SILU=silu, PDL=on, BLOCK_C=BLOCK_C, BLOCK_K=triton.next_power_of_2(K),
+        K=K, HAS_BIAS=bias is not None, SILU=silu, PDL=on, EARLY=pdl.early_loads(on), BLOCK_C=BLOCK_C, BLOCK_K=triton.next_power_of_2(K),
         num_warps=4, **pdl.kwargs(on),
     )
     return y

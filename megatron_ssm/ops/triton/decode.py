@@ -38,18 +38,24 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _conv_inputs(xbc_ptr, cs_ptr, cw_ptr, row, ch, mask, sxbc_b, sxbc_c, scs_b, scs_c, scs_k, scw_c, scw_k,
-                 K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This token's inputs of channels `ch` and their conv window [state | x] (what the state shifts
-    to), with the conv's weights: loads only, issued before any arithmetic needs them."""
+def _conv_state(cs_ptr, cw_ptr, row, ch, mask, scs_b, scs_c, scs_k, scw_c, scw_k,
+                K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Channels `ch`'s conv state (columns 0..K-2 of the window) and the conv's weights: what does
+    not depend on this token, loaded before anything needs it."""
     offs_k = tl.arange(0, BLOCK_K)
-    xv = tl.load(xbc_ptr + row * sxbc_b + ch * sxbc_c, mask=mask, other=0.0).to(cs_ptr.dtype.element_ty)
     old = tl.load(cs_ptr + row * scs_b + ch[:, None] * scs_c + offs_k[None, :] * scs_k,
                   mask=mask[:, None] & (offs_k < K - 1)[None, :], other=0.0)
-    window = tl.where((offs_k == K - 1)[None, :], xv[:, None], old)
     w = tl.load(cw_ptr + ch[:, None] * scw_c + offs_k[None, :] * scw_k,
                 mask=mask[:, None] & (offs_k < K)[None, :], other=0.0)
-    return window, w
+    return old, w
+
+
+@triton.jit
+def _window(xbc_ptr, old, row, ch, mask, sxbc_b, sxbc_c, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The conv window [state | x] with this token's inputs of channels `ch` (what the state shifts to)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    xv = tl.load(xbc_ptr + row * sxbc_b + ch * sxbc_c, mask=mask, other=0.0).to(old.dtype)
+    return tl.where((offs_k == K - 1)[None, :], xv[:, None], old)
 
 
 @triton.jit
@@ -84,11 +90,13 @@ def _mamba2_decode_kernel(
     GATE: tl.constexpr,  # 0: y; 1: y * silu(z); 2: gated RMS norm; 3: the norm deferred (y silu(z) w, 1/rms)
     OUT_SUM: tl.constexpr,  # GATE 3: write the group's sum of squares instead of 1/rms (a group across ranks)
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
-    NORM_BLOCK: tl.constexpr, PDL: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
 ):
     # A programmatic dependent (ops/triton/pdl.py) like the kernels it replaces: the next kernel's
     # griddepcontrol.wait still waits for this whole grid, the last program's normalisation included.
-    pdl_enter(PDL)
+    # EARLY: what in_proj does not write (the states, the weights) is loaded before the wait.
+    if not EARLY:
+        pdl_enter(PDL)
     pid = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     group = pid // progs_per_group
@@ -108,18 +116,20 @@ def _mamba2_decode_kernel(
     s_ptrs = (st_ptr + row * sst_b + heads[:, None] * sst_h + (offs_c % HEADDIM)[:, None] * sst_p
               + offs_n[None, :] * sst_n)
     state = tl.load(s_ptrs, mask=cn_mask, other=0.0)
-    dt_in = tl.load(dt_ptr + row * sdt_b + heads * sdt_h, mask=cmask, other=0.0)
     a = tl.load(A_ptr + heads, mask=cmask, other=0.0).to(tl.float32)
-    xwin, xw = _conv_inputs(xbc_ptr, cs_ptr, cw_ptr, row, offs_c, cmask,
-                            sxbc_b, sxbc_c, scs_b, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
-    bwin, bw = _conv_inputs(xbc_ptr, cs_ptr, cw_ptr, row, b_ch, nmask,
-                            sxbc_b, sxbc_c, scs_b, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
-    cwin, cw = _conv_inputs(xbc_ptr, cs_ptr, cw_ptr, row, c_ch, nmask,
-                            sxbc_b, sxbc_c, scs_b, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
-    if GATE != 0:
-        zv = tl.load(z_ptr + row * sz_b + offs_c * sz_c, mask=cmask, other=0.0).to(tl.float32)
+    xold, xw = _conv_state(cs_ptr, cw_ptr, row, offs_c, cmask, scs_b, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
+    bold, bw = _conv_state(cs_ptr, cw_ptr, row, b_ch, nmask, scs_b, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
+    cold, cw = _conv_state(cs_ptr, cw_ptr, row, c_ch, nmask, scs_b, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
     if GATE == 3:
         nw = tl.load(nw_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    if EARLY:
+        pdl_enter(PDL)
+    dt_in = tl.load(dt_ptr + row * sdt_b + heads * sdt_h, mask=cmask, other=0.0)
+    xwin = _window(xbc_ptr, xold, row, offs_c, cmask, sxbc_b, sxbc_c, K, BLOCK_K)
+    bwin = _window(xbc_ptr, bold, row, b_ch, nmask, sxbc_b, sxbc_c, K, BLOCK_K)
+    cwin = _window(xbc_ptr, cold, row, c_ch, nmask, sxbc_b, sxbc_c, K, BLOCK_K)
+    if GATE != 0:
+        zv = tl.load(z_ptr + row * sz_b + offs_c * sz_c, mask=cmask, other=0.0).to(tl.float32)
 
     # conv: this block's x channels, and its group's B and C (the same numbers in every program)
     act = xbc_ptr.dtype.element_ty
@@ -241,7 +251,7 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
         HAS_DT_BIAS=dt_bias is not None, GATE=gate, OUT_SUM=out_sum,
         BLOCK_D=bd, BLOCK_N=bn, BLOCK_K=triton.next_power_of_2(K),
         BLOCK_P=triton.next_power_of_2(progs_per_group), NORM_BLOCK=min(NORM_BLOCK, triton.next_power_of_2(nchan // g)),
-        PDL=on, num_warps=NUM_WARPS, **pdl.kwargs(on),
+        PDL=on, EARLY=pdl.early_loads(on), num_warps=NUM_WARPS, **pdl.kwargs(on),
     )
     if not deferred:
         return y

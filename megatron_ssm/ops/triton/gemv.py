@@ -50,6 +50,10 @@ _LINE = 128  # bytes of an L2 line
 # the whole slice: +13-24%): the hints then compete with the kernel before and with the loop's own loads.
 PREFETCH_ENV = "MEGATRON_SSM_GEMV_PREFETCH"
 PREFETCH_DEFAULT = 256
+# The same for a projection that narrows (K > N: out_proj, x_proj). In a decode step these follow a
+# mixer kernel (state update, conv) that moves a few MB and leaves HBM idle while its programs wait
+# on each other, so more of their weights could stream then; default: as the others.
+PREFETCH_NARROWING_ENV = "MEGATRON_SSM_GEMV_PREFETCH_NARROWING"
 
 
 # M and the split count vary between calls of one shape (batch buckets, tuning): one compile for all.
@@ -291,10 +295,13 @@ def _candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     return sorted(out, key=str)
 
 
-def _prefetch_lines(k_per_split: int, element_size: int) -> int:
+def _prefetch_lines(k_per_split: int, element_size: int, narrowing: bool = False) -> int:
     """Lines of each weight row of its slice that a program hints to L2 before its PDL wait: the
     environment's byte count, at most the slice, as a power of two (0: none)."""
-    want = int(os.environ.get(PREFETCH_ENV, PREFETCH_DEFAULT) or 0)
+    want = os.environ.get(PREFETCH_ENV, PREFETCH_DEFAULT)
+    if narrowing:
+        want = os.environ.get(PREFETCH_NARROWING_ENV, want)
+    want = int(want or 0)
     if want <= 0 or INTERPRETED:
         return 0
     lines = min(triton.cdiv(want, _LINE), triton.cdiv(k_per_split * element_size, _LINE))
@@ -352,7 +359,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         NORM_BLOCK=norm_block, HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None),
         ROW_SCALE=row_scale is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
         UPCAST=INTERPRETED and weight.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
-        PREFETCH_LINES=_prefetch_lines(per, weight.element_size()) if pdl else 0, LINE=_LINE // weight.element_size(),
+        PREFETCH_LINES=_prefetch_lines(per, weight.element_size(), k > n) if pdl else 0, LINE=_LINE // weight.element_size(),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RED_ROWS=red_rows, RED_SPLITS=red_splits,
         num_warps=cfg.num_warps,
         num_stages=cfg.stages, **_pdl.kwargs(pdl),

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - an older Triton: PDL stays off
 from .runtime import INTERPRETED
 
 ENV = "MEGATRON_SSM_PDL"
+EARLY_ENV = "MEGATRON_SSM_EARLY_LOADS"
 _OK: dict[torch.device, bool] = {}
 
 
@@ -57,6 +58,16 @@ def use(device: torch.device) -> bool:
         supported(device)
         return False
     return _OK.get(device, False)
+
+
+def early_loads(pdl: bool) -> bool:
+    """Whether a decode-step kernel launched as a programmatic dependent issues the loads that do not
+    depend on the kernel before (its own SSM and conv state, written by this kernel a step ago;
+    weights) ahead of its griddepcontrol.wait, so they stream while the projection before it drains
+    and only that projection's output is left to wait for. Safe: when a PDL kernel starts, the
+    kernel before it has passed its own wait, so every kernel before that one has ended and its
+    writes are visible. `MEGATRON_SSM_EARLY_LOADS=0`: every load after the wait, as before."""
+    return pdl and os.environ.get(EARLY_ENV, "1") != "0"
 
 
 def kwargs(pdl: bool) -> dict:

@@ -234,9 +234,13 @@ def _state_update_kernel(
     sdi_b,
     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_DT_BIAS: tl.constexpr, NORM_BC: tl.constexpr, DT_SCALE: tl.constexpr, DT_PROJ: tl.constexpr,
-    PDL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RP: tl.constexpr,
+    PDL: tl.constexpr, EARLY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_RP: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    # EARLY (ops/triton/pdl.py): the state, A, D and dt_proj's rows, which the kernels before do not
+    # write, are loaded before the PDL wait.
+    if not EARLY:
+        pdl_enter(PDL)
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -249,13 +253,22 @@ def _state_update_kernel(
 
     s_ptrs = state_ptr + pid_b * ss_b + offs_c[:, None] * ss_c + offs_n[None, :] * ss_n
     s = tl.load(s_ptrs, mask=cn_mask, other=0.0)
-    x = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(tl.float32)
+    if A_PER_HEAD:
+        A = tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        A = tl.load(A_ptr + heads[:, None] * sA_h + offs_n[None, :] * sA_n, mask=cn_mask, other=0.0).to(tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + heads, mask=cmask, other=0.0).to(tl.float32)
     if DT_PROJ:  # dt is dt_proj's input [b, dt_rank]: this block's rows of dt_proj, rounded as its output
         # (the whole [BLOCK_D, rank] tile in one load: a loop over the rank waits on memory once per
         # step, which measured slower than the projection kernel it replaces)
         offs_rp = tl.arange(0, BLOCK_RP)
         r_ok = offs_rp < dt_rank
         w = tl.load(dtw_ptr + offs_c[:, None] * sdw_c + offs_rp[None, :], mask=cmask[:, None] & r_ok[None, :], other=0.0)
+    if EARLY:
+        pdl_enter(PDL)
+    x = tl.load(x_ptr + pid_b * sx_b + offs_c * sx_c, mask=cmask, other=0.0).to(tl.float32)
+    if DT_PROJ:
         v = tl.load(dt_ptr + pid_b * sdt_b + offs_rp * sdt_h, mask=r_ok, other=0.0)
         dt = tl.sum(w.to(tl.float32) * v.to(tl.float32)[None, :], axis=1).to(dt_ptr.dtype.element_ty).to(tl.float32)
     else:
@@ -272,15 +285,14 @@ def _state_update_kernel(
         Cv = _weightless_rms_norm(Cv, nstate, norm_eps)
     Bv, Cv = Bv.to(tl.float32), Cv.to(tl.float32)
     if A_PER_HEAD:
-        dA = tl.exp(dt * tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32))[:, None]
+        dA = tl.exp(dt * A)[:, None]
     else:
-        A = tl.load(A_ptr + heads[:, None] * sA_h + offs_n[None, :] * sA_n, mask=cn_mask, other=0.0)
-        dA = tl.exp(dt[:, None] * A.to(tl.float32))
+        dA = tl.exp(dt[:, None] * A)
     h = s.to(tl.float32) * dA + (dt * x)[:, None] * Bv[None, :]
     tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=cn_mask)
     y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
-        y += x * tl.load(D_ptr + heads, mask=cmask, other=0.0).to(tl.float32)
+        y += x * Dv
     if HAS_Z:
         z = tl.load(z_ptr + pid_b * sz_b + offs_c * sz_c, mask=cmask, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
@@ -420,7 +432,7 @@ def _state_update(state3, x2, dt2, A2, B3, C3, D, z2, dt_bias, headdim, a_per_he
         *state3.stride(), *x2.stride(), *dt2.stride(), dt_weight.stride(0) if dt_proj else 0,
         *A2.stride(), *B3.stride(), *C3.stride(), *zs, *y.stride(), dt_in.stride(0) if scale_dt else 0,
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z2 is not None,
-        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt, DT_PROJ=dt_proj, PDL=on,
+        HAS_DT_BIAS=dt_bias is not None, NORM_BC=norm_eps is not None, DT_SCALE=scale_dt, DT_PROJ=dt_proj, PDL=on, EARLY=pdl.early_loads(on),
         BLOCK_D=bd, BLOCK_N=bn, BLOCK_R=triton.next_power_of_2(dt_in.shape[-1]) if scale_dt else 1,
         BLOCK_RP=block_rp, num_warps=4, **pdl.kwargs(on),
     )
