@@ -1254,6 +1254,55 @@ def test_gemv_row_scale_interpreted(seed):
         assert err < TOL[torch.float32], f"m {m} bias {bias} {cfg}: relative error {err:.2e} (seed {seed})"
 
 
+def test_linear_into_entry_is_the_entry_it_replaces(seed):
+    """The reference: the projection, the residual add and the next projection with the norm's 1/rms
+    after its product (RowRms from the parts) give what add_rms_norm then linear give, in fp32."""
+    m, k, n, n2 = 3, 40, 24, 17
+    x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5
+    residual, norm_w, w2 = torch.randn(m, n), 0.5 + torch.rand(n), torch.randn(n2, n)
+    rows = 0.5 + torch.rand(m)
+    entry = ref_ops.linear_into_entry(x, w, rows, residual, norm_w, 1e-5, torch.float32, scale=0.7)
+    delta = ref_ops.linear(x, w, scale=0.7, row_scale=rows)
+    normed, h = ref_ops.add_rms_norm(residual, delta, norm_w, 1e-5, torch.float32)
+    assert torch.allclose(entry.stream, h, atol=1e-6), seed
+    got = ref_ops.linear(entry.scaled, w2, row_scale=entry.row_rms)
+    assert rel_err(got, ref_ops.linear(normed, w2)) < 1e-6, seed
+
+
+def test_gemv_into_entry_interpreted(seed):
+    """The projection's epilogue writing the next block's entry (stream, scaled stream, the column
+    tiles' sums of squares) and the next projection summing those parts for its 1/rms, split K and
+    not, tl.dot and elementwise, fp32 and bf16 (a bf16 stream and an fp32 one), against the references."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import gemv
+
+    configs = [gemv.Config(16, 64, 1, 4), gemv.Config(16, 64, 3, 4), gemv.Config(16, 64, 3, 4, dot=False)]
+    for (m, dtype, residual_dtype, rows), cfg in itertools.product(
+            [(1, torch.float32, torch.float32, True), (3, torch.float32, torch.float32, False),
+             (1, torch.bfloat16, torch.float32, True), (2, torch.bfloat16, torch.bfloat16, False)], configs):
+        if m > 1 and not cfg.dot:
+            continue
+        k, n, n2 = 200, 45, 30
+        x = torch.randn(m, k, dtype=dtype)
+        w = (torch.randn(n, k) / k ** 0.5).to(dtype)
+        residual = torch.randn(m, n, dtype=residual_dtype)
+        norm_w = (0.5 + torch.rand(n)).to(dtype)
+        w2 = torch.randn(n2, n, dtype=dtype)
+        row_scale = 0.5 + torch.rand(m) if rows else None
+        want = ref_ops.linear_into_entry(x, w, row_scale, residual, norm_w, 1e-5, residual_dtype, scale=0.7)
+        got = kernels.linear_into_entry(x, w, row_scale, residual, norm_w, 1e-5, residual_dtype, scale=0.7, config=cfg)
+        where = f"m {m} {dtype} stream {residual_dtype} {cfg} (seed {seed})"
+        assert got.stream.dtype == residual_dtype and got.scaled.dtype == dtype, where
+        assert got.row_rms.sum_sq.shape == (m, -(-n // cfg.block_n)), where
+        for name, a, b in (("stream", got.stream, want.stream), ("scaled", got.scaled, want.scaled),
+                           ("1/rms", got.row_rms.value(), want.row_rms.value())):
+            err = rel_err(a, b)
+            assert err < TOL[dtype], f"{name}: relative error {err:.2e}, {where}"
+        nxt = kernels.linear(got.scaled, w2, row_scale=got.row_rms, config=cfg)
+        err = rel_err(nxt, ref_ops.linear(want.scaled, w2, row_scale=want.row_rms))
+        assert err < TOL[dtype], f"next projection: relative error {err:.2e}, {where}"
+
+
 def test_gemv_scale_epilogue_interpreted(seed):
     """The skinny-GEMM kernel's scale (one float or one factor per output feature, after the bias)
     against the reference, split K and not, tl.dot and elementwise, at odd sizes."""

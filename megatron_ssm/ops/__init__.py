@@ -7,15 +7,15 @@ and carry state in float32.
 from .attention import decode_attention, packed_causal_attention
 from .conv1d import causal_conv1d, causal_conv1d_update
 from .decode import mamba1_decode_step, mamba2_decode_step
-from .linear import linear
-from .norm import add_rms_norm, add_rms_norm_linear, gated_rms_norm, rms_norm
+from .linear import RowRms, linear
+from .norm import EntryParts, add_rms_norm, add_rms_norm_linear, gated_rms_norm, linear_into_entry, rms_norm
 from .reduce import row_max
 from .rope import rotary_embedding
 from .selective_scan import selective_scan, selective_state_update
 from .ssd import ssd_chunk_scan, ssd_state_update
 
 __all__ = [
-    "add_rms_norm", "add_rms_norm_linear", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "linear", "rms_norm",
+    "add_rms_norm", "add_rms_norm_linear", "linear_into_entry", "EntryParts", "RowRms", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "linear", "rms_norm",
     "selective_scan", "selective_state_update", "ssd_chunk_scan", "ssd_state_update",
     "mamba1_decode_step", "mamba2_decode_step", "packed_causal_attention", "rotary_embedding",
     "decode_attention", "row_max",

@@ -56,6 +56,7 @@ _REFERENCE: dict[str, Callable] = {
     "rms_norm": _norm.rms_norm,
     "add_rms_norm": _norm.add_rms_norm,
     "add_rms_norm_linear": _norm.add_rms_norm_linear,
+    "linear_into_entry": _norm.linear_into_entry,
     "gated_rms_norm": _norm.gated_rms_norm,
     "linear": _ref_linear,
     "selective_scan": _ref_selective_scan,
@@ -104,6 +105,13 @@ MAMBA2_FUSED_ROWS_DEFAULT = 1
 ENTRY_ROWS_ENV = "MEGATRON_SSM_ENTRY_ROWS"
 ENTRY_ROWS_DEFAULT = 0
 
+# Up to how many rows a block's entry (residual add, the norm's sum of squares, the norm's weight)
+# runs in the epilogue of the projection before it (linear_into_entry: a row-parallel output at TP 1,
+# out_proj of the block before), its first projection then applying the norm's 1/rms after its
+# product, so that a decode step has no entry kernel of its own. `MEGATRON_SSM_EXIT_ROWS=0` turns it off.
+EXIT_ROWS_ENV = "MEGATRON_SSM_EXIT_ROWS"
+EXIT_ROWS_DEFAULT = GEMV_MAX_ROWS
+
 # Whether Mamba-2's fused decode step leaves its gated norm's 1/rms to out_proj (one factor per row,
 # applied after the product: mamba2_decode_step's defer_norm), where a rank's channels form one norm
 # group; else the step's last program normalises the whole group itself. `MEGATRON_SSM_DEFER_NORM=0`
@@ -117,6 +125,10 @@ def defer_norm() -> bool:
 
 def fold_rows() -> int:
     return _row_count(FOLD_ROWS_ENV, os.environ.get(FOLD_ROWS_ENV), FOLD_ROWS_DEFAULT)
+
+
+def exit_rows() -> int:
+    return _row_count(EXIT_ROWS_ENV, os.environ.get(EXIT_ROWS_ENV), EXIT_ROWS_DEFAULT)
 
 
 def entry_rows() -> int:
@@ -240,7 +252,7 @@ def backend(op: str, like: torch.Tensor) -> str:
     return "triton" if _triton_ops() is not None else "torch"
 
 
-_GEMV_OPS = ("linear", "add_rms_norm_linear")  # what LINEAR_ENV and GEMV_MAX_ROWS route
+_GEMV_OPS = ("linear", "add_rms_norm_linear", "linear_into_entry")  # what LINEAR_ENV and GEMV_MAX_ROWS route
 
 
 def _rows(x: torch.Tensor) -> int:
@@ -324,6 +336,11 @@ def add_rms_norm_linear(residual, delta, norm_weight, eps, residual_dtype, weigh
         return linear(normed, weight, bias, scale), h
     return implementation("add_rms_norm_linear", residual)(residual, delta, norm_weight, eps, residual_dtype,
                                                            weight, bias, scale)
+
+
+def linear_into_entry(x, weight, row_scale, residual, norm_weight, eps, residual_dtype, scale=None):
+    return implementation("linear_into_entry", x)(x, weight, row_scale, residual, norm_weight, eps, residual_dtype,
+                                                  scale)
 
 
 def add_rms_norm(residual, delta, weight, eps, residual_dtype):

@@ -14,6 +14,20 @@ import torch
 import torch.nn.functional as F
 
 
+class RowRms(NamedTuple):
+    """A row_scale given as the parts it is made of: 1/rms of each row of a tensor (over `width`
+    features) from `sum_sq` (fp32 [..., T]: its sums of squares over T slices of the features).
+    What a block's entry leaves for its first projection when the projection before wrote the
+    stream (ops.norm.linear_into_entry): the projection's kernel sums the T parts itself."""
+
+    sum_sq: torch.Tensor
+    width: int
+    eps: float
+
+    def value(self) -> torch.Tensor:
+        return torch.rsqrt(self.sum_sq.sum(-1) / self.width + self.eps)
+
+
 class Factors(NamedTuple):
     """A projection's output factors two ways: per_feature (fp32 [N]) for the GEMV's epilogue, and
     segments ((start, end, factor) for each run whose factor is not 1) for the reference, which
@@ -44,11 +58,14 @@ def scale_output(y: torch.Tensor, scale: float | torch.Tensor | Factors | None, 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: float | torch.Tensor | Factors | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+           scale: float | torch.Tensor | Factors | None = None,
+           row_scale: torch.Tensor | RowRms | None = None) -> torch.Tensor:
     """y = (x @ weight^T * row_scale + bias) * scale: x [..., K], weight [N, K], bias [N] or None,
     scale a float, [N], Factors or None, row_scale fp32 [...] (one factor per row of x: a norm's
-    1/rms applied after the projection, see ops.decode.mamba2_decode_step's defer_norm) or None
-    -> [..., N]."""
+    1/rms applied after the projection, see ops.decode.mamba2_decode_step's defer_norm), RowRms
+    (the same from its parts) or None -> [..., N]."""
+    if isinstance(row_scale, RowRms):
+        row_scale = row_scale.value()
     if row_scale is None:
         return scale_output(F.linear(x, weight, bias), scale, in_place=True)  # F.linear's output is ours
     y = (F.linear(x, weight).float() * row_scale.unsqueeze(-1)).to(x.dtype)

@@ -1,12 +1,12 @@
 """RMS norms: the block norm, and Mamba-2's group-wise gated norm whose groups may span TP ranks."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .linear import linear
+from .linear import RowRms, linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -31,6 +31,32 @@ def add_rms_norm(
         h = h + delta
         h = h.to(residual_dtype)
     return rms_norm(h.to(weight.dtype), weight, eps), h
+
+
+class EntryParts(NamedTuple):
+    """A pre-norm block's entry (add_rms_norm) left in parts for its first projection, which then
+    applies the norm's 1/rms after its product (a factor per row commutes with it): scaled is h
+    rounded to the norm weight's dtype, times the weight; stream is h; row_rms gives each row's
+    1/rms from its partial sums of squares."""
+
+    scaled: torch.Tensor
+    stream: torch.Tensor
+    row_rms: RowRms
+
+
+def linear_into_entry(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor | None, residual: torch.Tensor,
+                      norm_weight: torch.Tensor, eps: float, residual_dtype: torch.dtype,
+                      scale: float | None = None) -> EntryParts:
+    """A block's last projection and the next block's entry in one op: delta = linear(x, weight,
+    scale=scale, row_scale=row_scale), h = residual + delta as add_rms_norm forms it, and h's parts
+    for the next projection (EntryParts), so that at decode nothing but the projection's own
+    epilogue walks the stream between the two projections. linear(scaled, W, row_scale=row_rms)
+    equals linear(add_rms_norm(...)[0], W) up to where the rounding falls."""
+    delta = linear(x, weight, scale=scale, row_scale=row_scale)
+    h = (residual.to(residual_dtype) + delta).to(residual_dtype)
+    hq = h.to(norm_weight.dtype)
+    sum_sq = hq.float().pow(2).sum(-1, keepdim=True)
+    return EntryParts(hq * norm_weight, h, RowRms(sum_sq, h.shape[-1], eps))
 
 
 def add_rms_norm_linear(

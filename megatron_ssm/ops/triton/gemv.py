@@ -33,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..linear import Factors, linear as ref_linear
+from ..linear import Factors, RowRms, linear as ref_linear
+from ..norm import EntryParts, linear_into_entry as ref_linear_into_entry
 from . import pdl as _pdl
 from .norm import _rows, add_rms_norm
 from .pdl import enter as _pdl_enter
@@ -61,8 +62,10 @@ PREFETCH_NARROWING_ENV = "MEGATRON_SSM_GEMV_PREFETCH_NARROWING"
 @triton.jit(do_not_specialize=["M", "splits"])
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, s_ptr, r_ptr, y_ptr, part_ptr, lock_ptr, d_ptr, nw_ptr, h_ptr, xs_ptr,
-    M, N, K, k_per_split, splits, alpha, eps,
-    sxm, swn, sym, sdm, shm,
+    e_res_ptr, e_nw_ptr, e_h_ptr, e_xw_ptr, e_sq_ptr,
+    M, N, K, k_per_split, splits, alpha, eps, rs_parts, rs_width, rs_eps,
+    sxm, swn, sym, sdm, shm, s_res_m, s_eh_m, s_exw_m,
+    EXIT: tl.constexpr, BLOCK_T: tl.constexpr,
     NORM: tl.constexpr, HAS_DELTA: tl.constexpr, NORM_ROWS: tl.constexpr, NORM_BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr, SCALE: tl.constexpr, ROW_SCALE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr,
@@ -172,13 +175,22 @@ def _gemv_kernel(
                                cache_modifier=".cg")
                 total += tl.sum(tile, axis=0)
             total = _epilogue(total, b_ptr, s_ptr, r_ptr, alpha, offs_n, n_mask, offs_r, offs_r < M, HAS_BIAS, SCALE,
-                              ROW_SCALE)
-            tl.store(y_ptr + offs_r.to(tl.int64)[None, :] * sym + offs_n[:, None], total.to(y_ptr.dtype.element_ty),
-                     mask=r_mask)
+                              ROW_SCALE, rs_parts, rs_width, rs_eps, BLOCK_T)
+            if EXIT:
+                _exit(total.to(y_ptr.dtype.element_ty), offs_n, n_mask, offs_r, offs_r < M, pid_n, tl.num_programs(0),
+                      e_res_ptr, e_nw_ptr, e_h_ptr, e_xw_ptr, e_sq_ptr, s_res_m, s_eh_m, s_exw_m)
+            else:
+                tl.store(y_ptr + offs_r.to(tl.int64)[None, :] * sym + offs_n[:, None],
+                         total.to(y_ptr.dtype.element_ty), mask=r_mask)
             tl.atomic_xchg(lock, 0)  # ready for the next launch (or graph replay)
     else:
-        out = _epilogue(out, b_ptr, s_ptr, r_ptr, alpha, offs_n, n_mask, offs_m, m_mask, HAS_BIAS, SCALE, ROW_SCALE)
-        tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
+        out = _epilogue(out, b_ptr, s_ptr, r_ptr, alpha, offs_n, n_mask, offs_m, m_mask, HAS_BIAS, SCALE, ROW_SCALE,
+                        rs_parts, rs_width, rs_eps, BLOCK_T)
+        if EXIT:
+            _exit(out.to(y_ptr.dtype.element_ty), offs_n, n_mask, offs_m, m_mask, pid_n, tl.num_programs(0),
+                  e_res_ptr, e_nw_ptr, e_h_ptr, e_xw_ptr, e_sq_ptr, s_res_m, s_eh_m, s_exw_m)
+        else:
+            tl.store(y_ptr + y_offs, out.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -199,12 +211,18 @@ def _stream(r_ptr, d_ptr, rows, cols, srm, sdm, mask, HAS_DELTA: tl.constexpr, d
 
 @triton.jit
 def _epilogue(v, b_ptr, s_ptr, r_ptr, alpha, offs_n, n_mask, offs_rows, row_mask, HAS_BIAS: tl.constexpr,
-              SCALE: tl.constexpr, ROW_SCALE: tl.constexpr):
+              SCALE: tl.constexpr, ROW_SCALE: tl.constexpr, rs_parts, rs_width, rs_eps, BLOCK_T: tl.constexpr):
     """(v * row scale + bias) * scale in fp32 for a [BLOCK_N, rows] tile; SCALE 1: the float alpha,
-    2: one factor per output feature; ROW_SCALE: one fp32 factor per row of x (a norm's 1/rms,
-    which commutes with the projection)."""
-    if ROW_SCALE:
+    2: one factor per output feature; ROW_SCALE 1: one fp32 factor per row of x (a norm's 1/rms,
+    which commutes with the projection); 2: that 1/rms from its rows' rs_parts partial sums of
+    squares over rs_width features ([M, rs_parts] fp32 at r_ptr: ops.linear.RowRms)."""
+    if ROW_SCALE == 1:
         v = v * tl.load(r_ptr + offs_rows, mask=row_mask, other=0.0)[None, :]
+    if ROW_SCALE == 2:
+        offs_t = tl.arange(0, BLOCK_T)
+        sq = tl.load(r_ptr + offs_rows.to(tl.int64)[None, :] * rs_parts + offs_t[:, None],
+                     mask=row_mask[None, :] & (offs_t < rs_parts)[:, None], other=0.0)
+        v = v * tl.rsqrt(tl.sum(sq, axis=0) / rs_width + rs_eps)[None, :]
     if HAS_BIAS:
         v += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     if SCALE == 1:
@@ -212,6 +230,25 @@ def _epilogue(v, b_ptr, s_ptr, r_ptr, alpha, offs_n, n_mask, offs_rows, row_mask
     if SCALE == 2:
         v = v * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     return v
+
+
+@triton.jit
+def _exit(delta, offs_n, n_mask, offs_rows, row_mask, tile, tiles, res_ptr, nw_ptr, h_ptr, xw_ptr, sq_ptr,
+          s_res_m, s_h_m, s_xw_m):
+    """The next block's entry from this [BLOCK_N, rows] tile of the projection's output (rounded to
+    its dtype, as a projection returns it): h = residual + delta in the stream's dtype, h rounded to
+    the norm weight's dtype times the weight, and this tile's part of each row's sum of squares of
+    h (ops.norm.linear_into_entry; [M, tiles] fp32 at sq_ptr)."""
+    mask = n_mask[:, None] & row_mask[None, :]
+    rows = offs_rows.to(tl.int64)[None, :]
+    cols = offs_n[:, None]
+    res = tl.load(res_ptr + rows * s_res_m + cols, mask=mask, other=0.0).to(tl.float32)
+    h = (res + delta.to(tl.float32)).to(h_ptr.dtype.element_ty)
+    tl.store(h_ptr + rows * s_h_m + cols, h, mask=mask)
+    hq = h.to(xw_ptr.dtype.element_ty).to(tl.float32)
+    nw = tl.load(nw_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(xw_ptr + rows * s_xw_m + cols, (hq * nw[:, None]).to(xw_ptr.dtype.element_ty), mask=mask)
+    tl.store(sq_ptr + offs_rows.to(tl.int64) * tiles + tile, tl.sum(tl.where(mask, hq * hq, 0.0), axis=0), mask=row_mask)
 
 
 @dataclass(frozen=True)
@@ -326,9 +363,22 @@ class Entry:
     stream: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Exit:
+    """A launch's output as the next block's entry (see linear_into_entry): instead of y, the kernel
+    writes stream = residual + y ([M, N]), scaled = stream * norm_weight in its dtype ([M, N]) and
+    sum_sq ([M, column tiles] fp32)."""
+
+    residual: torch.Tensor
+    norm_weight: torch.Tensor
+    stream: torch.Tensor
+    scaled: torch.Tensor
+    sum_sq: torch.Tensor
+
+
 def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cfg: Config,
             pdl: bool = False, scale: float | torch.Tensor | None = None, entry: Entry | None = None,
-            row_scale: torch.Tensor | None = None) -> torch.Tensor:
+            row_scale: torch.Tensor | RowRms | None = None, exit: Exit | None = None) -> torch.Tensor:
     if cfg.block_n == 0:
         return ref_linear(x2, weight, bias, scale, row_scale)
     m, k = x2.shape
@@ -348,16 +398,24 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     norm_block = min(triton.next_power_of_2(k), max(16, _NORM_TILE // red_rows))
     delta = entry.delta if entry is not None and entry.delta is not None else x2
     red_splits = min(triton.next_power_of_2(splits), max(1, _REDUCE_TILE // (cfg.block_n * red_rows)))
+    rms = row_scale if isinstance(row_scale, RowRms) else None
+    if rms is not None:
+        row_scale = rms.sum_sq.reshape(m, -1).contiguous()
+    assert exit is None or tuple(exit.sum_sq.shape) == (m, grid_n), "one sum of squares a row and column tile"
     _gemv_kernel[(grid_n, splits, m_blocks)](
         x2, weight, bias if bias is not None else weight, scale if vector else weight,
         row_scale if row_scale is not None else weight, y2, part, locks,
         delta, entry.norm_weight if entry else weight, entry.stream if entry else y2,
         torch.empty(m, k, device=x2.device, dtype=weight.dtype) if entry else y2,
+        *((exit.residual, exit.norm_weight, exit.stream, exit.scaled, exit.sum_sq) if exit else (y2,) * 5),
         m, n, k, per, splits, 1.0 if scale is None or vector else float(scale), entry.eps if entry else 0.0,
+        row_scale.shape[1] if rms else 1, float(rms.width) if rms else 1.0, float(rms.eps) if rms else 0.0,
         x2.stride(0), weight.stride(0), y2.stride(0), delta.stride(0), entry.stream.stride(0) if entry else 0,
+        *((exit.residual.stride(0), exit.stream.stride(0), exit.scaled.stride(0)) if exit else (0, 0, 0)),
+        EXIT=exit is not None, BLOCK_T=triton.next_power_of_2(row_scale.shape[1]) if rms else 1,
         NORM=entry is not None, HAS_DELTA=entry is not None and entry.delta is not None, NORM_ROWS=red_rows,
         NORM_BLOCK=norm_block, HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None),
-        ROW_SCALE=row_scale is not None, SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
+        ROW_SCALE=2 if rms else int(row_scale is not None), SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
         UPCAST=INTERPRETED and weight.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
         PREFETCH_LINES=_prefetch_lines(per, weight.element_size(), k > n) if pdl else 0, LINE=_LINE // weight.element_size(),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RED_ROWS=red_rows, RED_SPLITS=red_splits,
@@ -415,7 +473,7 @@ def _config(x2, weight, bias) -> Config:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: float | torch.Tensor | Factors | None = None, row_scale: torch.Tensor | None = None,
+           scale: float | torch.Tensor | Factors | None = None, row_scale: torch.Tensor | RowRms | None = None,
            config: Config | None = None) -> torch.Tensor:
     """ops.linear's (x @ weight^T * row_scale + bias) * scale for few rows of x: weight [N, K] with
     unit stride along K; scale a float, [N] or Factors (its per-feature tensor); row_scale fp32
@@ -426,9 +484,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (x.dtype != weight.dtype or weight.stride(-1) != 1 or (bias is not None and bias.dtype != x.dtype)
             or x.numel() == 0 or n == 0 or weight.dim() != 2
             or (isinstance(scale, torch.Tensor) and tuple(scale.shape) != (n,))
-            or (row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.shape != x.shape[:-1]))):
+            or not _row_scale_fits(row_scale, x)):
         return ref_linear(x, weight, bias, given, row_scale)
-    if row_scale is not None:
+    if isinstance(row_scale, torch.Tensor):
         row_scale = row_scale.reshape(-1).contiguous()
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -440,6 +498,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     cfg = config or _config(x2, weight, bias)
     y2 = _launch(x2, weight, bias, cfg, _pdl.use(x2.device), scale, row_scale=row_scale)
     return y2.view(*x.shape[:-1], n)
+
+
+def _row_scale_fits(row_scale, x: torch.Tensor) -> bool:
+    if row_scale is None:
+        return True
+    if isinstance(row_scale, RowRms):
+        sq = row_scale.sum_sq
+        return sq.dtype == torch.float32 and sq.dim() == x.dim() and sq.shape[:-1] == x.shape[:-1] and sq.shape[-1] >= 1
+    return row_scale.dtype == torch.float32 and row_scale.shape == x.shape[:-1]
+
+
+def linear_into_entry(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor | None, residual: torch.Tensor,
+                      norm_weight: torch.Tensor, eps: float, residual_dtype: torch.dtype,
+                      scale: float | None = None, config: Config | None = None) -> EntryParts:
+    """ops.norm.linear_into_entry in one launch: the projection's epilogue (the last program of each
+    column tile, where K is split) adds its tile to the residual, writes the stream and its scaled
+    copy, and its tile's sums of squares, which the next projection's epilogue sums (RowRms)."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    fits = (weight.dim() == 2 and weight.stride(-1) == 1 and x.dtype == weight.dtype and weight.shape[1] == k
+            and x.numel() > 0 and n > 0 and tuple(residual.shape) == (*x.shape[:-1], n)
+            and tuple(norm_weight.shape) == (n,) and norm_weight.stride(0) == 1 and norm_weight.dtype == weight.dtype
+            and (row_scale is None or (row_scale.dtype == torch.float32 and row_scale.shape == x.shape[:-1]))
+            and not isinstance(scale, torch.Tensor))
+    if not fits:
+        return ref_linear_into_entry(x, weight, row_scale, residual, norm_weight, eps, residual_dtype, scale)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    r2 = _rows(residual)
+    m = x2.shape[0]
+    cfg = config or _kernel_config(m, k, weight, None)
+    lead = x.shape[:-1]
+    out = Exit(r2, norm_weight, torch.empty(m, n, device=x.device, dtype=residual_dtype),
+               torch.empty(m, n, device=x.device, dtype=weight.dtype),
+               torch.empty(m, triton.cdiv(n, cfg.block_n), device=x.device, dtype=torch.float32))
+    if row_scale is not None:
+        row_scale = row_scale.reshape(-1).contiguous()
+    _launch(x2, weight, None, cfg, _pdl.use(x2.device), scale, row_scale=row_scale, exit=out)
+    return EntryParts(out.scaled.view(*lead, n), out.stream.view(*lead, n),
+                      RowRms(out.sum_sq.view(*lead, -1), n, float(eps)))
 
 
 def _kernel_config(m: int, k: int, weight: torch.Tensor, bias: torch.Tensor | None) -> Config:
