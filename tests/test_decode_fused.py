@@ -405,6 +405,51 @@ def test_mamba2_fused_decode_matches_the_chain(ranks, converted, converted_hybri
     assert rel_err(deferred, chain) < 1e-5 and rel_err(inside, chain) < 1e-5, seed
 
 
+def _rank_decode_exit_in_out_proj(ckpt: str, input_ids: torch.Tensor, split: int, hybrid: bool):
+    """Decode logits with each block's entry in the epilogue of the projection before it (and how
+    many decode forwards took it), and without (MEGATRON_SSM_EXIT_ROWS=0); then the same with every
+    projection and entry in the interpreted skinny-GEMM kernel."""
+    if hybrid:
+        from test_hybrids import _rank_prefill_then_decode
+    else:
+        from test_model_vs_hf import _rank_prefill_then_decode
+    from megatron_ssm.model import layers
+
+    real, taken = layers.linear_into_entry, []
+    layers.linear_into_entry = lambda *a, **k: taken.append(1) or real(*a, **k)
+    out = []
+    try:
+        for env in ({}, {dispatch.EXIT_ROWS_ENV: "0"}, {dispatch.LINEAR_ENV: "triton"},
+                    {dispatch.LINEAR_ENV: "triton", dispatch.EXIT_ROWS_ENV: "0"}):
+            taken.clear()
+            with mock.patch.dict(os.environ, env):
+                out.append((_rank_prefill_then_decode(ckpt, input_ids, split), len(taken)))
+    finally:
+        layers.linear_into_entry = real
+    return out
+
+
+@pytest.mark.parametrize("family,opts,tp", [
+    ("falcon_mamba", {}, 1), ("mamba2", dict(n_groups=1), 1), ("mamba2", dict(n_groups=1), 2),
+    ("nemotron_h", dict(pattern="M*-M"), 1),
+], ids=["falcon-mamba", "mamba2", "mamba2-tp2", "nemotron-h"])
+def test_decode_entry_in_the_projection_before(ranks, converted, converted_hybrid, seed, family, opts, tp):
+    """A block's entry in the epilogue of the projection before it gives the logits of the entry
+    run alone, on the references and in the interpreted kernels; at TP 1 only (TP 2 never takes it:
+    the output is summed over ranks before the residual add). Every Mamba block after a projection
+    takes it, and the head; the hybrid's attention and MLP blocks wait for a plain output."""
+    hybrid = family == "nemotron_h"
+    _, _, ckpts, _ = (converted_hybrid if hybrid else converted)(family, opts)
+    ids = torch.randint(0, 250, (2, 9))
+    (ref, n_ref), (ref_off, n_off), (ker, n_ker), (ker_off, n_ker_off) = \
+        ranks(tp).run(_rank_decode_exit_in_out_proj, ckpts[tp], ids, 5, hybrid)[0]
+    forwards = 1 + (9 - 1 - 5)  # the prefill (10 rows: under EXIT_ROWS too) and three decode steps
+    # the second Mamba layer and the head; in "M*-M" the last M (after the MLP) and the head
+    want = 0 if tp > 1 else 2 * forwards
+    assert (n_ref, n_ker, n_off, n_ker_off) == (want, want, 0, 0), (n_ref, n_ker, n_off, n_ker_off)
+    assert rel_err(ref, ref_off) < 1e-5 and rel_err(ker, ker_off) < 1e-4 and rel_err(ker, ref) < 1e-4, seed
+
+
 @pytest.mark.parametrize("family,tp", [("falcon_mamba", 2), ("mamba", 1)], ids=["falcon-tp2", "mamba1"])
 def test_mamba1_decode_with_dt_proj_folded(ranks, converted, seed, family, tp):
     """dt_proj inside the state update (every row folded): the kernels match the references, and the

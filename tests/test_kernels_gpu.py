@@ -297,6 +297,56 @@ def test_linear_split_k_replayed_from_a_graph(seed, n, k, bias, m, pdl, monkeypa
             assert err < TOL[torch.bfloat16], f"{cfg} replay {step}: relative error {err:.2e} (seed {seed})"
 
 
+# (N out, K in, N of the next projection): mamba2-2.7b's out_proj then in_proj, falcon-mamba-7b's
+# out_proj then in_proj, and its last out_proj then the LM head
+EXIT_SHAPES = [(2560, 5120, 10576), (4096, 8192, 16384), (4096, 8192, 65024)]
+
+
+@pytest.mark.parametrize("n,k,n2", EXIT_SHAPES)
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("pdl", [False, True], ids=["eager", "graphed-pdl"])
+def test_linear_into_entry_then_the_next_projection(seed, n, k, n2, m, pdl, monkeypatch):
+    """out_proj with the next block's entry in its epilogue (tuned configuration), then the next
+    projection with the norm's 1/rms from the parts, against the references; graphed with PDL
+    behind the copy that writes x, replayed on new inputs."""
+    from megatron_ssm.ops.triton import pdl as pdl_mod
+
+    monkeypatch.setenv(pdl_mod.ENV, "1" if pdl else "0")
+    if pdl and not pdl_mod.supported(torch.device(DEV)):
+        pytest.skip("no programmatic dependent launch here")
+    bf = torch.bfloat16
+    x = torch.randn(m, k, device=DEV, dtype=bf)
+    w = (torch.randn(n, k, device=DEV) / k ** 0.5).to(bf)
+    w2 = (torch.randn(n2, n, device=DEV) / n ** 0.5).to(bf)
+    residual = torch.randn(m, n, device=DEV, dtype=torch.float32)
+    norm_w = (0.5 + torch.rand(n, device=DEV)).to(bf)
+    rows = 0.5 + torch.rand(m, device=DEV)
+
+    def both():
+        entry = kernels().linear_into_entry(x, w, rows, residual, norm_w, 1e-5, torch.float32)
+        return entry, kernels().linear(entry.scaled, w2, row_scale=entry.row_rms)
+
+    both()  # tunes both shapes eagerly
+    torch.cuda.synchronize()
+    if pdl:
+        graph, fresh = torch.cuda.CUDAGraph(), torch.empty_like(x)
+        with torch.cuda.graph(graph):
+            x.copy_(fresh)
+            entry, out = both()
+    for step in range(2 if pdl else 1):
+        if pdl:
+            fresh.copy_(torch.randn_like(fresh))
+            graph.replay()
+        else:
+            entry, out = both()
+        want = ref_ops.linear_into_entry(x, w, rows, residual, norm_w, 1e-5, torch.float32)
+        normed, h = ref_ops.add_rms_norm(residual, ref_ops.linear(x, w, row_scale=rows), norm_w, 1e-5, torch.float32)
+        where = f"m {m} ({n}, {k}) -> {n2} step {step} (seed {seed})"
+        assert rel_err(entry.stream, h) < 1e-2 and rel_err(entry.scaled, want.scaled) < TOL[bf], where
+        assert rel_err(entry.row_rms.value(), want.row_rms.value()) < 1e-3, where
+        assert rel_err(out, ref_ops.linear(normed, w2)) < TOL[bf], where
+
+
 # (N, K, bias, stream dtype): falcon-mamba-7b's in_proj (fp32 stream) and LM head, mamba2-2.7b's in_proj
 # (where linear's tuner takes cuBLAS: the entry then takes our kernel's fastest), odd sizes
 ENTRY_SHAPES = [(16384, 4096, False, torch.float32), (65024, 4096, False, torch.float32),

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from ..config import SSMConfig
 from ..ops.dispatch import add_rms_norm
-from .layers import PendingOutput, RMSNorm, SummedOutput
+from .layers import DeferredOutput, PendingOutput, RMSNorm, SummedOutput
 
 StateShapes = dict[str, tuple[tuple[int, ...], "torch.dtype | None"]]
 
@@ -71,6 +71,8 @@ class Block(nn.Module):
 
     def enter(self, stream: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(normed input, updated stream)."""
+        if isinstance(delta, DeferredOutput):
+            delta = delta.wait()
         return add_rms_norm(stream, delta, self.norm.weight, self.norm.eps, self.residual_dtype)
 
     def state_shapes(self, max_length: int = 0) -> StateShapes:

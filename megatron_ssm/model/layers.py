@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
 from ..comm import AllReduce, ExactAllReduce, PendingAllReduce
-from ..ops.dispatch import add_rms_norm_linear, causal_conv1d, causal_conv1d_update, linear
+from ..ops.dispatch import (add_rms_norm, add_rms_norm_linear, causal_conv1d, causal_conv1d_update, exit_rows, linear,
+                            linear_into_entry)
 from ..ops.linear import Factors, linear as reference_linear
+from ..ops.norm import EntryParts
 from ..parallel import TPContext
 
 AllReduceFn = AllReduce  # anything called as allreduce(tensor, group) -> reduced tensor
@@ -52,7 +54,12 @@ def project_entry(stream: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNo
                   scale: float | torch.Tensor | Factors | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(project(normed), stream + delta) for a pre-norm block's entry (ops' add_rms_norm) and the
     projection that reads it, as one op (one kernel at decode); None while gradients may flow,
-    where the block's own entry and the layer's forward keep their differentiable paths."""
+    where the block's own entry and the layer's forward keep their differentiable paths. A delta
+    still unprojected (DeferredOutput) is projected with the entry in its epilogue, and this
+    projection applies the norm's 1/rms after its product: the entry then has no kernel of its own."""
+    if isinstance(delta, DeferredOutput):
+        entry = delta.into_entry(stream, norm, residual_dtype)
+        return project(entry.scaled, weight, bias, scale, row_scale=entry.row_rms), entry.stream
     if torch.is_grad_enabled() and (weight.requires_grad or norm.weight.requires_grad or stream.requires_grad
                                     or (delta is not None and delta.requires_grad)):
         return None
@@ -124,6 +131,9 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         scale goes into the projection (a sum of scaled parts is the scaled sum). row_scale (fp32,
         x.shape[:-1]) multiplies each row of this rank's part before the reduction: the same on
         every rank, it too commutes with the sum."""
+        if (self.tp.size == 1 and self.bias is None and not differentiable(self.weight)
+                and x.numel() // x.shape[-1] <= exit_rows()):
+            return DeferredOutput(x, self.weight, None if scale == 1.0 else scale, row_scale)
         if self.bias is None and scale != 1.0:
             y, scale = project(x, self.weight, scale=scale, row_scale=row_scale), 1.0
         else:
@@ -146,6 +156,30 @@ class PendingOutput:
         y = self.pending.wait()
         y = y if self.bias is None else y + self.bias
         return y if self.scale == 1.0 else y * self.scale
+
+
+class DeferredOutput:
+    """A row-parallel output at TP 1 not projected yet (few rows: a decode step), so that the next
+    block's entry can run in the projection's epilogue (`into_entry`: the residual add, the norm's
+    weight and sums of squares; ops.norm.linear_into_entry), saving the entry's own kernel. `wait()`
+    projects it as RowParallelLinear.start would have, for any other consumer."""
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, scale: float | None, row_scale: torch.Tensor | None):
+        self.x, self.weight, self.scale, self.row_scale = x, weight, scale, row_scale
+        self._out: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self._out is None:
+            self._out = project(self.x, self.weight, scale=self.scale, row_scale=self.row_scale)
+        return self._out
+
+    def into_entry(self, stream: torch.Tensor, norm: "RMSNorm", residual_dtype: torch.dtype):
+        """ops.norm.EntryParts of norm(stream + this output), the output never materialised."""
+        if self._out is not None:  # already projected for someone else: a plain entry
+            normed, h = add_rms_norm(stream, self._out, norm.weight, norm.eps, residual_dtype)
+            return EntryParts(normed, h, None)
+        return linear_into_entry(self.x, self.weight, self.row_scale, stream, norm.weight, norm.eps, residual_dtype,
+                                 self.scale)
 
 
 class SummedOutput:

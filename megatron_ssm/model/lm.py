@@ -21,7 +21,7 @@ from ..parallel import TPContext, megatron_config
 from .attention import Attention
 from .blocks import AttentionBlock, LayerState, MambaBlock, MLPBlock, ParallelBlock, StateShapes
 from .context_parallel import ContextParallelSpans
-from .layers import (AllReduceFn, ColumnParallelLinear, PendingOutput, RMSNorm, VocabParallelEmbedding, project,
+from .layers import (AllReduceFn, ColumnParallelLinear, DeferredOutput, PendingOutput, RMSNorm, VocabParallelEmbedding, project,
                      project_entry)
 from .mamba1 import Mamba1Mixer
 from .mamba2 import Mamba2Mixer
@@ -169,16 +169,23 @@ class MambaLM(nn.Module):
             for i, layer in enumerate(self.layers):
                 stream, pending = _start(layer, stream, delta, None if states is None else states[i], embeddings,
                                          cu_seqlens, cp)
-                delta = pending.wait()
+                # An output left unprojected goes as it is to a consumer that takes it into its
+                # entry's projection (a Mamba block, the head): no entry kernel in between.
+                following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+                delta = pending if isinstance(pending, DeferredOutput) and _takes_deferred(following) else pending.wait()
+        if isinstance(delta, DeferredOutput) and (cu_seqlens is not None or (last_only and stream.shape[1] > 1)):
+            delta = delta.wait()  # cut to the last positions below
         if last_only and cu_seqlens is not None:
             last = last_positions(cu_seqlens)
             stream = stream[0].index_select(0, last).unsqueeze(1)
             delta = None if delta is None else delta[0].index_select(0, last).unsqueeze(1)
-        elif last_only:
+        elif last_only and stream.shape[1] > 1:
             stream, delta = stream[:, -1:], None if delta is None else delta[:, -1:]
         head = self.embeddings.weight if self.lm_head is None else self.lm_head.weight
         # Falcon-H1's lm_head multiplier inside the projection (its kernel's epilogue at decode)
         scale = self.logit_scale if self.logit_scale != 1.0 else None
+        if isinstance(delta, DeferredOutput) and self.norm_f.weight.dtype != head.dtype:
+            delta = delta.wait()
         entry = (project_entry(stream, delta, self.norm_f, self.residual_dtype, head, scale=scale)
                  if self.norm_f.weight.dtype == head.dtype else None)  # one launch up to entry_rows()
         if entry is not None:
@@ -222,6 +229,12 @@ class MambaLM(nn.Module):
                 streams[p], pending[p] = _start(layer, streams[p], delta, state, spans[p])
         deltas = [p.wait() for p in pending] if self.layers else None
         return torch.cat(streams, dim=1), None if deltas is None else torch.cat(deltas, dim=1)
+
+
+def _takes_deferred(layer) -> bool:
+    """Whether what follows takes a DeferredOutput as its delta: a Mamba block's own start (its
+    entry and in_proj through project_entry) or, after the last layer (None), the head."""
+    return layer is None or type(layer).start is MambaBlock.start
 
 
 def _start(layer, stream, delta, state, embeddings, cu_seqlens=None, cp=None):
