@@ -89,11 +89,11 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
             else xbc[:, : z.shape[-1]]))
     elif stage == "norm":
         on_module(mamba2, "gated_rms_norm", lambda y, *a, **k: y)
-    elif stage == "add_norm":  # each block's entry (residual add + RMS norm), alone or in in_proj's launch
+    elif stage == "add_norm":  # each block's entry (residual add + RMS norm), alone or in a projection's launch
         on_module(blocks, "add_rms_norm", lambda stream, delta, weight, *a: (_constant(stream.shape, weight), stream))
-        for module in (mamba1, mamba2):
+        for module in (mamba1, mamba2):  # an output left for the entry (DeferredOutput) is still projected
             on_module(module, "project_entry", lambda stream, delta, norm, dtype, weight, bias=None, scale=None: (
-                layers.project(_constant(stream.shape, weight), weight, bias, scale), stream))
+                _resolved(delta) and layers.project(_constant(stream.shape, weight), weight, bias, scale), stream))
     elif stage == "out_proj":
         for m in mixers:
             stack.callback(m.out_proj.__dict__.pop, "start", None)
@@ -101,6 +101,12 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
                 PendingAllReduce(_constant((*x.shape[:-1], model.cfg.hidden_size), x)), None)
     else:
         raise SystemExit(f"unknown stage {stage!r}")
+
+
+def _resolved(delta) -> bool:
+    if isinstance(delta, layers.DeferredOutput):
+        delta.wait()
+    return True
 
 
 def _restore(name: str, value: str | None) -> None:
