@@ -877,14 +877,18 @@ def _gemv_compile_for_sm90() -> list[str]:
     from megatron_ssm.ops.triton import gemv
 
     def types(entry):
-        fp32 = {"part_ptr", "s_ptr"} | ({"x_ptr", "h_ptr"} if entry else set())
+        fp32 = {"part_ptr", "s_ptr", "r_ptr", "e_res_ptr", "e_h_ptr", "e_sq_ptr"} | ({"x_ptr", "h_ptr"} if entry else set())
         return lambda a: ("*fp32" if a in fp32 else "*i32" if a == "lock_ptr" else "*bf16") if a.endswith("_ptr") \
-            else "fp32" if a in ("alpha", "eps") else "i32"
+            else "fp32" if a in ("alpha", "eps", "rs_width", "rs_eps") else "i32"
 
     out = []
-    for rows, splits, entry, lines in ((1, 16, False, 0), (16, 8, False, 8), (1, 16, True, 4)):
+    # the last two: a block's entry in the epilogue (EXIT, split K and not), 1/rms from parts (ROW_SCALE 2)
+    for rows, splits, entry, lines, exit, row_scale, split in (
+            (1, 16, False, 0, False, 0, True), (16, 8, False, 8, False, 1, True), (1, 16, True, 4, False, 0, True),
+            (1, 16, False, 4, True, 2, True), (16, 1, False, 0, True, 2, False)):
         out.append(compile_for_sm90(gemv._gemv_kernel, types(entry), dict(
-            NORM=entry, HAS_DELTA=entry, NORM_ROWS=rows, NORM_BLOCK=4096, HAS_BIAS=False, SCALE=0, SPLIT=True,
+            EXIT=exit, BLOCK_T=64 if row_scale == 2 else 1, ROW_SCALE=row_scale,
+            NORM=entry, HAS_DELTA=entry, NORM_ROWS=rows, NORM_BLOCK=4096, HAS_BIAS=False, SCALE=0, SPLIT=split,
             USE_DOT=True, IEEE=False, UPCAST=False, EVEN_K=True, PDL=True, PREFETCH_LINES=lines, LINE=64,
             BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, RED_ROWS=rows, RED_SPLITS=splits),
             ptx_has="prefetch.global.L2" if lines else ""))
@@ -896,7 +900,7 @@ def test_gemv_compiles_for_sm90(tmp_path):
 
     out = run_without_interpreter("import test_ops as t; print('\\n'.join(t._gemv_compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
-    assert len(out) == 3, out
+    assert len(out) == 5, out
 
 
 def _tiny_cases(dtype):

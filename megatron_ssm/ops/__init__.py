@@ -15,7 +15,7 @@ from .selective_scan import selective_scan, selective_state_update
 from .ssd import ssd_chunk_scan, ssd_state_update
 
 __all__ = [
-    "add_rms_norm", "add_rms_norm_linear", "linear_into_entry", "EntryParts", "RowRms", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "linear", "rms_norm",
+    "add_rms_norm", "add_rms_norm_linear", "linear_into_entry", "causal_conv1d", "causal_conv1d_update", "gated_rms_norm", "linear", "rms_norm",
     "selective_scan", "selective_state_update", "ssd_chunk_scan", "ssd_state_update",
     "mamba1_decode_step", "mamba2_decode_step", "packed_causal_attention", "rotary_embedding",
     "decode_attention", "row_max",
