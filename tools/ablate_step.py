@@ -73,7 +73,7 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
         for module in (mamba1, mamba2):
             on_module(module, "project_entry", lambda stream, delta, norm, dtype, weight, *a, **k: (
                 _constant((*stream.shape[:-1], weight.shape[0]), weight),
-                add_rms_norm(stream, delta, norm.weight, norm.eps, dtype)[1]))
+                add_rms_norm(stream, _waited(delta), norm.weight, norm.eps, dtype)[1]))
     elif stage == "conv":
         stack.enter_context(_swap(layers.CausalConv1d, "forward", lambda self, x, *a, **k: x))
     elif stage == "x_proj":
@@ -93,7 +93,7 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
         on_module(blocks, "add_rms_norm", lambda stream, delta, weight, *a: (_constant(stream.shape, weight), stream))
         for module in (mamba1, mamba2):  # an output left for the entry (DeferredOutput) is still projected
             on_module(module, "project_entry", lambda stream, delta, norm, dtype, weight, bias=None, scale=None: (
-                _resolved(delta) and layers.project(_constant(stream.shape, weight), weight, bias, scale), stream))
+                (_waited(delta), layers.project(_constant(stream.shape, weight), weight, bias, scale))[1], stream))
     elif stage == "out_proj":
         for m in mixers:
             stack.callback(m.out_proj.__dict__.pop, "start", None)
@@ -103,10 +103,9 @@ def _patches(model, stage: str, stack: contextlib.ExitStack) -> None:
         raise SystemExit(f"unknown stage {stage!r}")
 
 
-def _resolved(delta) -> bool:
-    if isinstance(delta, layers.DeferredOutput):
-        delta.wait()
-    return True
+def _waited(delta):
+    """The previous block's output, projected where it was left for the entry (DeferredOutput)."""
+    return delta.wait() if isinstance(delta, layers.DeferredOutput) else delta
 
 
 def _restore(name: str, value: str | None) -> None:
