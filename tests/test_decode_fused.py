@@ -407,7 +407,7 @@ def test_mamba2_fused_decode_matches_the_chain(ranks, converted, converted_hybri
 
 def _rank_decode_exit_in_out_proj(ckpt: str, input_ids: torch.Tensor, split: int, hybrid: bool):
     """Decode logits with each block's entry in the epilogue of the projection before it (and how
-    many decode forwards took it), and without (MEGATRON_SSM_EXIT_ROWS=0); then the same with every
+    many forwards took it), and without (MEGATRON_SSM_EXIT_ROWS=0); then the same with every
     projection and entry in the interpreted skinny-GEMM kernel."""
     if hybrid:
         from test_hybrids import _rank_prefill_then_decode
@@ -419,8 +419,8 @@ def _rank_decode_exit_in_out_proj(ckpt: str, input_ids: torch.Tensor, split: int
     layers.linear_into_entry = lambda *a, **k: taken.append(1) or real(*a, **k)
     out = []
     try:
-        for env in ({}, {dispatch.EXIT_ROWS_ENV: "0"}, {dispatch.LINEAR_ENV: "triton"},
-                    {dispatch.LINEAR_ENV: "triton", dispatch.EXIT_ROWS_ENV: "0"}):
+        on, off = {dispatch.EXIT_ROWS_ENV: "16"}, {dispatch.EXIT_ROWS_ENV: "0"}  # 16: the prefill's 10 rows too
+        for env in (on, off, {dispatch.LINEAR_ENV: "triton", **on}, {dispatch.LINEAR_ENV: "triton", **off}):
             taken.clear()
             with mock.patch.dict(os.environ, env):
                 out.append((_rank_prefill_then_decode(ckpt, input_ids, split), len(taken)))
@@ -443,7 +443,7 @@ def test_decode_entry_in_the_projection_before(ranks, converted, converted_hybri
     ids = torch.randint(0, 250, (2, 9))
     (ref, n_ref), (ref_off, n_off), (ker, n_ker), (ker_off, n_ker_off) = \
         ranks(tp).run(_rank_decode_exit_in_out_proj, ckpts[tp], ids, 5, hybrid)[0]
-    forwards = 1 + (9 - 1 - 5)  # the prefill (10 rows: under EXIT_ROWS too) and three decode steps
+    forwards = 1 + (9 - 1 - 5)  # the prefill (10 rows) and three decode steps
     # the second Mamba layer and the head; in "M*-M" the last M (after the MLP) and the head
     want = 0 if tp > 1 else 2 * forwards
     assert (n_ref, n_ker, n_off, n_ker_off) == (want, want, 0, 0), (n_ref, n_ker, n_off, n_ker_off)

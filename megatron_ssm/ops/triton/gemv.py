@@ -51,10 +51,9 @@ _LINE = 128  # bytes of an L2 line
 # the whole slice: +13-24%): the hints then compete with the kernel before and with the loop's own loads.
 PREFETCH_ENV = "MEGATRON_SSM_GEMV_PREFETCH"
 PREFETCH_DEFAULT = 256
-# The same for a projection that narrows (K > N: out_proj, x_proj). In a decode step these follow a
-# mixer kernel (state update, conv) that moves a few MB and leaves HBM idle while its programs wait
-# on each other, so more of their weights could stream then; default: as the others.
-PREFETCH_NARROWING_ENV = "MEGATRON_SSM_GEMV_PREFETCH_NARROWING"
+# The same only for projections that narrow (K > N: out_proj, x_proj, which follow a mixer kernel
+# that leaves HBM mostly idle) measured slower still: 1024 / 4096 / the whole slice +0.23 / +0.54 /
+# +0.54 us a layer of mamba2-2.7b b1, +0.30 / +2.0 / +7.8 of falcon-mamba-7b b1 (session 14).
 
 
 # M and the split count vary between calls of one shape (batch buckets, tuning): one compile for all.
@@ -332,13 +331,10 @@ def _candidates(m: int, n: int, k: int, device: torch.device) -> list[Config]:
     return sorted(out, key=str)
 
 
-def _prefetch_lines(k_per_split: int, element_size: int, narrowing: bool = False) -> int:
+def _prefetch_lines(k_per_split: int, element_size: int) -> int:
     """Lines of each weight row of its slice that a program hints to L2 before its PDL wait: the
     environment's byte count, at most the slice, as a power of two (0: none)."""
-    want = os.environ.get(PREFETCH_ENV, PREFETCH_DEFAULT)
-    if narrowing:
-        want = os.environ.get(PREFETCH_NARROWING_ENV, want)
-    want = int(want or 0)
+    want = int(os.environ.get(PREFETCH_ENV, PREFETCH_DEFAULT) or 0)
     if want <= 0 or INTERPRETED:
         return 0
     lines = min(triton.cdiv(want, _LINE), triton.cdiv(k_per_split * element_size, _LINE))
@@ -417,7 +413,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
         NORM_BLOCK=norm_block, HAS_BIAS=bias is not None, SCALE=2 if vector else int(scale is not None),
         ROW_SCALE=2 if rms else int(row_scale is not None), SPLIT=split, USE_DOT=block_m > 1, IEEE=weight.dtype == torch.float32,
         UPCAST=INTERPRETED and weight.dtype != torch.float32, EVEN_K=k % cfg.block_k == 0, PDL=pdl,
-        PREFETCH_LINES=_prefetch_lines(per, weight.element_size(), k > n) if pdl else 0, LINE=_LINE // weight.element_size(),
+        PREFETCH_LINES=_prefetch_lines(per, weight.element_size()) if pdl else 0, LINE=_LINE // weight.element_size(),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, RED_ROWS=red_rows, RED_SPLITS=red_splits,
         num_warps=cfg.num_warps,
         num_stages=cfg.stages, **_pdl.kwargs(pdl),
@@ -488,6 +484,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return ref_linear(x, weight, bias, given, row_scale)
     if isinstance(row_scale, torch.Tensor):
         row_scale = row_scale.reshape(-1).contiguous()
+    elif row_scale is not None:  # [rows, parts], as x2's rows (cuBLAS's path broadcasts it so too)
+        row_scale = row_scale._replace(sum_sq=row_scale.sum_sq.reshape(-1, row_scale.sum_sq.shape[-1]))
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

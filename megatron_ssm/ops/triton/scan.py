@@ -237,8 +237,9 @@ def _state_update_kernel(
     PDL: tl.constexpr, EARLY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_RP: tl.constexpr,
 ):
-    # EARLY (ops/triton/pdl.py): the state, A, D and dt_proj's rows, which the kernels before do not
-    # write, are loaded before the PDL wait.
+    # EARLY (ops/triton/pdl.py): the state and dt_proj's rows, which the kernels before do not write,
+    # are loaded before the PDL wait (A and D stay where they are used: held across the wait too,
+    # they cost registers).
     if not EARLY:
         pdl_enter(PDL)
     pid_d = tl.program_id(0)
@@ -253,12 +254,6 @@ def _state_update_kernel(
 
     s_ptrs = state_ptr + pid_b * ss_b + offs_c[:, None] * ss_c + offs_n[None, :] * ss_n
     s = tl.load(s_ptrs, mask=cn_mask, other=0.0)
-    if A_PER_HEAD:
-        A = tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        A = tl.load(A_ptr + heads[:, None] * sA_h + offs_n[None, :] * sA_n, mask=cn_mask, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + heads, mask=cmask, other=0.0).to(tl.float32)
     if DT_PROJ:  # dt is dt_proj's input [b, dt_rank]: this block's rows of dt_proj, rounded as its output
         # (the whole [BLOCK_D, rank] tile in one load: a loop over the rank waits on memory once per
         # step, which measured slower than the projection kernel it replaces)
@@ -285,14 +280,15 @@ def _state_update_kernel(
         Cv = _weightless_rms_norm(Cv, nstate, norm_eps)
     Bv, Cv = Bv.to(tl.float32), Cv.to(tl.float32)
     if A_PER_HEAD:
-        dA = tl.exp(dt * A)[:, None]
+        dA = tl.exp(dt * tl.load(A_ptr + heads * sA_h, mask=cmask, other=0.0).to(tl.float32))[:, None]
     else:
-        dA = tl.exp(dt[:, None] * A)
+        A = tl.load(A_ptr + heads[:, None] * sA_h + offs_n[None, :] * sA_n, mask=cn_mask, other=0.0)
+        dA = tl.exp(dt[:, None] * A.to(tl.float32))
     h = s.to(tl.float32) * dA + (dt * x)[:, None] * Bv[None, :]
     tl.store(s_ptrs, h.to(state_ptr.dtype.element_ty), mask=cn_mask)
     y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
-        y += x * Dv
+        y += x * tl.load(D_ptr + heads, mask=cmask, other=0.0).to(tl.float32)
     if HAS_Z:
         z = tl.load(z_ptr + pid_b * sz_b + offs_c * sz_c, mask=cmask, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
