@@ -109,8 +109,9 @@ ENTRY_ROWS_DEFAULT = 0
 # runs in the epilogue of the projection before it (linear_into_entry: a row-parallel output at TP 1,
 # out_proj of the block before), its first projection then applying the norm's 1/rms after its
 # product, so that a decode step has no entry kernel of its own. On the H200 (graphed steps, session
-# 14) it saved 1.40 us a layer of falcon-mamba-7b at b1 and 0.46 of mamba2-2.7b, and cost 0.34 at
-# mamba2-2.7b b16; rows between were not measured. `MEGATRON_SSM_EXIT_ROWS=N` takes it up to N rows.
+# 14) it saved 0.46 us a layer of mamba2-2.7b at b1 and 0.10-1.40 of falcon-mamba-7b b1 (two calls),
+# and cost 0.34 at mamba2-2.7b b16; rows between were not measured. `MEGATRON_SSM_EXIT_ROWS=N` takes
+# it up to N rows.
 EXIT_ROWS_ENV = "MEGATRON_SSM_EXIT_ROWS"
 EXIT_ROWS_DEFAULT = 1
 
