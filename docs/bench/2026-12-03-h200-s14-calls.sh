@@ -59,3 +59,12 @@ timeout 45 python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml --ba
 done
 timeout 60 python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml --batch 32 --prompt 512 --new 16 \
     --json-out $L/ours.jsonl --tag s14 2>&1 | quiet | tee -a $L/ours.txt | grep -v "^#   linear"
+# ===== .gpu/s14c5.sh =====
+#!/usr/bin/env bash
+# session 14 call 5: the hybrids' GPU tests with the exit path (b1 graphs once rows finish)
+set -uo pipefail
+OUT=${OUT:-out}; L=$OUT/s14c5; mkdir -p $L
+. tools/gpu_env.sh $L/env.txt
+timeout -s INT 140 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:randomly -n 4 tests/test_model_gpu.py -k hybrid \
+    > $L/pytest.txt 2>&1
+echo "pytest rc=$?"; grep -E "^(FAILED|ERROR|E  )|passed|failed" $L/pytest.txt | tail -8 | cut -c1-300
