@@ -26,22 +26,25 @@ def add_rms_norm(
     """A pre-norm block's entry: the residual stream h = residual + delta (the previous block's
     output; None for the first block) in `residual_dtype`, and HF's norm of h cast to the weight's
     dtype. Returns (normed, h). One op so that a kernel reads the stream once and writes it once."""
-    h = residual.to(residual_dtype)
-    if delta is not None:
-        h = h + delta
-        h = h.to(residual_dtype)
+    h = _stream(residual, delta, residual_dtype)
     return rms_norm(h.to(weight.dtype), weight, eps), h
+
+
+def _stream(residual: torch.Tensor, delta: torch.Tensor | None, residual_dtype: torch.dtype) -> torch.Tensor:
+    """residual + delta in residual_dtype, as every block's entry forms it."""
+    h = residual.to(residual_dtype)
+    return h if delta is None else (h + delta).to(residual_dtype)
 
 
 class EntryParts(NamedTuple):
     """A pre-norm block's entry (add_rms_norm) left in parts for its first projection, which then
     applies the norm's 1/rms after its product (a factor per row commutes with it): scaled is h
     rounded to the norm weight's dtype, times the weight; stream is h; row_rms gives each row's
-    1/rms from its partial sums of squares."""
+    1/rms from its partial sums of squares (None: scaled is already the normed input)."""
 
     scaled: torch.Tensor
     stream: torch.Tensor
-    row_rms: RowRms
+    row_rms: RowRms | None
 
 
 def linear_into_entry(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Tensor | None, residual: torch.Tensor,
@@ -53,7 +56,7 @@ def linear_into_entry(x: torch.Tensor, weight: torch.Tensor, row_scale: torch.Te
     epilogue walks the stream between the two projections. linear(scaled, W, row_scale=row_rms)
     equals linear(add_rms_norm(...)[0], W) up to where the rounding falls."""
     delta = linear(x, weight, scale=scale, row_scale=row_scale)
-    h = (residual.to(residual_dtype) + delta).to(residual_dtype)
+    h = _stream(residual, delta, residual_dtype)
     hq = h.to(norm_weight.dtype)
     sum_sq = hq.float().pow(2).sum(-1, keepdim=True)
     return EntryParts(hq * norm_weight, h, RowRms(sum_sq, h.shape[-1], eps))

@@ -396,7 +396,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, c
     red_splits = min(triton.next_power_of_2(splits), max(1, _REDUCE_TILE // (cfg.block_n * red_rows)))
     rms = row_scale if isinstance(row_scale, RowRms) else None
     if rms is not None:
-        row_scale = rms.sum_sq.reshape(m, -1).contiguous()
+        row_scale = rms.sum_sq  # [m, parts], contiguous: linear() made it so
     assert exit is None or tuple(exit.sum_sq.shape) == (m, grid_n), "one sum of squares a row and column tile"
     _gemv_kernel[(grid_n, splits, m_blocks)](
         x2, weight, bias if bias is not None else weight, scale if vector else weight,
@@ -485,7 +485,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if isinstance(row_scale, torch.Tensor):
         row_scale = row_scale.reshape(-1).contiguous()
     elif row_scale is not None:  # [rows, parts], as x2's rows (cuBLAS's path broadcasts it so too)
-        row_scale = row_scale._replace(sum_sq=row_scale.sum_sq.reshape(-1, row_scale.sum_sq.shape[-1]))
+        row_scale = row_scale._replace(sum_sq=row_scale.sum_sq.reshape(-1, row_scale.sum_sq.shape[-1]).contiguous())
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
