@@ -948,15 +948,8 @@ def test_triton_gated_norm_split_callback_interpreted(seed):
 
 @pytest.mark.parametrize("lengths", [(5, 1, 7), (3, 0, 2), (2,)], ids=str)
 def test_varlen_helpers_against_each_sequence_alone(seed, lengths):
-    """cu_seqlens_of, seq_index and last_positions against the lengths written out; conv_final_states
-    (the kernels' one-gather conv state) against the reference conv run on each sequence alone
-    (zeros before a sequence shorter than K - 1)."""
-    from megatron_ssm.ops.varlen import (
-        conv_final_states,
-        cu_seqlens_of,
-        last_positions,
-        seq_index,
-    )
+    """cu_seqlens_of, seq_index and last_positions against the lengths written out."""
+    from megatron_ssm.ops.varlen import cu_seqlens_of, last_positions, seq_index
 
     cu = cu_seqlens_of(list(lengths), "cpu")
     assert cu.dtype == torch.int32 and cu.tolist() == [0] + list(itertools.accumulate(lengths))
@@ -965,11 +958,6 @@ def test_varlen_helpers_against_each_sequence_alone(seed, lengths):
     assert got_index.dtype == torch.int32 and got_index.tolist() == want_index
     if all(lengths):
         assert last_positions(cu).tolist() == [s - 1 for s in itertools.accumulate(lengths)]
-    _, kw = conv_inputs(1, sum(lengths), 6, 4, torch.float32, "cpu", state=False)
-    finals = conv_final_states(kw["x"], cu, 3)
-    alone = [ref_ops.causal_conv1d(kw["x"][:, s:e], kw["weight"])[1]
-             for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
-    assert finals.shape == (len(lengths), 6, 3) and torch.equal(finals, torch.cat(alone, 0)), seed
 
 
 def test_validate_packed_refuses_what_the_kernels_would_overrun():
@@ -1003,13 +991,11 @@ def test_varlen_helpers_stay_on_the_inputs_device():
     """Everything the packed kernels index by is built on cu_seqlens' (and x's) device, so a packed
     forward needs no host copy and can be captured in a CUDA graph; the meta device stands in for
     the GPU (an index built on the CPU by default would not mix with it)."""
-    from megatron_ssm.ops.varlen import conv_final_states, cu_seqlens_of, last_positions, seq_index
+    from megatron_ssm.ops.varlen import cu_seqlens_of, last_positions, seq_index
 
     cu = cu_seqlens_of([3, 2, 4], "meta")
     assert cu.device.type == "meta" and cu.dtype == torch.int32
     assert seq_index(cu, 9).device.type == "meta" and last_positions(cu).device.type == "meta"
-    finals = conv_final_states(torch.empty(1, 9, 5, device="meta"), cu, 3)
-    assert finals.device.type == "meta" and finals.shape == (3, 5, 3)
 
 
 def _without(case, *names):

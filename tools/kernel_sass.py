@@ -98,7 +98,7 @@ def scan_config(p: int, w: int, warps: int, ahead: int, mamba2: bool = False, pa
 def conv_config(bl: int, bc: int, warps: int) -> dict:
     from megatron_ssm.ops.triton import conv1d
 
-    ptr = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "init_ptr", "y_ptr")}
+    ptr = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "init_ptr", "y_ptr", "final_ptr")}
     ptr.update(seq_ptr="*i32", cu_ptr="*i32")
     c = dict(K=4, HAS_BIAS=True, HAS_INIT=False, SILU=True, PACKED=False, BLOCK_L=bl, BLOCK_C=bc, FAST_DIV=True)
     k = _compile(conv1d._conv_fwd_kernel, c, {"sx_c", "sy_c", "sw_k", "si_k"}, ptr, warps)

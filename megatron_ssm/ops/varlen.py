@@ -22,23 +22,12 @@ def cu_seqlens_of(lengths: list[int], device) -> torch.Tensor:
 def seq_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """The sequence each of `total` packed tokens belongs to: [total] int32."""
     tokens = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True).to(torch.int32)
+    return torch.searchsorted(cu_seqlens[1:], tokens, right=True, out_int32=True)
 
 
 def last_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
     """Each sequence's last token: [nseq] int64 (a sequence must not be empty)."""
     return (cu_seqlens[1:] - 1).long()
-
-
-def conv_final_states(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
-    """The last `width` inputs of each packed sequence, zeros before its start: x [1, T, C] ->
-    [nseq, C, width] (the conv state a prefill of each sequence alone would leave)."""
-    nseq = cu_seqlens.shape[0] - 1
-    steps = torch.arange(width, device=x.device, dtype=torch.long)
-    idx = cu_seqlens[1:, None].long() - width + steps  # [nseq, width]
-    inside = idx >= cu_seqlens[:-1, None].long()
-    rows = x[0].index_select(0, idx.clamp(min=0).flatten()).view(nseq, width, -1)
-    return rows.masked_fill(~inside[..., None], 0).transpose(1, 2).contiguous()
 
 
 def check_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, initial_state) -> None:

@@ -7,19 +7,20 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..varlen import check_packed, conv_final_states, seq_index
+from ..varlen import check_packed, seq_index
 from . import pdl
 from .pdl import enter as pdl_enter
 
 
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, seq_ptr, cu_ptr,
+    x_ptr, w_ptr, bias_ptr, init_ptr, y_ptr, seq_ptr, cu_ptr, final_ptr,
     L, C,
     sx_b, sx_l, sx_c,
     sw_c, sw_k,
     si_b, si_c, si_k,
     sy_b, sy_l, sy_c,
+    sf_s, sf_c, sf_k,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
     PACKED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, FAST_DIV: tl.constexpr,
 ):
@@ -36,13 +37,22 @@ def _conv_fwd_kernel(
     first = tl.zeros([BLOCK_L], dtype=tl.int32)  # the first input time a tap may read
     if PACKED:  # each packed sequence starts over: taps before its first token read zeros
         lmask = offs_l < L
-        first = tl.load(cu_ptr + tl.load(seq_ptr + offs_l, mask=lmask, other=0), mask=lmask, other=0)
+        seq = tl.load(seq_ptr + offs_l, mask=lmask, other=0)
+        first = tl.load(cu_ptr + seq, mask=lmask, other=0)
+        end = tl.load(cu_ptr + seq + 1, mask=lmask, other=0)
     for k in tl.static_range(K):
         w = tl.load(w_ptr + offs_c * sw_c + k * sw_k, mask=cmask, other=0.0).to(tl.float32)
         src = offs_l + (k - (K - 1))  # input time of this tap; negative times live in the state
-        in_x = (src >= first) & (src < L)
+        # (Masked in the load: a where() after unmasked loads, so that they need not wait on the
+        # sequence starts, measured 2-8% slower on every packed tile, session 16.)
         xv = tl.load(x_base + src[:, None] * sx_l + offs_c[None, :] * sx_c,
-                     mask=in_x[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                     mask=((src >= first) & (src < L))[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        if PACKED and k == K - 1:
+            # This tile's own inputs: those among their sequence's last K-1 are its conv state
+            # (the slots before a shorter sequence's start stay the zeros they were made with).
+            slot = offs_l - (end - (K - 1))
+            tl.store(final_ptr + seq[:, None].to(tl.int64) * sf_s + offs_c[None, :] * sf_c + slot[:, None] * sf_k,
+                     xv.to(final_ptr.dtype.element_ty), mask=(lmask & (slot >= 0))[:, None] & cmask[None, :])
         acc += xv * w[None, :]
     if HAS_INIT:
         # Only the first tile's first K-1 times reach into the state: the other tiles skip these loads
@@ -74,9 +84,12 @@ def _conv_fwd_kernel(
 # one, the fastest or within 1% on each; packed prompts (each row's first tap masked by its
 # sequence's start) ran 2x slower with it, and fastest with taller, narrower tiles: (128, 64, 4)
 # took 172 us for 16 packed 512-token prompts (the best, (8, 1024, 8), 166 us, was 2x slower on
-# the Mamba-2 shapes).
+# the Mamba-2 shapes). Once the packed kernel wrote the conv states itself and seq_index was one
+# searchsorted (session 16), (32, 128, 4) took 126 us for 16 packed 512-token Falcon-Mamba prompts
+# and 127 us for [700, 1, 300, 23] x 8 (the old (128, 64, 4): 145 / 145; (16, 256, 4): 127 / 129),
+# 95 us for 16 packed Mamba-2 ones (the best, (16, 256, 4), 93).
 CONV_BLOCK = (16, 256, 4)
-CONV_BLOCK_PACKED = (128, 64, 4)
+CONV_BLOCK_PACKED = (32, 128, 4)
 
 
 def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlens=None):
@@ -84,24 +97,24 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, silu=True, cu_seqlen
     K = weight.shape[-1]
     y = torch.empty_like(x)
     init = initial_state if initial_state is not None else x  # placeholder pointer, never read
-    seq = cu = weight  # placeholders, read only when packed
+    seq = cu = final = weight  # placeholders, used only when packed
     if cu_seqlens is not None:
         check_packed(x, cu_seqlens, initial_state)
         seq, cu = seq_index(cu_seqlens, L), cu_seqlens
+        final = x.new_zeros(cu.shape[0] - 1, C, K - 1)  # the kernel writes each sequence's last K-1 inputs
     BLOCK_L, BLOCK_C, num_warps = CONV_BLOCK_PACKED if cu_seqlens is not None else CONV_BLOCK
     grid = (triton.cdiv(L, BLOCK_L), triton.cdiv(C, BLOCK_C), b)
     _conv_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight, init, y, seq, cu,
+        x, weight, bias if bias is not None else weight, init, y, seq, cu, final,
         L, C,
         *x.stride(), *weight.stride(),
         *(init.stride() if initial_state is not None else (0, 0, 0)),
-        *y.stride(),
+        *y.stride(), *(final.stride() if cu_seqlens is not None else (0, 0, 0)),
         K=K, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, SILU=silu,
-        PACKED=cu_seqlens is not None, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FAST_DIV=x.is_cuda,
-        num_warps=num_warps,
+        PACKED=cu_seqlens is not None, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FAST_DIV=x.is_cuda, num_warps=num_warps,
     )
     if cu_seqlens is not None:
-        return y, conv_final_states(x, cu_seqlens, K - 1)
+        return y, final
     # The last K-1 inputs (reaching into the initial state when L < K-1): a small copy, left to torch.
     if L >= K - 1:
         final = x[:, L - (K - 1):].transpose(1, 2).contiguous()
