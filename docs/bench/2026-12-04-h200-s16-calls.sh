@@ -296,3 +296,175 @@ index 9c029f0..9bb7caa 100644
  
  
  def conv_config(bl: int, bc: int, warps: int) -> dict:
+# ===== .gpu/scan_fma.py =====
+"""The scan with every k-th step's decays on the FMA pipe: us and max relative error vs k = 0."""
+import json, os, sys
+sys.path.insert(0, "tests")
+import torch, triton.testing
+from test_ops import packed, scan_inputs
+from megatron_ssm.ops import triton as kernels
+
+DEV, D, bf = "cuda", 8192, torch.bfloat16
+torch.manual_seed(0)
+best = [1e9, 0]
+out = open(os.path.join(os.environ["L"], "scan_fma.jsonl"), "w")
+for label, b, L, pack in (("packed16x512", 1, 16 * 512, [512] * 16), ("b32x512", 32, 512, None)):
+    op, kw = scan_inputs(b, L, D, 16, bf, DEV, state=False)
+    xz = torch.randn(b, L, 2 * D, device=DEV, dtype=bf)
+    kw["z"] = xz[..., D:]
+    if pack:
+        op, kw = packed((op, kw), pack)
+    ref = None
+    for k in (0, 4, 2, 8):
+        os.environ["MEGATRON_SSM_SCAN_FMA_EXP_EVERY"] = str(k)
+        y, hT = kernels.selective_scan(**kw)
+        us = triton.testing.do_bench(lambda: kernels.selective_scan(**kw), warmup=10, rep=60, return_mode="median") * 1e3
+        if ref is None:
+            ref = (y.float(), hT)
+        err = max(((y.float() - ref[0]).abs().max() / ref[0].abs().max()).item(),
+                  ((hT - ref[1]).abs().max() / ref[1].abs().max()).item())
+        rec = dict(case=label, every=k, us=round(us, 1), rel_err_vs_0=err)
+        print(json.dumps(rec), flush=True); out.write(json.dumps(rec) + "\n")
+        if label == "packed16x512" and us < best[0]:
+            best[:] = [us, k]
+os.environ.pop("MEGATRON_SSM_SCAN_FMA_EXP_EVERY")
+open(os.path.join(os.environ["L"], "best_every"), "w").write(str(best[1]))
+print("best", best)
+# ===== .gpu/s16c9.sh (run as LIMIT=170 bash .gpu/s16c9.sh) =====
+#!/usr/bin/env bash
+# session 16 call 9: the scan with every k-th step's decays on the FMA pipe; the model's TTFT with the best k
+set -uo pipefail
+OUT=${OUT:-out}; export L=$OUT/s16c9; mkdir -p $L
+T0=$(date +%s)
+. tools/gpu_env.sh $L/env.txt
+el() { echo "[$1 rc=$2 at $(( $(date +%s) - T0 ))s]"; }
+timeout 75 python3 .gpu/scan_fma.py 2>&1 | quiet > $L/scan_fma.txt; el sweep $?; cut -c1-200 $L/scan_fma.txt
+K=$(cat $L/best_every 2>/dev/null || echo 0)
+for k in $K 0; do
+    LEFT=$(( ${LIMIT:-165} - ($(date +%s) - T0) )); [ $LEFT -lt 40 ] && break
+    MEGATRON_SSM_SCAN_FMA_EXP_EVERY=$k timeout $LEFT python3 tools/benchmark.py --config configs/falcon-mamba-7b.yaml --batch 32 \
+        --prompt 512 --new 16 --json-out $L/bench.jsonl --tag s16-fma-$k 2>&1 | quiet >> $L/bench.txt
+    el bench-every-$k $?; grep -v "^#   linear" $L/bench.txt | tail -1 | cut -c1-200
+    [ "$K" = 0 ] && break
+done
+# ===== the scan's FMA-pipe exp2 variant measured in call 9 (not kept) =====
+diff --git a/megatron_ssm/ops/triton/scan.py b/megatron_ssm/ops/triton/scan.py
+index 76a2d77..2feef9f 100644
+--- a/megatron_ssm/ops/triton/scan.py
++++ b/megatron_ssm/ops/triton/scan.py
+@@ -17,6 +17,7 @@ too. Decode (`_state_update_kernel`) reads each state element once and writes it
+ from __future__ import annotations
+ 
+ import functools
++import os
+ 
+ import torch
+ import triton
+@@ -56,6 +57,24 @@ def _softplus_fast(x, FAST_MATH: tl.constexpr):
+     return tl.where(x > 20.0, x, tl.where(e < 0.25, small, big))
+ 
+ 
++@triton.jit
++def _exp2_fma(x):
++    # 2^x for x <= 0 on the FMA and integer pipes, not the SFU: x = j + f with j an integer (rounded
++    # by adding 1.5 * 2^23) and f in [-1/2, 1/2], 2^f by a degree-5 fit (relative error 2.2e-7 in
++    # fp32, ex2.approx's is ~2 ulp), then j added to its exponent. Below -125 the result is ~1e-38
++    # instead of 0: nothing a decay of that size multiplies survives anyway.
++    x = tl.maximum(x, -125.0)
++    r = x + 12582912.0
++    f = x - (r - 12582912.0)
++    p = 0.0013276506215333939 * f + 0.009675560519099236
++    p = p * f + 0.05550713464617729
++    p = p * f + 0.24022118747234344
++    p = p * f + 0.6931469440460205
++    p = p * f + 1.0000001192092896
++    bits = p.to(tl.int32, bitcast=True) + (r.to(tl.int32, bitcast=True) << 23)
++    return bits.to(tl.float32, bitcast=True)
++
++
+ @triton.jit
+ def _dt(dt, bias_ptr, heads, mask, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr):
+     dt = dt.to(tl.float32)
+@@ -114,7 +133,7 @@ def _scan_kernel(
+     HEADDIM: tl.constexpr, A_PER_HEAD: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+     HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr, PACKED: tl.constexpr,
+     P: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UNROLL: tl.constexpr,
+-    AHEAD: tl.constexpr, FAST_MATH: tl.constexpr,
++    AHEAD: tl.constexpr, FAST_MATH: tl.constexpr, FMA_EXP_EVERY: tl.constexpr,
+ ):
+     BLOCK_D: tl.constexpr = P * W
+     pid_d = tl.program_id(0)
+@@ -191,7 +210,17 @@ def _scan_kernel(
+         if HAS_DT_BIAS:
+             dt += bias
+         dt = tl.minimum(tl.maximum(_softplus_fast(dt, FAST_MATH), dt_min), dt_max)
+-        h = tl.exp2(dt[None, :, :] * A) * h + (dt * x)[None, :, :] * Bt
++        if FMA_EXP_EVERY > 0:
++            # Every FMA_EXP_EVERY-th step takes its states' decays off the SFU (16 of its 21 ops a
++            # channel-step), which the other steps keep busy: a warp on such a step issues FMAs
++            # while the warps beside it wait on the SFU.
++            if t % FMA_EXP_EVERY == 0:
++                dA = _exp2_fma(dt[None, :, :] * A)
++            else:
++                dA = tl.exp2(dt[None, :, :] * A)
++        else:
++            dA = tl.exp2(dt[None, :, :] * A)
++        h = dA * h + (dt * x)[None, :, :] * Bt
+         y = tl.sum(h * Ct, axis=0)
+         if HAS_D:
+             y += x * Dv
+@@ -333,6 +362,10 @@ SCAN_CONFIG = {16: ((4, 32, 1, 1), (2, 32, 1, 1), (1, 32, 1, 1), (1, 16, 1, 2),
+                128: ((1, 8, 1, 1), (1, 4, 1, 2))}
+ SCAN_WARPS_PER_SM = 7
+ SCAN_UNROLL = 1
++# Every how many steps the states' decays are computed on the FMA pipe instead of the SFU (0: never;
++# Mamba-1 only, whose decays are per state); the environment's value wins, for A/B runs.
++SCAN_FMA_EXP_EVERY = 0
++SCAN_FMA_EXP_ENV = "MEGATRON_SSM_SCAN_FMA_EXP_EVERY"
+ 
+ 
+ @functools.lru_cache(maxsize=None)
+@@ -383,6 +416,7 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
+         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
+         HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
+         P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, AHEAD=ahead, FAST_MATH=x3.is_cuda,
++        FMA_EXP_EVERY=0 if a_per_head else int(os.environ.get(SCAN_FMA_EXP_ENV, SCAN_FMA_EXP_EVERY)),
+         num_warps=num_warps,
+     )
+     return y, hT
+diff --git a/tools/kernel_sass.py b/tools/kernel_sass.py
+index 640bdae..7343c63 100644
+--- a/tools/kernel_sass.py
++++ b/tools/kernel_sass.py
+@@ -3,7 +3,7 @@
+ loop costs: registers, spills, and per-iteration instructions, shuffles, shared-memory traffic and
+ SFU (MUFU) ops, read from the SASS (Triton's own ptxas and cuobjdump).
+ 
+-    python3 tools/kernel_sass.py scan 4,32,1,1 1,8,1,2    # _scan_kernel, (P, W, num_warps, AHEAD), n = 16
++    python3 tools/kernel_sass.py scan 4,32,1,1 1,8,1,2    # _scan_kernel, (P, W, num_warps, AHEAD[, FMA_EXP_EVERY]), n = 16
+     python3 tools/kernel_sass.py scan-m2 1,8,1,1          # the same kernel as Mamba-2 uses it (n = 128)
+     python3 tools/kernel_sass.py conv 64,128,8            # _conv_fwd_kernel, (BLOCK_L, BLOCK_C, num_warps)
+     python3 tools/kernel_sass.py scan 2,32,1,1 --json     # one JSON line per config
+@@ -81,7 +81,8 @@ def _compile(fn, constexprs: dict, unit: set, pointers: dict, num_warps: int):
+     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+ 
+ 
+-def scan_config(p: int, w: int, warps: int, ahead: int, mamba2: bool = False, packed: bool = False) -> dict:
++def scan_config(p: int, w: int, warps: int, ahead: int, fma_exp_every: int = 0, mamba2: bool = False,
++                packed: bool = False) -> dict:
+     from megatron_ssm.ops.triton import scan
+ 
+     ptr = {n: "*bf16" for n in ("x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr")}
+@@ -90,9 +91,10 @@ def scan_config(p: int, w: int, warps: int, ahead: int, mamba2: bool = False, pa
+     unit |= {"sA_h"} if mamba2 else {"sdt_h", "sA_n"}
+     c = dict(HEADDIM=64 if mamba2 else 1, A_PER_HEAD=mamba2, HAS_D=True, HAS_Z=not mamba2, HAS_DT_BIAS=True,
+              HAS_H0=False, PACKED=packed, P=p, W=w, BLOCK_N=128 if mamba2 else 16, EVEN_N=True, UNROLL=1,
+-             AHEAD=ahead, FAST_MATH=True)
++             AHEAD=ahead, FAST_MATH=True, FMA_EXP_EVERY=0 if mamba2 else fma_exp_every)
+     k = _compile(scan._scan_kernel, c, unit, ptr, warps)
+-    return dict(kernel="scan-m2" if mamba2 else "scan", config=[p, w, warps, ahead], **_summary(*_sass(k.asm["cubin"])))
++    config = [p, w, warps, ahead] + ([fma_exp_every] if fma_exp_every else [])
++    return dict(kernel="scan-m2" if mamba2 else "scan", config=config, **_summary(*_sass(k.asm["cubin"])))
+ 
+ 
+ def conv_config(bl: int, bc: int, warps: int) -> dict:
