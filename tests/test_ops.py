@@ -988,7 +988,7 @@ def test_validate_packed_refuses_what_the_kernels_would_overrun():
 
 
 def test_varlen_helpers_stay_on_the_inputs_device():
-    """Everything the packed kernels index by is built on cu_seqlens' (and x's) device, so a packed
+    """Everything the packed kernels index by is built on cu_seqlens' device, so a packed
     forward needs no host copy and can be captured in a CUDA graph; the meta device stands in for
     the GPU (an index built on the CPU by default would not mix with it)."""
     from megatron_ssm.ops.varlen import cu_seqlens_of, last_positions, seq_index
