@@ -513,3 +513,71 @@ def test_fused_kernels_compile_for_sm90(tmp_path):
     out = run_without_interpreter("import test_decode_fused as t; print('\\n'.join(t._compile_for_sm90()))",
                                   tmp_path, os.path.dirname(__file__))
     assert len(out) == 14, out
+
+
+# ---- the step, out_proj and the next block's entry (mamba2_step_into_entry) -----------------------
+
+def step_into_entry_inputs(h, p, n, K, N, dtype, device, scale=None, conv_bias=True):
+    """One row, one norm group: the deferred step's inputs plus out_proj's weight [N, h p], the
+    residual stream [1, 1, N] (fp32) and the next block's norm weight."""
+    _, kw = mamba2_decode_inputs(1, h, p, 1, n, K, dtype, device, gate="deferred", conv_bias=conv_bias)
+    kw.pop("defer_norm")
+    channels = h * p
+    return dict(kw, out_weight=_act(N, channels, dtype=dtype, device=device, scale=channels ** -0.5), out_scale=scale,
+                residual=torch.randn(1, 1, N, device=device), entry_norm_weight=_act(N, dtype=dtype, device=device),
+                entry_eps=1e-5, residual_dtype=torch.float32)
+
+
+def check_step_into_entry(impl, kw, tol, where=""):
+    """impl against the reference on copies of kw: the entry's parts (the 1/rms from the row's
+    parts, whatever their number) and both states after the step."""
+    ref_kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    want = ref_ops.mamba2_step_into_entry(**ref_kw)
+    got = impl(**kw)
+    for name, a, b in (("scaled", got.scaled, want.scaled), ("stream", got.stream, want.stream),
+                       ("1/rms", got.row_rms.value(), want.row_rms.value()),
+                       ("conv state", kw["conv_state"], ref_kw["conv_state"]),
+                       ("ssm state", kw["ssm_state"], ref_kw["ssm_state"])):
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{name} {where}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        err = rel_err(a, b)
+        assert err < tol, f"{name} {where}: relative error {err:.2e}"
+    return got
+
+
+def test_step_into_entry_reference_is_the_two_ops(seed):
+    """The reference is the deferred step, then linear_into_entry with its 1/rms: the same numbers
+    as the unfused ops (conv update, state update, gated norm, out_proj, add_rms_norm)."""
+    kw = step_into_entry_inputs(4, 4, 8, 4, 24, torch.float64, "cpu", scale=0.5)
+    plain = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    got = ref_ops.mamba2_step_into_entry(**kw)
+    y = ref_ops.mamba2_decode_step(plain["xbc"], plain["z"], plain["dt"], plain["conv_state"], plain["conv_weight"],
+                                   plain["conv_bias"], plain["ssm_state"], plain["A"], plain["D"], plain["dt_bias"],
+                                   norm_weight=plain["norm_weight"], norm_eps=1e-5)
+    delta = ref_ops.linear(y, plain["out_weight"]) * 0.5
+    normed, stream = ref_ops.add_rms_norm(plain["residual"], delta.view(1, 1, -1), plain["entry_norm_weight"], 1e-5,
+                                          torch.float32)
+    assert rel_err(got.stream, stream) < 1e-6, seed
+    assert rel_err(got.scaled * got.row_rms.value()[..., None], normed) < 1e-6, seed
+    assert rel_err(kw["ssm_state"], plain["ssm_state"]) < 1e-12 and torch.equal(kw["conv_state"], plain["conv_state"])
+
+
+@DTYPES
+@pytest.mark.parametrize("h,p,n,N,scale,conv_bias", [(4, 8, 16, 40, None, True), (3, 4, 5, 70, 0.25, False)],
+                         ids=["even", "odd-sizes-scaled"])
+def test_step_into_entry_kernel_interpreted(seed, monkeypatch, dtype, h, p, n, N, scale, conv_bias):
+    """The kernel's two halves (the interpreter runs them as two launches, split at the grid
+    barrier) against the reference, three steps in a row from the kernel's own states; preloaded
+    and streamed out_proj rows both, the last part's rows past N."""
+    kernels = _interpreted_kernels()
+    from megatron_ssm.ops.triton import decode
+
+    monkeypatch.setattr(decode, "STEP_OUT_PRE_ROWS", 16)
+    monkeypatch.setattr(decode, "STEP_OUT_ROW_BLOCK", 8)
+    kw = step_into_entry_inputs(h, p, n, 4, N, dtype, "cpu", scale=scale, conv_bias=conv_bias)
+    tol = INTERPRETED_TOL[dtype]
+    for step in range(3):
+        kw.update(xbc=torch.randn_like(kw["xbc"]), z=torch.randn_like(kw["z"]), dt=torch.randn_like(kw["dt"]),
+                  residual=torch.randn_like(kw["residual"]))
+        got = check_step_into_entry(kernels.mamba2_step_into_entry, kw, tol, f"step {step} (seed {seed})")
+        assert got.row_rms.sum_sq.shape[-1] == h * decode.step_out_parts(h, kw["ssm_state"].shape[2], torch.device("cpu"))  # not the fallback
+        assert decode._step_out_workspaces[torch.device("cpu")][1].eq(0).all(), f"counters after step {step}"

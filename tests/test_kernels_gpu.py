@@ -441,6 +441,54 @@ def test_mamba1_decode_step(seed, dtype, b, d, norms, dt_proj, rank):
              *mamba1_decode_inputs(b, d, 16, dtype, DEV, norms=norms, dt_rank=rank, dt_proj=dt_proj), TOL[dtype], seed)
 
 
+@pytest.mark.parametrize("h,N", [(80, 2560), (128, 4096)], ids=["2.7B", "codestral-7B"])
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed-pdl"])
+def test_mamba2_step_into_entry(seed, h, N, graphed, monkeypatch):
+    """The step, out_proj and the next block's entry in one launch (its grid barrier inside) at
+    model sizes, three steps: eagerly, or captured behind the copy that writes in_proj's output and
+    replayed as a programmatic dependent (the barrier's counters must be back at zero each time)."""
+    from test_decode_fused import check_step_into_entry, step_into_entry_inputs
+
+    from megatron_ssm.ops.triton import decode, pdl as pdl_mod
+
+    monkeypatch.setenv(pdl_mod.ENV, "1")
+    if graphed and not pdl_mod.supported(torch.device(DEV)):
+        pytest.skip("no programmatic dependent launch here")
+    bf = torch.bfloat16
+    kw = step_into_entry_inputs(h, 64, 128, 4, N, bf, DEV, scale=0.5)
+    assert decode.step_out_parts(h, 64, torch.device(DEV)) >= 1, "the fused launch would not run here"
+    fresh = {k: kw[k].clone() for k in ("xbc", "z", "dt", "residual")}
+    run = lambda: kernels().mamba2_step_into_entry(**kw)  # noqa: E731
+    if graphed:
+        run()  # compiles and sizes the workspace outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for k, v in fresh.items():
+                kw[k].copy_(v)
+            captured = run()
+    for step in range(3):
+        for v in fresh.values():
+            v.copy_(torch.randn_like(v) * (0.5 if v.shape[-1] == h else 1.0))
+        where = f"step {step} (seed {seed})"
+        if graphed:
+            ref_kw = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+            ref_kw.update({k: v.clone() for k, v in fresh.items()})
+            want = ref_ops.mamba2_step_into_entry(**ref_kw)
+            graph.replay()
+            torch.cuda.synchronize()
+            for name, a, b in (("scaled", captured.scaled, want.scaled), ("stream", captured.stream, want.stream),
+                               ("1/rms", captured.row_rms.value(), want.row_rms.value()),
+                               ("ssm state", kw["ssm_state"], ref_kw["ssm_state"]),
+                               ("conv state", kw["conv_state"], ref_kw["conv_state"])):
+                assert rel_err(a, b) < TOL[bf], f"{name} {where}: {rel_err(a, b):.2e}"
+        else:
+            kw.update({k: v.clone() for k, v in fresh.items()})
+            got = check_step_into_entry(kernels().mamba2_step_into_entry, kw, TOL[bf], where)
+            assert got.row_rms.sum_sq.shape[-1] == h * decode.step_out_parts(h, 64, torch.device(DEV))
+        assert decode._step_out_workspaces[torch.device(DEV)][1].eq(0).all(), f"counters {where}"
+
+
 @pytest.mark.parametrize("gate", ["norm", "deferred"])
 def test_mamba2_decode_step_replayed_from_a_graph(seed, gate):
     """Several steps replayed from one captured launch: the group counters reset every time."""

@@ -131,9 +131,12 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
         scale goes into the projection (a sum of scaled parts is the scaled sum). row_scale (fp32,
         x.shape[:-1]) multiplies each row of this rank's part before the reduction: the same on
         every rank, it too commutes with the sum."""
+        lazy = isinstance(x, LazyInput)
         if (self.tp.size == 1 and self.bias is None and not differentiable(self.weight)
-                and x.numel() // x.shape[-1] <= exit_rows()):
+                and (x.rows if lazy else x.numel() // x.shape[-1]) <= exit_rows()):
             return DeferredOutput(x, self.weight, None if scale == 1.0 else scale, row_scale)
+        if lazy:
+            x, row_scale = x.materialize()
         if self.bias is None and scale != 1.0:
             y, scale = project(x, self.weight, scale=scale, row_scale=row_scale), 1.0
         else:
@@ -158,6 +161,24 @@ class PendingOutput:
         return y if self.scale == 1.0 else y * self.scale
 
 
+class LazyInput:
+    """A row-parallel projection's input not computed yet: `materialize()` computes it (and the
+    factor per row the projection applies after its product, or None), `into_entry(weight, scale,
+    stream, norm, residual_dtype)` computes it together with the projection and the next block's
+    entry (ops.norm.EntryParts), in one kernel where there is one. A mixer hands one to
+    RowParallelLinear.start, so that its step runs where the output is consumed (Mamba-2's decode
+    step inside out_proj's launch). Either runs the op once, and only one of them may be called."""
+
+    def __init__(self, rows: int, materialize, into_entry):
+        self.rows, self._materialize, self._into_entry = rows, materialize, into_entry
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._materialize()
+
+    def into_entry(self, weight, scale, stream, norm, residual_dtype):
+        return self._into_entry(weight, scale, stream, norm, residual_dtype)
+
+
 class DeferredOutput:
     """A row-parallel output at TP 1 not projected yet (few rows: a decode step), so that the next
     block's entry can run in the projection's epilogue (`into_entry`: the residual add, the norm's
@@ -170,14 +191,23 @@ class DeferredOutput:
 
     def wait(self) -> torch.Tensor:
         if self._out is None:
+            self._inputs()
             self._out = project(self.x, self.weight, scale=self.scale, row_scale=self.row_scale)
         return self._out
+
+    def _inputs(self) -> None:
+        if isinstance(self.x, LazyInput):
+            self.x, self.row_scale = self.x.materialize()
+        assert self.x is not None, "a lazy input already consumed by into_entry"
 
     def into_entry(self, stream: torch.Tensor, norm: "RMSNorm", residual_dtype: torch.dtype):
         """ops.norm.EntryParts of norm(stream + this output), the output never materialised."""
         if self._out is not None:  # already projected for someone else: a plain entry
             normed, h = add_rms_norm(stream, self._out, norm.weight, norm.eps, residual_dtype)
             return EntryParts(normed, h, None)
+        if isinstance(self.x, LazyInput):
+            lazy, self.x = self.x, None
+            return lazy.into_entry(self.weight, self.scale, stream, norm, residual_dtype)
         return linear_into_entry(self.x, self.weight, self.row_scale, stream, norm.weight, norm.eps, residual_dtype,
                                  self.scale)
 

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from ..comm import ExactAllReduce
 from ..config import SSMConfig
-from ..ops.dispatch import (defer_norm, fused_decode, gated_rms_norm, mamba2_decode_step, mamba2_fused_rows, ssd_chunk_scan,
-                             ssd_state_update)
+from ..ops.dispatch import (defer_norm, fused_decode, gated_rms_norm, mamba2_decode_step, mamba2_fused_rows,
+                            mamba2_step_into_entry, ssd_chunk_scan, ssd_state_update, step_into_exit)
 from ..parallel import TPContext
 from .context_parallel import ContextParallelSpans
-from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, Mixer, OutputFactors, PendingOutput,
+from .layers import (AllReduceFn, CausalConv1d, ColumnParallelLinear, LazyInput, Mixer, OutputFactors, PendingOutput,
                      RowParallelLinear, all_reduce_with_grad, decay_rates, differentiable, fold_input_scale,
                      local_param, project_entry)
 
@@ -112,7 +112,10 @@ class Mamba2Mixer(Mixer):
         z, xbc, dt = zxbcdt.split([self.channels, self.conv_channels, self.heads], dim=-1)
         if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
                 and fused_decode("mamba2") and b <= mamba2_fused_rows()):
-            y, row_scale = self._decode_step(xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state)
+            args = (xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state)
+            if b == 1 and self._deferred_norm() and step_into_exit():
+                return self.out_proj.start(self._lazy_step(*args), self.output_scale)
+            y, row_scale = self._decode_step(*args)
             return self.out_proj.start(y.unsqueeze(1), self.output_scale, row_scale)
         xbc = self.conv1d(xbc, conv_state, cu_seqlens) if cp is None else cp.conv(self.conv1d, xbc, conv_state)
         x, B, C = xbc.split([self.channels, self.bc_width, self.bc_width], dim=-1)
@@ -140,6 +143,28 @@ class Mamba2Mixer(Mixer):
                                reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)
         return self.out_proj.start(y, self.output_scale)
 
+    def _deferred_norm(self) -> bool:
+        """Whether the decode step leaves its gated norm's 1/rms to out_proj: one norm group on this rank."""
+        return self.norm is not None and self.groups == 1 and defer_norm()
+
+    def _lazy_step(self, xbc, z, dt, conv_state, ssm_state) -> LazyInput:
+        """The one-row decode step left for out_proj's consumer: alone (_decode_step) for any
+        consumer, or with out_proj and the next block's entry in one launch for an entry (a local
+        norm group: its 1/rms is one factor per row)."""
+        cfg = self.cfg
+
+        def into_entry(weight, scale, stream, norm, residual_dtype):
+            return mamba2_step_into_entry(
+                xbc, z, dt, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, ssm_state, decay_rates(self),
+                self.D, self.dt_bias, cfg.time_step_limit, self.norm.weight, cfg.norm_eps, weight, scale, stream,
+                norm.weight, norm.eps, residual_dtype)
+
+        def materialize():
+            y, row_scale = self._decode_step(xbc, z, dt, conv_state, ssm_state)
+            return y.unsqueeze(1), row_scale
+
+        return LazyInput(xbc.shape[0], materialize, into_entry)
+
     def _decode_step(self, xbc, z, dt, conv_state, ssm_state):
         """One token from in_proj's output to out_proj's input in one op (conv, state update and the
         gated norm), and the factor per row ([b, 1], or None) that out_proj applies after its product:
@@ -149,7 +174,7 @@ class Mamba2Mixer(Mixer):
         group_size = cfg.intermediate_size // cfg.n_groups
         state = (dt, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, ssm_state, decay_rates(self), self.D,
                  self.dt_bias, cfg.time_step_limit)
-        if self.norm is not None and self.groups == 1 and defer_norm():
+        if self._deferred_norm():
             return mamba2_decode_step(
                 xbc, z, *state, self.norm.weight, cfg.norm_eps, defer_norm=True, group_size=group_size,
                 reduce_sum_of_squares=None if self.shared_group is None else self._group_sum_of_squares)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .conv1d import causal_conv1d_update
 from .linear import linear
-from .norm import gated_rms_norm, rms_norm
+from .norm import EntryParts, gated_rms_norm, linear_into_entry, rms_norm
 from .selective_scan import selective_state_update
 from .ssd import ssd_state_update
 
@@ -72,6 +72,42 @@ def mamba2_decode_step(
     if z is not None:
         return y * F.silu(z)
     return y
+
+
+def mamba2_step_into_entry(
+    xbc: torch.Tensor,
+    z: torch.Tensor,
+    dt: torch.Tensor,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    ssm_state: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_limit: tuple[float, float],
+    norm_weight: torch.Tensor,
+    norm_eps: float,
+    out_weight: torch.Tensor,
+    out_scale: float | None,
+    residual: torch.Tensor,
+    entry_norm_weight: torch.Tensor,
+    entry_eps: float,
+    residual_dtype: torch.dtype,
+) -> EntryParts:
+    """Mamba-2's decode token from in_proj's output to the next block's entry: the step with its
+    gated norm deferred (mamba2_decode_step, defer_norm), out_proj with that norm's 1/rms and
+    `out_scale` after its product, and the next block's entry from out_proj's output
+    (ops.norm.linear_into_entry) as one op, so that a kernel can stream out_proj's weight while the
+    step waits on in_proj. One norm group (g = 1 on this rank, not spanning ranks): its 1/rms is one
+    factor per row. xbc, z, dt as mamba2_decode_step's ([b, ...]); residual [b, ..., hidden], whose
+    leading shape the returned parts take."""
+    y, rstd = mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, dt_limit,
+                                 norm_weight, norm_eps, defer_norm=True)
+    assert rstd.shape[-1] == 1, "one norm group: its 1/rms is one factor per row"
+    lead = residual.shape[:-1]
+    return linear_into_entry(y.view(*lead, y.shape[-1]), out_weight, rstd.view(lead), residual, entry_norm_weight,
+                             entry_eps, residual_dtype, out_scale)
 
 
 def mamba1_decode_step(

@@ -65,6 +65,7 @@ _REFERENCE: dict[str, Callable] = {
     "ssd_state_update": _ssd.ssd_state_update,
     "mamba1_decode_step": _decode.mamba1_decode_step,
     "mamba2_decode_step": _decode.mamba2_decode_step,
+    "mamba2_step_into_entry": _decode.mamba2_step_into_entry,
     "packed_causal_attention": _attention.packed_causal_attention,
     "rotary_embedding": _rope.rotary_embedding,
     "decode_attention": _attention.decode_attention,
@@ -124,6 +125,16 @@ DEFER_NORM_ENV = "MEGATRON_SSM_DEFER_NORM"
 
 def defer_norm() -> bool:
     return os.environ.get(DEFER_NORM_ENV, "1").strip() != "0"
+
+
+# Whether Mamba-2's one-row decode step with its norm deferred runs inside out_proj's launch, with
+# the next block's entry (mamba2_step_into_entry), where out_proj's output goes to that entry (TP 1).
+# `MEGATRON_SSM_STEP_INTO_EXIT=0` keeps the step's launch and out_proj's apart.
+STEP_INTO_EXIT_ENV = "MEGATRON_SSM_STEP_INTO_EXIT"
+
+
+def step_into_exit() -> bool:
+    return os.environ.get(STEP_INTO_EXIT_ENV, "1").strip() != "0"
 
 
 def fold_rows() -> int:
@@ -378,6 +389,14 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
     return implementation("mamba2_decode_step", xbc)(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A,
                                                      D, dt_bias, dt_limit, norm_weight, norm_eps, defer_norm,
                                                      group_size, reduce_sum_of_squares)
+
+
+def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, dt_limit,
+                           norm_weight, norm_eps, out_weight, out_scale, residual, entry_norm_weight, entry_eps,
+                           residual_dtype):
+    return implementation("mamba2_step_into_entry", xbc)(
+        xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, dt_limit, norm_weight, norm_eps,
+        out_weight, out_scale, residual, entry_norm_weight, entry_eps, residual_dtype)
 
 
 def packed_causal_attention(q, k, v, cu_seqlens, scale=None):

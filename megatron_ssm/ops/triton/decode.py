@@ -258,3 +258,257 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
     if out_sum:  # the group spans ranks: its whole sum of squares first
         norm_out = torch.rsqrt(reduce_sum_of_squares(norm_out) / norm_width + norm_eps)
     return y, norm_out
+
+
+# ---- the step, out_proj and the next block's entry in one launch (one row, one norm group) ---------
+#
+# A program takes one of NQ parts of a head: its HEADDIM / NQ channels for the step, and its N / NQ
+# of out_proj's output rows for the projection. Before its PDL wait it loads what in_proj does not
+# write: its channels' SSM and conv states and the first PRE of its rows of out_proj's weight (the
+# head's columns: 128-byte rows at HEADDIM 64), so that weight streams from HBM while in_proj drains.
+# Section 1, after the wait: its channels' step (the states written back at once: no other program
+# reads them), y silu(z) w and its sum of squares to a workspace. The head's parts then wait for one
+# another (a counter a head). Section 2: the head's y times the part's rows, as partials [heads, N].
+# A grid barrier. Section 3: program i sums the partials of its N / programs outputs over the heads
+# (in head order: deterministic), scales them by the norm's 1/rms (from every part's sum of squares)
+# and writes the next block's entry parts, as linear_into_entry's epilogue does.
+#
+# The waits need every program resident at once, which `step_out_parts` makes sure of from the
+# compiled kernel's registers, and no other kernel holding the SMs (the engine runs one stream).
+# Triton's interpreter runs programs one after another: there each section is a launch of its own.
+
+STEP_OUT_WARPS = 4
+# Out_proj rows a program loads before its PDL wait, and per step after: more measured no registers
+# spared (Triton 3.9 for sm_90: 242 registers at NQ 2, spills from 64 rows up).
+STEP_OUT_PRE_ROWS = 32
+STEP_OUT_ROW_BLOCK = 32
+
+
+@triton.jit
+def _spin_until(ptr, target):
+    seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _arrive_and_wait(ptr, target):
+    """Every program's stores before it are visible to every program of the `target` after it."""
+    tl.debug_barrier()
+    tl.atomic_add(ptr, 1, sem="release", scope="gpu")
+    _spin_until(ptr, target)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _step_out_rows(w_ptr, row_lo, row_hi, hch, swn, PRE: tl.constexpr):
+    rows = row_lo + tl.arange(0, PRE)
+    ok = rows < row_hi
+    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * swn + hch[None, :], mask=ok[:, None], other=0.0), rows, ok
+
+
+@triton.jit
+def _mamba2_step_out_kernel(
+    xbc_ptr, z_ptr, dt_ptr, cs_ptr, cw_ptr, cb_ptr, st_ptr, A_ptr, D_ptr, dt_bias_ptr, nw_ptr,
+    w_ptr, yw_ptr, part_ptr, sq_ptr, head_ptr, res_ptr, enw_ptr, stream_ptr, scaled_ptr, esq_ptr, bar_ptr,
+    nchan, nstate, N, nheads, rows_per_part, outs_per_prog, dt_min, dt_max, eps, norm_width, alpha,
+    sxbc_c, sz_c, sdt_h, scs_c, scs_k, scw_c, scw_k, sst_h, sst_p, sst_n, swn,
+    HEADDIM: tl.constexpr, K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, SCALE: tl.constexpr, NQ: tl.constexpr, PRE: tl.constexpr, RB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr,  # the sections this launch runs: 1..3 on a GPU
+    PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = pid // NQ
+    part = pid % NQ
+    programs = nheads * NQ
+    CPP: tl.constexpr = HEADDIM // NQ
+    ch = head * HEADDIM + part * CPP + tl.arange(0, CPP)  # this part's channels
+    cmask = ch < nchan
+    heads = ch // HEADDIM
+    hch = head * HEADDIM + tl.arange(0, HEADDIM)  # the head's, out_proj's columns
+    offs_n = tl.arange(0, BLOCK_N)
+    nmask = offs_n < nstate
+    b_ch = nchan + offs_n
+    c_ch = b_ch + nstate
+    act = xbc_ptr.dtype.element_ty
+    r0 = part * rows_per_part
+    r_end = tl.minimum(r0 + rows_per_part, N)
+    if FIRST == 1:
+        # what in_proj does not write, before the wait
+        s_ptrs = (st_ptr + head * sst_h + (part * CPP + tl.arange(0, CPP))[:, None] * sst_p
+                  + offs_n[None, :] * sst_n)
+        state = tl.load(s_ptrs, mask=nmask[None, :], other=0.0)
+        a = tl.load(A_ptr + heads).to(tl.float32)
+        xold, xw = _conv_state(cs_ptr, cw_ptr, 0, ch, cmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
+        bold, bw = _conv_state(cs_ptr, cw_ptr, 0, b_ch, nmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
+        cold, cw = _conv_state(cs_ptr, cw_ptr, 0, c_ch, nmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
+        nw = tl.load(nw_ptr + ch).to(tl.float32)
+        if LAST >= 2:
+            w_pre, rows_pre, pre_ok = _step_out_rows(w_ptr, r0, r_end, hch, swn, PRE)
+        pdl_enter(PDL)
+        dt_in = tl.load(dt_ptr + heads * sdt_h)
+        xwin = _window(xbc_ptr, xold, 0, ch, cmask, 0, sxbc_c, K, BLOCK_K)
+        bwin = _window(xbc_ptr, bold, 0, b_ch, nmask, 0, sxbc_c, K, BLOCK_K)
+        cwin = _window(xbc_ptr, cold, 0, c_ch, nmask, 0, sxbc_c, K, BLOCK_K)
+        zv = tl.load(z_ptr + ch * sz_c).to(tl.float32)
+        x = _conv_out(xwin, xw, cb_ptr, ch, cmask, act, HAS_CONV_BIAS)
+        Bv = _conv_out(bwin, bw, cb_ptr, b_ch, nmask, act, HAS_CONV_BIAS)
+        Cv = _conv_out(cwin, cw, cb_ptr, c_ch, nmask, act, HAS_CONV_BIAS)
+        dt = _dt(dt_in, dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
+        dA = tl.exp(dt * a)
+        h = state.to(tl.float32) * dA[:, None] + (dt * x)[:, None] * Bv[None, :]
+        tl.store(s_ptrs, h.to(st_ptr.dtype.element_ty), mask=nmask[None, :])  # this program's alone
+        y = tl.sum(h * Cv[None, :], axis=1)
+        if HAS_D:
+            y += x * tl.load(D_ptr + heads).to(tl.float32)
+        g = y.to(act).to(tl.float32) * zv * tl.sigmoid(zv)  # rounded as mamba2_decode_step's deferred norm
+        tl.store(yw_ptr + ch, (g * nw).to(w_ptr.dtype.element_ty).to(tl.float32))
+        tl.store(sq_ptr + pid, tl.sum(g * g, axis=0))
+        tl.debug_barrier()  # every thread's read of the old conv state (another may hold column k+1)
+        _shift_state(cs_ptr, 0, ch, cmask, xwin, 0, scs_c, scs_k, K, BLOCK_K)
+        if LAST >= 2:
+            _arrive_and_wait(head_ptr + head, NQ)  # the head's other parts' y
+    if FIRST <= 2 and LAST >= 2:
+        if FIRST == 2:
+            w_pre, rows_pre, pre_ok = _step_out_rows(w_ptr, r0, r_end, hch, swn, PRE)
+        yw = tl.load(yw_ptr + hch, cache_modifier=".cg")
+        # the head's products for the part's rows: the preloaded ones, then the rest a block at a time
+        tl.store(part_ptr + head * N + rows_pre, tl.sum(w_pre.to(tl.float32) * yw[None, :], axis=1), mask=pre_ok)
+        for r in range(r0 + PRE, r_end, RB):
+            rows = r + tl.arange(0, RB)
+            ok = rows < r_end
+            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * swn + hch[None, :], mask=ok[:, None], other=0.0)
+            tl.store(part_ptr + head * N + rows, tl.sum(w.to(tl.float32) * yw[None, :], axis=1), mask=ok)
+        if LAST == 3:
+            _arrive_and_wait(bar_ptr, programs)
+    if LAST == 3:
+        # every program has read B and C's conv state and passed its head's wait: the counters and
+        # that state are free
+        if pid == 0:
+            bold2, _ = _conv_state(cs_ptr, cw_ptr, 0, b_ch, nmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
+            cold2, _ = _conv_state(cs_ptr, cw_ptr, 0, c_ch, nmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
+            bwin2 = _window(xbc_ptr, bold2, 0, b_ch, nmask, 0, sxbc_c, K, BLOCK_K)
+            cwin2 = _window(xbc_ptr, cold2, 0, c_ch, nmask, 0, sxbc_c, K, BLOCK_K)
+            tl.debug_barrier()
+            _shift_state(cs_ptr, 0, b_ch, nmask, bwin2, 0, scs_c, scs_k, K, BLOCK_K)
+            _shift_state(cs_ptr, 0, c_ch, nmask, cwin2, 0, scs_c, scs_k, K, BLOCK_K)
+        if FIRST == 1 and pid < nheads:
+            tl.atomic_xchg(head_ptr + pid, 0, sem="relaxed", scope="gpu")
+        # this program's outputs: the heads' partials summed in head order, then the entry's parts
+        offs_o = tl.arange(0, BLOCK_O)
+        outs = pid * outs_per_prog + offs_o
+        omask = (offs_o < outs_per_prog) & (outs < N)
+        offs_h = tl.arange(0, BLOCK_H)
+        tile = tl.load(part_ptr + offs_h[:, None] * N + outs[None, :], mask=(offs_h < nheads)[:, None] & omask[None, :],
+                       other=0.0, cache_modifier=".cg")
+        offs_s = tl.arange(0, BLOCK_S)
+        sq = tl.load(sq_ptr + offs_s, mask=offs_s < programs, other=0.0, cache_modifier=".cg")
+        v = tl.sum(tile, axis=0) * tl.rsqrt(tl.sum(sq, axis=0) / norm_width + eps)
+        if SCALE:
+            v = v * alpha
+        delta = v.to(w_ptr.dtype.element_ty).to(tl.float32)
+        res = tl.load(res_ptr + outs, mask=omask, other=0.0).to(tl.float32)
+        hst = (res + delta).to(stream_ptr.dtype.element_ty)
+        tl.store(stream_ptr + outs, hst, mask=omask)
+        hq = hst.to(scaled_ptr.dtype.element_ty).to(tl.float32)
+        enw = tl.load(enw_ptr + outs, mask=omask, other=0.0).to(tl.float32)
+        tl.store(scaled_ptr + outs, (hq * enw).to(scaled_ptr.dtype.element_ty), mask=omask)
+        tl.store(esq_ptr + pid, tl.sum(tl.where(omask, hq * hq, 0.0), axis=0))
+        if FIRST == 1:
+            # the barrier's counters back to zero for the next launch, by the last program past it
+            tl.debug_barrier()
+            done = tl.atomic_add(bar_ptr + 1, 1, sem="acq_rel", scope="gpu")
+            if done == programs - 1:
+                tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
+
+
+_step_out_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _step_out_workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 scratch of at least `floats`, int32 counters of at least `counters`, all zero), shared
+    by every layer as _workspace's; grown outside capture (the eager warm-up)."""
+    have = _step_out_workspaces.get(device)
+    if have is None or have[0].numel() < floats or have[1].numel() < counters:
+        have = (torch.empty(max(floats, 1 << 20), device=device, dtype=torch.float32),
+                torch.zeros(max(counters, 1024), device=device, dtype=torch.int32))
+        _step_out_workspaces[device] = have
+    return have
+
+
+def step_out_parts(heads: int, headdim: int, device: torch.device) -> int:
+    """Parts a head's programs split into (programs = heads x parts): the most of 4, 2, 1 that divide
+    headdim and keep every program resident at once: two an SM (four warps of at most 255 registers
+    fit twice, whatever the compiler gave them); 0 where the heads alone are too many."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    for parts in (4, 2, 1):
+        if headdim % parts == 0 and heads * parts <= 2 * sms:
+            return parts
+    return 0
+
+
+def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias, dt_limit,
+                           norm_weight, norm_eps, out_weight, out_scale, residual, entry_norm_weight, entry_eps,
+                           residual_dtype):
+    """ops.decode.mamba2_step_into_entry in one launch for one row (see the note above the kernel);
+    otherwise this module's step and the GEMV's linear_into_entry, as the model runs them apart."""
+    from ..linear import RowRms
+    from ..norm import EntryParts
+    from .gemv import linear_into_entry
+
+    b, conv_channels = xbc.shape
+    _, h, p, n = ssm_state.shape
+    nchan = h * p
+    N = out_weight.shape[0]
+    g = (conv_channels - nchan) // (2 * n)
+    K = conv_weight.shape[-1]
+    parts = step_out_parts(h, p, xbc.device)
+    lead = residual.shape[:-1]
+    fits = (b == 1 and g == 1 and parts >= 1 and p == triton.next_power_of_2(p) and K >= 2
+            and out_weight.dim() == 2 and out_weight.shape[1] == nchan and out_weight.stride(1) == 1
+            and residual.numel() == N and tuple(entry_norm_weight.shape) == (N,)
+            and entry_norm_weight.dtype == out_weight.dtype and xbc.dtype == out_weight.dtype
+            and not isinstance(out_scale, torch.Tensor))
+    if not fits:
+        y, rstd = mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
+                                     dt_limit, norm_weight, norm_eps, defer_norm=True)
+        return linear_into_entry(y.view(*lead, nchan), out_weight, rstd.view(lead), residual, entry_norm_weight,
+                                 entry_eps, residual_dtype, out_scale)
+    programs = h * parts
+    rb = STEP_OUT_ROW_BLOCK
+    rows_per_part = triton.cdiv(triton.cdiv(N, parts), rb) * rb
+    outs_per_prog = triton.cdiv(N, programs)
+    scratch, counters = _step_out_workspace(xbc.device, nchan + programs + h * N, 2 + h)
+    yw, sums, partials = scratch[:nchan], scratch[nchan:nchan + programs], scratch[nchan + programs:]
+    res = residual.reshape(N)
+    if res.stride(0) != 1:
+        res = res.contiguous()
+    stream = torch.empty(N, device=xbc.device, dtype=residual_dtype)
+    scaled = torch.empty(N, device=xbc.device, dtype=out_weight.dtype)
+    sum_sq = torch.empty(programs, device=xbc.device, dtype=torch.float32)
+    D, dt_bias = (None if t is None else t.contiguous() for t in (D, dt_bias))
+    A, norm_weight, entry_norm_weight = A.contiguous(), norm_weight.contiguous(), entry_norm_weight.contiguous()
+    on = pdl.use(xbc.device)
+    for first, last in (((1, 1), (2, 2), (3, 3)) if not xbc.is_cuda else ((1, 3),)):
+        pdl_here = on and first == 1
+        _mamba2_step_out_kernel[(programs,)](
+            xbc, z, dt, conv_state, conv_weight, conv_bias if conv_bias is not None else xbc, ssm_state, A,
+            D if D is not None else A, dt_bias if dt_bias is not None else A, norm_weight, out_weight, yw, partials,
+            sums, counters[2:], res, entry_norm_weight, stream, scaled, sum_sq, counters,
+            nchan, n, N, h, rows_per_part, outs_per_prog, float(dt_limit[0]), float(dt_limit[1]), float(norm_eps),
+            nchan, 1.0 if out_scale is None else float(out_scale),
+            xbc.stride(1), z.stride(1), dt.stride(1), conv_state.stride(1), conv_state.stride(2),
+            conv_weight.stride(0), conv_weight.stride(1), ssm_state.stride(1), ssm_state.stride(2),
+            ssm_state.stride(3), out_weight.stride(0),
+            HEADDIM=p, K=K, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None,
+            HAS_DT_BIAS=dt_bias is not None, SCALE=out_scale is not None, NQ=parts,
+            PRE=min(STEP_OUT_PRE_ROWS, triton.next_power_of_2(rows_per_part)), RB=rb,
+            BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(K), BLOCK_H=triton.next_power_of_2(h),
+            BLOCK_S=triton.next_power_of_2(programs), BLOCK_O=triton.next_power_of_2(outs_per_prog),
+            FIRST=first, LAST=last, PDL=pdl_here, num_warps=STEP_OUT_WARPS, num_stages=1, **pdl.kwargs(pdl_here),
+        )
+    return EntryParts(scaled.view(*lead, N), stream.view(*lead, N), RowRms(sum_sq.view(*lead, programs), N, float(entry_eps)))
