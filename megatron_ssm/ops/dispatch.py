@@ -129,12 +129,12 @@ def defer_norm() -> bool:
 
 # Whether Mamba-2's one-row decode step with its norm deferred runs inside out_proj's launch, with
 # the next block's entry (mamba2_step_into_entry), where out_proj's output goes to that entry (TP 1).
-# `MEGATRON_SSM_STEP_INTO_EXIT=0` keeps the step's launch and out_proj's apart.
+# Off until measured on a GPU: `MEGATRON_SSM_STEP_INTO_EXIT=1` turns it on.
 STEP_INTO_EXIT_ENV = "MEGATRON_SSM_STEP_INTO_EXIT"
 
 
 def step_into_exit() -> bool:
-    return os.environ.get(STEP_INTO_EXIT_ENV, "1").strip() != "0"
+    return os.environ.get(STEP_INTO_EXIT_ENV, "0").strip() == "1"
 
 
 def fold_rows() -> int:
