@@ -486,7 +486,7 @@ def test_mamba2_step_into_entry(seed, h, N, graphed, monkeypatch):
             kw.update({k: v.clone() for k, v in fresh.items()})
             got = check_step_into_entry(kernels().mamba2_step_into_entry, kw, TOL[bf], where)
             assert got.row_rms.sum_sq.shape[-1] == h * decode.step_out_parts(h, 64, torch.device(DEV))
-        assert decode._step_out_workspaces[torch.device(DEV)][1].eq(0).all(), f"counters {where}"
+        assert decode._step_out_workspaces[kw["xbc"].device][1].eq(0).all(), f"counters {where}"
 
 
 @pytest.mark.parametrize("gate", ["norm", "deferred"])

@@ -23,6 +23,8 @@ launch, and the workspace is allocated before capture (on the eager warm-up call
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -282,13 +284,19 @@ STEP_OUT_WARPS = 4
 # spared (Triton 3.9 for sm_90: 242 registers at NQ 2, spills from 64 rows up).
 STEP_OUT_PRE_ROWS = 32
 STEP_OUT_ROW_BLOCK = 32
+# Tuning switches for the A/Bs (docs/benchmarks.md, session 17): rows a step, the loop's stages.
+STEP_OUT_ROWS_ENV = "MEGATRON_SSM_STEP_OUT_ROWS"
+STEP_OUT_STAGES_ENV = "MEGATRON_SSM_STEP_OUT_STAGES"
 
 
 @triton.jit
 def _spin_until(ptr, target):
-    seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    # polled by plain volatile loads (an atomic a poll would queue behind every other program's),
+    # then one acquire to order what follows after the others' releases
+    seen = tl.load(ptr, volatile=True)
     while seen < target:
-        seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+        seen = tl.load(ptr, volatile=True)
+    tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
 
 
 @triton.jit
@@ -479,7 +487,7 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
         return linear_into_entry(y.view(*lead, nchan), out_weight, rstd.view(lead), residual, entry_norm_weight,
                                  entry_eps, residual_dtype, out_scale)
     programs = h * parts
-    rb = STEP_OUT_ROW_BLOCK
+    rb = int(os.environ.get(STEP_OUT_ROWS_ENV, STEP_OUT_ROW_BLOCK))
     rows_per_part = triton.cdiv(triton.cdiv(N, parts), rb) * rb
     outs_per_prog = triton.cdiv(N, programs)
     scratch, counters = _step_out_workspace(xbc.device, nchan + programs + h * N, 2 + h)
@@ -509,6 +517,7 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
             PRE=min(STEP_OUT_PRE_ROWS, triton.next_power_of_2(rows_per_part)), RB=rb,
             BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(K), BLOCK_H=triton.next_power_of_2(h),
             BLOCK_S=triton.next_power_of_2(programs), BLOCK_O=triton.next_power_of_2(outs_per_prog),
-            FIRST=first, LAST=last, PDL=pdl_here, num_warps=STEP_OUT_WARPS, num_stages=1, **pdl.kwargs(pdl_here),
+            FIRST=first, LAST=last, PDL=pdl_here, num_warps=STEP_OUT_WARPS,
+            num_stages=int(os.environ.get(STEP_OUT_STAGES_ENV, 1)), **pdl.kwargs(pdl_here),
         )
     return EntryParts(scaled.view(*lead, N), stream.view(*lead, N), RowRms(sum_sq.view(*lead, programs), N, float(entry_eps)))
