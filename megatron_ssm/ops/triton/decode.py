@@ -280,11 +280,15 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
 # Triton's interpreter runs programs one after another: there each section is a launch of its own.
 
 STEP_OUT_WARPS = 4
-# Out_proj rows a program loads before its PDL wait, and per step after: more measured no registers
-# spared (Triton 3.9 for sm_90: 242 registers at NQ 2, spills from 64 rows up).
+# Out_proj rows a program loads before its PDL wait, and per step after. The step leaves a program
+# ~240 registers (Triton 3.9 for sm_90), so few weight bytes are in flight per program: on the H200
+# a mamba2-2.7b b1 graphed step took 3.61 / 2.88 / 2.53 / 2.44 ms at 32 / 64 / 128 / 256 rows a step
+# against 2.20 with the step and out_proj apart (docs/benchmarks.md, session 17): hence off by default
+# (ops.dispatch.step_into_exit).
 STEP_OUT_PRE_ROWS = 32
-STEP_OUT_ROW_BLOCK = 32
-# Tuning switches for the A/Bs (docs/benchmarks.md, session 17): rows a step, the loop's stages.
+STEP_OUT_ROW_BLOCK = 256
+STEP_OUT_STAGES = 2
+# Switches for the A/Bs: rows a step, the loop's stages.
 STEP_OUT_ROWS_ENV = "MEGATRON_SSM_STEP_OUT_ROWS"
 STEP_OUT_STAGES_ENV = "MEGATRON_SSM_STEP_OUT_STAGES"
 
@@ -518,6 +522,6 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
             BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(K), BLOCK_H=triton.next_power_of_2(h),
             BLOCK_S=triton.next_power_of_2(programs), BLOCK_O=triton.next_power_of_2(outs_per_prog),
             FIRST=first, LAST=last, PDL=pdl_here, num_warps=STEP_OUT_WARPS,
-            num_stages=int(os.environ.get(STEP_OUT_STAGES_ENV, 1)), **pdl.kwargs(pdl_here),
+            num_stages=int(os.environ.get(STEP_OUT_STAGES_ENV, STEP_OUT_STAGES)), **pdl.kwargs(pdl_here),
         )
     return EntryParts(scaled.view(*lead, N), stream.view(*lead, N), RowRms(sum_sq.view(*lead, programs), N, float(entry_eps)))
