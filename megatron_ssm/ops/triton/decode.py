@@ -79,6 +79,19 @@ def _shift_state(cs_ptr, row, ch, mask, window, scs_b, scs_c, scs_k, K: tl.const
 
 
 @triton.jit
+def _ssd_step(xwin, bwin, cwin, xw, bw, cw, cb_ptr, ch, b_ch, c_ch, cmask, nmask, dt_in, a, state, dt_bias_ptr,
+              heads, dt_min, dt_max, act: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr):
+    """One token's conv of channels `ch` and of the group's B and C, and the SSD update of their
+    state: (x after the conv, the new state h, C after the conv)."""
+    x = _conv_out(xwin, xw, cb_ptr, ch, cmask, act, HAS_CONV_BIAS)
+    Bv = _conv_out(bwin, bw, cb_ptr, b_ch, nmask, act, HAS_CONV_BIAS)
+    Cv = _conv_out(cwin, cw, cb_ptr, c_ch, nmask, act, HAS_CONV_BIAS)
+    dt = _dt(dt_in, dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
+    h = state.to(tl.float32) * tl.exp(dt * a)[:, None] + (dt * x)[:, None] * Bv[None, :]
+    return x, h, Cv
+
+
+@triton.jit
 def _mamba2_decode_kernel(
     xbc_ptr, z_ptr, dt_ptr, cs_ptr, cw_ptr, cb_ptr, st_ptr, A_ptr, D_ptr, dt_bias_ptr, nw_ptr, y_ptr,
     count_ptr, part_ptr, norm_out_ptr,
@@ -133,16 +146,9 @@ def _mamba2_decode_kernel(
     if GATE != 0:
         zv = tl.load(z_ptr + row * sz_b + offs_c * sz_c, mask=cmask, other=0.0).to(tl.float32)
 
-    # conv: this block's x channels, and its group's B and C (the same numbers in every program)
-    act = xbc_ptr.dtype.element_ty
-    x = _conv_out(xwin, xw, cb_ptr, offs_c, cmask, act, HAS_CONV_BIAS)
-    Bv = _conv_out(bwin, bw, cb_ptr, b_ch, nmask, act, HAS_CONV_BIAS)
-    Cv = _conv_out(cwin, cw, cb_ptr, c_ch, nmask, act, HAS_CONV_BIAS)
-
-    # SSD state update
-    dt = _dt(dt_in, dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
-    dA = tl.exp(dt * a)
-    h = state.to(tl.float32) * dA[:, None] + (dt * x)[:, None] * Bv[None, :]
+    # conv (this block's x channels, and its group's B and C: the same numbers in every program), SSD update
+    x, h, Cv = _ssd_step(xwin, bwin, cwin, xw, bw, cw, cb_ptr, offs_c, b_ch, c_ch, cmask, nmask, dt_in, a, state,
+                         dt_bias_ptr, heads, dt_min, dt_max, xbc_ptr.dtype.element_ty, HAS_CONV_BIAS, HAS_DT_BIAS)
     tl.store(s_ptrs, h.to(st_ptr.dtype.element_ty), mask=cn_mask)
     y = tl.sum(h * Cv[None, :], axis=1)
     if HAS_D:
@@ -366,12 +372,8 @@ def _mamba2_step_out_kernel(
         bwin = _window(xbc_ptr, bold, 0, b_ch, nmask, 0, sxbc_c, K, BLOCK_K)
         cwin = _window(xbc_ptr, cold, 0, c_ch, nmask, 0, sxbc_c, K, BLOCK_K)
         zv = tl.load(z_ptr + ch * sz_c).to(tl.float32)
-        x = _conv_out(xwin, xw, cb_ptr, ch, cmask, act, HAS_CONV_BIAS)
-        Bv = _conv_out(bwin, bw, cb_ptr, b_ch, nmask, act, HAS_CONV_BIAS)
-        Cv = _conv_out(cwin, cw, cb_ptr, c_ch, nmask, act, HAS_CONV_BIAS)
-        dt = _dt(dt_in, dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
-        dA = tl.exp(dt * a)
-        h = state.to(tl.float32) * dA[:, None] + (dt * x)[:, None] * Bv[None, :]
+        x, h, Cv = _ssd_step(xwin, bwin, cwin, xw, bw, cw, cb_ptr, ch, b_ch, c_ch, cmask, nmask, dt_in, a, state,
+                             dt_bias_ptr, heads, dt_min, dt_max, act, HAS_CONV_BIAS, HAS_DT_BIAS)
         tl.store(s_ptrs, h.to(st_ptr.dtype.element_ty), mask=nmask[None, :])  # this program's alone
         y = tl.sum(h * Cv[None, :], axis=1)
         if HAS_D:
