@@ -562,22 +562,22 @@ def test_step_into_entry_reference_is_the_two_ops(seed):
 
 
 @DTYPES
-@pytest.mark.parametrize("h,p,n,N,scale,conv_bias", [(4, 8, 16, 40, None, True), (3, 4, 5, 70, 0.25, False)],
+@pytest.mark.parametrize("h,p,n,N,scale,conv_bias", [(4, 16, 16, 40, None, True), (3, 16, 5, 70, 0.25, False)],
                          ids=["even", "odd-sizes-scaled"])
 def test_step_into_entry_kernel_interpreted(seed, monkeypatch, dtype, h, p, n, N, scale, conv_bias):
-    """The kernel's two halves (the interpreter runs them as two launches, split at the grid
-    barrier) against the reference, three steps in a row from the kernel's own states; preloaded
-    and streamed out_proj rows both, the last part's rows past N."""
+    """The kernel's three sections (the interpreter runs them as three launches, split at the waits)
+    against the reference, three steps in a row from the kernel's own states; several row blocks
+    a part, the last part's rows past N."""
     kernels = _interpreted_kernels()
     from megatron_ssm.ops.triton import decode
 
-    monkeypatch.setattr(decode, "STEP_OUT_PRE_ROWS", 16)
-    monkeypatch.setattr(decode, "STEP_OUT_ROW_BLOCK", 8)
+    monkeypatch.setattr(decode, "STEP_OUT_ROW_BLOCK", 16)
     kw = step_into_entry_inputs(h, p, n, 4, N, dtype, "cpu", scale=scale, conv_bias=conv_bias)
     tol = INTERPRETED_TOL[dtype]
     for step in range(3):
         kw.update(xbc=torch.randn_like(kw["xbc"]), z=torch.randn_like(kw["z"]), dt=torch.randn_like(kw["dt"]),
                   residual=torch.randn_like(kw["residual"]))
         got = check_step_into_entry(kernels.mamba2_step_into_entry, kw, tol, f"step {step} (seed {seed})")
-        assert got.row_rms.sum_sq.shape[-1] == h * decode.step_out_parts(h, kw["ssm_state"].shape[2], torch.device("cpu"))  # not the fallback
+        parts = [q for key, q in decode._PARTS.items() if key[1] == h and key[4] == N]
+        assert parts and parts[-1] >= 1 and got.row_rms.sum_sq.shape[-1] == h * parts[-1]  # not the fallback
         assert decode._step_out_workspaces[torch.device("cpu")][1].eq(0).all(), f"counters after step {step}"

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import enter as pdl_enter
+from .gemv import _prefetch_l2
 from .scan import _block_d, _dt
 
 # State elements per program, as for the plain state update (ops/triton/scan.py).
@@ -271,9 +272,9 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
 # ---- the step, out_proj and the next block's entry in one launch (one row, one norm group) ---------
 #
 # A program takes one of NQ parts of a head: its HEADDIM / NQ channels for the step, and its N / NQ
-# of out_proj's output rows for the projection. Before its PDL wait it loads what in_proj does not
-# write: its channels' SSM and conv states and the first PRE of its rows of out_proj's weight (the
-# head's columns: 128-byte rows at HEADDIM 64), so that weight streams from HBM while in_proj drains.
+# of out_proj's output rows for the projection (the head's columns: 128-byte rows at HEADDIM 64).
+# Before its PDL wait it loads what in_proj does not write: its channels' SSM and conv states (and
+# may hint its first rows of out_proj's weight to L2).
 # Section 1, after the wait: its channels' step (the states written back at once: no other program
 # reads them), y silu(z) w and its sum of squares to a workspace. The head's parts then wait for one
 # another (a counter a head). Section 2: the head's y times the part's rows, as partials [heads, N].
@@ -281,20 +282,17 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
 # (in head order: deterministic), scales them by the norm's 1/rms (from every part's sum of squares)
 # and writes the next block's entry parts, as linear_into_entry's epilogue does.
 #
-# The waits need every program resident at once, which `step_out_parts` makes sure of from the
-# compiled kernel's registers, and no other kernel holding the SMs (the engine runs one stream).
+# The waits need every program resident at once, which `step_out_parts` makes sure of (two programs
+# an SM at most), and no other kernel holding the SMs (the engine runs one stream).
 # Triton's interpreter runs programs one after another: there each section is a launch of its own.
 
 STEP_OUT_WARPS = 4
-# Out_proj rows a program loads before its PDL wait, and per step after. The step leaves a program
-# ~240 registers (Triton 3.9 for sm_90), so few weight bytes are in flight per program: on the H200
-# a mamba2-2.7b b1 graphed step took 3.61 / 2.88 / 2.53 / 2.44 ms at 32 / 64 / 128 / 256 rows a step
-# against 2.20 with the step and out_proj apart (docs/benchmarks.md, session 17): hence off by default
-# (ops.dispatch.step_into_exit).
-STEP_OUT_PRE_ROWS = 32
-STEP_OUT_ROW_BLOCK = 256
-STEP_OUT_STAGES = 2
-# Switches for the A/Bs: rows a step, the loop's stages.
+# Out_proj rows a program hints to L2 before its PDL wait (one line each), and per loop step after.
+STEP_OUT_HINT_ROWS = 0
+STEP_OUT_ROW_BLOCK = 128
+STEP_OUT_STAGES = 3
+# Switches for the A/Bs: hinted rows, rows a step, the loop's stages.
+STEP_OUT_HINT_ENV = "MEGATRON_SSM_STEP_OUT_HINT"
 STEP_OUT_ROWS_ENV = "MEGATRON_SSM_STEP_OUT_ROWS"
 STEP_OUT_STAGES_ENV = "MEGATRON_SSM_STEP_OUT_STAGES"
 
@@ -319,10 +317,10 @@ def _arrive_and_wait(ptr, target):
 
 
 @triton.jit
-def _step_out_rows(w_ptr, row_lo, row_hi, hch, swn, PRE: tl.constexpr):
-    rows = row_lo + tl.arange(0, PRE)
-    ok = rows < row_hi
-    return tl.load(w_ptr + rows.to(tl.int64)[:, None] * swn + hch[None, :], mask=ok[:, None], other=0.0), rows, ok
+def _hint_rows(w_ptr, row_lo, row_hi, hch, swn, HINT: tl.constexpr):
+    """Ask L2 for the first line of each of HINT rows from row_lo (the head's columns of out_proj)."""
+    rows = tl.minimum(row_lo + tl.arange(0, HINT), row_hi - 1)
+    _prefetch_l2(w_ptr + rows.to(tl.int64) * swn + tl.min(hch, axis=0))
 
 
 @triton.jit
@@ -332,7 +330,8 @@ def _mamba2_step_out_kernel(
     nchan, nstate, N, nheads, rows_per_part, outs_per_prog, dt_min, dt_max, eps, norm_width, alpha,
     sxbc_c, sz_c, sdt_h, scs_c, scs_k, scw_c, scw_k, sst_h, sst_p, sst_n, swn,
     HEADDIM: tl.constexpr, K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, SCALE: tl.constexpr, NQ: tl.constexpr, PRE: tl.constexpr, RB: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, SCALE: tl.constexpr, NQ: tl.constexpr, HINT: tl.constexpr, RB: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_O: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr,  # the sections this launch runs: 1..3 on a GPU
@@ -364,8 +363,8 @@ def _mamba2_step_out_kernel(
         bold, bw = _conv_state(cs_ptr, cw_ptr, 0, b_ch, nmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
         cold, cw = _conv_state(cs_ptr, cw_ptr, 0, c_ch, nmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
         nw = tl.load(nw_ptr + ch).to(tl.float32)
-        if LAST >= 2:
-            w_pre, rows_pre, pre_ok = _step_out_rows(w_ptr, r0, r_end, hch, swn, PRE)
+        if LAST >= 2 and HINT > 0:
+            _hint_rows(w_ptr, r0, r_end, hch, swn, HINT)
         pdl_enter(PDL)
         dt_in = tl.load(dt_ptr + heads * sdt_h)
         xwin = _window(xbc_ptr, xold, 0, ch, cmask, 0, sxbc_c, K, BLOCK_K)
@@ -386,16 +385,23 @@ def _mamba2_step_out_kernel(
         if LAST >= 2:
             _arrive_and_wait(head_ptr + head, NQ)  # the head's other parts' y
     if FIRST <= 2 and LAST >= 2:
-        if FIRST == 2:
-            w_pre, rows_pre, pre_ok = _step_out_rows(w_ptr, r0, r_end, hch, swn, PRE)
+        # the head's y times the part's rows through tl.dot (y a column of a 16-wide tile): Triton
+        # then pipelines the weight loads through shared memory, not registers
         yw = tl.load(yw_ptr + hch, cache_modifier=".cg")
-        # the head's products for the part's rows: the preloaded ones, then the rest a block at a time
-        tl.store(part_ptr + head * N + rows_pre, tl.sum(w_pre.to(tl.float32) * yw[None, :], axis=1), mask=pre_ok)
-        for r in range(r0 + PRE, r_end, RB):
+        ywt = tl.where((tl.arange(0, 16) == 0)[None, :], yw[:, None], 0.0)
+        if not (UPCAST or IEEE):
+            ywt = ywt.to(w_ptr.dtype.element_ty)
+        for r in range(r0, r_end, RB):
             rows = r + tl.arange(0, RB)
             ok = rows < r_end
             w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * swn + hch[None, :], mask=ok[:, None], other=0.0)
-            tl.store(part_ptr + head * N + rows, tl.sum(w.to(tl.float32) * yw[None, :], axis=1), mask=ok)
+            if UPCAST:
+                acc = tl.dot(w.to(tl.float32), ywt, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(w, ywt, input_precision="ieee")
+            else:
+                acc = tl.dot(w, ywt)
+            tl.store(part_ptr + head * N + rows, tl.sum(acc, axis=1), mask=ok)
         if LAST == 3:
             _arrive_and_wait(bar_ptr, programs)
     if LAST == 3:
@@ -454,13 +460,35 @@ def _step_out_workspace(device: torch.device, floats: int, counters: int) -> tup
     return have
 
 
-def step_out_parts(heads: int, headdim: int, device: torch.device) -> int:
+_PARTS: dict[tuple, int] = {}
+
+
+def _resident_per_sm(kernel, warps: int, device: torch.device) -> int:
+    """How many programs of a compiled kernel one SM holds at once: registers, shared memory, warps."""
+    kernel._init_handles()
+    per_warp = -(-kernel.n_regs * 32 // 256) * 256  # registers are given to a warp 256 at a time
+    props = torch.cuda.get_device_properties(device)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    need = kernel.metadata.shared + 1024  # the driver's kilobyte a block
+    return min(65536 // (per_warp * warps), smem // need, 64 // warps, 32)
+
+
+def step_out_parts(heads: int, headdim: int, device: torch.device, compiled=None) -> int:
     """Parts a head's programs split into (programs = heads x parts): the most of 4, 2, 1 that divide
-    headdim and keep every program resident at once: two an SM (four warps of at most 255 registers
-    fit twice, whatever the compiler gave them); 0 where the heads alone are too many."""
+    headdim and keep every program resident at once. compiled(parts) gives the kernel compiled for
+    that many (its registers and shared memory say how many an SM holds); without it, two an SM
+    (four warps of at most 255 registers fit twice). 0 where the heads alone are too many."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     for parts in (4, 2, 1):
-        if headdim % parts == 0 and heads * parts <= 2 * sms:
+        if headdim % parts:
+            continue
+        per_sm = 2
+        if compiled is not None:
+            try:
+                per_sm = _resident_per_sm(compiled(parts), STEP_OUT_WARPS, device)
+            except Exception:  # noqa: BLE001 - an older Triton without these attributes: the bound above
+                per_sm = 2
+        if heads * parts <= per_sm * sms:
             return parts
     return 0
 
@@ -480,50 +508,64 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
     N = out_weight.shape[0]
     g = (conv_channels - nchan) // (2 * n)
     K = conv_weight.shape[-1]
-    parts = step_out_parts(h, p, xbc.device)
     lead = residual.shape[:-1]
-    fits = (b == 1 and g == 1 and parts >= 1 and p == triton.next_power_of_2(p) and K >= 2
+    fits = (b == 1 and g == 1 and p == triton.next_power_of_2(p) and p >= 16 and K >= 2
             and out_weight.dim() == 2 and out_weight.shape[1] == nchan and out_weight.stride(1) == 1
             and residual.numel() == N and tuple(entry_norm_weight.shape) == (N,)
             and entry_norm_weight.dtype == out_weight.dtype and xbc.dtype == out_weight.dtype
             and not isinstance(out_scale, torch.Tensor))
-    if not fits:
-        y, rstd = mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
-                                     dt_limit, norm_weight, norm_eps, defer_norm=True)
-        return linear_into_entry(y.view(*lead, nchan), out_weight, rstd.view(lead), residual, entry_norm_weight,
-                                 entry_eps, residual_dtype, out_scale)
-    programs = h * parts
-    rb = int(os.environ.get(STEP_OUT_ROWS_ENV, STEP_OUT_ROW_BLOCK))
-    rows_per_part = triton.cdiv(triton.cdiv(N, parts), rb) * rb
-    outs_per_prog = triton.cdiv(N, programs)
-    scratch, counters = _step_out_workspace(xbc.device, nchan + programs + h * N, 2 + h)
-    yw, sums, partials = scratch[:nchan], scratch[nchan:nchan + programs], scratch[nchan + programs:]
+    scratch, counters = _step_out_workspace(xbc.device, nchan + 4 * h + h * N, 2 + h)
     res = residual.reshape(N)
     if res.stride(0) != 1:
         res = res.contiguous()
     stream = torch.empty(N, device=xbc.device, dtype=residual_dtype)
     scaled = torch.empty(N, device=xbc.device, dtype=out_weight.dtype)
-    sum_sq = torch.empty(programs, device=xbc.device, dtype=torch.float32)
     D, dt_bias = (None if t is None else t.contiguous() for t in (D, dt_bias))
     A, norm_weight, entry_norm_weight = A.contiguous(), norm_weight.contiguous(), entry_norm_weight.contiguous()
     on = pdl.use(xbc.device)
-    for first, last in (((1, 1), (2, 2), (3, 3)) if not xbc.is_cuda else ((1, 3),)):
+    rb = int(os.environ.get(STEP_OUT_ROWS_ENV, STEP_OUT_ROW_BLOCK))
+    hint = int(os.environ.get(STEP_OUT_HINT_ENV, STEP_OUT_HINT_ROWS)) if xbc.is_cuda else 0
+    stages = int(os.environ.get(STEP_OUT_STAGES_ENV, STEP_OUT_STAGES))
+
+    def launch(parts, first, last, sum_sq, warmup=False):
+        programs = h * parts
+        rows_per_part = triton.cdiv(triton.cdiv(N, parts), rb) * rb
+        outs_per_prog = triton.cdiv(N, programs)
         pdl_here = on and first == 1
-        _mamba2_step_out_kernel[(programs,)](
-            xbc, z, dt, conv_state, conv_weight, conv_bias if conv_bias is not None else xbc, ssm_state, A,
-            D if D is not None else A, dt_bias if dt_bias is not None else A, norm_weight, out_weight, yw, partials,
-            sums, counters[2:], res, entry_norm_weight, stream, scaled, sum_sq, counters,
-            nchan, n, N, h, rows_per_part, outs_per_prog, float(dt_limit[0]), float(dt_limit[1]), float(norm_eps),
-            nchan, 1.0 if out_scale is None else float(out_scale),
-            xbc.stride(1), z.stride(1), dt.stride(1), conv_state.stride(1), conv_state.stride(2),
-            conv_weight.stride(0), conv_weight.stride(1), ssm_state.stride(1), ssm_state.stride(2),
-            ssm_state.stride(3), out_weight.stride(0),
+        args = (xbc, z, dt, conv_state, conv_weight, conv_bias if conv_bias is not None else xbc, ssm_state, A,
+                D if D is not None else A, dt_bias if dt_bias is not None else A, norm_weight, out_weight,
+                scratch[:nchan], scratch[nchan + 4 * h:], scratch[nchan:nchan + programs], counters[2:], res,
+                entry_norm_weight, stream, scaled, sum_sq, counters,
+                nchan, n, N, h, rows_per_part, outs_per_prog, float(dt_limit[0]), float(dt_limit[1]), float(norm_eps),
+                nchan, 1.0 if out_scale is None else float(out_scale),
+                xbc.stride(1), z.stride(1), dt.stride(1), conv_state.stride(1), conv_state.stride(2),
+                conv_weight.stride(0), conv_weight.stride(1), ssm_state.stride(1), ssm_state.stride(2),
+                ssm_state.stride(3), out_weight.stride(0))
+        meta = dict(
             HEADDIM=p, K=K, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None,
             HAS_DT_BIAS=dt_bias is not None, SCALE=out_scale is not None, NQ=parts,
-            PRE=min(STEP_OUT_PRE_ROWS, triton.next_power_of_2(rows_per_part)), RB=rb,
+            HINT=min(hint, triton.next_power_of_2(rows_per_part)), RB=rb,
+            UPCAST=not xbc.is_cuda and out_weight.dtype != torch.float32, IEEE=out_weight.dtype == torch.float32,
             BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(K), BLOCK_H=triton.next_power_of_2(h),
             BLOCK_S=triton.next_power_of_2(programs), BLOCK_O=triton.next_power_of_2(outs_per_prog),
-            FIRST=first, LAST=last, PDL=pdl_here, num_warps=STEP_OUT_WARPS,
-            num_stages=int(os.environ.get(STEP_OUT_STAGES_ENV, STEP_OUT_STAGES)), **pdl.kwargs(pdl_here),
-        )
-    return EntryParts(scaled.view(*lead, N), stream.view(*lead, N), RowRms(sum_sq.view(*lead, programs), N, float(entry_eps)))
+            FIRST=first, LAST=last, PDL=pdl_here, num_warps=STEP_OUT_WARPS, num_stages=stages, **pdl.kwargs(pdl_here))
+        if warmup:
+            return _mamba2_step_out_kernel.warmup(*args, grid=(programs,), **meta)
+        _mamba2_step_out_kernel[(programs,)](*args, **meta)
+
+    key = (xbc.device, h, p, n, N, K, xbc.dtype, conv_bias is None, D is None, dt_bias is None, out_scale is None,
+           rb, hint, stages, on)
+    parts = _PARTS.get(key)
+    if parts is None:
+        probe = torch.empty(4 * h, device=xbc.device, dtype=torch.float32)
+        compiled = (lambda q: launch(q, 1, 3, probe[:h * q], warmup=True)) if xbc.is_cuda else None
+        parts = _PARTS[key] = step_out_parts(h, p, xbc.device, compiled) if fits else 0
+    if parts == 0:
+        y, rstd = mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
+                                     dt_limit, norm_weight, norm_eps, defer_norm=True)
+        return linear_into_entry(y.view(*lead, nchan), out_weight, rstd.view(lead), residual, entry_norm_weight,
+                                 entry_eps, residual_dtype, out_scale)
+    sum_sq = torch.empty(h * parts, device=xbc.device, dtype=torch.float32)
+    for first, last in (((1, 1), (2, 2), (3, 3)) if not xbc.is_cuda else ((1, 3),)):
+        launch(parts, first, last, sum_sq)
+    return EntryParts(scaled.view(*lead, N), stream.view(*lead, N), RowRms(sum_sq.view(*lead, -1), N, float(entry_eps)))
