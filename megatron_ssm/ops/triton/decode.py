@@ -294,6 +294,7 @@ STEP_OUT_STAGES = 3
 # Switches for the A/Bs: hinted rows, rows a step, the loop's stages.
 STEP_OUT_HINT_ENV = "MEGATRON_SSM_STEP_OUT_HINT"
 STEP_OUT_ROWS_ENV = "MEGATRON_SSM_STEP_OUT_ROWS"
+STEP_OUT_WARPS_ENV = "MEGATRON_SSM_STEP_OUT_WARPS"
 STEP_OUT_STAGES_ENV = "MEGATRON_SSM_STEP_OUT_STAGES"
 
 
@@ -473,21 +474,22 @@ def _resident_per_sm(kernel, warps: int, device: torch.device) -> int:
     return min(65536 // (per_warp * warps), smem // need, 64 // warps, 32)
 
 
-def step_out_parts(heads: int, headdim: int, device: torch.device, compiled=None) -> int:
+def step_out_parts(heads: int, headdim: int, device: torch.device, compiled=None, warps: int = STEP_OUT_WARPS) -> int:
     """Parts a head's programs split into (programs = heads x parts): the most of 4, 2, 1 that divide
     headdim and keep every program resident at once. compiled(parts) gives the kernel compiled for
     that many (its registers and shared memory say how many an SM holds); without it, two an SM
-    (four warps of at most 255 registers fit twice). 0 where the heads alone are too many."""
+    (eight warps of at most 255 registers fit an SM). 0 where the heads alone are too many."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     for parts in (4, 2, 1):
         if headdim % parts:
             continue
-        per_sm = 2
+        bound = max(1, 8 // warps)  # eight warps of at most 255 registers fit in an SM's registers
+        per_sm = bound
         if compiled is not None:
             try:
-                per_sm = _resident_per_sm(compiled(parts), STEP_OUT_WARPS, device)
+                per_sm = _resident_per_sm(compiled(parts), warps, device)
             except Exception:  # noqa: BLE001 - an older Triton without these attributes: the bound above
-                per_sm = 2
+                per_sm = bound
         if heads * parts <= per_sm * sms:
             return parts
     return 0
@@ -526,6 +528,7 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
     rb = int(os.environ.get(STEP_OUT_ROWS_ENV, STEP_OUT_ROW_BLOCK))
     hint = int(os.environ.get(STEP_OUT_HINT_ENV, STEP_OUT_HINT_ROWS)) if xbc.is_cuda else 0
     stages = int(os.environ.get(STEP_OUT_STAGES_ENV, STEP_OUT_STAGES))
+    warps = int(os.environ.get(STEP_OUT_WARPS_ENV, STEP_OUT_WARPS))
 
     def launch(parts, first, last, sum_sq, warmup=False):
         programs = h * parts
@@ -548,18 +551,18 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
             UPCAST=not xbc.is_cuda and out_weight.dtype != torch.float32, IEEE=out_weight.dtype == torch.float32,
             BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(K), BLOCK_H=triton.next_power_of_2(h),
             BLOCK_S=triton.next_power_of_2(programs), BLOCK_O=triton.next_power_of_2(outs_per_prog),
-            FIRST=first, LAST=last, PDL=pdl_here, num_warps=STEP_OUT_WARPS, num_stages=stages, **pdl.kwargs(pdl_here))
+            FIRST=first, LAST=last, PDL=pdl_here, num_warps=warps, num_stages=stages, **pdl.kwargs(pdl_here))
         if warmup:
             return _mamba2_step_out_kernel.warmup(*args, grid=(programs,), **meta)
         _mamba2_step_out_kernel[(programs,)](*args, **meta)
 
     key = (xbc.device, h, p, n, N, K, xbc.dtype, conv_bias is None, D is None, dt_bias is None, out_scale is None,
-           rb, hint, stages, on)
+           rb, hint, stages, warps, on)
     parts = _PARTS.get(key)
     if parts is None:
         probe = torch.empty(4 * h, device=xbc.device, dtype=torch.float32)
         compiled = (lambda q: launch(q, 1, 3, probe[:h * q], warmup=True)) if xbc.is_cuda else None
-        parts = _PARTS[key] = step_out_parts(h, p, xbc.device, compiled) if fits else 0
+        parts = _PARTS[key] = step_out_parts(h, p, xbc.device, compiled, warps) if fits else 0
     if parts == 0:
         y, rstd = mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
                                      dt_limit, norm_weight, norm_eps, defer_norm=True)
