@@ -65,3 +65,36 @@ timeout 200 python3 tools/ablate_step.py --config configs/mamba2-2.7b.yaml --bat
 el ablate $?; cut -c1-220 $L/ablate.txt | tail -6
 MEGATRON_SSM_STEP_INTO_EXIT=1 timeout -s INT 220 python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/test_model_gpu.py -k "mamba2-g1" > $L/model-tests.txt 2>&1
 el model-tests $?; grep -E "^(FAILED|ERROR)|passed|failed|Error" $L/model-tests.txt | tail -8 | cut -c1-300
+#!/usr/bin/env bash
+# session 17 call 5: the fused step with out_proj through tl.dot: kernel tests, A/B variants, model test
+set -uo pipefail
+OUT=${OUT:-out}; L=$OUT/s17c5; mkdir -p $L
+T0=$(date +%s)
+. tools/gpu_env.sh $L/env.txt
+el() { echo "[$1 rc=$2 at $(( $(date +%s) - T0 ))s]"; }
+timeout -s INT 100 python3 -m pytest -q -p no:cacheprovider -p no:randomly tests/test_kernels_gpu.py -k "step_into_entry" > $L/kernel-tests.txt 2>&1
+el kernel-tests $?; grep -E "^(FAILED|ERROR)|passed|failed|Error|assert" $L/kernel-tests.txt | tail -8 | cut -c1-300
+python3 - <<'PY' 2>&1 | quiet | tail -3
+import torch
+from megatron_ssm.ops.triton import decode
+import sys; sys.path.insert(0, "tests")
+from test_decode_fused import step_into_entry_inputs
+kw = step_into_entry_inputs(80, 64, 128, 4, 2560, torch.bfloat16, "cuda")
+decode.mamba2_step_into_entry(**kw); torch.cuda.synchronize()
+print("parts chosen", decode._PARTS)
+PY
+E=MEGATRON_SSM_STEP_INTO_EXIT=1; R=MEGATRON_SSM_STEP_OUT_ROWS; S=MEGATRON_SSM_STEP_OUT_STAGES; H=MEGATRON_SSM_STEP_OUT_HINT
+timeout 220 python3 tools/ablate_step.py --config configs/mamba2-2.7b.yaml --batch 1 --rounds 2 \
+  --skip "$E,$E+$R=64,$E+$R=256,$E+$S=4,$E+$S=2,$E+$H=64" 2>&1 | quiet > $L/ablate.txt
+el ablate $?; cut -c1-220 $L/ablate.txt | tail -7
+#!/usr/bin/env bash
+# session 17 call 6: the dot-path fused step, more tiles (warps, rows), and the parts each chose
+set -uo pipefail
+OUT=${OUT:-out}; L=$OUT/s17c6; mkdir -p $L
+T0=$(date +%s)
+. tools/gpu_env.sh $L/env.txt
+el() { echo "[$1 rc=$2 at $(( $(date +%s) - T0 ))s]"; }
+E=MEGATRON_SSM_STEP_INTO_EXIT=1; R=MEGATRON_SSM_STEP_OUT_ROWS; S=MEGATRON_SSM_STEP_OUT_STAGES; W=MEGATRON_SSM_STEP_OUT_WARPS
+timeout 240 python3 tools/ablate_step.py --config configs/mamba2-2.7b.yaml --batch 1 --rounds 2 \
+  --skip "$E+$R=256,$E+$W=8,$E+$W=8+$R=256,$E+$R=512,$E+$W=8+$R=512,$E+$R=256+$S=2" 2>&1 | quiet > $L/ablate.txt
+el ablate $?; cut -c1-220 $L/ablate.txt | tail -7

@@ -129,8 +129,8 @@ def defer_norm() -> bool:
 
 # Whether Mamba-2's one-row decode step with its norm deferred runs inside out_proj's launch, with
 # the next block's entry (mamba2_step_into_entry), where out_proj's output goes to that entry (TP 1).
-# Off: slower on the H200 (a mamba2-2.7b b1 graphed step 2.44 ms at its best tile against 2.20 apart,
-# docs/benchmarks.md, session 17). `MEGATRON_SSM_STEP_INTO_EXIT=1` turns it on.
+# Off: slower on the H200 (a mamba2-2.7b b1 graphed step 2.32 ms at its best tile against 2.19-2.20
+# apart, docs/benchmarks.md, session 17). `MEGATRON_SSM_STEP_INTO_EXIT=1` turns it on.
 STEP_INTO_EXIT_ENV = "MEGATRON_SSM_STEP_INTO_EXIT"
 
 
