@@ -122,6 +122,41 @@ def test_cached_decode_equals_full_recompute(ranks, converted, family, opts, tp,
     assert err < TOL * max(1.0, ref.abs().max().item()), f"seed {seed}, split={split}: max |decode - full| = {err}"
 
 
+def _rank_decode_step_into_exit(ckpt: str, input_ids: torch.Tensor, split: int):
+    """_rank_prefill_then_decode with Mamba-2's one-row step handed to out_proj's consumer
+    (mamba2_step_into_entry at TP 1, the step alone where out_proj reduces across ranks)."""
+    import os
+
+    from megatron_ssm.ops import dispatch
+
+    calls = []
+    ref = dispatch._REFERENCE["mamba2_step_into_entry"]
+    dispatch._REFERENCE["mamba2_step_into_entry"] = lambda *a: calls.append(1) or ref(*a)
+    os.environ[dispatch.STEP_INTO_EXIT_ENV] = "1"
+    try:
+        full = _rank_prefill_then_decode(ckpt, input_ids, split)
+    finally:
+        del os.environ[dispatch.STEP_INTO_EXIT_ENV]
+        dispatch._REFERENCE["mamba2_step_into_entry"] = ref
+    return None if full is None else (full, len(calls))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_one_row_decode_with_the_step_into_exit_matches_hf(ranks, converted, tp, seed):
+    """One row, so that Mamba-2's fused step runs: with MEGATRON_SSM_STEP_INTO_EXIT the step is left
+    to the next block's entry (and the head) as a LazyInput; every decoded position as HF's."""
+    model, ckpts = converted("mamba2", dict(n_groups=1))
+    ids = torch.randint(0, 250, (1, 21))
+    split = int(torch.randint(1, 12, ()).item())
+    ref = hf_logits(model, ids)[:, split - 1:-1]
+    ours, calls = ranks(tp).run(_rank_decode_step_into_exit, ckpts[tp], ids, split)[0]
+    # TP 1: one fused op a layer a decoded token; TP 2: out_proj reduces across ranks, the step runs alone
+    layers = model.config.num_hidden_layers
+    assert calls == (layers * (ids.shape[1] - 1 - split) if tp == 1 else 0), f"{calls} fused ops (seed {seed})"
+    err = (ours - ref).abs().max().item()
+    assert err < TOL * max(1.0, ref.abs().max().item()), f"seed {seed}, split={split}: max |decode - full| = {err}"
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("family,opts", [CASES[1], CASES[3]])
 def test_decode_through_the_gemv_kernel_matches_hf(ranks, converted, family, opts, tp, seed):

@@ -183,7 +183,8 @@ class DeferredOutput:
     """A row-parallel output at TP 1 not projected yet (few rows: a decode step), so that the next
     block's entry can run in the projection's epilogue (`into_entry`: the residual add, the norm's
     weight and sums of squares; ops.norm.linear_into_entry), saving the entry's own kernel. `wait()`
-    projects it as RowParallelLinear.start would have, for any other consumer."""
+    projects it as RowParallelLinear.start would have, for any other consumer. x may be a LazyInput:
+    `into_entry` then runs its op with the projection and the entry, `wait()` computes it first."""
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, scale: float | None, row_scale: torch.Tensor | None):
         self.x, self.weight, self.scale, self.row_scale = x, weight, scale, row_scale
