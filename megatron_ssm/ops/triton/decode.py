@@ -283,15 +283,16 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
 # and writes the next block's entry parts, as linear_into_entry's epilogue does.
 #
 # The waits need every program resident at once, which `step_out_parts` makes sure of from the
-# compiled kernel's registers and shared memory, and no other kernel holding the SMs (the engine runs one stream).
+# compiled kernel's registers and shared memory, and no other kernel holding the SMs (the engine
+# runs one stream).
 # Triton's interpreter runs programs one after another: there each section is a launch of its own.
 
 STEP_OUT_WARPS = 4
 # Out_proj rows a program hints to L2 before its PDL wait (one line each), and per loop step after.
 # On the H200 (docs/benchmarks.md, session 17) a mamba2-2.7b b1 graphed step took 2.32 ms at these
-# (256 rows, 3 stages, 4 warps: 160 programs), 2.35 at 128 rows (320), 2.38 with 64 rows hinted, 2.62
-# at 2 stages, 2.56 at 4, 2.94 at 8 warps; 2.19-2.20 with the step and out_proj apart. Hence off by
-# default (ops.dispatch.step_into_exit).
+# (256 rows, 3 stages, 4 warps), 2.62 at 2 stages; at 128 rows 2.35, and 2.38 / 2.56 / 2.94 with 64
+# rows hinted / 4 stages / 8 warps; 2.19-2.20 with the step and out_proj apart. Hence off by default
+# (ops.dispatch.step_into_exit).
 STEP_OUT_HINT_ROWS = 0
 STEP_OUT_ROW_BLOCK = 256
 STEP_OUT_STAGES = 3
