@@ -113,7 +113,7 @@ class Mamba2Mixer(Mixer):
         if (L == 1 and conv_state is not None and ssm_state is not None and cu_seqlens is None and cp is None
                 and fused_decode("mamba2") and b <= mamba2_fused_rows()):
             args = (xbc[:, 0], z[:, 0], dt[:, 0], conv_state, ssm_state)
-            if b == 1 and self._deferred_norm() and step_into_exit():
+            if step_into_exit() and b == 1 and self._deferred_norm():
                 return self.out_proj.start(self._lazy_step(*args), self.output_scale)
             y, row_scale = self._decode_step(*args)
             return self.out_proj.start(y.unsqueeze(1), self.output_scale, row_scale)

@@ -31,7 +31,6 @@ import triton.language as tl
 
 from . import pdl
 from .pdl import enter as pdl_enter
-from .gemv import _prefetch_l2
 from .scan import _block_d, _dt
 
 # State elements per program, as for the plain state update (ops/triton/scan.py).
@@ -83,13 +82,22 @@ def _shift_state(cs_ptr, row, ch, mask, window, scs_b, scs_c, scs_k, K: tl.const
 def _ssd_step(xwin, bwin, cwin, xw, bw, cw, cb_ptr, ch, b_ch, c_ch, cmask, nmask, dt_in, a, state, dt_bias_ptr,
               heads, dt_min, dt_max, act: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_DT_BIAS: tl.constexpr):
     """One token's conv of channels `ch` and of the group's B and C, and the SSD update of their
-    state: (x after the conv, the new state h, C after the conv)."""
+    state: (x after the conv, the new state h, C after the conv), for _ssd_out."""
     x = _conv_out(xwin, xw, cb_ptr, ch, cmask, act, HAS_CONV_BIAS)
     Bv = _conv_out(bwin, bw, cb_ptr, b_ch, nmask, act, HAS_CONV_BIAS)
     Cv = _conv_out(cwin, cw, cb_ptr, c_ch, nmask, act, HAS_CONV_BIAS)
     dt = _dt(dt_in, dt_bias_ptr, heads, cmask, dt_min, dt_max, HAS_DT_BIAS)
     h = state.to(tl.float32) * tl.exp(dt * a)[:, None] + (dt * x)[:, None] * Bv[None, :]
     return x, h, Cv
+
+
+@triton.jit
+def _ssd_out(x, h, Cv, D_ptr, heads, cmask, HAS_D: tl.constexpr):
+    """y = C h + D x in fp32 (after the state is stored: h need not outlive the store)."""
+    y = tl.sum(h * Cv[None, :], axis=1)
+    if HAS_D:
+        y += x * tl.load(D_ptr + heads, mask=cmask, other=0.0).to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -151,9 +159,7 @@ def _mamba2_decode_kernel(
     x, h, Cv = _ssd_step(xwin, bwin, cwin, xw, bw, cw, cb_ptr, offs_c, b_ch, c_ch, cmask, nmask, dt_in, a, state,
                          dt_bias_ptr, heads, dt_min, dt_max, xbc_ptr.dtype.element_ty, HAS_CONV_BIAS, HAS_DT_BIAS)
     tl.store(s_ptrs, h.to(st_ptr.dtype.element_ty), mask=cn_mask)
-    y = tl.sum(h * Cv[None, :], axis=1)
-    if HAS_D:
-        y += x * tl.load(D_ptr + heads, mask=cmask, other=0.0).to(tl.float32)
+    y = _ssd_out(x, h, Cv, D_ptr, heads, cmask, HAS_D)
     y = y.to(y_ptr.dtype.element_ty)  # the state update's output dtype, which the norm then reads
 
     y_ptrs = y_ptr + row * sy_b + offs_c
@@ -273,8 +279,7 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
 #
 # A program takes one of NQ parts of a head: its HEADDIM / NQ channels for the step, and its N / NQ
 # of out_proj's output rows for the projection (the head's columns: 128-byte rows at HEADDIM 64).
-# Before its PDL wait it loads what in_proj does not write: its channels' SSM and conv states (and
-# may hint its first rows of out_proj's weight to L2).
+# Before its PDL wait it loads what in_proj does not write: its channels' SSM and conv states.
 # Section 1, after the wait: its channels' step (the states written back at once: no other program
 # reads them), y silu(z) w and its sum of squares to a workspace. The head's parts then wait for one
 # another (a counter a head). Section 2: the head's y times the part's rows, as partials [heads, N].
@@ -288,16 +293,14 @@ def mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state
 # Triton's interpreter runs programs one after another: there each section is a launch of its own.
 
 STEP_OUT_WARPS = 4
-# Out_proj rows a program hints to L2 before its PDL wait (one line each), and per loop step after.
-# On the H200 (docs/benchmarks.md, session 17) a mamba2-2.7b b1 graphed step took 2.32 ms at these
-# (256 rows, 3 stages, 4 warps), 2.62 at 2 stages; at 128 rows 2.35, and 2.38 / 2.56 / 2.94 with 64
-# rows hinted / 4 stages / 8 warps; 2.19-2.20 with the step and out_proj apart. Hence off by default
+# Out_proj rows a program takes a loop step. On the H200 (docs/benchmarks.md, session 17) a
+# mamba2-2.7b b1 graphed step took 2.32 ms at these (256 rows, 3 stages, 4 warps), 2.62 at 2 stages;
+# at 128 rows 2.35, and 2.56 / 2.94 at 4 stages / 8 warps; 2.38 with 64 rows hinted to L2 before the
+# wait (a variant since removed); 2.19-2.20 with the step and out_proj apart. Hence off by default
 # (ops.dispatch.step_into_exit).
-STEP_OUT_HINT_ROWS = 0
 STEP_OUT_ROW_BLOCK = 256
 STEP_OUT_STAGES = 3
-# Switches for the A/Bs: hinted rows, rows a step, the loop's stages.
-STEP_OUT_HINT_ENV = "MEGATRON_SSM_STEP_OUT_HINT"
+# Switches for the A/Bs: rows a step, warps, the loop's stages.
 STEP_OUT_ROWS_ENV = "MEGATRON_SSM_STEP_OUT_ROWS"
 STEP_OUT_WARPS_ENV = "MEGATRON_SSM_STEP_OUT_WARPS"
 STEP_OUT_STAGES_ENV = "MEGATRON_SSM_STEP_OUT_STAGES"
@@ -323,20 +326,13 @@ def _arrive_and_wait(ptr, target):
 
 
 @triton.jit
-def _hint_rows(w_ptr, row_lo, row_hi, hch, swn, HINT: tl.constexpr):
-    """Ask L2 for the first line of each of HINT rows from row_lo (the head's columns of out_proj)."""
-    rows = tl.minimum(row_lo + tl.arange(0, HINT), row_hi - 1)
-    _prefetch_l2(w_ptr + rows.to(tl.int64) * swn + tl.min(hch, axis=0))
-
-
-@triton.jit
 def _mamba2_step_out_kernel(
     xbc_ptr, z_ptr, dt_ptr, cs_ptr, cw_ptr, cb_ptr, st_ptr, A_ptr, D_ptr, dt_bias_ptr, nw_ptr,
     w_ptr, yw_ptr, part_ptr, sq_ptr, head_ptr, res_ptr, enw_ptr, stream_ptr, scaled_ptr, esq_ptr, bar_ptr,
     nchan, nstate, N, nheads, rows_per_part, outs_per_prog, dt_min, dt_max, eps, norm_width, alpha,
     sxbc_c, sz_c, sdt_h, scs_c, scs_k, scw_c, scw_k, sst_h, sst_p, sst_n, swn,
     HEADDIM: tl.constexpr, K: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, SCALE: tl.constexpr, NQ: tl.constexpr, HINT: tl.constexpr, RB: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, SCALE: tl.constexpr, NQ: tl.constexpr, RB: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -369,8 +365,6 @@ def _mamba2_step_out_kernel(
         bold, bw = _conv_state(cs_ptr, cw_ptr, 0, b_ch, nmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
         cold, cw = _conv_state(cs_ptr, cw_ptr, 0, c_ch, nmask, 0, scs_c, scs_k, scw_c, scw_k, K, BLOCK_K)
         nw = tl.load(nw_ptr + ch).to(tl.float32)
-        if LAST >= 2 and HINT > 0:
-            _hint_rows(w_ptr, r0, r_end, hch, swn, HINT)
         pdl_enter(PDL)
         dt_in = tl.load(dt_ptr + heads * sdt_h)
         xwin = _window(xbc_ptr, xold, 0, ch, cmask, 0, sxbc_c, K, BLOCK_K)
@@ -380,9 +374,7 @@ def _mamba2_step_out_kernel(
         x, h, Cv = _ssd_step(xwin, bwin, cwin, xw, bw, cw, cb_ptr, ch, b_ch, c_ch, cmask, nmask, dt_in, a, state,
                              dt_bias_ptr, heads, dt_min, dt_max, act, HAS_CONV_BIAS, HAS_DT_BIAS)
         tl.store(s_ptrs, h.to(st_ptr.dtype.element_ty), mask=nmask[None, :])  # this program's alone
-        y = tl.sum(h * Cv[None, :], axis=1)
-        if HAS_D:
-            y += x * tl.load(D_ptr + heads).to(tl.float32)
+        y = _ssd_out(x, h, Cv, D_ptr, heads, cmask, HAS_D)
         g = y.to(act).to(tl.float32) * zv * tl.sigmoid(zv)  # rounded as mamba2_decode_step's deferred norm
         tl.store(yw_ptr + ch, (g * nw).to(w_ptr.dtype.element_ty).to(tl.float32))
         tl.store(sq_ptr + pid, tl.sum(g * g, axis=0))
@@ -452,7 +444,7 @@ def _mamba2_step_out_kernel(
                 tl.atomic_xchg(bar_ptr + 1, 0, sem="relaxed", scope="gpu")
 
 
-_step_out_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_step_out_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _step_out_workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -521,6 +513,15 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
             and residual.numel() == N and tuple(entry_norm_weight.shape) == (N,)
             and entry_norm_weight.dtype == out_weight.dtype and xbc.dtype == out_weight.dtype
             and not isinstance(out_scale, torch.Tensor))
+
+    def apart():
+        y, rstd = mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
+                                     dt_limit, norm_weight, norm_eps, defer_norm=True)
+        return linear_into_entry(y.view(*lead, nchan), out_weight, rstd.view(lead), residual, entry_norm_weight,
+                                 entry_eps, residual_dtype, out_scale)
+
+    if not fits:
+        return apart()
     scratch, counters = _step_out_workspace(xbc.device, nchan + 4 * h + h * N, 2 + h)
     res = residual.reshape(N)
     if res.stride(0) != 1:
@@ -531,7 +532,6 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
     A, norm_weight, entry_norm_weight = A.contiguous(), norm_weight.contiguous(), entry_norm_weight.contiguous()
     on = pdl.use(xbc.device)
     rb = int(os.environ.get(STEP_OUT_ROWS_ENV, STEP_OUT_ROW_BLOCK))
-    hint = int(os.environ.get(STEP_OUT_HINT_ENV, STEP_OUT_HINT_ROWS)) if xbc.is_cuda else 0
     stages = int(os.environ.get(STEP_OUT_STAGES_ENV, STEP_OUT_STAGES))
     warps = int(os.environ.get(STEP_OUT_WARPS_ENV, STEP_OUT_WARPS))
 
@@ -552,7 +552,7 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
         meta = dict(
             HEADDIM=p, K=K, HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None,
             HAS_DT_BIAS=dt_bias is not None, SCALE=out_scale is not None, NQ=parts,
-            HINT=min(hint, triton.next_power_of_2(rows_per_part)), RB=rb,
+            RB=rb,
             UPCAST=not xbc.is_cuda and out_weight.dtype != torch.float32, IEEE=out_weight.dtype == torch.float32,
             BLOCK_N=triton.next_power_of_2(n), BLOCK_K=triton.next_power_of_2(K), BLOCK_H=triton.next_power_of_2(h),
             BLOCK_S=triton.next_power_of_2(programs), BLOCK_O=triton.next_power_of_2(outs_per_prog),
@@ -562,17 +562,14 @@ def mamba2_step_into_entry(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_s
         _mamba2_step_out_kernel[(programs,)](*args, **meta)
 
     key = (xbc.device, h, p, n, N, K, xbc.dtype, conv_bias is None, D is None, dt_bias is None, out_scale is None,
-           rb, hint, stages, warps, on)
+           rb, stages, warps, on)
     parts = _PARTS.get(key)
     if parts is None:
         probe = torch.empty(4 * h, device=xbc.device, dtype=torch.float32)
         compiled = (lambda q: launch(q, 1, 3, probe[:h * q], warmup=True)) if xbc.is_cuda else None
-        parts = _PARTS[key] = step_out_parts(h, p, xbc.device, compiled, warps) if fits else 0
+        parts = _PARTS[key] = step_out_parts(h, p, xbc.device, compiled, warps)
     if parts == 0:
-        y, rstd = mamba2_decode_step(xbc, z, dt, conv_state, conv_weight, conv_bias, ssm_state, A, D, dt_bias,
-                                     dt_limit, norm_weight, norm_eps, defer_norm=True)
-        return linear_into_entry(y.view(*lead, nchan), out_weight, rstd.view(lead), residual, entry_norm_weight,
-                                 entry_eps, residual_dtype, out_scale)
+        return apart()
     sum_sq = torch.empty(h * parts, device=xbc.device, dtype=torch.float32)
     for first, last in (((1, 1), (2, 2), (3, 3)) if not xbc.is_cuda else ((1, 3),)):
         launch(parts, first, last, sum_sq)
