@@ -57,6 +57,31 @@ def _softplus_fast(x, FAST_MATH: tl.constexpr):
 
 
 @triton.jit
+def _softplus_poly(x):
+    # softplus(x) = max(x, 0) + log1p(u), u = exp(-|x|) in (0, 1]: one exp2 and a degree-8 polynomial
+    # for log1p(u) / u (least squares in relative error on [0, 1]: 1.9e-7 in fp32), instead of
+    # exp2, log2 and a divide (three SFU ops a channel a step, which the scan's SFU is short of).
+    # Past 20 it gives x to fp32 precision, as torch's threshold does.
+    u = tl.exp2(tl.abs(x) * -1.4426950408889634)
+    q = 0.005039820913225412 * u - 0.028619538992643356
+    q = q * u + 0.07656408846378326
+    q = q * u - 0.13499100506305695
+    q = q * u + 0.19014495611190796
+    q = q * u - 0.24814373254776
+    q = q * u + 0.3331443667411804
+    q = q * u - 0.49999162554740906
+    q = q * u + 0.9999998807907104
+    return tl.maximum(x, 0.0) + u * q
+
+
+@triton.jit
+def _tanh_approx(x):
+    # the SFU's tanh (relative error ~2^-11): silu(z) = z (1 + tanh(z / 2)) / 2 in one SFU op instead
+    # of exp2 and a divide. Only for 16-bit outputs, whose own rounding (2^-8) is coarser.
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _dt(dt, bias_ptr, heads, mask, dt_min, dt_max, HAS_DT_BIAS: tl.constexpr):
     dt = dt.to(tl.float32)
     if HAS_DT_BIAS:
@@ -115,6 +140,7 @@ def _scan_kernel(
     HAS_DT_BIAS: tl.constexpr, HAS_H0: tl.constexpr, PACKED: tl.constexpr,
     P: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, UNROLL: tl.constexpr,
     AHEAD: tl.constexpr, FAST_MATH: tl.constexpr,
+    SP_POLY: tl.constexpr, SILU_TANH: tl.constexpr, DT_LIMIT: tl.constexpr,
 ):
     BLOCK_D: tl.constexpr = P * W
     pid_d = tl.program_id(0)
@@ -190,12 +216,19 @@ def _scan_kernel(
                                                          offs_c, offs_n, t + 1 < end, nchan, N_BOUND, HAS_Z, EVEN_N)
         if HAS_DT_BIAS:
             dt += bias
-        dt = tl.minimum(tl.maximum(_softplus_fast(dt, FAST_MATH), dt_min), dt_max)
+        if SP_POLY:
+            dt = _softplus_poly(dt)
+        else:
+            dt = _softplus_fast(dt, FAST_MATH)
+        if DT_LIMIT:
+            dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
         h = tl.exp2(dt[None, :, :] * A) * h + (dt * x)[None, :, :] * Bt
         y = tl.sum(h * Ct, axis=0)
         if HAS_D:
             y += x * Dv
-        if HAS_Z:  # y silu(z) = y z / (1 + exp(-z))
+        if HAS_Z and SILU_TANH:
+            y = y * (z * (0.5 + 0.5 * _tanh_approx(0.5 * z)))
+        elif HAS_Z:  # y silu(z) = y z / (1 + exp(-z))
             den = 1.0 + tl.exp2(z * -1.4426950408889634)
             if FAST_MATH:
                 y = libdevice.fast_dividef(y * z, den)
@@ -333,6 +366,12 @@ SCAN_CONFIG = {16: ((4, 32, 1, 1), (2, 32, 1, 1), (1, 32, 1, 1), (1, 16, 1, 2), 
                128: ((1, 8, 1, 1), (1, 4, 1, 2))}
 SCAN_WARPS_PER_SM = 7
 SCAN_UNROLL = 1
+# Per-channel math in the wide layouts (P >= 2: 4 channels x 16 states a lane, SFU-bound): softplus by
+# one exp2 and a polynomial, silu by the SFU's tanh for 16-bit outputs, no dt clamp without a limit:
+# 84 -> 72 MUFU and 606 -> 555 instructions a step at P = 4; measured on the H200 (session 19,
+# docs/benchmarks.md) 1130 -> 1026 us at b32 x 512 and 546 -> 471 us for 16 packed 512-token prompts.
+# The narrow layouts (P = 1, states split over lanes: long prompts at batch 1) are latency-bound,
+# and the polynomial's dependent chain made them 12-18% slower there, so they keep the old softplus.
 
 
 @functools.lru_cache(maxsize=None)
@@ -383,6 +422,7 @@ def _scan(x3, dt3, A2, B4, C4, D, z3, dt_bias, h0, headdim, a_per_head, dt_limit
         HEADDIM=headdim, A_PER_HEAD=a_per_head, HAS_D=D is not None, HAS_Z=z3 is not None,
         HAS_DT_BIAS=dt_bias is not None, HAS_H0=h0 is not None, PACKED=cu_seqlens is not None,
         P=p, W=w, BLOCK_N=bn, EVEN_N=bn == n, UNROLL=SCAN_UNROLL, AHEAD=ahead, FAST_MATH=x3.is_cuda,
+        SP_POLY=p >= 2, SILU_TANH=x3.is_cuda and y.element_size() == 2, DT_LIMIT=tuple(dt_limit) != _NO_LIMIT,
         num_warps=num_warps,
     )
     return y, hT
